@@ -1,0 +1,1 @@
+"""Reference Flower apps that exercise flwr-guard on real data."""

@@ -1,0 +1,68 @@
+"""Local training and evaluation loops of the reference app (plain PyTorch)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(requested: str = "cpu") -> torch.device:
+    """Return ``requested`` ("cpu", "cuda", "cuda:N"), falling back to CPU with a warning.
+
+    CUDA is used only when it is both asked for (``device`` in the node config) and
+    available on the node.
+
+    Raises:
+        ValueError: for a device string torch does not understand.
+    """
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device %r requested but CUDA is not available; using CPU", requested)
+        return torch.device("cpu")
+    return device
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    learning_rate: float,
+    momentum: float,
+    device: torch.device,
+) -> float:
+    """Train ``model`` in place with SGD; return the mean cross-entropy of the last epoch."""
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    criterion = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * labels.shape[0]
+            count += labels.shape[0]
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Return (mean cross-entropy, accuracy in [0, 1]) of ``model`` on ``loader``."""
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss += criterion(logits, labels).item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        count += labels.shape[0]
+    return loss / max(count, 1), correct / max(count, 1)

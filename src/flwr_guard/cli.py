@@ -1,0 +1,154 @@
+"""The ``flwr-guard`` command."""
+
+from __future__ import annotations
+
+import signal
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from flwr_guard.demo import DemoOptions, DemoState, run_demo
+from flwr_guard.deployment import PortInUseError
+
+app = typer.Typer(
+    name="flwr-guard",
+    help="Secure aggregation, differential privacy, leakage audits and telemetry for Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+class Partition(str, Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+def _fmt(value: object, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def _progress_view(state: DemoState, rounds: int) -> Group:
+    table = Table(title="flwr-guard demo", expand=False)
+    table.add_column("round", justify="right")
+    table.add_column("train loss", justify="right")
+    table.add_column("test loss", justify="right")
+    table.add_column("test accuracy", justify="right")
+    table.add_column("elapsed (s)", justify="right")
+    for line in state.rounds:
+        table.add_row(
+            f"{line['round']}/{rounds}",
+            _fmt(line.get("train", {}).get("train-loss"), ".4f"),
+            _fmt(line.get("server", {}).get("test-loss"), ".4f"),
+            _fmt(line.get("server", {}).get("test-accuracy"), ".3f"),
+            _fmt(line.get("elapsed-s"), ".1f"),
+        )
+    caption = Text(
+        f"{state.phase} · run {state.run_id or '-'} · status {state.status} · "
+        f"{state.elapsed_s:.0f} s"
+    )
+    return Group(table, caption)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    """flwr-guard: protect what Flower clients share."""
+    if version:
+        from flwr_guard import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(min=1, help="Number of SuperNodes (data partitions).")] = 4,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
+    partition: Annotated[Partition, typer.Option(help="How the data is split.")] = Partition.iid,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration α (> 0).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the model.")] = 42,
+    summary: Annotated[
+        Path, typer.Option(help="Where to write the JSON summary.")
+    ] = Path("demo-summary.json"),
+    simulation: Annotated[
+        bool, typer.Option("--simulation", help="Use Flower's Ray simulation instead.")
+    ] = False,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="SuperLink port (0 = pick a free one).")
+    ] = 0,
+    app_dir: Annotated[
+        Path | None,
+        typer.Option("--app", exists=True, file_okay=False, help="Run another Flower app."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Training device of every SuperNode: cpu or cuda.")
+    ] = "cpu",
+    keep_workdir: Annotated[
+        bool, typer.Option("--keep-workdir", help="Keep logs even when the run succeeds.")
+    ] = False,
+) -> None:
+    """Train the digits app on a real local Flower deployment and report the result.
+
+    Starts one SuperLink and N SuperNodes on 127.0.0.1, submits the app with
+    `flwr run`, shows live progress, writes a JSON summary and stops every process
+    it started. Exits 1 if the run does not complete.
+    """
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    options = DemoOptions(
+        nodes=nodes,
+        rounds=rounds,
+        partition=partition.value,
+        alpha=alpha,
+        seed=seed,
+        simulation=simulation,
+        superlink_port=port,
+        app_dir=app_dir,
+        node_config={} if simulation else {"device": device},
+        keep_workdir=keep_workdir,
+    )
+    try:
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            result = run_demo(options, lambda s: live.update(_progress_view(s, rounds)))
+        console.print()
+    except PortInUseError as err:
+        console.print(f"[red]error:[/red] {err}; choose another --port or 0 for a free one")
+        raise typer.Exit(2) from err
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process of the demo was stopped[/yellow]")
+        raise typer.Exit(130) from None
+    result.write(summary)
+    if result.success:
+        console.print(
+            f"[green]run {result.run_id} completed[/green]: final test accuracy "
+            f"{_fmt(result.final_test_accuracy, '.3f')} after {result.num_rounds} rounds "
+            f"in {result.elapsed_s:.0f} s; summary in {summary}"
+        )
+        return
+    console.print(f"[red]demo failed[/red]: {result.error or result.status}")
+    if result.workdir:
+        console.print(f"logs: {result.workdir}/logs; summary in {summary}")
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink and N SuperNodes as processes.
+
+Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``:
+``flwr run`` exits 0 even when the ServerApp fails, so the run's status as the
+SuperLink reports it (``finished:completed``, ``finished:failed``, ...) is what counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from flwr_guard.deployment.ports import ensure_port_free
+from flwr_guard.deployment.processes import ManagedProcess, ProcessRecord, ProcessSupervisor
+from flwr_guard.deployment.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "flwr-guard"
+FINISHED_PREFIX = "finished:"
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start or a process of it died."""
+
+
+class RunFailed(RuntimeError):
+    """A run ended in a state other than ``finished:completed``."""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+class LocalDeployment:
+    """Start ``topology`` as local processes; a context manager that always cleans up.
+
+    Every process goes into ``workdir/logs``; ``FLWR_HOME`` is ``workdir/flwr-home``
+    with a connection named ``flwr-guard`` to the SuperLink.
+
+    Raises (from :meth:`start`):
+        PortInUseError: a port of the topology is taken.
+        DeploymentError: a process exited during start-up (the message holds its log).
+    """
+
+    def __init__(self, topology: Topology, workdir: Path, startup_timeout: float = 60.0) -> None:
+        self.topology = topology
+        self.workdir = Path(workdir)
+        self.flwr_home = self.workdir / "flwr-home"
+        self.startup_timeout = startup_timeout
+        self.supervisor = ProcessSupervisor(self.workdir / "logs")
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: list[ManagedProcess] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment of every process: Flower finds its components on ``PATH``."""
+        bin_dir = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start(self) -> None:
+        """Check ports, start the SuperLink, wait for ``/health``, start the SuperNodes."""
+        topo = self.topology
+        for port in (topo.superlink_port, *topo.supernode_ports):
+            ensure_port_free(port, topo.host)
+        self._write_flower_config()
+        self.superlink = self.supervisor.start("superlink", topo.superlink_command(), self.env)
+        self._wait_healthy()
+        if not topo.simulation:
+            for index in range(topo.nodes):
+                self.supernodes.append(
+                    self.supervisor.start(
+                        f"supernode-{index}", topo.supernode_command(index), self.env
+                    )
+                )
+            time.sleep(0.5)
+            self.check_alive()
+
+    def stop(self) -> list[ProcessRecord]:
+        """Stop every process started (and all they spawned); return any survivor."""
+        survivors = self.supervisor.stop_all()
+        if survivors:
+            logger.error("processes survived stop: %s", survivors)
+        return survivors
+
+    def processes_seen(self) -> list[ProcessRecord]:
+        """Every process of this deployment seen so far (for orphan checks)."""
+        return self.supervisor.refresh()
+
+    def check_alive(self) -> None:
+        """Raise :class:`DeploymentError` naming any started process that has exited.
+
+        Also records the processes alive now (what Flower spawned since the last call),
+        so that :meth:`stop` finds them all.
+        """
+        self.supervisor.refresh()
+        dead = self.supervisor.dead()
+        if dead:
+            proc = dead[0]
+            raise DeploymentError(
+                f"{proc.name} (pid {proc.pid}) exited with code {proc.exit_code()}; "
+                f"last lines of {proc.log_path}:\n{proc.log_tail()}"
+            )
+
+    def _write_flower_config(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            "[superlink]\n"
+            f'default = "{CONNECTION}"\n\n'
+            f"[superlink.{CONNECTION}]\n"
+            f'address = "{self.topology.superlink_address}"\n'
+            "insecure = true\n",
+            encoding="utf-8",
+        )
+
+    def _wait_healthy(self) -> None:
+        url = f"http://{self.topology.superlink_address}/health"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(url, timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise DeploymentError(f"SuperLink not healthy at {url} after {self.startup_timeout:.0f} s")
+
+    # -- runs ----------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this deployment's connection."""
+        return subprocess.run(  # noqa: S603 - fixed executable, our own arguments
+            ["flwr", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> str:
+        """``flwr run`` the app in ``app_dir``; return the run id.
+
+        Raises:
+            DeploymentError: if the SuperLink does not accept the run.
+        """
+        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        for key, value in (run_config or {}).items():
+            args += ["--run-config", f"{key}={_toml_value(value)}"]
+        if self.topology.simulation:
+            args += ["--federation-config", f"num-supernodes={self.topology.nodes}"]
+        done = self.flwr(*args)
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        if done.returncode != 0 or not reply.get("success"):
+            raise DeploymentError(
+                f"flwr run was refused (exit {done.returncode}): "
+                f"{reply.get('error') or done.stdout.strip() or done.stderr.strip()}"
+            )
+        return str(reply["run-id"])
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        """The run's record from ``flwr ls --run-id ... --format json``.
+
+        Raises:
+            DeploymentError: if the SuperLink cannot be asked.
+        """
+        done = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
+        try:
+            reply = json.loads(done.stdout)
+            return dict(reply["runs"][0])
+        except (json.JSONDecodeError, KeyError, IndexError) as err:
+            raise DeploymentError(
+                f"cannot read the status of run {run_id}: {done.stdout or done.stderr}"
+            ) from err
+
+    def stop_run(self, run_id: str) -> None:
+        """Ask the SuperLink to stop a run (best effort)."""
+        self.flwr("stop", run_id, CONNECTION, timeout=60)
