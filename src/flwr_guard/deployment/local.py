@@ -3,6 +3,10 @@
 Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``:
 ``flwr run`` exits 0 even when the ServerApp fails, so the run's status as the
 SuperLink reports it (``finished:completed``, ``finished:failed``, ...) is what counts.
+
+With TLS in the topology the connection carries ``root-certificates`` and the health
+check verifies the SuperLink's certificate; with SuperNode authentication every
+SuperNode's public key is registered (``flwr supernode register``) before it starts.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-
+from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.ports import ensure_port_free
 from flwr_guard.deployment.processes import ManagedProcess, ProcessRecord, ProcessSupervisor
+from flwr_guard.deployment.register import RegistrationError, register_supernode
 from flwr_guard.deployment.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -104,6 +108,9 @@ class LocalDeployment:
         self.superlink = self.supervisor.start("superlink", topo.superlink_command(), self.env)
         self._wait_healthy()
         if not topo.simulation:
+            if topo.supernode_auth:
+                for index in range(topo.nodes):
+                    self.register_supernode(topo.supernode_public_key(index))
             for index in range(topo.nodes):
                 self.supernodes.append(
                     self.supervisor.start(
@@ -142,26 +149,31 @@ class LocalDeployment:
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
-            "[superlink]\n"
-            f'default = "{CONNECTION}"\n\n'
-            f"[superlink.{CONNECTION}]\n"
-            f'address = "{self.topology.superlink_address}"\n'
-            "insecure = true\n",
-            encoding="utf-8",
+            self.topology.flwr_config_toml(CONNECTION), encoding="utf-8"
         )
 
     def _wait_healthy(self) -> None:
-        url = f"http://{self.topology.superlink_address}/health"
+        url = self.topology.health_url
+        ca = self.topology.tls.ca_certfile if self.topology.tls else None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            try:
-                if httpx.get(url, timeout=1.0).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
+            if superlink_healthy(url, ca, timeout=1.0):
+                return
             time.sleep(0.25)
         raise DeploymentError(f"SuperLink not healthy at {url} after {self.startup_timeout:.0f} s")
+
+    def register_supernode(self, public_key: str | Path) -> str:
+        """Admit a SuperNode: ``flwr supernode register PUBLIC_KEY``; return its node id.
+
+        Raises:
+            DeploymentError: if the SuperLink refuses the key (for instance one already
+                registered, or not an EC key on a NIST curve).
+        """
+        try:
+            return str(register_supernode(public_key, CONNECTION, self.env))
+        except RegistrationError as err:
+            raise DeploymentError(str(err)) from err
 
     # -- runs ----------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

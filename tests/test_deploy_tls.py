@@ -1,0 +1,100 @@
+"""TLS + SuperNode authentication as real local processes on 127.0.0.1.
+
+The SuperLink serves HTTPS with a certificate from :mod:`flwr_guard.deployment.tls`,
+requires SuperNode authentication; two registered SuperNodes train the digits app
+(1 round) while a third SuperNode, whose key was never registered, is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from cryptography import x509
+
+from conftest import alive
+from flwr_guard.apps.digits import app_dir
+from flwr_guard.deployment import LocalDeployment, Topology, free_port
+from flwr_guard.deployment.healthcheck import superlink_healthy
+from flwr_guard.deployment.processes import ProcessSupervisor
+from flwr_guard.deployment.tls import make_credentials
+
+pytestmark = pytest.mark.deployment
+
+COMPLETED = "finished:completed"
+
+
+def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
+    tmp_path,
+) -> None:
+    tls, keys = make_credentials(tmp_path / "credentials", nodes=3)
+    topo = Topology.on_free_ports(nodes=2, tls=tls, supernode_auth_keys=keys[:2])
+    assert "--insecure" not in topo.superlink_command() + topo.supernode_command(0)
+    # The same deployment seen with a third SuperNode whose key is never registered.
+    with_intruder = dataclasses.replace(
+        topo,
+        nodes=3,
+        supernode_ports=(*topo.supernode_ports, free_port()),
+        supernode_auth_keys=keys,
+    )
+    progress = tmp_path / "progress.jsonl"
+    deployment = LocalDeployment(topo, tmp_path / "work")
+    with deployment:
+        assert superlink_healthy(topo.health_url, tls.ca_certfile)
+        # Without our CA the certificate is not trusted; plain HTTP gets no answer.
+        assert not superlink_healthy(topo.health_url)
+        assert not superlink_healthy(topo.health_url.replace("https://", "http://"))
+
+        run_id = deployment.submit(
+            app_dir(),
+            {
+                "num-server-rounds": 1,
+                "min-nodes": 2,
+                "fraction-evaluate": 0.0,
+                "progress-file": str(progress),
+            },
+        )
+
+        intruders = ProcessSupervisor(tmp_path / "intruder-logs")
+        try:
+            intruder = intruders.start("intruder", with_intruder.supernode_command(2), deployment.env)
+            exit_code = intruder.popen.wait(timeout=180)
+            log = intruder.log_path.read_text(errors="replace")
+        finally:
+            assert intruders.stop_all() == []
+        assert exit_code != 0
+        assert "Failed to activate SuperNode" in log, log[-2000:]
+
+        status, deadline = "", time.monotonic() + 420
+        while not status.startswith("finished:") and time.monotonic() < deadline:
+            deployment.check_alive()
+            status = str(deployment.run_info(run_id).get("status"))
+            time.sleep(3)
+        assert status == COMPLETED, deployment.run_info(run_id)
+
+        listed = deployment.flwr("supernode", "ls", "flwr-guard", "--format", "json")
+        nodes = json.loads(listed.stdout)["nodes"]
+        assert len(nodes) == 2, nodes  # the intruder never became a node
+    rounds = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    trained = [r for r in rounds if r.get("event") == "round" and r["round"] == 1]
+    assert trained and trained[0]["train-replies"] == 2
+    assert alive(
+        [{"pid": r.pid, "create_time": r.create_time} for r in deployment.processes_seen()]
+    ) == []
+
+
+def test_generated_server_certificate_names_loopback_and_is_signed_by_the_ca(tmp_path) -> None:
+    tls, keys = make_credentials(tmp_path, nodes=1, hosts=["superlink", "10.0.0.7"])
+    cert = x509.load_pem_x509_certificate(open(tls.certfile, "rb").read())
+    ca = x509.load_pem_x509_certificate(open(tls.ca_certfile, "rb").read())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    assert open(keys[0]).read().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert open(f"{keys[0]}.pub").read().startswith("ecdsa-sha2-nistp384 ")
+    with pytest.raises(ValueError, match="needs TLS"):
+        Topology.on_free_ports(nodes=1, supernode_auth_keys=keys)
