@@ -1,0 +1,58 @@
+"""Differential privacy for Flower apps.
+
+Core (no Flower imports): :mod:`~flwr_guard.dp.accounting` (epsilon over dp-accounting),
+:mod:`~flwr_guard.dp.budget` (a budget that refuses what it cannot afford),
+:mod:`~flwr_guard.dp.clipping` (fixed and adaptive update clipping),
+:mod:`~flwr_guard.dp.central` (Gaussian noise on the mean),
+:mod:`~flwr_guard.dp.distributed` and :mod:`~flwr_guard.dp.rotation` (Skellam noise in
+the quantised domain), :mod:`~flwr_guard.dp.dpsgd` (record-level DP-SGD over Opacus).
+
+Flower adapters: :mod:`~flwr_guard.dp.mods` (client train mods),
+:mod:`~flwr_guard.dp.strategy` (the ``DPFedAvg`` strategy wrapper),
+:mod:`~flwr_guard.dp.context_state` (Opacus accountant in ``context.state``).
+The adapters are imported lazily, so importing the core never imports Flower.
+See docs/privacy.md for how to wire them into a ClientApp and a ServerApp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from flwr_guard.dp.accounting import (
+    Ledger,
+    Step,
+    compute_epsilon,
+    epsilon_from_history,
+    noise_multiplier_for_epsilon,
+)
+from flwr_guard.dp.budget import BudgetDecision, PrivacyBudget, PrivacyBudgetExceeded
+
+_LAZY = {
+    "update_clipping_mod": "flwr_guard.dp.mods",
+    "DPFedAvg": "flwr_guard.dp.strategy",
+    "DPSGD": "flwr_guard.dp.dpsgd",
+    "DPSGDConfig": "flwr_guard.dp.dpsgd",
+    "load_accountant_state": "flwr_guard.dp.context_state",
+    "save_accountant_state": "flwr_guard.dp.context_state",
+    "dpsgd_from_context": "flwr_guard.dp.context_state",
+    "save_dpsgd": "flwr_guard.dp.context_state",
+}
+
+__all__ = [
+    "BudgetDecision",
+    "Ledger",
+    "PrivacyBudget",
+    "PrivacyBudgetExceeded",
+    "Step",
+    "compute_epsilon",
+    "epsilon_from_history",
+    "noise_multiplier_for_epsilon",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

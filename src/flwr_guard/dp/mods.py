@@ -1,0 +1,107 @@
+"""Flower adapter: the client train mod that clips the update (user-level DP-FedAvg).
+
+``update_clipping_mod`` goes in ``@app.train(mods=[...])`` *inside* (after, in the list)
+a SecAgg+ mod: mods run outermost-first on the way in and innermost-first on the way
+out, so the reply is clipped before it is masked::
+
+    @app.train(mods=[secaggplus_mod, update_clipping_mod])
+
+On the way in it keeps the global arrays of the train message; on the way out it
+computes ``update = reply arrays - global arrays``, clips the update to the clipping norm
+``C`` that :class:`~flwr_guard.dp.strategy.DPFedAvg` sent in the train config
+(``dp-clipping-norm``), and replaces the reply's arrays by ``global + clipped update``
+(same keys, shapes and dtypes). The reply keeps FedAvg's contract — one ArrayRecord and
+one MetricRecord with the same keys on every reply — and the MetricRecord gains:
+
+- ``dp-weight`` = 1.0: the number of clients this reply stands for (an aggregate
+  reply built by secure aggregation carries the sum);
+- ``dp-unclipped-count`` in ``{0.0, 1.0}``, only under adaptive clipping
+  (``dp-adaptive-clipping`` true in the config): Andrew et al.'s bit
+  ``1[||update|| <= C]``, summed and noised by the server. It is a statistic of the
+  client's data: let secure aggregation mask it (it is a metric SecAgg+ sums).
+
+The update's norm itself is never reported. The clipping core is
+:mod:`flwr_guard.dp.clipping`.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import log
+from flwr.common.constant import ErrorCode
+
+from flwr_guard.dp.clipping import clip_update
+
+KEY_CLIPPING_NORM = "dp-clipping-norm"
+KEY_ADAPTIVE = "dp-adaptive-clipping"
+KEY_WEIGHT = "dp-weight"
+KEY_UNCLIPPED = "dp-unclipped-count"
+
+
+def _error(msg: Message, reason: str) -> Message:
+    log(WARNING, "update_clipping_mod: %s", reason)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the reply's model update to the clipping norm the server sent (train only).
+
+    Messages other than train messages pass through untouched. A train message without
+    ``dp-clipping-norm``, or a reply whose arrays do not match the global arrays (keys,
+    shapes, floating-point dtypes, finite values), gets an error reply that says why —
+    nothing unclipped leaves the client.
+    """
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    if len(msg.content.array_records) != 1 or len(msg.content.config_records) != 1:
+        return _error(msg, "the train message must hold one ArrayRecord and one ConfigRecord")
+    config = next(iter(msg.content.config_records.values()))
+    if KEY_CLIPPING_NORM not in config:
+        return _error(
+            msg,
+            f"the train config has no '{KEY_CLIPPING_NORM}': wrap the server strategy "
+            "with flwr_guard.dp.DPFedAvg",
+        )
+    clipping_norm = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
+    adaptive = bool(config.get(KEY_ADAPTIVE, False))
+    incoming = next(iter(msg.content.array_records.values()))
+    keys = list(incoming.keys())
+    global_arrays = [np.array(a, copy=True) for a in incoming.to_numpy_ndarrays()]
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) > 1:
+        return _error(msg, "the reply must hold one ArrayRecord and at most one MetricRecord")
+    name, record = next(iter(reply.content.array_records.items()))
+    if list(record.keys()) != keys:
+        return _error(msg, "the reply's ArrayRecord keys differ from the global model's")
+    local = record.to_numpy_ndarrays()
+    if any(a.shape != g.shape for a, g in zip(local, global_arrays, strict=True)):
+        return _error(msg, "the reply's array shapes differ from the global model's")
+    if not all(np.issubdtype(a.dtype, np.floating) for a in local):
+        return _error(msg, "update clipping needs floating-point arrays only")
+    try:
+        update = [a.astype(np.float64) - g for a, g in zip(local, global_arrays, strict=True)]
+        clipped, _, unclipped = clip_update(update, clipping_norm)
+    except ValueError as err:  # non-float arrays, NaN/inf, bad norm
+        return _error(msg, f"cannot clip the update: {err}")
+    reply.content[name] = ArrayRecord(
+        {
+            k: Array(np.asarray(g + u).astype(a.dtype))
+            for k, g, u, a in zip(keys, global_arrays, clipped, local, strict=True)
+        }
+    )
+    if reply.content.metric_records:
+        metrics_name, metrics = next(iter(reply.content.metric_records.items()))
+    else:
+        metrics_name, metrics = "metrics", MetricRecord()
+    metrics[KEY_WEIGHT] = 1.0
+    if adaptive:
+        metrics[KEY_UNCLIPPED] = 1.0 if unclipped else 0.0
+    reply.content[metrics_name] = metrics
+    return reply
