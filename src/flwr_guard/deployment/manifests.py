@@ -1,0 +1,213 @@
+"""The container deployments under ``deploy/`` as :class:`Topology` values, and checks.
+
+The compose files (``deploy/compose``) and the Helm chart (``deploy/k8s/flwr-guard``)
+spell out their Flower command lines so that they read on their own; these functions
+say what those lines must be — the same :class:`Topology` the local launcher starts,
+with container addresses and paths — and list every difference, so a test fails the
+moment a file and the description drift apart.
+
+Inside a container the SuperLink binds ``0.0.0.0:8000``; each SuperNode's runtime API
+binds ``127.0.0.1:9094`` (only its own SuperExec uses it); TLS material sits in
+``/etc/flwr-guard/tls`` and SuperNode keys in ``/etc/flwr-guard/keys``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr_guard.deployment.topology import NodeConfig, TlsConfig, Topology
+
+SUPERLINK_PORT = 8000
+SUPERNODE_PORT = 9094
+TLS_DIR = "/etc/flwr-guard/tls"
+KEY_DIR = "/etc/flwr-guard/keys"
+COMPOSE_NODES = 3
+COMPOSE_CONNECTION = "compose"
+K8S_CONNECTION = "k8s"
+# The StatefulSet gives each SuperNode pod its ordinal in this variable (downward API,
+# label apps.kubernetes.io/pod-index); Kubernetes expands $(POD_INDEX) in args.
+POD_INDEX = "$(POD_INDEX)"
+
+
+def container_topology(
+    nodes: int,
+    superlink_host: str,
+    secure: bool = False,
+    node_config: NodeConfig | None = None,
+) -> Topology:
+    """The topology of a container deployment.
+
+    Args:
+        nodes: number of SuperNodes.
+        superlink_host: DNS name of the SuperLink on the container network.
+        secure: TLS (material in ``/etc/flwr-guard/tls``) and SuperNode
+            authentication (``/etc/flwr-guard/keys/supernode-<i>``).
+        node_config: extra node config of every SuperNode (e.g. ``device="cuda"``).
+    """
+    return Topology(
+        nodes=nodes,
+        superlink_port=SUPERLINK_PORT,
+        supernode_ports=(SUPERNODE_PORT,) * nodes,
+        host="0.0.0.0",  # noqa: S104 - the SuperLink serves the container network
+        superlink_host=superlink_host,
+        supernode_host="127.0.0.1",
+        node_config=dict(node_config or {}),
+        tls=(
+            TlsConfig(f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/server.crt", f"{TLS_DIR}/server.key")
+            if secure
+            else None
+        ),
+        supernode_auth_keys=(
+            tuple(f"{KEY_DIR}/supernode-{i}" for i in range(nodes)) if secure else ()
+        ),
+    )
+
+
+COMPOSE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "plain": ("compose.yml",),
+    "tls": ("compose.yml", "compose.tls.yml"),
+    "gpu": ("compose.yml", "compose.tls.yml", "compose.gpu.yml"),
+}
+
+
+def compose_topology(variant: str) -> Topology:
+    """The topology that the compose files of ``variant`` (see COMPOSE_VARIANTS) run.
+
+    Raises:
+        ValueError: for an unknown variant.
+    """
+    if variant not in COMPOSE_VARIANTS:
+        raise ValueError(f"unknown compose variant {variant!r}; one of {list(COMPOSE_VARIANTS)}")
+    return container_topology(
+        COMPOSE_NODES,
+        "superlink",
+        secure=variant in ("tls", "gpu"),
+        node_config={"device": "cuda"} if variant == "gpu" else None,
+    )
+
+
+def register_argv(topology: Topology, connection: str, indices: Iterable[int]) -> list[str]:
+    """The registration step's argv: :mod:`flwr_guard.deployment.register` on the keys."""
+    return [
+        "python",
+        "-m",
+        "flwr_guard.deployment.register",
+        "--connection",
+        connection,
+        *(topology.supernode_public_key(i) for i in indices),
+    ]
+
+
+def _diff(where: str, actual: Any, expected: list[str]) -> list[str]:
+    if actual == expected:
+        return []
+    return [f"{where}: command is {actual!r}, the topology says {expected!r}"]
+
+
+def compose_drift(
+    config: Mapping[str, Any], topology: Topology, connection: str = COMPOSE_CONNECTION
+) -> list[str]:
+    """Differences between a resolved compose model and ``topology`` (empty: none).
+
+    Args:
+        config: ``docker compose config --format json`` output, parsed.
+        topology: what the services must run (:func:`compose_topology`).
+        connection: the ``flwr`` connection name the registration step uses.
+    """
+    services = config.get("services", {})
+    problems: list[str] = []
+    if "superlink" not in services:
+        return ["no service 'superlink'"]
+    problems += _diff(
+        "superlink", services["superlink"].get("command"), topology.superlink_command()
+    )
+    names = sorted(name for name in services if re.fullmatch(r"supernode-\d+", name))
+    expected_names = [f"supernode-{i}" for i in range(topology.nodes)]
+    if sorted(names) != sorted(expected_names):
+        problems.append(f"SuperNode services are {names}, the topology has {expected_names}")
+    for index in range(topology.nodes):
+        name = f"supernode-{index}"
+        if name in services:
+            problems += _diff(
+                name, services[name].get("command"), topology.supernode_command(index)
+            )
+    if topology.supernode_auth:
+        if "register" not in services:
+            problems.append("SuperNode authentication without a 'register' service")
+        else:
+            problems += _diff(
+                "register",
+                services["register"].get("command"),
+                register_argv(topology, connection, range(topology.nodes)),
+            )
+    elif "register" in services:
+        problems.append("a 'register' service, but the topology has no SuperNode auth")
+    return problems
+
+
+def _containers(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    spec = manifest.get("spec", {}).get("template", {}).get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def _argv(container: Mapping[str, Any]) -> list[str]:
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def _with_index(argv: list[str], index: int) -> list[str]:
+    return [arg.replace(POD_INDEX, str(index)) for arg in argv]
+
+
+def k8s_drift(
+    manifests: Iterable[Mapping[str, Any]], topology: Topology, connection: str = K8S_CONNECTION
+) -> list[str]:
+    """Differences between rendered Helm manifests and ``topology`` (empty: none).
+
+    The SuperLink Deployment's container ``superlink`` must run
+    ``topology.superlink_command()``; the SuperNode StatefulSet must have
+    ``topology.nodes`` replicas, and its container ``supernode`` with ``$(POD_INDEX)``
+    replaced by ``i`` must run ``topology.supernode_command(i)`` for every ``i``; with
+    SuperNode authentication its init container ``register`` registers key ``i``.
+    """
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for manifest in manifests:
+        if manifest:
+            by_kind.setdefault(manifest.get("kind", ""), []).append(manifest)
+    problems: list[str] = []
+    links = [
+        c
+        for m in by_kind.get("Deployment", [])
+        for c in _containers(m)
+        if c.get("name") == "superlink"
+    ]
+    if len(links) != 1:
+        problems.append(f"expected one 'superlink' container in a Deployment, found {len(links)}")
+    else:
+        problems += _diff("superlink", _argv(links[0]), topology.superlink_command())
+    sets = by_kind.get("StatefulSet", [])
+    if len(sets) != 1:
+        return [*problems, f"expected one SuperNode StatefulSet, found {len(sets)}"]
+    replicas = sets[0].get("spec", {}).get("replicas")
+    if replicas != topology.nodes:
+        problems.append(f"StatefulSet has {replicas} replicas, the topology {topology.nodes}")
+    containers = {c.get("name"): c for c in _containers(sets[0])}
+    if "supernode" not in containers:
+        return [*problems, "no 'supernode' container in the StatefulSet"]
+    for index in range(topology.nodes):
+        problems += _diff(
+            f"supernode pod {index}",
+            _with_index(_argv(containers["supernode"]), index),
+            topology.supernode_command(index),
+        )
+        if topology.supernode_auth:
+            if "register" not in containers:
+                problems.append("SuperNode authentication without a 'register' init container")
+                break
+            problems += _diff(
+                f"register of pod {index}",
+                _with_index(_argv(containers["register"]), index),
+                register_argv(topology, connection, [index]),
+            )
+    return problems
