@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from flwr_guard.apps.digits.data import cached_partition_arrays, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.training import evaluate, select_device, train_epochs
+from flwr_guard.secagg.mod import secaggplus_mod
 
 app = ClientApp()
 
@@ -51,7 +52,9 @@ def _model(msg: Message) -> DigitsCNN:
     return model
 
 
-@app.train()
+# The SecAgg+ mod masks the update on its way out; it passes through messages that
+# the server did not send with SecAgg+ (run config `secagg = false`).
+@app.train(mods=[secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition; reply with the weights."""
     cfg = context.run_config

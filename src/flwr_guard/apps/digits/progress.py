@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,21 @@ class ProgressRecorder(StrategyWrapper):
 
     Each line is ``{"event": "round", "round": r, "elapsed-s": s, "train": {...},
     "evaluate": {...}, "server": {...}}`` with the aggregated client train metrics,
-    the aggregated client evaluate metrics and the server-side evaluation; a last
+    the aggregated client evaluate metrics and the server-side evaluation, plus
+    what ``extras(round)`` returns (e.g. the SecAgg+ round report); a last
     ``{"event": "finished", ...}`` line closes the run. With ``path=""`` nothing is
     written and the wrapper only delegates.
     """
 
-    def __init__(self, strategy: Strategy, path: str = "") -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        path: str = "",
+        extras: Callable[[int], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(strategy)
         self.path = Path(path) if path else None
+        self.extras = extras
         self._t0 = time.monotonic()
         self._train: dict[int, dict[str, Any]] = {}
         self._evaluate: dict[int, dict[str, Any]] = {}
@@ -63,6 +70,7 @@ class ProgressRecorder(StrategyWrapper):
                 "train": self._train.get(server_round, {}),
                 "evaluate": self._evaluate.get(server_round, {}),
                 "server": _plain(server_metrics),
+                **(self.extras(server_round) if self.extras and server_round > 0 else {}),
             }
         )
 

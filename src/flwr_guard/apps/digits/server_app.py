@@ -15,6 +15,7 @@ from flwr_guard.apps.digits.data import load_test_set, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
+from flwr_guard.secagg.strategy import SecAggPlus
 
 app = ServerApp()
 
@@ -36,7 +37,23 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
     )
-    recorder = ProgressRecorder(strategy, path=str(cfg["progress-file"]))
+    extras = None
+    if bool(cfg["secagg"]):
+        strategy = SecAggPlus(
+            strategy,
+            num_shares=int(cfg["secagg-num-shares"]) or None,
+            reconstruction_threshold=int(cfg["secagg-reconstruction-threshold"]) or None,
+            clipping_range=float(cfg["secagg-clipping-range"]),
+            quantization_range=int(cfg["secagg-quantization-range"]),
+            timeout=float(cfg["secagg-timeout"]),
+        )
+        secagg = strategy
+
+        def extras(server_round: int) -> dict:
+            reports = [r for r in secagg.history if r.server_round == server_round]
+            return {"secagg": reports[-1].to_dict()} if reports else {}
+
+    recorder = ProgressRecorder(strategy, path=str(cfg["progress-file"]), extras=extras)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

@@ -1,0 +1,341 @@
+"""Server strategy wrapper: SecAgg+ around any ``flwr.serverapp.strategy`` strategy.
+
+Usage::
+
+    from flwr_guard.secagg import SecAggPlus
+
+    strategy = SecAggPlus(FedAvg(...), num_shares=..., reconstruction_threshold=...)
+    strategy.start(grid, initial_arrays, num_rounds=...)
+
+The wrapped strategy samples the cohort and builds the train messages as usual
+(``configure_train``). The wrapper then runs the key set-up stages through the grid,
+sends the train messages with the routed encrypted shares, and, in
+``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
+hands the wrapped strategy **one** reply holding the weighted average of the
+survivors' models (global + mean update) and their total ``num-examples``. FedAvg,
+FedProx and FedAdam (whose server optimiser works on ``aggregate - current``) thus
+behave as without SecAgg+, on an aggregate the server computed without seeing any
+client's update.
+
+Per-stage durations, bytes and dropouts of each round are kept in :attr:`history`
+(for telemetry and the demo summary).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flwr_guard.secagg import codec
+from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
+from flwr_guard.secagg.client import Advertisement, ProtocolError
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
+from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.quantization import dequantize_mean
+from flwr_guard.secagg.server import SecAggAborted, SecAggServer
+from flwr_guard.strategy_wrapper import StrategyWrapper
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """What one SecAgg+ round did: cohort, dropouts, per-stage seconds and bytes."""
+
+    server_round: int
+    cohort: int = 0
+    survivors: int = 0
+    num_shares: int = 0
+    reconstruction_threshold: int = 0
+    modulus_bits: int = 0
+    dropouts: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    bytes_to_clients: dict[str, int] = field(default_factory=dict)
+    bytes_from_clients: dict[str, int] = field(default_factory=dict)
+    clipped_values: int = 0
+    aborted: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _payload_bytes(message: Message) -> int:
+    size = 0
+    for record in message.content.values():
+        if isinstance(record, ArrayRecord):
+            size += sum(len(a.data) for a in record.values())
+        elif isinstance(record, ConfigRecord):
+            size += sum(len(v) for v in record.values() if isinstance(v, bytes))
+    return size
+
+
+class SecAggPlus(StrategyWrapper):
+    """SecAgg+ (Bonawitz et al. CCS 2017; Bell et al. CCS 2020) for a Message-API strategy.
+
+    Args:
+        strategy: the wrapped strategy (FedAvg, FedProx, FedAdam, ...); its
+            ``weighted_by_key`` must be ``"num-examples"``.
+        num_shares: k, neighbours per client; default from the cohort size
+            (:func:`~flwr_guard.secagg.params.default_num_shares`).
+        reconstruction_threshold: t > k/2; default floor(k/2) + 1.
+        clipping_range: r; update coordinates are clipped to ``[-r, r]``.
+        quantization_range: L; one quantisation step is ``2r / L``.
+        max_weight: the largest ``num-examples`` a client may report.
+        timeout: seconds to wait for the replies of each stage; late clients count as
+            dropped.
+
+    Clients must run :func:`~flwr_guard.secagg.mod.secaggplus_mod` on their train
+    messages. A round that cannot complete (too many dropouts) leaves the model
+    unchanged and is logged; the run goes on.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        num_shares: int | None = None,
+        reconstruction_threshold: int | None = None,
+        clipping_range: float = 2.0,
+        quantization_range: int = 2**16,
+        max_weight: int = 2**12,
+        timeout: float = 300.0,
+    ) -> None:
+        super().__init__(strategy)
+        if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
+            raise ValueError(f"SecAggPlus weights by {WEIGHT_KEY!r}; the wrapped strategy must too")
+        self.num_shares = num_shares
+        self.reconstruction_threshold = reconstruction_threshold
+        self.clipping_range = clipping_range
+        self.quantization_range = quantization_range
+        self.max_weight = max_weight
+        self.timeout = timeout
+        self.history: list[RoundReport] = []
+        self._round: dict[str, Any] | None = None
+
+    def summary(self) -> None:
+        logger.info(
+            "SecAgg+ (num_shares=%s, reconstruction_threshold=%s, clipping_range=%s, "
+            "quantization_range=%s) around:",
+            self.num_shares or "auto",
+            self.reconstruction_threshold or "auto",
+            self.clipping_range,
+            self.quantization_range,
+        )
+        self.strategy.summary()
+
+    # -- helpers -------------------------------------------------------------------
+    def _exchange(
+        self, grid: Grid, report: RoundReport, stage: str, payloads: dict[int, dict], server_round: int,
+        contents: dict[int, RecordDict] | None = None,
+    ) -> dict[int, Message]:
+        """Send one stage's message to each node; return the non-error replies by node."""
+        started = time.monotonic()
+        messages = []
+        for node, payload in payloads.items():
+            content = contents[node] if contents else RecordDict()
+            content[SECAGG_RECORD] = ConfigRecord(
+                {"stage": stage, "server-round": server_round, "payload": codec.encode(payload)}
+            )
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        report.bytes_to_clients[stage] = sum(_payload_bytes(m) for m in messages)
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        good: dict[int, Message] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("SecAgg+ %s: node %s replied with an error: %s", stage, node, reply.error.reason)
+            elif node in payloads:
+                good[node] = reply
+        report.bytes_from_clients[stage] = sum(_payload_bytes(m) for m in good.values())
+        report.stage_seconds[stage] = round(time.monotonic() - started, 4)
+        return good
+
+    @staticmethod
+    def _decoded(reply: Message) -> dict:
+        return codec.decode(bytes(reply.content.config_records[SECAGG_RECORD]["payload"]))
+
+    # -- train ---------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample with the wrapped strategy, then run the advertise and share-keys stages."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._round = None
+        report = RoundReport(server_round)
+        self.history.append(report)
+        if not messages:
+            return []
+        cohort = sorted({m.metadata.dst_node_id for m in messages})
+        global_arrays = {k: v.numpy() for k, v in arrays.items()}
+        report.cohort = len(cohort)
+        try:
+            if len(cohort) < 2:
+                raise SecAggAborted(f"SecAgg+ needs at least 2 clients, {len(cohort)} sampled")
+            params = SecAggParams.for_cohort(
+                len(cohort), self.num_shares, self.reconstruction_threshold,
+                self.clipping_range, self.quantization_range, self.max_weight,
+            )
+            context = RoundContext(
+                grid.run.run_id, server_round, tuple(cohort), params,
+                num_values(global_arrays) + 1, model_hash(global_arrays),
+            )
+            report.num_shares = params.num_shares
+            report.reconstruction_threshold = params.reconstruction_threshold
+            report.modulus_bits = params.modulus_bits
+            server = SecAggServer(context)
+            replies = self._exchange(
+                grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
+            )
+            ads = {}
+            for node, reply in replies.items():
+                try:
+                    ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
+                except (ProtocolError, codec.MalformedMessage) as err:
+                    logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
+            u1 = [a.to_dict() for a in server.receive_advertisements(ads)]
+            replies = self._exchange(
+                grid, report, "share-keys", {a["node_id"]: {"advertisements": u1} for a in u1}, server_round
+            )
+            shares = {}
+            for node, reply in replies.items():
+                try:
+                    raw = codec.field(self._decoded(reply), "ciphertexts", dict)
+                    shares[node] = {int(k): v for k, v in raw.items()}
+                except (codec.MalformedMessage, ValueError) as err:
+                    logger.warning("SecAgg+: malformed shares from %s: %s", node, err)
+            routed = server.receive_shares(shares)
+        except SecAggAborted as err:
+            self._abort(report, err)
+            return []
+        shared = sorted(routed)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        out = []
+        for node in shared:
+            # Strategies may share one RecordDict between all messages: copy it.
+            content = RecordDict(dict(by_node[node].content.items()))
+            content[SECAGG_RECORD] = ConfigRecord(
+                {
+                    "stage": "masked-input",
+                    "server-round": server_round,
+                    "payload": codec.encode(
+                        {"shared": shared, "ciphertexts": {str(s): c for s, c in routed[node].items()}}
+                    ),
+                }
+            )
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
+        self._round = {"server": server, "grid": grid, "arrays": global_arrays, "report": report,
+                       "started": time.monotonic()}
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the survivors and hand its average to the wrapped strategy."""
+        state, self._round = self._round, None
+        replies = list(replies)
+        if state is None:
+            return None, None
+        server: SecAggServer = state["server"]
+        report: RoundReport = state["report"]
+        grid: Grid = state["grid"]
+        report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
+        try:
+            masked, metrics = self._collect_masked(server, report, replies)
+            survivors = server.receive_masked_inputs(masked)
+            replies4 = self._exchange(
+                grid, report, "consistency", {n: {"survivors": survivors} for n in survivors}, server_round
+            )
+            signatures = {}
+            for node, reply in replies4.items():
+                try:
+                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
+                except codec.MalformedMessage as err:
+                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            active, dropped, sigs = server.receive_signatures(signatures)
+            request = {"active": active, "dropped": dropped, "signatures": {str(k): v for k, v in sigs.items()}}
+            replies5 = self._exchange(grid, report, "unmask", {n: request for n in sigs}, server_round)
+            reveals = {}
+            for node, reply in replies5.items():
+                try:
+                    raw = codec.field(self._decoded(reply), "shares", dict)
+                    reveals[node] = {int(p): (str(k), int(i), bytes(s)) for p, (k, i, s) in raw.items()}
+                except (codec.MalformedMessage, ValueError, TypeError) as err:
+                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            server.receive_unmask(reveals)
+            started = time.monotonic()
+            total, weight = server.aggregate()
+            report.stage_seconds["unmask-compute"] = round(time.monotonic() - started, 4)
+        except SecAggAborted as err:
+            self._abort(report, err)
+            return None, None
+        finally:
+            report.dropouts = server.stats.dropouts()
+            report.excluded = {str(k): v for k, v in server.stats.excluded.items()}
+        params = server.context.params
+        mean_update = dequantize_mean(total, weight, params.clipping_range, params.quantization_range)
+        aggregate = apply_flat_update(state["arrays"], mean_update)
+        report.survivors = len(active)
+        plain = self._plain_metrics([metrics[n] for n in active if n in metrics])
+        plain[WEIGHT_KEY] = weight
+        record = ArrayRecord(array_dict={k: Array(v) for k, v in aggregate.items()})
+        synthetic = Message(
+            content=RecordDict({"arrays": record, "metrics": MetricRecord(plain)}),
+            message_type=MessageType.TRAIN,
+            dst_node_id=0,
+        )
+        return self.strategy.aggregate_train(server_round, [synthetic])
+
+    def _collect_masked(
+        self, server: SecAggServer, report: RoundReport, replies: list[Message]
+    ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord]]:
+        masked: dict[int, tuple[np.ndarray, list[int]]] = {}
+        metrics: dict[int, MetricRecord] = {}
+        size = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("SecAgg+ masked-input: node %s failed: %s", node, reply.error.reason)
+                continue
+            try:
+                record = reply.content.array_records[MASKED_ARRAYS]
+                (vector,) = record.to_numpy_ndarrays()
+                meta = self._decoded(reply)
+                bad = [int(b) for b in codec.field(meta, "bad_senders", list)]
+                report.clipped_values += int(meta.get("clipped", 0))
+                size += _payload_bytes(reply)
+            except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
+                logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
+                continue
+            # A vector of another dtype or length is excluded by the server core.
+            masked[node] = (vector, bad)
+            metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
+        report.bytes_from_clients["masked-input"] = size
+        return masked, metrics
+
+    @staticmethod
+    def _plain_metrics(records: list[MetricRecord]) -> dict[str, float]:
+        """Unweighted mean of the metrics that every survivor sent in the clear."""
+        if not records:
+            return {}
+        keys = set(records[0]).intersection(*map(set, records[1:]))
+        out = {}
+        for key in sorted(keys):
+            values = [r[key] for r in records]
+            if all(isinstance(v, (int, float)) for v in values):
+                out[key] = float(np.mean(values))
+        return out
+
+    def _abort(self, report: RoundReport, err: Exception) -> None:
+        report.aborted = str(err)
+        logger.error("%s; the global model is unchanged this round", err)
+

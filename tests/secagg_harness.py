@@ -1,0 +1,79 @@
+"""Drive the SecAgg+ core state machines in-process (no Flower), with dropouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flwr_guard.secagg import crypto
+from flwr_guard.secagg.client import SecAggClient
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.quantization import dequantize_mean
+from flwr_guard.secagg.server import SecAggServer
+
+STAGES = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
+
+
+@dataclass
+class Round:
+    clients: dict[int, SecAggClient]
+    server: SecAggServer
+    updates: dict[int, np.ndarray]
+    weights: dict[int, int]
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def make_round(n: int, d: int, seed: int = 0, params: SecAggParams | None = None, **kw) -> Round:
+    rng = np.random.default_rng(seed)
+    ids = sorted({int(i) for i in rng.integers(1, 2**63 - 1, size=n)})
+    params = params or SecAggParams.for_cohort(n, **kw)
+    context = RoundContext(7, 1, tuple(sorted(ids)), params, d + 1, b"h" * 32)
+    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
+    updates = {i: rng.normal(0, 0.3, size=d) for i in ids}
+    weights = {i: int(rng.integers(1, 200)) for i in ids}
+    return Round(clients, SecAggServer(context), updates, weights)
+
+
+def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[int, bytes] | None = None):
+    """Run all five stages; ``drop[stage]`` are clients that vanish before replying."""
+    drop = drop or {}
+    gone: set[int] = set()
+
+    def alive(stage: str, candidates) -> list[int]:
+        gone.update(drop.get(stage, set()))
+        return [c for c in candidates if c not in gone]
+
+    ctx = r.server.context
+    ads = {c: r.clients[c].advertise(ctx) for c in alive("advertise", ctx.cohort)}
+    u1 = r.server.receive_advertisements(ads)
+    shares = {c: r.clients[c].share_keys(u1) for c in alive("share-keys", [a.node_id for a in u1])}
+    routed = r.server.receive_shares(shares)
+    replies = {}
+    for c in alive("masked-input", routed):
+        vector, bad, _ = r.clients[c].masked_input(
+            list(routed), routed[c], r.updates[c], r.weights[c],
+            (model_hashes or {}).get(c, ctx.model_hash),
+        )
+        r.masked[c] = vector
+        replies[c] = (vector, bad)
+    u3 = r.server.receive_masked_inputs(replies)
+    signatures = {c: r.clients[c].consistency(u3) for c in alive("consistency", u3)}
+    active, dropped, sigs = r.server.receive_signatures(signatures)
+    reveals = {c: r.clients[c].unmask(active, dropped, sigs) for c in alive("unmask", sigs)}
+    r.server.receive_unmask(reveals)
+    total, weight = r.server.aggregate()
+    return total, weight, active
+
+
+def expected_mean(r: Round, survivors: list[int]) -> np.ndarray:
+    p = r.server.context.params
+    w = np.array([r.weights[c] for c in survivors], dtype=float)
+    x = np.stack([np.clip(r.updates[c], -p.clipping_range, p.clipping_range) for c in survivors])
+    return (w[:, None] * x).sum(0) / w.sum()
+
+
+def mean_of(r: Round, total: np.ndarray, weight: int) -> np.ndarray:
+    p = r.server.context.params
+    return dequantize_mean(total, weight, p.clipping_range, p.quantization_range)

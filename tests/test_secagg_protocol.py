@@ -1,0 +1,206 @@
+"""SecAgg+ core: exact sums, dropouts, what the server sees, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from secagg_harness import expected_mean, make_round, mean_of, run
+from flwr_guard.secagg import crypto
+from flwr_guard.secagg.client import Advertisement, ProtocolError
+from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.quantization import quantize
+from flwr_guard.secagg.server import SecAggAborted
+
+
+def test_sum_is_exact_and_average_within_one_quantisation_step() -> None:
+    r = make_round(n=6, d=500)
+    total, weight, survivors = run(r)
+    assert sorted(survivors) == sorted(r.clients)
+    assert weight == sum(r.weights.values())
+    # Exactness: the unmasked total is the sum of what each client quantised.
+    p = r.server.context.params
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, survivors)).max() < p.step
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share-keys", "masked-input", "consistency", "unmask"])
+def test_a_third_dropping_at_each_stage_gives_the_exact_survivor_sum(stage: str) -> None:
+    r = make_round(n=9, d=200, seed=3)
+    dropped = set(sorted(r.clients)[::3])  # 3 of 9
+    total, weight, survivors = run(r, drop={stage: dropped})
+    in_sum = set(survivors)
+    if stage in ("advertise", "share-keys", "masked-input"):
+        assert in_sum == set(r.clients) - dropped
+    else:  # dropped after sending their masked input: their input stays in the sum
+        assert in_sum == set(r.clients)
+    assert weight == sum(r.weights[c] for c in in_sum)
+    step = r.server.context.params.step
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, sorted(in_sum))).max() < step
+
+
+def test_a_third_dropping_spread_over_all_stages_with_sparse_graph() -> None:
+    r = make_round(n=15, d=100, seed=5, num_shares=10)
+    ids = sorted(r.clients)
+    drop = {"advertise": {ids[0]}, "share-keys": {ids[1]}, "masked-input": {ids[2], ids[3]},
+            "unmask": {ids[4]}}
+    total, weight, survivors = run(r, drop=drop)
+    assert set(survivors) == set(ids) - {ids[0], ids[1], ids[2], ids[3]}
+    step = r.server.context.params.step
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, survivors)).max() < step
+
+
+def test_below_threshold_aborts_with_a_clear_error() -> None:
+    r = make_round(n=6, d=50)
+    with pytest.raises(SecAggAborted, match="reconstruction threshold"):
+        run(r, drop={"masked-input": set(sorted(r.clients)[:4])})
+
+
+def test_server_view_masked_vectors_are_uniform_and_uncorrelated() -> None:
+    r = make_round(n=5, d=20_000, seed=11)
+    run(r)
+    bits = r.server.context.params.modulus_bits
+    for node, vector in r.masked.items():
+        u = vector[:-1].astype(np.float64) / 2.0**bits
+        assert stats.kstest(u, "uniform").pvalue > 1e-3
+        assert abs(np.corrcoef(u, r.updates[node])[0, 1]) < 0.05
+    # Knowing every other client's masked vector does not help either: the
+    # difference of two masked vectors is still uniform.
+    a, b = list(r.masked.values())[:2]
+    diff = (a - b)[:-1].astype(np.float64) / 2.0**bits
+    assert stats.kstest(diff, "uniform").pvalue > 1e-3
+
+
+def test_model_inconsistency_is_refused_by_the_client() -> None:
+    r = make_round(n=4, d=10)
+    victim = sorted(r.clients)[0]
+    with pytest.raises(ProtocolError, match="model"):
+        run(r, model_hashes={victim: b"x" * 32})
+
+
+def test_different_round_context_per_client_is_refused() -> None:
+    r = make_round(n=4, d=10)
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    import dataclasses
+
+    other = dataclasses.replace(ctx, model_hash=b"y" * 32)  # server lies to one client
+    ads = [r.clients[i].advertise(other if i == ids[0] else ctx) for i in ids]
+    with pytest.raises(ProtocolError, match="another round context"):
+        r.clients[ids[1]].share_keys(ads)
+
+
+def test_substituted_signing_key_is_refused_with_trusted_keys() -> None:
+    r = make_round(n=4, d=10)
+    ids = sorted(r.clients)
+    ctx = r.server.context
+    ads = [r.clients[i].advertise(ctx) for i in ids]
+    trusted = {i: crypto.ed25519_public(r.clients[i].signing_secret) for i in ids}
+    # The server replaces node 1's keys with its own, correctly self-signed ones.
+    impostor = type(r.clients[ids[1]])(ids[1], crypto.ed25519_keypair()[0])
+    ads[1] = impostor.advertise(ctx)
+    r.clients[ids[0]].trusted_keys = trusted
+    with pytest.raises(ProtocolError, match="unexpected key"):
+        r.clients[ids[0]].share_keys(ads)
+
+
+def _to_consistency(r):
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    replies = {}
+    for c in ids:
+        v, bad, _ = r.clients[c].masked_input(list(routed), routed[c], r.updates[c], r.weights[c], ctx.model_hash)
+        replies[c] = (v, bad)
+    u3 = r.server.receive_masked_inputs(replies)
+    return ids, u3, {c: r.clients[c].consistency(u3) for c in u3}
+
+
+def test_overlapping_active_and_dropped_lists_are_refused() -> None:
+    r = make_round(n=5, d=10)
+    ids, u3, sigs = _to_consistency(r)
+    with pytest.raises(ProtocolError, match="both active and dropped"):
+        r.clients[ids[0]].unmask(u3, [ids[1]], sigs)
+
+
+def test_client_never_reveals_both_shares_of_a_peer() -> None:
+    r = make_round(n=5, d=10)
+    ids, u3, sigs = _to_consistency(r)
+    first = r.clients[ids[0]].unmask(u3, [], sigs)
+    assert {kind for kind, _, _ in first.values()} == {"self-mask"}
+    # A second request that now calls a peer dropped (to get its mask key) is refused.
+    with pytest.raises(ProtocolError):
+        r.clients[ids[0]].unmask([c for c in u3 if c != ids[1]], [ids[1]], sigs)
+
+
+def test_unmask_needs_threshold_valid_signatures() -> None:
+    r = make_round(n=5, d=10)
+    ids, u3, sigs = _to_consistency(r)
+    few = dict(list(sigs.items())[:2])
+    with pytest.raises(ProtocolError, match="consistency signatures"):
+        r.clients[ids[0]].unmask(u3, [], few)
+    forged = dict(sigs)
+    forged[ids[1]] = bytes(64)
+    with pytest.raises(ProtocolError, match="invalid"):
+        r.clients[ids[0]].unmask(u3, [], forged)
+
+
+def test_malformed_shares_exclude_the_sender_not_the_round() -> None:
+    r = make_round(n=7, d=50, seed=2)
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    cheat = ids[2]
+    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    shares = {c: r.clients[c].share_keys(ads) for c in ids}
+    victim = next(iter(shares[cheat]))
+    shares[cheat][victim] = bytes(len(shares[cheat][victim]))  # garbage for one neighbour
+    routed = r.server.receive_shares(shares)
+    replies = {}
+    for c in ids:
+        v, bad, _ = r.clients[c].masked_input(list(routed), routed[c], r.updates[c], r.weights[c], ctx.model_hash)
+        replies[c] = (v, bad)
+    assert replies[victim][1] == [cheat]
+    # A wrong-length vector from another client excludes that client too.
+    liar = ids[4]
+    replies[liar] = (replies[liar][0][:-3], [])
+    u3 = r.server.receive_masked_inputs(replies)
+    assert set(u3) == set(ids) - {cheat, liar}
+    active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
+    r.server.receive_unmask({c: r.clients[c].unmask(active, dropped, sigs) for c in active})
+    total, weight = r.server.aggregate()
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, active)).max() < ctx.params.step
+    assert set(r.server.stats.excluded) == {cheat, liar}
+
+
+def test_quantisation_is_unbiased_and_refuses_nan() -> None:
+    rng = np.random.default_rng(0)
+    x = np.full(200_000, 0.123)
+    q, clipped = quantize(x, 1.0, 16, rng)
+    assert clipped == 0
+    assert abs(q.mean() * 2 / 16 - 1 - 0.123) < 1e-3
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(np.array([1.0, np.nan]), 1.0, 16, rng)
+
+
+def test_modulus_is_chosen_so_the_sum_cannot_wrap() -> None:
+    small = SecAggParams.for_cohort(20, quantization_range=2**16, max_weight=2**10)
+    assert small.modulus_bits == 32 and 20 * 2**10 * 2**16 < 2**32
+    large = SecAggParams.for_cohort(100, quantization_range=2**16, max_weight=2**12)
+    assert large.modulus_bits == 64
+    with pytest.raises(ValueError, match="num_shares/2"):
+        SecAggParams(num_shares=6, reconstruction_threshold=3)
+
+
+def test_shamir_on_raw_32_byte_secrets() -> None:
+    secret = crypto.random_secret()
+    shares = crypto.share_secret(secret, 3, 5)
+    assert crypto.combine_shares(shares[1:4], 3) == secret
+    with pytest.raises(crypto.CryptoError):
+        crypto.combine_shares(shares[:2], 3)
+
+
+def test_advertisement_roundtrip() -> None:
+    r = make_round(n=3, d=4)
+    ad = r.clients[sorted(r.clients)[0]].advertise(r.server.context)
+    assert Advertisement.from_dict(ad.to_dict()) == ad
