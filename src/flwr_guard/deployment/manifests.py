@@ -13,8 +13,11 @@ binds ``127.0.0.1:9094`` (only its own SuperExec uses it); TLS material sits in
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr_guard.deployment.topology import NodeConfig, TlsConfig, Topology
@@ -211,3 +214,91 @@ def k8s_drift(
                 register_argv(topology, connection, [index]),
             )
     return problems
+
+
+# -- command lines against the real CLIs ------------------------------------------------
+def _argparse_check(
+    parser: argparse.ArgumentParser, program: str, args: Sequence[str]
+) -> argparse.Namespace:
+    parser.prog = program
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parser.parse_args(list(args))
+    except SystemExit as err:
+        message = stderr.getvalue().strip().splitlines()
+        raise ValueError(f"{program}: {message[-1] if message else err}") from err
+
+
+def _config_check(option: str, value: str) -> None:
+    """Parse a ``--node-config`` / ``--run-config`` value as Flower does."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        parse_config_args([value])
+    except click.ClickException as err:
+        raise ValueError(f"{option} {value!r}: {err.format_message()}") from err
+
+
+def _click_check(args: Sequence[str]) -> None:
+    import click
+    import typer.main
+    from flwr.cli.app import app as flwr_app
+
+    command: click.Command = typer.main.get_command(flwr_app)
+    name, rest, parent = "flwr", list(args), None
+    try:
+        while True:
+            ctx = command.make_context(name, rest, parent=parent)
+            if not isinstance(command, click.Group):
+                break
+            pending = [*getattr(ctx, "_protected_args", []), *ctx.args]
+            sub_name, sub_command, rest = command.resolve_command(ctx, pending)
+            if sub_command is None:
+                raise click.UsageError(f"no command {pending[:1]}")
+            name, command, parent = str(sub_name), sub_command, ctx
+    except click.ClickException as err:
+        raise ValueError(f"flwr {' '.join(args)}: {err.format_message()}") from err
+    for value in ctx.params.get("run_config_overrides") or ():
+        _config_check("--run-config", value)
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Parse ``argv`` with the installed CLI of its program, without running it.
+
+    Knows ``flower-superlink``, ``flower-supernode``, ``flower-superexec`` (Flower's own
+    argparse parsers), ``flwr`` (Flower's Typer app, down to the subcommand, and
+    ``--run-config`` through Flower's config parser), and flwr-guard's
+    ``python -m flwr_guard.deployment.register`` / ``.healthcheck``. A SuperNode's
+    ``--node-config`` goes through Flower's ``parse_config_args`` as the SuperNode does.
+
+    Raises:
+        ValueError: with the CLI's own message if it would refuse the arguments, or
+            for a program it does not know.
+    """
+    program, args = argv[0], list(argv[1:])
+    if program == "flower-superlink":
+        from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+        _argparse_check(_parse_args_run_superlink(), program, args)
+    elif program == "flower-supernode":
+        from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+        parsed = _argparse_check(_parse_args_run_supernode(), program, args)
+        if parsed.node_config:
+            _config_check("--node-config", parsed.node_config)
+    elif program == "flower-superexec":
+        from flwr.supercore.cli.flower_superexec import _parse_args
+
+        _argparse_check(_parse_args(), program, args)
+    elif program == "flwr":
+        _click_check(args)
+    elif program == "python" and args[:2] == ["-m", "flwr_guard.deployment.register"]:
+        from flwr_guard.deployment.register import build_parser
+
+        _argparse_check(build_parser(), "python -m flwr_guard.deployment.register", args[2:])
+    elif program == "python" and args == ["-m", "flwr_guard.deployment.healthcheck"]:
+        return
+    else:
+        raise ValueError(f"no parser known for {list(argv)!r}")

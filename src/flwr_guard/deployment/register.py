@@ -75,7 +75,8 @@ def register_supernode(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flwr_guard.deployment.register``."""
     parser = argparse.ArgumentParser(
         prog="python -m flwr_guard.deployment.register",
         description="Register SuperNode public keys with `flwr supernode register`; "
@@ -83,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--connection", required=True, help="connection in $FLWR_HOME")
     parser.add_argument("public_keys", nargs="+", type=Path, help="OpenSSH EC public keys")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     for key in args.public_keys:
         try:
             node_id = register_supernode(key, args.connection, accept_existing=True)
