@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv tools clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/flwr-guard demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# System tools the tests run for real: promtool (Debian's `prometheus` package) checks
+# the Prometheus configuration and rules. Installed only when missing and apt is there
+# (as root, or with sudo without a password); otherwise those tests skip and say why.
+tools:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing promtool (apt package prometheus)"; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null || echo "could not install prometheus; promtool tests will skip"; \
+	else echo "no promtool and no apt-get; promtool tests will skip"; fi
+
+test: $(STAMP) tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(TEST_ARGS)
 
 clean:

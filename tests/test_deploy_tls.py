@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from conftest import alive
 from flwr_guard.apps.digits import app_dir
-from flwr_guard.deployment import LocalDeployment, Topology, free_port
+from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology, free_port
+from flwr_guard.deployment.topology import TlsConfig
 from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.processes import ProcessSupervisor
 from flwr_guard.deployment.tls import make_credentials
@@ -59,7 +68,9 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
 
         intruders = ProcessSupervisor(tmp_path / "intruder-logs")
         try:
-            intruder = intruders.start("intruder", with_intruder.supernode_command(2), deployment.env)
+            intruder = intruders.start(
+                "intruder", with_intruder.supernode_command(2), deployment.env
+            )
             exit_code = intruder.popen.wait(timeout=180)
             log = intruder.log_path.read_text(errors="replace")
         finally:
@@ -98,3 +109,83 @@ def test_generated_server_certificate_names_loopback_and_is_signed_by_the_ca(tmp
     assert open(f"{keys[0]}.pub").read().startswith("ecdsa-sha2-nistp384 ")
     with pytest.raises(ValueError, match="needs TLS"):
         Topology.on_free_ports(nodes=1, supernode_auth_keys=keys)
+
+
+GENERATE = Path(__file__).resolve().parents[1] / "deploy" / "compose" / "certs" / "generate.sh"
+
+
+def _generate(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(GENERATE), str(out)],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+    reason="generate.sh needs openssl and ssh-keygen (openssh-client)",
+)
+def test_certificate_script_credentials_admit_a_supernode_over_tls(tmp_path) -> None:
+    """The users' script (openssl, ssh-keygen) makes material Flower accepts."""
+    out = tmp_path / "credentials"
+    done = _generate(out, NODES="2", SUPERLINK_HOSTS="fl.example.com 203.0.113.7")
+    assert done.returncode == 0, done.stderr
+    cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink", "localhost", "fl.example.com"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "::1",
+        "203.0.113.7",
+    ]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert (out / "ca.key").stat().st_mode & 0o777 == 0o600
+    key = load_ssh_private_key((out / "supernode-1").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    again = _generate(out)
+    assert again.returncode == 1 and "FORCE=1" in again.stderr
+    assert _generate(tmp_path / "x", NODES="zero").returncode == 2
+
+    tls = TlsConfig(str(out / "ca.crt"), str(out / "server.crt"), str(out / "server.key"))
+    topo = Topology.on_free_ports(
+        nodes=1, tls=tls, supernode_auth_keys=(str(out / "supernode-0"),)
+    )
+    with LocalDeployment(topo, tmp_path / "work") as deployment:
+        deadline, nodes = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            deployment.check_alive()
+            listed = deployment.flwr("supernode", "ls", "flwr-guard", "--format", "json")
+            nodes = json.loads(listed.stdout)["nodes"]
+            if nodes and nodes[0]["status"] == "online":
+                break
+            time.sleep(2)
+        assert [n["status"] for n in nodes] == ["online"]
+        with pytest.raises(DeploymentError, match="Public key already in use"):
+            deployment.register_supernode(out / "supernode-0.pub")
+        # The compose / Kubernetes registration step: idempotent, registers new keys.
+        step = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flwr_guard.deployment.register",
+                "--connection",
+                "flwr-guard",
+                str(out / "supernode-0.pub"),
+                str(out / "supernode-1.pub"),
+            ],
+            env=deployment.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert step.returncode == 0, step.stderr
+        assert "supernode-0.pub: already registered" in step.stdout
+        assert re.search(r"supernode-1\.pub: registered as node \d+", step.stdout)

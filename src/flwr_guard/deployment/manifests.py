@@ -219,13 +219,16 @@ def k8s_drift(
 # -- command lines against the real CLIs ------------------------------------------------
 def _argparse_check(
     parser: argparse.ArgumentParser, program: str, args: Sequence[str]
-) -> argparse.Namespace:
+) -> argparse.Namespace | None:
+    """Parse like the program would; ``None`` for ``--help`` (argparse exits 0)."""
     parser.prog = program
     stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             return parser.parse_args(list(args))
     except SystemExit as err:
+        if err.code == 0:
+            return None
         message = stderr.getvalue().strip().splitlines()
         raise ValueError(f"{program}: {message[-1] if message else err}") from err
 
@@ -286,7 +289,7 @@ def check_command_line(argv: Sequence[str]) -> None:
         from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
         parsed = _argparse_check(_parse_args_run_supernode(), program, args)
-        if parsed.node_config:
+        if parsed is not None and parsed.node_config:
             _config_check("--node-config", parsed.node_config)
     elif program == "flower-superexec":
         from flwr.supercore.cli.flower_superexec import _parse_args

