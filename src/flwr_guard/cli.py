@@ -15,6 +15,7 @@ from rich.text import Text
 
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
+from flwr_guard.dp.cli import epsilon as dp_epsilon_command
 
 app = typer.Typer(
     name="flwr-guard",
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+app.command("epsilon")(dp_epsilon_command)
 
 
 class Partition(str, Enum):

@@ -193,7 +193,8 @@ def noise_multiplier_for_epsilon(
 ) -> float:
     """The smallest noise multiplier ``z`` whose epsilon after ``steps`` is ``<= target``.
 
-    Uses ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` (bisection).
+    Uses ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` (bisection); for
+    PLD the search is bracketed by the RDP answer.
 
     Raises:
         ValueError: for ``target_epsilon <= 0``, ``steps < 1`` or the errors of
@@ -210,16 +211,24 @@ def noise_multiplier_for_epsilon(
     def event(z: float) -> dp_event.DpEvent:
         return _event(Step(z, sample_rate, steps, population), sampling)
 
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            lambda: _fresh(accountant, sampling),
-            event,
-            target_epsilon,
-            delta,
-            dp_accounting.LowerEndpointAndGuess(1e-2, 1.0),
-            tol=tolerance,
+    def calibrate(kind: str, bracket: dp_accounting.BracketInterval) -> float:
+        return float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: _fresh(kind, sampling), event, target_epsilon, delta, bracket,
+                tol=tolerance,
+            )
         )
-    )
+
+    z_rdp = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(1e-2, 1.0))
+    if accountant == "rdp":
+        return z_rdp
+    # PLD is never looser than RDP, so z_pld <= z_rdp; PLD at tiny z is very slow, so
+    # bracket from the RDP answer instead of searching up from 0.01.
+    low = z_rdp / 2
+    while epsilon_from_history([Step(low, sample_rate, steps, population)], delta,
+                               accountant, sampling) < target_epsilon:
+        low /= 2
+    return calibrate(accountant, dp_accounting.ExplicitBracketInterval(low, z_rdp))
 
 
 @dataclass

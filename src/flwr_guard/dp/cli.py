@@ -1,0 +1,68 @@
+"""``flwr-guard epsilon``: epsilon of a subsampled Gaussian mechanism, or the noise for one.
+
+Registered on the main ``flwr-guard`` command in :mod:`flwr_guard.cli`. The accounting
+itself is :mod:`flwr_guard.dp.accounting` (dp-accounting), imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+
+class Accountant(str, Enum):
+    rdp = "rdp"
+    pld = "pld"
+
+
+class Sampling(str, Enum):
+    poisson = "poisson"
+    fixed_size = "fixed-size"
+
+
+def epsilon(
+    sample_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Sampling rate q: clients per round / population "
+        "(user level) or batch size / examples (DP-SGD).")],
+    rounds: Annotated[int, typer.Option(
+        min=1, help="Steps T: federated rounds (user level) or optimiser steps (DP-SGD).")],
+    delta: Annotated[float, typer.Option(help="Target delta, in (0, 1).")] = 1e-5,
+    noise_multiplier: Annotated[float | None, typer.Option(
+        help="Noise multiplier z (noise std / clipping norm): print epsilon.")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(
+        help="Instead of --noise-multiplier: print the noise multiplier reaching it.")] = None,
+    accountant: Annotated[Accountant, typer.Option(
+        help="rdp (dp-accounting RdpAccountant) or pld (PLDAccountant, tighter).")
+    ] = Accountant.rdp,
+    sampling: Annotated[Sampling, typer.Option(
+        help="poisson, or fixed-size (cohort drawn without replacement; needs --population).")
+    ] = Sampling.poisson,
+    population: Annotated[int | None, typer.Option(
+        min=1, help="Population N, for --sampling fixed-size.")] = None,
+) -> None:
+    """Print epsilon for (z, q, T, delta), or with --target-epsilon the z that reaches it."""
+    from flwr_guard.dp.accounting import compute_epsilon, noise_multiplier_for_epsilon
+
+    if (noise_multiplier is None) == (target_epsilon is None):
+        typer.echo("error: give exactly one of --noise-multiplier and --target-epsilon", err=True)
+        raise typer.Exit(2)
+    how = (f"accountant: {accountant.value} (dp-accounting), {sampling.value} sampling, "
+           f"q={sample_rate:g}, T={rounds}, delta={delta:g}")
+    try:
+        if noise_multiplier is not None:
+            eps = compute_epsilon(noise_multiplier, sample_rate, rounds, delta,
+                                  accountant.value, sampling.value, population)  # type: ignore[arg-type]
+            typer.echo(f"epsilon = {eps:.4f}  (noise multiplier {noise_multiplier:g}; {how})")
+        else:
+            assert target_epsilon is not None
+            z = noise_multiplier_for_epsilon(target_epsilon, sample_rate, rounds, delta,
+                                             accountant.value, sampling.value, population)  # type: ignore[arg-type]
+            eps = compute_epsilon(z, sample_rate, rounds, delta, accountant.value,
+                                  sampling.value, population)  # type: ignore[arg-type]
+            typer.echo(f"noise multiplier = {z:.4f}  (epsilon {eps:.4f} <= target "
+                       f"{target_epsilon:g}; {how})")
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err

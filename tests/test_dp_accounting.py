@@ -1,0 +1,138 @@
+"""User- and record-level accounting: published reference values, the wrapped libraries,
+the budget, its checkpoint and the `flwr-guard epsilon` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from flwr_guard.dp.accounting import (
+    Ledger,
+    Step,
+    compute_epsilon,
+    epsilon_from_history,
+    noise_multiplier_for_epsilon,
+)
+from flwr_guard.dp.budget import CheckpointMismatch, PrivacyBudget, PrivacyBudgetExceeded
+
+
+def test_reproduces_opacus_published_rdp_reference_value() -> None:
+    # Opacus' RDP accountant test (tests/accountants_test.py): z=1.5, q=0.04, T=2250,
+    # delta=1e-5 -> epsilon 7.3291 (Abadi et al.'s MNIST setting).
+    assert compute_epsilon(1.5, 0.04, 2250, 1e-5, "rdp") == pytest.approx(7.3291, abs=2e-3)
+
+
+def test_reproduces_opacus_published_noise_multiplier_for_target_epsilon() -> None:
+    # Opacus' test_get_noise_multiplier: epsilon=8, delta=1e-5, q=0.04, 90 epochs
+    # (2250 steps) -> noise multiplier 1.425307617 (RDP). Opacus' bisection stops early
+    # (that z gives epsilon 7.92); ours is tighter: a smaller z, epsilon within 0.01 of 8.
+    published = 1.425307617
+    assert 7.9 < compute_epsilon(published, 0.04, 2250, 1e-5) <= 8.0
+    z = noise_multiplier_for_epsilon(8.0, 0.04, 2250, 1e-5)
+    assert published - 0.02 < z <= published
+    assert 7.99 <= compute_epsilon(z, 0.04, 2250, 1e-5) <= 8.0
+
+
+def test_agrees_with_opacus_rdp_and_prv_accountants() -> None:
+    for z, q, t in [(1.5, 0.04, 2250), (1.0, 0.01, 1000), (0.8, 0.1, 50)]:
+        rdp = RDPAccountant()
+        rdp.history = [(z, q, t)]
+        assert compute_epsilon(z, q, t, 1e-5, "rdp") == pytest.approx(
+            rdp.get_epsilon(1e-5), rel=5e-3  # the two use different RDP orders
+        )
+        prv = PRVAccountant()
+        prv.history = [(z, q, t)]
+        assert compute_epsilon(z, q, t, 1e-5, "pld") == pytest.approx(
+            prv.get_epsilon(1e-5), rel=2e-2
+        )
+
+
+def test_pld_is_tighter_than_rdp_and_composition_is_additive_in_the_ledger() -> None:
+    rdp = compute_epsilon(1.5, 0.04, 2250, 1e-5, "rdp")
+    pld = compute_epsilon(1.5, 0.04, 2250, 1e-5, "pld")
+    assert pld < rdp
+    ledger = Ledger()
+    for _ in range(10):
+        ledger.add(1.2, 0.1)
+    ledger.add(0.9, 0.1, 5)
+    assert [s.count for s in ledger.steps] == [10, 5]  # identical steps are merged
+    split = epsilon_from_history([Step(1.2, 0.1, 10), Step(0.9, 0.1, 5)], 1e-5)
+    assert ledger.epsilon(1e-5) == pytest.approx(split)
+    assert Ledger.from_dict(json.loads(json.dumps(ledger.to_dict()))) == ledger
+
+
+def test_fixed_size_sampling_is_accounted_with_replace_one_and_costs_more() -> None:
+    poisson = compute_epsilon(2.0, 0.1, 100, 1e-5)
+    fixed = compute_epsilon(2.0, 0.1, 100, 1e-5, sampling="fixed-size", population=100)
+    assert fixed > poisson  # replace-one doubles the sensitivity of the sum
+    with pytest.raises(ValueError, match="RDP only"):
+        compute_epsilon(2.0, 0.1, 100, 1e-5, "pld", sampling="fixed-size", population=100)
+    with pytest.raises(ValueError, match="population"):
+        compute_epsilon(2.0, 0.1, 100, 1e-5, sampling="fixed-size")
+
+
+def test_noise_multiplier_for_target_epsilon_inverts_the_accountant() -> None:
+    z = noise_multiplier_for_epsilon(7.3291, 0.04, 2250, 1e-5)
+    assert z == pytest.approx(1.5, abs=5e-3)
+    assert compute_epsilon(z, 0.04, 2250, 1e-5) <= 7.3291 + 1e-3
+    # Opacus' own calibration lands on the same noise multiplier.
+    assert z == pytest.approx(
+        get_noise_multiplier(target_epsilon=7.3291, target_delta=1e-5, sample_rate=0.04,
+                             steps=2250, accountant="rdp", epsilon_tolerance=0.001),
+        abs=1e-2,
+    )
+
+
+def test_noiseless_or_invalid_inputs() -> None:
+    assert compute_epsilon(0.0, 0.1, 10, 1e-5) == math.inf
+    assert compute_epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+    for bad in [dict(delta=0.0), dict(delta=1.5), dict(accountant="moments")]:
+        with pytest.raises(ValueError):
+            compute_epsilon(1.0, 0.1, 10, **{"delta": 1e-5, **bad})
+    with pytest.raises(ValueError, match="sample rate"):
+        Step(1.0, 1.5)
+
+
+def test_budget_refuses_the_step_that_would_exceed_and_checkpoint_resumes(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    eps = [compute_epsilon(1.0, 0.2, t, 1e-5) for t in (1, 2, 3, 4)]
+    budget = PrivacyBudget((eps[2] + eps[3]) / 2, 1e-5, checkpoint=path)
+    for t in range(3):
+        assert budget.can_afford(1.0, 0.2).allowed
+        assert budget.spend(1.0, 0.2) == pytest.approx(eps[t])
+    decision = budget.can_afford(1.0, 0.2)
+    assert not decision.allowed and decision.epsilon_after == pytest.approx(eps[3])
+    assert "would exceed the privacy budget" in decision.message()
+    with pytest.raises(PrivacyBudgetExceeded):
+        budget.spend(1.0, 0.2)
+    assert budget.num_steps == 3  # the refused step was not recorded
+
+    resumed = PrivacyBudget(budget.max_epsilon, 1e-5, checkpoint=path)  # a restart
+    assert resumed.num_steps == 3 and resumed.epsilon_spent == pytest.approx(eps[2])
+    assert not resumed.can_afford(1.0, 0.2).allowed
+    with pytest.raises(CheckpointMismatch, match="delta"):
+        PrivacyBudget(10.0, 1e-6, checkpoint=path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the privacy checkpoint"):
+        PrivacyBudget(10.0, 1e-5, checkpoint=path)
+
+
+def test_epsilon_command_prints_epsilon_and_noise_multiplier() -> None:
+    from typer.testing import CliRunner
+
+    from flwr_guard.cli import app
+
+    runner = CliRunner()
+    args = ["epsilon", "--sample-rate", "0.04", "--rounds", "2250", "--delta", "1e-5"]
+    done = runner.invoke(app, [*args, "--noise-multiplier", "1.5"])
+    assert done.exit_code == 0, done.output
+    assert "epsilon = 7.329" in done.output and "accountant: rdp" in done.output
+    done = runner.invoke(app, [*args, "--target-epsilon", "7.3291"])
+    assert done.exit_code == 0, done.output
+    assert "noise multiplier = 1.500" in done.output
+    done = runner.invoke(app, args)
+    assert done.exit_code == 2 and "exactly one of" in done.output
