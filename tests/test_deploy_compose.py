@@ -68,6 +68,10 @@ def test_compose_commands_are_the_topology_and_parse_with_flowers_clis(variant) 
     assert flower == sorted(expected + (["register"] if name != "plain" else []))
     for service in flower:
         check_command_line(services[service]["command"])
+        test = services[service].get("healthcheck", {}).get("test")
+        if test:
+            assert test[0] == "CMD"
+            check_command_line(test[1:])
     assert ("--insecure" in services["superlink"]["command"]) == (name == "plain")
 
 

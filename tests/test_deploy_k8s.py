@@ -103,6 +103,9 @@ def test_rendered_chart_is_valid_and_runs_the_topology(case: str, tmp_path) -> N
                 "metadata.labels['apps.kubernetes.io/pod-index']"
             )
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        for probe in ("livenessProbe", "readinessProbe"):
+            if "exec" in container.get(probe, {}):
+                check_command_line(container[probe]["exec"]["command"])
     assert pod["securityContext"]["runAsNonRoot"] is True
     (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
     (superlink,) = deployment["spec"]["template"]["spec"]["containers"]

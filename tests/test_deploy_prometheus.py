@@ -11,12 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from conftest import REPO
+from flwr_guard.deployment import free_port
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
@@ -98,3 +101,54 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards_folder() -
     assert mounts[provider["options"]["path"]] == GRAFANA / "dashboards"
     assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
     assert provider["folder"] == "flwr-guard"
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="the prometheus server is not installed and could not be: `make tools` installs it",
+)
+def test_prometheus_starts_with_the_compose_flags_and_scrapes_both_jobs(tmp_path) -> None:
+    """A dry start on loopback: the compose service's own flags, paths mapped to here."""
+    command = _compose_services()["prometheus"]["command"]
+    places = {"/etc/prometheus": str(PROMETHEUS), "/prometheus": str(tmp_path / "data")}
+
+    def mapped_arg(arg: str) -> str:
+        flag, _, value = arg.partition("=")
+        for inside, here in places.items():
+            if value == inside or value.startswith(inside + "/"):
+                return f"{flag}={here}{value[len(inside):]}"
+        return arg
+
+    mapped = [mapped_arg(arg) for arg in command]
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    server = subprocess.Popen(  # noqa: S603 - the Debian prometheus binary, our flags
+        [shutil.which("prometheus"), *mapped, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        api = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{api}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+        expected = {("flwr-guard", "superlink:9464"), ("pushgateway", "pushgateway:9091")}
+        scraped: set[tuple[str, str]] = set()
+        while time.monotonic() < deadline and not expected <= scraped:  # discovery is async
+            active = httpx.get(f"{api}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+            scraped = {(t["labels"]["job"], t["labels"]["instance"]) for t in active}
+            time.sleep(0.5)
+        assert expected <= scraped
+        flags = httpx.get(f"{api}/api/v1/status/flags", timeout=5).json()["data"]
+        assert flags["web.enable-lifecycle"] == "true"
+        assert flags["config.file"] == str(PROMETHEUS / "prometheus.yml")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
