@@ -1,8 +1,10 @@
 """TLS + SuperNode authentication as real local processes on 127.0.0.1.
 
 The SuperLink serves HTTPS with a certificate from :mod:`flwr_guard.deployment.tls`,
-requires SuperNode authentication; two registered SuperNodes train the digits app
-(1 round) while a third SuperNode, whose key was never registered, is refused.
+requires SuperNode authentication; two registered SuperNodes train the digits app with
+SecAgg+ (1 round) while a third SuperNode, whose key was never registered, is refused.
+The users' certificate script (deploy/compose/certs/generate.sh) makes credentials that
+admit a SuperNode the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
                 "num-server-rounds": 1,
                 "min-nodes": 2,
                 "fraction-evaluate": 0.0,
+                "secagg": True,  # a protected run: the server sees the masked sum only
                 "progress-file": str(progress),
             },
         )
@@ -78,7 +81,7 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
         assert exit_code != 0
         assert "Failed to activate SuperNode" in log, log[-2000:]
 
-        status, deadline = "", time.monotonic() + 420
+        status, deadline = "", time.monotonic() + 480
         while not status.startswith("finished:") and time.monotonic() < deadline:
             deployment.check_alive()
             status = str(deployment.run_info(run_id).get("status"))
@@ -91,6 +94,8 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
     rounds = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
     trained = [r for r in rounds if r.get("event") == "round" and r["round"] == 1]
     assert trained and trained[0]["train-replies"] == 2
+    secagg = trained[0]["secagg"]
+    assert (secagg["cohort"], secagg["survivors"], secagg["aborted"]) == (2, 2, None)
     assert alive(
         [{"pid": r.pid, "create_time": r.create_time} for r in deployment.processes_seen()]
     ) == []
