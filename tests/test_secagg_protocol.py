@@ -204,3 +204,33 @@ def test_advertisement_roundtrip() -> None:
     r = make_round(n=3, d=4)
     ad = r.clients[sorted(r.clients)[0]].advertise(r.server.context)
     assert Advertisement.from_dict(ad.to_dict()) == ad
+
+
+def test_masked_metrics_reveal_only_their_sum() -> None:
+    from flwr_guard.secagg.context import RoundContext
+
+    r = make_round(n=5, d=30, seed=9)
+    ctx = r.server.context
+    ctx2 = RoundContext(ctx.run_id, ctx.server_round, ctx.cohort, ctx.params,
+                        30 + 2 + 1, ctx.model_hash, ("dp-weight", "dp-unclipped-count"))
+    r.server = type(r.server)(ctx2)
+    ids = sorted(r.clients)
+    bits = {c: i % 2 for i, c in enumerate(ids)}
+    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx2) for c in ids})
+    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    replies = {}
+    for c in ids:
+        v, bad, _ = r.clients[c].masked_input(
+            list(routed), routed[c], r.updates[c], r.weights[c], ctx2.model_hash,
+            metric_values=[1, bits[c]],
+        )
+        replies[c] = (v, bad)
+    with pytest.raises(ValueError, match="masked metrics"):
+        r.clients[ids[0]].masked_input(list(routed), routed[ids[0]], r.updates[ids[0]], 3,
+                                       ctx2.model_hash, metric_values=[0.5, 1])
+    u3 = r.server.receive_masked_inputs(replies)
+    active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
+    r.server.receive_unmask({c: r.clients[c].unmask(active, dropped, sigs) for c in active})
+    total, weight = r.server.aggregate()
+    assert total[30:].tolist() == [5, sum(bits.values())]
+    assert np.abs(mean_of(r, total[:30], weight) - expected_mean(r, active)).max() < ctx.params.step

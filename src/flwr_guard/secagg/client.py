@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,15 +254,18 @@ class SecAggClient:
         weight: int,
         received_model_hash: bytes,
         rng: np.random.Generator | None = None,
+        metric_values: Sequence[int] = (),
     ) -> tuple[np.ndarray, list[int], int]:
         """Mask the weighted, quantised update.
 
         Args:
             shared_ids: U2, the clients whose shares the server routed (incl. self).
             ciphertexts: sender id -> the shares that sender encrypted for this client.
-            update: float array, flattened model update, length ``vector_length - 1``.
+            update: float array, flattened model update, length ``update_length``.
             weight: integer weight in ``[1, max_weight]`` (e.g. number of examples).
             received_model_hash: hash of the global model this client trained from.
+            metric_values: one integer in ``[0, max_weight]`` per name of the context's
+                ``masked_metrics`` (summed unweighted).
 
         Returns:
             ``(masked, bad_senders, clipped)``: uint32/uint64 vector of length
@@ -291,9 +295,17 @@ class SecAggClient:
                 f"{params.reconstruction_threshold}"
             )
         update = np.asarray(update).reshape(-1)
-        if update.shape[0] != context.vector_length - 1:
+        if update.shape[0] != context.update_length:
             raise ValueError(
-                f"update has {update.shape[0]} values, the round expects {context.vector_length - 1}"
+                f"update has {update.shape[0]} values, the round expects {context.update_length}"
+            )
+        metrics = [int(v) for v in metric_values]
+        if len(metrics) != len(context.masked_metrics) or any(
+            v != m or not 0 <= v <= params.max_weight for v, m in zip(metrics, metric_values)
+        ):
+            raise ValueError(
+                f"masked metrics {list(context.masked_metrics)} need integers in "
+                f"[0, {params.max_weight}], got {list(metric_values)}"
             )
         if not 1 <= int(weight) <= params.max_weight:
             raise ValueError(f"weight {weight} outside [1, max_weight={params.max_weight}]")
@@ -317,7 +329,9 @@ class SecAggClient:
         )
         dtype = prg.mask_dtype(params.modulus_bits)
         vector = np.empty(context.vector_length, dtype=dtype)
-        vector[:-1] = (q * int(weight)).astype(dtype)
+        d = context.update_length
+        vector[:d] = (q * int(weight)).astype(dtype)
+        vector[d:-1] = np.asarray(metrics, dtype=dtype)
         vector[-1] = int(weight)
         vector += prg.expand(self.self_mask_seed, context.vector_length, params.modulus_bits)
         for peer in active_neighbours:

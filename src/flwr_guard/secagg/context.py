@@ -30,11 +30,14 @@ class RoundContext:
         server_round: the round number.
         cohort: ids of the sampled nodes (sorted).
         params: the round's :class:`SecAggParams`.
-        vector_length: d + 1, the number of integers each client masks (the update
-            and its weight).
+        vector_length: d + m + 1, the number of integers each client masks: the
+            weighted update (d), the ``masked_metrics`` (m) and the weight.
         model_hash: SHA-256 of the global model the server sends (see
             :func:`flwr_guard.secagg.model_hash`); each client checks the model it
             receives against it.
+        masked_metrics: names of integer client metrics (counts, bits) that travel
+            masked and are revealed only as their sum over the survivors, e.g. the
+            clipped-count bit of adaptive clipping.
     """
 
     run_id: int
@@ -43,6 +46,12 @@ class RoundContext:
     params: SecAggParams
     vector_length: int
     model_hash: bytes
+    masked_metrics: tuple[str, ...] = ()
+
+    @property
+    def update_length(self) -> int:
+        """d, the number of model values in the masked vector."""
+        return self.vector_length - 1 - len(self.masked_metrics)
 
     def digest(self) -> bytes:
         return transcript(
@@ -51,6 +60,7 @@ class RoundContext:
             ids_bytes(self.cohort),
             json.dumps(self.params.to_dict(), sort_keys=True).encode(),
             self.model_hash,
+            json.dumps(list(self.masked_metrics)).encode(),
         )
 
     def to_dict(self) -> dict:
@@ -61,6 +71,7 @@ class RoundContext:
             "params": self.params.to_dict(),
             "vector_length": self.vector_length,
             "model_hash": self.model_hash,
+            "masked_metrics": list(self.masked_metrics),
         }
 
     @classmethod
@@ -72,4 +83,5 @@ class RoundContext:
             params=SecAggParams.from_dict(data["params"]),
             vector_length=int(data["vector_length"]),
             model_hash=bytes(data["model_hash"]),
+            masked_metrics=tuple(str(m) for m in data.get("masked_metrics", ())),
         )

@@ -12,8 +12,12 @@ train message, told apart by the ``secagg`` ConfigRecord. Four are protocol stag
 this mod answers itself; the ``masked-input`` one carries the global model, is passed
 to the user's function, and its reply is turned into a masked integer vector: the
 update ``reply arrays - global arrays``, quantised, weighted by ``num-examples`` and
-masked. Only masked integers leave the device; the other metrics of the reply travel
-in the clear (``num-examples`` travels masked).
+masked. Only masked integers leave the device for the model. ``num-examples`` and the
+integer metrics the server names in ``masked_metrics`` travel masked too (only their
+sums are revealed); the reply's other metrics travel in the clear.
+
+Place this mod first (outermost) in the list: the protocol stages are answered here
+and never reach the mods inside it.
 
 State between stages lives in ``context.state`` (the node's own storage): a SuperNode
 starts a new ClientApp process for every message. The node's long-term Ed25519 key is
@@ -166,15 +170,22 @@ def _masked_input(
     if WEIGHT_KEY not in metrics:
         raise ValueError(f"the train reply's MetricRecord lacks {WEIGHT_KEY!r}")
     weight = int(metrics[WEIGHT_KEY])
+    secret_keys = client.context.masked_metrics
+    missing = [k for k in secret_keys if k not in metrics]
+    if missing:
+        raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
     masked, bad, clipped = client.masked_input(
         [int(i) for i in codec.field(payload, "shared", list)],
         {int(k): v for k, v in codec.field(payload, "ciphertexts", dict).items()},
         flat_update(local, global_arrays),
         weight,
         received_hash,
+        metric_values=[metrics[k] for k in secret_keys],
     )
     _save_client(context, client)
-    plain = MetricRecord({k: v for k, v in metrics.items() if k != WEIGHT_KEY})
+    plain = MetricRecord(
+        {k: v for k, v in metrics.items() if k != WEIGHT_KEY and k not in secret_keys}
+    )
     content = RecordDict(
         {MASKED_ARRAYS: ArrayRecord(numpy_ndarrays=[masked]), "metrics": plain}
     )

@@ -209,7 +209,10 @@ class SecAggServer:
         self._require(len(responders), "unmask")
 
     def aggregate(self) -> tuple[np.ndarray, int]:
-        """Remove the masks and return ``(sum of w_i q_i as int64, sum of w_i)``.
+        """Remove the masks and return ``(sums, sum of w_i)``.
+
+        ``sums`` (int64, length ``vector_length - 1``) holds ``sum_i w_i q_i`` (the first
+        ``update_length`` values), then the sum of each masked metric.
 
         Raises:
             SecAggAborted: a secret cannot be reconstructed (too few shares).

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +93,11 @@ class SecAggPlus(StrategyWrapper):
         max_weight: the largest ``num-examples`` a client may report.
         timeout: seconds to wait for the replies of each stage; late clients count as
             dropped.
+        masked_metrics: integer client metrics (counts, bits in ``[0, max_weight]``)
+            that travel masked; the wrapped strategy receives their sum over the
+            survivors (e.g. ``("dp-weight", "dp-unclipped-count")`` for DP-FedAvg with
+            adaptive clipping). The other metrics travel in the clear and reach the
+            wrapped strategy as their unweighted mean over the survivors.
 
     Clients must run :func:`~flwr_guard.secagg.mod.secaggplus_mod` on their train
     messages. A round that cannot complete (too many dropouts) leaves the model
@@ -108,6 +113,7 @@ class SecAggPlus(StrategyWrapper):
         quantization_range: int = 2**16,
         max_weight: int = 2**12,
         timeout: float = 300.0,
+        masked_metrics: Sequence[str] = (),
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -118,6 +124,7 @@ class SecAggPlus(StrategyWrapper):
         self.quantization_range = quantization_range
         self.max_weight = max_weight
         self.timeout = timeout
+        self.masked_metrics = tuple(masked_metrics)
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
 
@@ -186,7 +193,8 @@ class SecAggPlus(StrategyWrapper):
             )
             context = RoundContext(
                 grid.run.run_id, server_round, tuple(cohort), params,
-                num_values(global_arrays) + 1, model_hash(global_arrays),
+                num_values(global_arrays) + len(self.masked_metrics) + 1,
+                model_hash(global_arrays), self.masked_metrics,
             )
             report.num_shares = params.num_shares
             report.reconstruction_threshold = params.reconstruction_threshold
@@ -281,11 +289,12 @@ class SecAggPlus(StrategyWrapper):
         finally:
             report.dropouts = server.stats.dropouts()
             report.excluded = {str(k): v for k, v in server.stats.excluded.items()}
-        params = server.context.params
-        mean_update = dequantize_mean(total, weight, params.clipping_range, params.quantization_range)
+        params, d = server.context.params, server.context.update_length
+        mean_update = dequantize_mean(total[:d], weight, params.clipping_range, params.quantization_range)
         aggregate = apply_flat_update(state["arrays"], mean_update)
         report.survivors = len(active)
         plain = self._plain_metrics([metrics[n] for n in active if n in metrics])
+        plain.update({k: float(v) for k, v in zip(self.masked_metrics, total[d:], strict=True)})
         plain[WEIGHT_KEY] = weight
         record = ArrayRecord(array_dict={k: Array(v) for k, v in aggregate.items()})
         synthetic = Message(
