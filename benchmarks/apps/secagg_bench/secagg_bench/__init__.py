@@ -1,0 +1,1 @@
+"""Benchmark app: plain FedAvg vs flwr-guard SecAgg+ vs Flower's SecAgg+ (legacy path)."""

@@ -1,0 +1,200 @@
+"""ServerApp of the three variants; writes its measurements to the run config's ``out-file``.
+
+Each round is timed from the strategy's ``configure_train`` to the end of its
+``aggregate_train`` (Message API), or around one call of the fit workflow (legacy
+path), so both include every SecAgg+ stage. After each round, outside the timed
+window, the new global model is checked against the exact weighted average of the
+survivors' updates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common import ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from flwr_guard.secagg.params import default_num_shares, default_threshold
+from flwr_guard.secagg.strategy import SecAggPlus
+from flwr_guard.strategy_wrapper import StrategyWrapper
+from secagg_bench.measure import UPDATE_STAGE, MeasuringGrid
+from secagg_bench.task import expected_average, initial_model
+
+logger = logging.getLogger(__name__)
+app = ServerApp()
+
+MAX_WEIGHT = 1000  # Flower's default max_weight; used for both SecAgg+ implementations
+GUARD_CLIPPING_RANGE = 1.0  # updates lie in [-0.1, 0.1]
+TIMEOUT_S = 600.0
+
+
+class _RoundClock(StrategyWrapper):
+    """Outermost wrapper: opens/closes the measured round around train."""
+
+    def __init__(self, strategy, grid: MeasuringGrid) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(strategy)
+        self.grid = grid
+        self.models: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._before: np.ndarray | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.grid.begin_round(server_round)
+        self._before = arrays.to_numpy_ndarrays()[0]
+        return list(self.strategy.configure_train(server_round, arrays, config, grid))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        self.grid.end_round(completed=arrays is not None)
+        after = None if arrays is None else arrays.to_numpy_ndarrays()[0]
+        self.models[server_round] = (self._before, after)
+        return arrays, metrics
+
+
+class _RecordingLegacyFedAvg(LegacyFedAvg):
+    """Legacy FedAvg that remembers which rounds reached ``aggregate_fit``."""
+
+    aggregated_rounds: set[int]
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        self.aggregated_rounds.add(server_round)
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def _graph(cfg: dict[str, Any], nodes: int) -> tuple[int, int]:
+    """(k, t): neighbours per client without itself, and the reconstruction threshold."""
+    k = int(cfg["num-shares"]) or default_num_shares(nodes)
+    k = min(k, nodes - 1)
+    t = int(cfg["reconstruction-threshold"]) or default_threshold(k)
+    return k, t
+
+
+def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: int, t: int):
+    common = dict(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes
+    )
+    strategy: Any = FedAvg(**common)
+    if cfg["variant"] == "guard":
+        strategy = SecAggPlus(
+            strategy,
+            num_shares=k,
+            reconstruction_threshold=t,
+            clipping_range=GUARD_CLIPPING_RANGE,
+            max_weight=MAX_WEIGHT,
+            timeout=TIMEOUT_S,
+        )
+    clock = _RoundClock(strategy, grid)
+    initial = ArrayRecord(numpy_ndarrays=[initial_model(int(cfg["dimension"]))])
+    clock.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=TIMEOUT_S)
+    history = [r.to_dict() for r in strategy.history] if cfg["variant"] == "guard" else []
+    return clock.models, history
+
+
+def _run_flower_legacy(grid: MeasuringGrid, context: Context, cfg: dict[str, Any], nodes: int, k: int, t: int):
+    strategy = _RecordingLegacyFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=nodes,
+        min_available_clients=nodes,
+        initial_parameters=ndarrays_to_parameters([initial_model(int(cfg["dimension"]))]),
+        on_fit_config_fn=lambda r: {"server-round": r},
+    )
+    strategy.aggregated_rounds = set()
+    # Flower counts the client itself in its neighbourhood of num_shares clients.
+    secagg = SecAggPlusWorkflow(
+        num_shares=k + 1 if k + 1 < nodes else nodes,
+        reconstruction_threshold=t,
+        max_weight=float(MAX_WEIGHT),
+        timeout=TIMEOUT_S,
+    )
+    models: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def timed_fit(g: Grid, ctx: LegacyContext) -> None:
+        current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        before = ctx.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()[0]
+        grid.begin_round(current)
+        secagg(g, ctx)
+        grid.end_round(completed=current in strategy.aggregated_rounds)
+        after = ctx.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()[0]
+        models[current] = (before, after if current in strategy.aggregated_rounds else None)
+
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=int(cfg["num-server-rounds"])),
+        strategy=strategy,
+    )
+    DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
+    return models, []
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = dict(context.run_config)
+    nodes, dimension, variant = int(cfg["min-nodes"]), int(cfg["dimension"]), str(cfg["variant"])
+    k, t = _graph(cfg, nodes)
+    measuring = MeasuringGrid(grid)
+    if variant in ("fedavg", "guard"):
+        models, history = _run_message_api(measuring, cfg, nodes, k, t)
+    elif variant == "flower":
+        models, history = _run_flower_legacy(measuring, context, cfg, nodes, k, t)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    # Correctness, outside the timed windows: new global - old global against the
+    # exact weighted average of the survivors' updates.
+    for rec in measuring.rounds:
+        before, after = models.get(rec["round"], (None, None))
+        survivors = next(
+            (s["ok"] for s in rec["stages"] if s["stage"] == UPDATE_STAGE[variant]), []
+        )
+        rec["survivors"] = len(survivors) if rec["completed"] else 0
+        if after is not None and survivors:
+            expected = expected_average(survivors, rec["round"], dimension)
+            rec["max_abs_error"] = float(np.abs(after.astype(np.float64) - before - expected).max())
+        else:
+            rec["max_abs_error"] = None
+    out = {
+        "variant": variant,
+        "nodes": nodes,
+        "dimension": dimension,
+        "num_rounds": int(cfg["num-server-rounds"]),
+        "neighbours_k": k if variant != "fedavg" else None,
+        "reconstruction_threshold": t if variant != "fedavg" else None,
+        "flower_num_shares": (k + 1 if k + 1 < nodes else nodes) if variant == "flower" else None,
+        "drop_partitions": str(cfg["drop-partitions"]),
+        "drop_stage": str(cfg["drop-stage"]),
+        "max_weight": MAX_WEIGHT,
+        "python": platform.python_version(),
+        "pid": os.getpid(),
+        "rounds": [
+            {**r, "bytes_down": {str(n): b for n, b in r["bytes_down"].items()},
+             "bytes_up": {str(n): b for n, b in r["bytes_up"].items()},
+             "stages": [{**s, "bytes_down": {str(n): b for n, b in s["bytes_down"].items()},
+                         "bytes_up": {str(n): b for n, b in s["bytes_up"].items()}}
+                        for s in r["stages"]]}
+            for r in measuring.rounds
+        ],
+        "guard_history": history,
+    }
+    path = Path(str(cfg["out-file"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n", encoding="utf-8")
+    progress = str(cfg.get("progress-file", ""))
+    if progress:
+        with open(progress, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": "finished"}) + "\n")
