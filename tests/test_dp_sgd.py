@@ -148,7 +148,8 @@ def _client(local: list[np.ndarray]):
 def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process) -> None:
     global_arrays = [np.ones((3, 4), np.float32), np.zeros(5, np.float32)]
     local = [g + 2.0 for g in global_arrays]  # update norm 2 * sqrt(17)
-    msg = _train_message(global_arrays, {"dp-clipping-norm": 1.0, "dp-adaptive-clipping": True})
+    msg = _train_message(global_arrays, {"dp-clipping-norm": 1.0, "dp-adaptive-clipping": True,
+                                         "dp-weight-key": "num-examples"})
     reply = update_clipping_mod(msg, _context(), _client(local))
     assert not reply.has_error()
     assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
@@ -157,13 +158,15 @@ def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process
     assert np.sqrt(sum((u ** 2).sum() for u in update)) == pytest.approx(1.0, rel=1e-5)
     assert [o.dtype for o in out] == [np.float32, np.float32]
     metrics = reply.content["metrics"]
-    assert metrics["dp-weight"] == 1.0 and metrics["dp-unclipped-count"] == 0.0
+    # Every client weighs 1 (uniform mean); the bit says the update was clipped.
+    assert metrics["num-examples"] == 1.0 and metrics["dp-unclipped-count"] == 0.0
     assert metrics["train-loss"] == 0.5 and "norm" not in " ".join(metrics.keys())
 
     small = [g + 0.01 for g in global_arrays]
     fixed = _train_message(global_arrays, {"dp-clipping-norm": 1.0})
     reply = update_clipping_mod(fixed, _context(), _client(small))
     assert "dp-unclipped-count" not in reply.content["metrics"]  # fixed clipping: no bit
+    assert reply.content["metrics"]["num-examples"] == 10  # no weight key sent: untouched
     np.testing.assert_allclose(reply.content["arrays"].to_numpy_ndarrays()[0], small[0])
 
 

@@ -1,4 +1,5 @@
-"""DP-SGD, update clipping and DPFedAvg with a budget inside a real Flower simulation."""
+"""DP-SGD, update clipping inside SecAgg+, and SecAggPlus(DPFedAvg(FedAvg)) with a
+budget, inside a real Flower simulation."""
 
 from __future__ import annotations
 
@@ -42,16 +43,16 @@ def test_dpsgd_and_dpfedavg_in_simulation_stop_at_the_budget(tmp_path) -> None:
     assert out["array-sums"]["3"] == out["array-sums"]["2"] != out["array-sums"]["1"]
     assert out["train-metrics"]["2"]["dp-epsilon"] == pytest.approx(eps2, rel=1e-6)
 
-    # DP-SGD: each client's Opacus ledger composed over both rounds (context.state).
-    by_node = {}
-    for rnd in ("1", "2"):
-        assert len(out["replies"][rnd]) == NODES
-        for metrics in out["replies"][rnd]:
-            by_node.setdefault(metrics["partition-id"], []).append(metrics)
-            assert "dp-weight" not in metrics  # DP bookkeeping never reaches FedAvg
-    for first, second in by_node.values():
-        assert second["dp-sgd-steps"] == 2 * first["dp-sgd-steps"] > 0
-        assert second["dp-sgd-epsilon"] > first["dp-sgd-epsilon"] > 0
+    # What reached FedAvg each round: SecAgg+'s one aggregate reply, weight = 3 clients
+    # (the clipping mod set each client's weight to 1), DP bookkeeping removed.
+    first, second = (out["replies"][r] for r in ("1", "2"))
+    assert len(first) == len(second) == 1
+    assert first[0]["num-examples"] == second[0]["num-examples"] == NODES
+    assert "dp-unclipped-count" not in first[0]
+    assert out["train-metrics"]["1"]["dp-contributors"] == NODES
+    # DP-SGD: the clients' Opacus ledgers composed over both rounds (context.state).
+    assert second[0]["dp-sgd-steps"] == 2 * first[0]["dp-sgd-steps"] > 0
+    assert second[0]["dp-sgd-epsilon"] > first[0]["dp-sgd-epsilon"] > 0
 
     # A restarted ServerApp continues from the checkpointed epsilon and refuses round 3.
     restarted = DPFedAvg(_fedavg(), noise_multiplier=Z, clipping_norm=1.0,

@@ -11,14 +11,15 @@ computes ``update = reply arrays - global arrays``, clips the update to the clip
 ``C`` that :class:`~flwr_guard.dp.strategy.DPFedAvg` sent in the train config
 (``dp-clipping-norm``), and replaces the reply's arrays by ``global + clipped update``
 (same keys, shapes and dtypes). The reply keeps FedAvg's contract — one ArrayRecord and
-one MetricRecord with the same keys on every reply — and the MetricRecord gains:
+one MetricRecord with the same keys on every reply — with two changes to the metrics:
 
-- ``dp-weight`` = 1.0: the number of clients this reply stands for (an aggregate
-  reply built by secure aggregation carries the sum);
-- ``dp-unclipped-count`` in ``{0.0, 1.0}``, only under adaptive clipping
-  (``dp-adaptive-clipping`` true in the config): Andrew et al.'s bit
-  ``1[||update|| <= C]``, summed and noised by the server. It is a statistic of the
-  client's data: let secure aggregation mask it (it is a metric SecAgg+ sums).
+- the weight the strategy averages by (``dp-weight-key`` in the config, FedAvg's
+  ``weighted_by_key``, ``num-examples`` by default) is set to 1.0: under user-level DP
+  every client counts once (uniform mean), which is also what SecAgg+ then sums, so the
+  aggregate's weight is the number of clients in it;
+- under adaptive clipping (``dp-adaptive-clipping`` true) ``dp-unclipped-count`` is Andrew
+  et al.'s bit ``1[||update|| <= C]``, a statistic of the client's data: with SecAgg+ list
+  it in ``masked_metrics`` so that only the survivors' sum reaches the server.
 
 The update's norm itself is never reported. The clipping core is
 :mod:`flwr_guard.dp.clipping`.
@@ -38,7 +39,7 @@ from flwr_guard.dp.clipping import clip_update
 
 KEY_CLIPPING_NORM = "dp-clipping-norm"
 KEY_ADAPTIVE = "dp-adaptive-clipping"
-KEY_WEIGHT = "dp-weight"
+KEY_WEIGHT_KEY = "dp-weight-key"
 KEY_UNCLIPPED = "dp-unclipped-count"
 
 
@@ -57,17 +58,21 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     """
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
-    if len(msg.content.array_records) != 1 or len(msg.content.config_records) != 1:
-        return _error(msg, "the train message must hold one ArrayRecord and one ConfigRecord")
-    config = next(iter(msg.content.config_records.values()))
-    if KEY_CLIPPING_NORM not in config:
+    # Other mods may add ConfigRecords of their own (SecAgg+ does): use the one that
+    # carries the clipping norm.
+    configs = [c for c in msg.content.config_records.values() if KEY_CLIPPING_NORM in c]
+    if not configs:
         return _error(
             msg,
             f"the train config has no '{KEY_CLIPPING_NORM}': wrap the server strategy "
             "with flwr_guard.dp.DPFedAvg",
         )
+    if len(msg.content.array_records) != 1 or len(configs) != 1:
+        return _error(msg, "the train message must hold one ArrayRecord and one DP config")
+    config = configs[0]
     clipping_norm = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
     adaptive = bool(config.get(KEY_ADAPTIVE, False))
+    weight_key = str(config.get(KEY_WEIGHT_KEY, ""))
     incoming = next(iter(msg.content.array_records.values()))
     keys = list(incoming.keys())
     global_arrays = [np.array(a, copy=True) for a in incoming.to_numpy_ndarrays()]
@@ -100,7 +105,8 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
         metrics_name, metrics = next(iter(reply.content.metric_records.items()))
     else:
         metrics_name, metrics = "metrics", MetricRecord()
-    metrics[KEY_WEIGHT] = 1.0
+    if weight_key:
+        metrics[weight_key] = 1.0
     if adaptive:
         metrics[KEY_UNCLIPPED] = 1.0 if unclipped else 0.0
     reply.content[metrics_name] = metrics

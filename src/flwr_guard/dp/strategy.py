@@ -13,9 +13,10 @@ Clients clip with :func:`~flwr_guard.dp.mods.update_clipping_mod`. Each round:
    adaptive) in the train config, lets the wrapped strategy sample the cohort, and asks
    the budget whether this round fits ``max_epsilon``. If it does not, it sends nothing,
    logs why, and every later round is skipped: the run ends keeping the last model.
-2. ``aggregate_train`` computes the **uniform** mean of the clipped updates (each reply
-   counts ``dp-weight`` clients: 1 for a client, the cohort size for an aggregate reply
-   from secure aggregation), adds ``N(0, (z C_t / n)^2)`` noise — the sensitivity of
+2. ``aggregate_train`` computes the **uniform** mean of the clipped updates (the clipping
+   mod sets each client's weight — the wrapped strategy's ``weighted_by_key`` — to 1;
+   the single aggregate reply that SecAgg+ hands down carries the number of clients it
+   sums as its weight), adds ``N(0, (z C_t / n)^2)`` noise — the sensitivity of
    exactly what it averages, with the clipping norm the clients *used* this round — and
    hands the wrapped strategy replies that all carry ``global + noised mean``, so FedAvg
    (whatever its ``weighted_by_key``), FedAdam, FedProx... post-process the noised
@@ -46,10 +47,10 @@ from flwr_guard.dp.accounting import AccountantKind, Sampling
 from flwr_guard.dp.budget import PrivacyBudget
 from flwr_guard.dp.central import add_gaussian_noise, central_noise_std
 from flwr_guard.dp.clipping import clip_update, split_noise_multiplier, update_clipping_norm
-from flwr_guard.dp.mods import KEY_ADAPTIVE, KEY_CLIPPING_NORM, KEY_UNCLIPPED, KEY_WEIGHT
+from flwr_guard.dp.mods import KEY_ADAPTIVE, KEY_CLIPPING_NORM, KEY_UNCLIPPED, KEY_WEIGHT_KEY
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
-DP_METRIC_KEYS = (KEY_WEIGHT, KEY_UNCLIPPED)
+DP_METRIC_KEYS = (KEY_UNCLIPPED,)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,13 @@ class DPFedAvg(StrategyWrapper):
         accountant, sampling: see :mod:`flwr_guard.dp.accounting`.
         checkpoint: JSON file of the privacy ledger (and adaptive ``C``); loaded if
             present, so a restarted ServerApp continues from the epsilon spent.
+        distributed: the clients add the noise (Skellam through SecAgg+, see
+            :mod:`flwr_guard.dp.distributed`): this wrapper adds none, sends
+            ``dp-noise-multiplier`` and ``dp-min-contributors`` in the train config, and
+            accounts each round with ``z * sqrt(n / min_contributors)`` when only
+            ``n < min_contributors`` clients' noise reached the sum.
+        min_contributors: with ``distributed``, the survivors each client's noise is
+            scaled for (``num_clients`` of ``DistributedNoise.calibrate``).
         rng: NumPy generator for the noise; ``None`` = seeded from the OS. Never pass a
             fixed seed in production.
 
@@ -118,9 +126,14 @@ class DPFedAvg(StrategyWrapper):
         accountant: AccountantKind = "rdp",
         sampling: Sampling = "poisson",
         checkpoint: str | None = None,
+        distributed: bool = False,
+        min_contributors: int | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(strategy)
+        if distributed and (min_contributors is None or min_contributors < 1):
+            raise ValueError("distributed DP needs min_contributors >= 1: the number of "
+                             "clients whose noise the sum is guaranteed to hold")
         if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise multiplier must be finite and > 0, got {noise_multiplier}")
         if not (clipping_norm > 0 and math.isfinite(clipping_norm)):
@@ -135,6 +148,9 @@ class DPFedAvg(StrategyWrapper):
         self.budget = PrivacyBudget(max_epsilon, delta, accountant, sampling, checkpoint)
         if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
             self.clipping_norm = float(self.budget.extra["clipping-norm"])
+        self.weight_key: str | None = getattr(strategy, "weighted_by_key", None)
+        self.distributed = distributed
+        self.min_contributors = min_contributors
         self.rng = rng if rng is not None else np.random.default_rng()
         self.stopped_reason: str | None = None
         self._round: _Round | None = None
@@ -148,7 +164,8 @@ class DPFedAvg(StrategyWrapper):
         ``dp-max-epsilon`` (0 = no limit), ``dp-delta``, ``dp-sample-rate`` (0 = realised),
         ``dp-accountant``, ``dp-sampling``, ``dp-checkpoint`` ("" = none),
         ``dp-adaptive-clipping`` (bool), ``dp-target-quantile``, ``dp-clip-learning-rate``,
-        ``dp-clipped-count-stddev`` (0 = expected clients / 20).
+        ``dp-clipped-count-stddev`` (0 = expected clients / 20), ``dp-distributed``
+        (bool), ``dp-min-contributors``.
         """
         def get(key: str, default: Any) -> Any:
             return run_config.get(f"dp-{key}", default)
@@ -174,6 +191,8 @@ class DPFedAvg(StrategyWrapper):
             accountant=str(get("accountant", "rdp")),  # type: ignore[arg-type]
             sampling=str(get("sampling", "poisson")),  # type: ignore[arg-type]
             checkpoint=str(get("checkpoint", "")) or None,
+            distributed=bool(get("distributed", False)),
+            min_contributors=int(get("min-contributors", 0)) or None,
             **kwargs,
         )
 
@@ -182,6 +201,10 @@ class DPFedAvg(StrategyWrapper):
     def epsilon(self) -> float:
         """Epsilon spent so far at the budget's delta."""
         return self.budget.epsilon_spent
+
+    def _expected_cohort(self, grid: Grid) -> int:
+        fraction = float(getattr(self.strategy, "fraction_train", 1.0))
+        return max(1, int(len(list(grid.get_node_ids())) * fraction))
 
     def _count_stddev(self, cohort: int) -> float:
         assert self.adaptive is not None
@@ -193,7 +216,8 @@ class DPFedAvg(StrategyWrapper):
         return split_noise_multiplier(self.noise_multiplier, self._count_stddev(cohort))
 
     def summary(self) -> None:
-        log(INFO, "\t├──> DPFedAvg (central user-level DP, uniform mean):")
+        log(INFO, "\t├──> DPFedAvg (user-level DP, uniform mean, %s noise):",
+            "distributed" if self.distributed else "central")
         log(INFO, "\t│\t├── noise multiplier %s, clipping norm %s (%s)", self.noise_multiplier,
             self.clipping_norm, "adaptive" if self.adaptive else "fixed")
         log(INFO, "\t│\t└── budget epsilon %s at delta %s (%s, %s sampling), spent %.4g",
@@ -213,6 +237,11 @@ class DPFedAvg(StrategyWrapper):
             raise ValueError(f"DPFedAvg averages floating-point arrays only; not {bad}")
         config[KEY_CLIPPING_NORM] = self.clipping_norm
         config[KEY_ADAPTIVE] = self.adaptive is not None
+        if self.weight_key:
+            config[KEY_WEIGHT_KEY] = self.weight_key
+        if self.distributed:
+            config["dp-noise-multiplier"] = self._update_noise_multiplier(self._expected_cohort(grid))
+            config["dp-min-contributors"] = int(self.min_contributors or 1)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
@@ -247,10 +276,9 @@ class DPFedAvg(StrategyWrapper):
         global_nd = [a.astype(np.float64) for a in state.global_arrays.to_numpy_ndarrays()]
         total = [np.zeros_like(g) for g in global_nd]
         contributors, unclipped, used = 0.0, 0.0, []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            parsed = self._parse(reply, keys, global_nd, state.clipping_norm)
+        valid = [r for r in replies if not r.has_error()]
+        for reply in valid:
+            parsed = self._parse(reply, keys, global_nd, state.clipping_norm, len(valid) == 1)
             if parsed is None:
                 continue
             update, weight, bits = parsed
@@ -265,7 +293,16 @@ class DPFedAvg(StrategyWrapper):
 
         n = int(round(contributors))
         z_update = self._update_noise_multiplier(state.cohort)
-        std = central_noise_std(z_update, state.clipping_norm, n)
+        z_spent = self.noise_multiplier
+        if self.distributed:  # the sum already carries the clients' Skellam noise
+            std = 0.0
+            floor = int(self.min_contributors or 1)
+            if n < floor:
+                z_spent *= math.sqrt(n / floor)
+                log(WARNING, "DPFedAvg: only %d of the %d contributors the noise was scaled "
+                    "for: accounted with noise multiplier %.4g", n, floor, z_spent)
+        else:
+            std = central_noise_std(z_update, state.clipping_norm, n)
         noised = add_gaussian_noise([t / contributors for t in total], std, self.rng)
         dtypes = [a.dtype for a in state.global_arrays.to_numpy_ndarrays()]
         new_arrays = ArrayRecord(
@@ -275,8 +312,7 @@ class DPFedAvg(StrategyWrapper):
             self._rewrite(reply, new_arrays)
         _, metrics = self.strategy.aggregate_train(server_round, used)
 
-        epsilon = self.budget.spend(self.noise_multiplier, state.sample_rate,
-                                    population=state.population)
+        epsilon = self._spend(z_spent, state)
         clipping_norm_used = state.clipping_norm
         if self.adaptive is not None:
             self.clipping_norm, _ = update_clipping_norm(
@@ -302,10 +338,29 @@ class DPFedAvg(StrategyWrapper):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     # -- helpers -----------------------------------------------------------------------
+    def _spend(self, noise_multiplier: float, state: _Round) -> float:
+        """Record the round; a round released with less noise than planned is still
+        recorded (it happened), even past the budget, and stops the run."""
+        decision = self.budget.can_afford(noise_multiplier, state.sample_rate,
+                                          population=state.population)
+        self.budget.ledger.add(noise_multiplier, state.sample_rate, population=state.population)
+        self.budget.save()
+        if not decision.allowed:
+            self.stopped_reason = (f"privacy budget exceeded by round {state.number} "
+                                   f"({decision.message('it')}); training stops")
+            log(WARNING, "DPFedAvg: %s", self.stopped_reason)
+        return decision.epsilon_after
+
     def _parse(
-        self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float
+        self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float,
+        alone: bool,
     ) -> tuple[list[np.ndarray], float, float] | None:
-        """``(clipped update, weight, unclipped count)`` of a reply, or None to drop it."""
+        """``(clipped update, weight, unclipped count)`` of a reply, or None to drop it.
+
+        A weight other than 1 is accepted only from a reply that is alone in the round
+        (the aggregate of secure aggregation); among several replies it is a client that
+        skipped the clipping mod (or lies) and counts as one client.
+        """
         node = reply.metadata.src_node_id
         records = list(reply.content.array_records.values())
         metric_records = list(reply.content.metric_records.values())
@@ -313,10 +368,14 @@ class DPFedAvg(StrategyWrapper):
             log(WARNING, "DPFedAvg: reply of node %s dropped: arrays do not match the model", node)
             return None
         metrics = metric_records[0] if metric_records else MetricRecord()
-        weight = float(metrics.get(KEY_WEIGHT, 1.0))  # type: ignore[arg-type]
+        weight = float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0  # type: ignore[arg-type]
         if not (weight >= 1 and math.isfinite(weight)):
-            log(WARNING, "DPFedAvg: reply of node %s dropped: bad %s", node, KEY_WEIGHT)
+            log(WARNING, "DPFedAvg: reply of node %s dropped: weight %s is not >= 1", node, weight)
             return None
+        if weight != 1 and not alone:
+            log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "
+                "counted as one client", node, weight)
+            weight = 1.0
         local = records[0].to_numpy_ndarrays()
         if any(a.shape != g.shape for a, g in zip(local, global_nd, strict=True)):
             log(WARNING, "DPFedAvg: reply of node %s dropped: array shapes differ", node)
@@ -335,11 +394,10 @@ class DPFedAvg(StrategyWrapper):
             log(WARNING, "DPFedAvg: node %s sent an unclipped update (norm %.4g > C=%.4g): "
                 "clipped on the server; add update_clipping_mod to the ClientApp",
                 node, norm, clipping_norm)
-        if KEY_UNCLIPPED in metrics:
-            bits = float(metrics[KEY_UNCLIPPED])  # type: ignore[arg-type]
-        else:
-            bits = weight * float(is_unclipped)
-        return update, weight, min(max(bits, 0.0), weight)
+        # dp-unclipped-count: how many of the reply's clients were left unclipped (a bit
+        # for one client; SecAgg+ hands down the survivors' sum when it is masked).
+        count = float(metrics.get(KEY_UNCLIPPED, weight * float(is_unclipped)))  # type: ignore[arg-type]
+        return update, weight, min(max(count, 0.0), weight)
 
     @staticmethod
     def _rewrite(reply: Message, arrays: ArrayRecord) -> None:
