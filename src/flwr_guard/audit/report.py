@@ -1,0 +1,246 @@
+"""What an audit reports: per-victim scores of every attack, the worst case, the
+baselines and the verdict. Scores only — the images stay in memory for plots and are
+never serialised into metrics or JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flwr_guard.audit.verdict import VerdictRule
+
+METRIC_PREFIX = "audit-"
+
+
+def _mean(values: list[float] | list[bool]) -> float:
+    return float(sum(float(v) for v in values) / len(values)) if values else 0.0
+
+
+@dataclass
+class ScoreSet:
+    """Per-victim scores (one entry per victim, same order everywhere)."""
+
+    psnr_db: list[float]
+    ssim: list[float]
+    identified: list[bool] = field(default_factory=list)
+    label_correct: list[bool] = field(default_factory=list)
+
+    @property
+    def mean_psnr_db(self) -> float:
+        return _mean(self.psnr_db)
+
+    @property
+    def mean_ssim(self) -> float:
+        return _mean(self.ssim)
+
+    @property
+    def identified_rate(self) -> float:
+        return _mean(self.identified)
+
+    @property
+    def label_accuracy(self) -> float:
+        return _mean(self.label_correct)
+
+    def extend(self, other: ScoreSet) -> None:
+        self.psnr_db += other.psnr_db
+        self.ssim += other.ssim
+        self.identified += other.identified
+        self.label_correct += other.label_correct
+
+    def summary(self) -> dict[str, float]:
+        out = {"psnr-db": round(self.mean_psnr_db, 3), "ssim": round(self.mean_ssim, 4)}
+        if self.identified:
+            out["identified-rate"] = round(self.identified_rate, 4)
+        if self.label_correct:
+            out["label-accuracy"] = round(self.label_accuracy, 4)
+        return out
+
+
+def worst_case(runs: list[AttackRun]) -> ScoreSet:
+    """Per victim, the highest PSNR and SSIM and any identification / correct label
+    over ``runs`` (each score maximised separately: an upper bound, as an audit wants).
+
+    Raises:
+        ValueError: for no runs.
+    """
+    if not runs:
+        raise ValueError("no attack ran")
+    sets = [r.scores for r in runs]
+    return ScoreSet(
+        psnr_db=[max(v) for v in zip(*(s.psnr_db for s in sets))],
+        ssim=[max(v) for v in zip(*(s.ssim for s in sets))],
+        identified=[any(v) for v in zip(*(s.identified for s in sets))],
+        label_correct=[any(v) for v in zip(*(s.label_correct for s in sets))],
+    )
+
+
+@dataclass
+class AttackRun:
+    """One attack's result in an audit."""
+
+    name: str
+    scores: ScoreSet
+    seconds: float
+    iterations: int
+    stopped_by_budget: bool
+    loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attack": self.name,
+            **self.scores.summary(),
+            "seconds": round(self.seconds, 3),
+            "iterations": self.iterations,
+            "stopped-by-budget": self.stopped_by_budget,
+            "loss": self.loss if math.isfinite(self.loss) else None,
+        }
+
+
+@dataclass
+class AuditReport:
+    """The outcome of one audit (or of several pooled with :meth:`combine`).
+
+    Attributes:
+        setting: what was audited (protections, batch size, local steps, ...).
+        attacks: one :class:`AttackRun` per attack that ran.
+        worst: per-victim worst case over the attacks.
+        baselines: ``"mean-image"`` and ``"flat-mean"`` scores (PSNR, SSIM).
+        chance_identification: ``1 / M`` for ``M`` samples in the client's data.
+        update_norms: L2 norm of each audited client update before clipping.
+        seconds: wall time of the audit(s).
+        rule: the verdict rule applied.
+        originals, reconstructions: ``(V, C, H, W)`` victims and, per victim, the
+            reconstruction with the highest PSNR (for plots; never serialised).
+    """
+
+    setting: dict[str, Any]
+    attacks: list[AttackRun]
+    worst: ScoreSet
+    baselines: dict[str, ScoreSet]
+    chance_identification: float
+    update_norms: list[float]
+    seconds: float
+    rule: VerdictRule = field(default_factory=VerdictRule)
+    originals: torch.Tensor | None = field(default=None, repr=False)
+    reconstructions: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_victims(self) -> int:
+        return len(self.worst.psnr_db)
+
+    @property
+    def psnr_gain_db(self) -> float:
+        """Worst-case mean PSNR minus the mean-image baseline's (dB)."""
+        return self.worst.mean_psnr_db - self.baselines["mean-image"].mean_psnr_db
+
+    @property
+    def verdict(self) -> tuple[bool, str]:
+        return self.rule.judge(self.worst.identified_rate, self.psnr_gain_db)
+
+    @property
+    def leaks(self) -> bool:
+        return self.verdict[0]
+
+    @property
+    def strongest_attack(self) -> str:
+        """The attack with the highest mean PSNR."""
+        return max(self.attacks, key=lambda r: r.scores.mean_psnr_db).name
+
+    @classmethod
+    def combine(cls, reports: list[AuditReport]) -> AuditReport:
+        """Pool the victims of several audits of the same setting and attacks.
+
+        Raises:
+            ValueError: for no reports or reports with different attack lists.
+        """
+        if not reports:
+            raise ValueError("no reports to combine")
+        names = [r.name for r in reports[0].attacks]
+        if any([r.name for r in rep.attacks] != names for rep in reports):
+            raise ValueError("reports ran different attacks")
+        empty = lambda: ScoreSet([], [], [], [])  # noqa: E731
+        runs = [AttackRun(n, empty(), 0.0, 0, False, 0.0) for n in names]
+        worst, baselines = empty(), {k: empty() for k in reports[0].baselines}
+        for rep in reports:
+            for run, part in zip(runs, rep.attacks):
+                run.scores.extend(part.scores)
+                run.seconds += part.seconds
+                run.iterations += part.iterations
+                run.stopped_by_budget |= part.stopped_by_budget
+                run.loss = max(run.loss, part.loss)
+            worst.extend(rep.worst)
+            for key, base in rep.baselines.items():
+                baselines[key].extend(base)
+        images = [r.originals for r in reports if r.originals is not None]
+        recons = [r.reconstructions for r in reports if r.reconstructions is not None]
+        return cls(
+            setting=dict(reports[0].setting),
+            attacks=runs,
+            worst=worst,
+            baselines=baselines,
+            chance_identification=_mean([r.chance_identification for r in reports]),
+            update_norms=[n for r in reports for n in r.update_norms],
+            seconds=sum(r.seconds for r in reports),
+            rule=reports[0].rule,
+            originals=torch.cat(images) if images else None,
+            reconstructions=torch.cat(recons) if recons else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (scores, no images)."""
+        leaks, reason = self.verdict
+        return {
+            "setting": self.setting,
+            "victims": self.num_victims,
+            "leaks": leaks,
+            "verdict": reason,
+            "worst": {**self.worst.summary(), "strongest-attack": self.strongest_attack},
+            "psnr-gain-db": round(self.psnr_gain_db, 3),
+            "baselines": {k: v.summary() for k, v in self.baselines.items()},
+            "chance-identification": round(self.chance_identification, 5),
+            "attacks": [r.to_dict() for r in self.attacks],
+            "update-norm": round(_mean(self.update_norms), 5),
+            "seconds": round(self.seconds, 3),
+            "per-victim": {
+                "psnr-db": [round(v, 3) for v in self.worst.psnr_db],
+                "identified": self.worst.identified,
+            },
+        }
+
+    def to_metrics(self) -> dict[str, float | int]:
+        """Flat scores for a Flower ``MetricRecord``: the keys of :func:`neutral_metrics`."""
+        leaks, _ = self.verdict
+        return {
+            f"{METRIC_PREFIX}ran": 1,
+            f"{METRIC_PREFIX}error": 0,
+            f"{METRIC_PREFIX}leaks": int(leaks),
+            f"{METRIC_PREFIX}psnr-db": float(self.worst.mean_psnr_db),
+            f"{METRIC_PREFIX}psnr-gain-db": float(self.psnr_gain_db),
+            f"{METRIC_PREFIX}ssim": float(self.worst.mean_ssim),
+            f"{METRIC_PREFIX}identified-rate": float(self.worst.identified_rate),
+            f"{METRIC_PREFIX}label-accuracy": float(self.worst.label_accuracy),
+            f"{METRIC_PREFIX}baseline-psnr-db": float(self.baselines["mean-image"].mean_psnr_db),
+            f"{METRIC_PREFIX}seconds": float(self.seconds),
+        }
+
+
+def neutral_metrics() -> dict[str, float | int]:
+    """The audit's metric keys with neutral values, for replies that were not audited
+    (FedAvg needs the same keys in every reply). ``audit-error`` is set to 1 by the mod
+    when an audit was due but failed."""
+    return {
+        f"{METRIC_PREFIX}ran": 0,
+        f"{METRIC_PREFIX}error": 0,
+        f"{METRIC_PREFIX}leaks": 0,
+        f"{METRIC_PREFIX}psnr-db": 0.0,
+        f"{METRIC_PREFIX}psnr-gain-db": 0.0,
+        f"{METRIC_PREFIX}ssim": 0.0,
+        f"{METRIC_PREFIX}identified-rate": 0.0,
+        f"{METRIC_PREFIX}label-accuracy": 0.0,
+        f"{METRIC_PREFIX}baseline-psnr-db": 0.0,
+        f"{METRIC_PREFIX}seconds": 0.0,
+    }
