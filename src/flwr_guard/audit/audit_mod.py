@@ -1,0 +1,185 @@
+"""The leakage-audit client mod: attack what would leave the device, report scores.
+
+Usage (see docs/audit.md for the order with clipping, DP noise and SecAgg+ mods)::
+
+    audit = leakage_audit_mod(
+        model_fn=lambda: DigitsCNN(),
+        data_fn=lambda context: my_local_images_and_labels(context),
+        config=LeakageAuditConfig(plan=AuditPlan(protections=Protections(clipping_norm=1.0))),
+    )
+
+    @app.train(mods=[secaggplus_mod, audit, clipping_mod])
+    def train(msg, context): ...
+
+On a train message the mod lets the rest of the app run, then — on a sampled
+(round, client) pair (:class:`~flwr_guard.audit.sampling.AuditSampling`) — takes a batch
+of the client's own data, builds the update the server would see under the declared
+protections, runs the attacks within the time budget, scores them against the batch
+(:func:`~flwr_guard.audit.audit.run_audit`) and writes the scores into the reply's
+MetricRecord. Every train reply gets the same ``audit-*`` keys (neutral values and
+``audit-ran = 0`` when not sampled), as FedAvg requires.
+
+With ``gate=True`` an update whose verdict is "leaks" is not sent: the reply becomes a
+Flower error reply (``ErrorCode.MOD_FAILED_PRECONDITION``, reason starting with
+:data:`BLOCKED_REASON`). Flower's strategies skip error replies — FedAvg averages the
+others, and keeps the previous model if every reply of a round is an error — so the
+round goes on. (A zero update with ``num-examples = 0`` would also be ignored by the
+average, but FedAvg divides by zero when every reply weighs 0.) An audit that fails
+(an exception) never blocks: the reply goes out with ``audit-error = 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+from torch import nn
+
+from flwr_guard.audit.audit import AuditPlan, run_audit
+from flwr_guard.audit.records import (
+    BLOCK_PREFIX,
+    first_array_record,
+    message_kind,
+    reply_metric_record,
+    server_round,
+)
+from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
+from flwr_guard.audit.sampling import AuditSampling, derived_seed
+from flwr_guard.audit.update import update_norm
+
+logger = logging.getLogger(__name__)
+
+BLOCKED_REASON = f"{BLOCK_PREFIX} audit: update blocked"
+
+DataFn = Callable[[Context], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class LeakageAuditConfig:
+    """Settings of :func:`leakage_audit_mod`.
+
+    Attributes:
+        plan: what one audit does: batch size, the clients' local training (set it to
+            the app's learning rate and steps), the protections in force, attacks,
+            effort and time budget (default 10 s, effort 0.5).
+        sampling: which (round, client) pairs audit (default 10 % of rounds, half of
+            the clients in those).
+        gate: block an update whose verdict is "leaks" (error reply).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        seed: seeds victims, noise and attacks together with the round and node id.
+    """
+
+    plan: AuditPlan = field(default_factory=lambda: AuditPlan(effort=0.5, time_budget_s=10.0))
+    sampling: AuditSampling = field(default_factory=AuditSampling)
+    gate: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+
+def _to_tensors(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return x, torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+
+
+def _measured_update_norm(msg: Message, reply: Message) -> float | None:
+    sent, returned = first_array_record(msg.content), first_array_record(reply.content)
+    if sent is None or returned is None or list(sent.keys()) != list(returned.keys()):
+        return None
+    diffs = [
+        torch.as_tensor(returned[k].numpy()).double() - torch.as_tensor(sent[k].numpy()).double()
+        for k in sent.keys()
+    ]
+    return float(update_norm(diffs)) if diffs else None
+
+
+def _audit(
+    msg: Message, reply: Message, context: Context, model_fn: Callable[[], nn.Module],
+    data_fn: DataFn, config: LeakageAuditConfig, rnd: int,
+) -> AuditReport:
+    arrays = first_array_record(msg.content)
+    if arrays is None:
+        raise ValueError("the train message carries no single ArrayRecord (global model)")
+    model = model_fn()
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    images, labels = _to_tensors(*data_fn(context))
+    plan = config.plan
+    clip = plan.protections.clipping_norm
+    measured = _measured_update_norm(msg, reply)
+    if clip is not None and measured is not None and measured > clip * 1.001:
+        logger.warning(
+            "leakage audit: the reply's update norm is %.4g but the declared clipping "
+            "norm is %g: clipping is not in force where the audit sits (check the mod "
+            "order: the clipping mod must be inside the audit mod, see docs/audit.md)",
+            measured, clip,
+        )
+    seed = derived_seed(config.seed, rnd, context.node_id)
+    return run_audit(model, images, labels, plan, seed=seed, device=config.device)
+
+
+def leakage_audit_mod(
+    model_fn: Callable[[], nn.Module],
+    data_fn: DataFn,
+    config: LeakageAuditConfig | None = None,
+) -> Mod:
+    """Build the leakage-audit mod for ``@app.train(mods=[...])``.
+
+    Args:
+        model_fn: returns the model architecture (weights are loaded from the train
+            message's ArrayRecord with ``load_state_dict(strict=True)``). Its last
+            ``nn.Linear`` must be the classifier.
+        data_fn: ``data_fn(context) -> (images, labels)``: the client's own data,
+            images ``(M, C, H, W)`` or ``(M, H, W)`` in ``[0, 1]`` and labels ``(M,)``
+            (NumPy arrays or tensors). Called only on audited rounds.
+        config: sampling, plan, gate, device, seed.
+
+    Returns:
+        A Flower mod ``(msg, context, call_next) -> Message``. It leaves evaluate and
+        query messages alone and never changes the reply's arrays.
+    """
+    config = config or LeakageAuditConfig()
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if message_kind(msg) != "train" or reply.has_error():
+            return reply
+        rnd = server_round(msg)
+        metrics = neutral_metrics()
+        report = None
+        if config.sampling.sampled(rnd, context.node_id):
+            try:
+                report = _audit(msg, reply, context, model_fn, data_fn, config, rnd)
+                metrics = report.to_metrics()
+                logger.info("leakage audit round %d: %s", rnd, report.verdict[1])
+            except Exception:  # noqa: BLE001 - an audit must never take the client down
+                logger.exception("leakage audit failed in round %d; reply sent unaudited", rnd)
+                metrics[f"{METRIC_PREFIX}error"] = 1
+        if report is not None and config.gate and report.leaks:
+            reason = (
+                f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}; "
+                f"worst-case PSNR {report.worst.mean_psnr_db:.1f} dB, "
+                f"{report.psnr_gain_db:+.1f} dB vs the mean image"
+            )
+            logger.warning(reason)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+        try:
+            record = reply_metric_record(reply)
+        except ValueError as err:
+            logger.error("leakage audit: %s; scores not attached", err)
+            return reply
+        clashes = [k for k in metrics if k in record]
+        if clashes:
+            logger.warning("leakage audit: reply already has %s; overwriting", clashes)
+        for key, value in metrics.items():
+            record[key] = value
+        return reply
+
+    return mod

@@ -1,0 +1,97 @@
+"""Server-side summary of the leakage audits that arrive in train replies.
+
+FedAvg averages every metric weighted by ``num-examples``, which turns the clients'
+``audit-*`` scores into meaningless numbers (audited and unaudited replies mixed). This
+wrapper reads the replies before the wrapped strategy does and replaces the ``audit-*``
+keys of the aggregated MetricRecord with the round's worst case:
+
+| key | value for the round |
+| --- | --- |
+| ``audit-ran`` | number of replies that carry an audit |
+| ``audit-leaks`` | number of those whose verdict is "leaks" |
+| ``audit-blocked`` | replies blocked by the audit gate (error replies) |
+| ``audit-error`` | audits that failed on the client |
+| ``audit-psnr-db``, ``audit-psnr-gain-db``, ``audit-ssim``, ``audit-identified-rate``, ``audit-label-accuracy``, ``audit-seconds`` | maximum over the audits |
+| ``audit-baseline-psnr-db`` | mean over the audits |
+
+Usage: ``AuditSummary(FedAvg(...))``; :meth:`AuditSummary.worst` gives the worst round
+of the run (for a demo summary or a dashboard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from flwr_guard.audit.audit_mod import BLOCKED_REASON
+from flwr_guard.audit.records import find_metric_record
+from flwr_guard.audit.report import METRIC_PREFIX
+from flwr_guard.strategy_wrapper import StrategyWrapper
+
+_MAX_KEYS = ("psnr-db", "psnr-gain-db", "ssim", "identified-rate", "label-accuracy", "seconds")
+
+
+def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
+    """The round's audit summary (the keys of the module's table) from its replies."""
+    audited: list[dict[str, Any]] = []
+    blocked = errors = 0
+    for reply in replies:
+        if reply.has_error():
+            blocked += (reply.error.reason or "").startswith(BLOCKED_REASON)
+            continue
+        record = find_metric_record(reply.content)
+        if record is None:
+            continue
+        errors += int(record.get(f"{METRIC_PREFIX}error", 0) or 0)  # type: ignore[arg-type]
+        if record.get(f"{METRIC_PREFIX}ran", 0):
+            audited.append(dict(record.items()))
+    out: dict[str, float | int] = {
+        f"{METRIC_PREFIX}ran": len(audited),
+        f"{METRIC_PREFIX}leaks": sum(int(a.get(f"{METRIC_PREFIX}leaks", 0)) for a in audited),
+        f"{METRIC_PREFIX}blocked": blocked,
+        f"{METRIC_PREFIX}error": errors,
+    }
+    for key in _MAX_KEYS:
+        values = [float(a[f"{METRIC_PREFIX}{key}"]) for a in audited if f"{METRIC_PREFIX}{key}" in a]
+        out[f"{METRIC_PREFIX}{key}"] = max(values) if values else 0.0
+    base = [float(a[f"{METRIC_PREFIX}baseline-psnr-db"]) for a in audited
+            if f"{METRIC_PREFIX}baseline-psnr-db" in a]
+    out[f"{METRIC_PREFIX}baseline-psnr-db"] = sum(base) / len(base) if base else 0.0
+    return out
+
+
+class AuditSummary(StrategyWrapper):
+    """Put the round's worst-case audit scores into the aggregated train metrics.
+
+    Attributes:
+        rounds: ``{server_round: summary}`` for every round aggregated.
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        super().__init__(strategy)
+        self.rounds: dict[int, dict[str, float | int]] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        summary = summarise_replies(replies)
+        self.rounds[server_round] = summary
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        metrics = MetricRecord() if metrics is None else metrics
+        for key in [k for k in metrics if k.startswith(METRIC_PREFIX)]:
+            del metrics[key]
+        for key, value in summary.items():
+            metrics[key] = value
+        return arrays, metrics
+
+    def worst(self) -> dict[str, Any] | None:
+        """The round with the highest ``audit-psnr-gain-db`` among audited rounds, as
+        ``{"round": r, **summary}``; ``None`` if no audit ran."""
+        audited = {r: s for r, s in self.rounds.items() if s[f"{METRIC_PREFIX}ran"]}
+        if not audited:
+            return None
+        rnd = max(audited, key=lambda r: audited[r][f"{METRIC_PREFIX}psnr-gain-db"])
+        return {"round": rnd, **audited[rnd]}
