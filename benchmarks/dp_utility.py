@@ -187,6 +187,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks([1, 3, 8])
     ax.set_xticklabels(["1", "3", "8"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("server test accuracy (%)")
     ax.set_title("digits: accuracy vs privacy")
@@ -217,6 +218,9 @@ def main() -> None:
     parser.add_argument("--dpsgd-lr", type=float, default=0.5,
                         help="DP-SGD step size (the non-private baseline uses --lr: 0.5 diverges "
                         "without clipping)")
+    parser.add_argument("--include", type=Path, nargs="*", default=[],
+                        help="earlier JSON outputs whose settings this run does not repeat "
+                        "(added to the JSON and the plot)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dp_utility.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/img/dp_utility.png"))
     args = parser.parse_args()
@@ -255,9 +259,17 @@ def main() -> None:
                 if setting in args.settings:
                     record(setting, eps, z, [run_user_level(setting, z, args, user[s], s) for s in seeds])
 
+    included_meta = {}
+    for path in args.include:
+        done = {(r["setting"], r["epsilon"]) for r in results}
+        earlier = json.loads(path.read_text())
+        added = [r for r in earlier["results"] if (r["setting"], r["epsilon"]) not in done]
+        results += added
+        included_meta[str(path)] = {"settings": sorted({r["setting"] for r in added}),
+                                    **earlier["meta"]}
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "delta": DELTA, "args": {k: str(v) for k, v in vars(args).items()},
-            "elapsed_s": round(time.time() - started, 1)}
+            "elapsed_s": round(time.time() - started, 1), "included": included_meta}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     args.plot.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ steps after ``--warmup`` untimed ones (forward, backward, clipping, noise, updat
 fixed batch size (no Poisson sampling here: the cost of a step is what is measured).
 
 Models: the reference app's ``DigitsCNN`` (8x8 inputs, 38k parameters) and a larger
-GroupNorm CNN on 32x32x3 inputs (``LargerCNN``, ~1.2M parameters).
+GroupNorm CNN on 32x32x3 inputs (``larger-cnn``, 625k parameters).
 
 Usage: python benchmarks/dpsgd_overhead.py [--device cpu|cuda] [--batch 64] [--steps 20]
 Prints a table and writes JSON (benchmarks/results/dpsgd_overhead_<device>.json).
