@@ -36,7 +36,10 @@ def test_two_supernodes_two_rounds_accuracy_rises_and_nothing_is_left(tmp_path) 
     assert summary["mode"] == "deployment" and summary["nodes"] == 2
     accuracy = [r["server"]["test-accuracy"] for r in summary["rounds"]]
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    assert accuracy[2] > accuracy[0] + 0.3 and accuracy[2] == summary["final_test_accuracy"]
+    # DP-SGD (record level) and SecAgg+ are on by default: learning is slower, but real.
+    assert accuracy[2] > accuracy[0] + 0.2 and accuracy[2] == summary["final_test_accuracy"]
+    assert 0 < summary["privacy"]["dp-sgd-epsilon"] < summary["privacy"]["dp-sgd-max-epsilon"]
+    assert all(r["secagg"]["survivors"] == 2 for r in summary["rounds"][1:])
     assert all(r["train-replies"] == 2 for r in summary["rounds"][1:])
     names = {p["name"] for p in summary["processes"]}
     assert {"flower-superlin", "flower-superno", "flwr-serverapp"} <= {n[:15] for n in names} | {

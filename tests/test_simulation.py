@@ -12,11 +12,27 @@ pytestmark = pytest.mark.simulation
 
 def test_digits_app_in_simulation_learns(tmp_path) -> None:
     result = run_demo(
-        DemoOptions(nodes=3, rounds=2, simulation=True, partition="dirichlet", alpha=1.0)
+        DemoOptions(nodes=3, rounds=2, simulation=True)
     )
     assert result.success, result.error
     assert result.mode == "simulation"
     accuracy = [r["server"]["test-accuracy"] for r in result.rounds]
-    assert len(accuracy) == 3 and accuracy[-1] > accuracy[0] + 0.3
+    assert len(accuracy) == 3 and accuracy[-1] > accuracy[0] + 0.2
     assert all(r["train-replies"] == 3 for r in result.rounds[1:])
+    assert result.privacy["dp-sgd-epsilon"] > 0
     assert alive(result.processes) == []
+
+
+def test_record_level_budget_stops_training_and_keeps_the_model(tmp_path) -> None:
+    # Round 1 spends epsilon 2.54 (z=1, 2 nodes, q=1/19); round 2 would reach 3.05 > 2.8: every node
+    # refuses with a clear error, SecAgg+ aborts the round, the model stays as it was.
+    result = run_demo(
+        DemoOptions(nodes=2, rounds=2, simulation=True,
+                    run_config={"dp-sgd-max-epsilon": 2.8, "fraction-evaluate": 0.0},
+                    workdir=tmp_path / "work")
+    )
+    assert result.success, result.error
+    one, two = result.rounds[1], result.rounds[2]
+    assert one["secagg"]["aborted"] is None and two["secagg"]["aborted"] is not None
+    assert two["server"] == one["server"]  # the global model did not change
+    assert two["secagg"]["dropouts"]["masked-input"] == 2  # both nodes refused to train

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from flwr_guard.audit.cli import audit_command, audit_endpoints_command
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
@@ -26,6 +27,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 app.command("epsilon")(dp_epsilon_command)
+app.command("audit")(audit_command)
+app.command("audit-endpoints")(audit_endpoints_command)
 
 
 class Partition(str, Enum):
@@ -43,13 +46,20 @@ def _progress_view(state: DemoState, rounds: int) -> Group:
     table.add_column("train loss", justify="right")
     table.add_column("test loss", justify="right")
     table.add_column("test accuracy", justify="right")
+    table.add_column("ε record / budget", justify="right")
+    table.add_column("SecAgg+ survivors", justify="right")
     table.add_column("elapsed (s)", justify="right")
     for line in state.rounds:
+        eps = line.get("train", {}).get("dp-sgd-epsilon")
+        budget = line.get("privacy", {}).get("dp-sgd-max-epsilon")
+        secagg = line.get("secagg") or {}
         table.add_row(
             f"{line['round']}/{rounds}",
             _fmt(line.get("train", {}).get("train-loss"), ".4f"),
             _fmt(line.get("server", {}).get("test-loss"), ".4f"),
             _fmt(line.get("server", {}).get("test-accuracy"), ".3f"),
+            f"{_fmt(eps, '.2f')} / {_fmt(budget or None, '.1f')}" if eps is not None else "-",
+            f"{secagg['survivors']}/{secagg['cohort']}" if secagg else "-",
             _fmt(line.get("elapsed-s"), ".1f"),
         )
     caption = Text(

@@ -84,6 +84,7 @@ class DemoResult:
     num_rounds: int
     rounds: list[dict[str, Any]]
     final_test_accuracy: float | None
+    privacy: dict[str, Any]
     elapsed_s: float
     error: str | None
     processes: list[dict[str, Any]]
@@ -189,6 +190,11 @@ def run_demo(
     on_update(state)
     server_rounds = [r for r in state.rounds if r["round"] > 0]
     final = server_rounds[-1]["server"].get("test-accuracy") if server_rounds else None
+    last = server_rounds[-1] if server_rounds else {}
+    privacy = {
+        **last.get("privacy", {}),
+        "dp-sgd-epsilon": last.get("train", {}).get("dp-sgd-epsilon"),
+    }
     keep = options.keep_workdir or not success or options.workdir is not None
     result = DemoResult(
         success=success,
@@ -199,6 +205,7 @@ def run_demo(
         num_rounds=options.rounds,
         rounds=state.rounds,
         final_test_accuracy=final,
+        privacy=privacy,
         elapsed_s=round(state.elapsed_s, 2),
         error=error,
         processes=processes,

@@ -14,7 +14,12 @@ from torch.utils.data import DataLoader
 
 from flwr_guard.apps.digits.data import cached_partition_arrays, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
-from flwr_guard.apps.digits.training import evaluate, select_device, train_epochs
+from flwr_guard.apps.digits.training import (
+    evaluate,
+    select_device,
+    train_dpsgd_epochs,
+    train_epochs,
+)
 from flwr_guard.secagg.mod import secaggplus_mod
 
 app = ClientApp()
@@ -61,23 +66,58 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(msg)
     trainloader, _ = _local_data(context)
     device = select_device(str(context.node_config.get("device", "cpu")))
-    train_loss = train_epochs(
-        model,
-        trainloader,
+    common = dict(
         epochs=int(cfg["local-epochs"]),
         learning_rate=float(cfg["learning-rate"]),
         momentum=float(cfg["momentum"]),
         device=device,
     )
+    metrics: dict[str, float | int] = {"num-examples": len(trainloader.dataset)}
+    if bool(cfg["dp-sgd"]):
+        # Record-level DP: the Opacus accountant continues from context.state.
+        from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
+
+        dpsgd = dpsgd_from_context(context)
+        _check_record_budget(context, dpsgd, len(trainloader), int(cfg["local-epochs"]))
+        metrics["train-loss"] = train_dpsgd_epochs(model, trainloader, dpsgd=dpsgd, **common)
+        save_dpsgd(context, dpsgd)
+        metrics["dp-sgd-epsilon"] = dpsgd.epsilon()
+    else:
+        metrics["train-loss"] = train_epochs(model, trainloader, **common)
     content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.cpu().state_dict()),
-            "metrics": MetricRecord(
-                {"train-loss": train_loss, "num-examples": len(trainloader.dataset)}
-            ),
-        }
+        {"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Training this round would take the node past its record-level epsilon budget."""
+
+
+def _check_record_budget(context: Context, dpsgd, steps_per_epoch: int, epochs: int) -> None:
+    """Refuse to train if this round would exceed ``dp-sgd-max-epsilon`` (0 = no limit).
+
+    The projection composes this round's steps (noise multiplier, sample rate
+    ``1 / steps_per_epoch``) onto the node's Opacus RDP ledger, exactly as training
+    would; the node then replies with an error and its data is not touched.
+    """
+    from opacus.accountants import RDPAccountant
+
+    budget = float(context.run_config["dp-sgd-max-epsilon"])
+    if budget <= 0:
+        return
+    state = dpsgd.accountant_state()
+    projected = RDPAccountant()
+    projected.history = [*state["history"]] + [
+        (dpsgd.config.noise_multiplier, 1.0 / steps_per_epoch, steps_per_epoch * epochs)
+    ]
+    epsilon = projected.get_epsilon(dpsgd.config.delta)
+    if epsilon > budget:
+        raise PrivacyBudgetExhausted(
+            f"record-level privacy budget exhausted: this round would bring epsilon to "
+            f"{epsilon:.2f} > dp-sgd-max-epsilon {budget} (at delta {dpsgd.config.delta}); "
+            "this node does not train any more"
+        )
 
 
 @app.evaluate()

@@ -37,7 +37,12 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
     )
-    extras = None
+    budget = {
+        "dp-sgd": bool(cfg["dp-sgd"]),
+        "dp-sgd-max-epsilon": float(cfg["dp-sgd-max-epsilon"]),
+        "dp-sgd-delta": float(cfg["dp-sgd-delta"]),
+    }
+    extras = lambda server_round: {"privacy": budget}  # noqa: E731
     if bool(cfg["secagg"]):
         strategy = SecAggPlus(
             strategy,
@@ -51,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
 
         def extras(server_round: int) -> dict:
             reports = [r for r in secagg.history if r.server_round == server_round]
-            return {"secagg": reports[-1].to_dict()} if reports else {}
+            secagg_report = {"secagg": reports[-1].to_dict()} if reports else {}
+            return {"privacy": budget, **secagg_report}
 
     recorder = ProgressRecorder(strategy, path=str(cfg["progress-file"]), extras=extras)
 

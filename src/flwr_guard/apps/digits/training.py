@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from flwr_guard.dp.dpsgd import DPSGD
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,40 @@ def train_epochs(
             loss = criterion(model(images), labels)
             loss.backward()
             optimizer.step()
+            total += loss.item() * labels.shape[0]
+            count += labels.shape[0]
+    return total / max(count, 1)
+
+
+def train_dpsgd_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    learning_rate: float,
+    momentum: float,
+    device: torch.device,
+    dpsgd: "DPSGD",
+) -> float:
+    """Train ``model`` in place with DP-SGD (Opacus: Poisson sampling, per-example
+    clipping, Gaussian noise) through ``dpsgd``; return the last epoch's mean loss.
+
+    ``dpsgd`` carries the node's accountant across rounds (see
+    :mod:`flwr_guard.dp.context_state`); call ``make_private`` once per process.
+    """
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    private = dpsgd.make_private(model, optimizer, loader)
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for images, labels in private.data_loader:
+            if labels.shape[0] == 0:  # Poisson sampling can draw an empty batch
+                continue
+            images, labels = images.to(device), labels.to(device)
+            private.optimizer.zero_grad()
+            loss = private.criterion(private.module(images), labels)
+            loss.backward()
+            private.optimizer.step()
             total += loss.item() * labels.shape[0]
             count += labels.shape[0]
     return total / max(count, 1)
