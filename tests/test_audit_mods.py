@@ -213,3 +213,17 @@ def test_audit_summary_reports_the_worst_case_and_the_blocked() -> None:
     # Every reply blocked: the round still aggregates to "no update" without crashing.
     arrays, metrics = summary.aggregate_train(4, [blocked])
     assert arrays is None and metrics["audit-blocked"] == 1
+
+
+def test_protections_announced_by_the_server_override_the_declared_ones() -> None:
+    from flwr_guard.audit.audit_mod import protections_in_force
+
+    msg = _instruction(RecordDict({
+        "arrays": ArrayRecord(_model().state_dict()),
+        "config": ConfigRecord({"server-round": 1, "dp-clipping-norm": 0.5,
+                                "dp-noise-multiplier": 0.8}),
+    }))
+    found = protections_in_force(msg, Protections(aggregate_size=4))
+    assert (found.clipping_norm, found.noise_multiplier, found.aggregate_size) == (0.5, 0.8, 4)
+    plain = protections_in_force(_train_message(), Protections(clipping_norm=2.0))
+    assert (plain.clipping_norm, plain.noise_multiplier) == (2.0, 0.0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from flwr.common.constant import ErrorCode
 from torch import nn
 
 from flwr_guard.audit.audit import AuditPlan, run_audit
+from flwr_guard.audit.protections import Protections
 from flwr_guard.audit.records import (
     BLOCK_PREFIX,
     first_array_record,
@@ -72,6 +73,11 @@ class LeakageAuditConfig:
         sampling: which (round, client) pairs audit (default 10 % of rounds, half of
             the clients in those).
         gate: block an update whose verdict is "leaks" (error reply).
+        protections_from_config: read the protections the server announces in the
+            train config and let them override ``plan.protections``: flwr-guard's
+            ``DPFedAvg`` sends ``dp-clipping-norm`` (always) and ``dp-noise-multiplier``
+            (distributed noise only — central noise is added by the server after it has
+            seen the clipped update, so it does not count against a curious server).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         seed: seeds victims, noise and attacks together with the round and node id.
     """
@@ -79,6 +85,7 @@ class LeakageAuditConfig:
     plan: AuditPlan = field(default_factory=lambda: AuditPlan(effort=0.5, time_budget_s=10.0))
     sampling: AuditSampling = field(default_factory=AuditSampling)
     gate: bool = False
+    protections_from_config: bool = True
     device: str = "auto"
     seed: int = 0
 
@@ -88,6 +95,26 @@ def _to_tensors(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 3:
         x = x.unsqueeze(1)
     return x, torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+
+
+CONFIG_CLIPPING_NORM = "dp-clipping-norm"
+CONFIG_NOISE_MULTIPLIER = "dp-noise-multiplier"
+
+
+def protections_in_force(msg: Message, declared: Protections) -> Protections:
+    """``declared``, with the clipping norm and (distributed) noise multiplier that the
+    server announced in the train message's ConfigRecord, when present and valid."""
+    clip, noise = declared.clipping_norm, declared.noise_multiplier
+    for record in msg.content.config_records.values():
+        value = record.get(CONFIG_CLIPPING_NORM)
+        if isinstance(value, (int, float)) and value > 0:
+            clip = float(value)
+        value = record.get(CONFIG_NOISE_MULTIPLIER)
+        if isinstance(value, (int, float)) and value >= 0:
+            noise = float(value)
+    if noise > 0 and clip is None:
+        noise = 0.0
+    return Protections(clip, noise, declared.aggregate_size)
 
 
 def _measured_update_norm(msg: Message, reply: Message) -> float | None:
@@ -112,6 +139,8 @@ def _audit(
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     images, labels = _to_tensors(*data_fn(context))
     plan = config.plan
+    if config.protections_from_config:
+        plan = replace(plan, protections=protections_in_force(msg, plan.protections))
     clip = plan.protections.clipping_norm
     measured = _measured_update_norm(msg, reply)
     if clip is not None and measured is not None and measured > clip * 1.001:
