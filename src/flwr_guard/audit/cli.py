@@ -1,0 +1,121 @@
+"""``flwr-guard audit`` and ``flwr-guard audit-endpoints`` (registered in flwr_guard.cli).
+
+Heavy imports (torch, the attacks) happen inside the commands, so ``flwr-guard --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _split(value: str, cast: type = str) -> tuple:
+    return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+
+
+def audit_command(
+    out: Annotated[Path, typer.Option(help="Folder for audit.json, audit.md and the PNG grids.")] = Path("audit-report"),
+    models: Annotated[str, typer.Option(help="Comma-separated: digits-cnn, lenet.")] = "digits-cnn,lenet",
+    sizes: Annotated[str, typer.Option(help="Comma-separated image sizes (8 = the digits, larger = upsampled).")] = "8,28",
+    defences: Annotated[str, typer.Option(help="Comma-separated: none, clip, dp-0.001, dp-0.01, dp-0.1, dp-1, secagg-4, secagg-16.")] = "none,clip,dp-0.001,dp-0.01,dp-0.1,dp-1,secagg-4,secagg-16",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
+    audits: Annotated[int, typer.Option(min=1, help="Audits (victim batches) per cell.")] = 2,
+    effort: Annotated[float, typer.Option(min=0.01, help="Scale of every attack's iteration count.")] = 0.5,
+    budget: Annotated[float, typer.Option(min=0.0, help="Time budget per audit in seconds (0 = none).")] = 40.0,
+    attacks: Annotated[str, typer.Option(help="Comma-separated attack names ('' = defaults).")] = "",
+    seed: Annotated[int, typer.Option(help="Seed of data, models, victims, noise and attacks.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Attack unprotected and protected updates on real digits; write the report.
+
+    Sweeps defences (none, clipping, DP noise, SecAgg aggregates) x batch sizes x
+    models x image sizes, runs the gradient-inversion attacks on each and scores them
+    (PSNR, SSIM, identification, labels) against the victims and the no-information
+    baselines. Writes JSON, a Markdown table and PNG grids to --out.
+    """
+    from flwr_guard.audit.audit import resolve_device
+    from flwr_guard.audit.sweep import SweepOptions, run_cell
+    from flwr_guard.audit.sweep_report import markdown_table, write_all
+
+    try:
+        resolve_device(device)
+        options = SweepOptions(
+            models=_split(models), image_sizes=_split(sizes, int), defences=_split(defences),
+            batch_sizes=_split(batch_sizes, int), audits=audits, effort=effort,
+            time_budget_s=budget or None, attacks=_split(attacks) or None, seed=seed,
+            device=device,
+        )
+        from flwr_guard.audit.suite import attacks_for
+
+        attacks_for(options.training.local_steps, options.attacks)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    cells = options.cells()
+    results = []
+    started = time.monotonic()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("auditing", total=len(cells))
+        for cell in cells:
+            progress.update(task, description=f"auditing {cell.key}")
+            report = run_cell(cell, options)
+            results.append((cell, report))
+            verdict = "[red]leaks[/red]" if report.leaks else "[green]no leak[/green]"
+            progress.console.print(
+                f"{cell.key}: PSNR {report.worst.mean_psnr_db:.1f} dB "
+                f"({report.psnr_gain_db:+.1f} vs mean image), identified "
+                f"{report.worst.identified_rate:.0%}: {verdict}"
+            )
+            progress.advance(task)
+    written = write_all(results, options, time.monotonic() - started, out)
+    typer.echo(markdown_table(results))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def audit_endpoints_command(
+    service: Annotated[list[str], typer.Option("--service", help="Base URL of an HTTP service (SuperLink, SuperNode health port); repeatable.")] = [],  # noqa: B006
+    exporter: Annotated[list[str], typer.Option("--exporter", help="URL of a Prometheus metrics exporter; repeatable.")] = [],  # noqa: B006
+    timeout: Annotated[float, typer.Option(min=0.1, help="Per-request timeout in seconds.")] = 3.0,
+    max_series: Annotated[int, typer.Option(min=1, help="Most label sets a metric family may have.")] = 100,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the findings as JSON.")] = None,
+) -> None:
+    """Check HTTP endpoints and metrics exporters for leaks and debug interfaces.
+
+    Looks for debug / admin paths and plaintext HTTP on services, and for gradients,
+    per-example data and high-cardinality series on Prometheus exporters. Exits 1 when
+    anything is found, 2 on bad input.
+    """
+    from flwr_guard.audit.endpoints import audit_endpoints
+
+    if not service and not exporter:
+        console.print("[red]error:[/red] give at least one --service or --exporter URL")
+        raise typer.Exit(2)
+    try:
+        findings = audit_endpoints(service, exporter, timeout, max_series)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    if json_out is not None:
+        json_out.write_text(json.dumps([f.to_dict() for f in findings], indent=2) + "\n")
+    if not findings:
+        console.print(f"[green]no findings[/green] on {len(service)} service(s) and "
+                      f"{len(exporter)} exporter(s)")
+        return
+    table = Table(title="endpoint audit findings")
+    for column in ("url", "kind", "detail"):
+        table.add_column(column)
+    for finding in findings:
+        table.add_row(finding.url, finding.kind, finding.detail)
+    console.print(table)
+    raise typer.Exit(1)
