@@ -10,6 +10,7 @@ exporters; deployments that must be scraped over a network set
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,19 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def preferred_port(preferred: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> int:
+    """``preferred`` if it can be bound on ``host`` now, else a free port (for demos and
+    tests that run beside another exporter)."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError(f"no free port on {host}")
 
 
 class MetricsExporter:

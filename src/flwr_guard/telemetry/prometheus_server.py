@@ -64,6 +64,16 @@ def scrape_config(
     return config
 
 
+def local_prometheus_if_installed(
+    targets: Mapping[str, Sequence[str]], **kwargs: Any
+) -> LocalPrometheus | None:
+    """A :class:`LocalPrometheus` (not started) if the binary is installed, else ``None``.
+
+    For ``flwr-guard demo``: scrape the run when Prometheus is there, say so otherwise.
+    """
+    return LocalPrometheus(targets, **kwargs) if prometheus_binary() else None
+
+
 class LocalPrometheus:
     """A Prometheus server on 127.0.0.1 for the lifetime of a ``with`` block.
 

@@ -245,15 +245,21 @@ class TelemetryRecorder:
 
     def _audit(self, ok: Sequence[ReplyView]) -> None:
         for reply in ok:
+            audited = lookup(reply.metrics, keys.AUDITED)
+            if audited is None:
+                continue  # no audit mod on this client
+            # The audit is in force: its counters are exported from here on, zeros included.
+            audits, leaks = self._labels("audits"), self._labels("audit_leak_verdicts")
+            errors = self._labels("audit_errors")
+            self._labels("audit_blocked_updates")
             if (lookup(reply.metrics, keys.AUDIT_ERROR) or 0.0) > 0:
-                self._labels("audit_errors").inc()
-            if (lookup(reply.metrics, keys.AUDITED) or 0.0) <= 0:
+                errors.inc()
+            if audited <= 0:
                 continue
             psnr = lookup(reply.metrics, keys.PSNR)
-            self._labels("audits").inc()
-            leaked = self._labels("audit_leak_verdicts")  # exported from the first audit on
+            audits.inc()
             if (lookup(reply.metrics, keys.LEAK) or 0.0) > 0:
-                leaked.inc()
+                leaks.inc()
             gain = lookup(reply.metrics, keys.PSNR_GAIN)
             if gain is not None:
                 self._worst_gauge("audit_worst_psnr_gain_decibels", gain)
