@@ -26,18 +26,23 @@ venv: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/flwr-guard demo $(DEMO_ARGS)
 
-# System tools the tests run for real: promtool (Debian's `prometheus` package) checks
-# the Prometheus configuration and rules. Installed only when missing and apt is there
-# (as root, or with sudo without a password); otherwise those tests skip and say why.
+# System tools the tests run for real: promtool and the Prometheus server (Debian's
+# `prometheus` package) check the configuration and rules and scrape a real run; the
+# Pushgateway (`prometheus-pushgateway`) receives the pushes of short runs. Installed only
+# when missing and apt is there (as root, or with sudo without a password); otherwise
+# those tests skip and say why.
 tools:
-	@if command -v promtool >/dev/null 2>&1; then :; \
+	@PKGS=""; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || PKGS="prometheus"; \
+	command -v prometheus-pushgateway >/dev/null 2>&1 || PKGS="$$PKGS prometheus-pushgateway"; \
+	if [ -z "$$PKGS" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	  echo "installing promtool (apt package prometheus)"; \
+	  echo "installing$$PKGS (apt)"; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    prometheus >/dev/null || echo "could not install prometheus; promtool tests will skip"; \
-	else echo "no promtool and no apt-get; promtool tests will skip"; fi
+	    $$PKGS >/dev/null || echo "could not install$$PKGS; the tests that need them will skip"; \
+	else echo "no apt-get: the tests that need$$PKGS will skip"; fi
 
 test: $(STAMP) tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(TEST_ARGS)
