@@ -63,6 +63,18 @@ def test_clipping_noise_and_aggregation_are_exact() -> None:
     assert abs(float(noisy.std()) - 0.5 / 4) < 0.002
 
 
+def test_one_dpsgd_step_is_a_clipped_noisy_update() -> None:
+    torch.manual_seed(0)
+    grad = [torch.randn(50) * 3]
+    lr, c, sigma = 0.1, 1.0, 0.7
+    view = Protections.from_dpsgd(c, sigma, lr)
+    delta = [-lr * g for g in grad]
+    noise_free = observed_update([delta], Protections(view.clipping_norm))
+    expected = -lr * grad[0] * min(1.0, c / float(grad[0].norm()))  # Opacus' step on B = 1
+    torch.testing.assert_close(noise_free[0], expected)
+    assert view.noise_multiplier * view.clipping_norm == pytest.approx(lr * sigma * c)
+
+
 def test_protections_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="clipping_norm"):
         Protections(noise_multiplier=0.1)

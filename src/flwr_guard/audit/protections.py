@@ -52,6 +52,24 @@ class Protections:
         if self.aggregate_size < 1:
             raise ValueError(f"aggregate_size must be >= 1, got {self.aggregate_size}")
 
+    @classmethod
+    def from_dpsgd(
+        cls, max_grad_norm: float, noise_multiplier: float, learning_rate: float,
+        aggregate_size: int = 1,
+    ) -> Protections:
+        """The view of one DP-SGD step (Abadi et al. 2016, Alg. 1) on a probe of batch
+        size 1: the update ``−η (clip(g, C_g) + N(0, σ² C_g²))`` is an update clipped to
+        ``η·C_g`` with noise multiplier ``σ`` — exact for one sample and one step, and
+        an approximation (batch clipping instead of per-example) for larger probes.
+
+        Args:
+            max_grad_norm: Opacus' per-example clipping norm ``C_g``.
+            noise_multiplier: Opacus' ``σ``.
+            learning_rate: the local SGD step size ``η``.
+            aggregate_size: clients summed by SecAgg+ before the server sees anything.
+        """
+        return cls(learning_rate * max_grad_norm, noise_multiplier, aggregate_size)
+
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``"clip C=1 + DP z=0.1 + SecAgg n=4"``."""
