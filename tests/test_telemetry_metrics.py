@@ -173,6 +173,20 @@ def test_labels_stay_low_cardinality_without_the_per_node_option() -> None:
     assert all(f.labels[:2] == ("run", "strategy") for f in FAMILIES + NODE_FAMILIES)
 
 
+def test_blocked_replies_count_for_the_audit_gate_and_the_reply_inspection() -> None:
+    metrics = GuardMetrics()
+    recorder = TelemetryRecorder(metrics, "7", "FedAvg")
+    recorder.replies([
+        ReplyView(1, False, {}, error="flwr-guard reply inspection: reply blocked: per-example-metric"),
+        ReplyView(2, False, {}, error="flwr-guard audit: update blocked (round 3): identified"),
+        ReplyView(3, False, {}, error="ClientApp raised an exception"),
+    ])
+    recorder.inspector_findings(3)  # a server-side ReplyGuard's new findings
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "flwr_guard_inspector_violations_total") == 4
+    assert value(text, "flwr_guard_audit_blocked_updates_total") == 1
+
+
 def test_client_statistics_off_exports_no_norms_or_clipping_bits() -> None:
     metrics = GuardMetrics()
     recorder = TelemetryRecorder(metrics, "7", "FedAvg", client_statistics=False)
@@ -310,3 +324,26 @@ def test_docs_list_every_metric_with_its_type() -> None:
         assert row is not None, f"{family.name} is not in docs/metrics.md"
         assert f"| {family.kind} |" in row, row
     assert Path(REPO / "docs" / "metrics.md").exists()
+
+
+def test_adapter_finds_the_protections_in_the_strategy_chain() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_guard.audit.reply_guard import ReplyGuard
+    from flwr_guard.dp.strategy import DPFedAvg
+    from flwr_guard.secagg.strategy import SecAggPlus
+    from flwr_guard.telemetry.strategy import TelemetryStrategy
+
+    guard = ReplyGuard(FedAvg())
+    dp = DPFedAvg(guard, noise_multiplier=1.0, clipping_norm=1.0, max_epsilon=8.0)
+    secagg = SecAggPlus(dp)
+    telemetry = TelemetryStrategy(secagg, run="7")
+    assert (telemetry.secagg, telemetry.dp, telemetry.reply_guard) == (secagg, dp, guard)
+    assert telemetry.chain == ["SecAggPlus", "DPFedAvg", "ReplyGuard", "FedAvg"]
+    assert telemetry.client_statistics is False  # a DP wrapper is in the chain
+    text = generate_latest(telemetry.metrics.registry).decode()
+    assert value(text, "flwr_guard_run_info", chain="SecAggPlus>DPFedAvg>ReplyGuard>FedAvg",
+                 protections="dp,reply-inspection,secagg") == 1
+    bare = TelemetryStrategy(FedAvg(), run="8")
+    assert bare.secagg is None and bare.dp is None and bare.client_statistics is True
+    assert bare.fraction_train == 1.0  # delegates what it does not define

@@ -14,7 +14,8 @@ without any of them simply does not update that family. Key owners:
 - leakage audit mod (:mod:`flwr_guard.audit.audit_mod`): PSNR, PSNR gain over the
   mean-image baseline, SSIM, identification rate, verdict, whether this reply was
   audited or the audit failed; a blocked update arrives as an error reply;
-- reply inspector: the number of violations it found, or an error reply.
+- reply inspection (:mod:`flwr_guard.audit.reply_mod`, ``ReplyGuard``): an error reply
+  for a blocked reply; the server-side guard's findings.
 
 A key that is present but holds a non-finite value (NaN: "not audited this round") is
 treated as absent.
@@ -50,9 +51,12 @@ LEAK = ("audit-leaks",)
 # (flwr_guard.audit.audit_mod.BLOCKED_REASON).
 BLOCKED_REASON_PREFIX = "flwr-guard audit: update blocked"
 
-# Reply inspector: violations a client-side inspector counted in its own reply.
-INSPECTOR_VIOLATIONS = ("inspector-violations", "audit-inspector-violations")
-INSPECTOR_REASON_PREFIX = "flwr-guard inspector"
+# Reply inspector: a reply the client-side inspection blocked arrives as an error reply
+# whose reason starts so (flwr_guard.audit.reply_mod.BLOCKED_REASON); the server-side
+# ReplyGuard keeps its findings per round (read by the adapter). A count a client puts in
+# its own reply is read too.
+INSPECTOR_VIOLATIONS = ("inspector-violations",)
+INSPECTOR_REASON_PREFIX = "flwr-guard reply inspection"
 
 # Training progress, by phase (aggregated train / evaluate metrics, server evaluation).
 LOSS = {

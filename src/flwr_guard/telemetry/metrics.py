@@ -151,8 +151,8 @@ FAMILIES: tuple[Family, ...] = (
     _f("audit_errors_total", "counter", "audits", (),
        "Audits that were due but failed on the client (the reply went out unaudited)."),
     _f("inspector_violations_total", "counter", "violations", (),
-       "Replies that the reply inspector flagged or blocked (extra arrays, per-example "
-       "data in metrics, ...)."),
+       "Reply-inspection findings (extra arrays, per-example data in metrics, ...): the "
+       "server-side ReplyGuard's findings, plus one per reply a client's inspection blocked."),
 )
 
 # Per-node families: only with per_node=True (small deployments: one series per node).

@@ -223,6 +223,10 @@ class TelemetryRecorder:
         if self.client_statistics:
             self._client_statistics(ok)
 
+    def inspector_findings(self, count: int) -> None:
+        """Findings of a server-side reply inspector (``ReplyGuard``) since the last call."""
+        self._labels("inspector_violations").inc(max(count, 0))
+
     def _record_level(self, ok: Sequence[ReplyView]) -> None:
         epsilons = [(r, lookup(r.metrics, keys.RECORD_EPSILON)) for r in ok]
         epsilons = [(r, e) for r, e in epsilons if e is not None]

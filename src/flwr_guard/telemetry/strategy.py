@@ -15,7 +15,8 @@ arguments and its results returned unchanged); around each call it reads:
   reply): DP-SGD record-level epsilon, audit scores, inspector violations, and — with
   client statistics on and no secure aggregation — each update's L2 norm; then, after
   delegating, the SecAgg+ wrapper's round report (``history``), the DP wrapper's
-  budget and parameters, and the aggregated train metrics;
+  budget and parameters, the server-side reply inspector's findings (``ReplyGuard``),
+  and the aggregated train metrics;
 - ``aggregate_evaluate``: the aggregated evaluate metrics;
 - ``evaluate_fn`` (wrapped by :meth:`start`): the server-side evaluation.
 
@@ -65,6 +66,10 @@ def _is_secagg(strategy: Strategy) -> bool:
     return isinstance(vars(strategy).get("history"), list) and hasattr(strategy, "num_shares")
 
 
+def _is_reply_guard(strategy: Strategy) -> bool:
+    return isinstance(vars(strategy).get("findings"), dict) and hasattr(strategy, "policy")
+
+
 def _is_dp(strategy: Strategy) -> bool:
     budget = vars(strategy).get("budget")
     return budget is not None and hasattr(budget, "epsilon_spent") and hasattr(
@@ -112,6 +117,8 @@ class TelemetryStrategy(StrategyWrapper):
         self.chain = [type(s).__name__ for s in chain]
         self.secagg = next((s for s in chain if _is_secagg(s)), None)
         self.dp = next((s for s in chain if _is_dp(s)), None)
+        self.reply_guard = next((s for s in chain if _is_reply_guard(s)), None)
+        self._findings_seen = 0
         self.client_statistics = self.dp is None if client_statistics is None else client_statistics
         self._run = run
         self._recorder_args = {
@@ -167,6 +174,8 @@ class TelemetryStrategy(StrategyWrapper):
             protections.append("secagg")
         if self.dp is not None:
             protections.append("dp")
+        if self.reply_guard is not None:
+            protections.append("reply-inspection")
         recorder.run_info(self.chain, protections)
         self.recorder = recorder
         return recorder
@@ -259,7 +268,16 @@ class TelemetryStrategy(StrategyWrapper):
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if self.recorder is not None:
             self._safe(self.recorder.progress, "evaluate", metrics)
+            self._safe(self._inspector_findings)
         return metrics
+
+    def _inspector_findings(self) -> None:
+        """New findings of the server-side reply inspector since the last reading."""
+        if self.reply_guard is None or self.recorder is None:
+            return
+        total = sum(len(found) for found in vars(self.reply_guard)["findings"].values())
+        self.recorder.inspector_findings(total - self._findings_seen)  # exported from 0 on
+        self._findings_seen = total
 
     # -- reading the round -------------------------------------------------------------
     def _views(self, replies: list[Message]) -> list[ReplyView]:
@@ -315,6 +333,7 @@ class TelemetryStrategy(StrategyWrapper):
         if self.dp is not None:
             recorder.dp_state(self._dp_state(aggregated))
         recorder.progress("train", aggregated)
+        self._inspector_findings()
         if arrays is not None:
             outcome = "aggregated"
         else:
