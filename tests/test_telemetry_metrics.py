@@ -225,6 +225,11 @@ def test_exporter_serves_the_registry_and_promtool_accepts_it(tmp_path) -> None:
     done = subprocess.run([PROMTOOL, "check", "metrics"], input=text, text=True,
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    # the leakage audit's endpoint check finds no gradient, per-example or high-cardinality
+    # family in what the exporter serves (per-node families included)
+    from flwr_guard.audit.endpoints import check_exporter_text
+
+    assert check_exporter_text(exporter.url, text) == []
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed: `make tools`")
