@@ -164,8 +164,11 @@ def run_audit(
     if victim_indices is None:
         victim_indices = torch.randperm(num, generator=generator)[: plan.batch_size]
     victim_indices = torch.as_tensor(victim_indices, dtype=torch.long).reshape(-1)
-    if victim_indices.numel() != plan.batch_size or victim_indices.unique().numel() != plan.batch_size:
-        raise ValueError(f"need {plan.batch_size} distinct victim indices, got {victim_indices.tolist()}")
+    distinct = victim_indices.unique().numel()
+    if victim_indices.numel() != plan.batch_size or distinct != plan.batch_size:
+        raise ValueError(
+            f"need {plan.batch_size} distinct victim indices, got {victim_indices.tolist()}"
+        )
     if victim_indices.min() < 0 or victim_indices.max() >= num:
         raise ValueError(f"victim indices out of range [0, {num})")
     others = _stand_ins(num, victim_indices, plan, generator)

@@ -198,7 +198,8 @@ def leakage_audit_mod(
                 f"{report.psnr_gain_db:+.1f} dB vs the mean image"
             )
             logger.warning(reason)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+            error = Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason)
+            return Message(error, reply_to=msg)
         try:
             record = reply_metric_record(reply)
         except ValueError as err:

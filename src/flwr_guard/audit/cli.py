@@ -13,7 +13,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -23,18 +29,38 @@ def _split(value: str, cast: type = str) -> tuple:
     return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
 
 
+ALL_DEFENCES = "none,clip,dp-0.001,dp-0.01,dp-0.1,dp-1,secagg-4,secagg-16"
+OutOpt = Annotated[Path, typer.Option(help="Folder for audit.json, audit.md and the PNG grids.")]
+ModelsOpt = Annotated[str, typer.Option(help="Comma-separated: digits-cnn, lenet.")]
+SizesOpt = Annotated[
+    str, typer.Option(help="Comma-separated image sizes (8 = the digits, larger = upsampled).")
+]
+DefencesOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_DEFENCES}.")]
+BatchOpt = Annotated[str, typer.Option(help="Comma-separated batch sizes.")]
+AuditsOpt = Annotated[int, typer.Option(min=1, help="Audits (victim batches) per cell.")]
+EffortOpt = Annotated[
+    float, typer.Option(min=0.01, help="Scale of every attack's iteration count.")
+]
+BudgetOpt = Annotated[
+    float, typer.Option(min=0.0, help="Time budget per audit in seconds (0 = none).")
+]
+AttacksOpt = Annotated[str, typer.Option(help="Comma-separated attack names ('' = defaults).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of data, models, victims, noise and attacks.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+
+
 def audit_command(
-    out: Annotated[Path, typer.Option(help="Folder for audit.json, audit.md and the PNG grids.")] = Path("audit-report"),
-    models: Annotated[str, typer.Option(help="Comma-separated: digits-cnn, lenet.")] = "digits-cnn,lenet",
-    sizes: Annotated[str, typer.Option(help="Comma-separated image sizes (8 = the digits, larger = upsampled).")] = "8,28",
-    defences: Annotated[str, typer.Option(help="Comma-separated: none, clip, dp-0.001, dp-0.01, dp-0.1, dp-1, secagg-4, secagg-16.")] = "none,clip,dp-0.001,dp-0.01,dp-0.1,dp-1,secagg-4,secagg-16",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
-    audits: Annotated[int, typer.Option(min=1, help="Audits (victim batches) per cell.")] = 2,
-    effort: Annotated[float, typer.Option(min=0.01, help="Scale of every attack's iteration count.")] = 0.5,
-    budget: Annotated[float, typer.Option(min=0.0, help="Time budget per audit in seconds (0 = none).")] = 40.0,
-    attacks: Annotated[str, typer.Option(help="Comma-separated attack names ('' = defaults).")] = "",
-    seed: Annotated[int, typer.Option(help="Seed of data, models, victims, noise and attacks.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
+    out: OutOpt = Path("audit-report"),
+    models: ModelsOpt = "digits-cnn,lenet",
+    sizes: SizesOpt = "8,28",
+    defences: DefencesOpt = ALL_DEFENCES,
+    batch_sizes: BatchOpt = "1,4",
+    audits: AuditsOpt = 2,
+    effort: EffortOpt = 0.5,
+    budget: BudgetOpt = 30.0,
+    attacks: AttacksOpt = "",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Attack unprotected and protected updates on real digits; write the report.
 
@@ -64,7 +90,9 @@ def audit_command(
     cells = options.cells()
     results = []
     started = time.monotonic()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("auditing", total=len(cells))
         for cell in cells:
@@ -83,12 +111,23 @@ def audit_command(
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
+ServiceOpt = Annotated[list[str], typer.Option(
+    "--service", help="Base URL of an HTTP service (SuperLink, SuperNode health port); repeatable."
+)]
+ExporterOpt = Annotated[list[str], typer.Option(
+    "--exporter", help="URL of a Prometheus metrics exporter; repeatable."
+)]
+TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Per-request timeout in seconds.")]
+SeriesOpt = Annotated[int, typer.Option(min=1, help="Most label sets a metric family may have.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the findings as JSON.")]
+
+
 def audit_endpoints_command(
-    service: Annotated[list[str], typer.Option("--service", help="Base URL of an HTTP service (SuperLink, SuperNode health port); repeatable.")] = [],  # noqa: B006
-    exporter: Annotated[list[str], typer.Option("--exporter", help="URL of a Prometheus metrics exporter; repeatable.")] = [],  # noqa: B006
-    timeout: Annotated[float, typer.Option(min=0.1, help="Per-request timeout in seconds.")] = 3.0,
-    max_series: Annotated[int, typer.Option(min=1, help="Most label sets a metric family may have.")] = 100,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the findings as JSON.")] = None,
+    service: ServiceOpt = [],  # noqa: B006 - typer's way to say "none given"
+    exporter: ExporterOpt = [],  # noqa: B006
+    timeout: TimeoutOpt = 3.0,
+    max_series: SeriesOpt = 100,
+    json_out: JsonOpt = None,
 ) -> None:
     """Check HTTP endpoints and metrics exporters for leaks and debug interfaces.
 

@@ -122,8 +122,8 @@ class DLG(Attack):
             if not math.isfinite(current) or current >= previous * (1 - 1e-7):
                 break  # converged or stalled
             previous = current
-        return (best["images"], best["labels"], float(best["loss"]),  # type: ignore[return-value,arg-type]
-                iterations, stopped)
+        loss = float(best["loss"])  # type: ignore[arg-type]
+        return best["images"], best["labels"], loss, iterations, stopped  # type: ignore[return-value]
 
 
 class IDLG(DLG):

@@ -120,7 +120,8 @@ def observed_update(
         for acc, part in zip(total, clip_update(update, protections.clipping_norm)):
             acc += part
     if protections.noise_multiplier > 0:
-        std = protections.noise_multiplier * float(protections.clipping_norm)  # type: ignore[arg-type]
+        clip = float(protections.clipping_norm)  # type: ignore[arg-type]
+        std = protections.noise_multiplier * clip
         for acc in total:
             noise = torch.randn(acc.shape, generator=generator, dtype=acc.dtype)
             acc += std * noise.to(acc.device)

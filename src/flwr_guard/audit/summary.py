@@ -54,8 +54,9 @@ def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
         f"{METRIC_PREFIX}error": errors,
     }
     for key in _MAX_KEYS:
-        values = [float(a[f"{METRIC_PREFIX}{key}"]) for a in audited if f"{METRIC_PREFIX}{key}" in a]
-        out[f"{METRIC_PREFIX}{key}"] = max(values) if values else 0.0
+        name = f"{METRIC_PREFIX}{key}"
+        values = [float(a[name]) for a in audited if name in a]
+        out[name] = max(values) if values else 0.0
     base = [float(a[f"{METRIC_PREFIX}baseline-psnr-db"]) for a in audited
             if f"{METRIC_PREFIX}baseline-psnr-db" in a]
     out[f"{METRIC_PREFIX}baseline-psnr-db"] = sum(base) / len(base) if base else 0.0

@@ -144,7 +144,8 @@ def run_cell(cell: SweepCell, options: SweepOptions) -> AuditReport:
     for audit in range(options.audits):
         # Victims depend on the audit index and batch size only: every defence and
         # model sees the same victims, so the rows of the grid line up.
-        victim_gen = torch.Generator().manual_seed(derived_seed(options.seed, audit, cell.batch_size))
+        victim_seed = derived_seed(options.seed, audit, cell.batch_size)
+        victim_gen = torch.Generator().manual_seed(victim_seed)
         victims = torch.randperm(images.shape[0], generator=victim_gen)[: cell.batch_size]
         reports.append(run_audit(
             model, images, labels, plan,
