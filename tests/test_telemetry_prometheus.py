@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+import psutil
 import pytest
 import yaml
 
@@ -187,7 +188,9 @@ def test_protected_run_read_back_through_prometheus(tmp_path) -> None:
             _check_alerts(prom)
             _check_dashboard_queries(prom)
             _check_exporter_was_scraped(prom, truth, started)
-        assert prom.process is None and not prom.workdir.exists() or prom.pid is not None
+        # stopped by its PID, and reaped
+        assert prom.process is None and prom.pid is not None
+        assert not psutil.pid_exists(prom.pid)
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
