@@ -193,6 +193,10 @@ def test_dashboards_and_rules_of_the_repository_become_configmaps(tmp_path) -> N
     # The mechanism, with a dashboard and a rule file in a copy of the chart:
     chart = tmp_path / "flwr-guard"
     shutil.copytree(CHART, chart, symlinks=False)
+    for folder in ("files/dashboards", "files/rules"):  # only the samples below
+        for old in (chart / folder).iterdir():
+            if old.is_file() and not old.name.startswith("."):
+                old.unlink()
     (chart / "files/dashboards/Privacy_Budget.json").write_text(json.dumps({"title": "ε"}))
     (chart / "files/rules/privacy.yml").write_text("groups: []\n")
     manifests = _render(SECRETS, chart)
