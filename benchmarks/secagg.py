@@ -270,6 +270,8 @@ def summarise(spec: RunSpec, data: dict[str, Any], clients: list[dict[str, Any]]
         "flower_num_shares": data.get("flower_num_shares"),
         "guard_stage_seconds": [h["stage_seconds"] for h in data.get("guard_history", [])],
         "guard_modulus_bits": [h["modulus_bits"] for h in data.get("guard_history", [])],
+        "guard_aborted": [h["aborted"] for h in data.get("guard_history", [])],
+        "guard_dropouts": [h["dropouts"] for h in data.get("guard_history", [])],
     }
 
 
@@ -339,7 +341,34 @@ def print_table(runs: list[dict[str, Any]]) -> None:
             _fmt(run["bytes_up"] and run["bytes_up"] / 1e6, ".3f"),
             _fmt(ratios.get("bytes_vs_fedavg"), ".3f"),
         )
-    Console().print(table)
+    Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """The table of docs/secagg.md (same numbers as :func:`print_table`)."""
+    lines = [
+        "| n | d | drop | variant | k / t | rounds ok | round s | × FedAvg | guard ÷ Flower "
+        "| server CPU s | client CPU s | MB down | MB up | bytes × FedAvg |",
+        "|" + "---|" * 14,
+    ]
+    for run in runs:
+        spec, ratios = run["spec"], run.get("ratios", {})
+        kt = "-" if spec["k"] is None else f"{spec['k']} / {spec['t']}"
+        name = {"fedavg": "FedAvg", "guard": "flwr-guard", "flower": "Flower"}[spec["variant"]]
+        if not run["success"]:
+            lines.append(f"| {spec['nodes']} | {spec['dimension']:.0e} | {len(spec['drop'])} | {name} "
+                         f"| {kt} | failed |" + " - |" * 8)
+            continue
+        halted = f" (halted: {', '.join(map(str, run['rounds_halted']))})" if run["rounds_halted"] else ""
+        lines.append(
+            f"| {spec['nodes']} | {spec['dimension']:.0e} | {len(spec['drop'])} | {name} | {kt} "
+            f"| {run['rounds_completed']}/{len(run['rounds'])}{halted} "
+            f"| {_fmt(run['round_s'], '.2f')} | {_fmt(ratios.get('round_vs_fedavg'), '.1f')} "
+            f"| {_fmt(ratios.get('round_vs_flower'), '.2f')} | {_fmt(run['server_cpu_s'], '.3f')} "
+            f"| {_fmt(run['client_cpu_s'], '.3f')} | {_fmt(run['bytes_down'] / 1e6, '.3f')} "
+            f"| {_fmt(run['bytes_up'] / 1e6, '.3f')} | {_fmt(ratios.get('bytes_vs_fedavg'), '.3f')} |"
+        )
+    return "\n".join(lines)
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -349,7 +378,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
                     "python": platform.python_version(), "platform": platform.platform()},
         "versions": {p: version(p) for p in ("flwr", "pycryptodome", "cryptography", "numpy", "ray")},
-        "git_commit": commit,
+        "invocations": [{"git_commit": commit, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         "argv": sys.argv[1:]}],
         "rounds_per_run": args.rounds,
         "simulation": "Flower Ray simulation, default client resources (2 CPUs per client: "
                       "one ClientApp actor at a time on this 2-core machine)",
@@ -368,8 +398,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--resume", action="store_true",
                         help="keep the cases already complete in --out, run the others")
+    parser.add_argument("--rerun", nargs="*", default=[], metavar="CASE",
+                        help="with --resume: run these cases again (e.g. n20-d1000000-drop0); "
+                             "their earlier runs move to `superseded_runs` in the JSON")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/secagg.json")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: print the table of --out, and its markdown")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(args.out.read_text())["runs"]
+        add_ratios(saved)
+        print_table(saved)
+        print(markdown_table(saved))
+        return
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
     cases: list[list[RunSpec]] = []
@@ -383,10 +424,21 @@ def main() -> None:
                 cases.append(case_specs(nodes, dimension, args.graphs, drop))
 
     previous: dict[str, dict[str, Any]] = {}
+    superseded: list[dict[str, Any]] = []
     if args.resume and args.out.exists():
-        previous = {r["key"]: r for r in json.loads(args.out.read_text())["runs"]}
+        saved = json.loads(args.out.read_text())
+        superseded = saved.get("superseded_runs", [])
+        for run in saved["runs"]:
+            if run["key"].split("/")[0] in args.rerun:
+                superseded.append(run)
+            else:
+                previous[run["key"]] = run
     runs: list[dict[str, Any]] = []
     meta = _meta(args)
+    if args.resume and args.out.exists():
+        earlier = json.loads(args.out.read_text())["meta"]
+        meta["invocations"] = earlier.get("invocations", [
+            {"git_commit": earlier.get("git_commit"), "argv": "first pass"}]) + meta["invocations"]
     for specs in cases:
         if all(s.key in previous and previous[s.key]["success"] for s in specs):
             runs += [previous[s.key] for s in specs]
@@ -416,11 +468,18 @@ def main() -> None:
             add_ratios(runs)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             kept = [r for k, r in previous.items() if k not in {x["key"] for x in runs}]
-            args.out.write_text(json.dumps({"meta": meta, "runs": kept + runs}, indent=1) + "\n")
-    add_ratios(runs)
-    print_table(runs)
+            _write(args.out, meta, kept + runs, superseded)
     kept = [r for k, r in previous.items() if k not in {x["key"] for x in runs}]
-    args.out.write_text(json.dumps({"meta": meta, "runs": kept + runs}, indent=1) + "\n")
+    add_ratios(kept + runs)
+    print_table(kept + runs)
+    _write(args.out, meta, kept + runs, superseded)
+
+
+def _write(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]],
+           superseded: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "runs": runs, "superseded_runs": superseded}
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
