@@ -123,7 +123,7 @@ def test_identification_needs_the_victim_and_must_beat_the_mean(digits8) -> None
     # A slightly noisy copy of each victim is identified; the mean image is not.
     noisy = (victims + 0.05 * torch.randn(victims.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     scored = score(noisy.flip(0), labels[[9, 7]], victims, labels[[7, 9]], torch.tensor([7, 9]), images, prior)
-    assert scored.identified.tolist() == [True, True]  # paired despite the order
+    assert scored.identified.tolist() == [True, True]  # paired despite the order (26 dB)
     assert scored.label_correct.tolist() == [True, True]
     guess = prior.expand(2, *prior.shape)
     scored = score(guess, labels[[7, 9]], victims, labels[[7, 9]], torch.tensor([7, 9]), images, prior)

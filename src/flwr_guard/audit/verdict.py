@@ -3,8 +3,8 @@
 An update **leaks** when, under the worst case over the attacks run,
 
 1. at least one victim is *identified* (its reconstruction's nearest sample in the
-   client's data is the victim, and the reconstruction beats the mean image — see
-   :mod:`flwr_guard.audit.scores`), or
+   client's data is the victim, and the reconstruction's PSNR beats the mean image's
+   by at least 1 dB — see :mod:`flwr_guard.audit.scores`), or
 2. the mean PSNR over the victims is more than ``psnr_margin_db`` (default 3 dB)
    above the mean-image baseline's.
 
