@@ -234,3 +234,30 @@ def test_masked_metrics_reveal_only_their_sum() -> None:
     total, weight = r.server.aggregate()
     assert total[30:].tolist() == [5, sum(bits.values())]
     assert np.abs(mean_of(r, total[:30], weight) - expected_mean(r, active)).max() < ctx.params.step
+
+
+def test_share_keys_are_agreed_once_kept_in_the_state_and_erased_after_use() -> None:
+    from flwr_guard.secagg import codec
+    from flwr_guard.secagg.client import SecAggClient
+
+    r = make_round(n=5, d=10)
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    # Through the mod's serialisation (context.state): the X25519 secret is gone, the
+    # k derived keys survive.
+    for c in ids:
+        state = codec.decode(codec.encode(r.clients[c].to_state()))
+        assert state["encryption_secret"] == b""
+        assert {p for p, _ in state["share_encryption_keys"]} == set(r.clients[c].neighbour_ids)
+        r.clients[c] = SecAggClient.from_state(state, r.clients[c].signing_secret)
+    me = ids[0]
+    _, bad, _ = r.clients[me].masked_input(list(routed), routed[me], r.updates[me], r.weights[me],
+                                           ctx.model_hash)
+    assert bad == [] and set(r.clients[me].held_shares) == set(r.clients[me].neighbour_ids)
+    assert r.clients[me].share_encryption_keys == {}
+    # A second masked input (same masks, new input) would reveal the difference.
+    with pytest.raises(ProtocolError, match="already sent"):
+        r.clients[me].masked_input(list(routed), routed[me], r.updates[me], r.weights[me],
+                                   ctx.model_hash)

@@ -142,6 +142,12 @@ class SecAggClient:
             a peer whose signing key differs is refused (defeats key substitution).
         pinned_keys: node id -> signing key seen in earlier rounds (trust on first
             use); a peer whose key changed is refused.
+
+    Secrets of the round, and how long they live: the X25519 share-encryption private
+    key from :meth:`advertise` until :meth:`share_keys`, which derives the k
+    per-neighbour AES keys (``share_encryption_keys``) and erases it; those keys until
+    :meth:`masked_input` has opened the shares addressed to this client, then they are
+    erased too. The mask key and self-mask seed stay for the round.
     """
 
     node_id: int
@@ -150,6 +156,7 @@ class SecAggClient:
     pinned_keys: dict[int, bytes] = field(default_factory=dict)
     context: RoundContext | None = None
     encryption_secret: bytes = b""
+    share_encryption_keys: dict[int, bytes] = field(default_factory=dict)
     mask_secret: bytes = b""
     self_mask_seed: bytes = b""
     advertisements: dict[int, Advertisement] = field(default_factory=dict)
@@ -235,14 +242,19 @@ class SecAggClient:
         self_mask_shares = crypto.share_secret(self.self_mask_seed, threshold, count)
         mask_key_shares = crypto.share_secret(self.mask_secret, threshold, count)
         out: dict[int, bytes] = {}
+        # One key per neighbour encrypts this client's shares for it and decrypts its
+        # shares for this client in masked-input: agree once, keep the key.
+        self.share_encryption_keys = {}
         for peer, (index, b_share), (_, sk_share) in zip(
             self.neighbour_ids, self_mask_shares, mask_key_shares, strict=True
         ):
             key = crypto.agree(
                 self.encryption_secret, by_id[peer].encryption_key, digest, b"share-encryption"
             )
+            self.share_encryption_keys[peer] = key
             plaintext = struct.pack(">H", index) + b_share + sk_share
             out[peer] = crypto.encrypt(key, plaintext, share_aad(digest, self.node_id, peer))
+        self.encryption_secret = b""  # every key it can give is derived: erase it
         return out
 
     # -- stage 3 -------------------------------------------------------------------
@@ -315,6 +327,12 @@ class SecAggClient:
             params.num_shares,
             graph_seed(digest, list(self.advertisements.values())),
         )
+        if not self.share_encryption_keys:
+            raise ProtocolError(
+                "no share-encryption keys: a masked input was already sent this round "
+                "(a second one would reveal the difference of two inputs), or share-keys "
+                "did not run"
+            )
         bad: list[int] = []
         self.held_shares = {}
         for sender in active_neighbours:
@@ -323,6 +341,7 @@ class SecAggClient:
                 bad.append(sender)
             else:
                 self.held_shares[sender] = share
+        self.share_encryption_keys = {}  # the shares are open: the keys are not needed
         self.shared_ids = sorted(survivors)
         q, clipped = quantize(
             update, params.clipping_range, params.quantization_range, rng or np.random.default_rng()
@@ -346,11 +365,9 @@ class SecAggClient:
     def _open_share(
         self, sender: int, blob: bytes | None, digest: bytes
     ) -> tuple[int, bytes, bytes] | None:
-        if blob is None:
+        key = self.share_encryption_keys.get(sender)
+        if blob is None or key is None:
             return None
-        key = crypto.agree(
-            self.encryption_secret, self.advertisements[sender].encryption_key, digest, b"share-encryption"
-        )
         try:
             plaintext = crypto.decrypt(key, blob, share_aad(digest, sender, self.node_id))
         except crypto.CryptoError:
@@ -457,6 +474,7 @@ class SecAggClient:
             "node_id": self.node_id,
             "context": None if self.context is None else self.context.to_dict(),
             "encryption_secret": self.encryption_secret,
+            "share_encryption_keys": [[p, k] for p, k in self.share_encryption_keys.items()],
             "mask_secret": self.mask_secret,
             "self_mask_seed": self.self_mask_seed,
             "advertisements": [a.to_dict() for a in self.advertisements.values()],
@@ -481,6 +499,9 @@ class SecAggClient:
         if state.get("context") is not None:
             client.context = RoundContext.from_dict(state["context"])
         client.encryption_secret = state["encryption_secret"]
+        client.share_encryption_keys = {
+            int(p): bytes(k) for p, k in state.get("share_encryption_keys", [])
+        }
         client.mask_secret = state["mask_secret"]
         client.self_mask_seed = state["self_mask_seed"]
         client.advertisements = {
