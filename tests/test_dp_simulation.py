@@ -65,3 +65,32 @@ def _fedavg():
     from flwr.serverapp.strategy import FedAvg
 
     return FedAvg()
+
+
+def test_distributed_dp_through_secagg_carries_the_calibrated_noise(tmp_path) -> None:
+    # Every client sends a zero update, so the global model moves by the noise alone:
+    # the clients' Skellam noise, summed inside SecAgg+ and averaged over n survivors.
+    # Calibrated for min-contributors m: per coordinate, std = sqrt(n / m) * z * D * step / n
+    # with D = C / step + sqrt(d) (the quantised update's L2 sensitivity, integer units).
+    z, clip, m = 1.0, 1.0, 2
+    result_file = tmp_path / "result.json"
+    result = run_demo(
+        DemoOptions(
+            nodes=NODES, rounds=1, simulation=True, app_dir=FIXTURES / "dp_app",
+            run_config={
+                "result-file": str(result_file), "zero-update": True,
+                "dp-distributed": True, "dp-min-contributors": m,
+                "dp-noise-multiplier": z, "dp-clipping-norm": clip, "dp-delta": DELTA,
+            },
+        )
+    )
+    assert result.success, result.error
+    out = json.loads(result_file.read_text())
+    d = out["num-values"]
+    step = 2 * 2.0 / 2**16  # SecAggPlus defaults: clipping range 2, quantisation range 2^16
+    expected = (NODES / m) ** 0.5 * z * (clip / step + d**0.5) * step / NODES
+    assert out["update-std"]["1"] == pytest.approx(expected, rel=0.03)  # d ~ 38k values
+    # The server added no noise of its own and accounted the clients' noise as z * sqrt(n/m)
+    # >= z (more survivors than the noise was scaled for only add noise).
+    assert out["epsilon"] == pytest.approx(compute_epsilon(z, 1.0, 1, DELTA), rel=1e-6)
+    assert out["train-metrics"]["1"]["secagg-wraparounds"] == 0

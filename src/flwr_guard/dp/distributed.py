@@ -92,6 +92,42 @@ def add_skellam_noise(q: np.ndarray, mu: float, rng: np.random.Generator) -> np.
     return q.astype(np.int64) + noise
 
 
+def skellam_noise_for_secagg(
+    noise_multiplier: float,
+    clipping_norm: float,
+    min_contributors: int,
+    step: float,
+    dim: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, float]:
+    """One client's Skellam noise for SecAgg+'s own quantiser (no rotation).
+
+    SecAgg+ maps a coordinate ``x`` to ``round((x + r) / step)`` with ``step = 2r / L``;
+    the offset ``r / step`` is data-independent (the server knows the number of
+    contributors and removes it), so the integer-domain sensitivity of an update with
+    ``||x|| <= C`` is :func:`quantised_l2_bound` ``(C, step, dim)``. ``mu`` is
+    :func:`skellam_mu` for ``min_contributors``: the sum of that many clients carries
+    noise of standard deviation ``z * D`` (more survivors only add noise). SecAgg+'s
+    coordinate clipping to ``[-r, r]`` is a projection onto a box around 0 and never
+    increases the norm, so it keeps the sensitivity.
+
+    Returns:
+        ``(noise, mu)``: int64 ``(dim,)`` Skellam noise, and its parameter.
+
+    Raises:
+        ValueError: for non-positive parameters, or ``mu`` above :data:`MU_MAX`
+            (NumPy's Poisson sampler is exact below it).
+    """
+    if not (noise_multiplier > 0 and clipping_norm > 0 and min_contributors >= 1):
+        raise ValueError("distributed DP needs noise multiplier > 0, clipping norm > 0 "
+                         "and min contributors >= 1")
+    mu = skellam_mu(noise_multiplier, clipping_norm, step, dim, min_contributors)
+    if mu > MU_MAX:
+        raise ValueError(f"Skellam mu {mu:.3g} exceeds {MU_MAX:.0e}: lower the quantisation "
+                         "range or raise min contributors")
+    return add_skellam_noise(np.zeros(dim, dtype=np.int64), mu, rng), mu
+
+
 def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Unbiased rounding to int64: ``floor(x) + Bernoulli(x - floor(x))``."""
     x = np.asarray(x, dtype=np.float64)

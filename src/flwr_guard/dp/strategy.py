@@ -380,12 +380,20 @@ class DPFedAvg(StrategyWrapper):
         if any(a.shape != g.shape for a, g in zip(local, global_nd, strict=True)):
             log(WARNING, "DPFedAvg: reply of node %s dropped: array shapes differ", node)
             return None
+        diff = [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)]
+        if alone and self.distributed and weight > 1:
+            # SecAgg+'s aggregate already carries the clients' Skellam noise: its norm
+            # exceeds C by design, and clipping it here would scale the noise away.
+            if not all(np.isfinite(u).all() for u in diff):
+                log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round dropped")
+                return None
+            count = float(metrics.get(KEY_UNCLIPPED, 0.0))  # type: ignore[arg-type]
+            return diff, weight, min(max(count, 0.0), weight)
         try:
             # Defence in depth: a client that skipped the mod is clipped here (central
             # DP trusts the server); a mean of clipped updates is never changed by it.
             update, norm, is_unclipped = clip_update(
-                [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)],
-                clipping_norm,
+                diff, clipping_norm,
             )
         except ValueError as err:
             log(WARNING, "DPFedAvg: reply of node %s dropped: %s", node, err)

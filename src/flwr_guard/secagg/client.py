@@ -267,6 +267,7 @@ class SecAggClient:
         received_model_hash: bytes,
         rng: np.random.Generator | None = None,
         metric_values: Sequence[int] = (),
+        noise: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[int], int]:
         """Mask the weighted, quantised update.
 
@@ -278,6 +279,10 @@ class SecAggClient:
             received_model_hash: hash of the global model this client trained from.
             metric_values: one integer in ``[0, max_weight]`` per name of the context's
                 ``masked_metrics`` (summed unweighted).
+            noise: optional int64 ``(update_length,)`` added to the weighted, quantised
+                update before masking (distributed DP: Skellam noise, see
+                :func:`flwr_guard.dp.distributed.skellam_noise_for_secagg`); negative
+                values wrap modulo ``2^bits`` like every other term.
 
         Returns:
             ``(masked, bad_senders, clipped)``: uint32/uint64 vector of length
@@ -349,7 +354,13 @@ class SecAggClient:
         dtype = prg.mask_dtype(params.modulus_bits)
         vector = np.empty(context.vector_length, dtype=dtype)
         d = context.update_length
-        vector[:d] = (q * int(weight)).astype(dtype)
+        weighted = q * int(weight)
+        if noise is not None:
+            noise = np.asarray(noise)
+            if noise.shape != (d,) or not np.issubdtype(noise.dtype, np.integer):
+                raise ValueError(f"noise must be an integer vector of {d} values")
+            weighted = weighted + noise.astype(np.int64)
+        vector[:d] = weighted.astype(dtype)  # negative values wrap modulo 2^bits
         vector[d:-1] = np.asarray(metrics, dtype=dtype)
         vector[-1] = int(weight)
         vector += prg.expand(self.self_mask_seed, context.vector_length, params.modulus_bits)

@@ -59,3 +59,38 @@ def dequantize_mean(
         raise ValueError(f"total weight must be > 0, got {total_weight}")
     mean_q = np.asarray(total, dtype=np.float64) / total_weight
     return mean_q * (2.0 * clipping_range / quantization_range) - clipping_range
+
+
+def centered_lift(
+    residues: np.ndarray, center: int, bits: int
+) -> tuple[np.ndarray, int]:
+    """Lift a sum modulo ``2^bits`` to the integer nearest ``center``.
+
+    Without noise the weighted sum of quantised vectors lies in ``[0, W L]`` (``W`` the
+    total weight), and ``W L < 2^bits`` makes the residue the sum itself. With
+    distributed-DP noise a coordinate can fall below 0 or above ``W L``; it is then
+    recovered exactly as long as it stays within ``2^(bits-1)`` of ``center = W L / 2``
+    (the lift is the identity on ``[0, W L]`` whenever ``W L < 2^bits``).
+
+    Args:
+        residues: int64 array of residues in ``[0, 2^bits)`` (for ``bits = 64``, the
+            int64 reinterpretation of the uint64 residues).
+        center: the expected middle of the sum, ``W L // 2``.
+        bits: 32 or 64.
+
+    Returns:
+        ``(values, suspected_wraparounds)``: int64 values; and how many coordinates lie
+        more than ``2^(bits-2)`` from ``center``, where no honest sum can be unless it
+        wrapped around the modulus (their value is then wrong).
+    """
+    residues = np.asarray(residues, dtype=np.int64)
+    if bits == 64:
+        offset = (residues.view(np.uint64) - np.uint64(center)).view(np.int64)
+    elif bits < 63:
+        modulus = 1 << bits
+        offset = (residues - center) % modulus
+        offset[offset >= modulus // 2] -= modulus
+    else:
+        raise ValueError(f"bits must be < 63 or 64, got {bits}")
+    suspected = int(np.count_nonzero(np.abs(offset) > (1 << (bits - 2))))
+    return offset + center, suspected

@@ -40,8 +40,9 @@ from flwr_guard.secagg.client import Advertisement, ProtocolError
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
 from flwr_guard.secagg.params import SecAggParams
-from flwr_guard.secagg.quantization import dequantize_mean
+from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
+from flwr_guard.secagg.transport import send_and_receive
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,15 @@ class RoundReport:
     bytes_to_clients: dict[str, int] = field(default_factory=dict)
     bytes_from_clients: dict[str, int] = field(default_factory=dict)
     clipped_values: int = 0
+    wraparounds: int = 0
     aborted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Coordinates of the unmasked sum that wrapped around the modulus (see centered_lift).
+WRAPAROUNDS_KEY = "secagg-wraparounds"
 
 
 def _payload_bytes(message: Message) -> int:
@@ -154,7 +160,7 @@ class SecAggPlus(StrategyWrapper):
             )
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         report.bytes_to_clients[stage] = sum(_payload_bytes(m) for m in messages)
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        replies = send_and_receive(grid, messages, timeout=self.timeout)
         good: dict[int, Message] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -290,12 +296,22 @@ class SecAggPlus(StrategyWrapper):
             report.dropouts = server.stats.dropouts()
             report.excluded = {str(k): v for k, v in server.stats.excluded.items()}
         params, d = server.context.params, server.context.update_length
-        mean_update = dequantize_mean(total[:d], weight, params.clipping_range, params.quantization_range)
+        # Lift the update's sum around its middle: distributed-DP noise may take it
+        # below 0 or above W L (the identity on [0, W L] otherwise).
+        lifted, wraparounds = centered_lift(
+            total[:d], weight * params.quantization_range // 2, params.modulus_bits
+        )
+        report.wraparounds = wraparounds
+        if wraparounds:
+            logger.warning("SecAgg+ round %d: %d coordinates wrapped around the modulus",
+                           server_round, wraparounds)
+        mean_update = dequantize_mean(lifted, weight, params.clipping_range, params.quantization_range)
         aggregate = apply_flat_update(state["arrays"], mean_update)
         report.survivors = len(active)
         plain = self._plain_metrics([metrics[n] for n in active if n in metrics])
         plain.update({k: float(v) for k, v in zip(self.masked_metrics, total[d:], strict=True)})
         plain[WEIGHT_KEY] = weight
+        plain[WRAPAROUNDS_KEY] = wraparounds
         record = ArrayRecord(array_dict={k: Array(v) for k, v in aggregate.items()})
         synthetic = Message(
             content=RecordDict({"arrays": record, "metrics": MetricRecord(plain)}),
