@@ -6,7 +6,7 @@ scores (:mod:`scores`, :mod:`baselines`, :mod:`verdict`, :mod:`report`), one aud
 (:mod:`audit`), the reply inspector (:mod:`inspection`), the endpoint audit
 (:mod:`endpoints`) and the sweep behind ``flwr-guard audit`` (:mod:`sweep`).
 
-Flower adapters (imported on first use, so the core loads without Flower):
+Flower adapters:
 :func:`leakage_audit_mod` and :class:`LeakageAuditConfig` (client mod),
 :func:`reply_inspection_mod` (client mod), :class:`ReplyGuard` and
 :class:`AuditSummary` (strategy wrappers). See docs/audit.md.
@@ -17,16 +17,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flwr_guard.audit.audit import AuditPlan, run_audit
-from flwr_guard.audit.inspection import Finding, ReplyLimits, inspect_reply
-from flwr_guard.audit.lenet import SigmoidLeNet
-from flwr_guard.audit.protections import Protections
-from flwr_guard.audit.report import AuditReport
-from flwr_guard.audit.sampling import AuditSampling
-from flwr_guard.audit.update import LocalTraining
-from flwr_guard.audit.verdict import VerdictRule
-
-_ADAPTERS = {
+# Every name loads on first use (PEP 562): the core pulls in torch and torchmetrics
+# (seconds of imports), which a ClientApp process that only inspects a reply, or runs a
+# SecAgg+ stage, must not pay.
+_EXPORTS = {
+    "AuditPlan": "flwr_guard.audit.audit",
+    "run_audit": "flwr_guard.audit.audit",
+    "Finding": "flwr_guard.audit.inspection",
+    "ReplyLimits": "flwr_guard.audit.inspection",
+    "inspect_reply": "flwr_guard.audit.inspection",
+    "SigmoidLeNet": "flwr_guard.audit.lenet",
+    "Protections": "flwr_guard.audit.protections",
+    "AuditReport": "flwr_guard.audit.report",
+    "AuditSampling": "flwr_guard.audit.sampling",
+    "LocalTraining": "flwr_guard.audit.update",
+    "VerdictRule": "flwr_guard.audit.verdict",
+    # Flower adapters
     "leakage_audit_mod": "flwr_guard.audit.audit_mod",
     "LeakageAuditConfig": "flwr_guard.audit.audit_mod",
     "reply_inspection_mod": "flwr_guard.audit.reply_mod",
@@ -34,23 +40,10 @@ _ADAPTERS = {
     "AuditSummary": "flwr_guard.audit.summary",
 }
 
-__all__ = [
-    "AuditPlan",
-    "AuditReport",
-    "AuditSampling",
-    "Finding",
-    "LocalTraining",
-    "Protections",
-    "ReplyLimits",
-    "SigmoidLeNet",
-    "VerdictRule",
-    "inspect_reply",
-    "run_audit",
-    *_ADAPTERS,
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ADAPTERS:
-        return getattr(importlib.import_module(_ADAPTERS[name]), name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
