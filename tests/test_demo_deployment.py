@@ -41,6 +41,15 @@ def test_two_supernodes_two_rounds_accuracy_rises_and_nothing_is_left(tmp_path) 
     assert 0 < summary["privacy"]["dp-sgd-epsilon"] < summary["privacy"]["dp-sgd-max-epsilon"]
     assert all(r["secagg"]["survivors"] == 2 for r in summary["rounds"][1:])
     assert all(r["train-replies"] == 2 for r in summary["rounds"][1:])
+    # Every node audited its update each round; with DP-SGD nothing leaks.
+    assert all(r["train"]["audit-ran"] == 2 for r in summary["rounds"][1:])
+    assert summary["audit"]["audit-leaks"] == 0
+    # The ServerApp's metrics were scraped by a real Prometheus (`make tools`) up to the
+    # last round.
+    assert summary["prometheus_url"], "the prometheus binary is missing: run `make tools`"
+    assert summary["scraped"]["round"] == 2
+    assert summary["scraped"]["server-accuracy"] == pytest.approx(accuracy[2])
+    assert summary["scraped"]["audits"] == 4
     names = {p["name"] for p in summary["processes"]}
     assert {"flower-superlin", "flower-superno", "flwr-serverapp"} <= {n[:15] for n in names} | {
         n[:14] for n in names

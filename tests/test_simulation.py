@@ -24,11 +24,12 @@ def test_digits_app_in_simulation_learns(tmp_path) -> None:
 
 
 def test_record_level_budget_stops_training_and_keeps_the_model(tmp_path) -> None:
-    # Round 1 spends epsilon 2.54 (z=1, 2 nodes, q=1/19); round 2 would reach 3.05 > 2.8: every node
-    # refuses with a clear error, SecAgg+ aborts the round, the model stays as it was.
+    # Round 1 spends epsilon 2.62 (z=1.5, 2 nodes, q=1/6, 12 steps); round 2 would reach
+    # 3.46 > 3.0: every node refuses with a clear error, SecAgg+ aborts the round, the
+    # model stays as it was.
     result = run_demo(
         DemoOptions(nodes=2, rounds=2, simulation=True,
-                    run_config={"dp-sgd-max-epsilon": 2.8, "fraction-evaluate": 0.0},
+                    run_config={"dp-sgd-max-epsilon": 3.0, "fraction-evaluate": 0.0},
                     workdir=tmp_path / "work")
     )
     assert result.success, result.error

@@ -40,15 +40,23 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _audit_cell(train: dict) -> str:
+    ran = train.get("audit-ran")
+    if not ran:
+        return "-"
+    return f"{int(train.get('audit-leaks', 0))}/{int(ran)}, {train.get('audit-psnr-gain-db', 0):+.1f} dB"
+
+
 def _progress_view(state: DemoState, rounds: int) -> Group:
     table = Table(title="flwr-guard demo", expand=False)
     table.add_column("round", justify="right")
-    table.add_column("train loss", justify="right")
-    table.add_column("test loss", justify="right")
-    table.add_column("test accuracy", justify="right")
-    table.add_column("ε record / budget", justify="right")
-    table.add_column("SecAgg+ survivors", justify="right")
-    table.add_column("elapsed (s)", justify="right")
+    table.add_column("train\nloss", justify="right")
+    table.add_column("test\nloss", justify="right")
+    table.add_column("test\nacc.", justify="right")
+    table.add_column("ε record\n/ budget", justify="right")
+    table.add_column("SecAgg+\nsurvivors", justify="right")
+    table.add_column("audit: leaks/ran,\nPSNR gain", justify="right")
+    table.add_column("time\n(s)", justify="right")
     for line in state.rounds:
         eps = line.get("train", {}).get("dp-sgd-epsilon")
         budget = line.get("privacy", {}).get("dp-sgd-max-epsilon")
@@ -60,11 +68,13 @@ def _progress_view(state: DemoState, rounds: int) -> Group:
             _fmt(line.get("server", {}).get("test-accuracy"), ".3f"),
             f"{_fmt(eps, '.2f')} / {_fmt(budget or None, '.1f')}" if eps is not None else "-",
             f"{secagg['survivors']}/{secagg['cohort']}" if secagg else "-",
+            _audit_cell(line.get("train", {})),
             _fmt(line.get("elapsed-s"), ".1f"),
         )
     caption = Text(
         f"{state.phase} · run {state.run_id or '-'} · status {state.status} · "
-        f"{state.elapsed_s:.0f} s"
+        f"{state.elapsed_s:.0f} s\nmetrics {state.metrics_url or '-'} · Prometheus "
+        f"{state.prometheus_url or 'not running (make tools installs it)'}"
     )
     return Group(table, caption)
 
@@ -111,6 +121,9 @@ def demo(
     keep_workdir: Annotated[
         bool, typer.Option("--keep-workdir", help="Keep logs even when the run succeeds.")
     ] = False,
+    prometheus: Annotated[
+        bool, typer.Option(help="Scrape the run's metrics with a local Prometheus (if installed).")
+    ] = True,
 ) -> None:
     """Train the digits app on a real local Flower deployment and report the result.
 
@@ -130,6 +143,7 @@ def demo(
         app_dir=app_dir,
         node_config={} if simulation else {"device": device},
         keep_workdir=keep_workdir,
+        prometheus=prometheus,
     )
     try:
         with Live(console=console, refresh_per_second=4, transient=False) as live:
@@ -151,6 +165,20 @@ def demo(
             f"{_fmt(result.final_test_accuracy, '.3f')} after {result.num_rounds} rounds "
             f"in {result.elapsed_s:.0f} s; summary in {summary}"
         )
+        eps, budget = result.privacy.get("dp-sgd-epsilon"), result.privacy.get("dp-sgd-max-epsilon")
+        if eps is not None:
+            console.print(
+                f"record-level DP: epsilon {eps:.2f} of {_fmt(budget or None, '.1f')} at delta "
+                f"{_fmt(result.privacy.get('dp-sgd-delta'), 'g')}"
+            )
+        if result.audit:
+            worst = result.audit
+            console.print(
+                f"leakage audit, worst round {worst['round']}: "
+                f"{int(worst['audit-leaks'])} of {int(worst['audit-ran'])} audits leak; "
+                f"PSNR {worst['audit-psnr-db']:.1f} dB ({worst['audit-psnr-gain-db']:+.1f} dB "
+                f"vs the mean image), label accuracy {worst['audit-label-accuracy']:.2f}"
+            )
         return
     console.print(f"[red]demo failed[/red]: {result.error or result.status}")
     if result.workdir:

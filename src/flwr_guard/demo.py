@@ -3,14 +3,20 @@
 Starts a SuperLink and N SuperNodes on 127.0.0.1 (or a simulation SuperLink), submits
 the digits app with ``flwr run``, follows its progress and its real status, and stops
 every process it started whatever happens (success, failure, Ctrl-C).
+
+Every protection is on: SecAgg+, DP-SGD with a record-level budget, the leakage audit
+and reply inspection; the ServerApp exports Prometheus metrics and, when the
+``prometheus`` binary is installed (``make tools``), a local Prometheus scrapes them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +25,15 @@ from typing import Any
 from flwr_guard.apps.digits import app_dir as digits_app_dir
 from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology
 from flwr_guard.deployment.local import FINISHED_PREFIX
+from flwr_guard.telemetry.exporter import preferred_port
+from flwr_guard.telemetry.prometheus_server import (
+    PrometheusError,
+    local_prometheus_if_installed,
+)
 
 COMPLETED = "finished:completed"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +52,8 @@ class DemoOptions:
     node_config: dict[str, str | int | float] = field(default_factory=dict)
     workdir: Path | None = None
     keep_workdir: bool = False
+    # Scrape the ServerApp's metrics with a local Prometheus when it is installed.
+    prometheus: bool = True
     # `flwr ls` costs ~2 s of CPU: ask for the status rarely while rounds are coming,
     # often once the ServerApp says it has finished.
     status_interval_s: float = 10.0
@@ -66,6 +81,8 @@ class DemoState:
     run_id: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    metrics_url: str | None = None
+    prometheus_url: str | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -85,6 +102,10 @@ class DemoResult:
     rounds: list[dict[str, Any]]
     final_test_accuracy: float | None
     privacy: dict[str, Any]
+    audit: dict[str, Any] | None
+    metrics_url: str | None
+    prometheus_url: str | None
+    scraped: dict[str, float | None]
     elapsed_s: float
     error: str | None
     processes: list[dict[str, Any]]
@@ -115,6 +136,35 @@ class _ProgressTail:
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+# What the demo reads back from its Prometheus at the end: proof that the metrics of the
+# run were served and scraped (None: no sample in the last hour).
+SCRAPED_QUERIES = {
+    "round": "max(last_over_time(flwr_guard_round[1h]))",
+    "server-accuracy": 'max(last_over_time(flwr_guard_accuracy_ratio{phase="server"}[1h]))',
+    "dp-epsilon-record": 'max(last_over_time(flwr_guard_dp_epsilon{level="record"}[1h]))',
+    "secagg-surviving-clients": "max(last_over_time(flwr_guard_secagg_surviving_clients[1h]))",
+    "audits": "max(last_over_time(flwr_guard_audits_total[1h]))",
+}
+
+
+def app_config_keys(app_dir: Path) -> set[str]:
+    """Keys of ``[tool.flwr.app.config]`` in the app's ``pyproject.toml``."""
+    with (Path(app_dir) / "pyproject.toml").open("rb") as handle:
+        manifest = tomllib.load(handle)
+    return set(manifest.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def _scraped_values(prometheus: Any) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, expr in SCRAPED_QUERIES.items():
+        try:
+            out[name] = prometheus.value(expr)
+        except Exception as err:  # noqa: BLE001 - a read-back must not fail the demo
+            logger.warning("Prometheus query %s failed: %s", expr, err)
+            out[name] = None
+    return out
+
+
 def run_demo(
     options: DemoOptions, on_update: Callable[[DemoState], None] = lambda _: None
 ) -> DemoResult:
@@ -135,6 +185,20 @@ def run_demo(
         simulation=options.simulation,
         node_config=options.node_config,
     )
+    metrics_port = preferred_port(9464)  # 9464 unless taken, then a free port
+    app_dir = options.app_dir or digits_app_dir()
+    optional = {
+        "metrics-port": metrics_port,
+        "metrics-linger": 2.0,  # one more scrape after the last round
+        # Every node audits every round, 5 s each (the app's default: 20 % of the rounds,
+        # half the nodes, 10 s).
+        "audit-round-fraction": 1.0,
+        "audit-client-fraction": 1.0,
+        "audit-time-budget": 5.0,
+    }
+    # Flower refuses a run config with keys the app does not declare (`--app` may be
+    # another app): the demo's extras go only to apps that have them.
+    declared = app_config_keys(app_dir)
     run_config: dict[str, Any] = {
         "num-server-rounds": options.rounds,
         "min-nodes": options.nodes,
@@ -142,17 +206,36 @@ def run_demo(
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
         "progress-file": str(progress_path),
+        **{key: value for key, value in optional.items() if key in declared},
         **options.run_config,
     }
-    state = DemoState()
+    serves_metrics = "metrics-port" in declared
+    state = DemoState(
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if serves_metrics else None
+    )
+    prometheus = (
+        local_prometheus_if_installed(
+            {"flwr-guard": [f"127.0.0.1:{metrics_port}"]}, workdir=workdir / "prometheus"
+        )
+        if options.prometheus and serves_metrics
+        else None
+    )
+    finished: dict[str, Any] = {}
+    scraped: dict[str, float | None] = {}
     tail = _ProgressTail(progress_path)
     error: str | None = None
     deployment = LocalDeployment(topology, workdir)
     try:
+        if prometheus is not None:
+            try:
+                prometheus.start()
+                state.prometheus_url = prometheus.url
+            except PrometheusError as err:  # metrics are a view, not a reason to fail
+                logger.warning("no local Prometheus: %s", err)
         with deployment:
             state.phase = "submitting"
             on_update(state)
-            state.run_id = deployment.submit(options.app_dir or digits_app_dir(), run_config)
+            state.run_id = deployment.submit(app_dir, run_config)
             state.phase = "running"
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
@@ -161,6 +244,7 @@ def run_demo(
                     if event.get("event") == "round":
                         state.rounds.append(event)
                     elif event.get("event") == "finished":
+                        finished = event
                         next_status = 0.0
                         interval = options.status_interval_finishing_s
                 if time.monotonic() >= next_status:
@@ -181,6 +265,9 @@ def run_demo(
     except DeploymentError as err:
         error = str(err)
     finally:
+        if prometheus is not None:
+            scraped = _scraped_values(prometheus) if state.prometheus_url else {}
+            prometheus.stop()  # by its PID; its data stays in workdir/prometheus
         processes = [
             {"pid": r.pid, "create_time": r.create_time, "name": r.name}
             for r in deployment.processes_seen()
@@ -206,6 +293,10 @@ def run_demo(
         rounds=state.rounds,
         final_test_accuracy=final,
         privacy=privacy,
+        audit=finished.get("audit"),
+        metrics_url=state.metrics_url,
+        prometheus_url=state.prometheus_url,
+        scraped=scraped,
         elapsed_s=round(state.elapsed_s, 2),
         error=error,
         processes=processes,

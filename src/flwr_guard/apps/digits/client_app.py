@@ -7,20 +7,25 @@ Node config (``flower-supernode --node-config``; filled in by the simulation eng
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import DataLoader
 
-from flwr_guard.apps.digits.data import cached_partition_arrays, to_tensor_dataset
-from flwr_guard.apps.digits.model import DigitsCNN
-from flwr_guard.apps.digits.training import (
-    evaluate,
-    select_device,
-    train_dpsgd_epochs,
-    train_epochs,
-)
+from flwr_guard.apps.digits.data import node_partition_arrays, to_tensor_dataset
+from flwr_guard.apps.digits.leakage_audit import digits_audit_mod
+from flwr_guard.audit.reply_mod import reply_inspection_mod
 from flwr_guard.secagg.mod import secaggplus_mod
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from flwr_guard.apps.digits.model import DigitsCNN
+
+# torch, the model and the training loops are imported inside the handlers: a deployed
+# ClientApp process lives for one message, and the SecAgg+ stages other than the
+# masked input (4 of 5 messages per round) never train; importing torch costs ~2 s.
 
 app = ClientApp()
 
@@ -29,16 +34,11 @@ LOCAL_VALIDATION_FRACTION = 0.1
 
 
 def _local_data(context: Context) -> tuple[DataLoader, DataLoader]:
+    from torch.utils.data import DataLoader
+
     cfg = context.run_config
     seed = int(cfg["seed"])
-    images, labels = cached_partition_arrays(
-        partition_id=int(context.node_config["partition-id"]),
-        num_partitions=int(context.node_config["num-partitions"]),
-        kind=str(cfg["partitioner"]),  # type: ignore[arg-type]
-        alpha=float(cfg["dirichlet-alpha"]),
-        seed=seed,
-        test_fraction=float(cfg["test-fraction"]),
-    )
+    images, labels = node_partition_arrays(cfg, context.node_config)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_val = max(1, int(len(labels) * LOCAL_VALIDATION_FRACTION))
     val_idx, train_idx = order[:n_val], order[n_val:]
@@ -52,16 +52,23 @@ def _local_data(context: Context) -> tuple[DataLoader, DataLoader]:
 
 
 def _model(msg: Message) -> DigitsCNN:
+    from flwr_guard.apps.digits.model import DigitsCNN
+
     model = DigitsCNN()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
 
 
-# The SecAgg+ mod masks the update on its way out; it passes through messages that
-# the server did not send with SecAgg+ (run config `secagg = false`).
-@app.train(mods=[secaggplus_mod])
+# Mods, outermost first; on the way out a reply goes train -> leakage audit -> reply
+# inspection -> SecAgg+. The audit must see the update before it is masked; the reply
+# inspector blocks replies that carry more than the declared update (per-example data);
+# the SecAgg+ mod masks the update and passes through messages that the server did not
+# send with SecAgg+ (run config `secagg = false`). See docs/audit.md.
+@app.train(mods=[secaggplus_mod, reply_inspection_mod(), digits_audit_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition; reply with the weights."""
+    from flwr_guard.apps.digits.training import select_device, train_dpsgd_epochs, train_epochs
+
     cfg = context.run_config
     model = _model(msg)
     trainloader, _ = _local_data(context)
@@ -123,6 +130,8 @@ def _check_record_budget(context: Context, dpsgd, steps_per_epoch: int, epochs: 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the node's local validation split."""
+    from flwr_guard.apps.digits.training import evaluate, select_device
+
     model = _model(msg)
     _, valloader = _local_data(context)
     device = select_device(str(context.node_config.get("device", "cpu")))

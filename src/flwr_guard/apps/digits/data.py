@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -183,6 +184,22 @@ def cached_partition_arrays(
         np.savez(tmp, **{IMAGE_COLUMN: images, LABEL_COLUMN: labels})
     os.replace(tmp.name, path)
     return images, labels
+
+
+def node_partition_arrays(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cached_partition_arrays` of the node described by a Flower context's
+    ``node_config`` (``partition-id``, ``num-partitions``) under the app's
+    ``run_config`` (``partitioner``, ``dirichlet-alpha``, ``seed``, ``test-fraction``)."""
+    return cached_partition_arrays(
+        partition_id=int(node_config["partition-id"]),
+        num_partitions=int(node_config["num-partitions"]),
+        kind=str(run_config["partitioner"]),  # type: ignore[arg-type]
+        alpha=float(run_config["dirichlet-alpha"]),
+        seed=int(run_config["seed"]),
+        test_fraction=float(run_config["test-fraction"]),
+    )
 
 
 def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:

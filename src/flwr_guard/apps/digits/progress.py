@@ -74,13 +74,14 @@ class ProgressRecorder(StrategyWrapper):
             }
         )
 
-    def finish(self, result: Result) -> None:
-        """Append the closing line of the run."""
+    def finish(self, result: Result, **extras: Any) -> None:
+        """Append the closing line of the run, with ``extras`` (JSON-serialisable)."""
         self._write(
             {
                 "event": "finished",
                 "elapsed-s": round(time.monotonic() - self._t0, 3),
                 "rounds": len(result.train_metrics_clientapp),
+                **extras,
             }
         )
 

@@ -1,5 +1,15 @@
 """ServerApp of the reference app: FedAvg with server-side evaluation each round.
 
+The strategy chain, outermost first (each protection on by default, each switchable in
+the run config)::
+
+    TelemetryStrategy          Prometheus metrics of every round (docs/metrics.md)
+      ProgressRecorder         one JSON line per round for `flwr-guard demo`
+        AuditSummary           the round's worst-case leakage-audit scores (docs/audit.md)
+          SecAggPlus           the server sees only the masked sum (docs/secagg.md)
+            ReplyGuard         drops replies that carry more than the update
+              FedAvg
+
 Run config: see ``[tool.flwr.app.config]`` in this folder's ``pyproject.toml``.
 """
 
@@ -15,7 +25,10 @@ from flwr_guard.apps.digits.data import load_test_set, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
+from flwr_guard.audit.reply_guard import ReplyGuard
+from flwr_guard.audit.summary import AuditSummary
 from flwr_guard.secagg.strategy import SecAggPlus
+from flwr_guard.telemetry.strategy import TelemetryStrategy
 
 app = ServerApp()
 
@@ -30,13 +43,13 @@ def main(grid: Grid, context: Context) -> None:
     test = load_test_set(float(cfg["test-fraction"]), seed)
     testloader = DataLoader(to_tensor_dataset(test["image"], test["label"]), batch_size=512)
     min_nodes = int(cfg["min-nodes"])
-    strategy = FedAvg(
+    strategy = ReplyGuard(FedAvg(
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
-    )
+    ))
     budget = {
         "dp-sgd": bool(cfg["dp-sgd"]),
         "dp-sgd-max-epsilon": float(cfg["dp-sgd-max-epsilon"]),
@@ -59,7 +72,9 @@ def main(grid: Grid, context: Context) -> None:
             secagg_report = {"secagg": reports[-1].to_dict()} if reports else {}
             return {"privacy": budget, **secagg_report}
 
-    recorder = ProgressRecorder(strategy, path=str(cfg["progress-file"]), extras=extras)
+    audit = AuditSummary(strategy)
+    recorder = ProgressRecorder(audit, path=str(cfg["progress-file"]), extras=extras)
+    telemetry = TelemetryStrategy.from_run_config(recorder, context)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -68,10 +83,10 @@ def main(grid: Grid, context: Context) -> None:
         recorder.record_round(server_round, metrics)
         return metrics
 
-    result = recorder.start(
+    result = telemetry.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=int(cfg["num-server-rounds"]),
         evaluate_fn=evaluate_global,
     )
-    recorder.finish(result)
+    recorder.finish(result, audit=audit.worst())
