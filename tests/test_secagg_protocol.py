@@ -261,3 +261,68 @@ def test_share_keys_are_agreed_once_kept_in_the_state_and_erased_after_use() -> 
     with pytest.raises(ProtocolError, match="already sent"):
         r.clients[me].masked_input(list(routed), routed[me], r.updates[me], r.weights[me],
                                    ctx.model_hash)
+
+
+def _keyed_round(n: int, k: int, seed: int):
+    r = make_round(n=n, d=20, seed=seed, num_shares=k)
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    shares = {c: r.clients[c].share_keys(ads) for c in ids}
+    return r, ids, shares
+
+
+def _masked_replies(r, routed, senders):
+    ctx = r.server.context
+    out = {}
+    for c in senders:
+        v, bad, _ = r.clients[c].masked_input(list(routed), routed[c], r.updates[c], r.weights[c],
+                                              ctx.model_hash)
+        out[c] = (v, bad)
+    return out
+
+
+def test_round_that_cannot_complete_aborts_right_after_masked_input() -> None:
+    # k = 4, t = 3: two dropped neighbours of one survivor leave 2 holders of its seed.
+    r, ids, shares = _keyed_round(n=12, k=4, seed=4)
+    graph = r.server.graph
+    victim = ids[0]
+    gone = set(graph[victim][:2])
+    routed = r.server.receive_shares(shares)
+    replies = _masked_replies(r, routed, [c for c in ids if c not in gone])
+    with pytest.raises(SecAggAborted, match=rf"after masked-input: .*node {victim} is in the sum "
+                       r"but only 2 of its neighbours.*threshold 3.*no shares revealed"):
+        r.server.receive_masked_inputs(replies)
+    # Nothing was asked of the clients after their masked input; nothing revealed.
+    assert r.server.stats.signed == [] and r.server.revealed == {} and r.server.masked_sum is None
+    assert all(c.signed_survivors is None and c.revealed == {} for c in r.clients.values())
+
+
+def test_dropped_client_with_too_few_share_holders_aborts_right_after_masked_input() -> None:
+    # A client sends garbage shares to 2 of its 4 neighbours: they report it, it is
+    # excluded, and only 2 holders of its mask key remain (t = 3), while its pairwise
+    # masks are in the sum of the others.
+    r, ids, shares = _keyed_round(n=12, k=4, seed=6)
+    cheat = ids[3]
+    for victim in list(shares[cheat])[:2]:
+        shares[cheat][victim] = bytes(len(shares[cheat][victim]))
+    routed = r.server.receive_shares(shares)
+    replies = _masked_replies(r, routed, ids)
+    with pytest.raises(SecAggAborted, match=rf"node {cheat} dropped and only 2 of its neighbours"):
+        r.server.receive_masked_inputs(replies)
+    assert r.server.stats.excluded == {cheat: "a neighbour reported its shares as invalid"}
+    assert r.server.revealed == {}
+
+
+def test_dropouts_within_tolerance_do_not_abort_early() -> None:
+    # k = 4, t = 3: one dropped client; each survivor loses at most one neighbour.
+    r, ids, shares = _keyed_round(n=12, k=4, seed=8)
+    routed = r.server.receive_shares(shares)
+    survivors = ids[1:]
+    u3 = r.server.receive_masked_inputs(_masked_replies(r, routed, survivors))
+    active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
+    r.server.receive_unmask({c: r.clients[c].unmask(active, dropped, sigs) for c in active})
+    total, weight = r.server.aggregate()
+    step = r.server.context.params.step
+    assert dropped == [ids[0]]
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, active)).max() < step

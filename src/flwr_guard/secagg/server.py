@@ -9,7 +9,9 @@ surviving clients' weighted, quantised updates and their total weight, nothing e
 Each ``receive_*`` method takes the replies that arrived (missing ones are dropouts)
 and returns what to send next. A reply that is malformed excludes its sender, as if
 it had dropped; :class:`SecAggAborted` is raised when too few clients remain, and
-nothing is released then.
+nothing is released then. Once the masked inputs are in, the server knows whether
+every mask it must remove has enough share holders left; if not, it aborts at once,
+before the consistency and unmask stages (no shares are revealed).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class SecAggServer:
     masked_sum: np.ndarray | None = None
     signatures: dict[int, bytes] = field(default_factory=dict)
     revealed: dict[int, dict[str, list[tuple[int, bytes]]]] = field(default_factory=dict)
+    reported: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stats.sampled = len(self.context.cohort)
@@ -151,11 +154,22 @@ class SecAggServer:
 
         A sender reported by a neighbour for shares that did not decrypt is excluded
         (treated as dropped: its masks are removed with its mask key).
+
+        Raises:
+            SecAggAborted: fewer than ``reconstruction_threshold`` inputs, or the round
+                can no longer complete: a client in the sum has fewer than t neighbours
+                in the sum (they hold the shares of its self mask), or a client out of
+                the sum whose pairwise masks are in it has fewer than t neighbours in
+                the sum holding shares of its mask key. Raised before anything is
+                asked of the clients again, so no share is revealed.
         """
         dtype = prg.mask_dtype(self.context.params.modulus_bits)
-        reported = {
-            bad for node, (_, bads) in replies.items() if node in self.stats.shared for bad in bads
-        }
+        self.reported = {}
+        for node, (_, bads) in replies.items():
+            if node in self.stats.shared:
+                for bad in bads:
+                    self.reported.setdefault(int(bad), set()).add(node)
+        reported = set(self.reported)
         accepted: dict[int, np.ndarray] = {}
         for node, (vector, _) in replies.items():
             if node not in self.stats.shared:
@@ -172,11 +186,45 @@ class SecAggServer:
                 accepted[node] = vector
         self.stats.masked = sorted(accepted)
         self._require(len(accepted), "masked-input")
+        self._require_share_holders()
         total = np.zeros(self.context.vector_length, dtype=dtype)
         for vector in accepted.values():
             total += vector
         self.masked_sum = total
         return self.stats.masked
+
+    def _holders(self, node: int) -> list[int]:
+        """The neighbours of ``node`` in U3 that hold its shares (did not report them)."""
+        in_sum = set(self.stats.masked)
+        return [v for v in self.graph[node] if v in in_sum and v not in self.reported.get(node, ())]
+
+    def _masks_in_sum(self, gone: int) -> bool:
+        """Whether a client out of the sum has pairwise masks in it (a neighbour in U3)."""
+        return any(v in set(self.stats.masked) for v in self.graph[gone])
+
+    def _require_share_holders(self) -> None:
+        """Abort now if some mask in the sum can never be removed (see
+        :meth:`receive_masked_inputs`): the outcome is certain, so skip the consistency
+        and unmask stages."""
+        t = self._threshold
+        short: list[str] = []
+        for node in self.stats.masked:
+            holders = len(self._holders(node))
+            if holders < t:
+                short.append(f"node {node} is in the sum but only {holders} of its neighbours "
+                             "are, too few to remove its self mask")
+        for gone in sorted(set(self.stats.shared) - set(self.stats.masked)):
+            holders = len(self._holders(gone))
+            if self._masks_in_sum(gone) and holders < t:
+                short.append(f"node {gone} dropped and only {holders} of its neighbours in the "
+                             "sum hold shares of its mask key, too few to remove its pairwise masks")
+        if short:
+            more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
+            raise SecAggAborted(
+                f"SecAgg+ round aborted after masked-input: {short[0]}{more}; reconstruction "
+                f"threshold {t}. Consistency and unmask stages skipped: no shares revealed, "
+                "no aggregate released"
+            )
 
     # stage 4 -> 5
     def receive_signatures(self, replies: Mapping[int, bytes]) -> tuple[list[int], list[int], dict[int, bytes]]:
@@ -230,6 +278,8 @@ class SecAggServer:
                 )
             total -= prg.expand(seed, length, params.modulus_bits)
         for gone in sorted(set(self.stats.shared) - set(self.stats.masked)):
+            if not self._masks_in_sum(gone):
+                continue  # no neighbour of it is in the sum: none of its masks to remove
             mask_secret = self._reconstruct(gone, MASK_KEY)
             if crypto.x25519_public(mask_secret) != self.advertisements[gone].mask_key:
                 raise SecAggAborted(f"reconstructed mask key of node {gone} does not match its keys")
