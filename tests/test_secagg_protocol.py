@@ -188,8 +188,21 @@ def test_modulus_is_chosen_so_the_sum_cannot_wrap() -> None:
     assert small.modulus_bits == 32 and 20 * 2**10 * 2**16 < 2**32
     large = SecAggParams.for_cohort(100, quantization_range=2**16, max_weight=2**12)
     assert large.modulus_bits == 64
+    assert SecAggParams.for_cohort(31).modulus_bits == 32  # default max_weight 2^11
+    assert SecAggParams.for_cohort(32).modulus_bits == 64
     with pytest.raises(ValueError, match="num_shares/2"):
         SecAggParams(num_shares=6, reconstruction_threshold=3)
+
+
+def test_a_64_bit_modulus_is_logged_with_the_max_weight_that_keeps_32_bits(caplog) -> None:
+    with caplog.at_level("WARNING", logger="flwr_guard.secagg.params"):
+        SecAggParams.for_cohort(20, quantization_range=2**16, max_weight=2**12)
+        SecAggParams.for_cohort(20, quantization_range=2**16, max_weight=2**12)  # once only
+        SecAggParams.for_cohort(20, quantization_range=2**16, max_weight=2**11)  # 32 bits
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "64-bit" in message and "max_weight to <= 3276" in message
+    assert 20 * 3276 * 2**16 < 2**32 <= 20 * 3277 * 2**16
 
 
 def test_shamir_on_raw_32_byte_secrets() -> None:

@@ -7,8 +7,18 @@ neighbours each client secret-shares with and masks against) and
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_WEIGHT = 2**11
+"""Default W: 2048 examples per client. The reference app's clients send at most
+their share of the 1797 digits' training pool (and 1 with user-level DP). With
+L = 2^16 it keeps the modulus at 32 bits up to 31 clients (2^12 did only up to 15)."""
+
+_warned: set[tuple[int, int, int, int]] = set()
 
 
 def default_num_shares(num_clients: int) -> int:
@@ -60,7 +70,7 @@ class SecAggParams:
     reconstruction_threshold: int
     clipping_range: float = 2.0
     quantization_range: int = 2**16
-    max_weight: int = 2**12
+    max_weight: int = DEFAULT_MAX_WEIGHT
     modulus_bits: int = 32
 
     def __post_init__(self) -> None:
@@ -92,7 +102,7 @@ class SecAggParams:
         reconstruction_threshold: int | None = None,
         clipping_range: float = 2.0,
         quantization_range: int = 2**16,
-        max_weight: int = 2**12,
+        max_weight: int = DEFAULT_MAX_WEIGHT,
         extra_headroom: int = 0,
     ) -> SecAggParams:
         """Parameters for ``num_clients`` clients, with the smallest modulus that fits.
@@ -100,7 +110,9 @@ class SecAggParams:
         The sum of the masked vectors is ``sum_i w_i q_i + noise`` with ``w_i <= W``,
         ``q_i <= L``: it fits in b bits if ``n * (W * L + extra_headroom) < 2^b``
         (``extra_headroom``: per-client bound of anything else added, e.g. DP noise).
-        32 bits are used when that holds, else 64 bits.
+        32 bits are used when that holds, else 64 bits, which doubles the masked vector
+        (the upload): a warning (logger ``flwr_guard.secagg.params``, once per
+        parameter set) then names the largest ``max_weight`` that keeps 32 bits.
 
         Raises:
             ValueError: if even 64 bits could wrap, or for invalid parameters.
@@ -113,6 +125,21 @@ class SecAggParams:
             bits = 32
         elif bound < 2**64:
             bits = 64
+            key = (num_clients, max_weight, quantization_range, extra_headroom)
+            if key not in _warned:
+                _warned.add(key)
+                fits = ((2**32 - 1) // num_clients - extra_headroom) // quantization_range
+                advice = (
+                    f"lower max_weight to <= {fits} (or quantization_range) to keep 32 bits"
+                    if fits >= 1
+                    else "even max_weight 1 needs 64 bits: lower quantization_range"
+                )
+                logger.warning(
+                    "SecAgg+: %d clients x (max_weight %d x quantization_range %d%s) does not "
+                    "fit in 32 bits: the masked vector is 64-bit, twice the upload; %s",
+                    num_clients, max_weight, quantization_range,
+                    f" + headroom {extra_headroom}" if extra_headroom else "", advice,
+                )
         else:
             raise ValueError(
                 f"n * (W * L + headroom) = {bound} does not fit in 64 bits: lower "

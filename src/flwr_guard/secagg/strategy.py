@@ -39,7 +39,7 @@ from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
 from flwr_guard.secagg.client import Advertisement, ProtocolError
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
-from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.params import DEFAULT_MAX_WEIGHT, SecAggParams
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
 from flwr_guard.secagg.transport import send_and_receive
@@ -96,7 +96,10 @@ class SecAggPlus(StrategyWrapper):
         reconstruction_threshold: t > k/2; default floor(k/2) + 1.
         clipping_range: r; update coordinates are clipped to ``[-r, r]``.
         quantization_range: L; one quantisation step is ``2r / L``.
-        max_weight: the largest ``num-examples`` a client may report.
+        max_weight: the largest ``num-examples`` a client may report (default 2048).
+            With ``quantization_range`` L it sets the modulus: 32-bit while
+            ``n * max_weight * L < 2^32``, else 64-bit (twice the upload; logged as a
+            warning naming the ``max_weight`` that would keep 32 bits).
         timeout: seconds to wait for the replies of each stage; late clients count as
             dropped.
         masked_metrics: integer client metrics (counts, bits in ``[0, max_weight]``)
@@ -117,7 +120,7 @@ class SecAggPlus(StrategyWrapper):
         reconstruction_threshold: int | None = None,
         clipping_range: float = 2.0,
         quantization_range: int = 2**16,
-        max_weight: int = 2**12,
+        max_weight: int = DEFAULT_MAX_WEIGHT,
         timeout: float = 300.0,
         masked_metrics: Sequence[str] = (),
     ) -> None:
