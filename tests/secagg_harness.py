@@ -61,7 +61,11 @@ def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[in
     u3 = r.server.receive_masked_inputs(replies)
     signatures = {c: r.clients[c].consistency(u3) for c in alive("consistency", u3)}
     active, dropped, sigs = r.server.receive_signatures(signatures)
-    reveals = {c: r.clients[c].unmask(active, dropped, sigs) for c in alive("unmask", sigs)}
+    # Each client gets only its neighbours' signatures (and its own), as in the strategy.
+    reveals = {
+        c: r.clients[c].unmask(active, dropped, r.server.unmask_signatures(c))
+        for c in alive("unmask", sigs)
+    }
     r.server.receive_unmask(reveals)
     total, weight = r.server.aggregate()
     return total, weight, active

@@ -237,6 +237,15 @@ class SecAggServer:
         dropped = sorted(set(self.stats.shared) - set(self.stats.masked))
         return self.stats.masked, dropped, dict(self.signatures)
 
+    def unmask_signatures(self, node: int) -> dict[int, bytes]:
+        """The consistency signatures ``node`` checks in the unmask stage: its own and
+        its neighbours' (a client verifies only those, Bell et al.), O(k) per client.
+
+        Call after :meth:`receive_signatures`.
+        """
+        wanted = {node, *self.graph.get(node, [])}
+        return {signer: sig for signer, sig in self.signatures.items() if signer in wanted}
+
     # stage 5 -> result
     def receive_unmask(self, replies: Mapping[int, Mapping[int, tuple[str, int, bytes]]]) -> None:
         """Collect revealed shares (only those a client may send: kind matches the

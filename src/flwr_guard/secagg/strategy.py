@@ -279,8 +279,13 @@ class SecAggPlus(StrategyWrapper):
                 except codec.MalformedMessage as err:
                     logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
             active, dropped, sigs = server.receive_signatures(signatures)
-            request = {"active": active, "dropped": dropped, "signatures": {str(k): v for k, v in sigs.items()}}
-            replies5 = self._exchange(grid, report, "unmask", {n: request for n in sigs}, server_round)
+            # Each client gets the signatures it checks (its neighbours'): O(k), not O(n).
+            requests = {
+                n: {"active": active, "dropped": dropped,
+                    "signatures": {str(k): v for k, v in server.unmask_signatures(n).items()}}
+                for n in sigs
+            }
+            replies5 = self._exchange(grid, report, "unmask", requests, server_round)
             reveals = {}
             for node, reply in replies5.items():
                 try:
