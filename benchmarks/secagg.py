@@ -372,94 +372,48 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 
 # -- the protocol core alone ----------------------------------------------------------
-def _cryptography_primitives() -> dict[str, Any]:
-    """X25519+HKDF, Ed25519 and AES-256-CTR expansion from `cryptography` (what-if only)."""
-    import numpy as np
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    from flwr_guard.secagg import crypto, prg
-
-    def agree(private_seed: bytes, peer_public: bytes, salt: bytes, info: bytes) -> bytes:
-        secret = X25519PrivateKey.from_private_bytes(private_seed).exchange(
-            X25519PublicKey.from_public_bytes(peer_public))
-        return HKDF(hashes.SHA256(), crypto.SECRET_BYTES, salt, info).derive(secret)
-
-    def sign(private_seed: bytes, message: bytes) -> bytes:
-        return Ed25519PrivateKey.from_private_bytes(private_seed).sign(message)
-
-    def verify(public_key: bytes, message: bytes, signature: bytes) -> None:
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-        except (InvalidSignature, ValueError) as err:
-            raise crypto.CryptoError("signature does not verify") from err
-
-    def expand(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
-        dtype = prg.mask_dtype(modulus_bits)
-        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-        return np.frombuffer(encryptor.update(bytes(length * dtype.itemsize)), dtype=dtype)
-
-    return {"agree": agree, "sign": sign, "verify": verify, "expand": expand}
-
-
-def core_profile(nodes: int, dimension: int, k: int, what_if: bool) -> dict[str, float]:
+def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
     """CPU ms of one SecAgg+ round of the core (no Flower): mean per client per stage,
-    and the server's stages. ``what_if``: with :func:`_cryptography_primitives` patched
-    in (a measurement of a proposal, not how flwr-guard runs)."""
+    and the server's stages."""
     import numpy as np
 
-    from flwr_guard.secagg import crypto, prg
+    from flwr_guard.secagg import crypto
     from flwr_guard.secagg.client import SecAggClient
     from flwr_guard.secagg.context import RoundContext
     from flwr_guard.secagg.params import SecAggParams
     from flwr_guard.secagg.server import SecAggServer
 
-    saved = {"agree": crypto.agree, "sign": crypto.sign, "verify": crypto.verify,
-             "expand": prg.expand}
-    if what_if:
-        patch = _cryptography_primitives()
-        crypto.agree, crypto.sign, crypto.verify = patch["agree"], patch["sign"], patch["verify"]
-        prg.expand = patch["expand"]
-    try:
-        params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
-        ids = list(range(1, nodes + 1))
-        context = RoundContext(1, 1, tuple(ids), params, dimension + 1, bytes(32))
-        clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
-        server = SecAggServer(context)
-        rng = np.random.default_rng(0)
-        updates = {i: rng.uniform(-0.1, 0.1, dimension).astype(np.float32) for i in ids}
-        spent: dict[str, float] = defaultdict(float)
+    params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
+    ids = list(range(1, nodes + 1))
+    context = RoundContext(1, 1, tuple(ids), params, dimension + 1, bytes(32))
+    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
+    server = SecAggServer(context)
+    rng = np.random.default_rng(0)
+    updates = {i: rng.uniform(-0.1, 0.1, dimension).astype(np.float32) for i in ids}
+    spent: dict[str, float] = defaultdict(float)
 
-        def timed(stage: str, fn: Any) -> Any:
-            started = time.process_time()
-            out = fn()
-            spent[stage] += time.process_time() - started
-            return out
+    def timed(stage: str, fn: Any) -> Any:
+        started = time.process_time()
+        out = fn()
+        spent[stage] += time.process_time() - started
+        return out
 
-        ads = {i: timed("advertise", lambda c=c: c.advertise(context)) for i, c in clients.items()}
-        u1 = timed("server: advertisements", lambda: server.receive_advertisements(ads))
-        shares = {i: timed("share-keys", lambda c=c: c.share_keys(u1)) for i, c in clients.items()}
-        routed = timed("server: shares", lambda: server.receive_shares(shares))
-        masked = {
-            i: timed("masked-input", lambda c=c, i=i: c.masked_input(
-                sorted(routed), routed[i], updates[i], 10 + i, context.model_hash)[:2])
-            for i, c in clients.items()
-        }
-        u3 = timed("server: masked inputs", lambda: server.receive_masked_inputs(masked))
-        signatures = {i: timed("consistency", lambda i=i: clients[i].consistency(u3)) for i in u3}
-        active, dropped, sigs = timed("server: signatures", lambda: server.receive_signatures(signatures))
-        reveals = {i: timed("unmask", lambda i=i: clients[i].unmask(active, dropped, sigs)) for i in sigs}
-        timed("server: unmask + aggregate", lambda: (server.receive_unmask(reveals), server.aggregate()))
-    finally:
-        crypto.agree, crypto.sign, crypto.verify = saved["agree"], saved["sign"], saved["verify"]
-        prg.expand = saved["expand"]
+    ads = {i: timed("advertise", lambda c=c: c.advertise(context)) for i, c in clients.items()}
+    u1 = timed("server: advertisements", lambda: server.receive_advertisements(ads))
+    shares = {i: timed("share-keys", lambda c=c: c.share_keys(u1)) for i, c in clients.items()}
+    routed = timed("server: shares", lambda: server.receive_shares(shares))
+    masked = {
+        i: timed("masked-input", lambda c=c, i=i: c.masked_input(
+            sorted(routed), routed[i], updates[i], 10 + i, context.model_hash)[:2])
+        for i, c in clients.items()
+    }
+    u3 = timed("server: masked inputs", lambda: server.receive_masked_inputs(masked))
+    signatures = {i: timed("consistency", lambda i=i: clients[i].consistency(u3)) for i in u3}
+    active, dropped, sigs = timed("server: signatures", lambda: server.receive_signatures(signatures))
+    requests = {i: server.unmask_signatures(i) for i in sigs}
+    reveals = {i: timed("unmask", lambda i=i: clients[i].unmask(active, dropped, requests[i]))
+               for i in sigs}
+    timed("server: unmask + aggregate", lambda: (server.receive_unmask(reveals), server.aggregate()))
     client_stages = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
     out = {s: 1000 * spent[s] / nodes for s in client_stages}
     out["client total"] = sum(out[s] for s in client_stages)
@@ -468,14 +422,13 @@ def core_profile(nodes: int, dimension: int, k: int, what_if: bool) -> dict[str,
 
 
 def run_core(path: Path) -> None:
-    """Core profile for n = 20, d in {1e5, 1e6}, k in {4, 14}; table + JSON."""
+    """Core profile for n = 20, d in {1e5, 1e6}, k in {4, 14}; table + JSON. An earlier
+    ``core_profile`` in the JSON moves to ``superseded_core_profiles``."""
     rows = []
     for dimension in (100_000, 1_000_000):
         for k in (4, 14):
-            for what_if in (False, True):
-                rows.append({"nodes": 20, "dimension": dimension, "k": k,
-                             "primitives": "cryptography (what-if)" if what_if else "pycryptodome",
-                             "ms": core_profile(20, dimension, k, what_if)})
+            rows.append({"nodes": 20, "dimension": dimension, "k": k,
+                         "primitives": "as implemented", "ms": core_profile(20, dimension, k)})
     table = Table(title="SecAgg+ core, one round, n = 20: CPU ms per client per stage, server ms")
     stages = list(rows[0]["ms"])
     for column in ("d", "k", "primitives", *stages):
@@ -485,14 +438,21 @@ def run_core(path: Path) -> None:
                       *[f"{row['ms'][s]:.1f}" for s in stages])
     Console(width=max(200, shutil.get_terminal_size().columns)).print(table)
     data = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    if "core_profile" in data:
+        data.setdefault("superseded_core_profiles", []).append(data["core_profile"])
     data["core_profile"] = {"loadavg": [round(x, 2) for x in os.getloadavg()],
+                            "git_commit": _git_commit(),
                             "secagg_source_sha256": _secagg_source_digest(), "rows": rows}
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def _git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=False).stdout.strip()
+
+
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = _git_commit()
     return {
         "machine": {"cpus": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
                     "python": platform.python_version(), "platform": platform.platform()},
@@ -522,8 +482,9 @@ def main() -> None:
                              "their earlier runs move to `superseded_runs` in the JSON")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/secagg.json")
     parser.add_argument("--core", action="store_true",
-                        help="run only the protocol core (no Flower), n = 20, with pycryptodome "
-                             "and with `cryptography` patched in; store under `core_profile`")
+                        help="run only the protocol core (no Flower), n = 20, d in {1e5, 1e6}, "
+                             "k in {4, 14}; store under `core_profile` (an earlier one moves to "
+                             "`superseded_core_profiles`)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: print the table of --out, and its markdown")
     args = parser.parse_args()
