@@ -65,6 +65,8 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
                 "min-nodes": 2,
                 "fraction-evaluate": 0.0,
                 "secagg": True,  # a protected run: the server sees the masked sum only
+                "audit": False,  # what this test is about is the transport
+                "metrics": False,
                 "progress-file": str(progress),
             },
         )
