@@ -2,10 +2,13 @@
 
 Server: :class:`MeasuringGrid` wraps the ServerApp's grid. Between
 :meth:`~MeasuringGrid.begin_round` and :meth:`~MeasuringGrid.end_round` it times every
-``send_and_receive`` (wall clock and the ServerApp thread's CPU time) and counts the
-payload bytes sent to and received from each node: the size of each message's
-``RecordDict`` in Flower's protobuf encoding (what a deployment puts on the wire,
-without the message metadata). Server compute = round time - time inside the grid.
+exchange (wall clock and the ServerApp thread's CPU time) and counts the payload bytes
+sent to and received from each node: the size of each message's ``RecordDict`` in
+Flower's protobuf encoding (what a deployment puts on the wire, without the message
+metadata). An exchange is one ``send_and_receive`` call, or (flwr-guard's
+``secagg.transport``) one ``push_messages`` and the ``pull_messages`` calls that follow
+it, up to the pull that brings the last reply (the sleeps between pulls count as grid
+time). Server compute = round time - time inside the grid.
 
 Client: :func:`timing_mod`, the outermost mod, times the rest of the mod chain and the
 train function per message (wall clock and the thread's CPU time) and appends one JSON
@@ -104,11 +107,13 @@ class MeasuringGrid:
         self._grid = grid
         self.rounds: list[dict[str, Any]] = []
         self._round: dict[str, Any] | None = None
+        self._open: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def begin_round(self, server_round: int) -> None:
+        self._close_open()
         self._round = {
             "round": server_round,
             "t_start": time.time(),
@@ -121,6 +126,7 @@ class MeasuringGrid:
 
     def end_round(self, completed: bool) -> dict[str, Any]:
         """Close the round; return its record (times in seconds, bytes per node)."""
+        self._close_open()
         rec = self._round
         assert rec is not None, "end_round without begin_round"
         self._round = None
@@ -150,43 +156,90 @@ class MeasuringGrid:
         self.rounds.append(rec)
         return rec
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        rec = self._round
-        if rec is None or not messages:
-            return list(self._grid.send_and_receive(messages, timeout=timeout))
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
-        stage = stage_of(messages[0])
+    # An exchange: opened by send_and_receive or push_messages, closed when the last
+    # reply arrived (or, for push/pull, at the next exchange or the end of the round).
+    def _open_exchange(self, messages: list[Message]) -> None:
+        self._close_open()
         m0, c0 = time.perf_counter(), time.thread_time()
         down: dict[int, int] = defaultdict(int)
         for msg in messages:
             down[msg.metadata.dst_node_id] += payload_bytes(msg)
-        measure, measure_cpu = time.perf_counter() - m0, time.thread_time() - c0
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._open = {
+            "stage": stage_of(messages[0]),
+            "messages": len(messages),
+            "_wall0": m0,
+            "_cpu0": c0,
+            "_measure": time.perf_counter() - m0,
+            "_measure_cpu": time.thread_time() - c0,
+            "_end": None,
+            "_pending": None,
+            "bytes_down": dict(down),
+            "bytes_up": defaultdict(int),
+            "ok": [],
+            "failed": [],
+        }
+
+    def _count_replies(self, replies: list[Message]) -> None:
+        op = self._open
         m0, c0 = time.perf_counter(), time.thread_time()
-        up: dict[int, int] = defaultdict(int)
-        ok, failed = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                failed.append(node)
+                op["failed"].append(node)
             else:
-                ok.append(node)
-                up[node] += payload_bytes(reply)
-        measure += time.perf_counter() - m0
-        measure_cpu += time.thread_time() - c0
-        rec["_measure_wall_s"] += measure
-        rec["_measure_cpu_s"] += measure_cpu
+                op["ok"].append(node)
+                op["bytes_up"][node] += payload_bytes(reply)
+            if op["_pending"] is not None:
+                op["_pending"].discard(reply.metadata.reply_to_message_id)
+        op["_measure"] += time.perf_counter() - m0
+        op["_measure_cpu"] += time.thread_time() - c0
+        op["_end"] = (time.perf_counter(), time.thread_time())
+
+    def _close_open(self) -> None:
+        op, self._open = getattr(self, "_open", None), None
+        rec = self._round
+        if op is None or rec is None:
+            return
+        end_wall, end_cpu = op["_end"] or (time.perf_counter(), time.thread_time())
+        rec["_measure_wall_s"] += op["_measure"]
+        rec["_measure_cpu_s"] += op["_measure_cpu"]
         rec["stages"].append(
             {
-                "stage": stage,
-                "messages": len(messages),
-                "grid_wall_s": time.perf_counter() - wall0 - measure,
-                "grid_cpu_s": time.thread_time() - cpu0 - measure_cpu,
-                "bytes_down": dict(down),
-                "bytes_up": dict(up),
-                "ok": sorted(ok),
-                "failed": sorted(failed),
+                "stage": op["stage"],
+                "messages": op["messages"],
+                "grid_wall_s": end_wall - op["_wall0"] - op["_measure"],
+                "grid_cpu_s": end_cpu - op["_cpu0"] - op["_measure_cpu"],
+                "bytes_down": op["bytes_down"],
+                "bytes_up": dict(op["bytes_up"]),
+                "ok": sorted(op["ok"]),
+                "failed": sorted(op["failed"]),
             }
         )
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if self._round is None or not messages:
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._open_exchange(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._count_replies(replies)
+        self._close_open()
+        return replies
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        if self._round is None or not messages:
+            return self._grid.push_messages(messages)
+        self._open_exchange(messages)
+        ids = list(self._grid.push_messages(messages))
+        self._open["_pending"] = set(ids)
+        self._open["_end"] = (time.perf_counter(), time.thread_time())
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(self._grid.pull_messages(message_ids))
+        if self._open is not None and self._open["_pending"] is not None:
+            self._count_replies(replies)
+            if not self._open["_pending"]:
+                self._close_open()
         return replies
