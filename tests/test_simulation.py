@@ -10,30 +10,26 @@ from flwr_guard.demo import DemoOptions, run_demo
 pytestmark = pytest.mark.simulation
 
 
-def test_digits_app_in_simulation_learns(tmp_path) -> None:
+def test_digits_app_in_simulation_learns_then_stops_at_the_record_level_budget(tmp_path) -> None:
+    # 2 nodes, DP-SGD z=1.5, q=1/6, 12 steps a round: epsilon 2.62 after round 1, 3.46
+    # after round 2; round 3 would reach 4.14 > 3.8. Every node refuses round 3 with a
+    # clear error, SecAgg+ aborts it, and the model stays that of round 2.
     result = run_demo(
-        DemoOptions(nodes=3, rounds=2, simulation=True)
+        DemoOptions(nodes=2, rounds=3, simulation=True,
+                    run_config={"dp-sgd-max-epsilon": 3.8, "fraction-evaluate": 0.0,
+                                "audit": False},  # the audit has its own simulation test
+                    workdir=tmp_path / "work")
     )
     assert result.success, result.error
     assert result.mode == "simulation"
     accuracy = [r["server"]["test-accuracy"] for r in result.rounds]
-    assert len(accuracy) == 3 and accuracy[-1] > accuracy[0] + 0.2
-    assert all(r["train-replies"] == 3 for r in result.rounds[1:])
-    assert result.privacy["dp-sgd-epsilon"] > 0
+    assert len(accuracy) == 4 and accuracy[2] > accuracy[0] + 0.2
+    one, two, three = result.rounds[1:]
+    assert one["train-replies"] == two["train-replies"] == 2
+    assert one["secagg"]["aborted"] is None and two["secagg"]["aborted"] is None
+    assert two["train"]["dp-sgd-epsilon"] == pytest.approx(3.4648, abs=1e-3)
+    assert result.privacy["dp-sgd-epsilon"] <= 3.8
+    assert three["secagg"]["aborted"] is not None
+    assert three["secagg"]["dropouts"]["masked-input"] == 2  # both nodes refused to train
+    assert three["server"] == two["server"]  # the global model did not change
     assert alive(result.processes) == []
-
-
-def test_record_level_budget_stops_training_and_keeps_the_model(tmp_path) -> None:
-    # Round 1 spends epsilon 2.62 (z=1.5, 2 nodes, q=1/6, 12 steps); round 2 would reach
-    # 3.46 > 3.0: every node refuses with a clear error, SecAgg+ aborts the round, the
-    # model stays as it was.
-    result = run_demo(
-        DemoOptions(nodes=2, rounds=2, simulation=True,
-                    run_config={"dp-sgd-max-epsilon": 3.0, "fraction-evaluate": 0.0},
-                    workdir=tmp_path / "work")
-    )
-    assert result.success, result.error
-    one, two = result.rounds[1], result.rounds[2]
-    assert one["secagg"]["aborted"] is None and two["secagg"]["aborted"] is not None
-    assert two["server"] == one["server"]  # the global model did not change
-    assert two["secagg"]["dropouts"]["masked-input"] == 2  # both nodes refused to train

@@ -278,10 +278,11 @@ def run_demo(
     server_rounds = [r for r in state.rounds if r["round"] > 0]
     final = server_rounds[-1]["server"].get("test-accuracy") if server_rounds else None
     last = server_rounds[-1] if server_rounds else {}
-    privacy = {
-        **last.get("privacy", {}),
-        "dp-sgd-epsilon": last.get("train", {}).get("dp-sgd-epsilon"),
-    }
+    # Epsilon spent: that of the last round that trained (a round the budget refused
+    # has no train metrics).
+    spent = [r["train"]["dp-sgd-epsilon"] for r in server_rounds
+             if "dp-sgd-epsilon" in r.get("train", {})]
+    privacy = {**last.get("privacy", {}), "dp-sgd-epsilon": spent[-1] if spent else None}
     keep = options.keep_workdir or not success or options.workdir is not None
     result = DemoResult(
         success=success,
