@@ -1,4 +1,4 @@
-"""Cryptographic primitives of SecAgg+, from ``cryptography`` (OpenSSL) and pycryptodome.
+"""Cryptographic primitives of SecAgg+, from ``cryptography`` (OpenSSL), pycryptodome, hashlib.
 
 From ``cryptography`` (the hot paths: every client runs them O(k) times per round):
 
@@ -8,14 +8,15 @@ From ``cryptography`` (the hot paths: every client runs them O(k) times per roun
 - AES-256-GCM (``hazmat.primitives.ciphers.aead.AESGCM``) to encrypt secret shares
   between clients.
 
-From pycryptodome:
+From pycryptodome: Shamir secret sharing over GF(2^128)
+(``Crypto.Protocol.SecretSharing.Shamir``), applied to the two 16-byte halves of a raw
+32-byte secret (``cryptography`` has no secret sharing).
 
-- Shamir secret sharing over GF(2^128) (``Crypto.Protocol.SecretSharing.Shamir``),
-  applied to the two 16-byte halves of a raw 32-byte secret (``cryptography`` has no
-  secret sharing);
-- SHA-256 for transcripts (``Crypto.Hash.SHA256``).
+From the standard library: SHA-256 for transcripts (``hashlib``, OpenSSL), which also
+hash the global model each round (:func:`flwr_guard.secagg.arrays.model_hash`): 4 MB
+in 11.9 ms against 25.2 ms with pycryptodome's ``Crypto.Hash.SHA256``.
 
-Why two libraries: pycryptodome implements the curve arithmetic of X25519 and Ed25519
+Why not pycryptodome for everything: it implements the curve arithmetic of X25519 and Ed25519
 in its own C code and HKDF and GCM's set-up in Python; ``cryptography`` calls OpenSSL.
 Measured on the 2-core benchmark machine (``time.process_time``, one operation,
 pycryptodome 3.24.1 / cryptography 50.0.2): X25519 agreement + HKDF 4.3 / 0.21 ms
@@ -29,11 +30,11 @@ Nothing here is a hand-made primitive: the functions only fix encodings and labe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Iterable, Sequence
 
-from Crypto.Hash import SHA256
 from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -54,7 +55,7 @@ class CryptoError(ValueError):
 
 def transcript(*parts: bytes) -> bytes:
     """SHA-256 of length-prefixed ``parts`` (unambiguous: no two lists collide)."""
-    digest = SHA256.new(PROTOCOL_LABEL)
+    digest = hashlib.sha256(PROTOCOL_LABEL)
     for part in parts:
         digest.update(struct.pack(">Q", len(part)))
         digest.update(part)
