@@ -91,6 +91,15 @@ def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: in
     )
     strategy: Any = FedAvg(**common)
     if cfg["variant"] == "guard":
+        poll_max = os.environ.get("SECAGG_BENCH_POLL_MAX_S")  # what-if only (docs/secagg.md)
+        if poll_max:
+            import functools
+
+            import flwr_guard.secagg.strategy as guard_strategy
+            from flwr_guard.secagg.transport import send_and_receive
+
+            guard_strategy.send_and_receive = functools.partial(
+                send_and_receive, max_interval_s=float(poll_max))
         strategy = SecAggPlus(
             strategy,
             num_shares=k,
