@@ -6,8 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flwr_guard.secagg import crypto
-from flwr_guard.secagg.client import SecAggClient
+from flwr_guard.secagg import codec, crypto
+from flwr_guard.secagg.client import (
+    SecAggClient,
+    pack_advertisements,
+    pack_roster,
+    unpack_advertisements,
+    unpack_roster,
+)
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.quantization import dequantize_mean
@@ -36,6 +42,23 @@ def make_round(n: int, d: int, seed: int = 0, params: SecAggParams | None = None
     return Round(clients, SecAggServer(context), updates, weights)
 
 
+def share_keys_payload(server: SecAggServer, node: int) -> bytes:
+    """The share-keys payload the strategy sends ``node`` (codec-encoded, as on the wire
+    inside the ``secagg`` ConfigRecord): the roster of U1 + its neighbours' advertisements."""
+    return codec.encode({
+        "roster": pack_roster(server.roster()),
+        "advertisements": pack_advertisements(server.neighbour_advertisements(node)),
+    })
+
+
+def share_keys(r: Round, node: int) -> dict[int, bytes]:
+    """``node``'s share-keys stage on the payload the strategy would send it."""
+    payload = codec.decode(share_keys_payload(r.server, node))
+    return r.clients[node].share_keys(
+        unpack_advertisements(payload["advertisements"]), unpack_roster(payload["roster"])
+    )
+
+
 def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[int, bytes] | None = None):
     """Run all five stages; ``drop[stage]`` are clients that vanish before replying."""
     drop = drop or {}
@@ -48,7 +71,9 @@ def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[in
     ctx = r.server.context
     ads = {c: r.clients[c].advertise(ctx) for c in alive("advertise", ctx.cohort)}
     u1 = r.server.receive_advertisements(ads)
-    shares = {c: r.clients[c].share_keys(u1) for c in alive("share-keys", [a.node_id for a in u1])}
+    shares = {c: share_keys(r, c) for c in alive("share-keys", [a.node_id for a in u1])}
+    for c in shares:  # the graph the clients derived is the server's
+        assert r.clients[c].neighbour_ids == r.server.graph[c]
     routed = r.server.receive_shares(shares)
     replies = {}
     for c in alive("masked-input", routed):

@@ -344,3 +344,114 @@ def test_dropouts_within_tolerance_do_not_abort_early() -> None:
     step = r.server.context.params.step
     assert dropped == [ids[0]]
     assert np.abs(mean_of(r, total, weight) - expected_mean(r, active)).max() < step
+
+
+def _share_keys_setup(n: int, k: int, seed: int = 5):
+    r = make_round(n=n, d=20, seed=seed, num_shares=k)
+    ctx = r.server.context
+    ids = sorted(r.clients)
+    r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    return r, ids
+
+
+def test_share_keys_message_is_the_roster_plus_k_advertisements() -> None:
+    from secagg_harness import share_keys_payload
+
+    from flwr_guard.secagg import codec
+    from flwr_guard.secagg.client import ADVERTISEMENT_BYTES, ROSTER_ENTRY_BYTES
+
+    r, ids = _share_keys_setup(n=40, k=6)
+    me = ids[0]
+    payload = codec.decode(share_keys_payload(r.server, me))
+    assert len(payload["roster"]) == 40 * ROSTER_ENTRY_BYTES
+    assert len(payload["advertisements"]) == 6 * ADVERTISEMENT_BYTES
+    full = codec.encode({"advertisements": [r.server.advertisements[i].to_dict() for i in ids]})
+    assert len(share_keys_payload(r.server, me)) < 0.45 * len(full)
+    total, weight, survivors = run(r)  # drives share-keys through the same payloads
+    assert weight == sum(r.weights.values())
+    assert np.abs(mean_of(r, total, weight) - expected_mean(r, survivors)).max() < r.server.context.params.step
+    for c in ids:  # each client keeps only its own and its neighbours' advertisements
+        client = r.clients[c]
+        assert set(client.advertisements) == {c, *client.neighbour_ids}
+        assert set(client.roster) == set(ids) and set(client.pinned_keys) == set(ids)
+
+
+def _payload_for(r, node):
+    return r.server.neighbour_advertisements(node), r.server.roster()
+
+
+def test_neighbour_advertisement_differing_from_the_roster_is_refused() -> None:
+    r, ids = _share_keys_setup(n=12, k=4)
+    me = ids[0]
+    ads, roster = _payload_for(r, me)
+    victim = ads[0].node_id
+    # The server swaps a neighbour's keys for its own, correctly self-signed ones, and
+    # leaves the roster (so the graph) alone.
+    impostor = type(r.clients[victim])(victim, crypto.ed25519_keypair()[0])
+    ads[0] = impostor.advertise(r.server.context)
+    with pytest.raises(ProtocolError, match="differs from its roster entry"):
+        r.clients[me].share_keys(ads, roster)
+
+
+def test_substituted_key_in_the_roster_is_refused_when_pinned() -> None:
+    r, ids = _share_keys_setup(n=12, k=4)
+    me = ids[0]
+    ads, roster = _payload_for(r, me)
+    victim = ads[0].node_id
+    r.clients[me].pinned_keys = {e.node_id: e.signing_key for e in roster}
+    impostor = type(r.clients[victim])(victim, crypto.ed25519_keypair()[0])
+    fake = impostor.advertise(r.server.context)
+    from flwr_guard.secagg.client import RosterEntry
+
+    roster = [RosterEntry.of(fake) if e.node_id == victim else e for e in roster]
+    ads[0] = fake
+    with pytest.raises(ProtocolError, match="unexpected key"):
+        r.clients[me].share_keys(ads, roster)
+
+
+def test_missing_neighbour_advertisement_or_altered_own_entry_is_refused() -> None:
+    from flwr_guard.secagg.client import RosterEntry
+
+    r, ids = _share_keys_setup(n=12, k=4)
+    me = ids[0]
+    ads, roster = _payload_for(r, me)
+    with pytest.raises(ProtocolError, match="missing"):
+        r.clients[me].share_keys(ads[1:], roster)
+    altered = [RosterEntry(e.node_id, e.signing_key, bytes(64)) if e.node_id == me else e for e in roster]
+    with pytest.raises(ProtocolError, match="own advertisement"):
+        r.clients[me].share_keys(ads, altered)
+    with pytest.raises(ProtocolError, match="not in the cohort"):
+        r.clients[me].share_keys(ads, [*roster, RosterEntry(12345, bytes(32), bytes(64))])
+
+
+def test_neighbour_signed_for_another_context_is_refused_with_the_roster() -> None:
+    import dataclasses
+
+    r, ids = _share_keys_setup(n=12, k=4)
+    ctx = r.server.context
+    other = dataclasses.replace(ctx, model_hash=b"y" * 32)  # the server lies to one client
+    liar = ids[3]
+    ads = {i: r.clients[i].advertise(other if i == liar else ctx) for i in ids}
+    # An honest server would exclude the liar (its signature fails under ctx): build
+    # the payload of one of the liar's neighbours by hand, as a malicious server would.
+    from flwr_guard.secagg.client import RosterEntry, graph_seed
+    from flwr_guard.secagg.graph import neighbours
+
+    graph = neighbours(ids, ctx.params.num_shares, graph_seed(ctx.digest(), list(ads.values())))
+    me = graph[liar][0]
+    roster = [RosterEntry.of(ads[i]) for i in ids]
+    with pytest.raises(ProtocolError, match="another round context"):
+        r.clients[me].share_keys([ads[v] for v in graph[me]], roster)
+
+
+def test_malformed_share_keys_payloads_are_refused() -> None:
+    from flwr_guard.secagg.client import unpack_advertisements, unpack_roster
+
+    with pytest.raises(ProtocolError):
+        unpack_roster(bytes(103))
+    with pytest.raises(ProtocolError):
+        unpack_advertisements(bytes(199))
+    r, ids = _share_keys_setup(n=6, k=4)
+    bad = Advertisement(ids[0], bytes(33), bytes(32), bytes(32), bytes(32), bytes(64))
+    with pytest.raises(ProtocolError):
+        bad.to_bytes()

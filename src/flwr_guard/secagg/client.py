@@ -10,10 +10,12 @@ Stages, each one request from the server and one reply:
 1. :meth:`SecAggClient.advertise`: fresh X25519 keys for share encryption and for
    pairwise masks, signed with the client's long-term Ed25519 key over the round
    context (which includes the hash of the model the server will send).
-2. :meth:`SecAggClient.share_keys`: verify every peer's signed keys (same round
-   context, trusted or pinned signing key), derive the neighbour graph, Shamir-share
-   the self-mask seed and the mask key among the neighbours, encrypt each share for
-   its holder (AES-GCM under an X25519+HKDF key).
+2. :meth:`SecAggClient.share_keys`: from the roster of U1 (every advertiser's id,
+   signing key and signature) check ids and signing keys (trusted or pinned) and derive
+   the neighbour graph; verify the neighbours' full signed keys (same round context,
+   equal to their roster entries), Shamir-share the self-mask seed and the mask key
+   among the neighbours, encrypt each share for its holder (AES-GCM under an
+   X25519+HKDF key).
 3. :meth:`SecAggClient.masked_input`: check the received model against the announced
    hash, decrypt the shares held for neighbours, quantise the update, mask it with the
    self mask and the pairwise masks of the neighbours that shared.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +87,35 @@ class Advertisement:
             "signature": self.signature,
         }
 
+    def to_bytes(self) -> bytes:
+        """Fixed-width binary form (:data:`ADVERTISEMENT_BYTES` bytes: big-endian id,
+        then the keys, commitment and signature).
+
+        Raises:
+            ProtocolError: a field has another length than X25519 / Ed25519 / SHA-256 give.
+        """
+        fields = (self.encryption_key, self.mask_key, self.signing_key,
+                  self.self_mask_commitment, self.signature)
+        if tuple(map(len, fields)) != _AD_FIELD_BYTES or not 0 <= self.node_id < 2**64:
+            raise ProtocolError(f"advertisement of node {self.node_id} has malformed fields")
+        return struct.pack(">Q", self.node_id) + b"".join(fields)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Advertisement:
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            ProtocolError: ``blob`` is not :data:`ADVERTISEMENT_BYTES` long.
+        """
+        if len(blob) != ADVERTISEMENT_BYTES:
+            raise ProtocolError(f"advertisement of {len(blob)} bytes, {ADVERTISEMENT_BYTES} expected")
+        (node_id,) = struct.unpack(">Q", blob[:8])
+        parts, pos = [], 8
+        for size in _AD_FIELD_BYTES:
+            parts.append(bytes(blob[pos : pos + size]))
+            pos += size
+        return cls(node_id, *parts)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Advertisement:
         try:
@@ -100,14 +131,88 @@ class Advertisement:
             raise ProtocolError(f"malformed advertisement: {err}") from err
 
 
+# encryption key, mask key, signing key, self-mask commitment, signature
+_AD_FIELD_BYTES = (32, 32, 32, 32, 64)
+ADVERTISEMENT_BYTES = 8 + sum(_AD_FIELD_BYTES)  # 200
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    """What every client learns of every advertiser in share-keys: enough to derive the
+    neighbour graph (:func:`graph_seed` hashes the ids and signatures) and to check and
+    pin the signing keys of all n, without the other n - k advertisements."""
+
+    node_id: int
+    signing_key: bytes
+    signature: bytes
+
+    @classmethod
+    def of(cls, ad: Advertisement) -> RosterEntry:
+        return cls(ad.node_id, ad.signing_key, ad.signature)
+
+
+ROSTER_ENTRY_BYTES = 8 + 32 + 64  # id, Ed25519 public key, Ed25519 signature
+
+
+def pack_roster(entries: Iterable[RosterEntry]) -> bytes:
+    """Concatenation of :data:`ROSTER_ENTRY_BYTES`-byte records (big-endian id, key,
+    signature), in the given order.
+
+    Raises:
+        ProtocolError: an id outside uint64, or a key or signature of another length.
+    """
+    out = []
+    for e in entries:
+        if len(e.signing_key) != 32 or len(e.signature) != 64 or not 0 <= e.node_id < 2**64:
+            raise ProtocolError(f"roster entry of node {e.node_id} has malformed fields")
+        out.append(struct.pack(">Q", e.node_id) + e.signing_key + e.signature)
+    return b"".join(out)
+
+
+def unpack_roster(blob: bytes) -> list[RosterEntry]:
+    """Inverse of :func:`pack_roster`.
+
+    Raises:
+        ProtocolError: the length is not a multiple of :data:`ROSTER_ENTRY_BYTES`.
+    """
+    if len(blob) % ROSTER_ENTRY_BYTES:
+        raise ProtocolError(f"roster of {len(blob)} bytes is not whole entries")
+    entries = []
+    for pos in range(0, len(blob), ROSTER_ENTRY_BYTES):
+        (node_id,) = struct.unpack(">Q", blob[pos : pos + 8])
+        entries.append(RosterEntry(node_id, bytes(blob[pos + 8 : pos + 40]),
+                                   bytes(blob[pos + 40 : pos + ROSTER_ENTRY_BYTES])))
+    return entries
+
+
+def pack_advertisements(ads: Iterable[Advertisement]) -> bytes:
+    """Concatenation of :meth:`Advertisement.to_bytes` (raises as it does)."""
+    return b"".join(a.to_bytes() for a in ads)
+
+
+def unpack_advertisements(blob: bytes) -> list[Advertisement]:
+    """Inverse of :func:`pack_advertisements`.
+
+    Raises:
+        ProtocolError: the length is not a multiple of :data:`ADVERTISEMENT_BYTES`.
+    """
+    if len(blob) % ADVERTISEMENT_BYTES:
+        raise ProtocolError(f"advertisements of {len(blob)} bytes are not whole records")
+    return [Advertisement.from_bytes(blob[p : p + ADVERTISEMENT_BYTES])
+            for p in range(0, len(blob), ADVERTISEMENT_BYTES)]
+
+
 def commit_self_mask(seed: bytes) -> bytes:
     """Binding commitment to a self-mask seed (SHA-256 of a 256-bit random value), so
     the server can check a reconstruction without learning anything before it."""
     return crypto.transcript(b"self-mask-commitment", seed)
 
 
-def graph_seed(context_digest: bytes, advertisements: list[Advertisement]) -> bytes:
-    """Seed of the neighbour graph: a hash of the context and all signed keys."""
+def graph_seed(
+    context_digest: bytes, advertisements: Sequence[Advertisement | RosterEntry]
+) -> bytes:
+    """Seed of the neighbour graph: a hash of the context and the signatures of all of
+    U1 in id order (the same from advertisements or from their roster entries)."""
     ordered = sorted(advertisements, key=lambda a: a.node_id)
     return crypto.transcript(b"graph", context_digest, *(a.signature for a in ordered))
 
@@ -148,6 +253,11 @@ class SecAggClient:
     per-neighbour AES keys (``share_encryption_keys``) and erases it; those keys until
     :meth:`masked_input` has opened the shares addressed to this client, then they are
     erased too. The mask key and self-mask seed stay for the round.
+
+    From share-keys on, ``roster`` holds the id, signing key and signature of every
+    client in U1 (104 bytes each: what the graph and the survivor-set checks need) and
+    ``advertisements`` only this client's own and its k neighbours' full advertisements
+    (every later stage uses the keys of neighbours only).
     """
 
     node_id: int
@@ -160,6 +270,7 @@ class SecAggClient:
     mask_secret: bytes = b""
     self_mask_seed: bytes = b""
     advertisements: dict[int, Advertisement] = field(default_factory=dict)
+    roster: dict[int, RosterEntry] = field(default_factory=dict)
     neighbour_ids: list[int] = field(default_factory=list)
     shared_ids: list[int] = field(default_factory=list)
     held_shares: dict[int, tuple[int, bytes, bytes]] = field(default_factory=dict)
@@ -193,33 +304,61 @@ class SecAggClient:
         return own
 
     # -- stage 2 -------------------------------------------------------------------
-    def share_keys(self, advertisements: list[Advertisement]) -> dict[int, bytes]:
-        """Verify the peers' keys and return ``{neighbour id: encrypted shares}``.
+    def share_keys(
+        self,
+        advertisements: Sequence[Advertisement],
+        roster: Sequence[RosterEntry] | None = None,
+    ) -> dict[int, bytes]:
+        """Verify the neighbours' keys and return ``{neighbour id: encrypted shares}``.
+
+        Args:
+            advertisements: the full advertisements of at least this client's
+                neighbours (the server sends exactly those; more are accepted if they
+                match the roster, and only the neighbours' are kept).
+            roster: :class:`RosterEntry` of every client in U1. ``None``: taken from
+                ``advertisements``, which must then hold all of U1 (the O(n) form).
 
         Raises:
-            ProtocolError: a peer's keys do not verify under this round's context
+            ProtocolError: a neighbour's keys do not verify under this round's context
                 (the server sent different rounds or models to different clients), a
-                signing key is not the trusted or pinned one, this client's own keys
-                were altered, ids repeat or fall outside the cohort, or fewer than
+                signing key in the roster is not the trusted or pinned one, this
+                client's own entry or advertisement was altered, ids repeat or fall
+                outside the cohort, an advertisement differs from its roster entry, a
+                neighbour's advertisement is missing, or fewer than
                 ``reconstruction_threshold`` neighbours remain.
         """
         context = self._require_context()
         digest = context.digest()
         own = self.advertisements.get(self.node_id)
+        if roster is None:
+            roster = [RosterEntry.of(a) for a in advertisements]
+        entries: dict[int, RosterEntry] = {}
+        for entry in roster:
+            if entry.node_id in entries:
+                raise ProtocolError(f"node {entry.node_id} advertised twice")
+            if entry.node_id not in context.cohort:
+                raise ProtocolError(f"node {entry.node_id} is not in the cohort")
+            expected_key = self.trusted_keys.get(entry.node_id) or self.pinned_keys.get(entry.node_id)
+            if expected_key is not None and expected_key != entry.signing_key:
+                raise ProtocolError(f"node {entry.node_id} signs with an unexpected key")
+            entries[entry.node_id] = entry
+        if own is None or entries.get(self.node_id) != RosterEntry.of(own):
+            raise ProtocolError("this client's own advertisement is missing or altered")
+        # Same seed and graph as the server's (it hashes the same ids and signatures).
+        graph = neighbours(list(entries), context.params.num_shares, graph_seed(digest, list(entries.values())))
+        self.neighbour_ids = graph[self.node_id]
         by_id: dict[int, Advertisement] = {}
         for ad in advertisements:
             if ad.node_id in by_id:
                 raise ProtocolError(f"node {ad.node_id} advertised twice")
-            if ad.node_id not in context.cohort:
-                raise ProtocolError(f"node {ad.node_id} is not in the cohort")
-            expected_key = self.trusted_keys.get(ad.node_id) or self.pinned_keys.get(ad.node_id)
-            if expected_key is not None and expected_key != ad.signing_key:
-                raise ProtocolError(f"node {ad.node_id} signs with an unexpected key")
+            if entries.get(ad.node_id) != RosterEntry.of(ad):
+                raise ProtocolError(f"advertisement of node {ad.node_id} differs from its roster entry")
             by_id[ad.node_id] = ad
-        if by_id.get(self.node_id) != own:
+        if by_id.get(self.node_id, own) != own:
             raise ProtocolError("this client's own advertisement is missing or altered")
-        graph = neighbours(list(by_id), context.params.num_shares, graph_seed(digest, list(by_id.values())))
-        self.neighbour_ids = graph[self.node_id]
+        missing = [peer for peer in self.neighbour_ids if peer not in by_id]
+        if missing:
+            raise ProtocolError(f"advertisements of neighbours {missing} are missing")
         # Verify the keys this client will use: its neighbours'. The graph is
         # connected, so a server that shows clients different contexts is caught on
         # some edge; O(k) signature checks per client instead of O(n).
@@ -236,8 +375,9 @@ class SecAggClient:
             raise ProtocolError(
                 f"{len(self.neighbour_ids)} neighbours, reconstruction threshold {threshold}"
             )
-        self.advertisements = by_id
-        self.pinned_keys.update({i: a.signing_key for i, a in by_id.items()})
+        self.roster = entries
+        self.advertisements = {self.node_id: own, **{p: by_id[p] for p in self.neighbour_ids}}
+        self.pinned_keys.update({i: e.signing_key for i, e in entries.items()})
         count = len(self.neighbour_ids)
         self_mask_shares = crypto.share_secret(self.self_mask_seed, threshold, count)
         mask_key_shares = crypto.share_secret(self.mask_secret, threshold, count)
@@ -303,7 +443,7 @@ class SecAggClient:
                 "(model-inconsistency attack?)"
             )
         survivors = set(shared_ids)
-        if not survivors <= set(self.advertisements) or self.node_id not in survivors:
+        if not survivors <= set(self.roster) or self.node_id not in survivors:
             raise ProtocolError("the set of clients that shared keys is inconsistent")
         active_neighbours = [v for v in self.neighbour_ids if v in survivors]
         if len(active_neighbours) < params.reconstruction_threshold:
@@ -328,9 +468,7 @@ class SecAggClient:
             raise ValueError(f"weight {weight} outside [1, max_weight={params.max_weight}]")
         digest = context.digest()
         graph = neighbours(
-            list(self.advertisements),
-            params.num_shares,
-            graph_seed(digest, list(self.advertisements.values())),
+            list(self.roster), params.num_shares, graph_seed(digest, list(self.roster.values()))
         )
         if not self.share_encryption_keys:
             raise ProtocolError(
@@ -443,7 +581,7 @@ class SecAggClient:
         payload = consistency_payload(context.digest(), sorted(active_set))
         valid = 0
         for signer, signature in signatures.items():
-            if signer not in active_set or signer not in self.advertisements:
+            if signer not in active_set or signer not in self.roster:
                 raise ProtocolError(f"signature from node {signer}, which is not active")
             if signer not in self.neighbour_ids and signer != self.node_id:
                 continue  # neighbourhood check (Bell et al.): O(k) verifications
@@ -489,6 +627,7 @@ class SecAggClient:
             "mask_secret": self.mask_secret,
             "self_mask_seed": self.self_mask_seed,
             "advertisements": [a.to_dict() for a in self.advertisements.values()],
+            "roster": pack_roster(self.roster.values()),
             "neighbour_ids": self.neighbour_ids,
             "shared_ids": self.shared_ids,
             "held_shares": [[p, i, b, s] for p, (i, b, s) in self.held_shares.items()],
@@ -518,6 +657,13 @@ class SecAggClient:
         client.advertisements = {
             a.node_id: a for a in map(Advertisement.from_dict, state["advertisements"])
         }
+        # A state saved before the roster existed held all of U1's advertisements.
+        roster = (
+            unpack_roster(state["roster"])
+            if "roster" in state
+            else [RosterEntry.of(a) for a in client.advertisements.values()]
+        )
+        client.roster = {e.node_id: e for e in roster}
         client.neighbour_ids = [int(i) for i in state["neighbour_ids"]]
         client.shared_ids = [int(i) for i in state["shared_ids"]]
         client.held_shares = {int(p): (int(i), b, s) for p, i, b, s in state["held_shares"]}

@@ -49,7 +49,12 @@ from flwr.common.constant import ErrorCode
 from flwr_guard.dp.distributed import skellam_noise_for_secagg
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
-from flwr_guard.secagg.client import Advertisement, ProtocolError, SecAggClient
+from flwr_guard.secagg.client import (
+    ProtocolError,
+    SecAggClient,
+    unpack_advertisements,
+    unpack_roster,
+)
 from flwr_guard.secagg.context import RoundContext
 
 logger = logging.getLogger(__name__)
@@ -119,8 +124,10 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
             return _advertise(msg, context, payload)
         client = _load_client(context)
         if stage == "share-keys":
-            ads = [Advertisement.from_dict(a) for a in codec.field(payload, "advertisements", list)]
-            out = client.share_keys(ads)
+            # The roster of U1 (graph, pinned keys) + the neighbours' advertisements.
+            roster = unpack_roster(codec.field(payload, "roster", bytes))
+            ads = unpack_advertisements(codec.field(payload, "advertisements", bytes))
+            out = client.share_keys(ads, roster)
             _save_client(context, client)
             return _reply(msg, {"ciphertexts": {str(k): v for k, v in out.items()}})
         if stage == "masked-input":

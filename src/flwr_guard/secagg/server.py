@@ -28,6 +28,7 @@ from flwr_guard.secagg.client import (
     SELF_MASK,
     Advertisement,
     ProtocolError,
+    RosterEntry,
     commit_self_mask,
     graph_seed,
     pairwise_seed,
@@ -98,10 +99,19 @@ class SecAggServer:
 
     # stage 1 -> 2
     def receive_advertisements(self, replies: Mapping[int, Advertisement]) -> list[Advertisement]:
-        """Keep well-signed advertisements from cohort members; return U1's to broadcast."""
+        """Keep well-formed, well-signed advertisements from cohort members; return U1's.
+
+        What each client of U1 is then sent: :meth:`roster` (all of U1) and
+        :meth:`neighbour_advertisements` (its k neighbours').
+        """
         for node, ad in replies.items():
             if node not in self.context.cohort or ad.node_id != node:
                 self._exclude(node, "advertisement for another node")
+                continue
+            try:
+                ad.to_bytes()  # key, commitment and signature lengths
+            except ProtocolError:
+                self._exclude(node, "advertisement with malformed fields")
                 continue
             try:
                 ad.verify(self._digest)
@@ -114,6 +124,17 @@ class SecAggServer:
         seed = graph_seed(self._digest, list(self.advertisements.values()))
         self.graph = neighbours(list(self.advertisements), self.context.params.num_shares, seed)
         return [self.advertisements[i] for i in self.stats.advertised]
+
+    def roster(self) -> list[RosterEntry]:
+        """Id, signing key and signature of every client in U1, in id order: the part of
+        the share-keys message that is the same for every client (it fixes the graph).
+        Call after :meth:`receive_advertisements`."""
+        return [RosterEntry.of(self.advertisements[i]) for i in self.stats.advertised]
+
+    def neighbour_advertisements(self, node: int) -> list[Advertisement]:
+        """The full advertisements of ``node``'s neighbours (k of them): the part of the
+        share-keys message for ``node`` alone. Call after :meth:`receive_advertisements`."""
+        return [self.advertisements[v] for v in self.graph[node]]
 
     # stage 2 -> 3
     def receive_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:

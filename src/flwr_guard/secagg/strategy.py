@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
-from flwr_guard.secagg.client import Advertisement, ProtocolError
+from flwr_guard.secagg.client import Advertisement, ProtocolError, pack_advertisements, pack_roster
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
 from flwr_guard.secagg.params import DEFAULT_MAX_WEIGHT, SecAggParams
@@ -218,9 +218,18 @@ class SecAggPlus(StrategyWrapper):
                     ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
                 except (ProtocolError, codec.MalformedMessage) as err:
                     logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
-            u1 = [a.to_dict() for a in server.receive_advertisements(ads)]
+            u1 = [a.node_id for a in server.receive_advertisements(ads)]
+            # O(k) part per client (its neighbours' advertisements) + the roster of U1
+            # (104 bytes per client: ids, signing keys, signatures for the graph seed).
+            roster = pack_roster(server.roster())
             replies = self._exchange(
-                grid, report, "share-keys", {a["node_id"]: {"advertisements": u1} for a in u1}, server_round
+                grid, report, "share-keys",
+                {
+                    n: {"roster": roster,
+                        "advertisements": pack_advertisements(server.neighbour_advertisements(n))}
+                    for n in u1
+                },
+                server_round,
             )
             shares = {}
             for node, reply in replies.items():
