@@ -165,6 +165,17 @@ def _scraped_values(prometheus: Any) -> dict[str, float | None]:
     return out
 
 
+def _absorb(events: list[dict[str, Any]], state: DemoState) -> dict[str, Any] | None:
+    """Append the round events to ``state``; return the closing event if it is there."""
+    finished = None
+    for event in events:
+        if event.get("event") == "round":
+            state.rounds.append(event)
+        elif event.get("event") == "finished":
+            finished = event
+    return finished
+
+
 def run_demo(
     options: DemoOptions, on_update: Callable[[DemoState], None] = lambda _: None
 ) -> DemoResult:
@@ -240,13 +251,10 @@ def run_demo(
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
                 deployment.check_alive()
-                for event in tail.read_new():
-                    if event.get("event") == "round":
-                        state.rounds.append(event)
-                    elif event.get("event") == "finished":
-                        finished = event
-                        next_status = 0.0
-                        interval = options.status_interval_finishing_s
+                last = _absorb(tail.read_new(), state)
+                if last is not None:  # the ServerApp is done: ask for the status often
+                    finished, next_status = last, 0.0
+                    interval = options.status_interval_finishing_s
                 if time.monotonic() >= next_status:
                     info = deployment.run_info(state.run_id)
                     state.status = str(info.get("status", "unknown"))
@@ -259,7 +267,8 @@ def run_demo(
                     deployment.stop_run(state.run_id)
                     raise DeploymentError(f"run did not finish within {options.timeout_s:.0f} s")
                 time.sleep(0.5)
-            state.rounds += [e for e in tail.read_new() if e.get("event") == "round"]
+            # The run may end before its last lines were read: read them now.
+            finished = _absorb(tail.read_new(), state) or finished
             state.phase = "stopping"
             on_update(state)
     except DeploymentError as err:
