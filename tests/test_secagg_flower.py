@@ -56,16 +56,13 @@ def test_simulation_a_third_dropping_gives_the_survivors_weighted_average(tmp_pa
 
 
 @pytest.mark.simulation
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_simulation_wraps_fedprox_and_fedadam(tmp_path, strategy: str) -> None:
-    res, _ = _run(tmp_path, nodes=3, strategy=strategy)
+def test_simulation_wraps_fedadam(tmp_path) -> None:
+    res, _ = _run(tmp_path, nodes=3, strategy="fedadam")
     assert res["report"]["survivors"] == 3 and res["report"]["aborted"] is None
     got, expected = np.array(res["aggregate"]), np.array(res["expected"])
-    if strategy == "fedprox":  # server side identical to FedAvg
-        assert np.abs(got - expected).max() < res["step"]
-    else:  # FedAdam steps along the (exact) average update
-        significant = np.abs(expected) > 10 * res["step"]
-        assert (np.sign(got[significant]) == np.sign(expected[significant])).mean() > 0.99
+    # FedAdam steps along the (exact) average update
+    significant = np.abs(expected) > 10 * res["step"]
+    assert (np.sign(got[significant]) == np.sign(expected[significant])).mean() > 0.99
 
 
 @pytest.mark.simulation
@@ -77,8 +74,10 @@ def test_simulation_below_threshold_fails_clearly_and_keeps_the_model(tmp_path) 
 
 
 @pytest.mark.deployment
-def test_deployment_aggregate_equals_plain_weighted_average(tmp_path) -> None:
-    res, _ = _run(tmp_path, nodes=3, simulation=False)
+def test_deployment_fedprox_aggregate_equals_plain_weighted_average(tmp_path) -> None:
+    # FedProx's server side is FedAvg's (the proximal term is the clients'): through
+    # SecAgg+ on a real deployment the aggregate is the plain weighted average.
+    res, _ = _run(tmp_path, nodes=3, simulation=False, strategy="fedprox")
     assert res["report"]["survivors"] == 3
     got, expected = np.array(res["aggregate"]), np.array(res["expected"])
     assert np.abs(got - expected).max() < res["step"]
