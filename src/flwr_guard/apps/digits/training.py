@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,31 @@ def select_device(requested: str = "cpu") -> torch.device:
     return device
 
 
+def _run_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: Any,
+    loader: DataLoader,
+    epochs: int,
+    device: torch.device,
+) -> float:
+    """The SGD loop shared by plain and DP-SGD training; the last epoch's mean loss."""
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for images, labels in loader:
+            if labels.shape[0] == 0:  # Poisson sampling can draw an empty batch
+                continue
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(module(images), labels)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * labels.shape[0]
+            count += labels.shape[0]
+    return total / max(count, 1)
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -42,19 +67,7 @@ def train_epochs(
     """Train ``model`` in place with SGD; return the mean cross-entropy of the last epoch."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion = nn.CrossEntropyLoss()
-    total, count = 0.0, 0
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * labels.shape[0]
-            count += labels.shape[0]
-    return total / max(count, 1)
+    return _run_epochs(model, optimizer, nn.CrossEntropyLoss(), loader, epochs, device)
 
 
 def train_dpsgd_epochs(
@@ -75,20 +88,8 @@ def train_dpsgd_epochs(
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     private = dpsgd.make_private(model, optimizer, loader)
-    total, count = 0.0, 0
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for images, labels in private.data_loader:
-            if labels.shape[0] == 0:  # Poisson sampling can draw an empty batch
-                continue
-            images, labels = images.to(device), labels.to(device)
-            private.optimizer.zero_grad()
-            loss = private.criterion(private.module(images), labels)
-            loss.backward()
-            private.optimizer.step()
-            total += loss.item() * labels.shape[0]
-            count += labels.shape[0]
-    return total / max(count, 1)
+    return _run_epochs(private.module, private.optimizer, private.criterion,
+                       private.data_loader, epochs, device)
 
 
 @torch.no_grad()
