@@ -1,7 +1,10 @@
-"""DP-SGD helper: the Opacus ledger composes over rounds and across a client restart
-(the ledger lives in context.state), clear errors, ghost clipping, the clipping mod."""
+"""DP-SGD helper: the ledger composes over rounds, across a ClientApp restart
+(context.state) and a SuperNode restart (the durable node-local ledger); the library
+enforces the record-level budget; clear errors, ghost clipping, the clipping mod."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,7 +29,9 @@ from flwr_guard.dp.context_state import (
     load_accountant_state,
     save_dpsgd,
 )
+from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig, DPSGDModelError, resolve_device
+from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger, dataset_fingerprint
 from flwr_guard.dp.mods import update_clipping_mod
 
 RUN_CONFIG = {"dp-sgd-noise-multiplier": 1.2, "dp-sgd-max-grad-norm": 1.0, "dp-sgd-delta": 1e-4}
@@ -40,47 +45,156 @@ def _data(n: int = 160) -> DataLoader:
     )
 
 
-def _round(context: Context) -> DPSGD:
+def _round(context: Context, epochs: int | None = None, data: DataLoader | None = None) -> DPSGD:
     """One round of a client: what a fresh ClientApp process does with its context."""
-    dpsgd = dpsgd_from_context(context)
+    dpsgd = dpsgd_from_context(context, epochs=epochs)
     model = DigitsCNN()
-    private = dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _data())
-    for x, y in private.data_loader:
-        private.optimizer.zero_grad()
-        private.criterion(private.module(x), y).backward()
-        private.optimizer.step()
+    private = dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data or _data())
+    for _ in range(epochs or 1):
+        for x, y in private.data_loader:
+            if len(y) == 0:
+                continue
+            private.optimizer.zero_grad()
+            private.criterion(private.module(x), y).backward()
+            private.optimizer.step()
     save_dpsgd(context, dpsgd)
     return dpsgd
 
 
-def _context(state: RecordDict | None = None) -> Context:
-    return Context(run_id=1, node_id=7, node_config={}, state=state or RecordDict(),
-                   run_config=dict(RUN_CONFIG))
+@pytest.fixture
+def ledger_dir(tmp_path):
+    return tmp_path / "ledger"
 
 
-def test_ledger_composes_over_rounds_and_across_a_client_restart() -> None:
-    context = _context()
+def _context(ledger_dir, state: RecordDict | None = None, run: dict | None = None,
+             **node) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"dp-sgd-ledger": str(ledger_dir), **node},
+                   state=state or RecordDict(), run_config={**RUN_CONFIG, **(run or {})})
+
+
+def _rdp(history, delta=1e-4) -> float:
+    reference = RDPAccountant()
+    reference.history = list(history)
+    return reference.get_epsilon(delta)
+
+
+def test_ledger_composes_over_rounds_and_across_a_client_restart(ledger_dir) -> None:
+    context = _context(ledger_dir)
     first = _round(context)
     assert first.steps == 5 and first.epsilon() > 0  # 160 examples / batch 32
     second = _round(context)
     assert second.steps == 10 and second.epsilon() > first.epsilon()
 
-    # Restart: a new process gets a new Context carrying only the saved state records.
+    # ClientApp restart: a new process gets a new Context carrying the state records.
     saved = RecordDict({STATE_KEY: context.state.config_records[STATE_KEY]})
-    restarted = _context(saved)
+    restarted = _context(ledger_dir, saved)
     third = _round(restarted)
     assert third.steps == 15
     # Same epsilon as one Opacus accountant that saw all 15 steps (q = 32 / 160).
-    reference = RDPAccountant()
-    reference.history = [(1.2, 0.2, 15)]
-    assert third.epsilon() == pytest.approx(reference.get_epsilon(1e-4), rel=1e-9)
+    assert third.epsilon() == pytest.approx(_rdp([(1.2, 0.2, 15)]), rel=1e-9)
     assert load_accountant_state(restarted)["history"] == [(1.2, 0.2, 15)]
 
 
-def test_a_fresh_accountant_per_round_would_forget_the_past() -> None:
-    # What the helper prevents: without context.state each round starts from zero.
-    forgetful = [_round(_context()) for _ in range(2)]
-    assert forgetful[1].steps == 5 and forgetful[1].epsilon() == pytest.approx(forgetful[0].epsilon())
+def test_supernode_restart_continues_the_durable_ledger_and_the_budget_stops_training(
+    ledger_dir,
+) -> None:
+    # Budget: 2 rounds of 2 epochs (20 steps at q = 0.2) fit, the third does not.
+    eps = [_rdp([(1.2, 0.2, 10 * r)]) for r in (1, 2, 3)]
+    run = {"dp-sgd-max-epsilon": (eps[1] + eps[2]) / 2}
+    first = _round(_context(ledger_dir, run=run), epochs=2)
+    assert first.steps == 10
+    # SuperNode restart: context.state is empty (Flower keeps it in memory), same
+    # ledger path. The durable ledger continues: epsilon does not reset to 0.
+    second = _round(_context(ledger_dir, run=run), epochs=2)
+    assert second.steps == 20 and second.epsilon() == pytest.approx(eps[1], rel=1e-9)
+    on_disk = json.loads(next(ledger_dir.glob("dpsgd-*.json")).read_text())
+    assert on_disk["history"] == [[1.2, 0.2, 20]] and on_disk["node-ids"] == [7]
+    # Another restart: round 3 would exceed the budget and is refused before training.
+    context = _context(ledger_dir, run=run)
+    model = DigitsCNN()
+    before = [p.detach().clone() for p in model.parameters()]
+    dpsgd = dpsgd_from_context(context, epochs=2)
+    with pytest.raises(PrivacyBudgetExceeded, match="record-level privacy budget exhausted"):
+        dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _data())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert json.loads(next(ledger_dir.glob("dpsgd-*.json")).read_text())["history"] == [[1.2, 0.2, 20]]
+    # Other data (another fingerprint) has its own ledger.
+    other = _round(_context(ledger_dir, run=run), epochs=2, data=_data(n=96))
+    assert other.steps == 6
+
+
+def test_budget_uses_the_configured_accountant(ledger_dir) -> None:
+    prv = PRVAccountant()
+    prv.history = [(1.2, 0.2, 10)]
+    eps_prv = prv.get_epsilon(1e-4)
+    assert eps_prv < _rdp([(1.2, 0.2, 10)])  # the budget below is between the two
+    run = {"dp-sgd-accountant": "prv", "dp-sgd-max-epsilon": (eps_prv + _rdp([(1.2, 0.2, 10)])) / 2}
+    dpsgd = _round(_context(ledger_dir, run=run), epochs=2)
+    assert dpsgd.epsilon() == pytest.approx(eps_prv, rel=1e-6)
+
+
+def test_missing_ledger_is_refused_unless_reset_explicitly(ledger_dir) -> None:
+    context = _context(ledger_dir)
+    _round(context)
+    for f in ledger_dir.glob("dpsgd-*.json"):
+        f.unlink()
+    # The node's memory says it trained on this data: a missing ledger is refused.
+    with pytest.raises(LedgerMissing, match="dp-sgd-ledger-reset=true"):
+        _round(context)
+    # A node that declares its ledger required refuses even with an empty memory.
+    with pytest.raises(LedgerMissing, match="dp-sgd-ledger-required"):
+        _round(_context(ledger_dir, **{"dp-sgd-ledger-required": True}))
+    # An explicit reset continues from what the node still knows (its memory).
+    reset = _round(_context(ledger_dir, context.state, **{"dp-sgd-ledger-reset": True}))
+    assert reset.steps == 10
+    # A ledger rolled back to an older copy than the node's memory is refused too.
+    fp = dataset_fingerprint(_data().dataset)
+    path = RecordLedger(ledger_dir, fp).path
+    older = {**json.loads(path.read_text()), "history": [[1.2, 0.2, 5]]}
+    path.write_text(json.dumps(older))
+    assert RecordLedger(ledger_dir, fp).steps == 5
+    with pytest.raises(LedgerMissing, match="older copy"):
+        _round(context)
+    # A corrupt ledger is an error, never a fresh start.
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the record-level ledger"):
+        _round(_context(ledger_dir))
+
+
+def test_empty_poisson_batches_enter_the_ledger(ledger_dir) -> None:
+    # 4 examples, expected batch 1: q = 1/4, 4 steps per epoch; an empty batch has
+    # probability (3/4)^4 = 0.32, so 5 epochs (20 steps) hold some almost surely.
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    tiny = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8, generator=g), torch.arange(4)),
+                      batch_size=1)
+    dpsgd = _round(_context(ledger_dir), epochs=5, data=tiny)
+    assert dpsgd.realised_steps < 20 == dpsgd.steps
+    assert dpsgd.epsilon() == pytest.approx(_rdp([(1.2, 0.25, 20)]), rel=1e-9)
+
+
+def test_node_policy_bounds_the_run_config(ledger_dir) -> None:
+    node = {"dp-sgd-max-epsilon": 2.0, "dp-sgd-min-noise-multiplier": 1.0}
+    # The server's run config asks for a larger budget: the node's wins.
+    config = DPSGDConfig.from_run_config({**RUN_CONFIG, "dp-sgd-max-epsilon": 50.0}, node_config=node)
+    assert config.max_epsilon == 2.0
+    assert DPSGDConfig.from_run_config(RUN_CONFIG, node_config=node).max_epsilon == 2.0
+    with pytest.raises(ValueError, match="below this node's floor"):
+        DPSGDConfig.from_run_config({**RUN_CONFIG, "dp-sgd-noise-multiplier": 0.0}, node_config=node)
+    # Secure mode is reachable from the run config; without torchcsprng it is an error
+    # naming the fix, never a silent fallback to the default RNG.
+    config = DPSGDConfig.from_run_config({**RUN_CONFIG, "dp-sgd-secure-mode": True})
+    assert config.secure_mode
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="torchcsprng"):
+            DPSGD(config)
+    with pytest.raises(ValueError, match="epochs"):
+        dpsgd = dpsgd_from_context(_context(ledger_dir, run={"dp-sgd-max-epsilon": 5.0}))
+        model = DigitsCNN()
+        dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _data())
 
 
 def test_batchnorm_model_gets_an_error_naming_the_fix() -> None:
@@ -150,7 +264,7 @@ def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process
     local = [g + 2.0 for g in global_arrays]  # update norm 2 * sqrt(17)
     msg = _train_message(global_arrays, {"dp-clipping-norm": 1.0, "dp-adaptive-clipping": True,
                                          "dp-weight-key": "num-examples"})
-    reply = update_clipping_mod(msg, _context(), _client(local))
+    reply = update_clipping_mod(msg, _context("unused"), _client(local))
     assert not reply.has_error()
     assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
     out = reply.content["arrays"].to_numpy_ndarrays()
@@ -164,7 +278,7 @@ def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process
 
     small = [g + 0.01 for g in global_arrays]
     fixed = _train_message(global_arrays, {"dp-clipping-norm": 1.0})
-    reply = update_clipping_mod(fixed, _context(), _client(small))
+    reply = update_clipping_mod(fixed, _context("unused"), _client(small))
     assert "dp-unclipped-count" not in reply.content["metrics"]  # fixed clipping: no bit
     assert reply.content["metrics"]["num-examples"] == 10  # no weight key sent: untouched
     np.testing.assert_allclose(reply.content["arrays"].to_numpy_ndarrays()[0], small[0])
@@ -172,12 +286,12 @@ def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process
 
 def test_clipping_mod_refuses_without_a_clipping_norm_or_with_bad_replies(server_process) -> None:
     global_arrays = [np.ones(3, np.float32)]
-    reply = update_clipping_mod(_train_message(global_arrays, {}), _context(), _client(global_arrays))
+    reply = update_clipping_mod(_train_message(global_arrays, {}), _context("unused"), _client(global_arrays))
     assert reply.has_error() and "DPFedAvg" in reply.error.reason
     nan = [np.array([np.nan, 1, 1], np.float32)]
     msg = _train_message(global_arrays, {"dp-clipping-norm": 1.0})
-    reply = update_clipping_mod(msg, _context(), _client(nan))
+    reply = update_clipping_mod(msg, _context("unused"), _client(nan))
     assert reply.has_error() and "non-finite" in reply.error.reason
     wrong = [np.ones(4, np.float32)]
-    reply = update_clipping_mod(msg, _context(), _client(wrong))
+    reply = update_clipping_mod(msg, _context("unused"), _client(wrong))
     assert reply.has_error() and "shapes" in reply.error.reason

@@ -1,4 +1,12 @@
-"""Flower adapter: the Opacus accountant of DP-SGD kept in ``context.state``.
+"""Flower adapter: DP-SGD's ledger on the node's disk, mirrored in ``context.state``.
+
+The durable ledger is a :class:`~flwr_guard.dp.record_ledger.RecordLedger` in the
+directory of node config ``dp-sgd-ledger`` (default
+:func:`~flwr_guard.dp.record_ledger.default_ledger_dir`); node config
+``dp-sgd-ledger-required`` / ``dp-sgd-ledger-reset`` (bool) say whether a missing ledger
+is an error and whether to start a new one. The node's own policy in node config
+(``dp-sgd-max-epsilon``, ``dp-sgd-min-noise-multiplier``, ``dp-sgd-secure-mode``) bounds
+what the run config (the server's) asks for: see :meth:`DPSGDConfig.from_run_config`.
 
 ``context.state`` is the per-node ``RecordDict`` that Flower keeps across the messages
 of a run (also when every message runs in a new ClientApp process). The accountant's
@@ -14,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig
+from flwr_guard.dp.record_ledger import RecordLedger, default_ledger_dir
 
 STATE_KEY = "flwr-guard-dp-sgd-accountant"
 
@@ -51,18 +60,44 @@ def save_accountant_state(context: Context, state: dict[str, Any]) -> None:
     )
 
 
-def dpsgd_from_context(context: Context, config: DPSGDConfig | None = None, **kwargs: Any) -> DPSGD:
-    """A :class:`DPSGD` configured from the run config, its ledger from ``context.state``.
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def dpsgd_from_context(context: Context, config: DPSGDConfig | None = None,
+                       epochs: int | None = None, **kwargs: Any) -> DPSGD:
+    """A :class:`DPSGD` configured from the run and node config, with the node's ledger.
 
     Args:
         context: the ClientApp's context.
-        config: overrides :meth:`DPSGDConfig.from_run_config` (``dp-sgd-*`` keys).
-        kwargs: passed to :class:`DPSGD` (e.g. ``noise_generator``).
+        config: overrides :meth:`DPSGDConfig.from_run_config` (``dp-sgd-*`` keys of the
+            run config, bounded by the node config).
+        epochs: local epochs of this round (required when a budget is set).
+        kwargs: passed to :class:`DPSGD` (e.g. ``noise_generator``, ``fingerprint``).
+
+    Raises:
+        ValueError: a run config below the node's floors, or a malformed state record.
+        LedgerMissing: (from ``make_private``) the ledger is expected but missing.
     """
-    config = config or DPSGDConfig.from_run_config(context.run_config)
-    return DPSGD(config, load_accountant_state(context), **kwargs)
+    node = context.node_config
+    config = config or DPSGDConfig.from_run_config(context.run_config, node_config=node)
+    directory = str(node.get("dp-sgd-ledger", "") or "") or str(default_ledger_dir())
+    required = _flag(node.get("dp-sgd-ledger-required", False))
+    reset = _flag(node.get("dp-sgd-ledger-reset", False))
+    memory = load_accountant_state(context)
+
+    def ledger(fingerprint: str, expected: list) -> RecordLedger:
+        return RecordLedger(directory, fingerprint, node_id=context.node_id,
+                            expected_history=expected, required=required, reset=reset)
+
+    return DPSGD(config, memory, ledger=ledger, epochs=epochs, **kwargs)
 
 
-def save_dpsgd(context: Context, dpsgd: DPSGD) -> None:
-    """Write ``dpsgd``'s ledger back to ``context.state`` (call after training)."""
+def save_dpsgd(context: Context, dpsgd: DPSGD) -> float:
+    """After training: finish the round (:meth:`DPSGD.finish`), mirror the ledger in
+    ``context.state``; return the record-level epsilon spent."""
+    epsilon = dpsgd.finish()
     save_accountant_state(context, dpsgd.accountant_state())
+    return epsilon

@@ -37,15 +37,20 @@ deployment each message runs in a fresh process, so that is once per process)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
+
+from flwr_guard.dp.budget import PrivacyBudgetExceeded
+from flwr_guard.dp.record_ledger import RecordLedger, append_steps, dataset_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +69,17 @@ class DPSGDConfig:
     Attributes:
         noise_multiplier: ``sigma`` (noise std / ``max_grad_norm``), ``>= 0``.
         max_grad_norm: per-example L2 clipping norm ``C > 0``.
-        delta: delta at which epsilon is reported (``1e-5`` by default; choose
-            ``< 1 / examples per client``).
+        delta: delta at which epsilon is reported and the budget is checked (``1e-5``
+            by default; choose ``< 1 / examples per client``).
         grad_sample_mode: ``"hooks"`` (per-example gradients) or ``"ghost"`` (ghost
             clipping: per-example norms only, less memory).
-        accountant: Opacus accountant, ``"rdp"`` or ``"prv"``.
-        secure_mode: Opacus' secure mode (CSPRNG noise; needs ``torchcsprng``).
+        accountant: Opacus accountant, ``"rdp"`` or ``"prv"``: the one that reports
+            epsilon *and* checks the budget.
+        secure_mode: Opacus' secure mode (CSPRNG noise, Mironov 2012's floating-point
+            attack mitigated by Opacus' two-sample noise; needs ``torchcsprng``).
+        max_epsilon: record-level budget at ``delta`` (``inf`` = no limit): a round
+            that would take the ledger past it is refused before any data is touched
+            (:class:`~flwr_guard.dp.budget.PrivacyBudgetExceeded`).
     """
 
     noise_multiplier: float
@@ -78,29 +88,38 @@ class DPSGDConfig:
     grad_sample_mode: GradSampleMode = "hooks"
     accountant: Literal["rdp", "prv"] = "rdp"
     secure_mode: bool = False
+    max_epsilon: float = math.inf
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier >= 0:
-            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max grad norm must be > 0, got {self.max_grad_norm}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max grad norm must be finite and > 0, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.grad_sample_mode not in ("hooks", "ghost"):
             raise ValueError(f"grad_sample_mode must be 'hooks' or 'ghost', got {self.grad_sample_mode!r}")
         if self.accountant not in ("rdp", "prv"):
             raise ValueError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+        if not self.max_epsilon > 0:
+            raise ValueError(f"max epsilon must be > 0 (inf = no limit), got {self.max_epsilon}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], prefix: str = RUN_CONFIG_PREFIX
-                        ) -> DPSGDConfig:
+    def from_run_config(cls, run_config: Mapping[str, Any], prefix: str = RUN_CONFIG_PREFIX,
+                        node_config: Mapping[str, Any] | None = None) -> DPSGDConfig:
         """Read ``{prefix}noise-multiplier``, ``{prefix}max-grad-norm`` (required) and
-        ``{prefix}delta``, ``{prefix}ghost-clipping`` (bool), ``{prefix}accountant``
-        (optional) from a Flower run config.
+        ``{prefix}delta``, ``{prefix}ghost-clipping`` (bool), ``{prefix}accountant``,
+        ``{prefix}secure-mode`` (bool), ``{prefix}max-epsilon`` (0 = no limit) from a
+        Flower run config.
+
+        The run config is the server's. With ``node_config`` (the node's own policy),
+        ``{prefix}max-epsilon`` there caps the run config's (the smaller wins; a run
+        config without a budget gets the node's), ``{prefix}min-noise-multiplier`` is a
+        floor, and ``{prefix}secure-mode = true`` cannot be turned off by the server.
 
         Raises:
             KeyError: naming the missing required key.
-            ValueError: for invalid values.
+            ValueError: for invalid values, or a noise multiplier below the node's floor.
         """
         missing = [k for k in ("noise-multiplier", "max-grad-norm") if prefix + k not in run_config]
         if missing:
@@ -108,13 +127,44 @@ class DPSGDConfig:
                 f"DP-SGD needs {', '.join(prefix + k for k in missing)} in the run config "
                 "([tool.flwr.app.config] or `flwr run --run-config`)"
             )
+        node = node_config or {}
+        max_epsilon = float(run_config.get(prefix + "max-epsilon", 0.0)) or math.inf
+        node_max = float(node.get(prefix + "max-epsilon", 0.0)) or math.inf
+        z = float(run_config[prefix + "noise-multiplier"])
+        floor = float(node.get(prefix + "min-noise-multiplier", 0.0))
+        if z < floor:
+            raise ValueError(
+                f"the run config asks for DP-SGD noise multiplier {z}, below this node's "
+                f"floor {prefix}min-noise-multiplier={floor} (node config): refusing to train"
+            )
         return cls(
-            noise_multiplier=float(run_config[prefix + "noise-multiplier"]),
+            noise_multiplier=z,
             max_grad_norm=float(run_config[prefix + "max-grad-norm"]),
             delta=float(run_config.get(prefix + "delta", 1e-5)),
             grad_sample_mode="ghost" if bool(run_config.get(prefix + "ghost-clipping", False)) else "hooks",
             accountant=str(run_config.get(prefix + "accountant", "rdp")),  # type: ignore[arg-type]
+            secure_mode=bool(run_config.get(prefix + "secure-mode", False))
+            or bool(node.get(prefix + "secure-mode", False)),
+            max_epsilon=min(max_epsilon, node_max),
         )
+
+
+def epsilon_of_history(history: Sequence[tuple[float, float, int]], delta: float,
+                       accountant: str = "rdp") -> float:
+    """Epsilon of an Opacus history ``[(noise_multiplier, sample_rate, steps), ...]``.
+
+    Computed by a fresh Opacus accountant of kind ``accountant`` (``"rdp"`` or
+    ``"prv"``): the same arithmetic as the accountant attached to training.
+    0.0 for an empty history; ``inf`` if a step has no noise.
+    """
+    history = [(float(z), float(q), int(n)) for z, q, n in history if int(n) > 0 and float(q) > 0]
+    if not history:
+        return 0.0
+    if any(z == 0 for z, _, _ in history):
+        return math.inf
+    acc = create_accountant(accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta))
 
 
 class PrivateTraining(NamedTuple):
@@ -169,18 +219,34 @@ def check_module(model: nn.Module) -> None:
 
 
 class DPSGD:
-    """One client's DP-SGD: an Opacus ``PrivacyEngine`` whose accountant remembers.
+    """One client's DP-SGD: an Opacus ``PrivacyEngine`` with a ledger and a budget.
+
+    The ledger is the Opacus history ``[(noise_multiplier, sample_rate, steps), ...]``
+    of every round this node trained on its data: from ``ledger`` (a durable
+    :class:`~flwr_guard.dp.record_ledger.RecordLedger`, or a callable that builds one
+    from the dataset fingerprint) when given, else from ``accountant_state``.
+    :meth:`make_private` projects the round (``epochs * len(loader)`` steps at sample
+    rate ``1 / len(loader)``) onto it with the configured accountant, refuses the round
+    if epsilon would exceed ``config.max_epsilon``, and otherwise *reserves* those steps
+    in the ledger before training: empty Poisson batches and crashed rounds are counted.
 
     Args:
         config: :class:`DPSGDConfig`.
-        accountant_state: an earlier ``accountant.state_dict()`` (``{"history":
-            [(noise_multiplier, sample_rate, steps), ...], "mechanism": "rdp"}``), or
-            ``None`` for the very first round of this client.
+        accountant_state: an earlier ``{"history": [...], "mechanism": ...}`` (the node's
+            memory, ``context.state``), or ``None``. With ``ledger`` it is the evidence
+            the durable ledger is checked against.
         noise_generator: optional ``torch.Generator`` for the noise (tests only; never
             with ``secure_mode``).
+        ledger: ``RecordLedger``, or ``callable(fingerprint, expected_history) ->
+            RecordLedger`` (built in :meth:`make_private`, once the data is known).
+        epochs: local epochs of the round (needed for the budget check; may also be
+            passed to :meth:`make_private`).
+        fingerprint: dataset fingerprint to key the ledger with; default
+            :func:`~flwr_guard.dp.record_ledger.dataset_fingerprint` of the loader's
+            dataset.
 
     Raises:
-        ValueError: if ``accountant_state`` was written by another accountant kind.
+        ValueError: ``secure_mode`` without ``torchcsprng`` (message names the fix).
     """
 
     def __init__(
@@ -188,13 +254,46 @@ class DPSGD:
         config: DPSGDConfig,
         accountant_state: Mapping[str, Any] | None = None,
         noise_generator: torch.Generator | None = None,
+        *,
+        ledger: RecordLedger | Any | None = None,
+        epochs: int | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.config = config
-        self.engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
-        if accountant_state:
-            self.engine.accountant.load_state_dict(dict(accountant_state))
+        try:
+            self.engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        except ImportError as err:
+            raise ValueError(
+                "dp-sgd-secure-mode needs torchcsprng (Opacus' CSPRNG): install it "
+                "(https://github.com/pytorch/csprng) or turn secure mode off"
+            ) from err
+        self._memory: list[tuple[float, float, int]] = [
+            (float(z), float(q), int(n)) for z, q, n in (accountant_state or {}).get("history", [])
+        ]
+        self._ledger_spec = ledger
+        self._ledger: RecordLedger | None = ledger if isinstance(ledger, RecordLedger) else None
+        self.epochs = epochs
+        self.fingerprint = fingerprint
         self._noise_generator = noise_generator
         self._private: PrivateTraining | None = None
+        self._reserved = 0
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The ledger: every step this node has spent on its data (reserved included,
+        and steps run beyond the reservation that :meth:`finish` has yet to record)."""
+        history = list(self._ledger.history if self._ledger is not None else self._memory)
+        extra = self.realised_steps - self._reserved if self._private is not None else 0
+        if extra > 0:
+            append_steps(history, (self.config.noise_multiplier, self._sample_rate, extra))
+        return history
+
+    def projected_epsilon(self, sample_rate: float, steps: int) -> float:
+        """Epsilon at ``config.delta`` if ``steps`` more steps at ``sample_rate`` ran."""
+        return epsilon_of_history(
+            [*self.history, (self.config.noise_multiplier, sample_rate, steps)],
+            self.config.delta, self.config.accountant,
+        )
 
     def make_private(
         self,
@@ -202,19 +301,56 @@ class DPSGD:
         optimizer: torch.optim.Optimizer,
         data_loader: DataLoader,
         criterion: Any = None,
+        epochs: int | None = None,
     ) -> PrivateTraining:
-        """Wrap model, optimizer, loss and loader for DP-SGD with Poisson sampling.
+        """Check the budget, reserve the round's steps, and wrap model, optimizer, loss
+        and loader for DP-SGD with Poisson sampling.
 
         Move ``model`` to its device *before* building ``optimizer``. The expected batch
-        size is the loader's ``batch_size``; the sample rate is ``1 / len(data_loader)``.
+        size is the loader's ``batch_size``; the sample rate is ``1 / len(data_loader)``
+        and a round is ``epochs * len(data_loader)`` steps (run exactly that many
+        epochs over ``PrivateTraining.data_loader``; more are added by :meth:`finish`).
 
         Raises:
+            PrivacyBudgetExceeded: the round would take epsilon past ``max_epsilon``
+                (nothing is reserved, the data is not touched).
+            ValueError: a finite budget without ``epochs``.
+            LedgerMissing: the durable ledger is expected but missing.
             DPSGDModelError: for layers Opacus cannot handle (see :func:`check_module`).
             RuntimeError: if called twice on the same :class:`DPSGD` (one per round).
         """
         if self._private is not None:
             raise RuntimeError("make_private was already called on this DPSGD; create one per round")
         check_module(model)
+        epochs = epochs if epochs is not None else self.epochs
+        if self._ledger is None and callable(self._ledger_spec):
+            fingerprint = self.fingerprint or dataset_fingerprint(data_loader.dataset)
+            self._ledger = self._ledger_spec(fingerprint, self._memory)
+        steps_per_epoch = len(data_loader)
+        if steps_per_epoch < 1:
+            raise ValueError("DP-SGD needs a non-empty data loader")
+        sample_rate = 1.0 / steps_per_epoch
+        if epochs is None:
+            if math.isfinite(self.config.max_epsilon):
+                raise ValueError(
+                    "a DP-SGD budget (max_epsilon) needs the round's epochs before training: "
+                    "pass epochs= to DPSGD / dpsgd_from_context or make_private"
+                )
+        else:
+            if epochs < 1:
+                raise ValueError(f"epochs must be >= 1, got {epochs}")
+            steps = epochs * steps_per_epoch
+            after = self.projected_epsilon(sample_rate, steps)
+            if after > self.config.max_epsilon:
+                spent = epsilon_of_history(self.history, self.config.delta, self.config.accountant)
+                raise PrivacyBudgetExceeded(
+                    f"record-level privacy budget exhausted: this round ({steps} DP-SGD steps "
+                    f"at sample rate {sample_rate:.4g}) would bring epsilon from {spent:.4g} "
+                    f"to {after:.4g} > max epsilon {self.config.max_epsilon:g} at delta "
+                    f"{self.config.delta:g} ({self.config.accountant} accountant); this node "
+                    "does not train on its data any more"
+                )
+            self._reserve(sample_rate, steps)
         out = self.engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -232,19 +368,41 @@ class DPSGD:
             module, opt, loader = out
             crit = criterion if criterion is not None else nn.CrossEntropyLoss()
         self._private = PrivateTraining(module, opt, crit, loader)
+        self._sample_rate = sample_rate
         return self._private
+
+    def _reserve(self, sample_rate: float, steps: int) -> None:
+        entry = (self.config.noise_multiplier, sample_rate, steps)
+        if self._ledger is not None:
+            self._ledger.reserve(*entry)
+        else:
+            append_steps(self._memory, entry)
+        self._reserved += steps
+
+    @property
+    def realised_steps(self) -> int:
+        """Optimiser steps Opacus counted in this round (empty batches skipped by the
+        training loop are not among them, but were reserved)."""
+        return sum(int(steps) for _, _, steps in self.engine.accountant.history)
+
+    def finish(self) -> float:
+        """After training: add steps run beyond the reservation; return epsilon."""
+        extra = self.realised_steps - self._reserved
+        if self._private is not None and extra > 0:
+            logger.warning("DP-SGD ran %d steps more than reserved: added to the ledger", extra)
+            self._reserve(self._sample_rate, extra)
+        return self.epsilon()
 
     @property
     def steps(self) -> int:
         """Noised optimiser steps in the ledger, all rounds together."""
-        return sum(int(steps) for _, _, steps in self.engine.accountant.history)
+        return sum(int(steps) for _, _, steps in self.history)
 
     def epsilon(self, delta: float | None = None) -> float:
-        """Record-level epsilon spent so far at ``delta`` (the config's by default)."""
-        if len(self.engine.accountant) == 0:
-            return 0.0
-        return float(self.engine.accountant.get_epsilon(delta or self.config.delta))
+        """Record-level epsilon spent so far at ``delta`` (the config's by default),
+        by the configured accountant."""
+        return epsilon_of_history(self.history, delta or self.config.delta, self.config.accountant)
 
     def accountant_state(self) -> dict[str, Any]:
-        """``accountant.state_dict()``: keep it and pass it to the next round's DPSGD."""
-        return dict(self.engine.accountant.state_dict())
+        """``{"history": ledger, "mechanism": accountant}``: the node's in-memory copy."""
+        return {"history": self.history, "mechanism": self.config.accountant}

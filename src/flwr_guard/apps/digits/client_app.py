@@ -2,7 +2,9 @@
 
 Node config (``flower-supernode --node-config``; filled in by the simulation engine):
 ``partition-id``, ``num-partitions`` and optionally ``device`` ("cpu" by default,
-"cuda" to train on the GPU when there is one).
+"cuda" to train on the GPU when there is one); under DP-SGD also the node's own
+record-level policy and ledger (``dp-sgd-ledger``, ``dp-sgd-max-epsilon``, ... see
+docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -81,50 +83,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics: dict[str, float | int] = {"num-examples": len(trainloader.dataset)}
     if bool(cfg["dp-sgd"]):
-        # Record-level DP: the Opacus accountant continues from context.state.
+        # Record-level DP: the library checks dp-sgd-max-epsilon (capped by the node
+        # config's) before training and keeps the ledger on the node's disk.
         from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
 
-        dpsgd = dpsgd_from_context(context)
-        _check_record_budget(context, dpsgd, len(trainloader), int(cfg["local-epochs"]))
+        dpsgd = dpsgd_from_context(context, epochs=int(cfg["local-epochs"]))
         metrics["train-loss"] = train_dpsgd_epochs(model, trainloader, dpsgd=dpsgd, **common)
-        save_dpsgd(context, dpsgd)
-        metrics["dp-sgd-epsilon"] = dpsgd.epsilon()
+        metrics["dp-sgd-epsilon"] = save_dpsgd(context, dpsgd)
     else:
         metrics["train-loss"] = train_epochs(model, trainloader, **common)
     content = RecordDict(
         {"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
-
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """Training this round would take the node past its record-level epsilon budget."""
-
-
-def _check_record_budget(context: Context, dpsgd, steps_per_epoch: int, epochs: int) -> None:
-    """Refuse to train if this round would exceed ``dp-sgd-max-epsilon`` (0 = no limit).
-
-    The projection composes this round's steps (noise multiplier, sample rate
-    ``1 / steps_per_epoch``) onto the node's Opacus RDP ledger, exactly as training
-    would; the node then replies with an error and its data is not touched.
-    """
-    from opacus.accountants import RDPAccountant
-
-    budget = float(context.run_config["dp-sgd-max-epsilon"])
-    if budget <= 0:
-        return
-    state = dpsgd.accountant_state()
-    projected = RDPAccountant()
-    projected.history = [*state["history"]] + [
-        (dpsgd.config.noise_multiplier, 1.0 / steps_per_epoch, steps_per_epoch * epochs)
-    ]
-    epsilon = projected.get_epsilon(dpsgd.config.delta)
-    if epsilon > budget:
-        raise PrivacyBudgetExhausted(
-            f"record-level privacy budget exhausted: this round would bring epsilon to "
-            f"{epsilon:.2f} > dp-sgd-max-epsilon {budget} (at delta {dpsgd.config.delta}); "
-            "this node does not train any more"
-        )
 
 
 @app.evaluate()
