@@ -131,5 +131,10 @@ def test_adaptive_clipping_follows_the_quantile_and_splits_the_noise() -> None:
     c = 0.05
     for _ in range(200):
         cohort = rng.choice(norms, 100)
-        c, _ = update_clipping_norm(c, float((cohort <= c).sum()), 100, 0.5, 0.2, 100 / 20, rng)
+        centred = float((cohort <= c).sum()) - len(cohort) / 2  # bits b - 1/2
+        c, _ = update_clipping_norm(c, centred, 100, 0.5, 0.2, 100 / 20, rng)
     assert c == pytest.approx(np.median(norms), rel=0.15)  # converged to the median
+    # Centred bits: with every client unclipped the noiseless estimate is exactly 1,
+    # with none 0, whatever the denominator's relation to the realised count.
+    assert update_clipping_norm(1.0, 50.0, 100, 0.5, 0.2, 0.0, rng)[1] == pytest.approx(1.0)
+    assert update_clipping_norm(1.0, -50.0, 100, 0.5, 0.2, 0.0, rng)[1] == pytest.approx(0.0)

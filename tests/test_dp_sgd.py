@@ -272,14 +272,16 @@ def test_clipping_mod_clips_the_update_and_keeps_fedavgs_contract(server_process
     assert np.sqrt(sum((u ** 2).sum() for u in update)) == pytest.approx(1.0, rel=1e-5)
     assert [o.dtype for o in out] == [np.float32, np.float32]
     metrics = reply.content["metrics"]
-    # Every client weighs 1 (uniform mean); the bit says the update was clipped.
-    assert metrics["num-examples"] == 1.0 and metrics["dp-unclipped-count"] == 0.0
+    # Every client weighs 1 (uniform mean); the bit says the update was clipped; the
+    # clipped count (1) proves the mod ran; the noised count waits for SecAgg+'s mod.
+    assert metrics["num-examples"] == 1.0 and metrics["dp-unclipped-count"] == 0
+    assert metrics["dp-clipped-count"] == 1 and metrics["dp-noised-count"] == 0
     assert metrics["train-loss"] == 0.5 and "norm" not in " ".join(metrics.keys())
 
     small = [g + 0.01 for g in global_arrays]
     fixed = _train_message(global_arrays, {"dp-clipping-norm": 1.0})
     reply = update_clipping_mod(fixed, _context("unused"), _client(small))
-    assert "dp-unclipped-count" not in reply.content["metrics"]  # fixed clipping: no bit
+    assert reply.content["metrics"]["dp-unclipped-count"] == 0  # fixed clipping: bit 0
     assert reply.content["metrics"]["num-examples"] == 10  # no weight key sent: untouched
     np.testing.assert_allclose(reply.content["arrays"].to_numpy_ndarrays()[0], small[0])
 

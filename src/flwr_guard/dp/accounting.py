@@ -15,13 +15,16 @@ this module only turns a ledger of ``(noise_multiplier, sample_rate, steps)`` in
 
 Sampling assumptions (say which one matches your deployment):
 
-- ``"poisson"`` (default): each client (record) is included independently with
-  probability ``q``; neighbouring datasets differ by adding or removing one client
-  (record). This is what the RDP and PLD analyses of DP-SGD and DP-FedAvg assume.
-  Flower's ``FedAvg`` samples a *fixed-size* cohort uniformly without replacement;
-  accounting it as Poisson with ``q = cohort / population`` is the usual approximation
-  (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models",
-  §3), not an exact bound.
+- ``"none"``: no amplification: every step is accounted as if the individual took part
+  (the Gaussian mechanism composed ``T`` times, add/remove-one neighbours). The only
+  honest choice when the party who picks the cohort is the adversary (a malicious
+  server under distributed DP), and the default of ``DPFedAvg``: Flower's ``FedAvg``
+  samples a *fixed-size* cohort with ``random.sample``, not Poisson.
+- ``"poisson"``: each client (record) is included independently with probability
+  ``q`` by a sampler the adversary does not control; add/remove-one neighbours. This
+  is what the RDP and PLD analyses of DP-SGD (Opacus' Poisson data loader) assume.
+  Accounting Flower's fixed-size cohort as Poisson with ``q = cohort / population`` is
+  a common approximation (McMahan et al. 2018, §3), not a bound.
 - ``"fixed-size"``: a cohort of ``m`` out of a population of ``N`` drawn uniformly
   without replacement each step, analysed under the *replace-one* relation (Wang,
   Balle & Kasiviswanathan 2019, "Subsampled Rényi DP and Analytical Moments
@@ -37,14 +40,35 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import dp_accounting
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from flwr_guard.dp.skellam_accounting import (
+    SKELLAM_ORDERS,
+    epsilon_from_rdp,
+    poisson_subsampled_rdp,
+    skellam_rdp,
+)
+
 AccountantKind = Literal["rdp", "pld"]
-Sampling = Literal["poisson", "fixed-size"]
+Sampling = Literal["none", "poisson", "fixed-size"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
-SAMPLINGS: tuple[str, ...] = ("poisson", "fixed-size")
+SAMPLINGS: tuple[str, ...] = ("none", "poisson", "fixed-size")
+
+# What each sampling assumption means, for logs, docs and `flwr-guard epsilon`.
+NEIGHBOURING = {
+    "none": "add/remove one individual; no sampling amplification",
+    "poisson": "add/remove one individual; Poisson sampling by a trusted sampler",
+    "fixed-size": "replace one individual; fixed-size cohort without replacement",
+}
+CONVERSION = {
+    "rdp": "RDP to (epsilon, delta) by dp-accounting's rdp_privacy_accountant."
+           "compute_epsilon (Canonne-Kamath-Steinke 2020 / Asoodeh et al. 2020 bound)",
+    "pld": f"PLD (Koskela et al. 2020) with pessimistic discretisation, value interval "
+           f"{1e-3:g} (dp-accounting PLDAccountant)",
+}
 
 # PLD discretisation: dp-accounting's default (1e-4) is accurate to ~1e-3 in epsilon
 # at a few seconds for thousands of steps; 1e-3 keeps the CLI and budget checks fast.
@@ -53,7 +77,7 @@ PLD_DISCRETIZATION = 1e-3
 
 @dataclass(frozen=True)
 class Step:
-    """``count`` identical steps of a subsampled Gaussian mechanism.
+    """``count`` identical steps of a subsampled Gaussian (or Skellam) mechanism.
 
     Attributes:
         noise_multiplier: noise standard deviation / L2 sensitivity (``z >= 0``;
@@ -61,15 +85,24 @@ class Step:
         sample_rate: inclusion probability ``q`` in ``[0, 1]`` (``"poisson"``), or the
             cohort fraction ``m / N`` (``"fixed-size"``, where ``population`` is ``N``).
         count: number of steps (``>= 0``).
-        population: ``N`` for ``"fixed-size"`` sampling; ignored for ``"poisson"``.
+        population: ``N`` for ``"fixed-size"`` sampling; ignored otherwise.
+        skellam: ``(L2 sensitivity, L1 sensitivity, mu of the sum)`` for a step of the
+            Skellam mechanism (integer domain; :mod:`flwr_guard.dp.skellam_accounting`),
+            ``None`` for a Gaussian step. ``noise_multiplier`` is then informational
+            (``sqrt(2 mu) / L2``).
     """
 
     noise_multiplier: float
     sample_rate: float
     count: int = 1
     population: int | None = None
+    skellam: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.skellam is not None:
+            l2, l1, mu = self.skellam
+            if not (l2 > 0 and l1 > 0 and mu > 0 and all(map(math.isfinite, self.skellam))):
+                raise ValueError(f"Skellam step needs L2, L1 sensitivities and mu > 0, got {self.skellam}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise multiplier must be finite and >= 0, got {self.noise_multiplier}")
         if not 0.0 <= self.sample_rate <= 1.0:
@@ -95,6 +128,9 @@ def _check(accountant: str, sampling: str, delta: float) -> None:
 
 
 def _event(step: Step, sampling: str) -> dp_event.DpEvent:
+    if sampling == "none":
+        return dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(step.noise_multiplier),
+                                            step.count)
     if sampling == "poisson":
         inner = dp_event.GaussianDpEvent(step.noise_multiplier)
         event: dp_event.DpEvent = dp_event.PoissonSampledDpEvent(step.sample_rate, inner)
@@ -144,14 +180,49 @@ def epsilon_from_history(
             fixed-size sampling with PLD or without a population.
     """
     _check(accountant, sampling, delta)
-    steps = [s for s in steps if s.count > 0 and s.sample_rate > 0]
+    steps = [s for s in steps if s.count > 0 and (s.sample_rate > 0 or sampling == "none")]
     if not steps:
         return 0.0
+    if any(s.skellam is not None for s in steps):
+        return _epsilon_with_skellam(steps, delta, accountant, sampling)
     if any(s.noise_multiplier == 0 for s in steps):
         return math.inf
     acc = _fresh(accountant, sampling)
     acc.compose(dp_event.ComposedDpEvent([_event(s, sampling) for s in steps]))
     return float(acc.get_epsilon(delta))
+
+
+def _epsilon_with_skellam(steps: list[Step], delta: float, accountant: str,
+                          sampling: str) -> float:
+    """Compose Gaussian and Skellam steps in RDP at integer orders; dp-accounting converts.
+
+    Skellam has no PLD here and no tight subsampled bound: ``"poisson"`` uses the generic
+    bound of Zhu & Wang 2019 (Theorem 6), ``"fixed-size"`` is refused.
+    """
+    if accountant != "rdp":
+        raise ValueError("the Skellam mechanism is accounted with its own RDP only "
+                         "(Agarwal et al. 2021): use accountant='rdp'")
+    if sampling == "fixed-size":
+        raise ValueError("fixed-size sampling has no bound for Skellam here: use "
+                         "sampling='none' (or 'poisson' with a trusted Poisson sampler)")
+    orders = list(SKELLAM_ORDERS)
+    gaussian = [s for s in steps if s.skellam is None]
+    total = np.zeros(len(orders))
+    if gaussian:
+        if any(s.noise_multiplier == 0 for s in gaussian):
+            return math.inf
+        acc = rdp_privacy_accountant.RdpAccountant(
+            orders=orders, neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        acc.compose(dp_event.ComposedDpEvent([_event(s, sampling) for s in gaussian]))
+        total += np.asarray(acc._rdp, dtype=np.float64)  # noqa: SLF001 (RDP curve at `orders`)
+    for s in steps:
+        if s.skellam is None:
+            continue
+        rdp = skellam_rdp(orders, *s.skellam)
+        if sampling == "poisson" and s.sample_rate < 1:
+            rdp = poisson_subsampled_rdp(orders, rdp, s.sample_rate)
+        total += s.count * rdp
+    return epsilon_from_rdp(orders, total, delta)
 
 
 def compute_epsilon(
@@ -243,17 +314,17 @@ class Ledger:
     steps: list[Step] = field(default_factory=list)
 
     def add(self, noise_multiplier: float, sample_rate: float, count: int = 1,
-            population: int | None = None) -> None:
+            population: int | None = None,
+            skellam: tuple[float, float, float] | None = None) -> None:
         """Append ``count`` steps (merged with the last entry when identical)."""
-        step = Step(noise_multiplier, sample_rate, count, population)
+        step = Step(noise_multiplier, sample_rate, count, population, skellam)
         if self.steps:
             last = self.steps[-1]
-            if (last.noise_multiplier, last.sample_rate, last.population) == (
-                step.noise_multiplier, step.sample_rate, step.population
+            if (last.noise_multiplier, last.sample_rate, last.population, last.skellam) == (
+                step.noise_multiplier, step.sample_rate, step.population, step.skellam
             ):
-                self.steps[-1] = Step(
-                    last.noise_multiplier, last.sample_rate, last.count + count, last.population
-                )
+                self.steps[-1] = Step(last.noise_multiplier, last.sample_rate,
+                                      last.count + count, last.population, last.skellam)
                 return
         self.steps.append(step)
 
@@ -271,6 +342,7 @@ class Ledger:
             "sample-rate": [s.sample_rate for s in self.steps],
             "count": [s.count for s in self.steps],
             "population": [s.population or 0 for s in self.steps],
+            "skellam": [list(s.skellam) if s.skellam else [] for s in self.steps],
         }
 
     @classmethod
@@ -286,9 +358,13 @@ class Ledger:
         except KeyError as err:
             raise ValueError(f"ledger misses the field {err.args[0]!r}") from None
         populations = list(data.get("population", [0] * len(columns[0])))
-        if len({len(c) for c in columns} | {len(populations)}) != 1:
+        skellams = list(data.get("skellam", [[]] * len(columns[0])))
+        if len({len(c) for c in columns} | {len(populations), len(skellams)}) != 1:
             raise ValueError("ledger fields have different lengths")
         ledger = cls()
-        for z, q, n, pop in zip(*columns, populations, strict=True):
-            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None))
+        for z, q, n, pop, sk in zip(*columns, populations, skellams, strict=True):
+            skellam = tuple(float(v) for v in sk) if sk else None
+            if skellam is not None and len(skellam) != 3:
+                raise ValueError(f"a Skellam step needs (L2, L1, mu), got {sk}")
+            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None, skellam))  # type: ignore[arg-type]
         return ledger

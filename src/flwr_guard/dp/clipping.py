@@ -78,7 +78,7 @@ def split_noise_multiplier(
 
 def update_clipping_norm(
     clipping_norm: float,
-    unclipped_count: float,
+    centred_count: float,
     expected_clients: float,
     target_quantile: float,
     learning_rate: float,
@@ -87,14 +87,19 @@ def update_clipping_norm(
 ) -> tuple[float, float]:
     """One geometric step of adaptive clipping (Andrew et al. 2021, Algorithm 1).
 
-    ``b_noisy = (unclipped_count + N(0, count_stddev^2)) / expected_clients`` and
+    The clients' bits are *centred*, ``b_i - 1/2`` (Andrew et al. 2021, §3: adding or
+    removing one client moves their sum by at most 1/2, the sensitivity that
+    :func:`split_noise_multiplier`'s ``2 sigma_b`` assumes; {0, 1} bits would have
+    sensitivity 1 and be under-noised by a factor 2). With ``expected_clients`` ``n``
+    (a fixed denominator, not the realised count):
+    ``b_noisy = (sum(b_i - 1/2) + N(0, count_stddev^2)) / n + 1/2`` and
     ``C_next = C * exp(-learning_rate * (b_noisy - target_quantile))``.
 
     Args:
         clipping_norm: ``C_t``, the norm the clients used this round.
-        unclipped_count: number of this round's clients whose update norm was ``<= C_t``.
-        expected_clients: the expected cohort size (Andrew et al. divide by it, not by
-            the realised count, so that the count alone carries the noise).
+        centred_count: ``sum(b_i - 1/2)`` over this round's clients, ``b_i`` =
+            ``1[||update_i|| <= C_t]``.
+        expected_clients: the expected cohort size ``n > 0``.
         target_quantile: ``gamma`` in ``[0, 1]``, fraction of updates left unclipped.
         learning_rate: ``eta_C > 0`` (0.2 in the paper).
         count_stddev: ``sigma_b >= 0``.
@@ -107,5 +112,5 @@ def update_clipping_norm(
         raise ValueError(f"target quantile must be in [0, 1], got {target_quantile}")
     if expected_clients <= 0 or learning_rate <= 0 or count_stddev < 0:
         raise ValueError("expected_clients and learning_rate must be > 0, count_stddev >= 0")
-    noisy = (unclipped_count + rng.normal(0.0, count_stddev)) / expected_clients
+    noisy = (centred_count + rng.normal(0.0, count_stddev)) / expected_clients + 0.5
     return clipping_norm * math.exp(-learning_rate * (noisy - target_quantile)), noisy

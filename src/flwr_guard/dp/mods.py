@@ -17,9 +17,14 @@ one MetricRecord with the same keys on every reply — with two changes to the m
   ``weighted_by_key``, ``num-examples`` by default) is set to 1.0: under user-level DP
   every client counts once (uniform mean), which is also what SecAgg+ then sums, so the
   aggregate's weight is the number of clients in it;
-- under adaptive clipping (``dp-adaptive-clipping`` true) ``dp-unclipped-count`` is Andrew
-  et al.'s bit ``1[||update|| <= C]``, a statistic of the client's data: with SecAgg+ list
-  it in ``masked_metrics`` so that only the survivors' sum reaches the server.
+- ``dp-clipped-count = 1`` proves the reply went through this mod: with SecAgg+ it is
+  summed masked (``masked_metrics=DPFedAvg.MASKED_METRICS``) and ``DPFedAvg`` refuses a
+  round whose sum differs from the number of contributors;
+- ``dp-noised-count = 0``, a placeholder that SecAgg+'s mod sets to 1 when it adds the
+  distributed-DP noise (the server checks the sum the same way);
+- ``dp-unclipped-count`` is Andrew et al.'s bit ``1[||update|| <= C]`` under adaptive
+  clipping (0 otherwise), a statistic of the client's data: with SecAgg+ it travels
+  masked, so only the survivors' sum reaches the server, which centres it.
 
 The update's norm itself is never reported. The clipping core is
 :mod:`flwr_guard.dp.clipping`.
@@ -36,11 +41,18 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.clipping import clip_update
-
-KEY_CLIPPING_NORM = "dp-clipping-norm"
-KEY_ADAPTIVE = "dp-adaptive-clipping"
-KEY_WEIGHT_KEY = "dp-weight-key"
-KEY_UNCLIPPED = "dp-unclipped-count"
+from flwr_guard.dp.keys import (  # noqa: F401 (re-exported)
+    KEY_ADAPTIVE,
+    KEY_CLIPPED,
+    KEY_CLIPPING_NORM,
+    KEY_DISTRIBUTED,
+    KEY_MIN_CONTRIBUTORS,
+    KEY_NOISE_MULTIPLIER,
+    KEY_NOISED,
+    KEY_QUANTIZATION_STEP,
+    KEY_UNCLIPPED,
+    KEY_WEIGHT_KEY,
+)
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -107,7 +119,11 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
         metrics_name, metrics = "metrics", MetricRecord()
     if weight_key:
         metrics[weight_key] = 1.0
-    if adaptive:
-        metrics[KEY_UNCLIPPED] = 1.0 if unclipped else 0.0
+    metrics[KEY_CLIPPED] = 1  # summed masked by SecAgg+: must equal the contributors
+    # Placeholder: SecAgg+'s mod sets it to 1 when it adds the distributed-DP noise.
+    metrics[KEY_NOISED] = 0
+    # Andrew et al.'s bit (an integer, so SecAgg+ can sum it masked); the server
+    # centres the sum (b - 1/2 each) before noising it.
+    metrics[KEY_UNCLIPPED] = 1 if (adaptive and unclipped) else 0
     reply.content[metrics_name] = metrics
     return reply

@@ -32,9 +32,11 @@ them noise ``z C / n`` but let FedAvg average with example weights, whose sensit
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,25 +45,53 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flwr_guard.dp.accounting import AccountantKind, Sampling
+from flwr_guard.dp.accounting import NEIGHBOURING, AccountantKind, Sampling
 from flwr_guard.dp.budget import PrivacyBudget
 from flwr_guard.dp.central import add_gaussian_noise, central_noise_std
 from flwr_guard.dp.clipping import clip_update, split_noise_multiplier, update_clipping_norm
-from flwr_guard.dp.mods import KEY_ADAPTIVE, KEY_CLIPPING_NORM, KEY_UNCLIPPED, KEY_WEIGHT_KEY
+from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
+from flwr_guard.dp.mods import (
+    KEY_ADAPTIVE,
+    KEY_CLIPPED,
+    KEY_CLIPPING_NORM,
+    KEY_DISTRIBUTED,
+    KEY_MIN_CONTRIBUTORS,
+    KEY_NOISE_MULTIPLIER,
+    KEY_NOISED,
+    KEY_QUANTIZATION_STEP,
+    KEY_UNCLIPPED,
+    KEY_WEIGHT_KEY,
+)
+from flwr_guard.dp.record_ledger import default_ledger_dir
+from flwr_guard.dp.skellam_accounting import quantised_l1_bound
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
-DP_METRIC_KEYS = (KEY_UNCLIPPED,)
+DP_METRIC_KEYS = (KEY_UNCLIPPED, KEY_CLIPPED, KEY_NOISED)
+# The metrics SecAgg+ must sum masked for DPFedAvg:
+# SecAggPlus(DPFedAvg(...), masked_metrics=DPFedAvg.MASKED_METRICS).
+MASKED_METRICS = (KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED)
+AUTO = "auto"
+
+
+def default_checkpoint() -> Path:
+    """``$FLWR_HOME/flwr-guard/dpfedavg-privacy.json`` (``~/.flwr`` without FLWR_HOME)."""
+    return default_ledger_dir().parent / "dpfedavg-privacy.json"
+
+
+class DPConfigurationError(RuntimeError):
+    """A protection DPFedAvg was configured with is not in force (message names the fix)."""
 
 
 @dataclass(frozen=True)
 class AdaptiveClipping:
-    """Andrew et al. 2021 adaptive clipping.
+    """Andrew et al. 2021 adaptive clipping (central noise only).
 
     Attributes:
         target_quantile: ``gamma``, the fraction of updates to leave unclipped.
         learning_rate: ``eta_C`` of the geometric update (0.2 in the paper).
-        count_stddev: ``sigma_b``, noise std of the unclipped count; ``None`` = the
-            paper's ``expected clients / 20``. Must exceed ``noise_multiplier / 2``.
+        count_stddev: ``sigma_b``, noise std of the sum of centred bits ``b - 1/2``;
+            ``None`` = the paper's ``expected clients / 20``. Must exceed
+            ``noise_multiplier / 2``.
     """
 
     target_quantile: float = 0.5
@@ -75,12 +105,11 @@ class _Round:
     global_arrays: ArrayRecord
     clipping_norm: float
     sample_rate: float
-    population: int
-    cohort: int
+    population: int | None
 
 
 class DPFedAvg(StrategyWrapper):
-    """Central user-level DP with a budget, around any ``flwr.serverapp`` strategy.
+    """Central or distributed user-level DP with a budget, around any strategy.
 
     Args:
         strategy: the wrapped strategy (FedAvg, FedAdam, ... or flwr-guard wrappers).
@@ -88,29 +117,50 @@ class DPFedAvg(StrategyWrapper):
             value the round is accounted with (under adaptive clipping the updates get
             ``z_delta`` of :func:`~flwr_guard.dp.clipping.split_noise_multiplier`).
         clipping_norm: ``C`` (the initial one under adaptive clipping), L2, model units.
-        adaptive: :class:`AdaptiveClipping` to adapt ``C``, or ``None`` for fixed.
+        expected_contributors: ``n``, the fixed denominator of the mean (the expected
+            cohort size): the noised *sum* is divided by it, never by the realised count
+            (a count without noise is not public under add/remove-one; TFF's and Opacus'
+            DP means divide by a fixed expected size too). A round with fewer
+            contributors keeps the noise ``z C`` on the sum (the guarantee holds for any
+            count) and its mean is scaled down accordingly.
+        adaptive: :class:`AdaptiveClipping`, or ``None`` for fixed. Refused with
+            ``distributed`` (the server would hold the exact sum of the bits).
         max_epsilon: the budget at ``delta`` (``inf`` = account, never stop).
         delta: target delta (choose ``< 1 / population``).
-        sample_rate: client sampling rate ``q`` for accounting; ``None`` = the realised
-            ``cohort / connected nodes`` of each round (say which in your docs: the
-            population a user belongs to is what ``q`` must be relative to).
-        population: ``N`` for ``sampling="fixed-size"``; ``None`` = connected nodes.
-        accountant, sampling: see :mod:`flwr_guard.dp.accounting`.
-        checkpoint: JSON file of the privacy ledger (and adaptive ``C``); loaded if
-            present, so a restarted ServerApp continues from the epsilon spent.
-        distributed: the clients add the noise (Skellam through SecAgg+, see
-            :mod:`flwr_guard.dp.distributed`): this wrapper adds none, sends
-            ``dp-noise-multiplier`` and ``dp-min-contributors`` in the train config, and
-            accounts each round with ``z * sqrt(n / min_contributors)`` when only
-            ``n < min_contributors`` clients' noise reached the sum.
-        min_contributors: with ``distributed``, the survivors each client's noise is
-            scaled for (``num_clients`` of ``DistributedNoise.calibrate``).
+        sampling: ``"none"`` (default: no amplification; Flower samples a fixed-size
+            cohort with ``random.sample`` and, in distributed mode, the possibly
+            malicious server picks it), ``"poisson"`` (needs ``sample_rate``: only for a
+            Poisson sampler the adversary does not control), or ``"fixed-size"`` (needs
+            ``sample_rate`` and ``population``; replace-one, see
+            :mod:`flwr_guard.dp.accounting`). Distributed mode accepts ``"none"`` only.
+        sample_rate, population: ``q`` and ``N`` for ``"poisson"`` / ``"fixed-size"``.
+        accountant: ``"rdp"`` or ``"pld"`` (central Gaussian only; Skellam is RDP).
+        checkpoint: JSON file of the privacy ledger (and adaptive ``C``), loaded if
+            present so a restarted ServerApp continues from the epsilon spent;
+            ``"auto"`` (default) = :func:`default_checkpoint`, falling back to memory
+            with one warning where it cannot be written; ``None`` = memory only.
+        distributed: the clients add Skellam noise through SecAgg+
+            (:mod:`flwr_guard.dp.distributed`): this wrapper adds none, sends
+            ``dp-noise-multiplier``, ``dp-min-contributors`` and
+            ``dp-quantization-step`` in the train config, checks that every contributor
+            clipped and noised (masked counts, :data:`MASKED_METRICS`) and accounts the
+            round with Skellam's RDP for the survivors' noise.
+        min_contributors: with ``distributed``, ``m``: each client's noise is scaled so
+            that ``m`` clients' noise sum to ``z`` (clients may refuse an ``m`` above
+            their own assumption).
+        quantization_step: with ``distributed``, SecAgg+'s step ``2 r / L``
+            (``clipping_range``, ``quantization_range``): the Skellam sensitivity is
+            ``C / step + sqrt(d)``; clients refuse a step that differs from theirs.
         rng: NumPy generator for the noise; ``None`` = seeded from the OS. Never pass a
-            fixed seed in production.
+            fixed seed in production. Central noise is float64 Gaussian: see
+            docs/privacy.md on the floating-point caveat (Mironov 2012).
 
     Raises:
-        ValueError: for invalid parameters (also from the budget and checkpoint).
+        ValueError: for invalid or contradictory parameters (also from the budget and
+            the checkpoint).
     """
+
+    MASKED_METRICS = MASKED_METRICS
 
     def __init__(
         self,
@@ -118,59 +168,124 @@ class DPFedAvg(StrategyWrapper):
         noise_multiplier: float,
         clipping_norm: float,
         *,
+        expected_contributors: int | None = None,
         adaptive: AdaptiveClipping | None = None,
         max_epsilon: float = math.inf,
         delta: float = 1e-5,
         sample_rate: float | None = None,
         population: int | None = None,
         accountant: AccountantKind = "rdp",
-        sampling: Sampling = "poisson",
-        checkpoint: str | None = None,
+        sampling: Sampling = "none",
+        checkpoint: str | os.PathLike[str] | None = AUTO,
         distributed: bool = False,
         min_contributors: int | None = None,
+        quantization_step: float | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(strategy)
-        if distributed and (min_contributors is None or min_contributors < 1):
-            raise ValueError("distributed DP needs min_contributors >= 1: the number of "
-                             "clients whose noise the sum is guaranteed to hold")
+        if expected_contributors is None or int(expected_contributors) < 1:
+            raise ValueError(
+                "DPFedAvg needs expected_contributors >= 1 (run config "
+                "dp-expected-contributors): the fixed denominator of the mean, z C / n; "
+                "use the expected cohort size"
+            )
         if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise multiplier must be finite and > 0, got {noise_multiplier}")
         if not (clipping_norm > 0 and math.isfinite(clipping_norm)):
             raise ValueError(f"clipping norm must be finite and > 0, got {clipping_norm}")
+        if sampling == "none":
+            sample_rate, population = 1.0, None
+        elif sampling == "poisson" and sample_rate is None:
+            raise ValueError(
+                "sampling='poisson' needs an explicit sample_rate: Flower's FedAvg samples a "
+                "fixed-size cohort (random.sample), so no realised rate is a Poisson rate; "
+                "use sampling='none' unless a trusted Poisson sampler picks the cohort"
+            )
+        elif sampling == "fixed-size" and (sample_rate is None or population is None):
+            raise ValueError("sampling='fixed-size' needs sample_rate (m / N) and population N")
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+        if distributed:
+            if min_contributors is None or min_contributors < 1:
+                raise ValueError("distributed DP needs min_contributors >= 1: the number of "
+                                 "clients whose noise the sum is guaranteed to hold")
+            if sampling != "none":
+                raise ValueError(
+                    f"distributed DP is accounted without sampling amplification: the server "
+                    f"picks the cohort and is the adversary; use sampling='none', not {sampling!r}"
+                )
+            if adaptive is not None:
+                raise ValueError(
+                    "adaptive clipping with distributed noise is refused: the server would "
+                    "hold the exact sum of the clients' unclipped bits; use a fixed clipping "
+                    "norm (or central noise)"
+                )
+            if accountant != "rdp":
+                raise ValueError("distributed (Skellam) noise is accounted with its own RDP: "
+                                 "use accountant='rdp'")
+            if not (quantization_step is not None and quantization_step > 0):
+                raise ValueError(
+                    "distributed DP needs quantization_step = 2 * clipping_range / "
+                    "quantization_range of SecAggPlus (run config dp-quantization-step): the "
+                    "Skellam sensitivity C / step + sqrt(d) depends on it"
+                )
         self.noise_multiplier = float(noise_multiplier)
         self.clipping_norm = float(clipping_norm)
+        self.expected_contributors = int(expected_contributors)
         self.adaptive = adaptive
-        self.sample_rate = sample_rate
+        self.sampling: Sampling = sampling
+        self.sample_rate = float(sample_rate) if sample_rate is not None else 1.0
         self.population = population
-        self.budget = PrivacyBudget(max_epsilon, delta, accountant, sampling, checkpoint)
+        self.budget = PrivacyBudget(max_epsilon, delta, accountant, sampling,
+                                    self._checkpoint_path(checkpoint))
         if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
             self.clipping_norm = float(self.budget.extra["clipping-norm"])
         self.weight_key: str | None = getattr(strategy, "weighted_by_key", None)
         self.distributed = distributed
         self.min_contributors = min_contributors
+        self.quantization_step = quantization_step
         self.rng = rng if rng is not None else np.random.default_rng()
         self.stopped_reason: str | None = None
         self._round: _Round | None = None
+
+    @staticmethod
+    def _checkpoint_path(checkpoint: str | os.PathLike[str] | None) -> Path | None:
+        if checkpoint is None:
+            return None
+        if str(checkpoint) != AUTO:
+            return Path(checkpoint)
+        path = default_checkpoint()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise PermissionError(f"{path.parent} is not writable")
+        except OSError as err:
+            log(WARNING, "DPFedAvg: cannot write the privacy checkpoint %s (%s): the ledger "
+                "is kept in memory only and a ServerApp restart would reset epsilon; pass "
+                "checkpoint= (run config dp-checkpoint) with a writable path", path, err)
+            return None
+        return path
 
     @classmethod
     def from_run_config(cls, strategy: Strategy, run_config: Mapping[str, Any],
                         **kwargs: Any) -> DPFedAvg:
         """Build from ``dp-*`` run-config keys (see docs/privacy.md for the table).
 
-        Required: ``dp-noise-multiplier``, ``dp-clipping-norm``. Optional:
-        ``dp-max-epsilon`` (0 = no limit), ``dp-delta``, ``dp-sample-rate`` (0 = realised),
-        ``dp-accountant``, ``dp-sampling``, ``dp-checkpoint`` ("" = none),
-        ``dp-adaptive-clipping`` (bool), ``dp-target-quantile``, ``dp-clip-learning-rate``,
-        ``dp-clipped-count-stddev`` (0 = expected clients / 20), ``dp-distributed``
-        (bool), ``dp-min-contributors``.
+        Required: ``dp-noise-multiplier``, ``dp-clipping-norm``,
+        ``dp-expected-contributors``. Optional: ``dp-max-epsilon`` (0 = no limit),
+        ``dp-delta``, ``dp-sampling`` (``none``), ``dp-sample-rate``,
+        ``dp-population``, ``dp-accountant``, ``dp-checkpoint`` ("" = the default path,
+        "none" = memory only), ``dp-adaptive-clipping`` (bool), ``dp-target-quantile``,
+        ``dp-clip-learning-rate``, ``dp-clipped-count-stddev`` (0 = expected / 20),
+        ``dp-distributed`` (bool), ``dp-min-contributors``, ``dp-quantization-step``
+        (0 = ``2 * secagg-clipping-range / secagg-quantization-range`` when the run
+        config has them).
         """
         def get(key: str, default: Any) -> Any:
             return run_config.get(f"dp-{key}", default)
 
-        missing = [k for k in ("dp-noise-multiplier", "dp-clipping-norm") if k not in run_config]
+        missing = [k for k in ("dp-noise-multiplier", "dp-clipping-norm",
+                               "dp-expected-contributors") if k not in run_config]
         if missing:
             raise KeyError(f"DPFedAvg needs {', '.join(missing)} in the run config")
         adaptive = None
@@ -180,19 +295,27 @@ class DPFedAvg(StrategyWrapper):
                 float(get("clip-learning-rate", 0.2)),
                 float(get("clipped-count-stddev", 0.0)) or None,
             )
+        step = float(get("quantization-step", 0.0)) or None
+        if step is None and {"secagg-clipping-range", "secagg-quantization-range"} <= set(run_config):
+            step = 2 * float(run_config["secagg-clipping-range"]) / float(
+                run_config["secagg-quantization-range"])
+        checkpoint = str(get("checkpoint", ""))
         return cls(
             strategy,
             noise_multiplier=float(run_config["dp-noise-multiplier"]),
             clipping_norm=float(run_config["dp-clipping-norm"]),
+            expected_contributors=int(run_config["dp-expected-contributors"]),
             adaptive=adaptive,
             max_epsilon=float(get("max-epsilon", 0.0)) or math.inf,
             delta=float(get("delta", 1e-5)),
             sample_rate=float(get("sample-rate", 0.0)) or None,
+            population=int(get("population", 0)) or None,
             accountant=str(get("accountant", "rdp")),  # type: ignore[arg-type]
-            sampling=str(get("sampling", "poisson")),  # type: ignore[arg-type]
-            checkpoint=str(get("checkpoint", "")) or None,
+            sampling=str(get("sampling", "none")),  # type: ignore[arg-type]
+            checkpoint=None if checkpoint == "none" else (checkpoint or AUTO),
             distributed=bool(get("distributed", False)),
             min_contributors=int(get("min-contributors", 0)) or None,
+            quantization_step=step,
             **kwargs,
         )
 
@@ -202,27 +325,24 @@ class DPFedAvg(StrategyWrapper):
         """Epsilon spent so far at the budget's delta."""
         return self.budget.epsilon_spent
 
-    def _expected_cohort(self, grid: Grid) -> int:
-        fraction = float(getattr(self.strategy, "fraction_train", 1.0))
-        return max(1, int(len(list(grid.get_node_ids())) * fraction))
-
-    def _count_stddev(self, cohort: int) -> float:
+    def _count_stddev(self) -> float:
         assert self.adaptive is not None
-        return self.adaptive.count_stddev or cohort / 20.0
+        return self.adaptive.count_stddev or self.expected_contributors / 20.0
 
-    def _update_noise_multiplier(self, cohort: int) -> float:
+    def _update_noise_multiplier(self) -> float:
         if self.adaptive is None:
             return self.noise_multiplier
-        return split_noise_multiplier(self.noise_multiplier, self._count_stddev(cohort))
+        return split_noise_multiplier(self.noise_multiplier, self._count_stddev())
 
     def summary(self) -> None:
-        log(INFO, "\t├──> DPFedAvg (user-level DP, uniform mean, %s noise):",
-            "distributed" if self.distributed else "central")
+        log(INFO, "\t├──> DPFedAvg (user-level DP, %s noise, fixed denominator %d):",
+            "distributed Skellam" if self.distributed else "central Gaussian",
+            self.expected_contributors)
         log(INFO, "\t│\t├── noise multiplier %s, clipping norm %s (%s)", self.noise_multiplier,
             self.clipping_norm, "adaptive" if self.adaptive else "fixed")
-        log(INFO, "\t│\t└── budget epsilon %s at delta %s (%s, %s sampling), spent %.4g",
+        log(INFO, "\t│\t└── budget epsilon %s at delta %s (%s; %s), spent %.4g",
             self.budget.max_epsilon, self.budget.delta, self.budget.accountant,
-            self.budget.sampling, self.epsilon)
+            NEIGHBOURING[self.sampling], self.epsilon)
         super().summary()
 
     # -- training ----------------------------------------------------------------------
@@ -237,18 +357,18 @@ class DPFedAvg(StrategyWrapper):
             raise ValueError(f"DPFedAvg averages floating-point arrays only; not {bad}")
         config[KEY_CLIPPING_NORM] = self.clipping_norm
         config[KEY_ADAPTIVE] = self.adaptive is not None
+        config[KEY_DISTRIBUTED] = self.distributed
         if self.weight_key:
             config[KEY_WEIGHT_KEY] = self.weight_key
         if self.distributed:
-            config["dp-noise-multiplier"] = self._update_noise_multiplier(self._expected_cohort(grid))
-            config["dp-min-contributors"] = int(self.min_contributors or 1)
+            assert self.min_contributors is not None and self.quantization_step is not None
+            config[KEY_NOISE_MULTIPLIER] = self.noise_multiplier
+            config[KEY_MIN_CONTRIBUTORS] = int(self.min_contributors)
+            config[KEY_QUANTIZATION_STEP] = float(self.quantization_step)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
-        connected = max(len(list(grid.get_node_ids())), len(messages))
-        population = self.population or connected
-        rate = self.sample_rate or len(messages) / population
-        decision = self.budget.can_afford(self.noise_multiplier, rate, population=population)
+        decision = self.budget.can_afford(*self._planned_step(arrays))
         if not decision.allowed:
             self.stopped_reason = (
                 f"privacy budget exhausted: round {server_round} not started, "
@@ -258,10 +378,29 @@ class DPFedAvg(StrategyWrapper):
             log(WARNING, "DPFedAvg: %s", self.stopped_reason)
             return []
         if self.adaptive is not None:
-            self._update_noise_multiplier(len(messages))  # fail early on a bad stddev
-        self._round = _Round(server_round, arrays, self.clipping_norm, rate, population,
-                             len(messages))
+            self._update_noise_multiplier()  # fail early on a bad stddev
+        self._round = _Round(server_round, arrays, self.clipping_norm, self.sample_rate,
+                             self.population)
         return messages
+
+    def _skellam(self, dim: int, survivors: int) -> tuple[float, float, float]:
+        """``(L2, L1, mu of the sum)`` of the survivors' Skellam noise (integer units)."""
+        assert self.min_contributors is not None and self.quantization_step is not None
+        l2 = quantised_l2_bound(self.clipping_norm, self.quantization_step, dim)
+        mu = skellam_mu(self.noise_multiplier, self.clipping_norm, self.quantization_step,
+                        dim, self.min_contributors)
+        return l2, quantised_l1_bound(l2, dim), survivors * mu
+
+    def _planned_step(self, arrays: ArrayRecord, survivors: int | None = None
+                      ) -> tuple[float, float, int, int | None, tuple[float, float, float] | None]:
+        if not self.distributed:
+            return self.noise_multiplier, self.sample_rate, 1, self.population, None
+        assert self.min_contributors is not None
+        n = self.min_contributors if survivors is None else survivors
+        dim = sum(int(a.numpy().size) for a in arrays.values())
+        skellam = self._skellam(dim, n)
+        effective = self.noise_multiplier * math.sqrt(n / self.min_contributors)
+        return effective, 1.0, 1, None, skellam
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -274,36 +413,38 @@ class DPFedAvg(StrategyWrapper):
             return self.strategy.aggregate_train(server_round, replies)
         keys = list(state.global_arrays.keys())
         global_nd = [a.astype(np.float64) for a in state.global_arrays.to_numpy_ndarrays()]
-        total = [np.zeros_like(g) for g in global_nd]
-        contributors, unclipped, used = 0.0, 0.0, []
         valid = [r for r in replies if not r.has_error()]
-        for reply in valid:
-            parsed = self._parse(reply, keys, global_nd, state.clipping_norm, len(valid) == 1)
-            if parsed is None:
-                continue
-            update, weight, bits = parsed
-            for acc, u in zip(total, update, strict=True):
-                acc += weight * u
-            contributors += weight
-            unclipped += bits
-            used.append(reply)
-        if not used:
+        if self.distributed:
+            parsed_all = self._parse_distributed(server_round, valid, keys, global_nd)
+        else:
+            parsed_all = [p for p in (self._parse(r, keys, global_nd, state.clipping_norm,
+                                                  len(valid) == 1) for r in valid) if p]
+        if not parsed_all:
             log(WARNING, "DPFedAvg: round %d has no usable reply; model unchanged", server_round)
             return None, None
+        total = [np.zeros_like(g) for g in global_nd]
+        contributors, centred, used = 0, 0.0, []
+        for reply, update, count, centred_bits in parsed_all:
+            for acc, u in zip(total, update, strict=True):
+                acc += u
+            contributors += count
+            centred += centred_bits
+            used.append(reply)
 
-        n = int(round(contributors))
-        z_update = self._update_noise_multiplier(state.cohort)
+        denominator = self.expected_contributors
         z_spent = self.noise_multiplier
+        skellam = None
         if self.distributed:  # the sum already carries the clients' Skellam noise
             std = 0.0
-            floor = int(self.min_contributors or 1)
-            if n < floor:
-                z_spent *= math.sqrt(n / floor)
+            z_spent, _, _, _, skellam = self._planned_step(state.global_arrays, contributors)
+            if contributors < int(self.min_contributors or 1):
                 log(WARNING, "DPFedAvg: only %d of the %d contributors the noise was scaled "
-                    "for: accounted with noise multiplier %.4g", n, floor, z_spent)
+                    "for: accounted with noise multiplier %.4g", contributors,
+                    self.min_contributors, z_spent)
         else:
-            std = central_noise_std(z_update, state.clipping_norm, n)
-        noised = add_gaussian_noise([t / contributors for t in total], std, self.rng)
+            std = central_noise_std(self._update_noise_multiplier(), state.clipping_norm,
+                                    denominator)
+        noised = add_gaussian_noise([t / denominator for t in total], std, self.rng)
         dtypes = [a.dtype for a in state.global_arrays.to_numpy_ndarrays()]
         new_arrays = ArrayRecord(
             {k: Array((g + u).astype(dt)) for k, g, u, dt in zip(keys, global_nd, noised, dtypes, strict=True)}
@@ -312,22 +453,22 @@ class DPFedAvg(StrategyWrapper):
             self._rewrite(reply, new_arrays)
         _, metrics = self.strategy.aggregate_train(server_round, used)
 
-        epsilon = self._spend(z_spent, state)
+        epsilon = self._spend(z_spent, state, skellam)
         clipping_norm_used = state.clipping_norm
         if self.adaptive is not None:
             self.clipping_norm, _ = update_clipping_norm(
-                clipping_norm_used, unclipped, state.cohort, self.adaptive.target_quantile,
-                self.adaptive.learning_rate, self._count_stddev(state.cohort), self.rng,
+                clipping_norm_used, centred, denominator, self.adaptive.target_quantile,
+                self.adaptive.learning_rate, self._count_stddev(), self.rng,
             )
             self.budget.extra["clipping-norm"] = self.clipping_norm
             self.budget.save()
-        log(INFO, "DPFedAvg: round %d, %d contributors, noise std %.4g (C=%.4g), epsilon %.4g "
-            "of %.4g", server_round, n, std, clipping_norm_used, epsilon, self.budget.max_epsilon)
+        log(INFO, "DPFedAvg: round %d, %d contributors, mean over %d, noise std %.4g (C=%.4g), "
+            "epsilon %.4g of %.4g", server_round, contributors, denominator, std,
+            clipping_norm_used, epsilon, self.budget.max_epsilon)
         metrics = metrics if metrics is not None else MetricRecord()
         metrics["dp-epsilon"] = epsilon
         metrics["dp-clipping-norm"] = clipping_norm_used
         metrics["dp-noise-std"] = std
-        metrics["dp-contributors"] = n
         return new_arrays, metrics
 
     def configure_evaluate(
@@ -338,12 +479,14 @@ class DPFedAvg(StrategyWrapper):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     # -- helpers -----------------------------------------------------------------------
-    def _spend(self, noise_multiplier: float, state: _Round) -> float:
+    def _spend(self, noise_multiplier: float, state: _Round,
+               skellam: tuple[float, float, float] | None) -> float:
         """Record the round; a round released with less noise than planned is still
         recorded (it happened), even past the budget, and stops the run."""
         decision = self.budget.can_afford(noise_multiplier, state.sample_rate,
-                                          population=state.population)
-        self.budget.ledger.add(noise_multiplier, state.sample_rate, population=state.population)
+                                          population=state.population, skellam=skellam)
+        self.budget.ledger.add(noise_multiplier, state.sample_rate, population=state.population,
+                               skellam=skellam)
         self.budget.save()
         if not decision.allowed:
             self.stopped_reason = (f"privacy budget exceeded by round {state.number} "
@@ -351,50 +494,108 @@ class DPFedAvg(StrategyWrapper):
             log(WARNING, "DPFedAvg: %s", self.stopped_reason)
         return decision.epsilon_after
 
-    def _parse(
-        self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float,
-        alone: bool,
-    ) -> tuple[list[np.ndarray], float, float] | None:
-        """``(clipped update, weight, unclipped count)`` of a reply, or None to drop it.
+    @staticmethod
+    def _metrics(reply: Message) -> MetricRecord:
+        records = list(reply.content.metric_records.values())
+        return records[0] if records else MetricRecord()
 
-        A weight other than 1 is accepted only from a reply that is alone in the round
-        (the aggregate of secure aggregation); among several replies it is a client that
-        skipped the clipping mod (or lies) and counts as one client.
-        """
+    def _arrays_diff(self, reply: Message, keys: list[str], global_nd: list[np.ndarray]
+                     ) -> list[np.ndarray] | None:
         node = reply.metadata.src_node_id
         records = list(reply.content.array_records.values())
-        metric_records = list(reply.content.metric_records.values())
         if len(records) != 1 or list(records[0].keys()) != keys:
             log(WARNING, "DPFedAvg: reply of node %s dropped: arrays do not match the model", node)
             return None
-        metrics = metric_records[0] if metric_records else MetricRecord()
-        weight = float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0  # type: ignore[arg-type]
-        if not (weight >= 1 and math.isfinite(weight)):
-            log(WARNING, "DPFedAvg: reply of node %s dropped: weight %s is not >= 1", node, weight)
-            return None
-        if weight != 1 and not alone:
-            log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "
-                "counted as one client", node, weight)
-            weight = 1.0
         local = records[0].to_numpy_ndarrays()
         if any(a.shape != g.shape for a, g in zip(local, global_nd, strict=True)):
             log(WARNING, "DPFedAvg: reply of node %s dropped: array shapes differ", node)
             return None
-        diff = [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)]
-        if alone and self.distributed and weight > 1:
-            # SecAgg+'s aggregate already carries the clients' Skellam noise: its norm
-            # exceeds C by design, and clipping it here would scale the noise away.
+        return [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)]
+
+    def _weight(self, metrics: MetricRecord) -> float:
+        return float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0  # type: ignore[arg-type]
+
+    def _parse_distributed(
+        self, server_round: int, valid: list[Message], keys: list[str], global_nd: list[np.ndarray]
+    ) -> list[tuple[Message, list[np.ndarray], int, float]]:
+        """The SecAgg+ aggregate, checked: every contributor clipped and noised."""
+        fix = ("wrap it as SecAggPlus(DPFedAvg(..., distributed=True), "
+               "masked_metrics=DPFedAvg.MASKED_METRICS) and put secaggplus_mod and "
+               "update_clipping_mod (inside it) on the clients")
+        if len(valid) > 1:
+            raise DPConfigurationError(
+                f"DPFedAvg(distributed=True) got {len(valid)} separate replies in round "
+                f"{server_round}: no SecAgg+ layer adds the clients' noise, the exact mean "
+                f"would be released; {fix}")
+        if not valid:
+            return []
+        reply = valid[0]
+        metrics = self._metrics(reply)
+        if KEY_CLIPPED not in metrics or KEY_NOISED not in metrics:
+            raise DPConfigurationError(
+                f"DPFedAvg(distributed=True): the aggregate of round {server_round} carries no "
+                f"masked {KEY_CLIPPED!r} / {KEY_NOISED!r} counts, so nothing proves the "
+                f"clients clipped and noised; {fix}")
+        weight = self._weight(metrics)
+        clipped, noised = float(metrics[KEY_CLIPPED]), float(metrics[KEY_NOISED])  # type: ignore[arg-type]
+        if not (weight >= 1 and weight == clipped == noised and weight == int(weight)):
+            log(WARNING, "DPFedAvg: round %d refused: %s contributors, %s clipped, %s noised "
+                "(a client without update_clipping_mod or without the noise); model unchanged",
+                server_round, weight, clipped, noised)
+            return []
+        diff = self._arrays_diff(reply, keys, global_nd)
+        if diff is None:
+            return []
+        if not all(np.isfinite(u).all() for u in diff):
+            log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round %d dropped", server_round)
+            return []
+        # SecAgg+'s reply is global + the mean update over `weight` contributors.
+        return [(reply, [u * weight for u in diff], int(weight), 0.0)]
+
+    def _parse(
+        self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float,
+        alone: bool,
+    ) -> tuple[Message, list[np.ndarray], int, float] | None:
+        """``(reply, clipped sum, contributors, sum of centred bits)``, or None to drop.
+
+        A reply standing for ``k > 1`` clients (SecAgg+'s aggregate) is accepted only if
+        its masked ``dp-clipped-count`` equals its weight ``k``: a single reply never
+        sets the count by its weight alone. Any other reply is one client, clipped here
+        (defence in depth: central DP trusts the server).
+        """
+        node = reply.metadata.src_node_id
+        metrics = self._metrics(reply)
+        weight = self._weight(metrics)
+        if not (weight >= 1 and math.isfinite(weight)):
+            log(WARNING, "DPFedAvg: reply of node %s dropped: weight %s is not >= 1", node, weight)
+            return None
+        diff = self._arrays_diff(reply, keys, global_nd)
+        if diff is None:
+            return None
+        clipped = metrics.get(KEY_CLIPPED)
+        if alone and weight > 1:
+            if clipped is None:
+                log(ERROR, "DPFedAvg: round refused: one reply of weight %s and no masked "
+                    "%r. If it is SecAgg+'s aggregate, pass SecAggPlus(DPFedAvg(...), "
+                    "masked_metrics=DPFedAvg.MASKED_METRICS) and put update_clipping_mod on "
+                    "the clients; a client's own reply must weigh 1 (update_clipping_mod)",
+                    weight, KEY_CLIPPED)
+                return None
+            if float(clipped) != weight or weight != int(weight):  # type: ignore[arg-type]
+                log(WARNING, "DPFedAvg: aggregate refused: weight %s but %s contributors "
+                    "proved their clipping; model unchanged", weight, clipped)
+                return None
             if not all(np.isfinite(u).all() for u in diff):
                 log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round dropped")
                 return None
-            count = float(metrics.get(KEY_UNCLIPPED, 0.0))  # type: ignore[arg-type]
-            return diff, weight, min(max(count, 0.0), weight)
+            count = int(weight)
+            bits = float(metrics.get(KEY_UNCLIPPED, 0.0))  # type: ignore[arg-type]
+            return reply, [u * count for u in diff], count, min(max(bits, 0.0), count) - count / 2
+        if weight != 1:
+            log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "
+                "counted as one client", node, weight)
         try:
-            # Defence in depth: a client that skipped the mod is clipped here (central
-            # DP trusts the server); a mean of clipped updates is never changed by it.
-            update, norm, is_unclipped = clip_update(
-                diff, clipping_norm,
-            )
+            update, norm, is_unclipped = clip_update(diff, clipping_norm)
         except ValueError as err:
             log(WARNING, "DPFedAvg: reply of node %s dropped: %s", node, err)
             return None
@@ -402,10 +603,8 @@ class DPFedAvg(StrategyWrapper):
             log(WARNING, "DPFedAvg: node %s sent an unclipped update (norm %.4g > C=%.4g): "
                 "clipped on the server; add update_clipping_mod to the ClientApp",
                 node, norm, clipping_norm)
-        # dp-unclipped-count: how many of the reply's clients were left unclipped (a bit
-        # for one client; SecAgg+ hands down the survivors' sum when it is masked).
-        count = float(metrics.get(KEY_UNCLIPPED, weight * float(is_unclipped)))  # type: ignore[arg-type]
-        return update, weight, min(max(count, 0.0), weight)
+        # Andrew et al.'s bit, centred: b - 1/2 (sensitivity 1/2 of the sum).
+        return reply, update, 1, (1.0 if is_unclipped else 0.0) - 0.5
 
     @staticmethod
     def _rewrite(reply: Message, arrays: ArrayRecord) -> None:

@@ -46,7 +46,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from flwr_guard.dp.distributed import skellam_noise_for_secagg
+from flwr_guard.dp.distributed_client import distributed_dp_noise
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
 from flwr_guard.secagg.client import (
@@ -186,7 +186,7 @@ def _masked_input(
     missing = [k for k in secret_keys if k not in metrics]
     if missing:
         raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
-    noise = _distributed_dp_noise(msg, client.context, weight)
+    noise = _distributed_dp_noise(msg, client.context, weight, context.node_config, metrics)
     masked, bad, clipped = client.masked_input(
         [int(i) for i in codec.field(payload, "shared", list)],
         {int(k): v for k, v in codec.field(payload, "ciphertexts", dict).items()},
@@ -206,58 +206,22 @@ def _masked_input(
     return _reply(msg, {"bad_senders": bad, "clipped": clipped}, content)
 
 
-# Distributed DP: the keys flwr_guard.dp.DPFedAvg(distributed=True) puts in the train
-# config (docs/privacy.md).
-CONFIG_NOISE_MULTIPLIER = "dp-noise-multiplier"
-CONFIG_MIN_CONTRIBUTORS = "dp-min-contributors"
-CONFIG_CLIPPING_NORM = "dp-clipping-norm"
-
-
-def _distributed_dp_noise(msg: Message, context: RoundContext, weight: int) -> np.ndarray | None:
-    """Skellam noise for this client's quantised update, when the server asks for
-    distributed DP (``dp-noise-multiplier`` > 0 in the train config); else ``None``.
-
-    Raises:
-        ValueError: weights other than 1 (the noise is calibrated for the sum of clipped
-            updates: put ``update_clipping_mod`` inside this mod, it sets the weight to
-            1), missing clipping norm, or a modulus without room for the noise.
-    """
+# Distributed DP: the client side (checks against the node's own floors, Skellam noise)
+# is flwr_guard.dp.distributed_client; this mod only hands it the round's parameters.
+def _distributed_dp_noise(msg: Message, context: RoundContext, weight: int,
+                          node_config: dict, metrics: MetricRecord) -> np.ndarray | None:
+    """Skellam noise for this client's quantised update (``None`` without distributed DP);
+    raises ``ValueError`` for a request the node refuses (see ``dp/distributed_client.py``)."""
     config = next(
         (r for name, r in msg.content.config_records.items() if name != SECAGG_RECORD), None
     )
-    if config is None or float(config.get(CONFIG_NOISE_MULTIPLIER, 0.0) or 0.0) <= 0:
-        return None
-    z = float(config[CONFIG_NOISE_MULTIPLIER])
-    if CONFIG_CLIPPING_NORM not in config:
-        raise ValueError(f"distributed DP needs {CONFIG_CLIPPING_NORM!r} in the train config")
-    clipping_norm = float(config[CONFIG_CLIPPING_NORM])
-    min_contributors = int(config.get(CONFIG_MIN_CONTRIBUTORS, len(context.cohort)))
-    if weight != 1:
-        raise ValueError(
-            f"distributed DP needs weight 1, got {WEIGHT_KEY}={weight}: place "
-            "update_clipping_mod inside secaggplus_mod (it clips and sets the weight to 1)"
-        )
     params = context.params
-    if clipping_norm > params.clipping_range:
-        logger.warning(
-            "SecAgg+ clipping range %g < DP clipping norm %g: coordinates may be clipped",
-            params.clipping_range, clipping_norm,
-        )
-    step = 2.0 * params.clipping_range / params.quantization_range
-    rng = np.random.default_rng(secrets.randbits(128))
-    noise, mu = skellam_noise_for_secagg(
-        z, clipping_norm, min_contributors, step, context.update_length, rng
+    return distributed_dp_noise(
+        config, node_config, weight=weight, cohort_size=len(context.cohort),
+        update_length=context.update_length, clipping_range=params.clipping_range,
+        quantization_range=params.quantization_range, modulus_bits=params.modulus_bits,
+        metrics=metrics,
     )
-    # The server lifts the sum around n L / 2; keep 6 noise std inside a quarter of
-    # the modulus, where its wrap-around detector does not look.
-    cohort = len(context.cohort)
-    span = cohort * params.quantization_range / 2 + 6 * math.sqrt(2 * cohort * mu)
-    if span >= 2 ** (params.modulus_bits - 2):
-        raise ValueError(
-            f"the {params.modulus_bits}-bit modulus has no room for the noise of {cohort} "
-            "clients: lower the quantisation range"
-        )
-    return noise
 
 
 __all__ = ["secaggplus_mod", "SECAGG_RECORD", "STAGES"]
