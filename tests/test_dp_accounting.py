@@ -131,8 +131,65 @@ def test_epsilon_command_prints_epsilon_and_noise_multiplier() -> None:
     done = runner.invoke(app, [*args, "--noise-multiplier", "1.5"])
     assert done.exit_code == 0, done.output
     assert "epsilon = 7.329" in done.output and "accountant: rdp" in done.output
+    assert "neighbouring relation: add/remove one" in done.output
+    assert "rdp_privacy_accountant.compute_epsilon" in done.output and "Mironov 2012" in done.output
+    # The fixed-size case, as Flower samples: no amplification, reported next to it.
+    assert "without amplification" in done.output
+    assert f"epsilon = {compute_epsilon(1.5, 1.0, 2250, 1e-5):.4f}" in done.output.split("without")[1]
+    pld = runner.invoke(app, [*args, "--noise-multiplier", "1.5", "--accountant", "pld"])
+    assert "discretisation, value interval 0.001" in pld.output
+    none = runner.invoke(app, ["epsilon", "--sample-rate", "0.3", "--rounds", "25",
+                               "--noise-multiplier", "1.278", "--sampling", "none"])
+    assert none.exit_code == 0 and "epsilon = 25.1682" in none.output  # the issue's 25.17
     done = runner.invoke(app, [*args, "--target-epsilon", "7.3291"])
     assert done.exit_code == 0, done.output
     assert "noise multiplier = 1.500" in done.output
     done = runner.invoke(app, args)
     assert done.exit_code == 2 and "exactly one of" in done.output
+
+
+def test_skellam_is_accounted_with_its_own_rdp_and_a_generic_subsampling_bound() -> None:
+    import numpy as np
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from flwr_guard.dp.skellam_accounting import (
+        SKELLAM_ORDERS,
+        poisson_subsampled_rdp,
+        quantised_l1_bound,
+        skellam_rdp,
+    )
+
+    orders = np.array(SKELLAM_ORDERS)
+    z, d = 1.278, 38_378
+    # Agarwal et al. 2021, Thm 3.5: the Gaussian term alpha D^2 / (4 mu) plus a
+    # positive price of discreteness that vanishes as mu grows.
+    for big in (1e2, 1e5):
+        mu = (z * big) ** 2 / 2
+        rdp = skellam_rdp(orders, big, quantised_l1_bound(big, d), mu)
+        gaussian = orders / (2 * z**2)
+        assert np.all(rdp > gaussian)
+    assert np.allclose(rdp, gaussian, rtol=1e-4)
+    # The generic Poisson bound (Zhu & Wang 2019, Thm 6) is valid: never below the tight
+    # Gaussian bound dp-accounting computes at the same integer orders.
+    acc = rdp_privacy_accountant.RdpAccountant(orders=list(orders))
+    acc.compose(dp_event.PoissonSampledDpEvent(0.3, dp_event.GaussianDpEvent(z)))
+    generic = poisson_subsampled_rdp(orders, gaussian, 0.3)
+    assert np.all(generic >= np.asarray(acc._rdp) - 1e-12)
+    # The issue's numbers: q = 0.3, T = 25, z = 1.278, delta = 1e-5: the tight Gaussian
+    # bound (the docs' old value) 8.00, Skellam with the generic bound 10.99, and
+    # without amplification (flwr-guard's default) 25.43 (Gaussian: 25.17).
+    l2 = 1e5
+    step = Step(z, 0.3, 25, skellam=(l2, quantised_l1_bound(l2, d), (z * l2) ** 2 / 2))
+    assert compute_epsilon(z, 0.3, 25, 1e-5) == pytest.approx(8.00, abs=0.01)
+    assert epsilon_from_history([step], 1e-5, "rdp", "poisson") == pytest.approx(10.99, abs=0.01)
+    assert epsilon_from_history([step], 1e-5, "rdp", "none") == pytest.approx(25.43, abs=0.01)
+    assert compute_epsilon(z, 1.0, 25, 1e-5, sampling="none") == pytest.approx(25.17, abs=0.01)
+    with pytest.raises(ValueError, match="its own RDP only"):
+        epsilon_from_history([step], 1e-5, "pld", "poisson")
+    with pytest.raises(ValueError, match="no bound for Skellam"):
+        epsilon_from_history([Step(z, 0.3, 1, 10, skellam=step.skellam)], 1e-5, "rdp", "fixed-size")
+    # The ledger round-trips Skellam steps (the DPFedAvg checkpoint).
+    ledger = Ledger([step, Step(1.0, 0.5, 3)])
+    again = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert again.steps == ledger.steps

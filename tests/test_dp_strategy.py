@@ -263,3 +263,20 @@ def test_client_refuses_a_server_asking_for_less_noise() -> None:
     assert distributed_dp_noise({}, {}, metrics={}, **ROUND) is None
     with pytest.raises(ValueError, match="below this node's floor"):
         distributed_dp_noise({}, node, metrics={}, **ROUND)
+
+
+def test_secure_central_noise_is_integer_skellam_on_a_lattice() -> None:
+    from flwr_guard.dp.central import central_skellam_parameters
+
+    dp = _dp(secure_noise=True, rng=np.random.default_rng(5))
+    arrays, metrics = _round(dp, 4, lambda ms: [_reply(m, 0.0) for m in ms])
+    step, skellam = central_skellam_parameters(Z, C, D)
+    released = arrays.to_numpy_ndarrays()[0].astype(np.float64) * 4 / step
+    # float32 storage of the model rounds the lattice points; the relative error is 1e-7.
+    assert np.abs(released - np.round(released)).max() < 1e-7 * np.abs(released).max() + 1e-3
+    assert _std(arrays) == pytest.approx(Z * C * 1.001 / 4, rel=0.01)
+    assert metrics["dp-noise-std"] == pytest.approx(Z * C * 1.001 / 4, rel=1e-6)
+    expected = epsilon_from_history([Step(Z, 1.0, 1, skellam=skellam)], DELTA, "rdp", "none")
+    assert dp.epsilon == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="secure_noise"):
+        _dp(secure_noise=True, accountant="pld")

@@ -19,7 +19,13 @@ class Accountant(str, Enum):
 
 class Sampling(str, Enum):
     poisson = "poisson"
+    none = "none"
     fixed_size = "fixed-size"
+
+
+FLOATING_POINT = ("central Gaussian noise from float64 samples is exact only for ideal "
+                  "reals (Mironov 2012): use DPFedAvg(secure_noise=True), distributed noise, "
+                  "or Opacus secure_mode (dp-sgd-secure-mode) for DP-SGD")
 
 
 def epsilon(
@@ -37,24 +43,41 @@ def epsilon(
         help="rdp (dp-accounting RdpAccountant) or pld (PLDAccountant, tighter).")
     ] = Accountant.rdp,
     sampling: Annotated[Sampling, typer.Option(
-        help="poisson, or fixed-size (cohort drawn without replacement; needs --population).")
+        help="poisson (a trusted sampler; DP-SGD's data loader), none (no amplification: "
+        "DPFedAvg's default, the only choice against a server that picks the cohort), or "
+        "fixed-size (cohort drawn without replacement, replace-one; needs --population).")
     ] = Sampling.poisson,
     population: Annotated[int | None, typer.Option(
         min=1, help="Population N, for --sampling fixed-size.")] = None,
 ) -> None:
     """Print epsilon for (z, q, T, delta), or with --target-epsilon the z that reaches it."""
-    from flwr_guard.dp.accounting import compute_epsilon, noise_multiplier_for_epsilon
+    from flwr_guard.dp.accounting import (
+        CONVERSION,
+        NEIGHBOURING,
+        compute_epsilon,
+        noise_multiplier_for_epsilon,
+    )
 
     if (noise_multiplier is None) == (target_epsilon is None):
         typer.echo("error: give exactly one of --noise-multiplier and --target-epsilon", err=True)
         raise typer.Exit(2)
+    if sampling is Sampling.none:
+        sample_rate = 1.0  # every step counts in full
     how = (f"accountant: {accountant.value} (dp-accounting), {sampling.value} sampling, "
            f"q={sample_rate:g}, T={rounds}, delta={delta:g}")
+    notes = [f"neighbouring relation: {NEIGHBOURING[sampling.value]}",
+             f"conversion: {CONVERSION[accountant.value]}",
+             f"floating point: {FLOATING_POINT}"]
     try:
         if noise_multiplier is not None:
             eps = compute_epsilon(noise_multiplier, sample_rate, rounds, delta,
                                   accountant.value, sampling.value, population)  # type: ignore[arg-type]
             typer.echo(f"epsilon = {eps:.4f}  (noise multiplier {noise_multiplier:g}; {how})")
+            if sampling is Sampling.poisson and sample_rate < 1:
+                fixed = compute_epsilon(noise_multiplier, 1.0, rounds, delta, accountant.value,
+                                        "none")  # type: ignore[arg-type]
+                typer.echo(f"  without amplification (a fixed-size cohort as Flower samples "
+                           f"it, or a server that picks the cohort): epsilon = {fixed:.4f}")
         else:
             assert target_epsilon is not None
             z = noise_multiplier_for_epsilon(target_epsilon, sample_rate, rounds, delta,
@@ -63,6 +86,8 @@ def epsilon(
                                   sampling.value, population)  # type: ignore[arg-type]
             typer.echo(f"noise multiplier = {z:.4f}  (epsilon {eps:.4f} <= target "
                        f"{target_epsilon:g}; {how})")
+        for note in notes:
+            typer.echo(f"  {note}")
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -47,7 +47,12 @@ from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.dp.accounting import NEIGHBOURING, AccountantKind, Sampling
 from flwr_guard.dp.budget import PrivacyBudget
-from flwr_guard.dp.central import add_gaussian_noise, central_noise_std
+from flwr_guard.dp.central import (
+    add_gaussian_noise,
+    add_skellam_noise_to_sum,
+    central_noise_std,
+    central_skellam_parameters,
+)
 from flwr_guard.dp.clipping import clip_update, split_noise_multiplier, update_clipping_norm
 from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
 from flwr_guard.dp.mods import (
@@ -180,6 +185,7 @@ class DPFedAvg(StrategyWrapper):
         distributed: bool = False,
         min_contributors: int | None = None,
         quantization_step: float | None = None,
+        secure_noise: bool = False,
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(strategy)
@@ -229,6 +235,14 @@ class DPFedAvg(StrategyWrapper):
                     "quantization_range of SecAggPlus (run config dp-quantization-step): the "
                     "Skellam sensitivity C / step + sqrt(d) depends on it"
                 )
+        if secure_noise and (distributed or adaptive is not None or accountant != "rdp"
+                             or sampling == "fixed-size"):
+            raise ValueError(
+                "secure_noise (integer Skellam noise on the server) is for central DP with "
+                "fixed clipping, accountant='rdp' and sampling 'none' or 'poisson' "
+                "(distributed noise is integer already)"
+            )
+        self.secure_noise = bool(secure_noise)
         self.noise_multiplier = float(noise_multiplier)
         self.clipping_norm = float(clipping_norm)
         self.expected_contributors = int(expected_contributors)
@@ -277,7 +291,8 @@ class DPFedAvg(StrategyWrapper):
         ``dp-population``, ``dp-accountant``, ``dp-checkpoint`` ("" = the default path,
         "none" = memory only), ``dp-adaptive-clipping`` (bool), ``dp-target-quantile``,
         ``dp-clip-learning-rate``, ``dp-clipped-count-stddev`` (0 = expected / 20),
-        ``dp-distributed`` (bool), ``dp-min-contributors``, ``dp-quantization-step``
+        ``dp-secure-noise`` (bool), ``dp-distributed`` (bool), ``dp-min-contributors``,
+        ``dp-quantization-step``
         (0 = ``2 * secagg-clipping-range / secagg-quantization-range`` when the run
         config has them).
         """
@@ -316,6 +331,7 @@ class DPFedAvg(StrategyWrapper):
             distributed=bool(get("distributed", False)),
             min_contributors=int(get("min-contributors", 0)) or None,
             quantization_step=step,
+            secure_noise=bool(get("secure-noise", False)),
             **kwargs,
         )
 
@@ -394,7 +410,11 @@ class DPFedAvg(StrategyWrapper):
     def _planned_step(self, arrays: ArrayRecord, survivors: int | None = None
                       ) -> tuple[float, float, int, int | None, tuple[float, float, float] | None]:
         if not self.distributed:
-            return self.noise_multiplier, self.sample_rate, 1, self.population, None
+            skellam = None
+            if self.secure_noise:
+                dim = sum(int(a.numpy().size) for a in arrays.values())
+                _, skellam = central_skellam_parameters(self.noise_multiplier, self.clipping_norm, dim)
+            return self.noise_multiplier, self.sample_rate, 1, self.population, skellam
         assert self.min_contributors is not None
         n = self.min_contributors if survivors is None else survivors
         dim = sum(int(a.numpy().size) for a in arrays.values())
@@ -441,10 +461,17 @@ class DPFedAvg(StrategyWrapper):
                 log(WARNING, "DPFedAvg: only %d of the %d contributors the noise was scaled "
                     "for: accounted with noise multiplier %.4g", contributors,
                     self.min_contributors, z_spent)
+        elif self.secure_noise:
+            noised_sum, skellam = add_skellam_noise_to_sum(total, self.noise_multiplier,
+                                                           state.clipping_norm, self.rng)
+            total = [t / denominator for t in noised_sum]
+            std = math.sqrt(2 * skellam[2]) * state.clipping_norm / (skellam[0] - math.sqrt(
+                sum(t.size for t in total))) / denominator
         else:
             std = central_noise_std(self._update_noise_multiplier(), state.clipping_norm,
                                     denominator)
-        noised = add_gaussian_noise([t / denominator for t in total], std, self.rng)
+        noised = add_gaussian_noise([t / denominator for t in total], std, self.rng) \
+            if not self.secure_noise else total
         dtypes = [a.dtype for a in state.global_arrays.to_numpy_ndarrays()]
         new_arrays = ArrayRecord(
             {k: Array((g + u).astype(dt)) for k, g, u, dt in zip(keys, global_nd, noised, dtypes, strict=True)}
