@@ -6,19 +6,25 @@ utility does not depend on the transport). Everything trains the reference model
 (``DigitsCNN``, 38k parameters) on scikit-learn's digits; the server's test set is the
 held-out 20 %.
 
-Settings (delta = 1e-5 everywhere, epsilon from dp-accounting's RDP accountant with
-Poisson sampling, noise multipliers calibrated with ``noise_multiplier_for_epsilon``):
+Settings (delta = 1e-5 everywhere, noise multipliers calibrated with
+``noise_multiplier_for_epsilon``), accounted as flwr-guard accounts them:
 
 - ``dpsgd`` (record level): ``--dpsgd-clients`` clients share the 1437 training images;
-  all take part every round; each runs one epoch of DP-SGD (Opacus, Poisson sampling)
-  per round. Epsilon is each client's record-level epsilon after ``--rounds`` rounds.
-- ``central`` (user level): a population of ``--population`` clients, a Poisson cohort
-  of expected size ``q * population`` per round, one local epoch of SGD, the update
-  clipped to ``--clip``, the uniform mean noised with ``z C / n`` (``DPFedAvg``'s
-  arithmetic: ``clip_update``, ``central_noise_std``, ``add_gaussian_noise``).
+  all take part every round; each runs one epoch of DP-SGD (Opacus' Poisson data loader:
+  Poisson amplification is real here) per round, its steps reserved in the ledger before
+  training (``DPSGD(epochs=1)``). Epsilon is each client's record-level epsilon (RDP).
+- ``central`` (user level): a population of ``--population`` clients, a *fixed-size*
+  cohort of ``--cohort`` drawn without replacement each round (as Flower's FedAvg does),
+  one local epoch of SGD, the update clipped to ``--clip``, the *sum* noised with
+  ``z C`` and divided by the fixed denominator ``--cohort`` (``DPFedAvg``'s arithmetic).
+  Accounted with **no amplification** (``sampling="none"``: the Gaussian mechanism
+  composed over the rounds), DPFedAvg's default.
 - ``distributed`` (user level): the same cohort and clipping, but each client rotates,
   quantises (32-bit modulus) and adds Skellam noise for ``n`` clients
-  (``DistributedNoise``); the server decodes the modular sum. Wrap-arounds are counted.
+  (``DistributedNoise``); the server decodes the modular sum. Accounted with Skellam's
+  own RDP (Agarwal et al. 2021) and no amplification (the server picks the cohort);
+  ``z`` is the smallest multiple (1 %) of the Gaussian calibration that fits.
+  Wrap-arounds are counted.
 - ``non-private``: the same federations without clipping or noise.
 
 Usage: python benchmarks/dp_utility.py [--rounds 40] [--epsilons 1 3 8] [--seeds 1]
@@ -41,11 +47,17 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_guard.apps.digits.model import DigitsCNN
-from flwr_guard.dp.accounting import compute_epsilon, noise_multiplier_for_epsilon
+from flwr_guard.dp.accounting import (
+    Step,
+    compute_epsilon,
+    epsilon_from_history,
+    noise_multiplier_for_epsilon,
+)
 from flwr_guard.dp.central import add_gaussian_noise, central_noise_std
 from flwr_guard.dp.clipping import clip_update
 from flwr_guard.dp.distributed import DistributedNoise, count_wraparounds, from_modular
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig
+from flwr_guard.dp.skellam_accounting import quantised_l1_bound
 
 DELTA = 1e-5
 
@@ -82,7 +94,7 @@ def local_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, bat
 
 def run_user_level(mode: str, z: float, args: argparse.Namespace, data, seed: int
                    ) -> dict:
-    """FedAvg over a population with Poisson cohorts: non-private, central or distributed."""
+    """FedAvg over a population with fixed-size cohorts: non-private, central or distributed."""
     xtr, ytr, xte, yte = data
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -93,9 +105,7 @@ def run_user_level(mode: str, z: float, args: argparse.Namespace, data, seed: in
     q = args.cohort / args.population
     wraps, noise = 0, None
     for rnd in range(args.rounds):
-        cohort = np.flatnonzero(rng.random(args.population) < q)
-        if len(cohort) == 0:
-            continue
+        cohort = rng.choice(args.population, args.cohort, replace=False)
         g = parameters_to_vector(model.parameters()).detach().numpy().astype(np.float64)
         updates = []
         for c in cohort:
@@ -108,8 +118,9 @@ def run_user_level(mode: str, z: float, args: argparse.Namespace, data, seed: in
         n = len(updates)
         if mode == "non-private":
             mean = np.mean(updates, axis=0)
-        elif mode == "central":
-            mean = add_gaussian_noise([np.mean(updates, axis=0)], central_noise_std(z, args.clip, n), rng)[0]
+        elif mode == "central":  # noised sum / fixed denominator (= z C / cohort on the mean)
+            mean = add_gaussian_noise([np.sum(updates, axis=0) / args.cohort],
+                                      central_noise_std(z, args.clip, args.cohort), rng)[0]
         else:
             noise = DistributedNoise.calibrate(z, args.clip, dim, n, bits=args.bits)
             total = None
@@ -122,7 +133,7 @@ def run_user_level(mode: str, z: float, args: argparse.Namespace, data, seed: in
             mean = noise.decode(total, seed=rnd, num_contributors=n)
         vector_to_parameters(torch.tensor(g + args.server_lr * mean, dtype=torch.float32),
                              model.parameters())
-    out = {"accuracy": accuracy(model, xte, yte), "sample_rate": q}
+    out = {"accuracy": accuracy(model, xte, yte), "cohort_fraction": q}
     if mode == "distributed":
         out["wraparounds"] = wraps
         out["bits"] = args.bits
@@ -148,7 +159,7 @@ def run_dpsgd(z: float | None, args: argparse.Namespace, data, seed: int) -> dic
             if z is None:
                 local_sgd(local, xtr[idx], ytr[idx], args.lr, args.dpsgd_batch, gen)
             else:
-                dpsgd = DPSGD(DPSGDConfig(z, args.dpsgd_clip, DELTA), states[c],
+                dpsgd = DPSGD(DPSGDConfig(z, args.dpsgd_clip, DELTA), states[c], epochs=1,
                               noise_generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
                 loader = DataLoader(TensorDataset(xtr[idx], ytr[idx]), batch_size=args.dpsgd_batch)
                 private = dpsgd.make_private(local, torch.optim.SGD(local.parameters(), lr=args.dpsgd_lr), loader)
@@ -158,11 +169,32 @@ def run_dpsgd(z: float | None, args: argparse.Namespace, data, seed: int) -> dic
                     private.optimizer.zero_grad()
                     private.criterion(private.module(xb), yb).backward()
                     private.optimizer.step()
+                dpsgd.finish()
                 states[c] = dpsgd.accountant_state()
                 eps = max(eps, dpsgd.epsilon(DELTA))
             locals_.append(parameters_to_vector(local.parameters()).detach())
         vector_to_parameters(torch.stack(locals_).mean(0), model.parameters())
     return {"accuracy": accuracy(model, xte, yte), "record_epsilon": eps}
+
+
+def skellam_epsilon(z: float, args: argparse.Namespace) -> float:
+    """Epsilon of ``--rounds`` distributed rounds with Skellam's RDP, no amplification."""
+    dim = parameters_to_vector(DigitsCNN().parameters()).numel()
+    noise = DistributedNoise.calibrate(z, args.clip, dim, args.cohort, bits=args.bits)
+    l2 = noise.sensitivity
+    padded = 1 << max(0, (dim - 1).bit_length())
+    mu = noise.num_clients * noise.mu
+    step = Step(noise.effective_noise_multiplier, 1.0, args.rounds,
+                skellam=(l2, quantised_l1_bound(l2, padded), mu))
+    return epsilon_from_history([step], DELTA, "rdp", "none")
+
+
+def skellam_noise_multiplier(z_gaussian: float, target: float, args: argparse.Namespace) -> float:
+    """The smallest ``z_gaussian * 1.01^k`` whose Skellam epsilon is within ``target``."""
+    z = z_gaussian
+    while skellam_epsilon(z, args) > target:
+        z *= 1.01
+    return z
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -229,8 +261,8 @@ def main() -> None:
     results: list[dict] = []
     started = time.time()
 
-    def record(setting: str, epsilon: float, z: float | None, runs: list[dict]) -> None:
-        row = {"setting": setting, "epsilon": epsilon, "noise_multiplier": z,
+    def record(setting: str, epsilon: float, z: float | None, runs: list[dict], **extra) -> None:
+        row = {"setting": setting, "epsilon": epsilon, "noise_multiplier": z, **extra,
                "accuracy": float(np.mean([r["accuracy"] for r in runs])),
                "accuracy_runs": [r["accuracy"] for r in runs],
                **{k: v for k, v in runs[0].items() if k not in ("accuracy",)}}
@@ -253,11 +285,18 @@ def main() -> None:
                [run_user_level("non-private", 0.0, args, user[s], s) for s in seeds])
         q = args.cohort / args.population
         for eps in args.epsilons:
-            z = noise_multiplier_for_epsilon(eps, q, args.rounds, DELTA)
-            assert compute_epsilon(z, q, args.rounds, DELTA) <= eps + 1e-6
+            # No amplification: DPFedAvg's default (Flower's fixed-size cohort).
+            z = noise_multiplier_for_epsilon(eps, 1.0, args.rounds, DELTA, sampling="none")
+            assert compute_epsilon(z, 1.0, args.rounds, DELTA, sampling="none") <= eps + 1e-6
+            z_poisson = noise_multiplier_for_epsilon(eps, q, args.rounds, DELTA)
             for setting in ("central", "distributed"):
-                if setting in args.settings:
-                    record(setting, eps, z, [run_user_level(setting, z, args, user[s], s) for s in seeds])
+                if setting not in args.settings:
+                    continue
+                z_run = z if setting == "central" else skellam_noise_multiplier(z, eps, args)
+                record(setting, eps, z_run, [run_user_level(setting, z_run, args, user[s], s)
+                                             for s in seeds],
+                       epsilon_if_poisson=compute_epsilon(z_run, q, args.rounds, DELTA),
+                       z_if_poisson=z_poisson)
 
     included_meta = {}
     for path in args.include:

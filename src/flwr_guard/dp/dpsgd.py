@@ -6,32 +6,36 @@ Gaussian noise of std ``noise_multiplier * max_grad_norm`` added to the sum. Opa
 (``opacus.PrivacyEngine.make_private``) does all three; this module adds what a
 federated client needs around it:
 
-- the accountant's ledger survives the client process: :class:`DPSGD` starts from a
-  saved ``accountant.state_dict()`` (kept in ``context.state`` by
-  :mod:`flwr_guard.dp.context_state`) instead of a fresh accountant that would forget
-  the rounds already trained — record-level epsilon composes over every round the
-  client took part in;
+- **a budget the library enforces**: ``DPSGDConfig.max_epsilon`` (and ``delta``),
+  checked in :meth:`DPSGD.make_private` *before* training with the accountant that
+  reports epsilon (Opacus RDP or PRV, as configured); a round that would exceed it
+  raises :class:`~flwr_guard.dp.budget.PrivacyBudgetExceeded` and the data is not
+  touched;
+- **a ledger that survives restarts**: the steps of every round go to a durable,
+  node-local :class:`~flwr_guard.dp.record_ledger.RecordLedger` (written before
+  training, so empty Poisson batches and crashed rounds count), mirrored in
+  ``context.state`` by :mod:`flwr_guard.dp.context_state`;
 - a model Opacus cannot handle (BatchNorm, ...) fails with :class:`DPSGDModelError`
   naming the fix (``opacus.validators.ModuleValidator.fix``);
-- ghost clipping (Bu et al. 2022 / Opacus ``grad_sample_mode="ghost"``): per-example
-  gradient norms without materialising per-example gradients;
-- the parameters come from the run config (:meth:`DPSGDConfig.from_run_config`).
+- ghost clipping (Bu et al. 2022 / Opacus ``grad_sample_mode="ghost"``);
+- the parameters come from the run config, bounded by the node's own policy
+  (:meth:`DPSGDConfig.from_run_config`).
 
-Typical use inside a ClientApp's ``train`` (one :class:`DPSGD` per training call; in a
-deployment each message runs in a fresh process, so that is once per process)::
+Typical use inside a ClientApp's ``train``::
 
-    dpsgd = dpsgd_from_context(context)                    # context_state adapter
+    dpsgd = dpsgd_from_context(context, epochs=epochs)     # context_state adapter
     device = resolve_device(context.node_config.get("device"))
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    private = dpsgd.make_private(model, optimizer, trainloader)
-    for x, y in private.data_loader:
-        private.optimizer.zero_grad()
-        loss = private.criterion(private.module(x.to(device)), y.to(device))
-        loss.backward()
-        private.optimizer.step()
-    save_dpsgd(context, dpsgd)                             # ledger back to context.state
-    metrics["dp-sgd-epsilon"] = dpsgd.epsilon()
+    private = dpsgd.make_private(model, optimizer, trainloader)   # budget checked here
+    for _ in range(epochs):
+        for x, y in private.data_loader:
+            if len(y) == 0:
+                continue
+            private.optimizer.zero_grad()
+            private.criterion(private.module(x.to(device)), y.to(device)).backward()
+            private.optimizer.step()
+    metrics["dp-sgd-epsilon"] = save_dpsgd(context, dpsgd)
 """
 
 from __future__ import annotations

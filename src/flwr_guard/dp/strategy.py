@@ -1,27 +1,30 @@
-"""Flower adapter: ``DPFedAvg``, central noise and a privacy budget around any strategy.
+"""Flower adapter: ``DPFedAvg``, central or distributed noise and a budget around any strategy.
 
 User-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping (Andrew et al.
 2021), as a :class:`~flwr_guard.strategy_wrapper.StrategyWrapper`::
 
-    strategy = DPFedAvg(FedAvg(...), noise_multiplier=1.0, clipping_norm=0.5,
-                        max_epsilon=8.0, delta=1e-5, checkpoint="privacy.json")
-    # with secure aggregation (flwr-guard SecAgg+): SecAggPlus(DPFedAvg(FedAvg(...)), ...)
+    strategy = SecAggPlus(
+        DPFedAvg(FedAvg(...), noise_multiplier=1.0, clipping_norm=0.5,
+                 expected_contributors=30, max_epsilon=8.0, delta=1e-5),
+        masked_metrics=DPFedAvg.MASKED_METRICS)
 
 Clients clip with :func:`~flwr_guard.dp.mods.update_clipping_mod`. Each round:
 
-1. ``configure_train`` sends the clipping norm ``C_t`` (and whether clipping is
-   adaptive) in the train config, lets the wrapped strategy sample the cohort, and asks
-   the budget whether this round fits ``max_epsilon``. If it does not, it sends nothing,
-   logs why, and every later round is skipped: the run ends keeping the last model.
-2. ``aggregate_train`` computes the **uniform** mean of the clipped updates (the clipping
-   mod sets each client's weight — the wrapped strategy's ``weighted_by_key`` — to 1;
-   the single aggregate reply that SecAgg+ hands down carries the number of clients it
-   sums as its weight), adds ``N(0, (z C_t / n)^2)`` noise — the sensitivity of
-   exactly what it averages, with the clipping norm the clients *used* this round — and
-   hands the wrapped strategy replies that all carry ``global + noised mean``, so FedAvg
-   (whatever its ``weighted_by_key``), FedAdam, FedProx... post-process the noised
-   aggregate and never average anything else. Then it spends the round on the budget
-   (checkpointed), and, under adaptive clipping, moves ``C`` with the noised count.
+1. ``configure_train`` sends the clipping norm ``C_t`` (and, in distributed mode, ``z``,
+   ``m`` and the quantisation step) in the train config, lets the wrapped strategy
+   sample the cohort, and asks the budget whether this round fits ``max_epsilon``. If
+   it does not, it sends nothing, logs why, and every later round is skipped.
+2. ``aggregate_train`` sums the clipped updates, checks that every contributor proved
+   its clipping (and, distributed, its noise) by the masked counts, adds ``N(0, (z
+   C_t)^2)`` to the *sum* (central; nothing in distributed mode), divides by the fixed
+   ``expected_contributors`` and hands the wrapped strategy replies that all carry
+   ``global + noised mean``, so FedAvg, FedAdam, FedProx... only post-process it. Then
+   it spends the round on the budget (checkpointed) and, under adaptive clipping, moves
+   ``C`` with the noised sum of centred bits.
+
+Accounting: no sampling amplification by default (Flower samples a fixed-size cohort;
+in distributed mode the server, the adversary, picks it); Skellam noise with its own RDP
+(:mod:`flwr_guard.dp.skellam_accounting`).
 
 What this fixes relative to Flower's DP wrappers: the adaptive ones noise with the
 *updated* clipping norm (the noise must match the norm the clients clipped to); all of
