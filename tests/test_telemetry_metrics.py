@@ -340,7 +340,8 @@ def test_adapter_finds_the_protections_in_the_strategy_chain() -> None:
     from flwr_guard.telemetry.strategy import TelemetryStrategy
 
     guard = ReplyGuard(FedAvg())
-    dp = DPFedAvg(guard, noise_multiplier=1.0, clipping_norm=1.0, max_epsilon=8.0)
+    dp = DPFedAvg(guard, noise_multiplier=1.0, clipping_norm=1.0, max_epsilon=8.0,
+                  expected_contributors=2, checkpoint=None)
     secagg = SecAggPlus(dp)
     telemetry = TelemetryStrategy(secagg, run="7")
     assert (telemetry.secagg, telemetry.dp, telemetry.reply_guard) == (secagg, dp, guard)

@@ -1,7 +1,10 @@
 """Differential privacy for Flower apps.
 
 Core (no Flower imports): :mod:`~flwr_guard.dp.accounting` (epsilon over dp-accounting),
+:mod:`~flwr_guard.dp.skellam_accounting` (Skellam's own RDP, a generic subsampling bound),
 :mod:`~flwr_guard.dp.budget` (a budget that refuses what it cannot afford),
+:mod:`~flwr_guard.dp.record_ledger` (DP-SGD's durable node-local ledger),
+:mod:`~flwr_guard.dp.distributed_client` (the client's distributed-DP floors and noise),
 :mod:`~flwr_guard.dp.clipping` (fixed and adaptive update clipping),
 :mod:`~flwr_guard.dp.central` (Gaussian noise on the mean),
 :mod:`~flwr_guard.dp.distributed` and :mod:`~flwr_guard.dp.rotation` (Skellam noise in
@@ -27,10 +30,12 @@ from flwr_guard.dp.accounting import (
     noise_multiplier_for_epsilon,
 )
 from flwr_guard.dp.budget import BudgetDecision, PrivacyBudget, PrivacyBudgetExceeded
+from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
 
 _LAZY = {
     "update_clipping_mod": "flwr_guard.dp.mods",
     "DPFedAvg": "flwr_guard.dp.strategy",
+    "DPConfigurationError": "flwr_guard.dp.strategy",
     "DPSGD": "flwr_guard.dp.dpsgd",
     "DPSGDConfig": "flwr_guard.dp.dpsgd",
     "load_accountant_state": "flwr_guard.dp.context_state",
@@ -42,8 +47,10 @@ _LAZY = {
 __all__ = [
     "BudgetDecision",
     "Ledger",
+    "LedgerMissing",
     "PrivacyBudget",
     "PrivacyBudgetExceeded",
+    "RecordLedger",
     "Step",
     "compute_epsilon",
     "epsilon_from_history",
