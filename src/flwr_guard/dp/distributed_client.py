@@ -23,6 +23,7 @@ leaves the client.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from collections.abc import Mapping, MutableMapping
@@ -40,6 +41,8 @@ from flwr_guard.dp.keys import (
     NODE_HONEST_CONTRIBUTORS,
     NODE_MIN_NOISE_MULTIPLIER,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def distributed_dp_noise(
@@ -103,6 +106,9 @@ def distributed_dp_noise(
             f"distributed DP needs weight 1, got {weight}: place update_clipping_mod inside "
             "secaggplus_mod (it clips and sets the weight to 1)"
         )
+    if clipping_norm > clipping_range:
+        logger.warning("SecAgg+ clipping range %g < DP clipping norm %g: coordinates may be "
+                       "clipped", clipping_range, clipping_norm)
     step = 2.0 * clipping_range / quantization_range
     sent_step = config.get(KEY_QUANTIZATION_STEP)
     if sent_step is not None and not math.isclose(float(sent_step), step, rel_tol=1e-9):
