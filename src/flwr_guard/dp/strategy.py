@@ -468,8 +468,9 @@ class DPFedAvg(StrategyWrapper):
             noised_sum, skellam = add_skellam_noise_to_sum(total, self.noise_multiplier,
                                                            state.clipping_norm, self.rng)
             total = [t / denominator for t in noised_sum]
-            std = math.sqrt(2 * skellam[2]) * state.clipping_norm / (skellam[0] - math.sqrt(
-                sum(t.size for t in total))) / denominator
+            step, _ = central_skellam_parameters(self.noise_multiplier, state.clipping_norm,
+                                                 sum(t.size for t in total))
+            std = step * math.sqrt(2 * skellam[2]) / denominator  # real units, on the mean
         else:
             std = central_noise_std(self._update_noise_multiplier(), state.clipping_norm,
                                     denominator)
