@@ -1,0 +1,225 @@
+"""Flower façade for the client side: :class:`ClientGuard`.
+
+One object declares what a ClientApp requires and builds the mods in the one valid
+order::
+
+    from flwr_guard.guard import ClientGuard, ClientPolicy
+
+    guard = ClientGuard(ClientPolicy(secagg=True, dp="central", max_clipping_norm=1.0))
+
+    @app.train(mods=guard.train_mods())
+    def train(msg, context): ...
+
+The mods, outermost first (a reply goes back through them innermost first)::
+
+    policy_mod            refuses a server that asks for less than the policy; never
+                          lets an update out unmasked when SecAgg+ is required
+      secaggplus_mod      SecAgg+ (masks the update; answers the protocol stages)
+        reply_inspection  blocks replies that carry more than the update
+          leakage audit   attacks the update before it is masked (sampled)
+            update clipping  clips the update to the server's clipping norm (user-level DP)
+
+The individual mods stay public (``flwr_guard.secagg.secaggplus_mod``, ...) for experts;
+this class is the documented way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context
+from flwr.clientapp.typing import Mod
+
+from flwr_guard.guard.client_mod import confirm_dpsgd, policy_mod
+from flwr_guard.guard.policy import ClientPolicy
+
+if TYPE_CHECKING:
+    import torch
+
+    from flwr_guard.audit import LeakageAuditConfig
+    from flwr_guard.dp.dpsgd import DPSGDConfig
+
+
+@dataclass(frozen=True)
+class LeakageAudit:
+    """The client's leakage audit (:func:`flwr_guard.audit.leakage_audit_mod`).
+
+    Attributes:
+        model_fn: returns the model architecture (weights come from the train message).
+        data_fn: ``data_fn(context) -> (images, labels)``, the client's own data, images
+            ``(M, C, H, W)`` in ``[0, 1]`` (undo your normalisation here) and labels ``(M,)``.
+        config: sampling, plan, gate, device (:class:`LeakageAuditConfig`).
+    """
+
+    model_fn: Callable[[], Any]
+    data_fn: Callable[[Context], tuple[Any, Any]]
+    config: LeakageAuditConfig | None = None
+
+
+class PrivateRun:
+    """What :meth:`ClientGuard.private_training` yields: Opacus' wrapped objects.
+
+    Attributes:
+        module, optimizer, criterion, data_loader: use these instead of the originals
+            (see :class:`flwr_guard.dp.dpsgd.PrivateTraining`).
+    """
+
+    def __init__(self, private: Any, input_key: str | None, target_key: str | None) -> None:
+        self.module = private.module
+        self.optimizer = private.optimizer
+        self.criterion = private.criterion
+        self.data_loader = private.data_loader
+        self._keys = (input_key, target_key)
+        self.epsilon: float | None = None
+
+    def batches(self, device: torch.device | str | None = None) -> Iterator[tuple[Any, Any]]:
+        """``(inputs, targets)`` of each Poisson-sampled batch, on ``device``.
+
+        Works with ``(x, y)`` tuple batches and with dict batches (Flower's examples:
+        ``{"img": ..., "label": ...}``; name the keys in ``private_training``). An empty
+        Poisson batch is yielded too (Opacus makes it of the right shape): skipping it
+        would not change the privacy ledger, only the learning.
+
+        Raises:
+            KeyError: a dict batch without the named keys.
+            TypeError: a batch that is neither a pair nor a dict.
+        """
+        input_key, target_key = self._keys
+        for batch in self.data_loader:
+            if isinstance(batch, dict):
+                if input_key is None or target_key is None:
+                    raise KeyError(
+                        "the data loader yields dict batches: name their keys, e.g. "
+                        "private_training(..., input_key='img', target_key='label')"
+                    )
+                x, y = batch[input_key], batch[target_key]
+            elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+                x, y = batch
+            else:
+                raise TypeError(
+                    f"a batch must be (inputs, targets) or a dict, got {type(batch).__name__}"
+                )
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            yield x, y
+
+
+class ClientGuard:
+    """The client's protections, declared once (see the module docstring).
+
+    Args:
+        policy: what this client requires of the server (:class:`ClientPolicy`).
+        dpsgd: record-level DP-SGD for :meth:`private_training`; with it, the policy
+            also requires that every update was trained under DP-SGD.
+        audit: the leakage audit, or ``None``.
+        inspect_replies: run the reply inspector (block replies that carry more than
+            the update).
+
+    Raises:
+        ValueError: for combinations that cannot work (DP required of the server
+            without update clipping is impossible here: clipping is always on when the
+            policy requires DP).
+    """
+
+    def __init__(
+        self,
+        policy: ClientPolicy | None = None,
+        *,
+        dpsgd: DPSGDConfig | None = None,
+        audit: LeakageAudit | None = None,
+        inspect_replies: bool = True,
+    ) -> None:
+        policy = policy or ClientPolicy()
+        if dpsgd is not None and not policy.dpsgd:
+            policy = ClientPolicy(**{**vars(policy), "dpsgd": True})
+        if policy.dpsgd and dpsgd is None:
+            raise ValueError("the policy requires DP-SGD: pass dpsgd=DPSGDConfig(...)")
+        self.policy = policy
+        self.dpsgd = dpsgd
+        self.audit = audit
+        self.inspect_replies = inspect_replies
+
+    def train_mods(self) -> list[Mod]:
+        """The train mods in the one valid order, for ``@app.train(mods=...)``."""
+        from flwr_guard.secagg.mod import secaggplus_mod
+
+        mods: list[Mod] = [policy_mod(self.policy), secaggplus_mod]
+        if self.inspect_replies:
+            from flwr_guard.audit.reply_mod import reply_inspection_mod
+
+            mods.append(reply_inspection_mod())
+        if self.audit is not None:
+            mods.append(_lazy_audit_mod(self.audit))
+        if self.policy.dp is not None:
+            from flwr_guard.dp.mods import update_clipping_mod
+
+            mods.append(update_clipping_mod)
+        return mods
+
+    def protections(self) -> Sequence[str]:
+        """Names of the protections this client runs (for logs and metrics)."""
+        names = list(self.policy.required())
+        if self.inspect_replies:
+            names.append("reply-inspection")
+        if self.audit is not None:
+            names.append("leakage-audit")
+        return names
+
+    @contextmanager
+    def private_training(
+        self,
+        context: Context,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: Any,
+        criterion: Any = None,
+        *,
+        input_key: str | None = None,
+        target_key: str | None = None,
+    ) -> Iterator[PrivateRun]:
+        """Train under DP-SGD inside a guarded train call.
+
+        The node's privacy ledger is loaded from ``context.state``; on a clean exit the
+        ledger is saved, ``run.epsilon`` is set and the policy mod is told that this
+        update was trained privately (without that, a policy that requires DP-SGD
+        refuses to send it).
+
+        Args:
+            context: the ClientApp's context.
+            model: moved to its device before ``optimizer`` was built.
+            optimizer, data_loader, criterion: as for :meth:`flwr_guard.dp.dpsgd.DPSGD.make_private`.
+            input_key, target_key: the keys of dict batches (see :meth:`PrivateRun.batches`).
+
+        Raises:
+            RuntimeError: without a :class:`DPSGDConfig`, or outside the guard's mods.
+        """
+        if self.dpsgd is None:
+            raise RuntimeError("private_training needs ClientGuard(dpsgd=DPSGDConfig(...))")
+        from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
+
+        dpsgd = dpsgd_from_context(context, self.dpsgd)
+        run = PrivateRun(
+            dpsgd.make_private(model, optimizer, data_loader, criterion), input_key, target_key
+        )
+        yield run
+        save_dpsgd(context, dpsgd)
+        run.epsilon = dpsgd.epsilon()
+        confirm_dpsgd(context)
+
+
+def _lazy_audit_mod(audit: LeakageAudit) -> Mod:
+    # The audit pulls in torch and torchmetrics (seconds): import it on a train message,
+    # not in a ClientApp process that only answers a SecAgg+ stage.
+    built: list[Mod] = []
+
+    def mod(msg: Any, context: Context, call_next: Any) -> Any:
+        if not built:
+            from flwr_guard.audit.audit_mod import leakage_audit_mod
+
+            built.append(leakage_audit_mod(audit.model_fn, audit.data_fn, audit.config))
+        return built[0](msg, context, call_next)
+
+    return mod
