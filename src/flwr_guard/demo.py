@@ -207,17 +207,21 @@ def run_demo(
         "audit-client-fraction": 1.0,
         "audit-time-budget": 5.0,
     }
-    # Flower refuses a run config with keys the app does not declare (`--app` may be
-    # another app): the demo's extras go only to apps that have them.
+    # Flower refuses a run config with keys the app does not declare (`--app` may be a
+    # user's own app, e.g. Flower's quickstart): the demo's keys go only to apps that
+    # declare them; the user's own --run-config goes as given.
     declared = app_config_keys(app_dir)
-    run_config: dict[str, Any] = {
+    demo_keys = {
         "num-server-rounds": options.rounds,
         "min-nodes": options.nodes,
         "partitioner": options.partition,
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
         "progress-file": str(progress_path),
-        **{key: value for key, value in optional.items() if key in declared},
+        **optional,
+    }
+    run_config: dict[str, Any] = {
+        **{key: value for key, value in demo_keys.items() if key in declared},
         **options.run_config,
     }
     serves_metrics = "metrics-port" in declared
@@ -269,6 +273,8 @@ def run_demo(
                 time.sleep(0.5)
             # The run may end before its last lines were read: read them now.
             finished = _absorb(tail.read_new(), state) or finished
+            server_log = workdir / "serverapp.log"
+            server_log.write_text(deployment.run_log(state.run_id), encoding="utf-8")
             state.phase = "stopping"
             on_update(state)
     except DeploymentError as err:

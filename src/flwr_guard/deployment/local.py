@@ -187,6 +187,12 @@ class LocalDeployment:
             check=False,
         )
 
+    def run_log(self, run_id: str, timeout: float = 60.0) -> str:
+        """The run's ServerApp log as the SuperLink keeps it (``flwr log --show``);
+        an empty string when the SuperLink has none."""
+        done = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=timeout)
+        return done.stdout if done.returncode == 0 else ""
+
     def submit(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> str:
         """``flwr run`` the app in ``app_dir``; return the run id.
 

@@ -79,9 +79,10 @@ class PrivateRun:
         """``(inputs, targets)`` of each Poisson-sampled batch, on ``device``.
 
         Works with ``(x, y)`` tuple batches and with dict batches (Flower's examples:
-        ``{"img": ..., "label": ...}``; name the keys in ``private_training``). An empty
-        Poisson batch is yielded too (Opacus makes it of the right shape): skipping it
-        would not change the privacy ledger, only the learning.
+        ``{"img": ..., "label": ...}``; name the keys in ``private_training``). Empty
+        Poisson batches are yielded too, with the inputs' shape (Opacus' empty batch of a
+        dict dataset has none): DP-SGD takes its noisy step on them as on any other, so
+        that the number of steps does not depend on the data (Abadi et al. 2016, Alg. 1).
 
         Raises:
             KeyError: a dict batch without the named keys.
@@ -98,6 +99,8 @@ class PrivateRun:
                 x, y = batch[input_key], batch[target_key]
             elif isinstance(batch, (tuple, list)) and len(batch) == 2:
                 x, y = batch
+                if input_key is not None and len(y) == 0:
+                    x, y = self._empty_batch(y)
             else:
                 raise TypeError(
                     f"a batch must be (inputs, targets) or a dict, got {type(batch).__name__}"
@@ -105,6 +108,33 @@ class PrivateRun:
             if device is not None:
                 x, y = x.to(device), y.to(device)
             yield x, y
+
+    def _empty_batch(self, like: Any) -> tuple[Any, Any]:
+        import torch
+
+        sample = self.data_loader.dataset[0]
+        x0 = torch.as_tensor(sample[self._keys[0]])
+        return x0.new_zeros((0, *x0.shape)), torch.zeros((0,), dtype=torch.long)
+
+    def fit(self, epochs: int, device: torch.device | str | None = None) -> float:
+        """The plain DP-SGD loop: ``epochs`` passes of zero_grad, loss, backward, step.
+
+        Returns:
+            The last epoch's mean loss over its examples (``nan`` if it drew none).
+        """
+        total, count = 0.0, 0
+        self.module.train()
+        for _ in range(int(epochs)):
+            total, count = 0.0, 0
+            for x, y in self.batches(device):
+                self.optimizer.zero_grad()
+                loss = self.criterion(self.module(x), y)
+                loss.backward()
+                self.optimizer.step()
+                if len(y):
+                    total += float(loss.item()) * len(y)
+                    count += len(y)
+        return total / count if count else float("nan")
 
 
 class ClientGuard:
