@@ -50,6 +50,23 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
+def _undeclared_hint(app_dir: Path, run_config: Mapping[str, Any]) -> str:
+    """Name the run-config keys that the app's pyproject.toml does not declare (Flower
+    refuses them with "Invalid run configuration" and no more)."""
+    import tomllib
+
+    try:
+        with (Path(app_dir) / "pyproject.toml").open("rb") as handle:
+            declared = set(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return ""
+    undeclared = sorted(set(run_config) - declared)
+    if not undeclared:
+        return ""
+    return (f" (keys not declared in [tool.flwr.app.config] of {app_dir}/pyproject.toml: "
+            f"{', '.join(undeclared)}; declare them there, or leave them out)")
+
+
 class LocalDeployment:
     """Start ``topology`` as local processes; a context manager that always cleans up.
 
@@ -210,10 +227,10 @@ class LocalDeployment:
         except json.JSONDecodeError:
             reply = {}
         if done.returncode != 0 or not reply.get("success"):
-            raise DeploymentError(
-                f"flwr run was refused (exit {done.returncode}): "
-                f"{reply.get('error') or done.stdout.strip() or done.stderr.strip()}"
-            )
+            why = str(reply.get("error") or done.stdout.strip() or done.stderr.strip())
+            if "run configuration" in why.lower():
+                why += _undeclared_hint(app_dir, run_config or {})
+            raise DeploymentError(f"flwr run was refused (exit {done.returncode}): {why}")
         return str(reply["run-id"])
 
     def run_info(self, run_id: str) -> dict[str, Any]:
