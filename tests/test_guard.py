@@ -268,3 +268,36 @@ def test_a_run_without_any_aggregate_fails() -> None:
     grid = LoopbackGrid({1: app, 2: app})
     with pytest.raises(NoAggregate, match="no round of 2 produced an aggregate"):
         GuardedStrategy(_fedavg(2)).start(grid, _initial(), num_rounds=2)
+
+
+def test_audit_of_a_normalised_model_sees_pixels_in_unit_range() -> None:
+    torch = pytest.importorskip("torch")
+    from flwr_guard.guard.client import LeakageAudit, _normalised_model, _unit_range_data
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    pixels = torch.rand(5, 1, 4, 4)
+    normalised = (pixels - 0.5) / 0.5  # Flower's examples: Normalize((0.5,), (0.5,))
+    audit = LeakageAudit(lambda: net, lambda ctx: (normalised, torch.zeros(5)),
+                         normalization=((0.5,), (0.5,)))
+    images, _ = _unit_range_data(audit.data_fn, *audit.normalization)(None)
+    assert images.min() >= 0 and images.max() <= 1
+    torch.testing.assert_close(images, pixels)
+    model = _normalised_model(lambda: net, *audit.normalization)()
+    assert set(model.state_dict()) == {"1.weight", "1.bias"}  # no new keys
+    torch.testing.assert_close(model(images), torch.nn.Sequential(*net)(normalised))
+
+
+def test_the_guard_turns_off_the_false_clipping_warning_under_dpsgd(monkeypatch) -> None:
+    pytest.importorskip("torch")
+    import flwr_guard.audit.audit_mod as audit_mod
+    from flwr_guard.guard.client import LeakageAudit
+
+    seen = {}
+    monkeypatch.setattr(audit_mod, "leakage_audit_mod",
+                        lambda model_fn, data_fn, config: seen.setdefault("config", config))
+    LeakageAudit(lambda: None, lambda ctx: None).mod(dpsgd=True)
+    assert seen["config"].check_update_norm is False
+    seen.clear()
+    LeakageAudit(lambda: None, lambda ctx: None).mod(dpsgd=False)
+    assert seen["config"].check_update_norm is True

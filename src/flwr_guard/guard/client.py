@@ -49,14 +49,67 @@ class LeakageAudit:
 
     Attributes:
         model_fn: returns the model architecture (weights come from the train message).
-        data_fn: ``data_fn(context) -> (images, labels)``, the client's own data, images
-            ``(M, C, H, W)`` in ``[0, 1]`` (undo your normalisation here) and labels ``(M,)``.
-        config: sampling, plan, gate, device (:class:`LeakageAuditConfig`).
+        data_fn: ``data_fn(context) -> (images, labels)``, the client's own data as the
+            model sees it: images ``(M, C, H, W)`` float, labels ``(M,)`` int.
+        normalization: ``(mean, std)`` per channel when the model's inputs are normalised
+            (torchvision's ``Normalize``; Flower's examples use ``((0.5,), (0.5,))``, i.e.
+            pixels in ``[-1, 1]``); ``None`` when ``data_fn``'s images are in ``[0, 1]``.
+            The audit attacks and scores pixels in ``[0, 1]``: the images are mapped back
+            with ``x * std + mean`` and the model gets ``(x - mean) / std`` in front (a
+            forward pre-hook: no parameter or state-dict key changes).
+        config: sampling, plan, gate, device (:class:`LeakageAuditConfig`). With DP-SGD
+            the guard turns ``check_update_norm`` off (the update is many clipped steps,
+            not one update clipped to the norm).
     """
 
     model_fn: Callable[[], Any]
     data_fn: Callable[[Context], tuple[Any, Any]]
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     config: LeakageAuditConfig | None = None
+
+    def mod(self, dpsgd: bool) -> Mod:
+        """The audit mod for these settings (imports torch: call it on a train message)."""
+        from dataclasses import replace
+
+        from flwr_guard.audit.audit_mod import LeakageAuditConfig, leakage_audit_mod
+
+        config = self.config or LeakageAuditConfig()
+        if dpsgd and config.check_update_norm:
+            config = replace(config, check_update_norm=False)
+        if self.normalization is None:
+            return leakage_audit_mod(self.model_fn, self.data_fn, config)
+        mean, std = self.normalization
+        return leakage_audit_mod(_normalised_model(self.model_fn, mean, std),
+                                 _unit_range_data(self.data_fn, mean, std), config)
+
+
+def _channel_view(values: tuple[float, ...]) -> Any:
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def _normalised_model(model_fn: Callable[[], Any], mean: tuple[float, ...], std: tuple[float, ...]
+                      ) -> Callable[[], Any]:
+    def build() -> Any:
+        model = model_fn()
+        m, s = _channel_view(mean), _channel_view(std)
+        model.register_forward_pre_hook(
+            lambda _module, args: ((args[0] - m.to(args[0])) / s.to(args[0]), *args[1:]))
+        return model
+    return build
+
+
+def _unit_range_data(data_fn: Callable[[Context], tuple[Any, Any]], mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> Callable[[Context], tuple[Any, Any]]:
+    def data(context: Context) -> tuple[Any, Any]:
+        import torch
+
+        images, labels = data_fn(context)
+        x = torch.as_tensor(images, dtype=torch.float32)
+        x = x if x.dim() == 4 else x.unsqueeze(1)
+        return (x * _channel_view(std) + _channel_view(mean)).clamp(0.0, 1.0), labels
+    return data
 
 
 class PrivateRun:
@@ -182,7 +235,7 @@ class ClientGuard:
 
             mods.append(reply_inspection_mod())
         if self.audit is not None:
-            mods.append(_lazy_audit_mod(self.audit))
+            mods.append(_lazy_audit_mod(self.audit, dpsgd=self.dpsgd is not None))
         if self.policy.dp is not None:
             from flwr_guard.dp.mods import update_clipping_mod
 
@@ -240,16 +293,14 @@ class ClientGuard:
         confirm_dpsgd(context)
 
 
-def _lazy_audit_mod(audit: LeakageAudit) -> Mod:
+def _lazy_audit_mod(audit: LeakageAudit, dpsgd: bool) -> Mod:
     # The audit pulls in torch and torchmetrics (seconds): import it on a train message,
     # not in a ClientApp process that only answers a SecAgg+ stage.
     built: list[Mod] = []
 
     def mod(msg: Any, context: Context, call_next: Any) -> Any:
         if not built:
-            from flwr_guard.audit.audit_mod import leakage_audit_mod
-
-            built.append(leakage_audit_mod(audit.model_fn, audit.data_fn, audit.config))
+            built.append(audit.mod(dpsgd))
         return built[0](msg, context, call_next)
 
     return mod
