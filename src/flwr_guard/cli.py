@@ -77,6 +77,8 @@ def _progress_view(state: DemoState, rounds: int) -> Group:
         f"{state.phase} · run {state.run_id or '-'} · status {state.status} · "
         f"{state.elapsed_s:.0f} s\nmetrics {state.metrics_url or '-'} · Prometheus "
         f"{state.prometheus_url or 'not running (make tools installs it)'}"
+        + (f"\nlost (the run goes on without them): {', '.join(state.lost_nodes)}"
+           if state.lost_nodes else "")
     )
     return Group(table, caption)
 
@@ -86,12 +88,15 @@ class _PlainProgress:
     line per phase change and per round, printed as it happens."""
 
     def __init__(self, rounds: int) -> None:
-        self.rounds, self.printed, self.phase = rounds, 0, ""
+        self.rounds, self.printed, self.phase, self.lost = rounds, 0, "", 0
 
     def __call__(self, state: DemoState) -> None:
         if state.phase != self.phase:
             self.phase = state.phase
             typer.echo(f"demo: {state.phase} (run {state.run_id or '-'}, {state.elapsed_s:.0f} s)")
+        for name in state.lost_nodes[self.lost:]:
+            typer.echo(f"demo: {name} exited; the run goes on without it (a SecAgg+ dropout)")
+        self.lost = len(state.lost_nodes)
         for line in state.rounds[self.printed:]:
             cells = _round_cells(line, self.rounds)
             typer.echo("demo: " + " · ".join(

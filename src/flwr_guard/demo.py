@@ -83,6 +83,8 @@ class DemoState:
     started: float = field(default_factory=time.monotonic)
     metrics_url: str | None = None
     prometheus_url: str | None = None
+    # SuperNodes that exited during the run; it went on with the others.
+    lost_nodes: list[str] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> float:
@@ -110,6 +112,7 @@ class DemoResult:
     error: str | None
     processes: list[dict[str, Any]]
     workdir: str | None
+    lost_nodes: list[str] = field(default_factory=list)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +257,8 @@ def run_demo(
             state.phase = "running"
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
-                deployment.check_alive()
+                for name in deployment.check_alive(tolerate_node_loss=True):
+                    state.lost_nodes.append(name)  # SecAgg+ counts it as a dropout
                 last = _absorb(tail.read_new(), state)
                 if last is not None:  # the ServerApp is done: ask for the status often
                     finished, next_status = last, 0.0
@@ -317,6 +321,7 @@ def run_demo(
         error=error,
         processes=processes,
         workdir=str(workdir) if keep else None,
+        lost_nodes=list(state.lost_nodes),
     )
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -86,6 +86,7 @@ class LocalDeployment:
         self.supervisor = ProcessSupervisor(self.workdir / "logs")
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
+        self.lost: list[str] = []  # SuperNodes that exited while a run went on
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -148,20 +149,55 @@ class LocalDeployment:
         """Every process of this deployment seen so far (for orphan checks)."""
         return self.supervisor.refresh()
 
-    def check_alive(self) -> None:
-        """Raise :class:`DeploymentError` naming any started process that has exited.
+    def check_alive(self, tolerate_node_loss: bool = False) -> list[str]:
+        """Raise :class:`DeploymentError` naming a started process that has exited.
+
+        Args:
+            tolerate_node_loss: a SuperNode that exited is reported, not raised: the
+                run goes on with the others (SecAgg+ counts the node as a dropout). The
+                SuperLink's exit, or the loss of every SuperNode, still raises.
+
+        Returns:
+            The names of the SuperNodes lost since the last call (with
+            ``tolerate_node_loss``; else always empty).
 
         Also records the processes alive now (what Flower spawned since the last call),
         so that :meth:`stop` finds them all.
         """
         self.supervisor.refresh()
-        dead = self.supervisor.dead()
-        if dead:
-            proc = dead[0]
+        current = [p for p in (self.superlink, *self.supernodes) if p is not None]
+        dead = [p for p in current if p.exit_code() is not None and p.name not in self.lost]
+        if not dead:
+            return []
+        fatal = [p for p in dead if not (tolerate_node_loss and p in self.supernodes)]
+        if not fatal and len(self.lost) + len(dead) >= len(self.supernodes):
+            fatal = dead  # no SuperNode left: the run cannot go on
+        if fatal:
+            proc = fatal[0]
             raise DeploymentError(
                 f"{proc.name} (pid {proc.pid}) exited with code {proc.exit_code()}; "
                 f"last lines of {proc.log_path}:\n{proc.log_tail()}"
             )
+        for proc in dead:
+            logger.warning("%s (pid %d) exited with code %s; the run goes on without it",
+                           proc.name, proc.pid, proc.exit_code())
+            self.lost.append(proc.name)
+        return [p.name for p in dead]
+
+    def restart_supernode(self, name: str) -> ManagedProcess:
+        """Start a lost SuperNode again with its command line (it joins the next round
+        it is sampled in; Flower gives it a new node id unless it authenticates).
+
+        Raises:
+            ValueError: ``name`` is not a lost SuperNode of this deployment.
+        """
+        if name not in self.lost:
+            raise ValueError(f"{name} is not a lost SuperNode (lost: {self.lost or 'none'})")
+        index = int(name.rsplit("-", 1)[1])
+        proc = self.supervisor.start(name, self.topology.supernode_command(index), self.env)
+        self.supernodes = [proc if p.name == name else p for p in self.supernodes]
+        self.lost.remove(name)
+        return proc
 
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
