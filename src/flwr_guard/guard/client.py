@@ -131,11 +131,11 @@ class PrivateRun:
     def batches(self, device: torch.device | str | None = None) -> Iterator[tuple[Any, Any]]:
         """``(inputs, targets)`` of each Poisson-sampled batch, on ``device``.
 
-        Works with ``(x, y)`` tuple batches and with dict batches (Flower's examples:
-        ``{"img": ..., "label": ...}``; name the keys in ``private_training``). Empty
-        Poisson batches are yielded too, with the inputs' shape (Opacus' empty batch of a
-        dict dataset has none): DP-SGD takes its noisy step on them as on any other, so
-        that the number of steps does not depend on the data (Abadi et al. 2016, Alg. 1).
+        Works with ``(x, y)`` samples and with dict samples (Flower's examples:
+        ``{"img": ..., "label": ...}``; name the keys in ``private_training``, which then
+        hands Opacus ``(x, y)`` pairs). Empty Poisson batches are yielded too, with the
+        inputs' shape: DP-SGD takes its noisy step on them as on any other, so that the
+        number of steps does not depend on the data (Abadi et al. 2016, Algorithm 1).
 
         Raises:
             KeyError: a dict batch without the named keys.
@@ -152,8 +152,6 @@ class PrivateRun:
                 x, y = batch[input_key], batch[target_key]
             elif isinstance(batch, (tuple, list)) and len(batch) == 2:
                 x, y = batch
-                if input_key is not None and len(y) == 0:
-                    x, y = self._empty_batch(y)
             else:
                 raise TypeError(
                     f"a batch must be (inputs, targets) or a dict, got {type(batch).__name__}"
@@ -161,13 +159,6 @@ class PrivateRun:
             if device is not None:
                 x, y = x.to(device), y.to(device)
             yield x, y
-
-    def _empty_batch(self, like: Any) -> tuple[Any, Any]:
-        import torch
-
-        sample = self.data_loader.dataset[0]
-        x0 = torch.as_tensor(sample[self._keys[0]])
-        return x0.new_zeros((0, *x0.shape)), torch.zeros((0,), dtype=torch.long)
 
     def fit(self, epochs: int, device: torch.device | str | None = None) -> float:
         """The plain DP-SGD loop: ``epochs`` passes of zero_grad, loss, backward, step.
@@ -201,10 +192,12 @@ class ClientGuard:
         inspect_replies: run the reply inspector (block replies that carry more than
             the update).
 
+    The update is clipped whenever the server's train config sets a clipping norm (the
+    server's DP accounting assumes it), whatever this client's policy.
+
     Raises:
-        ValueError: for combinations that cannot work (DP required of the server
-            without update clipping is impossible here: clipping is always on when the
-            policy requires DP).
+        ValueError: a policy that requires DP-SGD without ``dpsgd``, or a DP-SGD noise
+            multiplier that is not > 0.
     """
 
     def __init__(
@@ -216,6 +209,11 @@ class ClientGuard:
         inspect_replies: bool = True,
     ) -> None:
         policy = policy or ClientPolicy()
+        if dpsgd is not None and not dpsgd.noise_multiplier > 0:
+            raise ValueError(
+                f"DP-SGD needs a noise multiplier > 0, got {dpsgd.noise_multiplier}: without "
+                "noise, clipping alone gives no differential privacy"
+            )
         if dpsgd is not None and not policy.dpsgd:
             policy = ClientPolicy(**{**vars(policy), "dpsgd": True})
         if policy.dpsgd and dpsgd is None:
@@ -227,6 +225,7 @@ class ClientGuard:
 
     def train_mods(self) -> list[Mod]:
         """The train mods in the one valid order, for ``@app.train(mods=...)``."""
+        from flwr_guard.dp.mods import update_clipping_mod
         from flwr_guard.secagg.mod import secaggplus_mod
 
         mods: list[Mod] = [policy_mod(self.policy), secaggplus_mod]
@@ -236,10 +235,7 @@ class ClientGuard:
             mods.append(reply_inspection_mod())
         if self.audit is not None:
             mods.append(_lazy_audit_mod(self.audit, dpsgd=self.dpsgd is not None))
-        if self.policy.dp is not None:
-            from flwr_guard.dp.mods import update_clipping_mod
-
-            mods.append(update_clipping_mod)
+        mods.append(update_clipping_mod if self.policy.dp is not None else _clip_when_announced)
         return mods
 
     def protections(self) -> Sequence[str]:
@@ -284,13 +280,62 @@ class ClientGuard:
         from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
 
         dpsgd = dpsgd_from_context(context, self.dpsgd)
+        if input_key is not None or target_key is not None:
+            data_loader = _pairs(data_loader, input_key, target_key)
         run = PrivateRun(
             dpsgd.make_private(model, optimizer, data_loader, criterion), input_key, target_key
         )
+        steps = dpsgd.steps
         yield run
+        if dpsgd.steps == steps:
+            raise RuntimeError(
+                "no DP-SGD step was taken inside private_training: train with the yielded "
+                "optimizer (run.optimizer.step()) or run.fit(...); the update is not sent"
+            )
         save_dpsgd(context, dpsgd)
         run.epsilon = dpsgd.epsilon()
         confirm_dpsgd(context)
+
+
+class _Pairs:
+    """A dataset of dict samples seen as ``(input, target)`` tensor pairs (what Opacus'
+    Poisson loader needs to build empty batches of the right shape)."""
+
+    def __init__(self, dataset: Any, input_key: str, target_key: str) -> None:
+        self.dataset, self.keys = dataset, (input_key, target_key)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        import torch
+
+        sample = self.dataset[index]
+        try:
+            return (torch.as_tensor(sample[self.keys[0]]), torch.as_tensor(sample[self.keys[1]]))
+        except (KeyError, TypeError, IndexError):
+            raise KeyError(f"a sample lacks the keys {self.keys}: name the keys of your dict "
+                           "samples in private_training(input_key=..., target_key=...)") from None
+
+
+def _pairs(loader: Any, input_key: str | None, target_key: str | None) -> Any:
+    from torch.utils.data import DataLoader
+
+    if input_key is None or target_key is None:
+        raise ValueError("name both input_key and target_key (the keys of your dict samples)")
+    return DataLoader(_Pairs(loader.dataset, input_key, target_key),
+                      batch_size=loader.batch_size, num_workers=loader.num_workers)
+
+
+def _clip_when_announced(msg: Any, context: Context, call_next: Any) -> Any:
+    """Clip the update whenever the server's train config sets a clipping norm, whether or
+    not this client's policy requires DP: the server's accounting assumes it."""
+    from flwr_guard.dp.mods import KEY_CLIPPING_NORM, update_clipping_mod
+
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return update_clipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _lazy_audit_mod(audit: LeakageAudit, dpsgd: bool) -> Mod:

@@ -49,13 +49,23 @@ def refusal(msg: Message, reason: str) -> Message:
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=text), reply_to=msg)
 
 
-def _find_manifest(msg: Message) -> tuple[object | None, ConfigRecord]:
-    """(manifest value or None, the ConfigRecord holding the train config)."""
-    for name, record in msg.content.config_records.items():
-        if name != SECAGG_RECORD and MANIFEST_KEY in record:
-            return record[MANIFEST_KEY], record
-    config = msg.content.config_records.get("config")
-    return None, config if config is not None else ConfigRecord()
+def is_train(msg: Message) -> bool:
+    """A train message: ``"train"`` or a named train action ``"train.<action>"``
+    (Flower routes ``train.default`` to ``@app.train()`` too)."""
+    return msg.metadata.message_type.split(".", 1)[0] == MessageType.TRAIN
+
+
+def _train_config(msg: Message) -> ConfigRecord | str:
+    """The one train ConfigRecord of ``msg`` (besides the ``secagg`` one), or why not.
+
+    Every mod inside (SecAgg+, clipping, distributed noise) reads *the* config: a second
+    record would let a server show the policy one value and the mods another.
+    """
+    records = [(n, r) for n, r in msg.content.config_records.items() if n != SECAGG_RECORD]
+    if len(records) > 1:
+        return (f"the train message holds {len(records)} ConfigRecords "
+                f"({', '.join(n for n, _ in records)}); a guarded client accepts exactly one")
+    return records[0][1] if records else ConfigRecord()
 
 
 def _secagg_stage(msg: Message) -> str | None:
@@ -100,12 +110,22 @@ def policy_mod(policy: ClientPolicy) -> Mod:
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN:
+        if not is_train(msg):
             return call_next(msg, context)
         stage = _secagg_stage(msg)
+        arrays = len(msg.content.array_records)
         if stage is not None and stage != MASKED_INPUT_STAGE:
+            if arrays:
+                return refusal(msg, f"a SecAgg+ {stage!r} stage message carries arrays")
             return call_next(msg, context)  # a SecAgg+ control stage: no model, no update
-        value, config = _find_manifest(msg)
+        if arrays != 1:
+            return refusal(
+                msg, f"the train message holds {arrays} ArrayRecords; a guarded client trains "
+                "on exactly one, the model the round announces")
+        config = _train_config(msg)
+        if isinstance(config, str):
+            return refusal(msg, config)
+        value = config.get(MANIFEST_KEY)
         if value is None:
             if policy.requires_anything:
                 return refusal(
@@ -133,6 +153,8 @@ def policy_mod(policy: ClientPolicy) -> Mod:
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
+        if len(reply.content.array_records) > 1:
+            return refusal(msg, "the reply holds more than one ArrayRecord: nothing is sent")
         if policy.dpsgd and not _dpsgd_confirmed(context, token):
             return refusal(
                 msg,

@@ -211,12 +211,12 @@ class ProtectionManifest:
             raise ManifestError(f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
         try:
             data = json.loads(text)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise ManifestError(f"the manifest is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ManifestError("the manifest must be a JSON object")
         version = data.get("version")
-        if version != MANIFEST_VERSION:
+        if type(version) is not int or version != MANIFEST_VERSION:
             raise ManifestError(
                 f"manifest version {version!r} is not supported (this client speaks "
                 f"{MANIFEST_VERSION}): use the same flwr-guard version on server and clients"

@@ -21,6 +21,7 @@ from flwr_guard.guard.manifest import ProtectionManifest
 #: Train-config keys the DP wrappers send (flwr_guard.dp.mods / DPFedAvg).
 CONFIG_CLIPPING_NORM = "dp-clipping-norm"
 CONFIG_NOISE_MULTIPLIER = "dp-noise-multiplier"
+CONFIG_ADAPTIVE = "dp-adaptive-clipping"
 
 RequiredDP = Literal["central", "distributed", "any"]
 
@@ -99,6 +100,12 @@ class ClientPolicy:
                 "this client requires SecAgg+ but the server's strategy does not run it: "
                 "pass secagg=SecAgg(...) to GuardedStrategy"
             )
+        if manifest.has("update-clipping") and CONFIG_CLIPPING_NORM not in config:
+            problems.append(
+                f"the manifest announces update clipping but the train config has no "
+                f"{CONFIG_CLIPPING_NORM!r}: the server's accounting would assume a bound no "
+                "client applies"
+            )
         if self.dp is None:
             return problems
         dp = manifest.dp
@@ -113,8 +120,28 @@ class ClientPolicy:
                 f"this client requires {self.dp} DP but the server runs {dp.mode} DP: "
                 f"use {'DistributedDP' if self.dp == 'distributed' else 'CentralDP'} in GuardedStrategy"
             )
-        z = _number(config.get(CONFIG_NOISE_MULTIPLIER), dp.noise_multiplier)
-        if self.min_noise_multiplier is not None and not z >= self.min_noise_multiplier:
+        adaptive = config.get(CONFIG_ADAPTIVE, False)
+        if not isinstance(adaptive, bool) or adaptive != dp.adaptive:
+            problems.append(
+                f"the train config says {CONFIG_ADAPTIVE}={adaptive!r} but the manifest "
+                f"announces adaptive={dp.adaptive}: the server must not change the clipping "
+                "mode behind its manifest"
+            )
+        if dp.mode == "distributed" and adaptive is True:
+            problems.append(
+                "adaptive clipping under distributed noise would show the server each "
+                "client's clipping bit: use fixed clipping with DistributedDP"
+            )
+        # Under distributed DP the clients add the noise the config says: no fallback to
+        # the manifest (a server could announce z and send none).
+        z = _number(config.get(CONFIG_NOISE_MULTIPLIER),
+                    None if dp.mode == "distributed" else dp.noise_multiplier)
+        if z is None:
+            problems.append(
+                f"the train config lacks {CONFIG_NOISE_MULTIPLIER!r} although the manifest "
+                "announces distributed DP"
+            )
+        elif self.min_noise_multiplier is not None and not z >= self.min_noise_multiplier:
             problems.append(
                 f"noise multiplier {z:g} is below this client's floor {self.min_noise_multiplier:g}: "
                 "raise noise_multiplier on the server"

@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr_guard.guard.manifest import (
     MANIFEST_KEY,
     DPTerms,
+    ManifestError,
     ProtectionManifest,
     SecAggTerms,
 )
@@ -134,6 +135,37 @@ class DistributedDP(CentralDP):
         return {**super().kwargs(), "distributed": True, "min_contributors": self.min_contributors}
 
 
+# Strategies that need every client's own update: under SecAgg+ they would get the one
+# masked sum and silently turn into a mean (robust aggregation, per-client clipping,
+# tree bagging, q-fair weights). flwr-guard's DPFedAvg replaces Flower's DP wrappers.
+_NEEDS_EACH_UPDATE = ("Bulyan", "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum",
+                      "FedXgbBagging", "FedXgbCyclic", "QFedAvg")
+_FLOWER_DP = ("DifferentialPrivacyClientSideAdaptiveClipping",
+              "DifferentialPrivacyClientSideFixedClipping",
+              "DifferentialPrivacyServerSideAdaptiveClipping",
+              "DifferentialPrivacyServerSideFixedClipping")
+
+
+def _unsupported(strategy: Strategy, secagg: bool) -> str | None:
+    """Why ``strategy`` (or one it wraps) cannot run inside this chain, or ``None``."""
+    from flwr_guard.telemetry.strategy import strategy_chain
+
+    for s in strategy_chain(strategy):
+        names = {cls.__name__ for cls in type(s).__mro__ if cls.__module__.startswith("flwr.")}
+        flower_dp = names & set(_FLOWER_DP)
+        if flower_dp:
+            return (f"{type(s).__name__} is Flower's own DP wrapper: use dp=CentralDP(...) or "
+                    "DistributedDP(...) of GuardedStrategy instead (its accounting and budget "
+                    "are the ones the clients' policies check)")
+        needs = names & set(_NEEDS_EACH_UPDATE)
+        if secagg and needs:
+            return (f"{type(s).__name__} aggregates each client's own update ({sorted(needs)[0]}), "
+                    "but under SecAgg+ the server sees only their sum: it would silently become "
+                    "a mean. Use a mean-based strategy (FedAvg, FedProx, FedAvgM, FedAdam, "
+                    "FedAdagrad, FedYogi) with secagg, or drop secagg")
+    return None
+
+
 def _already_guarded(strategy: Strategy) -> str | None:
     from flwr_guard.telemetry.strategy import strategy_chain
 
@@ -155,6 +187,10 @@ class GuardedStrategy(StrategyWrapper):
         telemetry: a ServerApp ``Context``: export Prometheus metrics as its run config
             says (:meth:`flwr_guard.telemetry.TelemetryStrategy.from_run_config`); or
             ``None``.
+        tolerate_refusals: go on when some clients refuse the server's protections
+            (their replies are dropped, logged as errors). By default one refusal stops
+            the run with :class:`GuardMismatch`: a client whose policy the server does not
+            meet is a configuration error to fix, not a dropout.
 
     Attributes:
         manifest: the :class:`ProtectionManifest` sent with every train message.
@@ -162,8 +198,10 @@ class GuardedStrategy(StrategyWrapper):
 
     Raises:
         GuardConfigError: distributed DP without SecAgg+, adaptive clipping with
-            distributed noise, a strategy already wrapped by flwr-guard, or a weighting
-            SecAgg+ cannot sum.
+            distributed noise, a strategy already wrapped by flwr-guard or by Flower's DP
+            wrappers, a strategy that needs each client's update under SecAgg+ (FedMedian,
+            Krum, ...), a weighting SecAgg+ cannot sum, or parameters the clients' manifest
+            parser refuses.
     """
 
     def __init__(
@@ -175,13 +213,18 @@ class GuardedStrategy(StrategyWrapper):
         reply_guard: bool = True,
         audit_summary: bool = True,
         telemetry: Context | None = None,
+        tolerate_refusals: bool = False,
     ) -> None:
+        self.tolerate_refusals = tolerate_refusals
         wrapped = _already_guarded(strategy)
         if wrapped is not None:
             raise GuardConfigError(
                 f"pass the bare strategy: it is already wrapped in {wrapped}; GuardedStrategy "
                 "builds flwr-guard's wrappers itself (or use the wrappers alone, not both)"
             )
+        why = _unsupported(strategy, secagg is not None)
+        if why is not None:
+            raise GuardConfigError(why)
         if isinstance(dp, DistributedDP) and secagg is None:
             raise GuardConfigError(
                 "DistributedDP adds the noise on the clients under SecAgg+: pass secagg=SecAgg() "
@@ -234,11 +277,15 @@ class GuardedStrategy(StrategyWrapper):
             ("audit-summary", audit_summary),
             ("telemetry", telemetry is not None),
         ) if on]
-        self.manifest = ProtectionManifest(
-            protections=tuple(protections),
-            secagg=secagg.terms() if secagg is not None else None,
-            dp=dp.terms() if dp is not None else None,
-        )
+        try:
+            self.manifest = ProtectionManifest(
+                protections=tuple(protections),
+                secagg=secagg.terms() if secagg is not None else None,
+                dp=dp.terms() if dp is not None else None,
+            )
+            ProtectionManifest.parse(self.manifest.to_json())  # what every client will do
+        except ManifestError as err:
+            raise GuardConfigError(f"the clients could not accept these settings: {err}") from None
         self.telemetry = None
         if telemetry is not None:
             from flwr_guard.telemetry.strategy import TelemetryStrategy
@@ -306,11 +353,12 @@ class GuardedStrategy(StrategyWrapper):
         refusals = policy_refusals(replies)
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
-        if replies and len(refusals) == len(replies):
+        if refusals and not self.tolerate_refusals:
             raise GuardMismatch(
-                f"round {server_round}: every client refused the server's protections, so "
-                "the server's GuardedStrategy must meet the clients' policies. Their reasons: "
-                + " | ".join(sorted(set(refusals.values())))
+                f"round {server_round}: {len(refusals)} of {len(replies)} clients refused the "
+                "server's protections; the server's GuardedStrategy must meet the clients' "
+                "policies (or pass tolerate_refusals=True to go on without them). Their "
+                "reasons: " + " | ".join(sorted(set(refusals.values())))
             )
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
