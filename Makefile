@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/flwr-guard demo $(DEMO_ARGS)
 
-# System tools the tests run for real: promtool and the Prometheus server (Debian's
+# System tools the tests and the demo run for real: promtool and the Prometheus server (Debian's
 # `prometheus` package) check the configuration and rules and scrape a real run; the
 # Pushgateway (`prometheus-pushgateway`) receives the pushes of short runs. Installed only
 # when missing and apt is there (as root, or with sudo without a password); otherwise

@@ -63,3 +63,28 @@ def test_topology_commands() -> None:
     )
     with pytest.raises(ValueError, match="at least one node"):
         Topology.on_free_ports(nodes=0)
+
+
+def test_demo_prints_one_plain_line_per_round_when_not_a_terminal(capsys) -> None:
+    from flwr_guard.cli import _PlainProgress
+    from flwr_guard.demo import DemoState
+
+    progress, state = _PlainProgress(rounds=2), DemoState(phase="running", run_id="7")
+    progress(state)
+    state.rounds.append({"round": 1, "train": {"train-loss": 0.5, "dp-sgd-epsilon": 1.25},
+                         "server": {"test-accuracy": 0.75}, "privacy": {"dp-sgd-max-epsilon": 8},
+                         "secagg": {"survivors": 3, "cohort": 4}, "elapsed-s": 12.0})
+    progress(state)
+    progress(state)  # nothing new: nothing printed
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "demo: running (run 7, 0 s)"
+    assert len(lines) == 2 and "round 1/2" in lines[1] and "test acc. 0.750" in lines[1]
+    assert "ε record / budget 1.25 / 8.0" in lines[1] and "SecAgg+ survivors 3/4" in lines[1]
+
+
+def test_undeclared_run_config_keys_are_named(tmp_path) -> None:
+    from flwr_guard.deployment.local import _undeclared_hint
+
+    (tmp_path / "pyproject.toml").write_text('[tool.flwr.app.config]\nlr = 0.1\n')
+    hint = _undeclared_hint(tmp_path, {"lr": 0.2, "metrics-port": 9464})
+    assert "metrics-port" in hint and "lr" not in hint.split(":")[-1]

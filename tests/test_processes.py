@@ -39,3 +39,43 @@ def test_dead_reports_exited_processes(tmp_path) -> None:
     assert supervisor.dead() == [proc] and proc.exit_code() == 3
     assert "bye" in proc.log_tail()
     supervisor.stop_all()
+
+
+class _SleepTopology:
+    """What LocalDeployment needs of a topology to restart a SuperNode (no Flower)."""
+
+    def supernode_command(self, index: int) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def test_a_lost_supernode_is_reported_and_the_deployment_goes_on(tmp_path) -> None:
+    import pytest
+
+    from flwr_guard.deployment.local import DeploymentError, LocalDeployment
+
+    deployment = LocalDeployment(_SleepTopology(), tmp_path)  # type: ignore[arg-type]
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    env = dict(os.environ)
+    try:
+        deployment.superlink = deployment.supervisor.start("superlink", sleep, env)
+        deployment.supernodes = [
+            deployment.supervisor.start("supernode-0", sleep, env),
+            deployment.supervisor.start("supernode-1", [sys.executable, "-c", "pass"], env),
+        ]
+        deployment.supernodes[1].popen.wait(timeout=30)
+        with pytest.raises(DeploymentError, match="supernode-1"):
+            deployment.check_alive()  # the default: any exit is fatal
+        assert deployment.check_alive(tolerate_node_loss=True) == ["supernode-1"]
+        assert deployment.check_alive(tolerate_node_loss=True) == []  # reported once
+        # It comes back (a new process), and is watched again.
+        back = deployment.restart_supernode("supernode-1")
+        assert back.exit_code() is None and deployment.lost == []
+        assert deployment.check_alive(tolerate_node_loss=True) == []
+        # The last SuperNode lost: the run cannot go on.
+        for proc in deployment.supernodes:
+            proc.popen.kill()
+            proc.popen.wait(timeout=30)
+        with pytest.raises(DeploymentError, match="supernode-"):
+            deployment.check_alive(tolerate_node_loss=True)
+    finally:
+        assert deployment.stop() == []

@@ -47,36 +47,61 @@ def _audit_cell(train: dict) -> str:
     return f"{int(train.get('audit-leaks', 0))}/{int(ran)}, {train.get('audit-psnr-gain-db', 0):+.1f} dB"
 
 
+COLUMNS = ("round", "train\nloss", "test\nloss", "test\nacc.", "ε record\n/ budget",
+           "SecAgg+\nsurvivors", "audit: leaks/ran,\nPSNR gain", "time\n(s)")
+
+
+def _round_cells(line: dict, rounds: int) -> list[str]:
+    eps = line.get("train", {}).get("dp-sgd-epsilon")
+    budget = line.get("privacy", {}).get("dp-sgd-max-epsilon")
+    secagg = line.get("secagg") or {}
+    return [
+        f"{line['round']}/{rounds}",
+        _fmt(line.get("train", {}).get("train-loss"), ".4f"),
+        _fmt(line.get("server", {}).get("test-loss"), ".4f"),
+        _fmt(line.get("server", {}).get("test-accuracy"), ".3f"),
+        f"{_fmt(eps, '.2f')} / {_fmt(budget or None, '.1f')}" if eps is not None else "-",
+        f"{secagg['survivors']}/{secagg['cohort']}" if secagg else "-",
+        _audit_cell(line.get("train", {})),
+        _fmt(line.get("elapsed-s"), ".1f"),
+    ]
+
+
 def _progress_view(state: DemoState, rounds: int) -> Group:
     table = Table(title="flwr-guard demo", expand=False)
-    table.add_column("round", justify="right")
-    table.add_column("train\nloss", justify="right")
-    table.add_column("test\nloss", justify="right")
-    table.add_column("test\nacc.", justify="right")
-    table.add_column("ε record\n/ budget", justify="right")
-    table.add_column("SecAgg+\nsurvivors", justify="right")
-    table.add_column("audit: leaks/ran,\nPSNR gain", justify="right")
-    table.add_column("time\n(s)", justify="right")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
     for line in state.rounds:
-        eps = line.get("train", {}).get("dp-sgd-epsilon")
-        budget = line.get("privacy", {}).get("dp-sgd-max-epsilon")
-        secagg = line.get("secagg") or {}
-        table.add_row(
-            f"{line['round']}/{rounds}",
-            _fmt(line.get("train", {}).get("train-loss"), ".4f"),
-            _fmt(line.get("server", {}).get("test-loss"), ".4f"),
-            _fmt(line.get("server", {}).get("test-accuracy"), ".3f"),
-            f"{_fmt(eps, '.2f')} / {_fmt(budget or None, '.1f')}" if eps is not None else "-",
-            f"{secagg['survivors']}/{secagg['cohort']}" if secagg else "-",
-            _audit_cell(line.get("train", {})),
-            _fmt(line.get("elapsed-s"), ".1f"),
-        )
+        table.add_row(*_round_cells(line, rounds))
     caption = Text(
         f"{state.phase} · run {state.run_id or '-'} · status {state.status} · "
         f"{state.elapsed_s:.0f} s\nmetrics {state.metrics_url or '-'} · Prometheus "
         f"{state.prometheus_url or 'not running (make tools installs it)'}"
+        + (f"\nlost (the run goes on without them): {', '.join(state.lost_nodes)}"
+           if state.lost_nodes else "")
     )
     return Group(table, caption)
+
+
+class _PlainProgress:
+    """Progress for an output that is not a terminal (CI, a pipe, a log file): one plain
+    line per phase change and per round, printed as it happens."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds, self.printed, self.phase, self.lost = rounds, 0, "", 0
+
+    def __call__(self, state: DemoState) -> None:
+        if state.phase != self.phase:
+            self.phase = state.phase
+            typer.echo(f"demo: {state.phase} (run {state.run_id or '-'}, {state.elapsed_s:.0f} s)")
+        for name in state.lost_nodes[self.lost:]:
+            typer.echo(f"demo: {name} exited; the run goes on without it (a SecAgg+ dropout)")
+        self.lost = len(state.lost_nodes)
+        for line in state.rounds[self.printed:]:
+            cells = _round_cells(line, self.rounds)
+            typer.echo("demo: " + " · ".join(
+                f"{name.replace(chr(10), ' ')} {cell}" for name, cell in zip(COLUMNS, cells)))
+        self.printed = len(state.rounds)
 
 
 @app.callback()
@@ -146,9 +171,12 @@ def demo(
         prometheus=prometheus,
     )
     try:
-        with Live(console=console, refresh_per_second=4, transient=False) as live:
-            result = run_demo(options, lambda s: live.update(_progress_view(s, rounds)))
-        console.print()
+        if console.is_terminal:
+            with Live(console=console, refresh_per_second=4, transient=False) as live:
+                result = run_demo(options, lambda s: live.update(_progress_view(s, rounds)))
+            console.print()
+        else:
+            result = run_demo(options, _PlainProgress(rounds))
     except PortInUseError as err:
         console.print(f"[red]error:[/red] {err}; choose another --port or 0 for a free one")
         raise typer.Exit(2) from err

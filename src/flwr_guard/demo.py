@@ -83,6 +83,8 @@ class DemoState:
     started: float = field(default_factory=time.monotonic)
     metrics_url: str | None = None
     prometheus_url: str | None = None
+    # SuperNodes that exited during the run; it went on with the others.
+    lost_nodes: list[str] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> float:
@@ -110,6 +112,7 @@ class DemoResult:
     error: str | None
     processes: list[dict[str, Any]]
     workdir: str | None
+    lost_nodes: list[str] = field(default_factory=list)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,17 +210,21 @@ def run_demo(
         "audit-client-fraction": 1.0,
         "audit-time-budget": 5.0,
     }
-    # Flower refuses a run config with keys the app does not declare (`--app` may be
-    # another app): the demo's extras go only to apps that have them.
+    # Flower refuses a run config with keys the app does not declare (`--app` may be a
+    # user's own app, e.g. Flower's quickstart): the demo's keys go only to apps that
+    # declare them; the user's own --run-config goes as given.
     declared = app_config_keys(app_dir)
-    run_config: dict[str, Any] = {
+    demo_keys = {
         "num-server-rounds": options.rounds,
         "min-nodes": options.nodes,
         "partitioner": options.partition,
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
         "progress-file": str(progress_path),
-        **{key: value for key, value in optional.items() if key in declared},
+        **optional,
+    }
+    run_config: dict[str, Any] = {
+        **{key: value for key, value in demo_keys.items() if key in declared},
         **options.run_config,
     }
     serves_metrics = "metrics-port" in declared
@@ -250,7 +257,8 @@ def run_demo(
             state.phase = "running"
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
-                deployment.check_alive()
+                for name in deployment.check_alive(tolerate_node_loss=True):
+                    state.lost_nodes.append(name)  # SecAgg+ counts it as a dropout
                 last = _absorb(tail.read_new(), state)
                 if last is not None:  # the ServerApp is done: ask for the status often
                     finished, next_status = last, 0.0
@@ -269,6 +277,8 @@ def run_demo(
                 time.sleep(0.5)
             # The run may end before its last lines were read: read them now.
             finished = _absorb(tail.read_new(), state) or finished
+            server_log = workdir / "serverapp.log"
+            server_log.write_text(deployment.run_log(state.run_id), encoding="utf-8")
             state.phase = "stopping"
             on_update(state)
     except DeploymentError as err:
@@ -311,6 +321,7 @@ def run_demo(
         error=error,
         processes=processes,
         workdir=str(workdir) if keep else None,
+        lost_nodes=list(state.lost_nodes),
     )
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)

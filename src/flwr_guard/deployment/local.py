@@ -50,6 +50,23 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
+def _undeclared_hint(app_dir: Path, run_config: Mapping[str, Any]) -> str:
+    """Name the run-config keys that the app's pyproject.toml does not declare (Flower
+    refuses them with "Invalid run configuration" and no more)."""
+    import tomllib
+
+    try:
+        with (Path(app_dir) / "pyproject.toml").open("rb") as handle:
+            declared = set(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return ""
+    undeclared = sorted(set(run_config) - declared)
+    if not undeclared:
+        return ""
+    return (f" (keys not declared in [tool.flwr.app.config] of {app_dir}/pyproject.toml: "
+            f"{', '.join(undeclared)}; declare them there, or leave them out)")
+
+
 class LocalDeployment:
     """Start ``topology`` as local processes; a context manager that always cleans up.
 
@@ -69,6 +86,7 @@ class LocalDeployment:
         self.supervisor = ProcessSupervisor(self.workdir / "logs")
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
+        self.lost: list[str] = []  # SuperNodes that exited while a run went on
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -131,20 +149,55 @@ class LocalDeployment:
         """Every process of this deployment seen so far (for orphan checks)."""
         return self.supervisor.refresh()
 
-    def check_alive(self) -> None:
-        """Raise :class:`DeploymentError` naming any started process that has exited.
+    def check_alive(self, tolerate_node_loss: bool = False) -> list[str]:
+        """Raise :class:`DeploymentError` naming a started process that has exited.
+
+        Args:
+            tolerate_node_loss: a SuperNode that exited is reported, not raised: the
+                run goes on with the others (SecAgg+ counts the node as a dropout). The
+                SuperLink's exit, or the loss of every SuperNode, still raises.
+
+        Returns:
+            The names of the SuperNodes lost since the last call (with
+            ``tolerate_node_loss``; else always empty).
 
         Also records the processes alive now (what Flower spawned since the last call),
         so that :meth:`stop` finds them all.
         """
         self.supervisor.refresh()
-        dead = self.supervisor.dead()
-        if dead:
-            proc = dead[0]
+        current = [p for p in (self.superlink, *self.supernodes) if p is not None]
+        dead = [p for p in current if p.exit_code() is not None and p.name not in self.lost]
+        if not dead:
+            return []
+        fatal = [p for p in dead if not (tolerate_node_loss and p in self.supernodes)]
+        if not fatal and len(self.lost) + len(dead) >= len(self.supernodes):
+            fatal = dead  # no SuperNode left: the run cannot go on
+        if fatal:
+            proc = fatal[0]
             raise DeploymentError(
                 f"{proc.name} (pid {proc.pid}) exited with code {proc.exit_code()}; "
                 f"last lines of {proc.log_path}:\n{proc.log_tail()}"
             )
+        for proc in dead:
+            logger.warning("%s (pid %d) exited with code %s; the run goes on without it",
+                           proc.name, proc.pid, proc.exit_code())
+            self.lost.append(proc.name)
+        return [p.name for p in dead]
+
+    def restart_supernode(self, name: str) -> ManagedProcess:
+        """Start a lost SuperNode again with its command line (it joins the next round
+        it is sampled in; Flower gives it a new node id unless it authenticates).
+
+        Raises:
+            ValueError: ``name`` is not a lost SuperNode of this deployment.
+        """
+        if name not in self.lost:
+            raise ValueError(f"{name} is not a lost SuperNode (lost: {self.lost or 'none'})")
+        index = int(name.rsplit("-", 1)[1])
+        proc = self.supervisor.start(name, self.topology.supernode_command(index), self.env)
+        self.supernodes = [proc if p.name == name else p for p in self.supernodes]
+        self.lost.remove(name)
+        return proc
 
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -187,6 +240,12 @@ class LocalDeployment:
             check=False,
         )
 
+    def run_log(self, run_id: str, timeout: float = 60.0) -> str:
+        """The run's ServerApp log as the SuperLink keeps it (``flwr log --show``);
+        an empty string when the SuperLink has none."""
+        done = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=timeout)
+        return done.stdout if done.returncode == 0 else ""
+
     def submit(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> str:
         """``flwr run`` the app in ``app_dir``; return the run id.
 
@@ -204,10 +263,10 @@ class LocalDeployment:
         except json.JSONDecodeError:
             reply = {}
         if done.returncode != 0 or not reply.get("success"):
-            raise DeploymentError(
-                f"flwr run was refused (exit {done.returncode}): "
-                f"{reply.get('error') or done.stdout.strip() or done.stderr.strip()}"
-            )
+            why = str(reply.get("error") or done.stdout.strip() or done.stderr.strip())
+            if "run configuration" in why.lower():
+                why += _undeclared_hint(app_dir, run_config or {})
+            raise DeploymentError(f"flwr run was refused (exit {done.returncode}): {why}")
         return str(reply["run-id"])
 
     def run_info(self, run_id: str) -> dict[str, Any]:

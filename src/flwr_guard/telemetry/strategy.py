@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,9 @@ class TelemetryStrategy(StrategyWrapper):
         record_epsilon_budget: record-level (DP-SGD) budget to show, if any.
         record_delta: delta of the record-level epsilon, if known.
         linger_s: seconds to keep the exporter up after the run.
+        protections: the ``protections`` label of ``flwr_guard_run_info``; ``None`` =
+            read off the chain (SecAgg+, DP, reply inspection).
+            :class:`~flwr_guard.guard.strategy.GuardedStrategy` passes its manifest's list.
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class TelemetryStrategy(StrategyWrapper):
         record_epsilon_budget: float | None = None,
         record_delta: float | None = None,
         linger_s: float = 0.0,
+        protections: Sequence[str] | None = None,
     ) -> None:
         super().__init__(strategy)
+        self.protections = None if protections is None else tuple(protections)
         self.metrics = metrics if metrics is not None else GuardMetrics()
         self.exporter = exporter
         self.pushgateway = pushgateway
@@ -169,13 +175,11 @@ class TelemetryStrategy(StrategyWrapper):
 
     def _make_recorder(self, run: str) -> TelemetryRecorder:
         recorder = TelemetryRecorder(self.metrics, run, self.chain[-1], **self._recorder_args)
-        protections = []
-        if self.secagg is not None:
-            protections.append("secagg")
-        if self.dp is not None:
-            protections.append("dp")
-        if self.reply_guard is not None:
-            protections.append("reply-inspection")
+        if self.protections is not None:
+            protections = list(self.protections)
+        else:
+            found = (("secagg", self.secagg), ("dp", self.dp), ("reply-inspection", self.reply_guard))
+            protections = [name for name, wrapper in found if wrapper is not None]
         recorder.run_info(self.chain, protections)
         self.recorder = recorder
         return recorder
@@ -202,17 +206,17 @@ class TelemetryStrategy(StrategyWrapper):
                     f", push to {self.pushgateway.url}" if self.pushgateway else "")
         self.strategy.summary()
 
-    def start(
+    @contextmanager
+    def session(
         self,
         grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
+        num_rounds: int,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """``Strategy.start`` with the server-side evaluation recorded; then :meth:`close`."""
+    ) -> Iterator[Callable[[int, ArrayRecord], MetricRecord | None] | None]:
+        """The telemetry of one run around a round loop that an outer wrapper drives
+        (:class:`~flwr_guard.guard.strategy.GuardedStrategy`): records the run's start,
+        yields ``evaluate_fn`` wrapped so that the server-side evaluation is recorded, and
+        :meth:`close` s at the end."""
         recorder = self._safe(self._recorder_for, grid)
         if recorder is not None:
             self._safe(recorder.run_started, num_rounds)
@@ -224,10 +228,24 @@ class TelemetryStrategy(StrategyWrapper):
                     self._safe(self.recorder.progress, "server", metrics)
                 return metrics
         try:
-            return super().start(grid, initial_arrays, num_rounds, timeout, train_config,
-                                 evaluate_config, wrapped)
+            yield wrapped
         finally:
             self.close()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """``Strategy.start`` with the server-side evaluation recorded; then :meth:`close`."""
+        with self.session(grid, num_rounds, evaluate_fn) as wrapped:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config,
+                                 evaluate_config, wrapped)
 
     def close(self) -> None:
         """Push a last time, keep serving ``linger_s`` seconds, stop the exporter."""

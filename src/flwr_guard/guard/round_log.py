@@ -1,0 +1,87 @@
+"""What :class:`~flwr_guard.guard.strategy.GuardedStrategy` says about each round.
+
+One line per round in Flower's log: what protected the round (SecAgg+ survivors of the
+cohort, epsilon spent of the budget, the leakage audit's verdict, replies refused by a
+client's policy), and, for a round without an aggregate, why. The clients' policy
+refusals are recognised by their reason's prefix
+(:data:`~flwr_guard.guard.client_mod.POLICY_REFUSAL`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flwr.app import Message
+
+from flwr_guard.guard.client_mod import POLICY_REFUSAL
+
+
+class GuardMismatch(RuntimeError):
+    """The clients refuse what the server's strategy runs (their policies say why)."""
+
+
+def policy_refusals(replies: list[Message]) -> dict[int, str]:
+    """``{node_id: reason}`` of the replies that are a client's policy refusal."""
+    return {
+        r.metadata.src_node_id: str(r.error.reason)
+        for r in replies
+        if r.has_error() and str(r.error.reason).startswith(POLICY_REFUSAL)
+    }
+
+
+def secagg_report(secagg: Any, server_round: int) -> Any:
+    """The SecAgg+ wrapper's :class:`RoundReport` of ``server_round``, or ``None``."""
+    if secagg is None:
+        return None
+    reports = [r for r in secagg.history if r.server_round == server_round]
+    return reports[-1] if reports else None
+
+
+def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = None,
+                   dp: Any = None) -> str:
+    """Why ``server_round`` produced no aggregate, in one sentence."""
+    report = secagg_report(secagg, server_round)
+    if report is not None and report.aborted:
+        return (f"SecAgg+ aborted: {report.aborted} (do the clients run "
+                "ClientGuard(...).train_mods()?)")
+    if dp is not None and getattr(dp, "stopped_reason", None):
+        return str(dp.stopped_reason)
+    if not replies:
+        return "no replies (no client sampled, or none answered in time)"
+    errors = [str(r.error.reason) for r in replies if r.has_error()]
+    if errors:
+        return f"{len(errors)} of {len(replies)} replies were errors, e.g. {errors[0]!r}"
+    return "the strategy produced no aggregate"
+
+
+def describe_round(server_round: int, replies: list[Message], aggregated: bool, *,
+                   secagg: Any = None, dp: Any = None, audit: Any = None) -> str:
+    """The round's line for Flower's log (see the module docstring)."""
+    parts = []
+    report = secagg_report(secagg, server_round)
+    if report is not None and not report.aborted:
+        parts.append(
+            f"SecAgg+ summed {report.survivors} of {report.cohort} sampled clients "
+            f"(k={report.num_shares}, t={report.reconstruction_threshold}; the one result "
+            "Flower counts is that masked sum)"
+        )
+    elif report is None:
+        errors = sum(1 for r in replies if r.has_error())
+        parts.append(f"{len(replies) - errors} updates, {errors} failures")
+    if dp is not None:
+        budget = dp.budget
+        limit = "" if math.isinf(budget.max_epsilon) else f" of {budget.max_epsilon:g}"
+        parts.append(f"user-level epsilon {budget.epsilon_spent:.3g}{limit} at delta {budget.delta:g}")
+    if audit is not None:
+        summary = audit.rounds.get(server_round) or {}
+        if summary.get("audit-ran"):
+            parts.append(f"audit: {int(summary.get('audit-leaks', 0))} of "
+                         f"{int(summary['audit-ran'])} audited updates leak")
+    refused = policy_refusals(replies)
+    if refused:
+        parts.append(f"{len(refused)} client(s) refused by their policy")
+    if not aggregated:
+        parts.append("no aggregate, the model is unchanged: "
+                     + failure_reason(server_round, replies, secagg=secagg, dp=dp))
+    return "; ".join(parts)

@@ -1,0 +1,372 @@
+"""Flower façade for the server side: :class:`GuardedStrategy`.
+
+One wrapper declares the server's protections and builds flwr-guard's strategy wrappers
+in the one valid order around the user's strategy::
+
+    strategy = GuardedStrategy(
+        FedAvg(...),
+        secagg=SecAgg(),
+        dp=CentralDP(noise_multiplier=1.0, clipping_norm=0.5, max_epsilon=8.0),
+        telemetry=context,          # Prometheus exporter from the run config
+    )
+    strategy.start(grid, initial_arrays, num_rounds=...)
+
+The chain, outermost first::
+
+    GuardedStrategy       the round loop; the manifest; one line per round in Flower's log
+      TelemetryStrategy   Prometheus metrics of every round   (telemetry=context)
+        AuditSummary      the round's worst-case leakage-audit scores (audit_summary=True)
+          SecAggPlus      the server sees only the masked sum  (secagg=SecAgg(...))
+            DPFedAvg      user-level DP, budget, accounting     (dp=CentralDP/DistributedDP)
+              ReplyGuard  drops replies that carry more than the update (reply_guard=True)
+                strategy  the user's FedAvg, FedProx, FedAdam, ...
+
+Every round's train config carries the :class:`~flwr_guard.guard.manifest.ProtectionManifest`
+of this chain; clients check it against their own policy (:class:`ClientGuard`). Unsupported
+combinations raise at construction. A run in which no round produced an aggregate, or whose
+clients all refuse the server's protections, raises instead of ending "completed".
+
+The individual wrappers stay public for experts (``flwr_guard.secagg.SecAggPlus``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from flwr_guard.guard.manifest import (
+    MANIFEST_KEY,
+    DPTerms,
+    ManifestError,
+    ProtectionManifest,
+    SecAggTerms,
+)
+from flwr_guard.guard.round_log import (
+    GuardMismatch,
+    describe_round,
+    failure_reason,
+    policy_refusals,
+)
+from flwr_guard.strategy_wrapper import StrategyWrapper
+
+
+class GuardConfigError(ValueError):
+    """A combination of protections that cannot work; the message names the fix."""
+
+
+class NoAggregate(RuntimeError):
+    """No round of the run produced an aggregate (the model was never updated)."""
+
+
+@dataclass(frozen=True)
+class SecAgg:
+    """SecAgg+ on the server (:class:`flwr_guard.secagg.SecAggPlus`); fields as there.
+
+    ``num_shares`` and ``reconstruction_threshold`` ``None`` = chosen for each round's
+    cohort. Clients enforce their own floors on both.
+    """
+
+    num_shares: int | None = None
+    reconstruction_threshold: int | None = None
+    clipping_range: float = 2.0
+    quantization_range: int = 2**16
+    timeout: float = 300.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def terms(self) -> SecAggTerms:
+        return SecAggTerms(self.num_shares, self.reconstruction_threshold,
+                           float(self.clipping_range), int(self.quantization_range))
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """User-level DP with Gaussian noise added by the server (:class:`flwr_guard.dp.DPFedAvg`).
+
+    Attributes:
+        noise_multiplier: z; clipping_norm: C (L2, model units).
+        max_epsilon, delta: the budget (``inf`` = account, never stop).
+        adaptive: :class:`flwr_guard.dp.strategy.AdaptiveClipping`, or ``None``.
+        options: further keyword arguments of ``DPFedAvg`` (accountant, sampling,
+            checkpoint, ...), passed unchanged.
+    """
+
+    noise_multiplier: float
+    clipping_norm: float
+    max_epsilon: float = math.inf
+    delta: float = 1e-5
+    adaptive: Any = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    mode = "central"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+                "max_epsilon": self.max_epsilon, "delta": self.delta, "adaptive": self.adaptive,
+                **self.options}
+
+    def terms(self) -> DPTerms:
+        return DPTerms(self.mode, float(self.noise_multiplier), float(self.clipping_norm),  # type: ignore[arg-type]
+                       self.adaptive is not None)
+
+
+@dataclass(frozen=True)
+class DistributedDP(CentralDP):
+    """User-level DP whose noise the clients add under SecAgg+ (needs ``secagg``).
+
+    Attributes:
+        min_contributors: the clients whose noise the sum must hold (see
+            :class:`flwr_guard.dp.DPFedAvg`); the other fields as :class:`CentralDP`.
+    """
+
+    min_contributors: int = 0
+
+    mode = "distributed"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {**super().kwargs(), "distributed": True, "min_contributors": self.min_contributors}
+
+
+# Strategies that need every client's own update: under SecAgg+ they would get the one
+# masked sum and silently turn into a mean (robust aggregation, per-client clipping,
+# tree bagging, q-fair weights). flwr-guard's DPFedAvg replaces Flower's DP wrappers.
+_NEEDS_EACH_UPDATE = ("Bulyan", "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum",
+                      "FedXgbBagging", "FedXgbCyclic", "QFedAvg")
+_FLOWER_DP = ("DifferentialPrivacyClientSideAdaptiveClipping",
+              "DifferentialPrivacyClientSideFixedClipping",
+              "DifferentialPrivacyServerSideAdaptiveClipping",
+              "DifferentialPrivacyServerSideFixedClipping")
+
+
+def _unsupported(strategy: Strategy, secagg: bool) -> str | None:
+    """Why ``strategy`` (or one it wraps) cannot run inside this chain, or ``None``."""
+    from flwr_guard.telemetry.strategy import strategy_chain
+
+    for s in strategy_chain(strategy):
+        names = {cls.__name__ for cls in type(s).__mro__ if cls.__module__.startswith("flwr.")}
+        flower_dp = names & set(_FLOWER_DP)
+        if flower_dp:
+            return (f"{type(s).__name__} is Flower's own DP wrapper: use dp=CentralDP(...) or "
+                    "DistributedDP(...) of GuardedStrategy instead (its accounting and budget "
+                    "are the ones the clients' policies check)")
+        needs = names & set(_NEEDS_EACH_UPDATE)
+        if secagg and needs:
+            return (f"{type(s).__name__} aggregates each client's own update ({sorted(needs)[0]}), "
+                    "but under SecAgg+ the server sees only their sum: it would silently become "
+                    "a mean. Use a mean-based strategy (FedAvg, FedProx, FedAvgM, FedAdam, "
+                    "FedAdagrad, FedYogi) with secagg, or drop secagg")
+    return None
+
+
+def _already_guarded(strategy: Strategy) -> str | None:
+    from flwr_guard.telemetry.strategy import strategy_chain
+
+    for s in strategy_chain(strategy):
+        if isinstance(s, StrategyWrapper):
+            return type(s).__name__
+    return None
+
+
+class GuardedStrategy(StrategyWrapper):
+    """The server's protections, declared once (see the module docstring).
+
+    Args:
+        strategy: the user's bare strategy (not already wrapped by flwr-guard).
+        secagg: :class:`SecAgg`, or ``None`` for none.
+        dp: :class:`CentralDP` or :class:`DistributedDP`, or ``None``.
+        reply_guard: drop replies that carry more than the update.
+        audit_summary: collect the clients' leakage-audit scores per round.
+        telemetry: a ServerApp ``Context``: export Prometheus metrics as its run config
+            says (:meth:`flwr_guard.telemetry.TelemetryStrategy.from_run_config`); or
+            ``None``.
+        tolerate_refusals: go on when some clients refuse the server's protections
+            (their replies are dropped, logged as errors). By default one refusal stops
+            the run with :class:`GuardMismatch`: a client whose policy the server does not
+            meet is a configuration error to fix, not a dropout.
+
+    Attributes:
+        manifest: the :class:`ProtectionManifest` sent with every train message.
+        secagg, dp, audit, telemetry: the wrappers built (or ``None``).
+
+    Raises:
+        GuardConfigError: distributed DP without SecAgg+, adaptive clipping with
+            distributed noise, a strategy already wrapped by flwr-guard or by Flower's DP
+            wrappers, a strategy that needs each client's update under SecAgg+ (FedMedian,
+            Krum, ...), a weighting SecAgg+ cannot sum, or parameters the clients' manifest
+            parser refuses.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        secagg: SecAgg | None = None,
+        dp: CentralDP | None = None,
+        reply_guard: bool = True,
+        audit_summary: bool = True,
+        telemetry: Context | None = None,
+        tolerate_refusals: bool = False,
+    ) -> None:
+        self.tolerate_refusals = tolerate_refusals
+        wrapped = _already_guarded(strategy)
+        if wrapped is not None:
+            raise GuardConfigError(
+                f"pass the bare strategy: it is already wrapped in {wrapped}; GuardedStrategy "
+                "builds flwr-guard's wrappers itself (or use the wrappers alone, not both)"
+            )
+        why = _unsupported(strategy, secagg is not None)
+        if why is not None:
+            raise GuardConfigError(why)
+        if isinstance(dp, DistributedDP) and secagg is None:
+            raise GuardConfigError(
+                "DistributedDP adds the noise on the clients under SecAgg+: pass secagg=SecAgg() "
+                "too, or use CentralDP"
+            )
+        if isinstance(dp, DistributedDP) and dp.adaptive is not None:
+            raise GuardConfigError(
+                "adaptive clipping with distributed noise would show the server the exact count "
+                "of unclipped updates: use fixed clipping with DistributedDP"
+            )
+        chain: Strategy = strategy
+        if reply_guard:
+            from flwr_guard.audit.reply_guard import ReplyGuard
+
+            chain = ReplyGuard(chain)
+        self.dp = None
+        if dp is not None:
+            from flwr_guard.dp.strategy import DPFedAvg
+
+            chain = self.dp = DPFedAvg(chain, **dp.kwargs())
+        self.secagg = None
+        if secagg is not None:
+            from flwr_guard.dp.mods import KEY_UNCLIPPED
+            from flwr_guard.secagg.strategy import SecAggPlus
+
+            masked = tuple(secagg.options.get("masked_metrics", ()))
+            if dp is not None and dp.adaptive is not None and KEY_UNCLIPPED not in masked:
+                masked += (KEY_UNCLIPPED,)
+            options = {**secagg.options, "masked_metrics": masked}
+            try:
+                chain = self.secagg = SecAggPlus(
+                    chain, num_shares=secagg.num_shares,
+                    reconstruction_threshold=secagg.reconstruction_threshold,
+                    clipping_range=secagg.clipping_range,
+                    quantization_range=secagg.quantization_range,
+                    timeout=secagg.timeout, **options,
+                )
+            except ValueError as err:
+                raise GuardConfigError(str(err)) from None
+        self.audit = None
+        if audit_summary:
+            from flwr_guard.audit.summary import AuditSummary
+
+            chain = self.audit = AuditSummary(chain)
+        protections = [name for name, on in (
+            ("secagg", secagg is not None),
+            (f"{dp.mode}-dp" if dp is not None else "", dp is not None),
+            ("update-clipping", dp is not None),
+            ("reply-guard", reply_guard),
+            ("audit-summary", audit_summary),
+            ("telemetry", telemetry is not None),
+        ) if on]
+        try:
+            self.manifest = ProtectionManifest(
+                protections=tuple(protections),
+                secagg=secagg.terms() if secagg is not None else None,
+                dp=dp.terms() if dp is not None else None,
+            )
+            ProtectionManifest.parse(self.manifest.to_json())  # what every client will do
+        except ManifestError as err:
+            raise GuardConfigError(f"the clients could not accept these settings: {err}") from None
+        self.telemetry = None
+        if telemetry is not None:
+            from flwr_guard.telemetry.strategy import TelemetryStrategy
+
+            chain = self.telemetry = TelemetryStrategy.from_run_config(
+                chain, telemetry, protections=self.manifest.protections)
+        super().__init__(chain)
+        self.aggregated_rounds = 0
+        self.failures: dict[int, str] = {}
+
+    def summary(self) -> None:
+        log(INFO, "flwr-guard protections (sent to every client as the protection manifest):")
+        for line in self.manifest.describe():
+            log(INFO, "\t├── %s", line)
+        if not self.manifest.has("secagg"):
+            log(INFO, "\t├── no SecAgg+: the server sees every client's update")
+        if self.manifest.dp is None:
+            log(INFO, "\t├── no user-level DP on the server")
+        self.strategy.summary()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """``Strategy.start`` with the manifest in every train config.
+
+        Raises:
+            GuardConfigError: ``train_config`` already holds the manifest key.
+            GuardMismatch: every client of a round refused the server's protections.
+            NoAggregate: no round produced an aggregate (each round's reason is given).
+        """
+        train_config = ConfigRecord(dict(train_config or {}))
+        if MANIFEST_KEY in train_config:
+            raise GuardConfigError(f"{MANIFEST_KEY!r} is reserved for the protection manifest")
+        train_config[MANIFEST_KEY] = self.manifest.to_json()
+        self.aggregated_rounds, self.failures = 0, {}
+        session = (self.telemetry.session(grid, num_rounds, evaluate_fn)
+                   if self.telemetry is not None else nullcontext(evaluate_fn))
+        with session as evaluate:
+            result = super().start(grid, initial_arrays, num_rounds, timeout, train_config,
+                                   evaluate_config, evaluate)
+        if num_rounds > 0 and self.aggregated_rounds == 0:
+            reasons = "; ".join(f"round {r}: {why}" for r, why in sorted(self.failures.items()))
+            raise NoAggregate(
+                f"no round of {num_rounds} produced an aggregate, the model was never updated "
+                f"({reasons or 'no reason recorded'})"
+            )
+        return result
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate, then log the round; stop the run when every client refused it.
+
+        Raises:
+            GuardMismatch: every reply of the round is a client's policy refusal.
+        """
+        replies = list(replies)
+        refusals = policy_refusals(replies)
+        for node, reason in refusals.items():
+            log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
+        if refusals and not self.tolerate_refusals:
+            raise GuardMismatch(
+                f"round {server_round}: {len(refusals)} of {len(replies)} clients refused the "
+                "server's protections; the server's GuardedStrategy must meet the clients' "
+                "policies (or pass tolerate_refusals=True to go on without them). Their "
+                "reasons: " + " | ".join(sorted(set(refusals.values())))
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.aggregated_rounds += 1
+        else:
+            self.failures[server_round] = failure_reason(
+                server_round, replies, secagg=self.secagg, dp=self.dp)
+        log(INFO if arrays is not None else WARNING, "flwr-guard round %s: %s", server_round,
+            describe_round(server_round, replies, arrays is not None,
+                           secagg=self.secagg, dp=self.dp, audit=self.audit))
+        return arrays, metrics
