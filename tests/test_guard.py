@@ -32,6 +32,7 @@ from flwr_guard.secagg.strategy import SecAggPlus
 from guard_harness import LoopbackGrid
 
 SHAPE = (6, 5)
+NO_CHECKPOINT = {"checkpoint": None}  # DPFedAvg's default checkpoint is under $FLWR_HOME
 
 
 def _initial() -> ArrayRecord:
@@ -121,7 +122,8 @@ def test_guarded_round_sums_under_secagg_with_the_manifest_and_nothing_in_the_cl
     guard = ClientGuard(ClientPolicy(secagg=True, dp="central", max_clipping_norm=10.0))
     grid = _grid(n, guard.train_mods)
     strategy = GuardedStrategy(_fedavg(n), secagg=SecAgg(timeout=5),
-                               dp=CentralDP(noise_multiplier=1e-6, clipping_norm=10.0))
+                               dp=CentralDP(noise_multiplier=1e-6, clipping_norm=10.0,
+                                           expected_contributors=n, options=NO_CHECKPOINT))
     result = strategy.start(grid, _initial(), num_rounds=2)
     assert strategy.aggregated_rounds == 2
     # Every model-carrying train message carried the manifest of the chain that was built.
@@ -179,7 +181,8 @@ def test_dp_required_but_absent_on_the_server_is_refused() -> None:
     grid = _grid(3, guard.train_mods)
     with pytest.raises(GuardMismatch, match="noise multiplier 0.1 is below"):
         GuardedStrategy(_fedavg(3), secagg=SecAgg(timeout=5),
-                        dp=CentralDP(noise_multiplier=0.1, clipping_norm=1.0)
+                        dp=CentralDP(noise_multiplier=0.1, clipping_norm=1.0, expected_contributors=3,
+                                     options=NO_CHECKPOINT)
                         ).start(grid, _initial(), num_rounds=1)
     assert _clear_updates(grid) == []
 
@@ -207,7 +210,7 @@ def test_dpsgd_required_but_not_used_is_refused() -> None:
     del torch
 
 
-def test_private_training_trains_dict_batches_and_lets_the_update_out() -> None:
+def test_private_training_trains_dict_batches_and_lets_the_update_out(tmp_path) -> None:
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
@@ -221,7 +224,7 @@ def test_private_training_trains_dict_batches_and_lets_the_update_out() -> None:
         model = torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False)
         model.weight.data = torch.tensor(msg.content["arrays"]["w"].numpy())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with guard.private_training(context, model, opt, DataLoader(rows, batch_size=16),
+        with guard.private_training(context, model, opt, DataLoader(rows, batch_size=16), epochs=1,
                                     input_key="img", target_key="label") as dp:
             for x, y in dp.batches():
                 dp.optimizer.zero_grad()
@@ -237,21 +240,24 @@ def test_private_training_trains_dict_batches_and_lets_the_update_out() -> None:
         app = ClientApp()
         app.train(mods=guard.train_mods())(train)
         apps[node] = app
-    grid = LoopbackGrid(apps)
+    grid = LoopbackGrid(apps, node_config={n: {"dp-sgd-ledger": str(tmp_path / str(n))}
+                                           for n in apps})
     GuardedStrategy(_fedavg(2)).start(grid, _initial(), num_rounds=2)
     assert not any(r.has_error() for r in grid.received)
     assert len(epsilons) == 4 and 0 < epsilons[0] < epsilons[2]  # the ledger continues
+    assert len(list((tmp_path / "1").iterdir())) == 1  # the node's durable ledger
 
 
 def test_invalid_combinations_raise_at_construction() -> None:
     with pytest.raises(GuardConfigError, match="pass secagg=SecAgg"):
         GuardedStrategy(FedAvg(), dp=DistributedDP(noise_multiplier=1.0, clipping_norm=1.0,
-                                                   min_contributors=2))
+                                                   expected_contributors=2, min_contributors=2))
     from flwr_guard.dp.strategy import AdaptiveClipping
 
     with pytest.raises(GuardConfigError, match="adaptive clipping with distributed noise"):
         GuardedStrategy(FedAvg(), secagg=SecAgg(),
-                        dp=DistributedDP(noise_multiplier=1.0, clipping_norm=1.0, min_contributors=2,
+                        dp=DistributedDP(noise_multiplier=1.0, clipping_norm=1.0, expected_contributors=2,
+                                         min_contributors=2,
                                          adaptive=AdaptiveClipping(0.5, 0.2)))
     with pytest.raises(GuardConfigError, match="already wrapped in SecAggPlus"):
         GuardedStrategy(SecAggPlus(FedAvg()))

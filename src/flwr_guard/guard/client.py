@@ -120,7 +120,9 @@ class PrivateRun:
             (see :class:`flwr_guard.dp.dpsgd.PrivateTraining`).
     """
 
-    def __init__(self, private: Any, input_key: str | None, target_key: str | None) -> None:
+    def __init__(self, private: Any, input_key: str | None, target_key: str | None,
+                 epochs: int = 1) -> None:
+        self.epochs = epochs
         self.module = private.module
         self.optimizer = private.optimizer
         self.criterion = private.criterion
@@ -160,15 +162,15 @@ class PrivateRun:
                 x, y = x.to(device), y.to(device)
             yield x, y
 
-    def fit(self, epochs: int, device: torch.device | str | None = None) -> float:
-        """The plain DP-SGD loop: ``epochs`` passes of zero_grad, loss, backward, step.
+    def fit(self, device: torch.device | str | None = None) -> float:
+        """The plain DP-SGD loop: the round's epochs of zero_grad, loss, backward, step.
 
         Returns:
             The last epoch's mean loss over its examples (``nan`` if it drew none).
         """
         total, count = 0.0, 0
         self.module.train()
-        for _ in range(int(epochs)):
+        for _ in range(self.epochs):
             total, count = 0.0, 0
             for x, y in self.batches(device):
                 self.optimizer.zero_grad()
@@ -209,7 +211,7 @@ class ClientGuard:
         inspect_replies: bool = True,
     ) -> None:
         policy = policy or ClientPolicy()
-        if dpsgd is not None and not dpsgd.noise_multiplier > 0:
+        if dpsgd is not None and not dpsgd.noise_multiplier > 0:  # DPSGDConfig allows 0
             raise ValueError(
                 f"DP-SGD needs a noise multiplier > 0, got {dpsgd.noise_multiplier}: without "
                 "noise, clipping alone gives no differential privacy"
@@ -256,44 +258,49 @@ class ClientGuard:
         data_loader: Any,
         criterion: Any = None,
         *,
+        epochs: int,
         input_key: str | None = None,
         target_key: str | None = None,
     ) -> Iterator[PrivateRun]:
-        """Train under DP-SGD inside a guarded train call.
+        """Train ``epochs`` epochs under DP-SGD inside a guarded train call.
 
-        The node's privacy ledger is loaded from ``context.state``; on a clean exit the
-        ledger is saved, ``run.epsilon`` is set and the policy mod is told that this
-        update was trained privately (without that, a policy that requires DP-SGD
-        refuses to send it).
+        Before any data is touched, the node's durable record-level ledger is loaded
+        (:func:`flwr_guard.dp.context_state.dpsgd_from_context`: node config
+        ``dp-sgd-ledger``, ``dp-sgd-ledger-required``, ``dp-sgd-ledger-reset``), the
+        round's ``epochs * len(data_loader)`` steps are checked against ``max_epsilon``
+        and reserved. On a clean exit the ledger is finished, ``run.epsilon`` is set, and
+        the policy mod is told that this update was trained privately (without that, a
+        policy that requires DP-SGD refuses to send it).
 
         Args:
             context: the ClientApp's context.
             model: moved to its device before ``optimizer`` was built.
             optimizer, data_loader, criterion: as for :meth:`flwr_guard.dp.dpsgd.DPSGD.make_private`.
-            input_key, target_key: the keys of dict batches (see :meth:`PrivateRun.batches`).
+            epochs: local epochs of the round (what :meth:`PrivateRun.fit` runs).
+            input_key, target_key: the keys of dict samples (see :meth:`PrivateRun.batches`).
 
         Raises:
-            RuntimeError: without a :class:`DPSGDConfig`, or outside the guard's mods.
+            PrivacyBudgetExceeded: the round would exceed ``max_epsilon`` (nothing trained).
+            LedgerMissing: the node's ledger is expected but missing.
+            RuntimeError: without a :class:`DPSGDConfig`, outside the guard's mods, or
+                when no DP-SGD step was taken inside the block.
         """
         if self.dpsgd is None:
             raise RuntimeError("private_training needs ClientGuard(dpsgd=DPSGDConfig(...))")
         from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
 
-        dpsgd = dpsgd_from_context(context, self.dpsgd)
+        dpsgd = dpsgd_from_context(context, self.dpsgd, epochs=int(epochs))
         if input_key is not None or target_key is not None:
             data_loader = _pairs(data_loader, input_key, target_key)
-        run = PrivateRun(
-            dpsgd.make_private(model, optimizer, data_loader, criterion), input_key, target_key
-        )
-        steps = dpsgd.steps
+        run = PrivateRun(dpsgd.make_private(model, optimizer, data_loader, criterion),
+                         input_key, target_key, epochs=int(epochs))
         yield run
-        if dpsgd.steps == steps:
+        if dpsgd.realised_steps == 0:
             raise RuntimeError(
                 "no DP-SGD step was taken inside private_training: train with the yielded "
                 "optimizer (run.optimizer.step()) or run.fit(...); the update is not sent"
             )
-        save_dpsgd(context, dpsgd)
-        run.epsilon = dpsgd.epsilon()
+        run.epsilon = save_dpsgd(context, dpsgd)
         confirm_dpsgd(context)
 
 

@@ -93,14 +93,17 @@ class CentralDP:
 
     Attributes:
         noise_multiplier: z; clipping_norm: C (L2, model units).
+        expected_contributors: n, the fixed denominator of the mean (the expected cohort
+            size; see :class:`flwr_guard.dp.DPFedAvg`).
         max_epsilon, delta: the budget (``inf`` = account, never stop).
         adaptive: :class:`flwr_guard.dp.strategy.AdaptiveClipping`, or ``None``.
         options: further keyword arguments of ``DPFedAvg`` (accountant, sampling,
-            checkpoint, ...), passed unchanged.
+            checkpoint, secure_noise, ...), passed unchanged.
     """
 
     noise_multiplier: float
     clipping_norm: float
+    expected_contributors: int
     max_epsilon: float = math.inf
     delta: float = 1e-5
     adaptive: Any = None
@@ -110,6 +113,7 @@ class CentralDP:
 
     def kwargs(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+                "expected_contributors": self.expected_contributors,
                 "max_epsilon": self.max_epsilon, "delta": self.delta, "adaptive": self.adaptive,
                 **self.options}
 
@@ -124,7 +128,10 @@ class DistributedDP(CentralDP):
 
     Attributes:
         min_contributors: the clients whose noise the sum must hold (see
-            :class:`flwr_guard.dp.DPFedAvg`); the other fields as :class:`CentralDP`.
+            :class:`flwr_guard.dp.DPFedAvg`; clients refuse more than they assume); the
+            other fields as :class:`CentralDP`. The Skellam sensitivity's quantisation
+            step is SecAgg+'s ``2 * clipping_range / quantization_range``, filled in by
+            :class:`GuardedStrategy`.
     """
 
     min_contributors: int = 0
@@ -244,15 +251,23 @@ class GuardedStrategy(StrategyWrapper):
         if dp is not None:
             from flwr_guard.dp.strategy import DPFedAvg
 
-            chain = self.dp = DPFedAvg(chain, **dp.kwargs())
+            kwargs = dp.kwargs()
+            if isinstance(dp, DistributedDP) and secagg is not None:
+                kwargs.setdefault("quantization_step",
+                                  2 * secagg.clipping_range / secagg.quantization_range)
+            try:
+                chain = self.dp = DPFedAvg(chain, **kwargs)
+            except ValueError as err:
+                raise GuardConfigError(str(err)) from None
         self.secagg = None
         if secagg is not None:
-            from flwr_guard.dp.mods import KEY_UNCLIPPED
             from flwr_guard.secagg.strategy import SecAggPlus
 
             masked = tuple(secagg.options.get("masked_metrics", ()))
-            if dp is not None and dp.adaptive is not None and KEY_UNCLIPPED not in masked:
-                masked += (KEY_UNCLIPPED,)
+            if dp is not None:  # DPFedAvg's proofs of clipping and noise travel masked
+                from flwr_guard.dp.strategy import DPFedAvg
+
+                masked += tuple(k for k in DPFedAvg.MASKED_METRICS if k not in masked)
             options = {**secagg.options, "masked_metrics": masked}
             try:
                 chain = self.secagg = SecAggPlus(
