@@ -297,3 +297,13 @@ def test_clipping_mod_refuses_without_a_clipping_norm_or_with_bad_replies(server
     wrong = [np.ones(4, np.float32)]
     reply = update_clipping_mod(msg, _context("unused"), _client(wrong))
     assert reply.has_error() and "shapes" in reply.error.reason
+
+
+def test_importing_dpsgd_does_not_double_flowers_log_lines() -> None:
+    import subprocess
+    import sys
+
+    code = ("import logging, flwr_guard.dp.dpsgd\n"
+            "from flwr.common import log\nlog(logging.INFO, 'one line')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (out.stdout + out.stderr).count("one line") == 1, out.stderr

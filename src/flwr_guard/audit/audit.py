@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from flwr_guard.device import resolve_device
 from flwr_guard.audit.attack import AttackTarget
 from flwr_guard.audit.baselines import baseline_scores, mean_image
 from flwr_guard.audit.labels import last_linear_names
@@ -108,20 +109,6 @@ def _cpu_settings(device: torch.device, threads: int | None) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous[1]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else CPU; otherwise ``device``.
-
-    Raises:
-        ValueError: if CUDA is asked for and not available.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return resolved
-
-
 def _num_classes(model: nn.Module) -> int:
     weight_name, _ = last_linear_names(model)
     return int(dict(model.named_parameters())[weight_name].shape[0])
@@ -157,7 +144,7 @@ def run_audit(
             fewer than ``B + 1`` samples, bad victim indices, or an unavailable device.
     """
     started = time.monotonic()
-    dev = resolve_device(device)
+    dev = resolve_device(device, fallback=False)
     images, labels = _check_data(images, labels, plan.batch_size)
     generator = torch.Generator().manual_seed(seed)
     num = images.shape[0]

@@ -69,12 +69,12 @@ def audit_command(
     (PSNR, SSIM, identification, labels) against the victims and the no-information
     baselines. Writes JSON, a Markdown table and PNG grids to --out.
     """
-    from flwr_guard.audit.audit import resolve_device
+    from flwr_guard.device import resolve_device
     from flwr_guard.audit.sweep import SweepOptions, run_cell
     from flwr_guard.audit.sweep_report import markdown_table, write_all
 
     try:
-        resolve_device(device)
+        resolve_device(device, fallback=False)
         options = SweepOptions(
             models=_split(models), image_sizes=_split(sizes, int), defences=_split(defences),
             batch_sizes=_split(batch_sizes, int), audits=audits, effort=effort,

@@ -35,7 +35,7 @@ from flwr_guard.audit.update import LocalTraining
 
 
 def _digits_cnn(image_size: int, seed: int) -> nn.Module:
-    from flwr_guard.apps.digits.model import DigitsCNN
+    from flwr_guard.models.digits_cnn import DigitsCNN
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

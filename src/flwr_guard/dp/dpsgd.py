@@ -47,12 +47,23 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.validators import ModuleValidator
+
+# Opacus calls logging.basicConfig() when imported (opacus/utils/module_utils.py): a root
+# handler that prints every line of Flower's logger (which propagates) a second time.
+# Keep the root logger as the application left it.
+_root_handlers = list(logging.getLogger().handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import create_accountant  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+for _handler in logging.getLogger().handlers:
+    if _handler not in _root_handlers:
+        logging.getLogger().removeHandler(_handler)
+del _root_handlers
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flwr_guard.device import resolve_device  # noqa: F401 - re-exported for users
 from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.dp.record_ledger import RecordLedger, append_steps, dataset_fingerprint
 
@@ -184,24 +195,6 @@ class PrivateTraining(NamedTuple):
     optimizer: torch.optim.Optimizer
     criterion: Any
     data_loader: DataLoader
-
-
-def resolve_device(requested: str | None = None) -> torch.device:
-    """Device for training: ``"auto"``/``None`` = CUDA when available, else CPU.
-
-    ``"cuda"`` (or ``"cuda:N"``) on a node without CUDA falls back to CPU with a
-    warning; ``"cpu"`` is always CPU.
-
-    Raises:
-        ValueError: for a device string torch does not understand.
-    """
-    if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(str(requested))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("DP-SGD: device %r requested, CUDA unavailable: training on CPU", requested)
-        return torch.device("cpu")
-    return device
 
 
 def check_module(model: nn.Module) -> None:

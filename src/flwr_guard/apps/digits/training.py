@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flwr_guard.device import resolve_device
+
 if TYPE_CHECKING:
     from flwr_guard.dp.dpsgd import DPSGD
 
@@ -16,19 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def select_device(requested: str = "cpu") -> torch.device:
-    """Return ``requested`` ("cpu", "cuda", "cuda:N"), falling back to CPU with a warning.
-
-    CUDA is used only when it is both asked for (``device`` in the node config) and
-    available on the node.
-
-    Raises:
-        ValueError: for a device string torch does not understand.
-    """
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("device %r requested but CUDA is not available; using CPU", requested)
-        return torch.device("cpu")
-    return device
+    """The node's training device (:func:`flwr_guard.device.resolve_device`: "cpu",
+    "cuda", "cuda:N"; CUDA asked for on a node without it falls back to CPU)."""
+    return resolve_device(requested)
 
 
 def _run_epochs(
