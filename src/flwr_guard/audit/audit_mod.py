@@ -53,7 +53,7 @@ from flwr_guard.audit.records import (
 )
 from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
 from flwr_guard.audit.sampling import AuditSampling, derived_seed
-from flwr_guard.audit.update import update_norm
+from flwr_guard.update import model_update, update_norm
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,13 @@ def protections_in_force(msg: Message, declared: Protections) -> Protections:
 
 def _measured_update_norm(msg: Message, reply: Message) -> float | None:
     sent, returned = first_array_record(msg.content), first_array_record(reply.content)
-    if sent is None or returned is None or list(sent.keys()) != list(returned.keys()):
+    if sent is None or returned is None:
         return None
-    diffs = [
-        torch.as_tensor(returned[k].numpy()).double() - torch.as_tensor(sent[k].numpy()).double()
-        for k in sent.keys()
-    ]
-    return float(update_norm(diffs)) if diffs else None
+    try:
+        return update_norm(model_update({k: a.numpy() for k, a in returned.items()},
+                                        {k: a.numpy() for k, a in sent.items()}))
+    except ValueError:
+        return None
 
 
 def _audit(

@@ -41,6 +41,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.clipping import clip_update
+from flwr_guard.update import model_update
 from flwr_guard.dp.keys import (  # noqa: F401 (re-exported)
     KEY_ADAPTIVE,
     KEY_CLIPPED,
@@ -95,17 +96,12 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) > 1:
         return _error(msg, "the reply must hold one ArrayRecord and at most one MetricRecord")
     name, record = next(iter(reply.content.array_records.items()))
-    if list(record.keys()) != keys:
-        return _error(msg, "the reply's ArrayRecord keys differ from the global model's")
     local = record.to_numpy_ndarrays()
-    if any(a.shape != g.shape for a, g in zip(local, global_arrays, strict=True)):
-        return _error(msg, "the reply's array shapes differ from the global model's")
-    if not all(np.issubdtype(a.dtype, np.floating) for a in local):
-        return _error(msg, "update clipping needs floating-point arrays only")
     try:
-        update = [a.astype(np.float64) - g for a, g in zip(local, global_arrays, strict=True)]
-        clipped, _, unclipped = clip_update(update, clipping_norm)
-    except ValueError as err:  # non-float arrays, NaN/inf, bad norm
+        update = model_update(dict(zip(record.keys(), local, strict=True)),
+                              dict(zip(keys, global_arrays, strict=True)))
+        clipped, _, unclipped = clip_update(list(update.values()), clipping_norm)
+    except ValueError as err:  # other names or shapes, non-float arrays, NaN/inf, bad norm
         return _error(msg, f"cannot clip the update: {err}")
     reply.content[name] = ArrayRecord(
         {

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_guard.strategy_wrapper import StrategyWrapper
+from flwr_guard.update import model_update, update_norm
 from flwr_guard.telemetry import keys
 from flwr_guard.telemetry.config import TelemetryConfig
 from flwr_guard.telemetry.exporter import MetricsExporter
@@ -319,14 +320,11 @@ class TelemetryStrategy(StrategyWrapper):
         records = list(reply.content.array_records.values())
         if len(records) != 1 or list(records[0].keys()) != list(self._global):
             return None
-        total = 0.0
-        for name, global_array in self._global.items():
-            local = records[0][name].numpy()
-            if local.shape != global_array.shape or not np.issubdtype(local.dtype, np.floating):
-                return None
-            diff = (local.astype(np.float64) - global_array).ravel()
-            total += float(diff @ diff)
-        return math.sqrt(total)
+        try:
+            return update_norm(model_update({k: v.numpy() for k, v in records[0].items()},
+                                            self._global))
+        except ValueError:
+            return None
 
     def _after_train(
         self, server_round: int, views: list[ReplyView], arrays: ArrayRecord | None,
