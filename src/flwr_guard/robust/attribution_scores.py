@@ -92,7 +92,13 @@ def infidelity_score(model: nn.Module, x: torch.Tensor, target: torch.Tensor, at
 def max_sensitivity(method: Attribution, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                     radius: float = 0.02, samples: int = 8) -> torch.Tensor:
     """Captum ``sensitivity_max`` of ``method`` at L-infinity radius ``radius``: ``(B,)``."""
-    explain = lambda inputs, target: method(model, inputs, target)  # noqa: E731
+    def explain(inputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
+                ) -> tuple[torch.Tensor]:
+        if isinstance(inputs, tuple):  # Captum passes the perturbed inputs as a tuple
+            inputs = inputs[0]
+        with torch.enable_grad():  # Captum calls it under no_grad
+            return (method(model, inputs, target),)  # the tuple form Captum gave
+
     return sensitivity_max(explain, x, perturb_radius=radius, n_perturb_samples=samples,
                            target=target).detach()
 
