@@ -83,9 +83,11 @@ class RobustnessResult:
         }
 
     def flat_metrics(self) -> dict[str, float]:
-        """``{"robust-acc-<attack>-<eps>": acc, "clean-acc": acc, "masking-suspected": 0/1}``
-        (the keys a Flower MetricRecord carries; see docs/robustness.md)."""
-        out = {"clean-acc": self.clean_accuracy, "masking-suspected": float(self.verdict.suspected)}
+        """``{"robust-acc-<attack>-<eps>": acc, "robust-acc-none-0": clean acc,
+        "robust-masking-suspected": 0/1}`` (the keys a Flower MetricRecord carries and
+        :mod:`flwr_guard.telemetry.robustness` reads; see docs/robustness.md)."""
+        out = {"robust-acc-none-0": self.clean_accuracy,
+               "robust-masking-suspected": float(self.verdict.suspected)}
         for attack, by_eps in self.robust_accuracy.items():
             for eps, acc in by_eps.items():
                 out[f"robust-acc-{attack}-{eps:g}"] = acc
