@@ -33,5 +33,6 @@ def trained_cnn(epochs: int = 5, seed: int = 0):
     x, y = digits("train")
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    train_robust_epochs(model, loader, RobustObjective("plain"), epochs, 0.1, 0.9, torch.device("cpu"))
+    train_robust_epochs(model, loader, RobustObjective("plain"), epochs, 0.1, 0.9, torch.device("cpu"),
+                        cpu_threads=1)
     return model.eval()

@@ -82,7 +82,7 @@ def test_a_short_regularised_run_lowers_the_measured_curvature(objective: str) -
         torch.manual_seed(0)
         model = DigitsCNN()
         train_robust_epochs(model, loader, obj, epochs=3, learning_rate=0.1, momentum=0.9,
-                            device=torch.device("cpu"))
+                            device=torch.device("cpu"), cpu_threads=1)
         model.eval()
         curv[name] = curvature(model, probe_x, probe_y, iterations=10,
                                generator=torch.Generator().manual_seed(0)).abs().mean().item()

@@ -38,6 +38,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from flwr_guard.robust.attributions import METHODS, Attribution
+from flwr_guard.robust.cpu import cpu_settings
 
 SCORES = ("deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "topk_intersection",
           "randomisation_spearman")
@@ -135,10 +136,16 @@ def randomisation_spearman(method: Attribution, model: nn.Module, x: torch.Tenso
 
 
 def score_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                       methods: Mapping[str, Attribution] = METHODS, seed: int = 0
-                       ) -> dict[str, dict[str, float]]:
+                       methods: Mapping[str, Attribution] = METHODS, seed: int = 0,
+                       cpu_threads: int | None = 1) -> dict[str, dict[str, float]]:
     """Every score of :data:`SCORES` for every method, averaged over the examples:
-    ``{method: {score: value}}``."""
+    ``{method: {score: value}}`` (``cpu_threads``: :func:`flwr_guard.robust.cpu.cpu_settings`)."""
+    with cpu_settings(x.device, cpu_threads):
+        return _score_all(model, x, target, methods, seed)
+
+
+def _score_all(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+               methods: Mapping[str, Attribution], seed: int) -> dict[str, dict[str, float]]:
     model.eval()
     out: dict[str, dict[str, float]] = {}
     for name, method in methods.items():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flwr_guard.robust.attacks import fgsm, pgd, spsa, square
+from flwr_guard.robust.cpu import cpu_settings
 from flwr_guard.robust.masking import UNBOUNDED_EPS, MaskingVerdict, detect_masking
 
 DEFAULT_EPS = (0.05, 0.1, 0.2)
@@ -29,7 +30,9 @@ ATTACK_NAMES = ("fgsm", "pgd", "spsa", "square")
 @dataclass(frozen=True)
 class AttackSettings:
     """Strength of each attack (defaults: PGD-40 with 2 restarts, SPSA 40 x 32 probe pairs,
-    Square 500 queries) and the subsample for the zeroth-order attacks.
+    Square 500 queries), the subsample for the zeroth-order attacks, and the torch
+    threads on CPU (``cpu_threads``, oneDNN off; ``None`` = leave as is; see
+    :mod:`flwr_guard.robust.cpu`).
 
     Raises:
         ValueError: for an unknown attack name or a non-positive count.
@@ -44,6 +47,7 @@ class AttackSettings:
     zeroth_order_examples: int = 100
     batch_size: int = 128
     seed: int = 0
+    cpu_threads: int | None = 1
 
     def __post_init__(self) -> None:
         unknown = set(self.attacks) - set(ATTACK_NAMES)
@@ -123,6 +127,13 @@ def evaluate_robustness(
         ValueError: for empty or mismatched inputs, NaN/Inf pixels or eps outside (0, 1).
     """
     settings = settings or AttackSettings()
+    with cpu_settings(x.device, settings.cpu_threads):
+        return _evaluate(model, x, y, eps, settings, gradient_model, alpha)
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float],
+              settings: AttackSettings, gradient_model: nn.Module | None, alpha: float
+              ) -> RobustnessResult:
     if x.shape[0] == 0 or y.shape != (x.shape[0],):
         raise ValueError(f"need N >= 1 images with N labels, got {tuple(x.shape)}, {tuple(y.shape)}")
     if not torch.isfinite(x).all():

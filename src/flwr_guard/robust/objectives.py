@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from flwr_guard.robust.attacks import pgd
+from flwr_guard.robust.cpu import cpu_settings
 from flwr_guard.robust.hvp import input_grad
 
 OBJECTIVES = ("plain", "cure", "scorpio", "pgd-at")
@@ -163,13 +164,21 @@ def train_robust_epochs(
     learning_rate: float,
     momentum: float,
     device: torch.device,
+    cpu_threads: int | None = None,
 ) -> TrainingCost:
     """Train ``model`` in place with SGD on ``objective``; the last epoch's mean loss,
-    the steps taken and the seconds they took (all epochs).
+    the steps taken and the seconds they took (all epochs). ``cpu_threads``: see
+    :func:`flwr_guard.robust.cpu.cpu_settings` (``None`` = leave torch's settings).
 
     Raises:
         FloatingPointError: if the loss becomes NaN or Inf (lower lambda or the rate).
     """
+    with cpu_settings(device, cpu_threads):
+        return _train(model, loader, objective, epochs, learning_rate, momentum, device)
+
+
+def _train(model: nn.Module, loader: DataLoader, objective: RobustObjective, epochs: int,
+           learning_rate: float, momentum: float, device: torch.device) -> TrainingCost:
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     steps, total, count = 0, 0.0, 0

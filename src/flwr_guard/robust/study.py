@@ -96,7 +96,7 @@ def run_study(
             loader = DataLoader(TensorDataset(x_train, y_train), batch_size=plan.batch_size,
                                 shuffle=True, generator=torch.Generator().manual_seed(seed))
             cost = train_robust_epochs(model, loader, objective, plan.epochs, plan.learning_rate,
-                                       plan.momentum, device)
+                                       plan.momentum, device, cpu_threads=plan.attacks.cpu_threads)
             if objective.objective == "plain":
                 plain_step = cost.seconds_per_step
             start = time.perf_counter()
