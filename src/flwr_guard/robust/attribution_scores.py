@@ -126,12 +126,15 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def randomisation_spearman(method: Attribution, model: nn.Module, x: torch.Tensor,
                            target: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of ``|attr|`` with the randomised model's ``|map|``: ``(B,)``."""
+    """Spearman correlation of ``|attr|`` with the randomised model's ``|map|``: ``(B,)``
+    (1 when both maps are flat, 0 when only one is)."""
     other = method(randomised_copy(model), x, target)
     values = []
     for a, o in zip(attr.abs().flatten(1).cpu().numpy(), other.abs().flatten(1).cpu().numpy()):
-        rho = spearmanr(a, o).statistic
-        values.append(0.0 if np.isnan(rho) else float(rho))
+        if np.ptp(a) == 0 or np.ptp(o) == 0:  # no ranking: equal if both are flat
+            values.append(1.0 if np.ptp(a) == np.ptp(o) == 0 else 0.0)
+            continue
+        values.append(float(spearmanr(a, o).statistic))
     return torch.tensor(values)
 
 
