@@ -207,7 +207,7 @@ def main() -> None:
     if args.sgam_only:
         path = args.out / "robustness.json"
         record = json.loads(path.read_text())
-        record["sgam"] = sgam_experiment(seeds, x_tr, y_tr, x_te, y_te, epochs, args.sgam_victims,
+        record["sgam"] = sgam_experiment(seeds, x_tr, y_tr, x_te, y_te, args.epochs, args.sgam_victims,
                                          args.sgam_effort)
         record["sgam"]["effort"] = args.sgam_effort
         write_json(record, path)
