@@ -28,3 +28,8 @@ def test_robustness_command_writes_json_markdown_and_figures(tmp_path) -> None:
 def test_robustness_command_refuses_an_unknown_objective(tmp_path) -> None:
     result = CliRunner().invoke(app, ["robustness", "--objectives", "trades", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "one of plain, cure" in result.output
+
+
+def test_demo_refuses_a_robust_objective_with_dp_sgd_before_starting_anything() -> None:
+    result = CliRunner().invoke(app, ["demo", "--simulation", "--robust-objective", "cure"])
+    assert result.exit_code == 2 and "--no-dp-sgd" in result.output
