@@ -44,13 +44,18 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from flwr_guard.apps.digits.model import DigitsCNN  # noqa: E402
-from flwr_guard.robust.attributions import ig_map  # noqa: E402
-from flwr_guard.robust.evaluation import AttackSettings  # noqa: E402
-from flwr_guard.robust.objectives import RobustObjective, train_robust_epochs  # noqa: E402
-from flwr_guard.robust.report import markdown_table, plot_attributions, plot_robust_accuracy, write_json  # noqa: E402
-from flwr_guard.robust.sgam import SGAM  # noqa: E402
-from flwr_guard.robust.study import StudyPlan, attribution_maps, run_study  # noqa: E402
+from flwr_guard.apps.digits.model import DigitsCNN
+from flwr_guard.robust.attributions import ig_map
+from flwr_guard.robust.evaluation import AttackSettings
+from flwr_guard.robust.objectives import RobustObjective, train_robust_epochs
+from flwr_guard.robust.report import (
+    markdown_table,
+    plot_attributions,
+    plot_robust_accuracy,
+    write_json,
+)
+from flwr_guard.robust.sgam import SGAM
+from flwr_guard.robust.study import StudyPlan, attribution_maps, run_study
 
 RESULTS = REPO / "benchmarks" / "results"
 IMG = REPO / "docs" / "img"

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_guard.robust.attributions import METHODS, gradcam_pp, integrated_gradients, pgca_cells
+from flwr_guard.robust.attributions import (
+    METHODS,
+    gradcam_pp,
+    integrated_gradients,
+    pgca_cells,
+)
 from flwr_guard.robust.cpu import cpu_settings
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 from robust_helpers import digits, trained_cnn
+
 from flwr_guard.robust.evaluation import AttackSettings, evaluate_robustness
 from flwr_guard.robust.masking import detect_masking, mcnemar_greater
 from flwr_guard.robust.transforms import InputQuantization

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from robust_helpers import digits
+
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.robust.sgam import SGAM
 

@@ -7,12 +7,12 @@ import json
 import re
 
 import jsonschema
-from prometheus_client import generate_latest
-
 from conftest import FIXTURES, REPO
+from prometheus_client import generate_latest
+from test_telemetry_metrics import exposed_names, samples, value
+
 from flwr_guard.telemetry import GuardMetrics, TelemetryRecorder
 from flwr_guard.telemetry.robustness import ROBUST_FAMILIES
-from test_telemetry_metrics import exposed_names, samples, value
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "robustness.json"
 SERVER_ROUND = {

@@ -40,7 +40,7 @@ _EXPORTS = {
     "RobustnessEvaluator": "flwr_guard.robust.server_eval",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605
 
 
 def __getattr__(name: str) -> Any:

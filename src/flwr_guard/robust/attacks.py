@@ -222,7 +222,7 @@ def square(
         if not active.any():
             break
         p = _square_fraction(p_init, it, queries)
-        side = max(1, min(h, w, int(round(math.sqrt(p * h * w)))))
+        side = max(1, min(h, w, round(math.sqrt(p * h * w))))
         rows = torch.randint(0, h - side + 1, (b,), generator=generator)
         cols = torch.randint(0, w - side + 1, (b,), generator=generator)
         signs = rand_signs(b, c)

@@ -41,13 +41,19 @@ def robustness_command(
 ) -> None:
     """Robust accuracy, the gradient-masking detector and attribution scores, offline."""
     import torch
-
-    from flwr_guard.apps.digits.model import DigitsCNN  # the reference model (as `audit` does)
-    from flwr_guard.robust.evaluation import AttackSettings, evaluate_robustness
-    from flwr_guard.robust.report import markdown_table, plot_attributions, plot_robust_accuracy, write_json
-    from flwr_guard.robust.study import StudyPlan, attribution_maps, run_study
-
     from sklearn.datasets import load_digits
+
+    from flwr_guard.apps.digits.model import (
+        DigitsCNN,  # the reference model (as `audit` does)
+    )
+    from flwr_guard.robust.evaluation import AttackSettings, evaluate_robustness
+    from flwr_guard.robust.report import (
+        markdown_table,
+        plot_attributions,
+        plot_robust_accuracy,
+        write_json,
+    )
+    from flwr_guard.robust.study import StudyPlan, attribution_maps, run_study
 
     data = load_digits()
     x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]

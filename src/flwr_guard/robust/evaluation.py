@@ -145,7 +145,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[
     gen = torch.Generator().manual_seed(settings.seed)
     n_zo = min(settings.zeroth_order_examples, x.shape[0])
     with torch.no_grad():
-        predict = lambda xs: _batched(lambda a, b: model(a).argmax(1), xs, y[: xs.shape[0]], settings.batch_size)  # noqa: E731
+        predict = lambda xs: _batched(lambda a, b: model(a).argmax(1), xs, y[: xs.shape[0]], settings.batch_size)
         clean = (predict(x) == y).cpu().numpy()
     runs: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
         "fgsm": lambda a, b, e: fgsm(grad_model, a, b, e),
@@ -165,7 +165,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[
         start = time.perf_counter()
         robust[attack], examples[attack] = {}, n
         for e in radii:
-            x_adv = _batched(lambda a, b: runs[attack](a, b, e), x[:n], y[:n], settings.batch_size)
+            x_adv = _batched(lambda a, b, run=runs[attack], e=e: run(a, b, e), x[:n], y[:n], settings.batch_size)
             with torch.no_grad():
                 correct = (predict(x_adv) == y[:n]).cpu().numpy()
             robust[attack][e] = float(correct.mean())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 import numpy as np
 from scipy.stats import binomtest
@@ -121,7 +122,7 @@ def detect_masking(
             if (attack, eps) in fooled:
                 paired("zeroth-order-beats-first-order", f"{attack} vs pgd at eps {eps:g}",
                        fooled[(attack, eps)], fooled[("pgd", eps)])
-    for small, large in zip(pgd_eps, pgd_eps[1:]):
+    for small, large in pairwise(pgd_eps):
         paired("success-falls-with-eps", f"pgd at eps {small:g} vs {large:g}",
                fooled[("pgd", small)], fooled[("pgd", large)])
     if ("pgd", UNBOUNDED_EPS) in fooled:

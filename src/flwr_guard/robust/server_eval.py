@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ class RobustnessEvaluator:
     every: int = 0
     examples: int = 100
     eps: tuple[float, ...] = (0.05, 0.1, 0.2)
-    settings: AttackSettings = AttackSettings()
+    settings: AttackSettings = field(default_factory=AttackSettings)
     attribution_examples: int = 0
 
     def __post_init__(self) -> None:

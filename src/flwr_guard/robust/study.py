@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +27,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_guard.robust.attribution_scores import score_attributions
 from flwr_guard.robust.attributions import METHODS
-from flwr_guard.robust.evaluation import DEFAULT_EPS, AttackSettings, evaluate_robustness
+from flwr_guard.robust.evaluation import (
+    DEFAULT_EPS,
+    AttackSettings,
+    evaluate_robustness,
+)
 from flwr_guard.robust.objectives import RobustObjective, train_robust_epochs
 from flwr_guard.robust.transforms import InputQuantization
 
