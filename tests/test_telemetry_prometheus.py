@@ -103,7 +103,7 @@ def test_dashboards_validate_against_grafana_dashboard_model() -> None:
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     titles = set()
-    assert len(DASHBOARDS) == 4
+    assert len(DASHBOARDS) == 5
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         jsonschema.validate(dashboard, schema)
@@ -118,7 +118,8 @@ def test_dashboards_validate_against_grafana_dashboard_model() -> None:
             assert not cells & area, (path.name, p["title"])
             cells |= area
     assert titles == {"flwr-guard / Privacy budget", "flwr-guard / Leakage audit",
-                      "flwr-guard / Secure aggregation health", "flwr-guard / Training progress"}
+                      "flwr-guard / Secure aggregation health", "flwr-guard / Training progress",
+                      "flwr-guard / Robustness"}
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(set(uids)) == len(uids)
 
@@ -137,7 +138,9 @@ def test_the_schema_refuses_what_grafana_would_not_read() -> None:
 
 
 def test_dashboard_queries_name_only_metrics_the_exporter_exports() -> None:
-    exported = exposed_names(FAMILIES)
+    from flwr_guard.telemetry.robustness import ROBUST_FAMILIES  # the robustness dashboard's
+
+    exported = exposed_names(FAMILIES + ROBUST_FAMILIES)
     used = set()
     for name, title, expr in dashboard_queries():
         names = set(METRIC_NAME.findall(expr))

@@ -17,6 +17,7 @@ from flwr_guard.audit.cli import audit_command, audit_endpoints_command
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
+from flwr_guard.robust.cli import robustness_command
 
 app = typer.Typer(
     name="flwr-guard",
@@ -29,6 +30,7 @@ console = Console(stderr=True)
 app.command("epsilon")(dp_epsilon_command)
 app.command("audit")(audit_command)
 app.command("audit-endpoints")(audit_endpoints_command)
+app.command("robustness")(robustness_command)
 
 
 class Partition(str, Enum):
@@ -47,8 +49,17 @@ def _audit_cell(train: dict) -> str:
     return f"{int(train.get('audit-leaks', 0))}/{int(ran)}, {train.get('audit-psnr-gain-db', 0):+.1f} dB"
 
 
+def _robust_cell(server: dict) -> str:
+    """The server's robustness evaluation of the round (docs/robustness.md), if it ran."""
+    acc = server.get("robust-acc-pgd-0.1")
+    if acc is None:
+        return "-"
+    return f"{acc:.3f} ({'yes' if server.get('robust-masking-suspected') else 'no'})"
+
+
 COLUMNS = ("round", "train\nloss", "test\nloss", "test\nacc.", "ε record\n/ budget",
-           "SecAgg+\nsurvivors", "audit: leaks/ran,\nPSNR gain", "time\n(s)")
+           "SecAgg+\nsurvivors", "audit: leaks/ran,\nPSNR gain", "PGD acc. eps 0.1\n(masking?)",
+           "time\n(s)")
 
 
 def _round_cells(line: dict, rounds: int) -> list[str]:
@@ -63,6 +74,7 @@ def _round_cells(line: dict, rounds: int) -> list[str]:
         f"{_fmt(eps, '.2f')} / {_fmt(budget or None, '.1f')}" if eps is not None else "-",
         f"{secagg['survivors']}/{secagg['cohort']}" if secagg else "-",
         _audit_cell(line.get("train", {})),
+        _robust_cell(line.get("server", {})),
         _fmt(line.get("elapsed-s"), ".1f"),
     ]
 
@@ -149,6 +161,15 @@ def demo(
     prometheus: Annotated[
         bool, typer.Option(help="Scrape the run's metrics with a local Prometheus (if installed).")
     ] = True,
+    dp_sgd: Annotated[
+        bool, typer.Option(help="Record-level DP-SGD on every node (the app's default).")
+    ] = True,
+    robust_objective: Annotated[
+        str, typer.Option(help="Robust training: plain, cure, scorpio or pgd-at (not with DP-SGD).")
+    ] = "plain",
+    robust_eval_every: Annotated[
+        int, typer.Option(min=0, help="Robustness evaluation by the server every k rounds (0 = off).")
+    ] = 0,
 ) -> None:
     """Train the digits app on a real local Flower deployment and report the result.
 
@@ -157,6 +178,13 @@ def demo(
     it started. Exits 1 if the run does not complete.
     """
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if robust_objective != "plain" and dp_sgd:
+        console.print(f"[red]error:[/red] --robust-objective {robust_objective} cannot be combined "
+                      "with DP-SGD (docs/robustness.md): add --no-dp-sgd")
+        raise typer.Exit(2)
+    run_config: dict = {"robust-objective": robust_objective, "robust-eval-every": robust_eval_every}
+    if not dp_sgd:
+        run_config["dp-sgd"] = False
     options = DemoOptions(
         nodes=nodes,
         rounds=rounds,
@@ -167,6 +195,7 @@ def demo(
         superlink_port=port,
         app_dir=app_dir,
         node_config={} if simulation else {"device": device},
+        run_config=run_config,
         keep_workdir=keep_workdir,
         prometheus=prometheus,
     )

@@ -147,6 +147,9 @@ SCRAPED_QUERIES = {
     "dp-epsilon-record": 'max(last_over_time(flwr_guard_dp_epsilon{level="record"}[1h]))',
     "secagg-surviving-clients": "max(last_over_time(flwr_guard_secagg_surviving_clients[1h]))",
     "audits": "max(last_over_time(flwr_guard_audits_total[1h]))",
+    # robustness evaluation (--robust-eval-every; docs/robustness.md)
+    "robust-pgd-accuracy-0.1": 'min(last_over_time(flwr_guard_robust_accuracy_ratio{attack="pgd",eps="0.1"}[1h]))',
+    "masking-suspected": "max(last_over_time(flwr_guard_robust_masking_suspected[1h]))",
 }
 
 

@@ -202,7 +202,7 @@ class GuardMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.per_node = per_node
         self._families: dict[str, Counter | Gauge | Histogram | Info] = {}
-        for family in FAMILIES + (NODE_FAMILIES if per_node else ()):
+        for family in FAMILIES + (NODE_FAMILIES if per_node else ()) + _robust_families():
             self._families[_base(family.name, family.kind).removeprefix(PREFIX)] = _create(
                 family, self.registry
             )
@@ -216,7 +216,15 @@ class GuardMetrics:
     @property
     def families(self) -> tuple[Family, ...]:
         """The families registered here."""
-        return FAMILIES + (NODE_FAMILIES if self.per_node else ())
+        return FAMILIES + (NODE_FAMILIES if self.per_node else ()) + _robust_families()
+
+
+def _robust_families() -> tuple[Family, ...]:
+    """Registration hook: the robustness families of :mod:`flwr_guard.telemetry.robustness`
+    (imported here, late, because that module builds its families from this one's)."""
+    from flwr_guard.telemetry.robustness import ROBUST_FAMILIES
+
+    return ROBUST_FAMILIES
 
 
 def _create(family: Family, registry: CollectorRegistry) -> Counter | Gauge | Histogram | Info:

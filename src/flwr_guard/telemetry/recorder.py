@@ -24,6 +24,7 @@ from typing import Any
 from flwr_guard.telemetry import keys
 from flwr_guard.telemetry.keys import lookup
 from flwr_guard.telemetry.metrics import GuardMetrics
+from flwr_guard.telemetry.robustness import record_robustness
 
 OUTCOMES = ("aggregated", "failed", "skipped")
 
@@ -155,6 +156,7 @@ class TelemetryRecorder:
             accuracy = lookup(record, keys.ACCURACY[phase])
             if accuracy is not None:
                 self._labels("accuracy_ratio", phase=phase).set(accuracy)
+        record_robustness(self, phase, record)  # robustness families (telemetry/robustness.py)
 
     # -- SecAgg+ -----------------------------------------------------------------------
     def secagg_round(self, report: Mapping[str, Any]) -> None:

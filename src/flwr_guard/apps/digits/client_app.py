@@ -82,7 +82,18 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
     )
     metrics: dict[str, float | int] = {"num-examples": len(trainloader.dataset)}
-    if bool(cfg["dp-sgd"]):
+    from flwr_guard.robust.objectives import RobustObjective, check_dpsgd_compatible
+
+    robust = RobustObjective.from_run_config(cfg)  # robust-objective "plain" = off
+    check_dpsgd_compatible(robust, bool(cfg["dp-sgd"]))  # refused, naming the fix
+    if robust.enabled:
+        # CURE / SCORPIO-style / PGD-AT (flwr_guard.robust, docs/robustness.md)
+        from flwr_guard.robust.objectives import train_robust_epochs
+
+        cost = train_robust_epochs(model, trainloader, robust, **common)
+        metrics["train-loss"] = cost.loss
+        metrics["robust-train-seconds-per-step"] = cost.seconds_per_step
+    elif bool(cfg["dp-sgd"]):
         # Record-level DP: the library checks dp-sgd-max-epsilon (capped by the node
         # config's) before training and keeps the ledger on the node's disk.
         from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd

@@ -27,6 +27,7 @@ from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
 from flwr_guard.audit.reply_guard import ReplyGuard
 from flwr_guard.audit.summary import AuditSummary
+from flwr_guard.robust.server_eval import RobustnessEvaluator
 from flwr_guard.secagg.strategy import SecAggPlus
 from flwr_guard.telemetry.strategy import TelemetryStrategy
 
@@ -76,10 +77,16 @@ def main(grid: Grid, context: Context) -> None:
     recorder = ProgressRecorder(audit, path=str(cfg["progress-file"]), extras=extras)
     telemetry = TelemetryStrategy.from_run_config(recorder, context)
 
+    # Robustness evaluation every robust-eval-every rounds (flwr_guard.robust, docs/robustness.md)
+    robustness = RobustnessEvaluator.from_run_config(cfg)
+    test_x = torch.as_tensor(test["image"], dtype=torch.float32)
+    test_y = torch.as_tensor(test["label"], dtype=torch.long)
+
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, testloader, torch.device("cpu"))
-        metrics = MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+        robust = robustness(server_round, model, test_x, test_y)
+        metrics = MetricRecord({"test-loss": loss, "test-accuracy": accuracy, **robust})
         recorder.record_round(server_round, metrics)
         return metrics
 
