@@ -43,9 +43,7 @@ def robustness_command(
     import torch
     from sklearn.datasets import load_digits
 
-    from flwr_guard.apps.digits.model import (
-        DigitsCNN,  # the reference model (as `audit` does)
-    )
+    from flwr_guard.models.digits_cnn import DigitsCNN  # the reference app's model
     from flwr_guard.robust.evaluation import AttackSettings, evaluate_robustness
     from flwr_guard.robust.report import (
         markdown_table,
