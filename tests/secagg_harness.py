@@ -10,16 +10,19 @@ from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.client import (
     SecAggClient,
     pack_advertisements,
+    pack_nonces,
     pack_roster,
     unpack_advertisements,
+    unpack_nonces,
     unpack_roster,
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.policy import Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.quantization import dequantize_mean
 from flwr_guard.secagg.server import SecAggServer
 
-STAGES = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
+STAGES = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
 
 
 @dataclass
@@ -36,27 +39,50 @@ def make_round(n: int, d: int, seed: int = 0, params: SecAggParams | None = None
     ids = sorted({int(i) for i in rng.integers(1, 2**63 - 1, size=n)})
     params = params or SecAggParams.for_cohort(n, **kw)
     context = RoundContext(7, 1, tuple(sorted(ids)), params, d + 1, b"h" * 32)
-    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
+    secrets = {i: crypto.ed25519_keypair()[0] for i in ids}
+    policy = federation_policy(secrets.values())
+    clients = {i: SecAggClient(i, secrets[i], policy) for i in ids}
     updates = {i: rng.normal(0, 0.3, size=d) for i in ids}
     weights = {i: int(rng.integers(1, 200)) for i in ids}
     return Round(clients, SecAggServer(context), updates, weights)
 
 
+def federation_policy(signing_secrets, **kw) -> SecAggPolicy:
+    """A policy whose federation roster lists the public keys of ``signing_secrets``."""
+    members = tuple(RosterMember(crypto.ed25519_public(s), f"m{j}") for j, s in enumerate(signing_secrets))
+    return SecAggPolicy(roster=Roster(members), **kw)
+
+
 def share_keys_payload(server: SecAggServer, node: int) -> bytes:
     """The share-keys payload the strategy sends ``node`` (codec-encoded, as on the wire
-    inside the ``secagg`` ConfigRecord): the roster of U1 + its neighbours' advertisements."""
+    inside the ``secagg`` ConfigRecord): every revealed nonce + its neighbours' advertisements."""
     return codec.encode({
-        "roster": pack_roster(server.roster()),
+        "nonces": pack_nonces(server.nonces),
         "advertisements": pack_advertisements(server.neighbour_advertisements(node)),
     })
+
+
+def roster_stage(r: Round, nodes) -> dict[int, bytes]:
+    """Each of ``nodes`` checks the roster the strategy sends (on the wire) and reveals."""
+    blob = codec.decode(codec.encode({"roster": pack_roster(r.server.roster())}))["roster"]
+    return {c: r.clients[c].receive_roster(unpack_roster(blob)) for c in nodes}
 
 
 def share_keys(r: Round, node: int) -> dict[int, bytes]:
     """``node``'s share-keys stage on the payload the strategy would send it."""
     payload = codec.decode(share_keys_payload(r.server, node))
     return r.clients[node].share_keys(
-        unpack_advertisements(payload["advertisements"]), unpack_roster(payload["roster"])
+        unpack_advertisements(payload["advertisements"]), unpack_nonces(payload["nonces"])
     )
+
+
+def setup(r: Round, nodes=None) -> dict[int, dict[int, bytes]]:
+    """Advertise, roster, share-keys for ``nodes`` (default: all); returns the routed shares."""
+    ctx = r.server.context
+    nodes = list(ctx.cohort) if nodes is None else nodes
+    u1 = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in nodes})
+    r.server.receive_nonces(roster_stage(r, [e.node_id for e in u1]))
+    return r.server.receive_shares({c: share_keys(r, c) for c in r.server.stats.advertised})
 
 
 def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[int, bytes] | None = None):
@@ -71,7 +97,8 @@ def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[in
     ctx = r.server.context
     ads = {c: r.clients[c].advertise(ctx) for c in alive("advertise", ctx.cohort)}
     u1 = r.server.receive_advertisements(ads)
-    shares = {c: share_keys(r, c) for c in alive("share-keys", [a.node_id for a in u1])}
+    r.server.receive_nonces(roster_stage(r, alive("roster", [e.node_id for e in u1])))
+    shares = {c: share_keys(r, c) for c in alive("share-keys", [e.node_id for e in u1])}
     for c in shares:  # the graph the clients derived is the server's
         assert r.clients[c].neighbour_ids == r.server.graph[c]
     routed = r.server.receive_shares(shares)
