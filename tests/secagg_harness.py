@@ -264,7 +264,7 @@ def run_strategy_round(fed: ModFederation, **kwargs):
     from flwr.supercore.task_identity import TaskIdentity
 
     strategy = SecAggPlus(FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
-                          timeout=5.0, **kwargs)
+                          timeout=0.2, **kwargs)  # replies are synchronous here
     arrays = fed.global_arrays()
     # What Flower's ServerApp runtime sets before a strategy creates Messages.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
