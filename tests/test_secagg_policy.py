@@ -53,7 +53,7 @@ def test_toml_roster_and_node_config_policy(tmp_path) -> None:
         ({"secagg-roster": str(tmp_path / "missing.json")}, "cannot read"),
         ({"secagg-trust-on-first-use": "maybe"}, "true or false"),
         ({"secagg-corrupt-fraction": "nan"}, "finite"),
-        ({"secagg-corrupt-fraction": "0.7"}, r"\[0, 1\)"),
+        ({"secagg-corrupt-fraction": "1.5"}, r"\[0, 1\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             policy_from_node_config(config)
