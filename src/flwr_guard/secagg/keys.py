@@ -39,3 +39,39 @@ def load_signing_key(path: str | Path) -> bytes:
     if len(secret) != 32:
         raise ValueError(f"SecAgg+ signing key {path} must hold 64 hex digits (an Ed25519 seed)")
     return secret
+
+
+def write_federation(directory: str | Path, nodes: int, admin: bool = True) -> list[dict[str, str]]:
+    """Set up a federation of ``nodes`` SuperNodes for SecAgg+: one signing-key file per
+    node, the roster of their public keys (``roster.json``), signed by a fresh
+    administrator key when ``admin`` (its private key is not kept).
+
+    Returns:
+        each node's SecAgg+ node config: ``secagg-signing-key``, ``secagg-roster`` and
+        (when signed) ``secagg-roster-admin-key``.
+
+    Raises:
+        FileExistsError: a key file exists already in ``directory``.
+    """
+    from flwr_guard.secagg.policy import (
+        NODE_ROSTER,
+        NODE_ROSTER_ADMIN_KEY,
+        NODE_SIGNING_KEY,
+        Roster,
+        RosterMember,
+    )
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    members, paths = [], []
+    for index in range(nodes):
+        path = directory / f"supernode-{index}.key"
+        members.append(RosterMember(write_signing_key(path), f"supernode-{index}"))
+        paths.append(path)
+    roster_path = directory / "roster.json"
+    admin_secret, admin_public = crypto.ed25519_keypair() if admin else (None, None)
+    Roster(tuple(members)).to_file(roster_path, admin_secret)
+    common = {NODE_ROSTER: str(roster_path)}
+    if admin_public is not None:
+        common[NODE_ROSTER_ADMIN_KEY] = admin_public.hex()
+    return [{NODE_SIGNING_KEY: str(path), **common} for path in paths]

@@ -321,8 +321,9 @@ def policy_from_node_config(node_config: Mapping[str, Any], simulation: bool = F
     of this module, documented in docs/secagg.md).
 
     Args:
-        simulation: Flower's simulation runtime (one process, one operator): trust on
-            first use is then the default.
+        simulation: Flower's simulation runtime (one process tree, one operator, no
+            one to defend against): trust on first use is then the default, and the
+            smallest cohort is 2 (3 otherwise).
 
     Raises:
         ValueError: a value of the wrong type or range, an unreadable or badly signed roster.
@@ -354,4 +355,6 @@ def policy_from_node_config(node_config: Mapping[str, Any], simulation: bool = F
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"node config {key} must be finite")
             kwargs[name] = value
+    if simulation:
+        kwargs.setdefault("min_cohort", 2)
     return SecAggPolicy(roster=roster, trust_on_first_use=tofu, **kwargs)
