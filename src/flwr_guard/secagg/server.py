@@ -467,10 +467,11 @@ class SecAggServer:
         """The secret of ``kind`` of ``node`` from t revealed shares that pass ``check``
         (the commitment or public key in its advertisement).
 
-        First the first t shares; if they fail, subsets leaving out one share, then
-        random subsets (at most ``max_reconstruction_attempts``). Once a subset passes,
-        every other share is tested with t - 1 of the good ones; a revealer whose share
-        gives another secret is excluded (logged).
+        First the first t shares (the honest case: one combination, as before the
+        hardening); if they fail, subsets leaving out one share, then random subsets
+        (at most ``max_reconstruction_attempts``). Once such a subset passes, every
+        other share is tested with t - 1 of the good ones; a revealer whose share gives
+        another secret is excluded (logged).
 
         Raises:
             SecAggAborted: fewer than t shares, or no subset tried passes.
@@ -499,10 +500,14 @@ class SecAggServer:
             ([x for j, x in enumerate(items) if j != skip][:t] for skip in range(min(t, len(items)))),
             (rng.sample(items, t) for _ in range(self.max_reconstruction_attempts)),
         )
-        for subset in itertools.islice(candidates, self.max_reconstruction_attempts + len(items) + 1):
+        for tried, subset in enumerate(
+            itertools.islice(candidates, self.max_reconstruction_attempts + len(items) + 1)
+        ):
             secret = attempt(subset)
             if secret is None:
                 continue
+            if tried == 0:
+                return secret  # the first t shares are right (the honest case): done
             good = set(i for i, _ in subset)
             base = list(subset)[: t - 1]
             for index, (share, revealer) in items:
