@@ -113,11 +113,12 @@ def test_server_asking_for_less_than_the_policy_is_refused(ids, k, t, policy, ma
 
 # -- 2. Split dropout views + colluders --------------------------------------------------
 def _split_view_attack(t: int, corrupt_fraction: float, split: int, seed: int = 1):
-    """Full graph of 7 (k = 6), 2 colluding share holders. The server tells ``split`` of
-    the victim's 4 honest holders "the victim survived" (they reveal its self-mask
+    """Full graph of 6 (k = 5), 2 colluding share holders. The server tells ``split`` of
+    the victim's 3 honest holders "the victim survived" (they reveal its self-mask
     seed) and the others "it dropped" (they reveal its mask key); the colluders give
-    both. Returns the victim's recovered quantised update, or ``None``."""
-    n, k = 7, 6
+    both and sign both survivor sets. Returns the victim's recovered weighted,
+    quantised update (or ``None``) and the round."""
+    n, k = 6, 5
     r = make_round(n=n, d=30, seed=seed, params=SecAggParams(k, t))
     for c in r.clients.values():
         object.__setattr__(c, "policy", dataclasses.replace(c.policy, corrupt_fraction=corrupt_fraction))
@@ -172,9 +173,10 @@ def _split_view_attack(t: int, corrupt_fraction: float, split: int, seed: int = 
 
 
 def test_split_views_with_colluders_recover_the_victim_when_2t_is_at_most_k_plus_c() -> None:
-    # t = 4 = k/2 + 1 (the old default): 2t = 8 <= k + c = 8, and the policy assumed no
-    # colluder (gamma 0.05 of 7 clients is 0): the attack recovers the exact input.
-    y, r = _split_view_attack(t=4, corrupt_fraction=0.05, split=2)
+    # t = 3 = floor(k/2) + 1 (the old default): 2t = 6 <= k + c = 7, and the policy
+    # assumed no colluder (gamma 0.05 of 6 clients is 0): one honest holder told "it
+    # survived", two told "it dropped", and the attack recovers the exact input.
+    y, r = _split_view_attack(t=3, corrupt_fraction=0.05, split=1)
     victim = sorted(r.clients)[0]
     p = r.server.context.params
     q, _ = quantize(r.updates[victim], p.clipping_range, p.quantization_range, np.random.default_rng(victim))
@@ -183,11 +185,12 @@ def test_split_views_with_colluders_recover_the_victim_when_2t_is_at_most_k_plus
     assert int(y[-1]) == r.weights[victim]
 
 
-def test_policy_for_two_colluders_refuses_t4_and_with_t5_no_split_recovers_the_victim() -> None:
-    with pytest.raises(PolicyViolation, match=r"c = 2.*t >= 5"):
-        _split_view_attack(t=4, corrupt_fraction=0.3, split=2)
-    for split in range(0, 5):  # every way to split the 4 honest holders
-        y, _ = _split_view_attack(t=5, corrupt_fraction=0.3, split=split)
+def test_policy_for_two_colluders_refuses_t3_and_with_t4_no_split_recovers_the_victim() -> None:
+    # gamma = 0.34: 2 corrupt clients among 6, c = 2, so t >= 4 (2t > k + c = 7).
+    with pytest.raises(PolicyViolation, match=r"c = 2.*t >= 4"):
+        _split_view_attack(t=3, corrupt_fraction=0.34, split=1)
+    for split in range(0, 4):  # every way to split the 3 honest holders
+        y, _ = _split_view_attack(t=4, corrupt_fraction=0.34, split=split)
         assert y is None
 
 

@@ -738,11 +738,14 @@ class SecAggClient:
                 crypto.verify(self.roster[signer].signing_key, payload, signature)
             except crypto.CryptoError as err:
                 raise ProtocolError(f"consistency signature of node {signer} is invalid") from err
-            valid += 1
+            # Only neighbours count, never this client itself: with the complete graph
+            # two different survivor sets can then both pass only if 2t <= k + c - 1
+            # (Bonawitz et al., section 4.4), which 2t > k + c excludes.
+            valid += signer != self.node_id
         if valid < params.reconstruction_threshold:
             raise ProtocolError(
-                f"{valid} consistency signatures from neighbours, "
-                f"{params.reconstruction_threshold} needed"
+                f"{valid} valid consistency signatures from neighbours (its own not "
+                f"counted), {params.reconstruction_threshold} needed"
             )
         wanted: dict[int, str] = {}
         for peer in self.held_shares:
