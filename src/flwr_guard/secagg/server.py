@@ -62,6 +62,7 @@ class StageStats:
 
     sampled: int = 0
     advertised: list[int] = field(default_factory=list)
+    revealed: list[int] = field(default_factory=list)
     shared: list[int] = field(default_factory=list)
     masked: list[int] = field(default_factory=list)
     signed: list[int] = field(default_factory=list)
@@ -72,7 +73,8 @@ class StageStats:
         """Clients lost at each stage (dropped or excluded)."""
         return {
             "advertise": self.sampled - len(self.advertised),
-            "share-keys": len(self.advertised) - len(self.shared),
+            "roster": len(self.advertised) - len(self.revealed or self.advertised),
+            "share-keys": len(self.revealed) - len(self.shared) if self.revealed else 0,
             "masked-input": len(self.shared) - len(self.masked),
             "consistency": len(self.masked) - len(self.signed),
             "unmask": len(self.signed) - len(self.unmasked),
@@ -169,6 +171,7 @@ class SecAggServer:
                 bad.append(node)
             else:
                 self.nonces[node] = nonce
+        self.stats.revealed = sorted(self.nonces)
         if bad:
             raise SecAggAborted(
                 f"SecAgg+ round aborted at the roster stage: nodes {bad[:5]} did not reveal "

@@ -8,7 +8,9 @@ Usage::
     strategy.start(grid, initial_arrays, num_rounds=...)
 
 The wrapped strategy samples the cohort and builds the train messages as usual
-(``configure_train``). The wrapper then runs the key set-up stages through the grid,
+(``configure_train``). The wrapper then runs the key set-up stages (advertise, roster:
+the clients check every roster entry and reveal their graph nonces, share-keys)
+through the grid,
 sends the train messages with the routed encrypted shares, and, in
 ``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
 hands the wrapped strategy **one** reply holding the weighted average of the
@@ -128,9 +130,11 @@ class SecAggPlus(StrategyWrapper):
     Args:
         strategy: the wrapped strategy (FedAvg, FedProx, FedAdam, ...); its
             ``weighted_by_key`` must be ``"num-examples"``.
-        num_shares: k, neighbours per client; default from the cohort size
-            (:func:`~flwr_guard.secagg.params.default_num_shares`).
-        reconstruction_threshold: t > k/2; default floor(k/2) + 1.
+        num_shares: k, neighbours per client; default from the cohort size by Bell et
+            al.'s parameter choice (:func:`~flwr_guard.secagg.params.choose_parameters`).
+        reconstruction_threshold: t; default floor((k + c)/2) + 1 for the default
+            corrupt fraction (:func:`~flwr_guard.secagg.params.choose_parameters`).
+            Each client refuses a t below its own policy's (2t > k + c).
         clipping_range: r; update coordinates are clipped to ``[-r, r]``.
         quantization_range: L; one quantisation step is ``2r / L``.
         max_weight: the largest ``num-examples`` a client may report (default 2048).
