@@ -258,10 +258,9 @@ def run_strategy_round(fed: ModFederation, **kwargs):
     """One real SecAggPlus(FedAvg) round over ``fed``; returns (aggregate or None, report)."""
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
 
     from flwr_guard.secagg.strategy import SecAggPlus
-
-    from flwr.supercore.task_identity import TaskIdentity
 
     strategy = SecAggPlus(FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
                           timeout=0.2, **kwargs)  # replies are synchronous here

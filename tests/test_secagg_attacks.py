@@ -13,19 +13,18 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from secagg_harness import (
     ModFederation,
+    expected_mean,
     federation_policy,
     make_round,
     mean_of,
-    expected_mean,
     roster_stage,
-    run,
     run_strategy_round,
     setup,
     share_keys,
 )
+
 from flwr_guard.secagg import crypto, prg
 from flwr_guard.secagg.client import (
     MASK_KEY,
@@ -39,7 +38,11 @@ from flwr_guard.secagg.client import (
     pairwise_sign,
 )
 from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.params import SecAggParams, choose_parameters, failure_probabilities
+from flwr_guard.secagg.params import (
+    SecAggParams,
+    choose_parameters,
+    failure_probabilities,
+)
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.quantization import quantize
 from flwr_guard.secagg.server import SecAggServer
@@ -177,7 +180,7 @@ def test_split_views_with_colluders_recover_the_victim_when_2t_is_at_most_k_plus
     # assumed no colluder (gamma 0.05 of 6 clients is 0): one honest holder told "it
     # survived", two told "it dropped", and the attack recovers the exact input.
     y, r = _split_view_attack(t=3, corrupt_fraction=0.05, split=1)
-    victim = sorted(r.clients)[0]
+    victim = min(r.clients)
     p = r.server.context.params
     q, _ = quantize(r.updates[victim], p.clipping_range, p.quantization_range, np.random.default_rng(victim))
     assert y is not None
@@ -189,7 +192,7 @@ def test_policy_for_two_colluders_refuses_t3_and_with_t4_no_split_recovers_the_v
     # gamma = 0.34: 2 corrupt clients among 6, c = 2, so t >= 4 (2t > k + c = 7).
     with pytest.raises(PolicyViolation, match=r"c = 2.*t >= 4"):
         _split_view_attack(t=3, corrupt_fraction=0.34, split=1)
-    for split in range(0, 4):  # every way to split the 3 honest holders
+    for split in range(4):  # every way to split the 3 honest holders
         y, _ = _split_view_attack(t=4, corrupt_fraction=0.34, split=split)
         assert y is None
 
@@ -290,7 +293,7 @@ def test_false_bad_sender_reports_exclude_the_liar_and_the_round_completes() -> 
     u3 = r.server.receive_masked_inputs(replies)
     assert set(u3) == set(ids) - {liar}
     assert "made by it" in r.server.stats.excluded[liar]
-    active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
+    active, dropped, _ = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
     r.server.receive_unmask({c: r.clients[c].unmask(active, dropped, r.server.unmask_signatures(c))
                              for c in active})
     total, weight = r.server.aggregate()
@@ -329,7 +332,7 @@ def test_a_wrong_revealed_share_is_detected_its_sender_excluded_and_the_round_co
     replies = {c: r.clients[c].masked_input(list(routed), routed[c], r.updates[c], r.weights[c],
                                             ctx.model_hash)[:2] for c in senders}
     u3 = r.server.receive_masked_inputs(replies)
-    active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
+    active, dropped, _ = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
     reveals = {c: r.clients[c].unmask(active, dropped, r.server.unmask_signatures(c)) for c in active}
     target = gone if kind == MASK_KEY else ids[0]
     cheat = next(c for c in active if target in reveals[c] and c != target)
@@ -403,7 +406,7 @@ def test_server_survives_malformed_replies_at_every_stage() -> None:
     reveals = {c: r.clients[c].unmask(active, dropped, r.server.unmask_signatures(c)) for c in ok}
     reveals[ids[2]] = {ids[0]: ("self-mask", 10**9, bytes(10**5))}
     r.server.receive_unmask(reveals)
-    total, weight = r.server.aggregate()
+    _, weight = r.server.aggregate()
     assert weight == sum(r.weights[c] for c in u3)
     assert set(r.server.stats.excluded) >= {ids[2], ids[3], ids[4], ids[5], ids[6]}
 
@@ -470,7 +473,7 @@ def test_mod_decoy_first_array_record_is_refused(tmp_path) -> None:
         return msg
 
     fed.tamper = decoy
-    agg, report = run_strategy_round(fed)
+    _, report = run_strategy_round(fed)
     assert victim not in fed.seen  # the user's train function never ran for it
     assert report.aborted is None and report.survivors == 5  # an honest round without it
 

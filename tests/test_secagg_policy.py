@@ -9,7 +9,12 @@ import pytest
 
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.keys import load_signing_key, write_signing_key
-from flwr_guard.secagg.policy import Roster, RosterMember, load_roster, policy_from_node_config
+from flwr_guard.secagg.policy import (
+    Roster,
+    RosterMember,
+    load_roster,
+    policy_from_node_config,
+)
 from flwr_guard.secagg.quantization import centered_lift
 
 

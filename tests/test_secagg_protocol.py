@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
-
 from secagg_harness import expected_mean, make_round, mean_of, run
+
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.client import Advertisement, ProtocolError
 from flwr_guard.secagg.params import SecAggParams
@@ -422,7 +422,12 @@ def test_missing_neighbour_advertisement_or_nonce_is_refused() -> None:
 
 
 def test_malformed_payloads_are_refused() -> None:
-    from flwr_guard.secagg.client import ROSTER_ENTRY_BYTES, unpack_advertisements, unpack_nonces, unpack_roster
+    from flwr_guard.secagg.client import (
+        ROSTER_ENTRY_BYTES,
+        unpack_advertisements,
+        unpack_nonces,
+        unpack_roster,
+    )
 
     with pytest.raises(ProtocolError):
         unpack_roster(bytes(ROSTER_ENTRY_BYTES - 1))

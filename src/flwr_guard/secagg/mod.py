@@ -55,7 +55,6 @@ import struct
 import sys
 
 import numpy as np
-
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -81,7 +80,11 @@ from flwr_guard.secagg.client import (
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.keys import load_signing_key
-from flwr_guard.secagg.policy import NODE_SIGNING_KEY, SecAggPolicy, policy_from_node_config
+from flwr_guard.secagg.policy import (
+    NODE_SIGNING_KEY,
+    SecAggPolicy,
+    policy_from_node_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +207,7 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         stage = record.get("stage")
         blob = record.get("payload")
         if not isinstance(stage, str) or not isinstance(blob, bytes):
-            raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")
+            raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")  # noqa: TRY004 (malformed message)
         if len(blob) > MAX_CONTROL_BYTES:
             raise ValueError(f"SecAgg+ {stage} payload of {len(blob)} bytes exceeds {MAX_CONTROL_BYTES}")
         payload = codec.decode(blob)
@@ -368,4 +371,4 @@ def _distributed_dp_noise(msg: Message, context: RoundContext, weight: int) -> n
     return noise
 
 
-__all__ = ["secaggplus_mod", "SECAGG_RECORD", "STAGES"]
+__all__ = ["SECAGG_RECORD", "STAGES", "secaggplus_mod"]

@@ -74,7 +74,7 @@ def tolerated_corrupt_neighbours(
         raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction}")
     corrupt = math.floor(corrupt_fraction * n)
     bound = 2 ** int(security_bits)
-    for c in range(0, min(corrupt, k) + 1):
+    for c in range(min(corrupt, k) + 1):
         num, den = _tail_exceeds(n - 1, corrupt, k, c)
         if n * num * bound <= den:
             return c
@@ -321,7 +321,7 @@ class SecAggParams:
                 out of range (k, t, W <= 2^20, L <= 2^32), or non-finite.
         """
         if not isinstance(data, dict):
-            raise ValueError("SecAgg+ parameters are not a mapping")
+            raise ValueError("SecAgg+ parameters are not a mapping")  # noqa: TRY004 (malformed message)
 
         def integer(name: str, high: int) -> int:
             value = data.get(name)

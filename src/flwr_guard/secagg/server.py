@@ -42,9 +42,9 @@ from flwr_guard.secagg.client import (
     commit_self_mask,
     consistency_payload,
     graph_seed,
-    roster_digest,
     pairwise_seed,
     pairwise_sign,
+    roster_digest,
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.graph import neighbours
@@ -511,7 +511,7 @@ class SecAggServer:
                 continue
             if tried == 0:
                 return secret  # the first t shares are right (the honest case): done
-            good = set(i for i, _ in subset)
+            good = {i for i, _ in subset}
             base = list(subset)[: t - 1]
             for index, (share, revealer) in items:
                 if index in good:
