@@ -381,9 +381,8 @@ def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
     from flwr_guard.secagg.client import SecAggClient
     from flwr_guard.secagg.context import RoundContext
     from flwr_guard.secagg.params import SecAggParams
-    from flwr_guard.secagg.server import SecAggServer
-
     from flwr_guard.secagg.policy import SecAggPolicy
+    from flwr_guard.secagg.server import SecAggServer
 
     params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
     ids = list(range(1, nodes + 1))
