@@ -154,7 +154,7 @@ def test_unmask_needs_threshold_valid_signatures() -> None:
 
 
 def test_malformed_shares_exclude_the_sender_not_the_round() -> None:
-    r = make_round(n=7, d=50, seed=2)
+    r = make_round(n=9, d=50, seed=2)
     ctx = r.server.context
     ids = sorted(r.clients)
     cheat = ids[2]

@@ -81,6 +81,13 @@ def tolerated_corrupt_neighbours(
     return min(corrupt, k)
 
 
+def max_degree(num_clients: int, num_shares: int) -> int:
+    """The most neighbours a client gets: k, or k + 1 for odd k and odd n (no k-regular
+    graph exists then: :func:`~flwr_guard.secagg.graph.neighbours`), at most n - 1."""
+    n, k = int(num_clients), int(num_shares)
+    return min(n - 1, k + 1 if k % 2 and n % 2 and k < n - 1 else k)
+
+
 def minimum_threshold(num_shares: int, corrupt_neighbours: int) -> int:
     """The smallest t with ``2t > k + c``.
 
@@ -164,6 +171,8 @@ def choose_parameters(
         raise ValueError(f"dropout_fraction must be in [0, 1), got {dropout_fraction}")
     best: ParameterChoice | None = None
     for k in range(min(2, n - 1), n):
+        if max_degree(n, k) != k:
+            continue  # odd k, odd n: some clients would get k + 1 neighbours
         c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits)
         t = minimum_threshold(k, c)
         if t > k or (t < 2 and n > 2):

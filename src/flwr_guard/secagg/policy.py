@@ -34,6 +34,7 @@ from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
     DEFAULT_SECURITY_BITS,
+    max_degree,
     minimum_threshold,
     tolerated_corrupt_neighbours,
 )
@@ -260,14 +261,17 @@ class SecAggPolicy:
                 f"the server asks for reconstruction_threshold {t}, this client's policy "
                 f"needs at least {self.min_reconstruction_threshold} ({NODE_MIN_THRESHOLD})"
             )
-        c = tolerated_corrupt_neighbours(n, k, self.corrupt_fraction, self.security_bits)
-        needed = minimum_threshold(k, c)
+        # Odd k over odd n gives some clients k + 1 neighbours (and share holders).
+        degree = max_degree(n, k)
+        c = tolerated_corrupt_neighbours(n, degree, self.corrupt_fraction, self.security_bits)
+        needed = minimum_threshold(degree, c)
         if t < needed or t > k:
             raise PolicyViolation(
                 f"the server asks for reconstruction_threshold {t} with num_shares {k} in a "
                 f"cohort of {n}; with corrupt_fraction {self.corrupt_fraction} and 2^-"
                 f"{self.security_bits} this client tolerates c = {c} corrupt neighbours and "
-                f"needs 2t > k + c, i.e. t >= {needed} (and t <= k)"
+                f"needs 2t > k + c{' (k + 1 neighbours for odd k and n)' if degree != k else ''}, "
+                f"i.e. t >= {needed} (and t <= k)"
             )
 
     def check_member(self, node_id: int, signing_key: bytes, pinned: Mapping[int, bytes]) -> None:
