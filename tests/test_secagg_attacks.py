@@ -573,3 +573,15 @@ def test_mod_without_roster_or_opt_in_refuses_naming_the_fix(tmp_path) -> None:
                         node_config={"secagg-trust-on-first-use": "true"})
     agg, report = run_strategy_round(fed)
     assert report.aborted is None and agg is not None
+
+
+def test_mod_server_matching_the_clients_gamma_runs_and_a_lower_one_is_refused(tmp_path) -> None:
+    # Clients assume 2 colluders among 8 (gamma 0.25); a server choosing for gamma 0.05
+    # asks for a t they refuse; one choosing for their gamma is accepted.
+    fed = ModFederation(8, tmp_path, node_config={"secagg-corrupt-fraction": "0.25"})
+    agg, report = run_strategy_round(fed)
+    assert agg is None and "aborted at advertise" in report.aborted
+    agg, report = run_strategy_round(fed, corrupt_fraction=0.25)
+    assert report.aborted is None
+    assert 2 * report.reconstruction_threshold > report.num_shares + 2
+    assert np.abs(agg - fed.expected_mean(fed.ids)).max() < SecAggParams(7, 5).step

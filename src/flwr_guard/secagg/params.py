@@ -263,12 +263,16 @@ class SecAggParams:
         quantization_range: int = 2**16,
         max_weight: int = DEFAULT_MAX_WEIGHT,
         extra_headroom: int = 0,
+        corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+        dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
     ) -> SecAggParams:
         """Parameters for ``num_clients`` clients, with the smallest modulus that fits.
 
         The sum of the masked vectors is ``sum_i w_i q_i + noise`` with ``w_i <= W``,
         ``q_i <= L``: it fits in b bits if ``n * (W * L + extra_headroom) < 2^b``
         (``extra_headroom``: per-client bound of anything else added, e.g. DP noise).
+        k and t not given come from :func:`choose_parameters` with ``corrupt_fraction``
+        and ``dropout_fraction`` (match the clients' policy: they refuse a lower t).
         32 bits are used when that holds, else 64 bits, which doubles the masked vector
         (the upload): a warning (logger ``flwr_guard.secagg.params``, once per
         parameter set) then names the largest ``max_weight`` that keeps 32 bits.
@@ -280,9 +284,12 @@ class SecAggParams:
             raise ValueError(f"SecAgg+ needs at least 2 clients, got {num_clients}")
         if num_shares:
             k = min(num_shares, num_clients - 1)
-            t = reconstruction_threshold or default_threshold(k, num_clients)
+            degree = max_degree(num_clients, k)
+            t = reconstruction_threshold or minimum_threshold(
+                degree, tolerated_corrupt_neighbours(num_clients, degree, corrupt_fraction)
+            )
         else:
-            choice = choose_parameters(num_clients)
+            choice = choose_parameters(num_clients, corrupt_fraction, dropout_fraction)
             k, t = choice.num_shares, reconstruction_threshold or choice.reconstruction_threshold
         t = min(t, k)
         bound = num_clients * (max_weight * quantization_range + extra_headroom)

@@ -55,7 +55,12 @@ from flwr_guard.secagg.client import (
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
-from flwr_guard.secagg.params import DEFAULT_MAX_WEIGHT, SecAggParams
+from flwr_guard.secagg.params import (
+    DEFAULT_CORRUPT_FRACTION,
+    DEFAULT_DROPOUT_FRACTION,
+    DEFAULT_MAX_WEIGHT,
+    SecAggParams,
+)
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
 from flwr_guard.secagg.transport import send_and_receive
@@ -151,6 +156,10 @@ class SecAggPlus(StrategyWrapper):
             warning naming the ``max_weight`` that would keep 32 bits).
         timeout: seconds to wait for the replies of each stage; late clients count as
             dropped.
+        corrupt_fraction, dropout_fraction: gamma and delta for the default k and t
+            (:func:`~flwr_guard.secagg.params.choose_parameters`); use the clients'
+            ``secagg-corrupt-fraction`` (a client refuses a t below what its own gamma
+            needs).
         masked_metrics: integer client metrics (counts, bits in ``[0, max_weight]``)
             that travel masked; the wrapped strategy receives their sum over the
             survivors (e.g. ``("dp-weight", "dp-unclipped-count")`` for DP-FedAvg with
@@ -172,6 +181,8 @@ class SecAggPlus(StrategyWrapper):
         max_weight: int = DEFAULT_MAX_WEIGHT,
         timeout: float = 300.0,
         masked_metrics: Sequence[str] = (),
+        corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+        dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -183,6 +194,8 @@ class SecAggPlus(StrategyWrapper):
         self.max_weight = max_weight
         self.timeout = timeout
         self.masked_metrics = tuple(masked_metrics)
+        self.corrupt_fraction = corrupt_fraction
+        self.dropout_fraction = dropout_fraction
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
 
@@ -257,6 +270,7 @@ class SecAggPlus(StrategyWrapper):
             params = SecAggParams.for_cohort(
                 len(cohort), self.num_shares, self.reconstruction_threshold,
                 self.clipping_range, self.quantization_range, self.max_weight,
+                corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction,
             )
             context = RoundContext(
                 grid.run.run_id, server_round, tuple(cohort), params,
