@@ -192,10 +192,12 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     progress_path = workdir / "progress.jsonl"
     # SecAgg+ federation roster (docs/secagg.md): a stable signing key per SuperNode and
-    # the signed roster of their public keys, written before any SuperNode starts.
-    per_node = () if options.simulation else tuple(
-        write_federation(tempfile.mkdtemp(prefix="secagg-", dir=workdir), options.nodes)
-    )
+    # the signed roster of their public keys, written before any SuperNode starts. One
+    # operator runs every node here, so a 2-node demo accepts a cohort of 2.
+    per_node = () if options.simulation else tuple(write_federation(
+        tempfile.mkdtemp(prefix="secagg-", dir=workdir), options.nodes,
+        min_cohort=2 if options.nodes == 2 else None,
+    ))
     topology = Topology.on_free_ports(
         nodes=options.nodes,
         superlink_port=options.superlink_port,

@@ -41,19 +41,26 @@ def load_signing_key(path: str | Path) -> bytes:
     return secret
 
 
-def write_federation(directory: str | Path, nodes: int, admin: bool = True) -> list[dict[str, str]]:
+def write_federation(
+    directory: str | Path, nodes: int, admin: bool = True, min_cohort: int | None = None
+) -> list[dict[str, str | int]]:
     """Set up a federation of ``nodes`` SuperNodes for SecAgg+: one signing-key file per
     node, the roster of their public keys (``roster.json``), signed by a fresh
     administrator key when ``admin`` (its private key is not kept).
 
+    Args:
+        min_cohort: written as each node's ``secagg-min-cohort`` when given (the
+            operator of a federation smaller than the default 3 says so explicitly).
+
     Returns:
-        each node's SecAgg+ node config: ``secagg-signing-key``, ``secagg-roster`` and
-        (when signed) ``secagg-roster-admin-key``.
+        each node's SecAgg+ node config: ``secagg-signing-key``, ``secagg-roster``,
+        (when signed) ``secagg-roster-admin-key`` and (when given) ``secagg-min-cohort``.
 
     Raises:
         FileExistsError: a key file exists already in ``directory``.
     """
     from flwr_guard.secagg.policy import (
+        NODE_MIN_COHORT,
         NODE_ROSTER,
         NODE_ROSTER_ADMIN_KEY,
         NODE_SIGNING_KEY,
@@ -71,7 +78,9 @@ def write_federation(directory: str | Path, nodes: int, admin: bool = True) -> l
     roster_path = directory / "roster.json"
     admin_secret, admin_public = crypto.ed25519_keypair() if admin else (None, None)
     Roster(tuple(members)).to_file(roster_path, admin_secret)
-    common = {NODE_ROSTER: str(roster_path)}
+    common: dict[str, str | int] = {NODE_ROSTER: str(roster_path)}
     if admin_public is not None:
         common[NODE_ROSTER_ADMIN_KEY] = admin_public.hex()
+    if min_cohort is not None:
+        common[NODE_MIN_COHORT] = int(min_cohort)
     return [{NODE_SIGNING_KEY: str(path), **common} for path in paths]

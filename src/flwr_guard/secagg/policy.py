@@ -256,7 +256,7 @@ class SecAggPolicy:
                 f"the server asks for num_shares {k}, this client's policy needs at least "
                 f"{self.min_num_shares} ({NODE_MIN_NUM_SHARES})"
             )
-        if t < self.min_reconstruction_threshold:
+        if t < min(self.min_reconstruction_threshold, k):  # (k = 1 only for a cohort of 2)
             raise PolicyViolation(
                 f"the server asks for reconstruction_threshold {t}, this client's policy "
                 f"needs at least {self.min_reconstruction_threshold} ({NODE_MIN_THRESHOLD})"
