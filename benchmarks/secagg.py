@@ -84,7 +84,7 @@ class RunSpec:
 
     @property
     def t(self) -> int | None:
-        return None if self.k is None else default_threshold(self.k)
+        return None if self.k is None else default_threshold(self.k, self.nodes)
 
     @property
     def key(self) -> str:
@@ -381,12 +381,14 @@ def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
     from flwr_guard.secagg.client import SecAggClient
     from flwr_guard.secagg.context import RoundContext
     from flwr_guard.secagg.params import SecAggParams
+    from flwr_guard.secagg.policy import SecAggPolicy
     from flwr_guard.secagg.server import SecAggServer
 
     params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
     ids = list(range(1, nodes + 1))
     context = RoundContext(1, 1, tuple(ids), params, dimension + 1, bytes(32))
-    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
+    policy = SecAggPolicy(trust_on_first_use=True)  # key checks: see secagg_hardening.py
+    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0], policy) for i in ids}
     server = SecAggServer(context)
     rng = np.random.default_rng(0)
     updates = {i: rng.uniform(-0.1, 0.1, dimension).astype(np.float32) for i in ids}
@@ -399,8 +401,11 @@ def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
         return out
 
     ads = {i: timed("advertise", lambda c=c: c.advertise(context)) for i, c in clients.items()}
-    u1 = timed("server: advertisements", lambda: server.receive_advertisements(ads))
-    shares = {i: timed("share-keys", lambda c=c: c.share_keys(u1)) for i, c in clients.items()}
+    roster = timed("server: advertisements", lambda: server.receive_advertisements(ads))
+    nonces = {i: timed("roster", lambda c=c: c.receive_roster(roster)) for i, c in clients.items()}
+    revealed = timed("server: nonces", lambda: server.receive_nonces(nonces))
+    shares = {i: timed("share-keys", lambda i=i, c=c: c.share_keys(
+        server.neighbour_advertisements(i), revealed)) for i, c in clients.items()}
     routed = timed("server: shares", lambda: server.receive_shares(shares))
     masked = {
         i: timed("masked-input", lambda c=c, i=i: c.masked_input(
@@ -414,7 +419,7 @@ def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
     reveals = {i: timed("unmask", lambda i=i: clients[i].unmask(active, dropped, requests[i]))
                for i in sigs}
     timed("server: unmask + aggregate", lambda: (server.receive_unmask(reveals), server.aggregate()))
-    client_stages = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
+    client_stages = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
     out = {s: 1000 * spent[s] / nodes for s in client_stages}
     out["client total"] = sum(out[s] for s in client_stages)
     out.update({s: 1000 * v for s, v in spent.items() if s.startswith("server")})

@@ -10,16 +10,19 @@ from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.client import (
     SecAggClient,
     pack_advertisements,
+    pack_nonces,
     pack_roster,
     unpack_advertisements,
+    unpack_nonces,
     unpack_roster,
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.policy import Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.quantization import dequantize_mean
 from flwr_guard.secagg.server import SecAggServer
 
-STAGES = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
+STAGES = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
 
 
 @dataclass
@@ -36,27 +39,50 @@ def make_round(n: int, d: int, seed: int = 0, params: SecAggParams | None = None
     ids = sorted({int(i) for i in rng.integers(1, 2**63 - 1, size=n)})
     params = params or SecAggParams.for_cohort(n, **kw)
     context = RoundContext(7, 1, tuple(sorted(ids)), params, d + 1, b"h" * 32)
-    clients = {i: SecAggClient(i, crypto.ed25519_keypair()[0]) for i in ids}
+    secrets = {i: crypto.ed25519_keypair()[0] for i in ids}
+    policy = federation_policy(secrets.values())
+    clients = {i: SecAggClient(i, secrets[i], policy) for i in ids}
     updates = {i: rng.normal(0, 0.3, size=d) for i in ids}
     weights = {i: int(rng.integers(1, 200)) for i in ids}
     return Round(clients, SecAggServer(context), updates, weights)
 
 
+def federation_policy(signing_secrets, **kw) -> SecAggPolicy:
+    """A policy whose federation roster lists the public keys of ``signing_secrets``."""
+    members = tuple(RosterMember(crypto.ed25519_public(s), f"m{j}") for j, s in enumerate(signing_secrets))
+    return SecAggPolicy(roster=Roster(members), **kw)
+
+
 def share_keys_payload(server: SecAggServer, node: int) -> bytes:
     """The share-keys payload the strategy sends ``node`` (codec-encoded, as on the wire
-    inside the ``secagg`` ConfigRecord): the roster of U1 + its neighbours' advertisements."""
+    inside the ``secagg`` ConfigRecord): every revealed nonce + its neighbours' advertisements."""
     return codec.encode({
-        "roster": pack_roster(server.roster()),
+        "nonces": pack_nonces(server.nonces),
         "advertisements": pack_advertisements(server.neighbour_advertisements(node)),
     })
+
+
+def roster_stage(r: Round, nodes) -> dict[int, bytes]:
+    """Each of ``nodes`` checks the roster the strategy sends (on the wire) and reveals."""
+    blob = codec.decode(codec.encode({"roster": pack_roster(r.server.roster())}))["roster"]
+    return {c: r.clients[c].receive_roster(unpack_roster(blob)) for c in nodes}
 
 
 def share_keys(r: Round, node: int) -> dict[int, bytes]:
     """``node``'s share-keys stage on the payload the strategy would send it."""
     payload = codec.decode(share_keys_payload(r.server, node))
     return r.clients[node].share_keys(
-        unpack_advertisements(payload["advertisements"]), unpack_roster(payload["roster"])
+        unpack_advertisements(payload["advertisements"]), unpack_nonces(payload["nonces"])
     )
+
+
+def setup(r: Round, nodes=None) -> dict[int, dict[int, bytes]]:
+    """Advertise, roster, share-keys for ``nodes`` (default: all); returns the routed shares."""
+    ctx = r.server.context
+    nodes = list(ctx.cohort) if nodes is None else nodes
+    u1 = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in nodes})
+    r.server.receive_nonces(roster_stage(r, [e.node_id for e in u1]))
+    return r.server.receive_shares({c: share_keys(r, c) for c in r.server.stats.advertised})
 
 
 def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[int, bytes] | None = None):
@@ -71,7 +97,8 @@ def run(r: Round, drop: dict[str, set[int]] | None = None, model_hashes: dict[in
     ctx = r.server.context
     ads = {c: r.clients[c].advertise(ctx) for c in alive("advertise", ctx.cohort)}
     u1 = r.server.receive_advertisements(ads)
-    shares = {c: share_keys(r, c) for c in alive("share-keys", [a.node_id for a in u1])}
+    r.server.receive_nonces(roster_stage(r, alive("roster", [e.node_id for e in u1])))
+    shares = {c: share_keys(r, c) for c in alive("share-keys", [e.node_id for e in u1])}
     for c in shares:  # the graph the clients derived is the server's
         assert r.clients[c].neighbour_ids == r.server.graph[c]
     routed = r.server.receive_shares(shares)
@@ -106,3 +133,145 @@ def expected_mean(r: Round, survivors: list[int]) -> np.ndarray:
 def mean_of(r: Round, total: np.ndarray, weight: int) -> np.ndarray:
     p = r.server.context.params
     return dequantize_mean(total, weight, p.clipping_range, p.quantization_range)
+
+
+# -- the real Flower adapters in one process -----------------------------------------
+# An in-process Grid: the real SecAggPlus strategy pushes real Flower Messages, each is
+# handed to the real secaggplus_mod of its destination node (with that node's own
+# Context: node config with a key file and the federation roster), and the reply comes
+# back through pull_messages. A deviating server is a ``tamper`` hook that rewrites
+# the instructions of one stage before they are delivered.
+
+
+class ModFederation:
+    """``n`` SuperNodes running ``secaggplus_mod`` around a train function that adds a
+    known update (node j: ``0.01 * (j + 1)`` on every value), over a signed roster."""
+
+    def __init__(self, n: int, tmp_path, d: int = 50, roster: bool = True, admin: bool = True,
+                 node_config: dict | None = None, seed: int = 0) -> None:
+        import time
+        import uuid
+
+        from flwr.app import Context, RecordDict
+
+        from flwr_guard.secagg.keys import write_signing_key
+        from flwr_guard.secagg.policy import Roster, RosterMember
+
+        self._uuid, self._time = uuid, time
+        rng = np.random.default_rng(seed)
+        self.ids = sorted({int(i) for i in rng.integers(1, 2**62, size=n)})
+        self.d = d
+        self.updates = {i: np.full(d, 0.01 * (j + 1), dtype=np.float32) for j, i in enumerate(self.ids)}
+        self.weights = {i: 10 * (j + 1) for j, i in enumerate(self.ids)}
+        self.admin_secret, self.admin_public = crypto.ed25519_keypair()
+        members, self.contexts = [], {}
+        for j, i in enumerate(self.ids):
+            key_file = tmp_path / f"node{j}.key"
+            members.append(RosterMember(write_signing_key(key_file), f"node{j}"))
+            config = {"secagg-signing-key": str(key_file), **(node_config or {})}
+            self.contexts[i] = Context(run_id=1, node_id=i, node_config=config,
+                                       state=RecordDict(), run_config={})
+        self.roster_path = tmp_path / "roster.json"
+        Roster(tuple(members)).to_file(self.roster_path, self.admin_secret if admin else None)
+        if roster:
+            for c in self.contexts.values():
+                c.node_config["secagg-roster"] = str(self.roster_path)
+                if admin:
+                    c.node_config["secagg-roster-admin-key"] = self.admin_public.hex()
+        self.seen: dict[int, list[str]] = {}  # node -> names of the ArrayRecords train saw
+        self.trained_on: dict[int, dict[str, np.ndarray]] = {}
+        self.tamper = None  # (stage, node, Message) -> Message | None
+        self.replies: dict = {}
+        self.pushed: list = []
+        self.run = type("Run", (), {"run_id": 1})()
+
+    # Grid API used by SecAggPlus and FedAvg
+    def get_node_ids(self):
+        return list(self.ids)
+
+    def _train(self, msg, context):
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        node = context.node_id
+        self.seen[node] = list(msg.content.array_records)
+        record = next(iter(msg.content.array_records.values()))
+        arrays = {k: v.numpy() for k, v in record.items()}
+        self.trained_on[node] = arrays
+        local = {k: v + self.updates[node][: v.size].reshape(v.shape) for k, v in arrays.items()}
+        return Message(RecordDict({
+            "arrays": ArrayRecord(numpy_ndarrays=list(local.values())),
+            "metrics": MetricRecord({"num-examples": self.weights[node], "train-loss": 0.5}),
+        }), reply_to=msg)
+
+    def deliver(self, msg):
+        """Give one instruction to its node's mod (as a SuperNode would); return the reply."""
+        from flwr.app import Message
+        from flwr.app.metadata import Metadata
+
+        from flwr_guard.secagg.mod import SECAGG_RECORD, secaggplus_mod
+
+        node = msg.metadata.dst_node_id
+        meta = Metadata(run_id=1, message_id=self._uuid.uuid4().hex, src_node_id=0,
+                        dst_node_id=node, reply_to_message_id="", group_id="1",
+                        created_at=self._time.time(), ttl=600.0,
+                        message_type=msg.metadata.message_type)
+        instruction = Message(content=msg.content, metadata=meta)
+        if self.tamper is not None:
+            stage = str(instruction.content.config_records[SECAGG_RECORD]["stage"])
+            instruction = self.tamper(stage, node, instruction)
+            if instruction is None:
+                return None
+        return secaggplus_mod(instruction, self.contexts[node], self._train)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            reply = self.deliver(msg)
+            key = self._uuid.uuid4().hex
+            ids.append(key)
+            self.pushed.append(msg)
+            if reply is not None:
+                self.replies[key] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = []
+        for key in message_ids:
+            if key in self.replies:
+                reply = self.replies.pop(key)
+                reply.metadata.__dict__["_reply_to_message_id"] = key
+                out.append(reply)
+        return out
+
+    def global_arrays(self):
+        from flwr.app import ArrayRecord
+
+        return ArrayRecord(numpy_ndarrays=[np.zeros(self.d, dtype=np.float32)])
+
+    def expected_mean(self, survivors) -> np.ndarray:
+        w = np.array([self.weights[c] for c in survivors], dtype=float)
+        x = np.stack([self.updates[c] for c in survivors]).astype(float)
+        return (w[:, None] * x).sum(0) / w.sum()
+
+
+def run_strategy_round(fed: ModFederation, **kwargs):
+    """One real SecAggPlus(FedAvg) round over ``fed``; returns (aggregate or None, report)."""
+    from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flwr_guard.secagg.strategy import SecAggPlus
+
+    strategy = SecAggPlus(FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
+                          timeout=0.2, **kwargs)  # replies are synchronous here
+    arrays = fed.global_arrays()
+    # What Flower's ServerApp runtime sets before a strategy creates Messages.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        messages = strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), fed)
+        replies = [r for r in (fed.deliver(m) for m in messages) if r is not None]
+        result, _ = strategy.aggregate_train(1, replies)
+    finally:
+        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+    agg = None if result is None else next(iter(result.values())).numpy()
+    return agg, strategy.history[-1]

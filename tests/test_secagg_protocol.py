@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
-
 from secagg_harness import expected_mean, make_round, mean_of, run
+
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.client import Advertisement, ProtocolError
 from flwr_guard.secagg.params import SecAggParams
@@ -84,31 +84,38 @@ def test_different_round_context_per_client_is_refused() -> None:
     ids = sorted(r.clients)
     import dataclasses
 
+    from flwr_guard.secagg.client import RosterEntry
+
     other = dataclasses.replace(ctx, model_hash=b"y" * 32)  # server lies to one client
     ads = [r.clients[i].advertise(other if i == ids[0] else ctx) for i in ids]
-    with pytest.raises(ProtocolError, match="another round context"):
-        r.clients[ids[1]].share_keys(ads)
+    with pytest.raises(ProtocolError, match="another run, round, cohort, parameters or model"):
+        r.clients[ids[1]].receive_roster([RosterEntry.of(a) for a in ads])
 
 
 def test_substituted_signing_key_is_refused_with_trusted_keys() -> None:
+    from flwr_guard.secagg.client import RosterEntry
+    from flwr_guard.secagg.policy import SecAggPolicy
+
     r = make_round(n=4, d=10)
     ids = sorted(r.clients)
     ctx = r.server.context
     ads = [r.clients[i].advertise(ctx) for i in ids]
     trusted = {i: crypto.ed25519_public(r.clients[i].signing_secret) for i in ids}
     # The server replaces node 1's keys with its own, correctly self-signed ones.
-    impostor = type(r.clients[ids[1]])(ids[1], crypto.ed25519_keypair()[0])
+    impostor = type(r.clients[ids[1]])(ids[1], crypto.ed25519_keypair()[0],
+                                        SecAggPolicy(trust_on_first_use=True))
     ads[1] = impostor.advertise(ctx)
     r.clients[ids[0]].trusted_keys = trusted
     with pytest.raises(ProtocolError, match="unexpected key"):
-        r.clients[ids[0]].share_keys(ads)
+        r.clients[ids[0]].receive_roster([RosterEntry.of(a) for a in ads])
 
 
 def _to_consistency(r):
+    from secagg_harness import setup
+
     ctx = r.server.context
     ids = sorted(r.clients)
-    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
-    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    routed = setup(r)
     replies = {}
     for c in ids:
         v, bad, _ = r.clients[c].masked_input(list(routed), routed[c], r.updates[c], r.weights[c], ctx.model_hash)
@@ -137,7 +144,7 @@ def test_client_never_reveals_both_shares_of_a_peer() -> None:
 def test_unmask_needs_threshold_valid_signatures() -> None:
     r = make_round(n=5, d=10)
     ids, u3, sigs = _to_consistency(r)
-    few = dict(list(sigs.items())[:2])
+    few = dict(list(sigs.items())[:1])  # t = 2 at n = 5
     with pytest.raises(ProtocolError, match="consistency signatures"):
         r.clients[ids[0]].unmask(u3, [], few)
     forged = dict(sigs)
@@ -147,12 +154,11 @@ def test_unmask_needs_threshold_valid_signatures() -> None:
 
 
 def test_malformed_shares_exclude_the_sender_not_the_round() -> None:
-    r = make_round(n=7, d=50, seed=2)
+    r = make_round(n=9, d=50, seed=2)
     ctx = r.server.context
     ids = sorted(r.clients)
     cheat = ids[2]
-    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
-    shares = {c: r.clients[c].share_keys(ads) for c in ids}
+    shares = _shares(r)
     victim = next(iter(shares[cheat]))
     shares[cheat][victim] = bytes(len(shares[cheat][victim]))  # garbage for one neighbour
     routed = r.server.receive_shares(shares)
@@ -162,15 +168,16 @@ def test_malformed_shares_exclude_the_sender_not_the_round() -> None:
         replies[c] = (v, bad)
     assert replies[victim][1] == [cheat]
     # A wrong-length vector from another client excludes that client too.
-    liar = ids[4]
+    liar = next(c for c in ids if c not in (cheat, victim))
     replies[liar] = (replies[liar][0][:-3], [])
     u3 = r.server.receive_masked_inputs(replies)
-    assert set(u3) == set(ids) - {cheat, liar}
+    # One report, one disputed pair: both ends are out of the sum (one of them lied).
+    assert set(u3) == set(ids) - {cheat, liar, victim}
     active, dropped, sigs = r.server.receive_signatures({c: r.clients[c].consistency(u3) for c in u3})
     r.server.receive_unmask({c: r.clients[c].unmask(active, dropped, sigs) for c in active})
     total, weight = r.server.aggregate()
     assert np.abs(mean_of(r, total, weight) - expected_mean(r, active)).max() < ctx.params.step
-    assert set(r.server.stats.excluded) == {cheat, liar}
+    assert set(r.server.stats.excluded) == {cheat, liar, victim}
 
 
 def test_quantisation_is_unbiased_and_refuses_nan() -> None:
@@ -229,8 +236,9 @@ def test_masked_metrics_reveal_only_their_sum() -> None:
     r.server = type(r.server)(ctx2)
     ids = sorted(r.clients)
     bits = {c: i % 2 for i, c in enumerate(ids)}
-    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx2) for c in ids})
-    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    from secagg_harness import setup
+
+    routed = setup(r)
     replies = {}
     for c in ids:
         v, bad, _ = r.clients[c].masked_input(
@@ -256,15 +264,14 @@ def test_share_keys_are_agreed_once_kept_in_the_state_and_erased_after_use() -> 
     r = make_round(n=5, d=10)
     ctx = r.server.context
     ids = sorted(r.clients)
-    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
-    routed = r.server.receive_shares({c: r.clients[c].share_keys(ads) for c in ids})
+    routed = r.server.receive_shares(_shares(r))
     # Through the mod's serialisation (context.state): the X25519 secret is gone, the
     # k derived keys survive.
     for c in ids:
         state = codec.decode(codec.encode(r.clients[c].to_state()))
         assert state["encryption_secret"] == b""
         assert {p for p, _ in state["share_encryption_keys"]} == set(r.clients[c].neighbour_ids)
-        r.clients[c] = SecAggClient.from_state(state, r.clients[c].signing_secret)
+        r.clients[c] = SecAggClient.from_state(state, r.clients[c].signing_secret, r.clients[c].policy)
     me = ids[0]
     _, bad, _ = r.clients[me].masked_input(list(routed), routed[me], r.updates[me], r.weights[me],
                                            ctx.model_hash)
@@ -276,13 +283,21 @@ def test_share_keys_are_agreed_once_kept_in_the_state_and_erased_after_use() -> 
                                    ctx.model_hash)
 
 
+def _shares(r, nodes=None):
+    """Advertise and roster stages, then every client's share-keys reply (not yet routed)."""
+    from secagg_harness import roster_stage, share_keys
+
+    ctx = r.server.context
+    nodes = sorted(r.clients) if nodes is None else nodes
+    u1 = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in nodes})
+    r.server.receive_nonces(roster_stage(r, [e.node_id for e in u1]))
+    return {c: share_keys(r, c) for c in nodes}
+
+
 def _keyed_round(n: int, k: int, seed: int):
     r = make_round(n=n, d=20, seed=seed, num_shares=k)
-    ctx = r.server.context
     ids = sorted(r.clients)
-    ads = r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
-    shares = {c: r.clients[c].share_keys(ads) for c in ids}
-    return r, ids, shares
+    return r, ids, _shares(r)
 
 
 def _masked_replies(r, routed, senders):
@@ -323,7 +338,7 @@ def test_dropped_client_with_too_few_share_holders_aborts_right_after_masked_inp
     replies = _masked_replies(r, routed, ids)
     with pytest.raises(SecAggAborted, match=rf"node {cheat} dropped and only 2 of its neighbours"):
         r.server.receive_masked_inputs(replies)
-    assert r.server.stats.excluded == {cheat: "a neighbour reported its shares as invalid"}
+    assert set(r.server.stats.excluded) == {cheat} and "bad-share reports" in r.server.stats.excluded[cheat]
     assert r.server.revealed == {}
 
 
@@ -347,27 +362,28 @@ def test_dropouts_within_tolerance_do_not_abort_early() -> None:
 
 
 def _share_keys_setup(n: int, k: int, seed: int = 5):
+    from secagg_harness import roster_stage
+
     r = make_round(n=n, d=20, seed=seed, num_shares=k)
     ctx = r.server.context
     ids = sorted(r.clients)
     r.server.receive_advertisements({c: r.clients[c].advertise(ctx) for c in ids})
+    r.server.receive_nonces(roster_stage(r, ids))
     return r, ids
 
 
-def test_share_keys_message_is_the_roster_plus_k_advertisements() -> None:
+def test_share_keys_message_is_the_nonces_plus_k_advertisements() -> None:
     from secagg_harness import share_keys_payload
 
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.client import ADVERTISEMENT_BYTES, ROSTER_ENTRY_BYTES
+    from flwr_guard.secagg.client import ADVERTISEMENT_BYTES, NONCE_ENTRY_BYTES
 
-    r, ids = _share_keys_setup(n=40, k=6)
-    me = ids[0]
-    payload = codec.decode(share_keys_payload(r.server, me))
-    assert len(payload["roster"]) == 40 * ROSTER_ENTRY_BYTES
+    r = make_round(n=40, d=20, seed=5, num_shares=6)
+    total, weight, survivors = run(r)  # drives every stage through the wire payloads
+    ids = sorted(r.clients)
+    payload = codec.decode(share_keys_payload(r.server, ids[0]))
+    assert len(payload["nonces"]) == 40 * NONCE_ENTRY_BYTES
     assert len(payload["advertisements"]) == 6 * ADVERTISEMENT_BYTES
-    full = codec.encode({"advertisements": [r.server.advertisements[i].to_dict() for i in ids]})
-    assert len(share_keys_payload(r.server, me)) < 0.45 * len(full)
-    total, weight, survivors = run(r)  # drives share-keys through the same payloads
     assert weight == sum(r.weights.values())
     assert np.abs(mean_of(r, total, weight) - expected_mean(r, survivors)).max() < r.server.context.params.step
     for c in ids:  # each client keeps only its own and its neighbours' advertisements
@@ -376,82 +392,52 @@ def test_share_keys_message_is_the_roster_plus_k_advertisements() -> None:
         assert set(client.roster) == set(ids) and set(client.pinned_keys) == set(ids)
 
 
-def _payload_for(r, node):
-    return r.server.neighbour_advertisements(node), r.server.roster()
-
-
 def test_neighbour_advertisement_differing_from_the_roster_is_refused() -> None:
     r, ids = _share_keys_setup(n=12, k=4)
     me = ids[0]
-    ads, roster = _payload_for(r, me)
+    ads = r.server.neighbour_advertisements(me)
     victim = ads[0].node_id
     # The server swaps a neighbour's keys for its own, correctly self-signed ones, and
     # leaves the roster (so the graph) alone.
-    impostor = type(r.clients[victim])(victim, crypto.ed25519_keypair()[0])
+    impostor = type(r.clients[victim])(victim, r.clients[victim].signing_secret, r.clients[victim].policy)
     ads[0] = impostor.advertise(r.server.context)
     with pytest.raises(ProtocolError, match="differs from its roster entry"):
-        r.clients[me].share_keys(ads, roster)
+        r.clients[me].share_keys(ads, r.server.nonces)
 
 
-def test_substituted_key_in_the_roster_is_refused_when_pinned() -> None:
+def test_missing_neighbour_advertisement_or_nonce_is_refused() -> None:
     r, ids = _share_keys_setup(n=12, k=4)
     me = ids[0]
-    ads, roster = _payload_for(r, me)
-    victim = ads[0].node_id
-    r.clients[me].pinned_keys = {e.node_id: e.signing_key for e in roster}
-    impostor = type(r.clients[victim])(victim, crypto.ed25519_keypair()[0])
-    fake = impostor.advertise(r.server.context)
-    from flwr_guard.secagg.client import RosterEntry
-
-    roster = [RosterEntry.of(fake) if e.node_id == victim else e for e in roster]
-    ads[0] = fake
-    with pytest.raises(ProtocolError, match="unexpected key"):
-        r.clients[me].share_keys(ads, roster)
-
-
-def test_missing_neighbour_advertisement_or_altered_own_entry_is_refused() -> None:
-    from flwr_guard.secagg.client import RosterEntry
-
-    r, ids = _share_keys_setup(n=12, k=4)
-    me = ids[0]
-    ads, roster = _payload_for(r, me)
+    ads = r.server.neighbour_advertisements(me)
     with pytest.raises(ProtocolError, match="missing"):
-        r.clients[me].share_keys(ads[1:], roster)
-    altered = [RosterEntry(e.node_id, e.signing_key, bytes(64)) if e.node_id == me else e for e in roster]
-    with pytest.raises(ProtocolError, match="own advertisement"):
-        r.clients[me].share_keys(ads, altered)
-    with pytest.raises(ProtocolError, match="not in the cohort"):
-        r.clients[me].share_keys(ads, [*roster, RosterEntry(12345, bytes(32), bytes(64))])
+        r.clients[me].share_keys(ads[1:], r.server.nonces)
+    fewer = dict(r.server.nonces)
+    fewer.pop(ids[5])
+    with pytest.raises(ProtocolError, match="graph nonces missing"):
+        r.clients[me].share_keys(ads, fewer)
+    other = dict(r.server.nonces)
+    other[ids[5]] = bytes(32)
+    with pytest.raises(ProtocolError, match="does not match its commitment"):
+        r.clients[me].share_keys(ads, other)
 
 
-def test_neighbour_signed_for_another_context_is_refused_with_the_roster() -> None:
-    import dataclasses
-
-    r, ids = _share_keys_setup(n=12, k=4)
-    ctx = r.server.context
-    other = dataclasses.replace(ctx, model_hash=b"y" * 32)  # the server lies to one client
-    liar = ids[3]
-    ads = {i: r.clients[i].advertise(other if i == liar else ctx) for i in ids}
-    # An honest server would exclude the liar (its signature fails under ctx): build
-    # the payload of one of the liar's neighbours by hand, as a malicious server would.
-    from flwr_guard.secagg.client import RosterEntry, graph_seed
-    from flwr_guard.secagg.graph import neighbours
-
-    graph = neighbours(ids, ctx.params.num_shares, graph_seed(ctx.digest(), list(ads.values())))
-    me = graph[liar][0]
-    roster = [RosterEntry.of(ads[i]) for i in ids]
-    with pytest.raises(ProtocolError, match="another round context"):
-        r.clients[me].share_keys([ads[v] for v in graph[me]], roster)
-
-
-def test_malformed_share_keys_payloads_are_refused() -> None:
-    from flwr_guard.secagg.client import unpack_advertisements, unpack_roster
+def test_malformed_payloads_are_refused() -> None:
+    from flwr_guard.secagg.client import (
+        ROSTER_ENTRY_BYTES,
+        unpack_advertisements,
+        unpack_nonces,
+        unpack_roster,
+    )
 
     with pytest.raises(ProtocolError):
-        unpack_roster(bytes(103))
+        unpack_roster(bytes(ROSTER_ENTRY_BYTES - 1))
     with pytest.raises(ProtocolError):
         unpack_advertisements(bytes(199))
+    with pytest.raises(ProtocolError):
+        unpack_nonces(bytes(39))
+    with pytest.raises(ProtocolError):
+        unpack_nonces(bytes(80))  # node 0 twice
     r, ids = _share_keys_setup(n=6, k=4)
-    bad = Advertisement(ids[0], bytes(33), bytes(32), bytes(32), bytes(32), bytes(64))
+    bad = Advertisement(ids[0], bytes(33), bytes(32), bytes(32), bytes(32), bytes(32), bytes(64))
     with pytest.raises(ProtocolError):
         bad.to_bytes()

@@ -25,6 +25,7 @@ from typing import Any
 from flwr_guard.apps.digits import app_dir as digits_app_dir
 from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology
 from flwr_guard.deployment.local import FINISHED_PREFIX
+from flwr_guard.secagg.keys import write_federation
 from flwr_guard.telemetry.exporter import preferred_port
 from flwr_guard.telemetry.prometheus_server import (
     PrometheusError,
@@ -196,11 +197,19 @@ def run_demo(
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="flwr-guard-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     progress_path = workdir / "progress.jsonl"
+    # SecAgg+ federation roster (docs/secagg.md): a stable signing key per SuperNode and
+    # the signed roster of their public keys, written before any SuperNode starts. One
+    # operator runs every node here, so a 2-node demo accepts a cohort of 2.
+    per_node = () if options.simulation else tuple(write_federation(
+        tempfile.mkdtemp(prefix="secagg-", dir=workdir), options.nodes,
+        min_cohort=2 if options.nodes == 2 else None,
+    ))
     topology = Topology.on_free_ports(
         nodes=options.nodes,
         superlink_port=options.superlink_port,
         simulation=options.simulation,
         node_config=options.node_config,
+        per_node_config=per_node,
     )
     metrics_port = preferred_port(9464)  # 9464 unless taken, then a free port
     app_dir = options.app_dir or digits_app_dir()

@@ -62,6 +62,8 @@ class Topology:
             ``host``. Its own SuperExec dials it, so loopback is enough and keeps the
             unauthenticated runtime API off the network.
         tls: the SuperLink's TLS material; ``None``: ``--insecure`` (loopback only).
+        per_node_config: extra ``--node-config`` entries of each SuperNode (one mapping
+            per node, e.g. its SecAgg+ signing-key file); empty: none.
         supernode_auth_keys: OpenSSH EC private key of each SuperNode; non-empty turns
             on SuperNode authentication (needs ``tls``). Public keys sit next to them
             with a ``.pub`` suffix (``ssh-keygen``'s convention).
@@ -81,6 +83,7 @@ class Topology:
     supernode_host: str | None = None
     tls: TlsConfig | None = None
     supernode_auth_keys: tuple[str, ...] = ()
+    per_node_config: tuple[NodeConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -111,6 +114,7 @@ class Topology:
         host: str = "127.0.0.1",
         tls: TlsConfig | None = None,
         supernode_auth_keys: tuple[str, ...] = (),
+        per_node_config: tuple[NodeConfig, ...] = (),
     ) -> Topology:
         """Build a topology whose unset ports (0) are free ports chosen by the kernel."""
         ports = tuple(free_port(host) for _ in range(0 if simulation else nodes))
@@ -123,6 +127,7 @@ class Topology:
             node_config=dict(node_config or {}),
             tls=tls,
             supernode_auth_keys=tuple(supernode_auth_keys),
+            per_node_config=tuple(per_node_config),
         )
 
     # -- addresses -------------------------------------------------------------------
@@ -167,6 +172,7 @@ class Topology:
             "partition-id": index,
             "num-partitions": self.nodes,
             **self.node_config,
+            **(self.per_node_config[index] if index < len(self.per_node_config) else {}),
         }
         return " ".join(
             f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"

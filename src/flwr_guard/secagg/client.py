@@ -7,22 +7,28 @@ Single-Server Aggregation with (Poly)Logarithmic Overhead" (CCS 2020, section 3)
 
 Stages, each one request from the server and one reply:
 
-1. :meth:`SecAggClient.advertise`: fresh X25519 keys for share encryption and for
-   pairwise masks, signed with the client's long-term Ed25519 key over the round
-   context (which includes the hash of the model the server will send).
-2. :meth:`SecAggClient.share_keys`: from the roster of U1 (every advertiser's id,
-   signing key and signature) check ids and signing keys (trusted or pinned) and derive
-   the neighbour graph; verify the neighbours' full signed keys (same round context,
-   equal to their roster entries), Shamir-share the self-mask seed and the mask key
-   among the neighbours, encrypt each share for its holder (AES-GCM under an
-   X25519+HKDF key).
-3. :meth:`SecAggClient.masked_input`: check the received model against the announced
+1. :meth:`SecAggClient.advertise`: check the round (cohort, k, t) against the client's
+   own :class:`~flwr_guard.secagg.policy.SecAggPolicy`; fresh X25519 keys for share
+   encryption and for pairwise masks and a commitment to a fresh graph nonce, signed
+   with the client's long-term Ed25519 key over the round context (which includes the
+   hash of the model the server will send).
+2. :meth:`SecAggClient.receive_roster`: the roster of U1 (every advertiser's id,
+   signing key, nonce commitment, keys digest, signature): verify every signature,
+   check every key against the federation roster (or the pins), refuse a key under
+   two ids; reveal the graph nonce.
+3. :meth:`SecAggClient.share_keys`: check every revealed nonce against its
+   commitment; the graph seed hashes them all, so no party can choose the graph;
+   verify the neighbours' full advertisements against their roster entries,
+   Shamir-share the self-mask seed and the mask key among the neighbours, encrypt each
+   share for its holder (AES-GCM under an X25519+HKDF key).
+4. :meth:`SecAggClient.masked_input`: check the received model against the announced
    hash, decrypt the shares held for neighbours, quantise the update, mask it with the
    self mask and the pairwise masks of the neighbours that shared.
-4. :meth:`SecAggClient.consistency`: sign the set of clients whose input is in the sum.
-5. :meth:`SecAggClient.unmask`: after checking the peers' signatures on that set, reveal
-   for each neighbour either the share of its self-mask seed (it is in the sum) or of
-   its mask key (it dropped) — never both, never below the threshold.
+5. :meth:`SecAggClient.consistency`: sign the set of clients whose input is in the
+   sum, bound to the roster digest and the graph seed.
+6. :meth:`SecAggClient.unmask`: after checking the neighbours' signatures on that set,
+   reveal for each neighbour either the share of its self-mask seed (it is in the sum)
+   or of its mask key (it dropped) — never both, never below the threshold.
 
 A client that finds anything inconsistent raises :class:`ProtocolError` and sends
 nothing more in the round.
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,42 +46,48 @@ import numpy as np
 
 from flwr_guard.secagg import crypto, prg
 from flwr_guard.secagg.context import RoundContext, ids_bytes
+from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.quantization import quantize
 
 SELF_MASK = "self-mask"
+SHARE_PLAINTEXT_BYTES = 2 + 2 * crypto.SECRET_BYTES
+MAX_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
 MASK_KEY = "mask-key"
 
 
-class ProtocolError(RuntimeError):
-    """The client refuses to continue the round: the server or a peer misbehaved."""
 
 
 @dataclass(frozen=True)
 class Advertisement:
-    """A client's signed public keys for one round (stage 1 reply)."""
+    """A client's signed public keys for one round (stage 1 reply).
+
+    The signature covers the round context, the id, the signing key, the commitment
+    to the graph nonce and a digest of the round keys (:meth:`keys_digest`), so the
+    104-byte-plus :class:`RosterEntry` that every client receives of every other is
+    verifiable on its own.
+    """
 
     node_id: int
     encryption_key: bytes
     mask_key: bytes
     signing_key: bytes
     self_mask_commitment: bytes
+    nonce_commitment: bytes
     signature: bytes
 
-    def signed_payload(self, context_digest: bytes) -> bytes:
+    def keys_digest(self) -> bytes:
         return crypto.transcript(
-            b"advertise",
-            context_digest,
-            struct.pack(">Q", self.node_id),
-            self.encryption_key,
-            self.mask_key,
-            self.signing_key,
-            self.self_mask_commitment,
+            b"round-keys", self.encryption_key, self.mask_key, self.self_mask_commitment
         )
+
+    def signed_payload(self, context_digest: bytes) -> bytes:
+        return RosterEntry.of(self).signed_payload(context_digest)
 
     def verify(self, context_digest: bytes) -> None:
         """Raises :class:`crypto.CryptoError` if the signature does not verify."""
-        crypto.verify(self.signing_key, self.signed_payload(context_digest), self.signature)
+        RosterEntry.of(self).verify(context_digest)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,20 +96,22 @@ class Advertisement:
             "mask_key": self.mask_key,
             "signing_key": self.signing_key,
             "self_mask_commitment": self.self_mask_commitment,
+            "nonce_commitment": self.nonce_commitment,
             "signature": self.signature,
         }
 
     def to_bytes(self) -> bytes:
         """Fixed-width binary form (:data:`ADVERTISEMENT_BYTES` bytes: big-endian id,
-        then the keys, commitment and signature).
+        then the keys, commitments and signature).
 
         Raises:
             ProtocolError: a field has another length than X25519 / Ed25519 / SHA-256 give.
         """
         fields = (self.encryption_key, self.mask_key, self.signing_key,
-                  self.self_mask_commitment, self.signature)
-        if tuple(map(len, fields)) != _AD_FIELD_BYTES or not 0 <= self.node_id < 2**64:
-            raise ProtocolError(f"advertisement of node {self.node_id} has malformed fields")
+                  self.self_mask_commitment, self.nonce_commitment, self.signature)
+        if (not all(isinstance(f, bytes) for f in fields)
+                or tuple(map(len, fields)) != _AD_FIELD_BYTES or not _is_id(self.node_id)):
+            raise ProtocolError(f"advertisement of node {self.node_id!r} has malformed fields")
         return struct.pack(">Q", self.node_id) + b"".join(fields)
 
     @classmethod
@@ -117,55 +131,81 @@ class Advertisement:
         return cls(node_id, *parts)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Advertisement:
-        try:
-            return cls(
-                node_id=int(data["node_id"]),
-                encryption_key=bytes(data["encryption_key"]),
-                mask_key=bytes(data["mask_key"]),
-                signing_key=bytes(data["signing_key"]),
-                self_mask_commitment=bytes(data["self_mask_commitment"]),
-                signature=bytes(data["signature"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ProtocolError(f"malformed advertisement: {err}") from err
+    def from_dict(cls, data: Any) -> Advertisement:
+        """Parse a (possibly hostile) advertisement: every field is type- and
+        length-checked before use (no ``bytes(int)`` allocation).
+
+        Raises:
+            ProtocolError: a missing field, another type or length, an id outside uint64.
+        """
+        if not isinstance(data, dict):
+            raise ProtocolError("malformed advertisement: not a mapping")
+        node_id = data.get("node_id")
+        if not _is_id(node_id):
+            raise ProtocolError(f"malformed advertisement: node id {node_id!r} is not a uint64")
+        names = ("encryption_key", "mask_key", "signing_key", "self_mask_commitment",
+                 "nonce_commitment", "signature")
+        values = []
+        for name, size in zip(names, _AD_FIELD_BYTES, strict=True):
+            value = data.get(name)
+            if not isinstance(value, bytes) or len(value) != size:
+                raise ProtocolError(f"malformed advertisement: {name} must be {size} bytes")
+            values.append(value)
+        return cls(node_id, *values)
 
 
-# encryption key, mask key, signing key, self-mask commitment, signature
-_AD_FIELD_BYTES = (32, 32, 32, 32, 64)
-ADVERTISEMENT_BYTES = 8 + sum(_AD_FIELD_BYTES)  # 200
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+# encryption key, mask key, signing key, self-mask commitment, nonce commitment, signature
+_AD_FIELD_BYTES = (32, 32, 32, 32, 32, 64)
+ADVERTISEMENT_BYTES = 8 + sum(_AD_FIELD_BYTES)  # 232
 
 
 @dataclass(frozen=True)
 class RosterEntry:
-    """What every client learns of every advertiser in share-keys: enough to derive the
-    neighbour graph (:func:`graph_seed` hashes the ids and signatures) and to check and
-    pin the signing keys of all n, without the other n - k advertisements."""
+    """What every client learns of every advertiser: id, signing key, the commitment
+    to its graph nonce, the digest of its round keys and its signature over them, all
+    verifiable without the full advertisement (:meth:`verify`)."""
 
     node_id: int
     signing_key: bytes
+    nonce_commitment: bytes
+    keys_digest: bytes
     signature: bytes
 
     @classmethod
     def of(cls, ad: Advertisement) -> RosterEntry:
-        return cls(ad.node_id, ad.signing_key, ad.signature)
+        return cls(ad.node_id, ad.signing_key, ad.nonce_commitment, ad.keys_digest(), ad.signature)
+
+    def signed_payload(self, context_digest: bytes) -> bytes:
+        return crypto.transcript(
+            b"advertise", context_digest, struct.pack(">Q", self.node_id),
+            self.signing_key, self.nonce_commitment, self.keys_digest,
+        )
+
+    def verify(self, context_digest: bytes) -> None:
+        """Raises :class:`crypto.CryptoError` if the signature does not verify."""
+        crypto.verify(self.signing_key, self.signed_payload(context_digest), self.signature)
 
 
-ROSTER_ENTRY_BYTES = 8 + 32 + 64  # id, Ed25519 public key, Ed25519 signature
+ROSTER_ENTRY_BYTES = 8 + 32 + 32 + 32 + 64  # 168: id, key, nonce commitment, keys digest, signature
+NONCE_ENTRY_BYTES = 8 + crypto.SECRET_BYTES  # id, revealed nonce
 
 
 def pack_roster(entries: Iterable[RosterEntry]) -> bytes:
-    """Concatenation of :data:`ROSTER_ENTRY_BYTES`-byte records (big-endian id, key,
-    signature), in the given order.
+    """Concatenation of :data:`ROSTER_ENTRY_BYTES`-byte records, in the given order.
 
     Raises:
-        ProtocolError: an id outside uint64, or a key or signature of another length.
+        ProtocolError: an id outside uint64, or a field of another length.
     """
     out = []
     for e in entries:
-        if len(e.signing_key) != 32 or len(e.signature) != 64 or not 0 <= e.node_id < 2**64:
-            raise ProtocolError(f"roster entry of node {e.node_id} has malformed fields")
-        out.append(struct.pack(">Q", e.node_id) + e.signing_key + e.signature)
+        fields = (e.signing_key, e.nonce_commitment, e.keys_digest, e.signature)
+        if tuple(map(len, fields)) != (32, 32, 32, 64) or not _is_id(e.node_id):
+            raise ProtocolError(f"roster entry of node {e.node_id!r} has malformed fields")
+        out.append(struct.pack(">Q", e.node_id) + b"".join(fields))
     return b"".join(out)
 
 
@@ -175,14 +215,46 @@ def unpack_roster(blob: bytes) -> list[RosterEntry]:
     Raises:
         ProtocolError: the length is not a multiple of :data:`ROSTER_ENTRY_BYTES`.
     """
-    if len(blob) % ROSTER_ENTRY_BYTES:
-        raise ProtocolError(f"roster of {len(blob)} bytes is not whole entries")
+    if not isinstance(blob, bytes) or len(blob) % ROSTER_ENTRY_BYTES:
+        raise ProtocolError("roster is not whole entries")
     entries = []
     for pos in range(0, len(blob), ROSTER_ENTRY_BYTES):
         (node_id,) = struct.unpack(">Q", blob[pos : pos + 8])
-        entries.append(RosterEntry(node_id, bytes(blob[pos + 8 : pos + 40]),
-                                   bytes(blob[pos + 40 : pos + ROSTER_ENTRY_BYTES])))
+        p = pos + 8
+        entries.append(RosterEntry(node_id, blob[p : p + 32], blob[p + 32 : p + 64],
+                                   blob[p + 64 : p + 96], blob[p + 96 : p + 160]))
     return entries
+
+
+def pack_nonces(nonces: Mapping[int, bytes]) -> bytes:
+    """Revealed graph nonces as sorted (id, 32-byte nonce) records.
+
+    Raises:
+        ProtocolError: an id outside uint64 or a nonce of another length.
+    """
+    out = []
+    for node in sorted(nonces):
+        if not _is_id(node) or len(nonces[node]) != crypto.SECRET_BYTES:
+            raise ProtocolError(f"graph nonce of node {node!r} is malformed")
+        out.append(struct.pack(">Q", node) + nonces[node])
+    return b"".join(out)
+
+
+def unpack_nonces(blob: bytes) -> dict[int, bytes]:
+    """Inverse of :func:`pack_nonces`.
+
+    Raises:
+        ProtocolError: not whole records, or an id repeated.
+    """
+    if not isinstance(blob, bytes) or len(blob) % NONCE_ENTRY_BYTES:
+        raise ProtocolError("graph nonces are not whole records")
+    out: dict[int, bytes] = {}
+    for pos in range(0, len(blob), NONCE_ENTRY_BYTES):
+        (node,) = struct.unpack(">Q", blob[pos : pos + 8])
+        if node in out:
+            raise ProtocolError(f"graph nonce of node {node} given twice")
+        out[node] = blob[pos + 8 : pos + NONCE_ENTRY_BYTES]
+    return out
 
 
 def pack_advertisements(ads: Iterable[Advertisement]) -> bytes:
@@ -196,10 +268,21 @@ def unpack_advertisements(blob: bytes) -> list[Advertisement]:
     Raises:
         ProtocolError: the length is not a multiple of :data:`ADVERTISEMENT_BYTES`.
     """
-    if len(blob) % ADVERTISEMENT_BYTES:
-        raise ProtocolError(f"advertisements of {len(blob)} bytes are not whole records")
+    if not isinstance(blob, bytes) or len(blob) % ADVERTISEMENT_BYTES:
+        raise ProtocolError("advertisements are not whole records")
     return [Advertisement.from_bytes(blob[p : p + ADVERTISEMENT_BYTES])
             for p in range(0, len(blob), ADVERTISEMENT_BYTES)]
+
+
+def commit_nonce(nonce: bytes) -> bytes:
+    """Commitment to a graph nonce (SHA-256: hiding for a 256-bit random nonce, binding)."""
+    return crypto.transcript(b"graph-nonce", nonce)
+
+
+def roster_digest(entries: Iterable[RosterEntry]) -> bytes:
+    """Digest of U1's roster in id order: bound into the graph seed and into every
+    consistency signature, so clients shown different rosters never agree."""
+    return crypto.transcript(b"roster", pack_roster(sorted(entries, key=lambda e: e.node_id)))
 
 
 def commit_self_mask(seed: bytes) -> bytes:
@@ -208,21 +291,25 @@ def commit_self_mask(seed: bytes) -> bytes:
     return crypto.transcript(b"self-mask-commitment", seed)
 
 
-def graph_seed(
-    context_digest: bytes, advertisements: Sequence[Advertisement | RosterEntry]
-) -> bytes:
-    """Seed of the neighbour graph: a hash of the context and the signatures of all of
-    U1 in id order (the same from advertisements or from their roster entries)."""
-    ordered = sorted(advertisements, key=lambda a: a.node_id)
-    return crypto.transcript(b"graph", context_digest, *(a.signature for a in ordered))
+def graph_seed(context_digest: bytes, roster: bytes, nonces: Mapping[int, bytes]) -> bytes:
+    """Seed of the neighbour graph: a hash of the context, the roster digest and the
+    nonces every member of U1 committed to in its advertisement and revealed only
+    after the roster was fixed. One honest member's nonce makes it uniform and
+    unknown to the server until the roster is fixed (commit-then-reveal), so the
+    server cannot re-draw the graph by choosing or re-signing roster entries."""
+    return crypto.transcript(
+        b"graph", context_digest, roster, *(nonces[i] for i in sorted(nonces))
+    )
 
 
 def share_aad(context_digest: bytes, sender: int, recipient: int) -> bytes:
     return crypto.transcript(b"share", context_digest, struct.pack(">QQ", sender, recipient))
 
 
-def consistency_payload(context_digest: bytes, survivors: list[int]) -> bytes:
-    return crypto.transcript(b"consistency", context_digest, ids_bytes(survivors))
+def consistency_payload(context_digest: bytes, roster: bytes, seed: bytes, survivors: list[int]) -> bytes:
+    """What a client signs in the consistency stage: the survivor set, bound to the
+    round context, the roster digest and the graph seed."""
+    return crypto.transcript(b"consistency", context_digest, roster, seed, ids_bytes(survivors))
 
 
 def pairwise_seed(own_mask_secret: bytes, peer_mask_public: bytes, context_digest: bytes) -> bytes:
@@ -242,26 +329,27 @@ class SecAggClient:
 
     Args:
         node_id: this client's id in the cohort.
-        signing_secret: the client's long-term Ed25519 private key (32 raw bytes).
-        trusted_keys: node id -> Ed25519 public key known out of band; when given,
-            a peer whose signing key differs is refused (defeats key substitution).
+        signing_secret: the client's long-term Ed25519 private key (32 raw bytes); a
+            federation roster lists its public key.
+        policy: what this client accepts whatever the server says
+            (:class:`~flwr_guard.secagg.policy.SecAggPolicy`: smallest cohort, k, t,
+            corrupt fraction, the federation roster or trust on first use). The
+            default refuses every round: it has no roster and no trust on first use.
+        trusted_keys: node id -> Ed25519 public key known out of band; a peer whose
+            signing key differs is refused.
         pinned_keys: node id -> signing key seen in earlier rounds (trust on first
             use); a peer whose key changed is refused.
 
-    Secrets of the round, and how long they live: the X25519 share-encryption private
-    key from :meth:`advertise` until :meth:`share_keys`, which derives the k
-    per-neighbour AES keys (``share_encryption_keys``) and erases it; those keys until
-    :meth:`masked_input` has opened the shares addressed to this client, then they are
-    erased too. The mask key and self-mask seed stay for the round.
-
-    From share-keys on, ``roster`` holds the id, signing key and signature of every
-    client in U1 (104 bytes each: what the graph and the survivor-set checks need) and
-    ``advertisements`` only this client's own and its k neighbours' full advertisements
-    (every later stage uses the keys of neighbours only).
+    Secrets of the round, and how long they live: the graph nonce until the roster is
+    fixed (:meth:`receive_roster` reveals it); the X25519 share-encryption private key
+    from :meth:`advertise` until :meth:`share_keys`, which derives the k per-neighbour
+    AES keys and erases it; those keys until :meth:`masked_input` has opened the shares
+    addressed to this client. The mask key and self-mask seed stay for the round.
     """
 
     node_id: int
     signing_secret: bytes
+    policy: SecAggPolicy = field(default_factory=SecAggPolicy)
     trusted_keys: dict[int, bytes] = field(default_factory=dict)
     pinned_keys: dict[int, bytes] = field(default_factory=dict)
     context: RoundContext | None = None
@@ -269,8 +357,11 @@ class SecAggClient:
     share_encryption_keys: dict[int, bytes] = field(default_factory=dict)
     mask_secret: bytes = b""
     self_mask_seed: bytes = b""
+    nonce: bytes = b""
     advertisements: dict[int, Advertisement] = field(default_factory=dict)
     roster: dict[int, RosterEntry] = field(default_factory=dict)
+    roster_hash: bytes = b""
+    seed: bytes = b""
     neighbour_ids: list[int] = field(default_factory=list)
     shared_ids: list[int] = field(default_factory=list)
     held_shares: dict[int, tuple[int, bytes, bytes]] = field(default_factory=dict)
@@ -279,23 +370,30 @@ class SecAggClient:
 
     # -- stage 1 -------------------------------------------------------------------
     def advertise(self, context: RoundContext) -> Advertisement:
-        """Generate this round's keys and sign them over the round context.
+        """Check the round against the policy, generate this round's keys and graph
+        nonce, and sign them (with the nonce's commitment) over the round context.
 
         Raises:
-            ProtocolError: if this client is not in the cohort.
+            ProtocolError: this client is not in the cohort, or the round asks for less
+                than the policy (:class:`~flwr_guard.secagg.policy.PolicyViolation`).
         """
         if self.node_id not in context.cohort:
             raise ProtocolError(f"node {self.node_id} is not in the announced cohort")
+        if self.policy.roster is None and not self.policy.trust_on_first_use:
+            raise PolicyViolation(self.policy.no_roster_message())
+        self.policy.check_context(context)
         self.context = context
         self.encryption_secret, encryption_public = crypto.x25519_keypair()
         self.mask_secret, mask_public = crypto.x25519_keypair()
         self.self_mask_seed = crypto.random_secret()
+        self.nonce = crypto.random_secret()
         unsigned = Advertisement(
             node_id=self.node_id,
             encryption_key=encryption_public,
             mask_key=mask_public,
             signing_key=crypto.ed25519_public(self.signing_secret),
             self_mask_commitment=commit_self_mask(self.self_mask_seed),
+            nonce_commitment=commit_nonce(self.nonce),
             signature=b"",
         )
         signature = crypto.sign(self.signing_secret, unsigned.signed_payload(context.digest()))
@@ -304,80 +402,126 @@ class SecAggClient:
         return own
 
     # -- stage 2 -------------------------------------------------------------------
-    def share_keys(
-        self,
-        advertisements: Sequence[Advertisement],
-        roster: Sequence[RosterEntry] | None = None,
-    ) -> dict[int, bytes]:
-        """Verify the neighbours' keys and return ``{neighbour id: encrypted shares}``.
+    def receive_roster(self, roster: Sequence[RosterEntry]) -> bytes:
+        """Check U1's roster and reveal this client's graph nonce.
 
-        Args:
-            advertisements: the full advertisements of at least this client's
-                neighbours (the server sends exactly those; more are accepted if they
-                match the roster, and only the neighbours' are kept).
-            roster: :class:`RosterEntry` of every client in U1. ``None``: taken from
-                ``advertisements``, which must then hold all of U1 (the O(n) form).
+        Every entry's signature is verified (neighbours or not), every signing key is
+        checked against the policy (federation roster, trusted or pinned keys), no key
+        may appear under two ids, and the cohort of U1 must still meet the policy.
+        Keys are pinned only after all of that passed.
+
+        Returns:
+            the 32-byte graph nonce committed to in :meth:`advertise`.
 
         Raises:
-            ProtocolError: a neighbour's keys do not verify under this round's context
-                (the server sent different rounds or models to different clients), a
-                signing key in the roster is not the trusted or pinned one, this
-                client's own entry or advertisement was altered, ids repeat or fall
-                outside the cohort, an advertisement differs from its roster entry, a
-                neighbour's advertisement is missing, or fewer than
-                ``reconstruction_threshold`` neighbours remain.
+            ProtocolError: naming the entry and the check it failed.
         """
         context = self._require_context()
+        if self.roster:
+            raise ProtocolError("a roster was already received this round")
         digest = context.digest()
         own = self.advertisements.get(self.node_id)
-        if roster is None:
-            roster = [RosterEntry.of(a) for a in advertisements]
         entries: dict[int, RosterEntry] = {}
+        keys: dict[bytes, int] = {}
         for entry in roster:
             if entry.node_id in entries:
                 raise ProtocolError(f"node {entry.node_id} advertised twice")
             if entry.node_id not in context.cohort:
                 raise ProtocolError(f"node {entry.node_id} is not in the cohort")
-            expected_key = self.trusted_keys.get(entry.node_id) or self.pinned_keys.get(entry.node_id)
-            if expected_key is not None and expected_key != entry.signing_key:
+            if entry.signing_key in keys:
+                raise ProtocolError(
+                    f"nodes {keys[entry.signing_key]} and {entry.node_id} sign with the same "
+                    "key (one client posing as several: a Sybil cohort)"
+                )
+            trusted = self.trusted_keys.get(entry.node_id)
+            if trusted is not None and trusted != entry.signing_key:
                 raise ProtocolError(f"node {entry.node_id} signs with an unexpected key")
+            if entry.node_id != self.node_id:
+                self.policy.check_member(entry.node_id, entry.signing_key, self.pinned_keys)
+            try:
+                entry.verify(digest)
+            except crypto.CryptoError as err:
+                raise ProtocolError(
+                    f"roster entry of node {entry.node_id} does not verify under this round's "
+                    "context (forged, or signed for another run, round, cohort, parameters "
+                    "or model)"
+                ) from err
+            keys[entry.signing_key] = entry.node_id
             entries[entry.node_id] = entry
         if own is None or entries.get(self.node_id) != RosterEntry.of(own):
             raise ProtocolError("this client's own advertisement is missing or altered")
-        # Same seed and graph as the server's (it hashes the same ids and signatures).
-        graph = neighbours(list(entries), context.params.num_shares, graph_seed(digest, list(entries.values())))
-        self.neighbour_ids = graph[self.node_id]
+        if len(entries) < self.policy.min_cohort:
+            raise PolicyViolation(
+                f"only {len(entries)} clients advertised, this client's policy needs a "
+                f"cohort of at least {self.policy.min_cohort}"
+            )
+        if len(entries) - 1 < context.params.reconstruction_threshold:
+            raise ProtocolError(
+                f"{len(entries)} clients advertised: fewer than reconstruction_threshold "
+                f"{context.params.reconstruction_threshold} peers"
+            )
+        self.roster = entries
+        self.roster_hash = roster_digest(entries.values())
+        self.pinned_keys.update({i: e.signing_key for i, e in entries.items()})
+        nonce, self.nonce = self.nonce, b""
+        return nonce
+
+    # -- stage 3 -------------------------------------------------------------------
+    def share_keys(
+        self, advertisements: Sequence[Advertisement], nonces: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        """Derive the graph, verify the neighbours' keys, return ``{neighbour id:
+        encrypted shares}``.
+
+        Args:
+            advertisements: the full advertisements of this client's neighbours (more
+                are accepted if they match the roster; only the neighbours' are kept).
+            nonces: the revealed graph nonce of every member of U1.
+
+        Raises:
+            ProtocolError: a nonce missing or not matching its commitment, an
+                advertisement that differs from its roster entry, a neighbour's
+                advertisement missing, a key that is not a valid X25519 key, or fewer
+                than ``reconstruction_threshold`` neighbours.
+        """
+        context = self._require_context()
+        if not self.roster:
+            raise ProtocolError("share-keys before the roster stage")
+        if self.seed:
+            raise ProtocolError("share-keys was already run this round")
+        digest = context.digest()
+        if set(nonces) != set(self.roster):
+            raise ProtocolError(
+                "graph nonces missing or extra for nodes "
+                f"{sorted(set(nonces) ^ set(self.roster))[:5]}: every member of the roster "
+                "must reveal (a graph drawn without some could be steered by the server)"
+            )
+        for node, nonce in nonces.items():
+            if not isinstance(nonce, bytes) or commit_nonce(nonce) != self.roster[node].nonce_commitment:
+                raise ProtocolError(f"the graph nonce of node {node} does not match its commitment")
+        seed = graph_seed(digest, self.roster_hash, nonces)
+        graph = neighbours(list(self.roster), context.params.num_shares, seed)
+        neighbour_ids = graph[self.node_id]
+        own = self.advertisements[self.node_id]
         by_id: dict[int, Advertisement] = {}
         for ad in advertisements:
             if ad.node_id in by_id:
                 raise ProtocolError(f"node {ad.node_id} advertised twice")
-            if entries.get(ad.node_id) != RosterEntry.of(ad):
+            if self.roster.get(ad.node_id) != RosterEntry.of(ad):
                 raise ProtocolError(f"advertisement of node {ad.node_id} differs from its roster entry")
             by_id[ad.node_id] = ad
         if by_id.get(self.node_id, own) != own:
             raise ProtocolError("this client's own advertisement is missing or altered")
-        missing = [peer for peer in self.neighbour_ids if peer not in by_id]
+        missing = [peer for peer in neighbour_ids if peer not in by_id]
         if missing:
             raise ProtocolError(f"advertisements of neighbours {missing} are missing")
-        # Verify the keys this client will use: its neighbours'. The graph is
-        # connected, so a server that shows clients different contexts is caught on
-        # some edge; O(k) signature checks per client instead of O(n).
-        for peer in self.neighbour_ids:
-            try:
-                by_id[peer].verify(digest)
-            except crypto.CryptoError as err:
-                raise ProtocolError(
-                    f"keys of node {peer} were signed for another round context "
-                    "(run, round, cohort, parameters or model hash differ)"
-                ) from err
         threshold = context.params.reconstruction_threshold
-        if len(self.neighbour_ids) < threshold:
+        if len(neighbour_ids) < threshold:
             raise ProtocolError(
-                f"{len(self.neighbour_ids)} neighbours, reconstruction threshold {threshold}"
+                f"{len(neighbour_ids)} neighbours, reconstruction threshold {threshold}"
             )
-        self.roster = entries
+        self.seed, self.neighbour_ids = seed, neighbour_ids
         self.advertisements = {self.node_id: own, **{p: by_id[p] for p in self.neighbour_ids}}
-        self.pinned_keys.update({i: e.signing_key for i, e in entries.items()})
         count = len(self.neighbour_ids)
         self_mask_shares = crypto.share_secret(self.self_mask_seed, threshold, count)
         mask_key_shares = crypto.share_secret(self.mask_secret, threshold, count)
@@ -388,16 +532,19 @@ class SecAggClient:
         for peer, (index, b_share), (_, sk_share) in zip(
             self.neighbour_ids, self_mask_shares, mask_key_shares, strict=True
         ):
-            key = crypto.agree(
-                self.encryption_secret, by_id[peer].encryption_key, digest, b"share-encryption"
-            )
+            try:
+                key = crypto.agree(
+                    self.encryption_secret, by_id[peer].encryption_key, digest, b"share-encryption"
+                )
+            except crypto.CryptoError as err:
+                raise ProtocolError(f"node {peer} advertised an invalid encryption key") from err
             self.share_encryption_keys[peer] = key
             plaintext = struct.pack(">H", index) + b_share + sk_share
             out[peer] = crypto.encrypt(key, plaintext, share_aad(digest, self.node_id, peer))
         self.encryption_secret = b""  # every key it can give is derived: erase it
         return out
 
-    # -- stage 3 -------------------------------------------------------------------
+    # -- stage 4 -------------------------------------------------------------------
     def masked_input(
         self,
         shared_ids: list[int],
@@ -467,9 +614,9 @@ class SecAggClient:
         if not 1 <= int(weight) <= params.max_weight:
             raise ValueError(f"weight {weight} outside [1, max_weight={params.max_weight}]")
         digest = context.digest()
-        graph = neighbours(
-            list(self.roster), params.num_shares, graph_seed(digest, list(self.roster.values()))
-        )
+        graph = neighbours(list(self.roster), params.num_shares, self.seed)
+        if not isinstance(ciphertexts, Mapping):
+            raise ProtocolError("ciphertexts must be a mapping of sender id to bytes")
         if not self.share_encryption_keys:
             raise ProtocolError(
                 "no share-encryption keys: a masked input was already sent this round "
@@ -515,18 +662,18 @@ class SecAggClient:
         self, sender: int, blob: bytes | None, digest: bytes
     ) -> tuple[int, bytes, bytes] | None:
         key = self.share_encryption_keys.get(sender)
-        if blob is None or key is None:
+        if not isinstance(blob, bytes) or key is None or len(blob) > MAX_SHARE_CIPHERTEXT_BYTES:
             return None
         try:
             plaintext = crypto.decrypt(key, blob, share_aad(digest, sender, self.node_id))
         except crypto.CryptoError:
             return None
-        if len(plaintext) != 2 + 2 * crypto.SECRET_BYTES:
+        if len(plaintext) != SHARE_PLAINTEXT_BYTES:
             return None
         (index,) = struct.unpack(">H", plaintext[:2])
         return index, plaintext[2:34], plaintext[34:66]
 
-    # -- stage 4 -------------------------------------------------------------------
+    # -- stage 5 -------------------------------------------------------------------
     def consistency(self, survivors: list[int]) -> bytes:
         """Sign U3, the clients whose masked input is in the sum.
 
@@ -546,9 +693,11 @@ class SecAggClient:
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
         self.signed_survivors = u3
-        return crypto.sign(self.signing_secret, consistency_payload(context.digest(), u3))
+        return crypto.sign(
+            self.signing_secret, consistency_payload(context.digest(), self.roster_hash, self.seed, u3)
+        )
 
-    # -- stage 5 -------------------------------------------------------------------
+    # -- stage 6 -------------------------------------------------------------------
     def unmask(
         self, active: list[int], dropped: list[int], signatures: dict[int, bytes]
     ) -> dict[int, tuple[str, int, bytes]]:
@@ -578,7 +727,7 @@ class SecAggClient:
             raise ProtocolError("dropped nodes outside the clients that shared keys")
         if len(active_set) < params.reconstruction_threshold:
             raise ProtocolError("active set below the reconstruction threshold")
-        payload = consistency_payload(context.digest(), sorted(active_set))
+        payload = consistency_payload(context.digest(), self.roster_hash, self.seed, sorted(active_set))
         valid = 0
         for signer, signature in signatures.items():
             if signer not in active_set or signer not in self.roster:
@@ -586,14 +735,17 @@ class SecAggClient:
             if signer not in self.neighbour_ids and signer != self.node_id:
                 continue  # neighbourhood check (Bell et al.): O(k) verifications
             try:
-                crypto.verify(self.advertisements[signer].signing_key, payload, signature)
+                crypto.verify(self.roster[signer].signing_key, payload, signature)
             except crypto.CryptoError as err:
                 raise ProtocolError(f"consistency signature of node {signer} is invalid") from err
-            valid += 1
+            # Only neighbours count, never this client itself: with the complete graph
+            # two different survivor sets can then both pass only if 2t <= k + c - 1
+            # (Bonawitz et al., section 4.4), which 2t > k + c excludes.
+            valid += signer != self.node_id
         if valid < params.reconstruction_threshold:
             raise ProtocolError(
-                f"{valid} consistency signatures from neighbours, "
-                f"{params.reconstruction_threshold} needed"
+                f"{valid} valid consistency signatures from neighbours (its own not "
+                f"counted), {params.reconstruction_threshold} needed"
             )
         wanted: dict[int, str] = {}
         for peer in self.held_shares:
@@ -626,6 +778,9 @@ class SecAggClient:
             "share_encryption_keys": [[p, k] for p, k in self.share_encryption_keys.items()],
             "mask_secret": self.mask_secret,
             "self_mask_seed": self.self_mask_seed,
+            "nonce": self.nonce,
+            "roster_hash": self.roster_hash,
+            "seed": self.seed,
             "advertisements": [a.to_dict() for a in self.advertisements.values()],
             "roster": pack_roster(self.roster.values()),
             "neighbour_ids": self.neighbour_ids,
@@ -638,35 +793,45 @@ class SecAggClient:
 
     @classmethod
     def from_state(
-        cls, state: dict[str, Any], signing_secret: bytes, trusted_keys: dict[int, bytes] | None = None
+        cls,
+        state: dict[str, Any],
+        signing_secret: bytes,
+        policy: SecAggPolicy | None = None,
+        trusted_keys: dict[int, bytes] | None = None,
     ) -> SecAggClient:
-        client = cls(
-            node_id=int(state["node_id"]),
-            signing_secret=signing_secret,
-            trusted_keys=dict(trusted_keys or {}),
-            pinned_keys={int(p): bytes(k) for p, k in state.get("pinned_keys", [])},
-        )
-        if state.get("context") is not None:
-            client.context = RoundContext.from_dict(state["context"])
-        client.encryption_secret = state["encryption_secret"]
-        client.share_encryption_keys = {
-            int(p): bytes(k) for p, k in state.get("share_encryption_keys", [])
-        }
-        client.mask_secret = state["mask_secret"]
-        client.self_mask_seed = state["self_mask_seed"]
-        client.advertisements = {
-            a.node_id: a for a in map(Advertisement.from_dict, state["advertisements"])
-        }
-        # A state saved before the roster existed held all of U1's advertisements.
-        roster = (
-            unpack_roster(state["roster"])
-            if "roster" in state
-            else [RosterEntry.of(a) for a in client.advertisements.values()]
-        )
-        client.roster = {e.node_id: e for e in roster}
-        client.neighbour_ids = [int(i) for i in state["neighbour_ids"]]
-        client.shared_ids = [int(i) for i in state["shared_ids"]]
-        client.held_shares = {int(p): (int(i), b, s) for p, i, b, s in state["held_shares"]}
-        client.signed_survivors = state["signed_survivors"]
-        client.revealed = {int(p): str(k) for p, k in state["revealed"]}
+        """Inverse of :meth:`to_state` (the state is the node's own storage).
+
+        Raises:
+            ProtocolError: the state is not one :meth:`to_state` wrote.
+        """
+        try:
+            client = cls(
+                node_id=int(state["node_id"]),
+                signing_secret=signing_secret,
+                policy=policy or SecAggPolicy(),
+                trusted_keys=dict(trusted_keys or {}),
+                pinned_keys={int(p): bytes(k) for p, k in state.get("pinned_keys", [])},
+            )
+            if state.get("context") is not None:
+                client.context = RoundContext.from_dict(state["context"])
+            client.encryption_secret = state["encryption_secret"]
+            client.share_encryption_keys = {
+                int(p): bytes(k) for p, k in state.get("share_encryption_keys", [])
+            }
+            client.mask_secret = state["mask_secret"]
+            client.self_mask_seed = state["self_mask_seed"]
+            client.nonce = state["nonce"]
+            client.roster_hash = state["roster_hash"]
+            client.seed = state["seed"]
+            client.advertisements = {
+                a.node_id: a for a in map(Advertisement.from_dict, state["advertisements"])
+            }
+            client.roster = {e.node_id: e for e in unpack_roster(state["roster"])}
+            client.neighbour_ids = [int(i) for i in state["neighbour_ids"]]
+            client.shared_ids = [int(i) for i in state["shared_ids"]]
+            client.held_shares = {int(p): (int(i), b, s) for p, i, b, s in state["held_shares"]}
+            client.signed_survivors = state["signed_survivors"]
+            client.revealed = {int(p): str(k) for p, k in state["revealed"]}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProtocolError(f"the saved SecAgg+ state is unreadable: {err}") from err
         return client

@@ -11,6 +11,7 @@ import json
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr_guard.secagg.crypto import transcript
 from flwr_guard.secagg.params import SecAggParams
@@ -75,13 +76,48 @@ class RoundContext:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> RoundContext:
+    def from_dict(cls, data: Any, max_cohort: int = 100_000, max_vector_length: int = 2**28) -> RoundContext:
+        """Parse a (possibly hostile) round context: exact types and bounded sizes are
+        checked before anything is allocated.
+
+        Raises:
+            ValueError: naming the field: missing, of another type, an id outside
+                uint64 or repeated, a cohort or vector larger than the bounds, a model
+                hash that is not 32 bytes, invalid parameters.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("round context is not a mapping")  # noqa: TRY004 (malformed message)
+
+        def uint(name: str, high: int = 2**64 - 1) -> int:
+            value = data.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+                raise ValueError(f"round context field {name!r} must be an integer in [0, {high}]")
+            return value
+
+        cohort = data.get("cohort")
+        if not isinstance(cohort, list) or not 0 < len(cohort) <= max_cohort:
+            raise ValueError(f"round context 'cohort' must be a list of 1 to {max_cohort} node ids")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**64 for i in cohort):
+            raise ValueError("round context 'cohort' holds a node id outside uint64")
+        if len(set(cohort)) != len(cohort):
+            raise ValueError("round context 'cohort' repeats a node id")
+        model = data.get("model_hash")
+        if not isinstance(model, bytes) or len(model) != 32:
+            raise ValueError("round context 'model_hash' must be 32 bytes")
+        metrics = data.get("masked_metrics", [])
+        if not isinstance(metrics, list) or len(metrics) > 64 or not all(
+            isinstance(m, str) and len(m) <= 128 for m in metrics
+        ):
+            raise ValueError("round context 'masked_metrics' must be a list of at most 64 names")
+        vector_length = uint("vector_length", max_vector_length)
+        if vector_length < 1 + len(metrics):
+            raise ValueError("round context 'vector_length' is shorter than its metrics and weight")
         return cls(
-            run_id=int(data["run_id"]),
-            server_round=int(data["server_round"]),
-            cohort=tuple(sorted(int(i) for i in data["cohort"])),
-            params=SecAggParams.from_dict(data["params"]),
-            vector_length=int(data["vector_length"]),
-            model_hash=bytes(data["model_hash"]),
-            masked_metrics=tuple(str(m) for m in data.get("masked_metrics", ())),
+            run_id=uint("run_id"),
+            server_round=uint("server_round"),
+            cohort=tuple(sorted(cohort)),
+            params=SecAggParams.from_dict(data.get("params")),
+            vector_length=vector_length,
+            model_hash=model,
+            masked_metrics=tuple(metrics),
         )

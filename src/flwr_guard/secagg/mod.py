@@ -20,19 +20,39 @@ Place this mod first (outermost) in the list: the protocol stages are answered h
 and never reach the mods inside it.
 
 State between stages lives in ``context.state`` (the node's own storage): a SuperNode
-starts a new ClientApp process for every message. The node's long-term Ed25519 key is
-created there on first use, and peers' signing keys are pinned there (trust on first
-use); a changed key is refused in later rounds.
+starts a new ClientApp process for every message.
+
+What the node accepts is its own :class:`~flwr_guard.secagg.policy.SecAggPolicy`, read
+from its node config (``flower-supernode --node-config``; keys in docs/secagg.md):
+
+- ``secagg-signing-key``: file with the node's long-term Ed25519 key (64 hex digits,
+  :func:`~flwr_guard.secagg.keys.write_signing_key`); the federation roster lists its
+  public key. Without it the key is created in ``context.state`` on first use, which
+  only trust on first use can accept (a roster cannot list it in advance).
+- ``secagg-roster``: the federation roster file (JSON or TOML); every cohort member's
+  key must be on it. ``secagg-roster-admin-key``: hex Ed25519 public key of the
+  administrator; the roster must then carry its valid signature.
+- ``secagg-trust-on-first-use``: ``true`` to run without a roster (keys pinned on first
+  sight; no protection against a Sybil cohort). Default: ``false``, except in Flower's
+  simulation runtime, where it is ``true``.
+- ``secagg-min-cohort``, ``secagg-min-num-shares``,
+  ``secagg-min-reconstruction-threshold``, ``secagg-corrupt-fraction``,
+  ``secagg-dropout-fraction``, ``secagg-security-bits``: the policy's bounds.
+
+A round that asks for less, or a message that does not parse, is answered with an
+error reply naming the reason; the server counts this client as dropped.
+
+Model binding: the ``masked-input`` message must hold exactly one ArrayRecord, whose
+hash must be the one announced for the round; the user's function sees only it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import secrets
+import struct
+import sys
 
 import numpy as np
-
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -53,9 +73,16 @@ from flwr_guard.secagg.client import (
     ProtocolError,
     SecAggClient,
     unpack_advertisements,
+    unpack_nonces,
     unpack_roster,
 )
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.keys import load_signing_key
+from flwr_guard.secagg.policy import (
+    NODE_SIGNING_KEY,
+    SecAggPolicy,
+    policy_from_node_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +90,7 @@ SECAGG_RECORD = "secagg"
 STATE_RECORD = "flwr-guard.secagg"
 MASKED_ARRAYS = "masked"
 WEIGHT_KEY = "num-examples"
-STAGES = ("advertise", "share-keys", "masked-input", "consistency", "unmask")
+STAGES = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -77,33 +104,89 @@ def _reply(msg: Message, payload: dict, extra: RecordDict | None = None) -> Mess
     return Message(content=content, reply_to=msg)
 
 
-def _signing_secret(context: Context) -> bytes:
+def in_simulation() -> bool:
+    """Whether this ClientApp runs inside Flower's simulation runtime (a Ray actor of
+    the simulation engine: one process tree, one operator, nothing to trust across)."""
+    return "flwr.simulation.ray_transport.ray_actor" in sys.modules
+
+
+def node_policy(context: Context) -> SecAggPolicy:
+    """The node's :class:`SecAggPolicy` from its node config (see the module docstring).
+
+    Raises:
+        ValueError: a malformed value or roster (the message names the key).
+    """
+    return policy_from_node_config(context.node_config, simulation=in_simulation())
+
+
+def _signing_secret(context: Context, policy: SecAggPolicy) -> bytes:
+    path = context.node_config.get(NODE_SIGNING_KEY)
+    if path:
+        return load_signing_key(str(path))
+    if policy.roster is not None:
+        raise ProtocolError(
+            f"node config sets a federation roster but no {NODE_SIGNING_KEY}: the roster "
+            "must list this node's key, so give the node a stable key file "
+            "(flwr_guard.secagg.keys.write_signing_key)"
+        )
     state = context.state.config_records.get(STATE_RECORD)
     if state is None or "signing-secret" not in state:
         secret, _ = crypto.ed25519_keypair()
         record = ConfigRecord({"signing-secret": secret})
+        if state is not None and "round" in state:
+            record["round"] = state["round"]
         context.state[STATE_RECORD] = record
         return secret
     return bytes(state["signing-secret"])
 
 
-def _load_client(context: Context) -> SecAggClient:
-    signing = _signing_secret(context)
-    saved = context.state[STATE_RECORD].get("round")
+def _state(context: Context) -> ConfigRecord:
+    if STATE_RECORD not in context.state.config_records:
+        context.state[STATE_RECORD] = ConfigRecord()
+    return context.state.config_records[STATE_RECORD]
+
+
+def _load_client(context: Context, policy: SecAggPolicy) -> SecAggClient:
+    signing = _signing_secret(context, policy)
+    saved = _state(context).get("round")
     if saved is None:
         raise ProtocolError("no SecAgg+ round in progress on this client")
-    return SecAggClient.from_state(codec.decode(bytes(saved)), signing)
+    return SecAggClient.from_state(codec.decode(bytes(saved)), signing, policy)
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
-    context.state[STATE_RECORD]["round"] = codec.encode(client.to_state())
+    _state(context)["round"] = codec.encode(client.to_state())
 
 
 def _pinned(context: Context) -> dict[int, bytes]:
-    saved = context.state.config_records.get(STATE_RECORD, ConfigRecord()).get("round")
+    saved = _state(context).get("round")
     if saved is None:
         return {}
     return {int(p): bytes(k) for p, k in codec.decode(bytes(saved)).get("pinned_keys", [])}
+
+
+def _ids(payload: dict, name: str, limit: int) -> list[int]:
+    values = codec.field(payload, name, list)
+    if len(values) > limit or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**64 for i in values
+    ):
+        raise ValueError(f"SecAgg+ field {name!r} must be a list of at most {limit} node ids")
+    return values
+
+
+def _id_map(payload: dict, name: str, limit: int, size: int | None = None) -> dict[int, bytes]:
+    """``payload[name]``: a mapping of decimal node ids to bytes (of ``size`` if given)."""
+    raw = codec.field(payload, name, dict)
+    if len(raw) > limit:
+        raise ValueError(f"SecAgg+ field {name!r} has more than {limit} entries")
+    out = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 20):
+            raise ValueError(f"SecAgg+ field {name!r} has a key that is not a node id")
+        if not isinstance(value, bytes) or (size is not None and len(value) != size):
+            raise ValueError(f"SecAgg+ field {name!r} maps node {key} to something other than {size or ''} bytes")
+        out[int(key)] = value
+    return out
 
 
 def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -117,45 +200,64 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     if msg.metadata.message_type != MessageType.TRAIN or SECAGG_RECORD not in msg.content:
         return call_next(msg, context)
     try:
+        policy = node_policy(context)
         record = msg.content.config_records[SECAGG_RECORD]
-        stage = str(record["stage"])
-        payload = codec.decode(bytes(record["payload"]))
+        stage = record.get("stage")
+        blob = record.get("payload")
+        if not isinstance(stage, str) or not isinstance(blob, bytes):
+            raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")  # noqa: TRY004 (malformed message)
+        if len(blob) > MAX_CONTROL_BYTES:
+            raise ValueError(f"SecAgg+ {stage} payload of {len(blob)} bytes exceeds {MAX_CONTROL_BYTES}")
+        payload = codec.decode(blob)
         if stage == "advertise":
-            return _advertise(msg, context, payload)
-        client = _load_client(context)
+            return _advertise(msg, context, payload, policy)
+        client = _load_client(context, policy)
+        limit = policy.max_cohort
+        if stage == "roster":
+            nonce = client.receive_roster(unpack_roster(codec.field(payload, "roster", bytes)))
+            _save_client(context, client)
+            return _reply(msg, {"nonce": nonce})
         if stage == "share-keys":
-            # The roster of U1 (graph, pinned keys) + the neighbours' advertisements.
-            roster = unpack_roster(codec.field(payload, "roster", bytes))
+            # Every member's revealed nonce (graph) + the neighbours' advertisements.
+            nonces = unpack_nonces(codec.field(payload, "nonces", bytes))
             ads = unpack_advertisements(codec.field(payload, "advertisements", bytes))
-            out = client.share_keys(ads, roster)
+            out = client.share_keys(ads, nonces)
             _save_client(context, client)
             return _reply(msg, {"ciphertexts": {str(k): v for k, v in out.items()}})
         if stage == "masked-input":
             return _masked_input(msg, context, client, payload, call_next)
         if stage == "consistency":
-            signature = client.consistency([int(i) for i in codec.field(payload, "survivors", list)])
+            signature = client.consistency(_ids(payload, "survivors", limit))
             _save_client(context, client)
             return _reply(msg, {"signature": signature})
         if stage == "unmask":
             shares = client.unmask(
-                [int(i) for i in codec.field(payload, "active", list)],
-                [int(i) for i in codec.field(payload, "dropped", list)],
-                {int(k): v for k, v in codec.field(payload, "signatures", dict).items()},
+                _ids(payload, "active", limit),
+                _ids(payload, "dropped", limit),
+                _id_map(payload, "signatures", limit, 64),
             )
             _save_client(context, client)
             return _reply(
                 msg, {"shares": {str(p): [kind, i, s] for p, (kind, i, s) in shares.items()}}
             )
         return _error(msg, f"unknown SecAgg+ stage {stage!r}")
-    except (ProtocolError, ValueError, KeyError, TypeError) as err:
+    except (ProtocolError, ValueError, KeyError, TypeError, OverflowError, struct.error) as err:
         return _error(msg, f"SecAgg+ refused: {err}")
 
 
-def _advertise(msg: Message, context: Context, payload: dict) -> Message:
-    round_context = RoundContext.from_dict(codec.field(payload, "context", dict))
+MAX_CONTROL_BYTES = 64 * 2**20
+"""Largest control payload a client decodes (the roster of 100 000 clients is 17 MB)."""
+
+
+def _advertise(msg: Message, context: Context, payload: dict, policy: SecAggPolicy) -> Message:
+    round_context = RoundContext.from_dict(
+        codec.field(payload, "context", dict), policy.max_cohort, policy.max_vector_length
+    )
     if round_context.run_id != msg.metadata.run_id:
         raise ProtocolError("round context names another run")
-    client = SecAggClient(context.node_id, _signing_secret(context), pinned_keys=_pinned(context))
+    client = SecAggClient(
+        context.node_id, _signing_secret(context, policy), policy, pinned_keys=_pinned(context)
+    )
     ad = client.advertise(round_context)
     _save_client(context, client)
     return _reply(msg, {"advertisement": ad.to_dict()})
@@ -164,6 +266,12 @@ def _advertise(msg: Message, context: Context, payload: dict) -> Message:
 def _masked_input(
     msg: Message, context: Context, client: SecAggClient, payload: dict, call_next: ClientAppCallable
 ) -> Message:
+    if len(msg.content.array_records) != 1:
+        raise ProtocolError(
+            f"the masked-input message holds {len(msg.content.array_records)} ArrayRecords, "
+            "exactly one (the announced global model) is accepted: a second record could "
+            "carry an unannounced model to train on"
+        )
     global_record = next(iter(msg.content.array_records.values()))
     global_arrays = {k: v.numpy() for k, v in global_record.items()}
     received_hash = model_hash(global_arrays)
@@ -187,9 +295,10 @@ def _masked_input(
     if missing:
         raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
     noise = _distributed_dp_noise(msg, client.context, weight, context.node_config, metrics)
+    limit = client.policy.max_cohort
     masked, bad, clipped = client.masked_input(
-        [int(i) for i in codec.field(payload, "shared", list)],
-        {int(k): v for k, v in codec.field(payload, "ciphertexts", dict).items()},
+        _ids(payload, "shared", limit),
+        _id_map(payload, "ciphertexts", limit),
         flat_update(local, global_arrays),
         weight,
         received_hash,
@@ -224,4 +333,4 @@ def _distributed_dp_noise(msg: Message, context: RoundContext, weight: int,
     )
 
 
-__all__ = ["secaggplus_mod", "SECAGG_RECORD", "STAGES"]
+__all__ = ["SECAGG_RECORD", "STAGES", "secaggplus_mod"]

@@ -7,6 +7,7 @@ neighbours each client secret-shares with and masks against) and
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -21,31 +22,189 @@ L = 2^16 it keeps the modulus at 32 bits up to 31 clients (2^12 did only up to 1
 _warned: set[tuple[int, int, int, int]] = set()
 
 
+# Defaults of the SecAgg+ threat model (docs/secagg.md, "Parameters from the theory").
+DEFAULT_CORRUPT_FRACTION = 0.05
+"""gamma: fraction of the cohort that may be corrupt (run by or colluding with the server)."""
+DEFAULT_DROPOUT_FRACTION = 1 / 3
+"""delta: fraction of the cohort that may drop out of a round (corrupt clients that stop
+answering count here too)."""
+DEFAULT_SECURITY_BITS = 40
+"""sigma: a round leaks an honest client's update with probability at most 2^-sigma."""
+DEFAULT_CORRECTNESS_FAILURE = 0.01
+"""eta: with delta n random dropouts a round aborts with probability at most eta."""
+
+
+def _tail_exceeds(population: int, marked: int, draws: int, above: int) -> tuple[int, int]:
+    """Exact P[X > above] for X ~ Hypergeometric(population, marked, draws), as the
+    fraction ``(numerator, denominator)`` of Python integers (no rounding)."""
+    den = math.comb(population, draws)
+    num = sum(
+        math.comb(marked, x) * math.comb(population - marked, draws - x)
+        for x in range(above + 1, min(marked, draws) + 1)
+    )
+    return num, den
+
+
+@functools.lru_cache(maxsize=1024)
+def tolerated_corrupt_neighbours(
+    num_clients: int,
+    num_shares: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+) -> int:
+    """c: the number of corrupt neighbours each client must tolerate.
+
+    With ``C = floor(gamma n)`` corrupt clients and each client's k neighbours a uniform
+    k-subset of the other n - 1 (the random graph of :mod:`~flwr_guard.secagg.graph`
+    over an ordering no party can choose), the number of corrupt neighbours of one
+    client is Hypergeometric(n - 1, C, k). ``c`` is the smallest integer with
+    ``n * P[X > c] <= 2^-sigma`` (a union bound over the n clients; exact integer
+    arithmetic). For the complete graph (k = n - 1) it is C itself.
+    Bell et al., CCS 2020, section 3.2 (Theorem 3.6's choice of k and t for corrupt
+    fraction gamma and statistical security sigma), with the exact tail instead of
+    their Chernoff bound.
+
+    Raises:
+        ValueError: for k outside [1, n - 1] or gamma outside [0, 1).
+    """
+    n, k = int(num_clients), int(num_shares)
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"num_shares must be in [1, n - 1 = {n - 1}], got {k}")
+    if not 0 <= corrupt_fraction < 1:
+        raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction}")
+    corrupt = math.floor(corrupt_fraction * n)
+    bound = 2 ** int(security_bits)
+    for c in range(min(corrupt, k) + 1):
+        num, den = _tail_exceeds(n - 1, corrupt, k, c)
+        if n * num * bound <= den:
+            return c
+    return min(corrupt, k)
+
+
+def max_degree(num_clients: int, num_shares: int) -> int:
+    """The most neighbours a client gets: k, or k + 1 for odd k and odd n (no k-regular
+    graph exists then: :func:`~flwr_guard.secagg.graph.neighbours`), at most n - 1."""
+    n, k = int(num_clients), int(num_shares)
+    return min(n - 1, k + 1 if k % 2 and n % 2 and k < n - 1 else k)
+
+
+def minimum_threshold(num_shares: int, corrupt_neighbours: int) -> int:
+    """The smallest t with ``2t > k + c``.
+
+    A server that tells some of a client's neighbours "it survived" and others "it
+    dropped" gets t shares of its self-mask seed and t of its mask key only if
+    ``2t <= (k - c) + 2c = k + c``: the c corrupt holders reveal both kinds, honest
+    ones one kind each (Bonawitz et al., CCS 2017, section 4.4, t > 2n/3 in the
+    active model; here for a neighbourhood of k with c corrupt).
+    """
+    return (int(num_shares) + int(corrupt_neighbours)) // 2 + 1
+
+
+@dataclass(frozen=True)
+class ParameterChoice:
+    """(k, t) for a cohort, with what they guarantee (see :func:`choose_parameters`).
+
+    Attributes:
+        num_shares: k.
+        reconstruction_threshold: t = floor((k + c) / 2) + 1.
+        corrupt_neighbours: c, corrupt neighbours tolerated per client.
+        security_failure: upper bound (union bound) on the probability that some
+            client has more than c corrupt neighbours (the only way 2t > k + c fails).
+        correctness_failure: upper bound on the probability that ``delta n`` random
+            dropouts leave some client with fewer than t live neighbours (the round
+            aborts then: nothing is released).
+    """
+
+    num_shares: int
+    reconstruction_threshold: int
+    corrupt_neighbours: int
+    security_failure: float
+    correctness_failure: float
+
+
+def failure_probabilities(
+    num_clients: int,
+    num_shares: int,
+    reconstruction_threshold: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
+) -> tuple[float, float]:
+    """Union bounds ``(security, correctness)`` for (n, k, t), exact hypergeometric tails.
+
+    security: P[some client has more than 2t - k - 1 corrupt neighbours] (then 2t > k + c
+    can fail for it). correctness: P[``floor(delta n)`` random dropouts leave some
+    client with more than k - t dropped neighbours]. Each is ``min(1, n * tail)``.
+    """
+    n, k, t = int(num_clients), int(num_shares), int(reconstruction_threshold)
+    corrupt = math.floor(corrupt_fraction * n)
+    num, den = _tail_exceeds(n - 1, corrupt, k, 2 * t - k - 1)
+    security = min(1.0, n * num / den)
+    dropped = math.floor(dropout_fraction * n)
+    num, den = _tail_exceeds(n - 1, dropped, k, k - t)
+    return security, min(1.0, n * num / den)
+
+
+@functools.lru_cache(maxsize=256)
+def choose_parameters(
+    num_clients: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+    correctness_failure: float = DEFAULT_CORRECTNESS_FAILURE,
+) -> ParameterChoice:
+    """The smallest k (and its t) meeting both bounds, after Bell et al. (CCS 2020,
+    section 3.2, Theorem 3.6 and its parameter choice).
+
+    For each k from 2 up: c from :func:`tolerated_corrupt_neighbours` (security
+    2^-sigma), t = :func:`minimum_threshold` (2t > k + c), and the first k whose
+    dropout bound (:func:`failure_probabilities`) is at most eta. The complete graph
+    (k = n - 1) is the fallback; where even it cannot meet eta, the bound it gives is
+    reported (a round may then abort more often than eta: documented, not hidden).
+
+    Raises:
+        ValueError: for fewer than 2 clients or fractions outside [0, 1).
+    """
+    n = int(num_clients)
+    if n < 2:
+        raise ValueError(f"SecAgg+ needs at least 2 clients, got {n}")
+    if not 0 <= dropout_fraction < 1:
+        raise ValueError(f"dropout_fraction must be in [0, 1), got {dropout_fraction}")
+    best: ParameterChoice | None = None
+    for k in range(min(2, n - 1), n):
+        if max_degree(n, k) != k:
+            continue  # odd k, odd n: some clients would get k + 1 neighbours
+        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits)
+        t = minimum_threshold(k, c)
+        if t > k or (t < 2 and n > 2):
+            continue
+        security, correctness = failure_probabilities(
+            n, k, t, corrupt_fraction, dropout_fraction
+        )
+        best = ParameterChoice(k, t, c, security, correctness)
+        if correctness <= correctness_failure:
+            return best
+    if best is None:  # n = 2 or 3 with corrupt clients: only the complete graph
+        k = n - 1
+        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits)
+        t = min(k, minimum_threshold(k, c))
+        security, correctness = failure_probabilities(n, k, t, corrupt_fraction, dropout_fraction)
+        best = ParameterChoice(k, t, c, security, correctness)
+    return best
+
+
 def default_num_shares(num_clients: int) -> int:
-    """Neighbourhood size k for a cohort of ``num_clients``.
-
-    The full graph (k = n - 1) for cohorts up to 10; above that the SecAgg+ sparse
-    graph of Bell et al. (CCS 2020, section 3) with k = O(log n): here the even number
-    closest above 3 * log2(n), which keeps the graph connected after the random
-    dropouts Bell et al. analyse, with margin, at this scale (n <= a few thousand).
-    """
-    if num_clients < 2:
-        raise ValueError(f"SecAgg+ needs at least 2 clients, got {num_clients}")
-    if num_clients <= 10:
-        return num_clients - 1
-    k = 2 * math.ceil(1.5 * math.log2(num_clients))
-    return min(k, num_clients - 1)
+    """k for a cohort of ``num_clients`` with the default gamma, delta, sigma, eta
+    (:func:`choose_parameters`)."""
+    return choose_parameters(num_clients).num_shares
 
 
-def default_threshold(num_shares: int) -> int:
-    """t = floor(k/2) + 1, the smallest safe threshold: the most dropouts tolerated.
-
-    t > k/2 means two disjoint sets of neighbours cannot both reach t, so a server
-    cannot collect both kinds of share (self-mask seed and mask key) of one client
-    even by telling different neighbours different stories; k - t = ceil(k/2) - 1
-    neighbours of each client may drop (a third of the cohort, with margin).
-    """
-    return num_shares // 2 + 1
+def default_threshold(num_shares: int, num_clients: int | None = None) -> int:
+    """t for k = ``num_shares`` in a cohort of ``num_clients`` (default: k + 1, the
+    complete graph) with the default corrupt fraction: floor((k + c) / 2) + 1."""
+    n = num_shares + 1 if num_clients is None else num_clients
+    return min(num_shares, minimum_threshold(
+        num_shares, tolerated_corrupt_neighbours(n, num_shares)
+    ))
 
 
 @dataclass(frozen=True)
@@ -87,8 +246,8 @@ class SecAggParams:
                 f"num_shares/2 = {self.num_shares / 2}: otherwise a server could gather "
                 "both kinds of share of one client from two disjoint sets of neighbours"
             )
-        if not self.clipping_range > 0:
-            raise ValueError(f"clipping_range must be > 0, got {self.clipping_range}")
+        if not (math.isfinite(self.clipping_range) and self.clipping_range > 0):
+            raise ValueError(f"clipping_range must be finite and > 0, got {self.clipping_range}")
         if self.quantization_range < 1 or self.max_weight < 1:
             raise ValueError("quantization_range and max_weight must be >= 1")
         if self.modulus_bits not in (32, 64):
@@ -104,12 +263,16 @@ class SecAggParams:
         quantization_range: int = 2**16,
         max_weight: int = DEFAULT_MAX_WEIGHT,
         extra_headroom: int = 0,
+        corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+        dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
     ) -> SecAggParams:
         """Parameters for ``num_clients`` clients, with the smallest modulus that fits.
 
         The sum of the masked vectors is ``sum_i w_i q_i + noise`` with ``w_i <= W``,
         ``q_i <= L``: it fits in b bits if ``n * (W * L + extra_headroom) < 2^b``
         (``extra_headroom``: per-client bound of anything else added, e.g. DP noise).
+        k and t not given come from :func:`choose_parameters` with ``corrupt_fraction``
+        and ``dropout_fraction`` (match the clients' policy: they refuse a lower t).
         32 bits are used when that holds, else 64 bits, which doubles the masked vector
         (the upload): a warning (logger ``flwr_guard.secagg.params``, once per
         parameter set) then names the largest ``max_weight`` that keeps 32 bits.
@@ -117,8 +280,17 @@ class SecAggParams:
         Raises:
             ValueError: if even 64 bits could wrap, or for invalid parameters.
         """
-        k = min(num_shares or default_num_shares(num_clients), num_clients - 1)
-        t = reconstruction_threshold or default_threshold(k)
+        if num_clients < 2:
+            raise ValueError(f"SecAgg+ needs at least 2 clients, got {num_clients}")
+        if num_shares:
+            k = min(num_shares, num_clients - 1)
+            degree = max_degree(num_clients, k)
+            t = reconstruction_threshold or minimum_threshold(
+                degree, tolerated_corrupt_neighbours(num_clients, degree, corrupt_fraction)
+            )
+        else:
+            choice = choose_parameters(num_clients, corrupt_fraction, dropout_fraction)
+            k, t = choice.num_shares, reconstruction_threshold or choice.reconstruction_threshold
         t = min(t, k)
         bound = num_clients * (max_weight * quantization_range + extra_headroom)
         if bound < 2**32:
@@ -157,11 +329,34 @@ class SecAggParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, int | float]) -> SecAggParams:
+        """Parse parameters from a (possibly hostile) message: exact types and bounded
+        ranges are checked before anything is allocated.
+
+        Raises:
+            ValueError: a field is missing, of another type (bools are not integers),
+                out of range (k, t, W <= 2^20, L <= 2^32), or non-finite.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("SecAgg+ parameters are not a mapping")  # noqa: TRY004 (malformed message)
+
+        def integer(name: str, high: int) -> int:
+            value = data.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+                raise ValueError(f"SecAgg+ parameter {name!r} must be an integer in [0, {high}], got {value!r}")
+            return value
+
+        clip = data.get("clipping_range")
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip):
+            raise ValueError(f"SecAgg+ parameter 'clipping_range' must be a finite number, got {clip!r}")
         return cls(
-            num_shares=int(data["num_shares"]),
-            reconstruction_threshold=int(data["reconstruction_threshold"]),
-            clipping_range=float(data["clipping_range"]),
-            quantization_range=int(data["quantization_range"]),
-            max_weight=int(data["max_weight"]),
-            modulus_bits=int(data["modulus_bits"]),
+            num_shares=integer("num_shares", MAX_NUM_SHARES),
+            reconstruction_threshold=integer("reconstruction_threshold", MAX_NUM_SHARES),
+            clipping_range=float(clip),
+            quantization_range=integer("quantization_range", 2**32),
+            max_weight=integer("max_weight", 2**20),
+            modulus_bits=integer("modulus_bits", 64),
         )
+
+
+MAX_NUM_SHARES = 2**16
+"""Largest k any message may carry (bounds every per-neighbour allocation)."""

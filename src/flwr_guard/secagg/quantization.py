@@ -80,8 +80,11 @@ def centered_lift(
 
     Returns:
         ``(values, suspected_wraparounds)``: int64 values; and how many coordinates lie
-        more than ``2^(bits-2)`` from ``center``, where no honest sum can be unless it
-        wrapped around the modulus (their value is then wrong).
+        farther from ``center`` than halfway between the honest range's edge
+        (``center`` away: a noiseless sum lies in ``[0, 2 center]``) and the wrap point
+        (``2^(bits-1)`` away), i.e. more than ``center + (2^(bits-1) - center) / 2``.
+        An exact sum is never flagged, even when ``2 center`` is close to ``2^bits``;
+        noise up to that margin is not flagged either.
     """
     residues = np.asarray(residues, dtype=np.int64)
     if bits == 64:
@@ -92,5 +95,7 @@ def centered_lift(
         offset[offset >= modulus // 2] -= modulus
     else:
         raise ValueError(f"bits must be < 63 or 64, got {bits}")
-    suspected = int(np.count_nonzero(np.abs(offset) > (1 << (bits - 2))))
+    half = 1 << (bits - 1)
+    limit = center + max(0, half - center) // 2
+    suspected = int(np.count_nonzero(np.abs(offset) > limit))
     return offset + center, suspected

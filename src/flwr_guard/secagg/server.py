@@ -7,16 +7,24 @@ section 4; sparse graph of Bell et al., CCS 2020). It learns the sum of the
 surviving clients' weighted, quantised updates and their total weight, nothing else.
 
 Each ``receive_*`` method takes the replies that arrived (missing ones are dropouts)
-and returns what to send next. A reply that is malformed excludes its sender, as if
-it had dropped; :class:`SecAggAborted` is raised when too few clients remain, and
-nothing is released then. Once the masked inputs are in, the server knows whether
+and returns what to send next. Every field of every reply is type-, size- and
+range-checked before use; a reply that is malformed or does not verify excludes its
+sender (logged with the reason), as if it had dropped; :class:`SecAggAborted` is
+raised when too few clients remain, and nothing is released then. One misbehaving
+client does not sink the round: a consistency signature that does not verify is
+dropped, not forwarded; bad-sender reports are weighed against each other
+(:meth:`SecAggServer.receive_masked_inputs`); a wrong revealed share is found by
+checking reconstructions against the commitments and public keys of the
+advertisements, the round is completed from other shares and the revealer excluded. Once the masked inputs are in, the server knows whether
 every mask it must remove has enough share holders left; if not, it aborts at once,
 before the consistency and unmask stages (no shares are revealed).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,14 +33,18 @@ import numpy as np
 from flwr_guard.secagg import crypto, prg
 from flwr_guard.secagg.client import (
     MASK_KEY,
+    MAX_SHARE_CIPHERTEXT_BYTES,
     SELF_MASK,
     Advertisement,
     ProtocolError,
     RosterEntry,
+    commit_nonce,
     commit_self_mask,
+    consistency_payload,
     graph_seed,
     pairwise_seed,
     pairwise_sign,
+    roster_digest,
 )
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.graph import neighbours
@@ -50,6 +62,7 @@ class StageStats:
 
     sampled: int = 0
     advertised: list[int] = field(default_factory=list)
+    revealed: list[int] = field(default_factory=list)
     shared: list[int] = field(default_factory=list)
     masked: list[int] = field(default_factory=list)
     signed: list[int] = field(default_factory=list)
@@ -60,7 +73,8 @@ class StageStats:
         """Clients lost at each stage (dropped or excluded)."""
         return {
             "advertise": self.sampled - len(self.advertised),
-            "share-keys": len(self.advertised) - len(self.shared),
+            "roster": len(self.advertised) - len(self.revealed or self.advertised),
+            "share-keys": len(self.revealed) - len(self.shared) if self.revealed else 0,
             "masked-input": len(self.shared) - len(self.masked),
             "consistency": len(self.masked) - len(self.signed),
             "unmask": len(self.signed) - len(self.unmasked),
@@ -74,12 +88,17 @@ class SecAggServer:
     context: RoundContext
     stats: StageStats = field(default_factory=StageStats)
     advertisements: dict[int, Advertisement] = field(default_factory=dict)
+    nonces: dict[int, bytes] = field(default_factory=dict)
+    roster_hash: bytes = b""
+    seed: bytes = b""
     graph: dict[int, list[int]] = field(default_factory=dict)
     routed: dict[int, dict[int, bytes]] = field(default_factory=dict)
     masked_sum: np.ndarray | None = None
     signatures: dict[int, bytes] = field(default_factory=dict)
-    revealed: dict[int, dict[str, list[tuple[int, bytes]]]] = field(default_factory=dict)
+    # peer -> kind -> [(share index, share, revealer)]
+    revealed: dict[int, dict[str, list[tuple[int, bytes, int]]]] = field(default_factory=dict)
     reported: dict[int, set[int]] = field(default_factory=dict)
+    max_reconstruction_attempts: int = 64
 
     def __post_init__(self) -> None:
         self.stats.sampled = len(self.context.cohort)
@@ -88,7 +107,7 @@ class SecAggServer:
 
     def _exclude(self, node: int, reason: str) -> None:
         logger.warning("SecAgg+: excluding node %s: %s", node, reason)
-        self.stats.excluded[node] = reason
+        self.stats.excluded.setdefault(node, reason)
 
     def _require(self, count: int, stage: str) -> None:
         if count < self._threshold or count < 2:
@@ -98,18 +117,16 @@ class SecAggServer:
             )
 
     # stage 1 -> 2
-    def receive_advertisements(self, replies: Mapping[int, Advertisement]) -> list[Advertisement]:
-        """Keep well-formed, well-signed advertisements from cohort members; return U1's.
-
-        What each client of U1 is then sent: :meth:`roster` (all of U1) and
-        :meth:`neighbour_advertisements` (its k neighbours').
-        """
+    def receive_advertisements(self, replies: Mapping[int, Advertisement]) -> list[RosterEntry]:
+        """Keep well-formed, well-signed advertisements from cohort members, one per
+        signing key; return U1's roster (sent to every client of U1)."""
+        by_key: dict[bytes, int] = {}
         for node, ad in replies.items():
-            if node not in self.context.cohort or ad.node_id != node:
+            if node not in self.context.cohort or not isinstance(ad, Advertisement) or ad.node_id != node:
                 self._exclude(node, "advertisement for another node")
                 continue
             try:
-                ad.to_bytes()  # key, commitment and signature lengths
+                ad.to_bytes()  # id range, key, commitment and signature lengths
             except ProtocolError:
                 self._exclude(node, "advertisement with malformed fields")
                 continue
@@ -118,39 +135,78 @@ class SecAggServer:
             except crypto.CryptoError:
                 self._exclude(node, "advertisement signature does not verify")
                 continue
+            if ad.signing_key in by_key:
+                # Honest clients refuse a roster with one key under two ids (a Sybil).
+                self._exclude(node, f"signs with the key of node {by_key[ad.signing_key]}")
+                continue
+            by_key[ad.signing_key] = node
             self.advertisements[node] = ad
         self.stats.advertised = sorted(self.advertisements)
         self._require(len(self.advertisements), "advertise")
-        seed = graph_seed(self._digest, list(self.advertisements.values()))
-        self.graph = neighbours(list(self.advertisements), self.context.params.num_shares, seed)
-        return [self.advertisements[i] for i in self.stats.advertised]
+        self.roster_hash = roster_digest(self.roster())
+        return self.roster()
 
     def roster(self) -> list[RosterEntry]:
-        """Id, signing key and signature of every client in U1, in id order: the part of
-        the share-keys message that is the same for every client (it fixes the graph).
-        Call after :meth:`receive_advertisements`."""
+        """Id, signing key, nonce commitment, keys digest and signature of every client
+        in U1, in id order. Call after :meth:`receive_advertisements`."""
         return [RosterEntry.of(self.advertisements[i]) for i in self.stats.advertised]
+
+    # stage 2 -> 3
+    def receive_nonces(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Check each revealed graph nonce against its commitment; derive the graph.
+
+        Returns:
+            node id -> nonce, for all of U1 (every client gets all of them).
+
+        Raises:
+            SecAggAborted: a member of U1 did not reveal, or revealed another nonce.
+                The graph would otherwise depend on whose reveal the server keeps,
+                which is a choice the server must not have; the round is aborted
+                before any share exists.
+        """
+        bad: list[int] = []
+        for node in self.stats.advertised:
+            nonce = replies.get(node)
+            if not isinstance(nonce, bytes) or commit_nonce(nonce) != self.advertisements[node].nonce_commitment:
+                bad.append(node)
+            else:
+                self.nonces[node] = nonce
+        self.stats.revealed = sorted(self.nonces)
+        if bad:
+            raise SecAggAborted(
+                f"SecAgg+ round aborted at the roster stage: nodes {bad[:5]} did not reveal "
+                "the graph nonce they committed to; the graph must hash every member's "
+                "nonce. No share was sent, nothing is released"
+            )
+        self.seed = graph_seed(self._digest, self.roster_hash, self.nonces)
+        self.graph = neighbours(list(self.advertisements), self.context.params.num_shares, self.seed)
+        return dict(self.nonces)
 
     def neighbour_advertisements(self, node: int) -> list[Advertisement]:
         """The full advertisements of ``node``'s neighbours (k of them): the part of the
-        share-keys message for ``node`` alone. Call after :meth:`receive_advertisements`."""
+        share-keys message for ``node`` alone. Call after :meth:`receive_nonces`."""
         return [self.advertisements[v] for v in self.graph[node]]
 
-    # stage 2 -> 3
+    # stage 3 -> 4
     def receive_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """Check each sender addressed exactly its neighbours; route the ciphertexts.
+        """Check each sender addressed exactly its neighbours with ciphertexts of the
+        one valid size; route them.
 
         Returns:
             recipient id -> {sender id: ciphertext}, for every recipient in U2.
         """
         shared = []
         for sender, ciphertexts in replies.items():
-            if sender not in self.advertisements:
+            if sender not in self.advertisements or not self.graph:
                 self._exclude(sender, "shares from a node that did not advertise")
                 continue
-            if sorted(ciphertexts) != self.graph[sender] or not all(
-                isinstance(c, bytes) and len(c) > crypto.NONCE_BYTES + crypto.TAG_BYTES
-                for c in ciphertexts.values()
+            if (
+                not isinstance(ciphertexts, Mapping)
+                or sorted(ciphertexts) != self.graph[sender]
+                or not all(
+                    isinstance(c, bytes) and len(c) == MAX_SHARE_CIPHERTEXT_BYTES
+                    for c in ciphertexts.values()
+                )
             ):
                 self._exclude(sender, "malformed share message")
                 continue
@@ -167,14 +223,21 @@ class SecAggServer:
         }
         return self.routed
 
-    # stage 3 -> 4
+    # stage 4 -> 5
     def receive_masked_inputs(
         self, replies: Mapping[int, tuple[np.ndarray, list[int]]]
     ) -> list[int]:
         """Sum the well-formed masked vectors; return U3 (whose input is in the sum).
 
-        A sender reported by a neighbour for shares that did not decrypt is excluded
-        (treated as dropped: its masks are removed with its mask key).
+        Bad-sender reports (a neighbour's shares did not decrypt) are weighed before
+        acting on them: only reports about a neighbour that routed shares to the
+        reporter count; then, repeatedly, the node in the most open reports (as
+        reporter or reported) is excluded, until none is left: a client that falsely
+        reports all its neighbours is excluded itself, a client that sent bad shares to
+        several neighbours is excluded by their reports, and a single disputed pair
+        excludes both (one of the two misbehaved; which is undecidable without the
+        decryption key). Excluded senders are treated as dropped (their masks are
+        removed with their mask key); reported shares are never used.
 
         Raises:
             SecAggAborted: fewer than ``reconstruction_threshold`` inputs, or the round
@@ -186,33 +249,78 @@ class SecAggServer:
         """
         dtype = prg.mask_dtype(self.context.params.modulus_bits)
         self.reported = {}
-        for node, (_, bads) in replies.items():
-            if node in self.stats.shared:
-                for bad in bads:
-                    self.reported.setdefault(int(bad), set()).add(node)
-        reported = set(self.reported)
-        accepted: dict[int, np.ndarray] = {}
-        for node, (vector, _) in replies.items():
+        edges: set[tuple[int, int]] = set()
+        candidates: dict[int, np.ndarray] = {}
+        for node, reply in replies.items():
             if node not in self.stats.shared:
                 self._exclude(node, "masked input from a node outside U2")
-            elif node in reported:
-                self._exclude(node, "a neighbour reported its shares as invalid")
-            elif (
+                continue
+            try:
+                vector, bads = reply
+            except (TypeError, ValueError):
+                self._exclude(node, "malformed masked-input reply")
+                continue
+            if (
                 not isinstance(vector, np.ndarray)
                 or vector.dtype != dtype
                 or vector.shape != (self.context.vector_length,)
             ):
                 self._exclude(node, f"masked vector of shape {getattr(vector, 'shape', None)}")
-            else:
-                accepted[node] = vector
-        self.stats.masked = sorted(accepted)
-        self._require(len(accepted), "masked-input")
+                continue
+            if not isinstance(bads, (list, tuple)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in bads
+            ):
+                self._exclude(node, "malformed bad-sender report")
+                continue
+            for bad in set(bads):
+                if bad not in self.routed.get(node, {}):
+                    # Not a sender of shares to it: the report is noise, ignore it.
+                    logger.warning("SecAgg+: node %s reported %s, which sent it no shares", node, bad)
+                    continue
+                self.reported.setdefault(bad, set()).add(node)
+                edges.add((node, bad))
+            candidates[node] = vector
+        # Reports about a node out of the sum only discount the reporter as a holder
+        # of its shares (``_holders``); a dispute between two nodes in the sum needs a
+        # decision.
+        disputed = {(a, b) for a, b in edges if a in candidates and b in candidates}
+        for node, reason in self._resolve_reports(disputed).items():
+            self._exclude(node, reason)
+            candidates.pop(node, None)
+        self.stats.masked = sorted(candidates)
+        self._require(len(candidates), "masked-input")
         self._require_share_holders()
         total = np.zeros(self.context.vector_length, dtype=dtype)
-        for vector in accepted.values():
+        for vector in candidates.values():
             total += vector
         self.masked_sum = total
         return self.stats.masked
+
+    @staticmethod
+    def _resolve_reports(edges: set[tuple[int, int]]) -> dict[int, str]:
+        """Greedy cover of the report graph (reporter, reported): see
+        :meth:`receive_masked_inputs`."""
+        excluded: dict[int, str] = {}
+        open_edges = set(edges)
+        while open_edges:
+            degree: dict[int, int] = {}
+            for a, b in open_edges:
+                degree[a] = degree.get(a, 0) + 1
+                degree[b] = degree.get(b, 0) + 1
+            top = max(degree.values())
+            if top == 1:  # disjoint disputed pairs: exclude both ends of each
+                for a, b in sorted(open_edges):
+                    excluded[a] = f"disputed shares with node {b} (reported it)"
+                    excluded[b] = f"disputed shares with node {a} (reported by it)"
+                break
+            node = min(n for n, d in degree.items() if d == top)
+            as_reporter = sum(1 for a, _ in open_edges if a == node)
+            excluded[node] = (
+                f"in {top} bad-share reports ({as_reporter} made by it, "
+                f"{top - as_reporter} about it)"
+            )
+            open_edges = {(a, b) for a, b in open_edges if node not in (a, b)}
+        return excluded
 
     def _holders(self, node: int) -> list[int]:
         """The neighbours of ``node`` in U3 that hold its shares (did not report them)."""
@@ -247,12 +355,23 @@ class SecAggServer:
                 "no aggregate released"
             )
 
-    # stage 4 -> 5
+    # stage 5 -> 6
     def receive_signatures(self, replies: Mapping[int, bytes]) -> tuple[list[int], list[int], dict[int, bytes]]:
-        """Keep consistency signatures from U3; return (active, dropped, signatures)."""
+        """Keep the consistency signatures from U3 that verify (under the signer's
+        advertised key, on U3 bound to the roster digest and graph seed); one that does
+        not is excluded, not forwarded. Return (active, dropped, signatures)."""
+        payload = consistency_payload(self._digest, self.roster_hash, self.seed, self.stats.masked)
         for node, signature in replies.items():
-            if node in self.stats.masked and isinstance(signature, bytes):
-                self.signatures[node] = signature
+            if node not in self.stats.masked:
+                continue
+            try:
+                if not isinstance(signature, bytes) or len(signature) != 64:
+                    raise crypto.CryptoError("malformed")
+                crypto.verify(self.advertisements[node].signing_key, payload, signature)
+            except crypto.CryptoError:
+                self._exclude(node, "consistency signature does not verify (not forwarded)")
+                continue
+            self.signatures[node] = signature
         self.stats.signed = sorted(self.signatures)
         self._require(len(self.signatures), "consistency")
         dropped = sorted(set(self.stats.shared) - set(self.stats.masked))
@@ -267,22 +386,43 @@ class SecAggServer:
         wanted = {node, *self.graph.get(node, [])}
         return {signer: sig for signer, sig in self.signatures.items() if signer in wanted}
 
-    # stage 5 -> result
+    # stage 6 -> result
     def receive_unmask(self, replies: Mapping[int, Mapping[int, tuple[str, int, bytes]]]) -> None:
-        """Collect revealed shares (only those a client may send: kind matches the
-        peer's status, from one of the peer's neighbours)."""
+        """Collect revealed shares: only those a client may send (kind matches the
+        peer's status, from one of the peer's neighbours, at the share index the graph
+        gives that neighbour, 32 bytes). A reply with any other share is dropped whole
+        and its sender excluded."""
         active, dropped = set(self.stats.masked), set(self.stats.shared) - set(self.stats.masked)
         responders = []
         for node, shares in replies.items():
             if node not in self.signatures:
                 continue
-            responders.append(node)
-            for peer, (kind, index, share) in shares.items():
+            problem = None if isinstance(shares, Mapping) else "an unmask reply that is not a mapping"
+            accepted: list[tuple[int, str, int, bytes]] = []
+            for peer, item in (shares.items() if problem is None else ()):
                 expected = SELF_MASK if peer in active else MASK_KEY if peer in dropped else None
-                if kind != expected or node not in self.graph.get(peer, []):
-                    self._exclude(node, f"unexpected {kind} share of node {peer}")
-                    continue
-                self.revealed.setdefault(peer, {}).setdefault(kind, []).append((index, share))
+                try:
+                    kind, index, share = item
+                except (TypeError, ValueError):
+                    problem = f"a malformed share of node {peer}"
+                    break
+                neighbours_of_peer = self.graph.get(peer, [])
+                if (
+                    kind != expected
+                    or node not in neighbours_of_peer
+                    or not isinstance(share, bytes)
+                    or len(share) != crypto.SECRET_BYTES
+                    or index != neighbours_of_peer.index(node) + 1
+                ):
+                    problem = f"an unexpected {kind!r} share of node {peer}"
+                    break
+                accepted.append((peer, kind, index, share))
+            if problem is not None:
+                self._exclude(node, f"revealed {problem}")
+                continue
+            responders.append(node)
+            for peer, kind, index, share in accepted:
+                self.revealed.setdefault(peer, {}).setdefault(kind, []).append((index, share, node))
         self.stats.unmasked = sorted(responders)
         self._require(len(responders), "unmask")
 
@@ -293,26 +433,24 @@ class SecAggServer:
         ``update_length`` values), then the sum of each masked metric.
 
         Raises:
-            SecAggAborted: a secret cannot be reconstructed (too few shares).
+            SecAggAborted: a secret cannot be reconstructed from any subset of the
+                revealed shares (too few, or too many wrong ones).
         """
         if self.masked_sum is None:
             raise SecAggAborted("no masked inputs")
         params, length = self.context.params, self.context.vector_length
         total = self.masked_sum.copy()
         for node in self.stats.masked:
-            seed = self._reconstruct(node, SELF_MASK)
-            if commit_self_mask(seed) != self.advertisements[node].self_mask_commitment:
-                raise SecAggAborted(
-                    f"reconstructed self mask of node {node} does not match its commitment: "
-                    "a neighbour revealed a wrong share"
-                )
+            commitment = self.advertisements[node].self_mask_commitment
+            seed = self._reconstruct(node, SELF_MASK, lambda s, c=commitment: commit_self_mask(s) == c)
             total -= prg.expand(seed, length, params.modulus_bits)
         for gone in sorted(set(self.stats.shared) - set(self.stats.masked)):
             if not self._masks_in_sum(gone):
                 continue  # no neighbour of it is in the sum: none of its masks to remove
-            mask_secret = self._reconstruct(gone, MASK_KEY)
-            if crypto.x25519_public(mask_secret) != self.advertisements[gone].mask_key:
-                raise SecAggAborted(f"reconstructed mask key of node {gone} does not match its keys")
+            public = self.advertisements[gone].mask_key
+            mask_secret = self._reconstruct(
+                gone, MASK_KEY, lambda s, p=public: crypto.x25519_public(s) == p
+            )
             for peer in self.graph[gone]:
                 if peer not in self.stats.masked:
                     continue
@@ -328,15 +466,64 @@ class SecAggServer:
             raise SecAggAborted(f"unmasked total weight {weights} is impossible: masks did not cancel")
         return total[:-1].astype(np.int64), weights
 
-    def _reconstruct(self, node: int, kind: str) -> bytes:
-        shares = self.revealed.get(node, {}).get(kind, [])
-        try:
-            return crypto.combine_shares(shares, self._threshold)
-        except crypto.CryptoError as err:
+    def _reconstruct(self, node: int, kind: str, check) -> bytes:
+        """The secret of ``kind`` of ``node`` from t revealed shares that pass ``check``
+        (the commitment or public key in its advertisement).
+
+        First the first t shares (the honest case: one combination, as before the
+        hardening); if they fail, subsets leaving out one share, then random subsets
+        (at most ``max_reconstruction_attempts``). Once such a subset passes, every
+        other share is tested with t - 1 of the good ones; a revealer whose share gives
+        another secret is excluded (logged).
+
+        Raises:
+            SecAggAborted: fewer than t shares, or no subset tried passes.
+        """
+        t = self._threshold
+        unique: dict[int, tuple[bytes, int]] = {}
+        for index, share, revealer in self.revealed.get(node, {}).get(kind, []):
+            unique.setdefault(index, (share, revealer))
+        items = sorted(unique.items())
+        if len(items) < t:
             raise SecAggAborted(
-                f"cannot reconstruct the {kind} of node {node}: {len(shares)} shares, "
-                f"{self._threshold} needed; no aggregate released"
-            ) from err
+                f"cannot reconstruct the {kind} of node {node}: {len(items)} shares, "
+                f"{t} needed; no aggregate released"
+            )
+
+        def attempt(subset) -> bytes | None:
+            try:
+                secret = crypto.combine_shares([(i, s) for i, (s, _) in subset], t)
+                return secret if check(secret) else None
+            except (crypto.CryptoError, ValueError):
+                return None
+
+        rng = random.Random(node)
+        candidates = itertools.chain(
+            [items[:t]],
+            ([x for j, x in enumerate(items) if j != skip][:t] for skip in range(min(t, len(items)))),
+            (rng.sample(items, t) for _ in range(self.max_reconstruction_attempts)),
+        )
+        for tried, subset in enumerate(
+            itertools.islice(candidates, self.max_reconstruction_attempts + len(items) + 1)
+        ):
+            secret = attempt(subset)
+            if secret is None:
+                continue
+            if tried == 0:
+                return secret  # the first t shares are right (the honest case): done
+            good = {i for i, _ in subset}
+            base = list(subset)[: t - 1]
+            for index, (share, revealer) in items:
+                if index in good:
+                    continue
+                if attempt([*base, (index, (share, revealer))]) is None:
+                    self._exclude(revealer, f"revealed a wrong {kind} share of node {node}")
+            return secret
+        raise SecAggAborted(
+            f"cannot reconstruct the {kind} of node {node}: no subset of the {len(items)} "
+            f"revealed shares matches its advertised {'commitment' if kind == SELF_MASK else 'public key'}"
+            " (wrong shares); no aggregate released"
+        )
 
 
 __all__ = ["ProtocolError", "SecAggAborted", "SecAggServer", "StageStats"]

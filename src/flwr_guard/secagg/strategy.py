@@ -8,7 +8,9 @@ Usage::
     strategy.start(grid, initial_arrays, num_rounds=...)
 
 The wrapped strategy samples the cohort and builds the train messages as usual
-(``configure_train``). The wrapper then runs the key set-up stages through the grid,
+(``configure_train``). The wrapper then runs the key set-up stages (advertise, roster:
+the clients check every roster entry and reveal their graph nonces, share-keys)
+through the grid,
 sends the train messages with the routed encrypted shares, and, in
 ``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
 hands the wrapped strategy **one** reply holding the weighted average of the
@@ -30,16 +32,35 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
-from flwr_guard.secagg.client import Advertisement, ProtocolError, pack_advertisements, pack_roster
+from flwr_guard.secagg.client import (
+    Advertisement,
+    ProtocolError,
+    pack_advertisements,
+    pack_nonces,
+    pack_roster,
+)
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
-from flwr_guard.secagg.params import DEFAULT_MAX_WEIGHT, SecAggParams
+from flwr_guard.secagg.params import (
+    DEFAULT_CORRUPT_FRACTION,
+    DEFAULT_DROPOUT_FRACTION,
+    DEFAULT_MAX_WEIGHT,
+    SecAggParams,
+)
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
 from flwr_guard.secagg.transport import send_and_receive
@@ -71,6 +92,37 @@ class RoundReport:
         return asdict(self)
 
 
+MAX_REPLY_BYTES = 4 * 2**20
+"""Largest control payload the server decodes from one client (a reply holds O(k)
+fields of at most 100 bytes each)."""
+
+
+def _node_id(key: object) -> int:
+    """A node id sent as a decimal string key.
+
+    Raises:
+        ValueError: anything else (no ``int()`` of a 1 MB string).
+    """
+    if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
+        raise ValueError(f"not a node id: {str(key)[:30]!r}")
+    return int(key)
+
+
+def _share(item: object) -> tuple[str, int, bytes]:
+    """One revealed share ``[kind, index, 32 bytes]``.
+
+    Raises:
+        ValueError: another shape or type.
+    """
+    if not isinstance(item, list) or len(item) != 3:
+        raise ValueError("a revealed share must be [kind, index, share]")
+    kind, index, share = item
+    if (not isinstance(kind, str) or not isinstance(index, int) or isinstance(index, bool)
+            or not isinstance(share, bytes) or len(share) != 32):
+        raise ValueError("a revealed share must be [kind, index, 32 bytes]")
+    return kind, index, share
+
+
 # Coordinates of the unmasked sum that wrapped around the modulus (see centered_lift).
 WRAPAROUNDS_KEY = "secagg-wraparounds"
 
@@ -91,9 +143,11 @@ class SecAggPlus(StrategyWrapper):
     Args:
         strategy: the wrapped strategy (FedAvg, FedProx, FedAdam, ...); its
             ``weighted_by_key`` must be ``"num-examples"``.
-        num_shares: k, neighbours per client; default from the cohort size
-            (:func:`~flwr_guard.secagg.params.default_num_shares`).
-        reconstruction_threshold: t > k/2; default floor(k/2) + 1.
+        num_shares: k, neighbours per client; default from the cohort size by Bell et
+            al.'s parameter choice (:func:`~flwr_guard.secagg.params.choose_parameters`).
+        reconstruction_threshold: t; default floor((k + c)/2) + 1 for the default
+            corrupt fraction (:func:`~flwr_guard.secagg.params.choose_parameters`).
+            Each client refuses a t below its own policy's (2t > k + c).
         clipping_range: r; update coordinates are clipped to ``[-r, r]``.
         quantization_range: L; one quantisation step is ``2r / L``.
         max_weight: the largest ``num-examples`` a client may report (default 2048).
@@ -102,6 +156,10 @@ class SecAggPlus(StrategyWrapper):
             warning naming the ``max_weight`` that would keep 32 bits).
         timeout: seconds to wait for the replies of each stage; late clients count as
             dropped.
+        corrupt_fraction, dropout_fraction: gamma and delta for the default k and t
+            (:func:`~flwr_guard.secagg.params.choose_parameters`); use the clients'
+            ``secagg-corrupt-fraction`` (a client refuses a t below what its own gamma
+            needs).
         masked_metrics: integer client metrics (counts, bits in ``[0, max_weight]``)
             that travel masked; the wrapped strategy receives their sum over the
             survivors (e.g. ``("dp-weight", "dp-unclipped-count")`` for DP-FedAvg with
@@ -123,6 +181,8 @@ class SecAggPlus(StrategyWrapper):
         max_weight: int = DEFAULT_MAX_WEIGHT,
         timeout: float = 300.0,
         masked_metrics: Sequence[str] = (),
+        corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+        dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -134,6 +194,8 @@ class SecAggPlus(StrategyWrapper):
         self.max_weight = max_weight
         self.timeout = timeout
         self.masked_metrics = tuple(masked_metrics)
+        self.corrupt_fraction = corrupt_fraction
+        self.dropout_fraction = dropout_fraction
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
 
@@ -177,7 +239,16 @@ class SecAggPlus(StrategyWrapper):
 
     @staticmethod
     def _decoded(reply: Message) -> dict:
-        return codec.decode(bytes(reply.content.config_records[SECAGG_RECORD]["payload"]))
+        """The reply's control payload; checked to be bytes of bounded size before
+        decoding (a client's message never makes the server allocate more).
+
+        Raises:
+            ValueError: no such record or payload, not bytes, or too large.
+        """
+        blob = reply.content.config_records[SECAGG_RECORD].get("payload")
+        if not isinstance(blob, bytes) or len(blob) > MAX_REPLY_BYTES:
+            raise ValueError("SecAgg+ reply payload missing, not bytes, or too large")
+        return codec.decode(blob)
 
     # -- train ---------------------------------------------------------------------
     def configure_train(
@@ -199,6 +270,7 @@ class SecAggPlus(StrategyWrapper):
             params = SecAggParams.for_cohort(
                 len(cohort), self.num_shares, self.reconstruction_threshold,
                 self.clipping_range, self.quantization_range, self.max_weight,
+                corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction,
             )
             context = RoundContext(
                 grid.run.run_id, server_round, tuple(cohort), params,
@@ -216,18 +288,29 @@ class SecAggPlus(StrategyWrapper):
             for node, reply in replies.items():
                 try:
                     ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
-                except (ProtocolError, codec.MalformedMessage) as err:
+                except (ProtocolError, ValueError, KeyError, TypeError) as err:
                     logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
-            u1 = [a.node_id for a in server.receive_advertisements(ads)]
-            # O(k) part per client (its neighbours' advertisements) + the roster of U1
-            # (104 bytes per client: ids, signing keys, signatures for the graph seed).
-            roster = pack_roster(server.roster())
+            # The roster of U1 (168 bytes per client) fixes who is in; then each client
+            # reveals the graph nonce it committed to, and the graph follows from all.
+            roster = server.receive_advertisements(ads)
+            packed = pack_roster(roster)
+            replies = self._exchange(
+                grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
+            )
+            nonces = {}
+            for node, reply in replies.items():
+                try:
+                    nonces[node] = codec.field(self._decoded(reply), "nonce", bytes)
+                except (ValueError, KeyError, TypeError) as err:
+                    logger.warning("SecAgg+: malformed nonce from %s: %s", node, err)
+            packed_nonces = pack_nonces(server.receive_nonces(nonces))
+            # O(k) part per client (its neighbours' advertisements) + U1's nonces.
             replies = self._exchange(
                 grid, report, "share-keys",
                 {
-                    n: {"roster": roster,
+                    n: {"nonces": packed_nonces,
                         "advertisements": pack_advertisements(server.neighbour_advertisements(n))}
-                    for n in u1
+                    for n in server.stats.advertised
                 },
                 server_round,
             )
@@ -235,8 +318,8 @@ class SecAggPlus(StrategyWrapper):
             for node, reply in replies.items():
                 try:
                     raw = codec.field(self._decoded(reply), "ciphertexts", dict)
-                    shares[node] = {int(k): v for k, v in raw.items()}
-                except (codec.MalformedMessage, ValueError) as err:
+                    shares[node] = {_node_id(k): v for k, v in raw.items()}
+                except (ValueError, KeyError, TypeError) as err:
                     logger.warning("SecAgg+: malformed shares from %s: %s", node, err)
             routed = server.receive_shares(shares)
         except SecAggAborted as err:
@@ -285,7 +368,7 @@ class SecAggPlus(StrategyWrapper):
             for node, reply in replies4.items():
                 try:
                     signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
-                except codec.MalformedMessage as err:
+                except (ValueError, KeyError, TypeError) as err:
                     logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
             active, dropped, sigs = server.receive_signatures(signatures)
             # Each client gets the signatures it checks (its neighbours'): O(k), not O(n).
@@ -299,8 +382,8 @@ class SecAggPlus(StrategyWrapper):
             for node, reply in replies5.items():
                 try:
                     raw = codec.field(self._decoded(reply), "shares", dict)
-                    reveals[node] = {int(p): (str(k), int(i), bytes(s)) for p, (k, i, s) in raw.items()}
-                except (codec.MalformedMessage, ValueError, TypeError) as err:
+                    reveals[node] = {_node_id(p): _share(v) for p, v in raw.items()}
+                except (ValueError, KeyError, TypeError) as err:
                     logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
             server.receive_unmask(reveals)
             started = time.monotonic()
@@ -352,8 +435,14 @@ class SecAggPlus(StrategyWrapper):
                 record = reply.content.array_records[MASKED_ARRAYS]
                 (vector,) = record.to_numpy_ndarrays()
                 meta = self._decoded(reply)
-                bad = [int(b) for b in codec.field(meta, "bad_senders", list)]
-                report.clipped_values += int(meta.get("clipped", 0))
+                bad = codec.field(meta, "bad_senders", list)
+                if len(bad) > len(server.context.cohort) or not all(
+                    isinstance(b, int) and not isinstance(b, bool) for b in bad
+                ):
+                    raise ValueError("bad_senders must be a short list of node ids")
+                clipped = meta.get("clipped", 0)
+                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
+                    report.clipped_values += clipped
                 size += _payload_bytes(reply)
             except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
                 logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)

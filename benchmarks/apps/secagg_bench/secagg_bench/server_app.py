@@ -81,7 +81,7 @@ def _graph(cfg: dict[str, Any], nodes: int) -> tuple[int, int]:
     """(k, t): neighbours per client without itself, and the reconstruction threshold."""
     k = int(cfg["num-shares"]) or default_num_shares(nodes)
     k = min(k, nodes - 1)
-    t = int(cfg["reconstruction-threshold"]) or default_threshold(k)
+    t = int(cfg["reconstruction-threshold"]) or default_threshold(k, nodes)
     return k, t
 
 

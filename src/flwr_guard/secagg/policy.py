@@ -1,0 +1,364 @@
+"""The client's own SecAgg+ policy: what the server may not lower (no Flower imports).
+
+The server proposes the cohort and the parameters of every round; the client checks
+them against a :class:`SecAggPolicy` it holds itself (built from its node config by
+:func:`policy_from_node_config`, or in code), and refuses a round that asks for less:
+a smaller cohort, a smaller k or t than the policy accepts, a t that does not satisfy
+``2t > k + c`` for the corrupt neighbours ``c`` its corrupt fraction implies
+(:func:`~flwr_guard.secagg.params.tolerated_corrupt_neighbours`), or a cohort member
+whose signing key is not on the federation roster.
+
+The federation roster (:class:`Roster`) is the out-of-band list of the members'
+Ed25519 signing keys (optionally with their node ids), in a JSON or TOML file named
+in node config, optionally signed by an administrator's Ed25519 key. Without a
+roster no guarantee holds against a server that fills the cohort with node ids it runs
+itself (Sybils): that is the known limit of single-server secure aggregation without a
+PKI. The client then refuses to run unless the user opted in to trust on first use
+(keys pinned the first time they are seen) or it runs in Flower's simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr_guard.secagg import crypto
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.params import (
+    DEFAULT_CORRUPT_FRACTION,
+    DEFAULT_DROPOUT_FRACTION,
+    DEFAULT_SECURITY_BITS,
+    max_degree,
+    minimum_threshold,
+    tolerated_corrupt_neighbours,
+)
+
+
+class PolicyViolation(ProtocolError):
+    """The server asked for less than this client's SecAgg+ policy accepts."""
+
+
+ROSTER_LABEL = b"flwr-guard/secagg+/roster/v1"
+
+# Node-config keys read by :func:`policy_from_node_config` (docs/secagg.md).
+NODE_ROSTER = "secagg-roster"
+NODE_ROSTER_ADMIN_KEY = "secagg-roster-admin-key"
+NODE_TOFU = "secagg-trust-on-first-use"
+NODE_SIGNING_KEY = "secagg-signing-key"
+NODE_MIN_COHORT = "secagg-min-cohort"
+NODE_MIN_NUM_SHARES = "secagg-min-num-shares"
+NODE_MIN_THRESHOLD = "secagg-min-reconstruction-threshold"
+NODE_CORRUPT_FRACTION = "secagg-corrupt-fraction"
+NODE_DROPOUT_FRACTION = "secagg-dropout-fraction"
+NODE_SECURITY_BITS = "secagg-security-bits"
+
+
+@dataclass(frozen=True)
+class RosterMember:
+    """One federation member: its Ed25519 public key (32 raw bytes), a name for logs,
+    and optionally the Flower node id it must use (``None``: any id, the key decides;
+    Flower's SuperLink assigns node ids, so a roster usually lists keys only)."""
+
+    signing_key: bytes
+    name: str = ""
+    node_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.signing_key, bytes) or len(self.signing_key) != 32:
+            raise ValueError(f"roster member {self.name!r}: signing key must be 32 bytes")
+        if self.node_id is not None and not 0 <= self.node_id < 2**64:
+            raise ValueError(f"roster member {self.name!r}: node id outside uint64")
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The federation's members, fixed out of band (a file every node holds).
+
+    Raises (constructor):
+        ValueError: a signing key listed twice.
+    """
+
+    members: tuple[RosterMember, ...]
+
+    def __post_init__(self) -> None:
+        keys = [m.signing_key for m in self.members]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the roster lists a signing key twice")
+
+    def member(self, signing_key: bytes) -> RosterMember | None:
+        return next((m for m in self.members if m.signing_key == signing_key), None)
+
+    def signed_payload(self) -> bytes:
+        """What the administrator signs: the canonical JSON of the members (hex keys,
+        sorted by key), under a label."""
+        return ROSTER_LABEL + _canonical_members(self.members)
+
+    def to_file(self, path: Path, admin_secret: bytes | None = None) -> None:
+        """Write the roster as JSON (``.json``) with an administrator signature when
+        ``admin_secret`` (raw Ed25519 private key) is given."""
+        data: dict[str, Any] = {"members": json.loads(_canonical_members(self.members))}
+        if admin_secret is not None:
+            data["signature"] = crypto.sign(admin_secret, self.signed_payload()).hex()
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _canonical_members(members: Iterable[RosterMember]) -> bytes:
+    rows = [
+        {"name": m.name, "signing-key": m.signing_key.hex(),
+         **({} if m.node_id is None else {"node-id": m.node_id})}
+        for m in sorted(members, key=lambda m: m.signing_key)
+    ]
+    return json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _hex_bytes(value: Any, size: int, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a hex string")  # noqa: TRY004 (malformed message)
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError as err:
+        raise ValueError(f"{what} is not hex: {err}") from None
+    if len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes ({2 * size} hex digits), got {len(raw)}")
+    return raw
+
+
+MAX_ROSTER_BYTES = 16 * 2**20
+
+
+def load_roster(path: str | Path, admin_key: bytes | None = None) -> Roster:
+    """Read a roster file: JSON (``.json``) or TOML (any other suffix), with a list
+    ``members`` of tables ``{signing-key = "<64 hex>", name = "...", node-id = 123}``
+    (``name`` and ``node-id`` optional) and, when signed, ``signature`` (128 hex digits,
+    Ed25519 over :meth:`Roster.signed_payload`).
+
+    Args:
+        admin_key: the administrator's raw Ed25519 public key; when given, the file
+            must carry a valid signature by it.
+
+    Raises:
+        ValueError: unreadable, too large (16 MiB), malformed, a duplicate key, or a
+            missing or invalid administrator signature (the message says which).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read the SecAgg+ roster {path}: {err}") from None
+    if len(raw) > MAX_ROSTER_BYTES:
+        raise ValueError(f"SecAgg+ roster {path} is larger than {MAX_ROSTER_BYTES} bytes")
+    try:
+        data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"SecAgg+ roster {path} is not valid {path.suffix or 'TOML'}: {err}") from None
+    rows = data.get("members") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"SecAgg+ roster {path} has no 'members' list")
+    members = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"SecAgg+ roster {path}: member {i} is not a table")  # noqa: TRY004 (malformed message)
+        node_id = row.get("node-id")
+        if node_id is not None and (not isinstance(node_id, int) or isinstance(node_id, bool)):
+            raise ValueError(f"SecAgg+ roster {path}: member {i} has a non-integer node-id")
+        members.append(RosterMember(
+            _hex_bytes(row.get("signing-key"), 32, f"roster member {i} signing-key"),
+            str(row.get("name", "")), node_id,
+        ))
+    roster = Roster(tuple(members))
+    if admin_key is not None:
+        if "signature" not in data:
+            raise ValueError(
+                f"SecAgg+ roster {path} is not signed, but node config sets "
+                f"{NODE_ROSTER_ADMIN_KEY}: sign it with the administrator key"
+            )
+        signature = _hex_bytes(data["signature"], 64, "roster signature")
+        try:
+            crypto.verify(admin_key, roster.signed_payload(), signature)
+        except crypto.CryptoError:
+            raise ValueError(
+                f"SecAgg+ roster {path}: the administrator signature does not verify "
+                "(the file was altered or signed with another key)"
+            ) from None
+    return roster
+
+
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """What this client accepts in a SecAgg+ round, whatever the server says.
+
+    Attributes:
+        min_cohort: smallest cohort n (default 3: with 2 the sum reveals the peer's input).
+        min_num_shares: smallest k.
+        min_reconstruction_threshold: smallest t.
+        corrupt_fraction: gamma, the fraction of the cohort that may collude with the
+            server; with ``security_bits`` it fixes the corrupt neighbours c the
+            client tolerates, and t must satisfy ``2t > k + c``.
+        dropout_fraction: delta, the dropouts the deployment plans for (informative
+            for the client: a round that loses more aborts, which releases nothing).
+        security_bits: sigma, see :func:`~flwr_guard.secagg.params.tolerated_corrupt_neighbours`.
+        roster: the federation roster; ``None``: none (then ``trust_on_first_use``
+            must be on, else every round is refused).
+        trust_on_first_use: accept unknown signing keys and pin them (opt in; no
+            protection against a Sybil cohort).
+        max_cohort, max_vector_length: bounds on what a message may make this client
+            allocate (ids, vector length).
+    """
+
+    min_cohort: int = 3
+    min_num_shares: int = 2
+    min_reconstruction_threshold: int = 2
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION
+    dropout_fraction: float = DEFAULT_DROPOUT_FRACTION
+    security_bits: int = DEFAULT_SECURITY_BITS
+    roster: Roster | None = None
+    trust_on_first_use: bool = False
+    max_cohort: int = 100_000
+    max_vector_length: int = 2**28
+
+    def __post_init__(self) -> None:
+        if self.min_cohort < 2:
+            raise ValueError(f"min_cohort must be >= 2, got {self.min_cohort}")
+        if not 0 <= self.corrupt_fraction < 1 or not 0 <= self.dropout_fraction < 1:
+            raise ValueError("corrupt_fraction and dropout_fraction must be in [0, 1)")
+        if not 1 <= self.security_bits <= 256:
+            raise ValueError(f"security_bits must be in [1, 256], got {self.security_bits}")
+
+    def check_context(self, context: RoundContext) -> None:
+        """Refuse a round whose cohort or (k, t) is below this policy.
+
+        Raises:
+            PolicyViolation: naming the field, the server's value and the policy's.
+        """
+        n, params = len(context.cohort), context.params
+        k, t = params.num_shares, params.reconstruction_threshold
+        if n > self.max_cohort:
+            raise PolicyViolation(f"cohort of {n} exceeds this client's max_cohort {self.max_cohort}")
+        if context.vector_length > self.max_vector_length:
+            raise PolicyViolation(
+                f"vector length {context.vector_length} exceeds max_vector_length {self.max_vector_length}"
+            )
+        if n < self.min_cohort:
+            raise PolicyViolation(
+                f"the server announced a cohort of {n}, this client's policy needs at least "
+                f"{self.min_cohort} ({NODE_MIN_COHORT})"
+            )
+        if not 1 <= k <= n - 1:
+            raise PolicyViolation(f"num_shares {k} is outside [1, n - 1 = {n - 1}]")
+        if k < min(self.min_num_shares, n - 1):
+            raise PolicyViolation(
+                f"the server asks for num_shares {k}, this client's policy needs at least "
+                f"{self.min_num_shares} ({NODE_MIN_NUM_SHARES})"
+            )
+        if t < min(self.min_reconstruction_threshold, k):  # (k = 1 only for a cohort of 2)
+            raise PolicyViolation(
+                f"the server asks for reconstruction_threshold {t}, this client's policy "
+                f"needs at least {self.min_reconstruction_threshold} ({NODE_MIN_THRESHOLD})"
+            )
+        # Odd k over odd n gives some clients k + 1 neighbours (and share holders).
+        degree = max_degree(n, k)
+        c = tolerated_corrupt_neighbours(n, degree, self.corrupt_fraction, self.security_bits)
+        needed = minimum_threshold(degree, c)
+        if t < needed or t > k:
+            raise PolicyViolation(
+                f"the server asks for reconstruction_threshold {t} with num_shares {k} in a "
+                f"cohort of {n}; with corrupt_fraction {self.corrupt_fraction} and 2^-"
+                f"{self.security_bits} this client tolerates c = {c} corrupt neighbours and "
+                f"needs 2t > k + c{' (k + 1 neighbours for odd k and n)' if degree != k else ''}, "
+                f"i.e. t >= {needed} (and t <= k)"
+            )
+
+    def check_member(self, node_id: int, signing_key: bytes, pinned: Mapping[int, bytes]) -> None:
+        """Accept ``node_id`` signing with ``signing_key``, or raise.
+
+        With a roster: the key must be on it (and the id, when the roster names one).
+        Without: a pinned key must not have changed, and trust on first use must be on.
+
+        Raises:
+            PolicyViolation: naming the node and why.
+        """
+        if self.roster is not None:
+            member = self.roster.member(signing_key)
+            if member is None:
+                raise PolicyViolation(
+                    f"node {node_id} signs with a key that is not on the federation roster "
+                    "(a Sybil or an unknown client): refusing the round"
+                )
+            if member.node_id is not None and member.node_id != node_id:
+                raise PolicyViolation(
+                    f"node {node_id} uses the key of roster member {member.name or member.node_id!r}, "
+                    f"which the roster binds to node id {member.node_id}"
+                )
+            return
+        expected = pinned.get(node_id)
+        if expected is not None and expected != signing_key:
+            raise PolicyViolation(f"node {node_id} signs with another key than the one pinned before")
+        if not self.trust_on_first_use:
+            raise PolicyViolation(self.no_roster_message())
+
+    def no_roster_message(self) -> str:
+        return (
+            f"SecAgg+ has no federation roster: set node config {NODE_ROSTER}=<file> "
+            f"(docs/secagg.md), or opt in with {NODE_TOFU}=true to trust keys on first use "
+            "(no protection against a server that fills the cohort with its own clients)"
+        )
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, int):
+        return bool(value)
+    raise ValueError(f"node config {key} must be true or false, got {value!r}")
+
+
+def policy_from_node_config(node_config: Mapping[str, Any], simulation: bool = False) -> SecAggPolicy:
+    """Build the policy from a SuperNode's node config (keys: the ``NODE_*`` constants
+    of this module, documented in docs/secagg.md).
+
+    Args:
+        simulation: Flower's simulation runtime (one process tree, one operator, no
+            one to defend against): trust on first use is then the default, and the
+            smallest cohort is 2 (3 otherwise).
+
+    Raises:
+        ValueError: a value of the wrong type or range, an unreadable or badly signed roster.
+    """
+    roster = None
+    admin = node_config.get(NODE_ROSTER_ADMIN_KEY)
+    if node_config.get(NODE_ROSTER):
+        roster = load_roster(
+            str(node_config[NODE_ROSTER]),
+            _hex_bytes(admin, 32, NODE_ROSTER_ADMIN_KEY) if admin else None,
+        )
+    elif admin:
+        raise ValueError(f"node config sets {NODE_ROSTER_ADMIN_KEY} but no {NODE_ROSTER}")
+    tofu = _bool(node_config.get(NODE_TOFU, simulation), NODE_TOFU)
+    kwargs: dict[str, Any] = {}
+    for key, name, kind in (
+        (NODE_MIN_COHORT, "min_cohort", int),
+        (NODE_MIN_NUM_SHARES, "min_num_shares", int),
+        (NODE_MIN_THRESHOLD, "min_reconstruction_threshold", int),
+        (NODE_SECURITY_BITS, "security_bits", int),
+        (NODE_CORRUPT_FRACTION, "corrupt_fraction", float),
+        (NODE_DROPOUT_FRACTION, "dropout_fraction", float),
+    ):
+        if key in node_config:
+            try:
+                value = kind(node_config[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"node config {key} must be a number, got {node_config[key]!r}") from None
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"node config {key} must be finite")
+            kwargs[name] = value
+    if simulation:
+        kwargs.setdefault("min_cohort", 2)
+    return SecAggPolicy(roster=roster, trust_on_first_use=tofu, **kwargs)
