@@ -19,6 +19,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.serverapp import Grid
 
 RUN_ID = 4242
+# In-process nodes are one operator's processes, as in Flower's simulation: trust on
+# first use (no federation roster) and cohorts of 2 allowed unless a test says otherwise.
+SIMULATION_NODE_CONFIG = {"secagg-trust-on-first-use": True, "secagg-min-cohort": 2}
 
 
 def _wire(msg: Message) -> Message:
@@ -35,8 +38,9 @@ class LoopbackGrid(Grid):
         # process in a real run).
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
         self.contexts = {
-            node: Context(RUN_ID, node, dict((node_config or {}).get(node, {})), RecordDict(),
-                          dict(run_config or {}))
+            node: Context(RUN_ID, node,
+                          {**SIMULATION_NODE_CONFIG, **(node_config or {}).get(node, {})},
+                          RecordDict(), dict(run_config or {}))
             for node in apps
         }
         self.replies: dict[str, Message] = {}

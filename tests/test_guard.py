@@ -57,8 +57,15 @@ def _app(mods, step: float = 0.01) -> ClientApp:
     return app
 
 
+# In-process clients, no federation roster: trust on first use, opted into knowingly
+# (what a simulation does; docs/secagg.md). The roster path is tested in test_secagg_*.
+TOFU = {"secagg-trust-on-first-use": True, "secagg-min-cohort": 2}
+
+
 def _grid(n: int, mods_fn) -> LoopbackGrid:
-    return LoopbackGrid({node: _app(mods_fn()) for node in range(11, 11 + n)})
+    nodes = range(11, 11 + n)
+    return LoopbackGrid({node: _app(mods_fn()) for node in nodes},
+                        node_config={node: TOFU for node in nodes})
 
 
 def _fedavg(n: int) -> FedAvg:

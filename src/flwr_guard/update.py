@@ -38,7 +38,7 @@ def model_update(local: Arrays, global_: Arrays) -> dict[str, np.ndarray]:
             raise ValueError(f"array {name!r} is {array.dtype}: an update needs floating point")
         diff = array.astype(np.float64) - reference.astype(np.float64)
         if not np.isfinite(diff).all():
-            raise ValueError(f"the update of {name!r} holds NaN or Inf")
+            raise ValueError(f"the update of {name!r} holds non-finite values (NaN or Inf)")
         update[name] = diff
     return update
 

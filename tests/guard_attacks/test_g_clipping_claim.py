@@ -1,0 +1,51 @@
+"""The manifest (and the server's log) claims 'update-clipping' and a user-level epsilon
+whenever dp= is given, but ClientGuard adds update_clipping_mod only when the *client's*
+policy requires DP. A client whose policy does not (ClientPolicy(secagg=True), the
+quickstart's policy) sends unclipped updates; under SecAgg+ DPFedAvg can only clip the
+masked *mean*, which bounds one client's influence by 2C instead of 2C/n: the noise
+(z*C on the sum) is n times too small for the epsilon the run reports, and the run ends
+fine. Measured as the sensitivity to one client: two runs that differ only in node 13's
+update.
+"""
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from flwr_guard.guard import ClientPolicy
+from flwr_guard.guard.client import ClientGuard
+from flwr_guard.guard.strategy import CentralDP, GuardedStrategy, SecAgg
+from guard_harness import LoopbackGrid
+from guard_attack_helpers import app, arrays, fedavg, initial
+
+N, C, S = 3, 0.1, 0.5
+
+
+def _signed_train(signs):
+    def train(msg: Message, context: Context) -> Message:
+        w = msg.content["arrays"]["w"].numpy() + S * signs[context.node_id]
+        return Message(RecordDict({"arrays": arrays(w), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=msg)
+    return train
+
+
+def _aggregate(policy, signs):
+    guard = ClientGuard(policy)
+    grid = LoopbackGrid({n: app(guard.train_mods(), fn=_signed_train(signs)) for n in signs})
+    strategy = GuardedStrategy(fedavg(N), secagg=SecAgg(timeout=5),
+                               dp=CentralDP(expected_contributors=3, options={'checkpoint': None}, noise_multiplier=1e-6, clipping_norm=C))
+    assert strategy.manifest.has("update-clipping")
+    return strategy.start(grid, initial(), num_rounds=1).arrays["w"].numpy()
+
+
+@pytest.mark.parametrize("policy", [ClientPolicy(secagg=True, dp="central"), ClientPolicy(secagg=True)],
+                         ids=["client-requires-dp", "client-policy-without-dp"])
+def test_one_clients_influence_is_bounded_by_the_announced_clipping(policy):
+    try:
+        a = _aggregate(policy, {11: 1, 12: -1, 13: 1})
+        b = _aggregate(policy, {11: 1, 12: -1, 13: -1})
+    except Exception:
+        return  # refused: fine
+    influence = float(np.linalg.norm(a - b))
+    assert influence <= 2 * C / N * 1.01, (
+        f"one client moved the DP aggregate by {influence:.3f}, more than 2C/n = {2 * C / N:.3f} "
+        "that the manifest's 'update-clipping' and the reported epsilon assume; the run ended fine")
