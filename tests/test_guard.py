@@ -314,3 +314,21 @@ def test_the_guard_turns_off_the_false_clipping_warning_under_dpsgd(monkeypatch)
     seen.clear()
     LeakageAudit(lambda: None, lambda ctx: None).mod(dpsgd=False)
     assert seen["config"].check_update_norm is True
+
+
+def test_the_node_operators_policy_applies_on_top_of_the_apps() -> None:
+    # The app requires nothing; the node config (the operator's) requires SecAgg+.
+    guard = ClientGuard(ClientPolicy())
+    nodes = (11, 12)
+    grid = LoopbackGrid({n: _app(guard.train_mods()) for n in nodes},
+                        node_config={n: {"guard-require-secagg": True} for n in nodes})
+    with pytest.raises(GuardMismatch, match=r"requires SecAgg\+"):
+        GuardedStrategy(_fedavg(2)).start(grid, _initial(), num_rounds=1)
+    assert _clear_updates(grid) == []
+    merged = ClientPolicy(dp="any", max_clipping_norm=2.0).with_node_config(
+        {"guard-require-dp": "distributed", "guard-max-clipping-norm": 1.0,
+         "guard-min-noise-multiplier": 0.7})
+    assert merged == ClientPolicy(secagg=True, dp="distributed", min_noise_multiplier=0.7,
+                                  max_clipping_norm=1.0)
+    with pytest.raises(ValueError, match="guard-require-secagg must be true or false"):
+        ClientPolicy.from_node_config({"guard-require-secagg": 3})

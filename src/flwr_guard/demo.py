@@ -204,11 +204,16 @@ def run_demo(
         tempfile.mkdtemp(prefix="secagg-", dir=workdir), options.nodes,
         min_cohort=2 if options.nodes == 2 else None,
     ))
+    node_config = dict(options.node_config)
+    if options.app_dir is None and not options.simulation and options.run_config.get("secagg", True):
+        # The reference app's SuperNodes, as their operator would: no update leaves them
+        # unless SecAgg+ masks it (flwr_guard.guard.policy, node config).
+        node_config.setdefault("guard-require-secagg", True)
     topology = Topology.on_free_ports(
         nodes=options.nodes,
         superlink_port=options.superlink_port,
         simulation=options.simulation,
-        node_config=options.node_config,
+        node_config=node_config,
         per_node_config=per_node,
     )
     metrics_port = preferred_port(9464)  # 9464 unless taken, then a free port

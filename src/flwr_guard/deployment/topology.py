@@ -174,10 +174,12 @@ class Topology:
             **self.node_config,
             **(self.per_node_config[index] if index < len(self.per_node_config) else {}),
         }
-        return " ".join(
-            f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}"
-            for key, value in entries.items()
-        )
+        def toml(value: object) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            return f'"{value}"' if isinstance(value, str) else str(value)
+
+        return " ".join(f"{key}={toml(value)}" for key, value in entries.items())
 
     def supernode_command(self, index: int) -> list[str]:
         """``flower-supernode`` argv of SuperNode ``index`` (0-based)."""

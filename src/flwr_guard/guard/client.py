@@ -190,7 +190,8 @@ class ClientGuard:
         policy: what this client requires of the server (:class:`ClientPolicy`).
         dpsgd: record-level DP-SGD for :meth:`private_training`; with it, the policy
             also requires that every update was trained under DP-SGD.
-        audit: the leakage audit, or ``None``.
+        audit: the leakage audit (:class:`LeakageAudit`, or an audit mod of your own
+            such as one configured per message from the run config), or ``None``.
         inspect_replies: run the reply inspector (block replies that carry more than
             the update).
 
@@ -207,7 +208,7 @@ class ClientGuard:
         policy: ClientPolicy | None = None,
         *,
         dpsgd: DPSGDConfig | None = None,
-        audit: LeakageAudit | None = None,
+        audit: LeakageAudit | Mod | None = None,
         inspect_replies: bool = True,
     ) -> None:
         policy = policy or ClientPolicy()
@@ -235,8 +236,10 @@ class ClientGuard:
             from flwr_guard.audit.reply_mod import reply_inspection_mod
 
             mods.append(reply_inspection_mod())
-        if self.audit is not None:
+        if isinstance(self.audit, LeakageAudit):
             mods.append(_lazy_audit_mod(self.audit, dpsgd=self.dpsgd is not None))
+        elif self.audit is not None:
+            mods.append(self.audit)
         mods.append(update_clipping_mod if self.policy.dp is not None else _clip_when_announced)
         return mods
 

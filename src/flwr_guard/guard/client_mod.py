@@ -103,15 +103,22 @@ def policy_mod(policy: ClientPolicy) -> Mod:
     """Build the mod that enforces ``policy`` (see the module docstring).
 
     Args:
-        policy: what this client requires.
+        policy: what the app requires; the node operator's node-config policy
+            (:meth:`ClientPolicy.from_node_config`) is added on top, the stricter wins.
 
     Returns:
         A Flower mod ``(msg, context, call_next) -> Message``.
     """
 
+    app_policy = policy
+
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if not is_train(msg):
             return call_next(msg, context)
+        try:
+            policy = app_policy.with_node_config(context.node_config)
+        except ValueError as err:
+            return refusal(msg, f"invalid node-config policy: {err}")
         stage = _secagg_stage(msg)
         arrays = len(msg.content.array_records)
         if stage is not None and stage != MASKED_INPUT_STAGE:

@@ -25,6 +25,16 @@ CONFIG_ADAPTIVE = "dp-adaptive-clipping"
 
 RequiredDP = Literal["central", "distributed", "any"]
 
+#: Node-config keys (``flower-supernode --node-config``) of the node operator's policy.
+#: The app's code, ClientGuard included, travels in the FAB that the run's submitter
+#: sends; the node config is the operator's own: the policy in force is the stricter of
+#: the two (:meth:`ClientPolicy.with_node_config`).
+NODE_REQUIRE_SECAGG = "guard-require-secagg"
+NODE_REQUIRE_DP = "guard-require-dp"
+NODE_MIN_NOISE_MULTIPLIER = "guard-min-noise-multiplier"
+NODE_MAX_CLIPPING_NORM = "guard-max-clipping-norm"
+NODE_REQUIRE_DPSGD = "guard-require-dp-sgd"
+
 
 @dataclass(frozen=True)
 class ClientPolicy:
@@ -66,6 +76,57 @@ class ClientPolicy:
                 raise ValueError(f"{name} is a DP floor: set dp='central', 'distributed' or 'any'")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:
+        """The node operator's policy: ``guard-require-secagg`` (bool),
+        ``guard-require-dp`` ("central", "distributed", "any" or ""),
+        ``guard-min-noise-multiplier`` and ``guard-max-clipping-norm`` (0 = no floor),
+        ``guard-require-dp-sgd`` (bool).
+
+        Raises:
+            ValueError: for a value of the wrong type or range, naming the key.
+        """
+        def flag(key: str) -> bool:
+            value = node_config.get(key, False)
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError(f"node config {key} must be true or false, got {value!r}")
+            return value
+
+        def number(key: str) -> float | None:
+            value = node_config.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"node config {key} must be a number, got {value!r}")
+            return float(value) or None
+
+        dp = str(node_config.get(NODE_REQUIRE_DP, "") or "") or None
+        secagg = flag(NODE_REQUIRE_SECAGG) or dp == "distributed"
+        return cls(secagg=secagg, dp=dp,  # type: ignore[arg-type]
+                   min_noise_multiplier=number(NODE_MIN_NOISE_MULTIPLIER),
+                   max_clipping_norm=number(NODE_MAX_CLIPPING_NORM),
+                   dpsgd=flag(NODE_REQUIRE_DPSGD))
+
+    def with_node_config(self, node_config: Mapping[str, Any]) -> ClientPolicy:
+        """The stricter of this policy and the node operator's (:meth:`from_node_config`)."""
+        node = ClientPolicy.from_node_config(node_config)
+        dp: Any = self.dp or node.dp
+        if self.dp and node.dp and self.dp != node.dp:
+            if "any" in (self.dp, node.dp):
+                dp = self.dp if node.dp == "any" else node.dp
+            else:
+                raise ValueError(f"the app requires {self.dp} DP, the node config {node.dp} DP")
+
+        def most(a: float | None, b: float | None, pick: Any) -> float | None:
+            return b if a is None else a if b is None else pick(a, b)
+
+        return ClientPolicy(
+            secagg=self.secagg or node.secagg or dp == "distributed", dp=dp,
+            min_noise_multiplier=most(self.min_noise_multiplier, node.min_noise_multiplier, max),
+            max_clipping_norm=most(self.max_clipping_norm, node.max_clipping_norm, min),
+            dpsgd=self.dpsgd or node.dpsgd,
+        )
 
     @property
     def requires_anything(self) -> bool:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
@@ -57,6 +57,15 @@ from flwr_guard.guard.round_log import (
     policy_refusals,
 )
 from flwr_guard.strategy_wrapper import StrategyWrapper
+
+
+class RoundObserver(Protocol):
+    """What :class:`GuardedStrategy` tells an observer after each round."""
+
+    def train_aggregated(self, server_round: int, replies: list[Message],
+                         metrics: MetricRecord | None) -> None: ...
+
+    def evaluate_aggregated(self, server_round: int, metrics: MetricRecord | None) -> None: ...
 
 
 class GuardConfigError(ValueError):
@@ -176,8 +185,10 @@ def _unsupported(strategy: Strategy, secagg: bool) -> str | None:
 def _already_guarded(strategy: Strategy) -> str | None:
     from flwr_guard.telemetry.strategy import strategy_chain
 
+    protections = {"SecAggPlus", "DPFedAvg", "ReplyGuard", "AuditSummary", "TelemetryStrategy",
+                   "GuardedStrategy"}
     for s in strategy_chain(strategy):
-        if isinstance(s, StrategyWrapper):
+        if isinstance(s, StrategyWrapper) and protections & {c.__name__ for c in type(s).__mro__}:
             return type(s).__name__
     return None
 
@@ -194,6 +205,8 @@ class GuardedStrategy(StrategyWrapper):
         telemetry: a ServerApp ``Context``: export Prometheus metrics as its run config
             says (:meth:`flwr_guard.telemetry.TelemetryStrategy.from_run_config`); or
             ``None``.
+        observer: told each round's aggregated train and evaluate metrics as the chain
+            returns them (:class:`RoundObserver`; e.g. a progress file for a dashboard).
         tolerate_refusals: go on when some clients refuse the server's protections
             (their replies are dropped, logged as errors). By default one refusal stops
             the run with :class:`GuardMismatch`: a client whose policy the server does not
@@ -221,8 +234,10 @@ class GuardedStrategy(StrategyWrapper):
         audit_summary: bool = True,
         telemetry: Context | None = None,
         tolerate_refusals: bool = False,
+        observer: RoundObserver | None = None,
     ) -> None:
         self.tolerate_refusals = tolerate_refusals
+        self.observer = observer
         wrapped = _already_guarded(strategy)
         if wrapped is not None:
             raise GuardConfigError(
@@ -384,4 +399,12 @@ class GuardedStrategy(StrategyWrapper):
         log(INFO if arrays is not None else WARNING, "flwr-guard round %s: %s", server_round,
             describe_round(server_round, replies, arrays is not None,
                            secagg=self.secagg, dp=self.dp, audit=self.audit))
+        if self.observer is not None:
+            self.observer.train_aggregated(server_round, replies, metrics)
         return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        if self.observer is not None:
+            self.observer.evaluate_aggregated(server_round, metrics)
+        return metrics

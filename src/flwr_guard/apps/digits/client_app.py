@@ -17,8 +17,7 @@ from flwr.clientapp import ClientApp
 
 from flwr_guard.apps.digits.data import node_partition_arrays, to_tensor_dataset
 from flwr_guard.apps.digits.leakage_audit import digits_audit_mod
-from flwr_guard.audit.reply_mod import reply_inspection_mod
-from flwr_guard.secagg.mod import secaggplus_mod
+from flwr_guard.guard import ClientGuard, ClientPolicy
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -61,12 +60,16 @@ def _model(msg: Message) -> DigitsCNN:
     return model
 
 
-# Mods, outermost first; on the way out a reply goes train -> leakage audit -> reply
-# inspection -> SecAgg+. The audit must see the update before it is masked; the reply
-# inspector blocks replies that carry more than the declared update (per-example data);
-# the SecAgg+ mod masks the update and passes through messages that the server did not
-# send with SecAgg+ (run config `secagg = false`). See docs/audit.md.
-@app.train(mods=[secaggplus_mod, reply_inspection_mod(), digits_audit_mod])
+# ClientGuard builds the mods in the one valid order: on the way out a reply goes train ->
+# update clipping (when the server asks) -> leakage audit -> reply inspection -> SecAgg+
+# -> policy check. See docs/quickstart.md and docs/audit.md.
+# The app requires nothing of its own; the node operator's node config adds what the node
+# requires (`guard-require-secagg`, ... : flwr_guard.guard.policy), and the demo's
+# SuperNodes require SecAgg+. The audit is configured per message from the run config.
+guard = ClientGuard(ClientPolicy(), audit=digits_audit_mod)
+
+
+@app.train(mods=guard.train_mods())
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition; reply with the weights."""
     from flwr_guard.apps.digits.training import select_device, train_dpsgd_epochs, train_epochs

@@ -49,15 +49,23 @@ class ProgressRecorder(StrategyWrapper):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
         replies = list(replies)
-        self._replies[server_round] = sum(not m.has_error() for m in replies)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        self._train[server_round] = _plain(metrics)
+        self.train_aggregated(server_round, replies, metrics)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
-        self._evaluate[server_round] = _plain(metrics)
+        self.evaluate_aggregated(server_round, metrics)
         return metrics
+
+    # -- as an observer of GuardedStrategy(observer=...) -------------------------------
+    def train_aggregated(self, server_round: int, replies: list[Message],
+                         metrics: MetricRecord | None) -> None:
+        self._replies[server_round] = sum(not m.has_error() for m in replies)
+        self._train[server_round] = _plain(metrics)
+
+    def evaluate_aggregated(self, server_round: int, metrics: MetricRecord | None) -> None:
+        self._evaluate[server_round] = _plain(metrics)
 
     def record_round(self, server_round: int, server_metrics: MetricRecord) -> None:
         """Append the line of ``server_round`` (call from the server's ``evaluate_fn``)."""

@@ -1,14 +1,9 @@
 """ServerApp of the reference app: FedAvg with server-side evaluation each round.
 
-The strategy chain, outermost first (each protection on by default, each switchable in
-the run config)::
-
-    TelemetryStrategy          Prometheus metrics of every round (docs/metrics.md)
-      ProgressRecorder         one JSON line per round for `flwr-guard demo`
-        AuditSummary           the round's worst-case leakage-audit scores (docs/audit.md)
-          SecAggPlus           the server sees only the masked sum (docs/secagg.md)
-            ReplyGuard         drops replies that carry more than the update
-              FedAvg
+The protections are declared once, with :class:`flwr_guard.GuardedStrategy` (telemetry,
+the leakage-audit summary, SecAgg+ when the run config's ``secagg`` is on, the reply
+guard, around FedAvg; docs/quickstart.md); a :class:`ProgressRecorder` observes each
+round for ``flwr-guard demo``.
 
 Run config: see ``[tool.flwr.app.config]`` in this folder's ``pyproject.toml``.
 """
@@ -25,11 +20,8 @@ from flwr_guard.apps.digits.data import load_test_set, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
-from flwr_guard.audit.reply_guard import ReplyGuard
-from flwr_guard.audit.summary import AuditSummary
+from flwr_guard.guard import GuardedStrategy, SecAgg
 from flwr_guard.robust.server_eval import RobustnessEvaluator
-from flwr_guard.secagg.strategy import SecAggPlus
-from flwr_guard.telemetry.strategy import TelemetryStrategy
 
 app = ServerApp()
 
@@ -44,38 +36,33 @@ def main(grid: Grid, context: Context) -> None:
     test = load_test_set(float(cfg["test-fraction"]), seed)
     testloader = DataLoader(to_tensor_dataset(test["image"], test["label"]), batch_size=512)
     min_nodes = int(cfg["min-nodes"])
-    strategy = ReplyGuard(FedAvg(
+    fedavg = FedAvg(
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
-    ))
+    )
+    secagg = SecAgg(
+        num_shares=int(cfg["secagg-num-shares"]) or None,
+        reconstruction_threshold=int(cfg["secagg-reconstruction-threshold"]) or None,
+        clipping_range=float(cfg["secagg-clipping-range"]),
+        quantization_range=int(cfg["secagg-quantization-range"]),
+        timeout=float(cfg["secagg-timeout"]),
+    ) if bool(cfg["secagg"]) else None
     budget = {
         "dp-sgd": bool(cfg["dp-sgd"]),
         "dp-sgd-max-epsilon": float(cfg["dp-sgd-max-epsilon"]),
         "dp-sgd-delta": float(cfg["dp-sgd-delta"]),
     }
-    extras = lambda server_round: {"privacy": budget}  # noqa: E731
-    if bool(cfg["secagg"]):
-        strategy = SecAggPlus(
-            strategy,
-            num_shares=int(cfg["secagg-num-shares"]) or None,
-            reconstruction_threshold=int(cfg["secagg-reconstruction-threshold"]) or None,
-            clipping_range=float(cfg["secagg-clipping-range"]),
-            quantization_range=int(cfg["secagg-quantization-range"]),
-            timeout=float(cfg["secagg-timeout"]),
-        )
-        secagg = strategy
 
-        def extras(server_round: int) -> dict:
-            reports = [r for r in secagg.history if r.server_round == server_round]
-            secagg_report = {"secagg": reports[-1].to_dict()} if reports else {}
-            return {"privacy": budget, **secagg_report}
+    def extras(server_round: int) -> dict:
+        history = strategy.secagg.history if strategy.secagg is not None else []
+        reports = [r for r in history if r.server_round == server_round]
+        return {"privacy": budget, **({"secagg": reports[-1].to_dict()} if reports else {})}
 
-    audit = AuditSummary(strategy)
-    recorder = ProgressRecorder(audit, path=str(cfg["progress-file"]), extras=extras)
-    telemetry = TelemetryStrategy.from_run_config(recorder, context)
+    recorder = ProgressRecorder(fedavg, path=str(cfg["progress-file"]), extras=extras)
+    strategy = GuardedStrategy(fedavg, secagg=secagg, telemetry=context, observer=recorder)
 
     # Robustness evaluation every robust-eval-every rounds (flwr_guard.robust, docs/robustness.md)
     robustness = RobustnessEvaluator.from_run_config(cfg)
@@ -90,10 +77,10 @@ def main(grid: Grid, context: Context) -> None:
         recorder.record_round(server_round, metrics)
         return metrics
 
-    result = telemetry.start(
+    result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=int(cfg["num-server-rounds"]),
         evaluate_fn=evaluate_global,
     )
-    recorder.finish(result, audit=audit.worst())
+    recorder.finish(result, audit=strategy.audit.worst() if strategy.audit else None)
