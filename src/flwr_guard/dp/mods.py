@@ -69,7 +69,7 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     shapes, floating-point dtypes, finite values), gets an error reply that says why —
     nothing unclipped leaves the client.
     """
-    if msg.metadata.message_type != "train":
+    if msg.metadata.message_type.split(".", 1)[0] != "train":  # also "train.<action>"
         return call_next(msg, context)
     # Other mods may add ConfigRecords of their own (SecAgg+ does): use the one that
     # carries the clipping norm.

@@ -197,7 +197,8 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     handle (malformed message, wrong shapes, NaN/Inf update) is answered with an
     error reply; the server then counts this client as dropped.
     """
-    if msg.metadata.message_type != MessageType.TRAIN or SECAGG_RECORD not in msg.content:
+    # "train" and named train actions ("train.default", "train.<name>") alike
+    if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN or SECAGG_RECORD not in msg.content:
         return call_next(msg, context)
     try:
         policy = node_policy(context)
