@@ -44,7 +44,10 @@ tools:
 	    $$PKGS >/dev/null || echo "could not install$$PKGS; the tests that need them will skip"; \
 	else echo "no apt-get: the tests that need$$PKGS will skip"; fi
 
+# Lint and type checks first (seconds), then the suite.
 test: $(STAMP) tools
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(TEST_ARGS)
 
 clean:

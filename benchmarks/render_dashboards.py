@@ -32,11 +32,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from flwr_guard.demo import DemoOptions, run_demo  # noqa: E402
-from flwr_guard.deployment import free_port  # noqa: E402
-from flwr_guard.telemetry.prometheus_server import LocalPrometheus  # noqa: E402
+from flwr_guard.demo import DemoOptions, run_demo
+from flwr_guard.deployment import free_port
+from flwr_guard.telemetry.prometheus_server import LocalPrometheus
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"

@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.serverapp import Grid
 
 RUN_ID = 4242
 # In-process nodes are one operator's processes, as in Flower's simulation: trust on

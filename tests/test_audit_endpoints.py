@@ -23,7 +23,7 @@ LEAKY_METRICS = "\n".join(
 
 
 class _Leaky(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = {"/metrics": LEAKY_METRICS, "/debug/vars": '{"memstats": {}}', "/": "ok"}.get(self.path)
         self.send_response(200 if body is not None else 404)
         self.end_headers()
@@ -74,8 +74,9 @@ def test_unreachable_and_plaintext_are_findings() -> None:
     assert [f.kind for f in found] == ["unreachable"]
     text_found = check_exporter_text("x", "# TYPE up gauge\nup 1\n")
     assert text_found == []
-    from flwr_guard.audit.endpoints import check_service
     import httpx
+
+    from flwr_guard.audit.endpoints import check_service
 
     with httpx.Client(timeout=0.5) as client:
         kinds = [f.kind for f in check_service("http://10.255.255.1:8000", client, paths=())]

@@ -28,8 +28,8 @@ from flwr_guard.audit import (
 from flwr_guard.audit.audit_mod import BLOCKED_REASON
 from flwr_guard.audit.data import client_pool
 from flwr_guard.audit.inspection import inspect_reply
-from flwr_guard.audit.report import neutral_metrics
 from flwr_guard.audit.reply_mod import BLOCKED_REASON as INSPECTION_BLOCKED
+from flwr_guard.audit.report import neutral_metrics
 
 IMAGES, LABELS = client_pool(image_size=8, size=60, seed=2)
 

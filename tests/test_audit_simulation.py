@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FIXTURES, alive
+
 from flwr_guard.audit.audit_mod import BLOCKED_REASON
 from flwr_guard.demo import DemoOptions, run_demo
 

@@ -10,8 +10,8 @@ import sys
 
 import psutil
 import pytest
-
 from conftest import FIXTURES, alive
+
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 
 pytestmark = pytest.mark.deployment

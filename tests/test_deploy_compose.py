@@ -16,8 +16,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from flwr_guard.deployment import Topology
 from flwr_guard.deployment.manifests import (
     COMPOSE_CONNECTION,

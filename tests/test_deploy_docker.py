@@ -17,8 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from flwr_guard.deployment.manifests import check_command_line
 
 DOCKERFILES = sorted((REPO / "docker").glob("**/Dockerfile*"))
@@ -125,7 +125,7 @@ def test_dockerignore_keeps_secrets_and_environments_out_of_the_build_context() 
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
-
 from conftest import REPO
+
 from flwr_guard.deployment.manifests import (
     K8S_CONNECTION,
     POD_INDEX,

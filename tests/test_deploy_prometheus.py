@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO
+
 from flwr_guard.deployment import free_port
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -122,7 +122,7 @@ def test_prometheus_starts_with_the_compose_flags_and_scrapes_both_jobs(tmp_path
     mapped = [mapped_arg(arg) for arg in command]
     port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
-    server = subprocess.Popen(  # noqa: S603 - the Debian prometheus binary, our flags
+    server = subprocess.Popen(
         [shutil.which("prometheus"), *mapped, f"--web.listen-address=127.0.0.1:{port}"],
         stdout=log,
         stderr=subprocess.STDOUT,

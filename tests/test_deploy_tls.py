@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import alive
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from conftest import alive
 from flwr_guard.apps.digits import app_dir
 from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology, free_port
-from flwr_guard.deployment.topology import TlsConfig
 from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.processes import ProcessSupervisor
 from flwr_guard.deployment.tls import make_credentials
+from flwr_guard.deployment.topology import TlsConfig
 
 pytestmark = pytest.mark.deployment
 

@@ -23,16 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_guard.apps.digits.model import DigitsCNN
+from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.dp.context_state import (
     STATE_KEY,
     dpsgd_from_context,
     load_accountant_state,
     save_dpsgd,
 )
-from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig, DPSGDModelError, resolve_device
-from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger, dataset_fingerprint
 from flwr_guard.dp.mods import update_clipping_mod
+from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger, dataset_fingerprint
 
 RUN_CONFIG = {"dp-sgd-noise-multiplier": 1.2, "dp-sgd-max-grad-norm": 1.0, "dp-sgd-delta": 1e-4}
 

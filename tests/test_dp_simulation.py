@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FIXTURES, alive
+
+from flwr_guard.demo import DemoOptions, run_demo
 from flwr_guard.dp.accounting import compute_epsilon
 from flwr_guard.dp.strategy import DPFedAvg
-from flwr_guard.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.simulation
 

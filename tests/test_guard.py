@@ -13,6 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy, ManifestError, ProtectionManifest
 from flwr_guard.guard.client import ClientGuard
@@ -29,7 +30,6 @@ from flwr_guard.guard.strategy import (
 )
 from flwr_guard.secagg.mod import secaggplus_mod
 from flwr_guard.secagg.strategy import SecAggPlus
-from guard_harness import LoopbackGrid
 
 SHAPE = (6, 5)
 NO_CHECKPOINT = {"checkpoint": None}  # DPFedAvg's default checkpoint is under $FLWR_HOME

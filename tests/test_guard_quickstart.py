@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES, alive
+
 from flwr_guard.demo import DemoOptions, run_demo
 
 QUICKSTART = FIXTURES / "quickstart"

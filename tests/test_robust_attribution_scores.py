@@ -41,7 +41,9 @@ def test_randomisation_check_flags_a_map_that_ignores_the_model() -> None:
     model = trained_cnn()
     x, y = digits("test")
     x, y = x[:16], y[:16]
-    edge = lambda m, inp, t: inp.clone()
+    def edge(m, inp, t):
+        return inp.clone()
+
     assert randomisation_spearman(edge, model, x, y, edge(model, x, y)).min() > 0.999
     # Grad-CAM++ depends on the weights; IG from a black baseline is dominated by the
     # input on digits (zero background: zero attribution for any model), ~0.9 measured

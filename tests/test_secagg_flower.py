@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, alive
 from scipy import stats
 
-from conftest import FIXTURES, alive
 from flwr_guard.demo import DemoOptions, run_demo
 
 APP = FIXTURES / "secagg_app"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import alive
+
 from flwr_guard.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.simulation

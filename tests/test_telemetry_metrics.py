@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import REPO
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO
 from flwr_guard.deployment import free_port
 from flwr_guard.secagg.strategy import RoundReport
 from flwr_guard.telemetry import (
@@ -245,7 +245,7 @@ def test_promtool_check_metrics_rejects_a_badly_named_family() -> None:
 def test_pushgateway_mode_with_a_real_pushgateway(tmp_path) -> None:
     port = free_port()
     log = (tmp_path / "pushgateway.log").open("wb")
-    gateway = subprocess.Popen(  # noqa: S603 - Debian's pushgateway, loopback only
+    gateway = subprocess.Popen(
         [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

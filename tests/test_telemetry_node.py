@@ -11,11 +11,11 @@ import sys
 
 import httpx
 import pytest
-
 from conftest import FIXTURES
+from test_telemetry_metrics import _wait_http, samples
+
 from flwr_guard.deployment import free_port
 from flwr_guard.telemetry.prometheus_server import LocalPrometheus
-from test_telemetry_metrics import _wait_http, samples
 
 ONE_MESSAGE = FIXTURES / "telemetry_node" / "one_message.py"
 
@@ -36,7 +36,7 @@ def test_node_exporter_sums_every_clientapp_process(tmp_path) -> None:
     directory.mkdir()
     (directory / "counter_1.db").write_bytes(b"")  # left over from an earlier SuperNode
     port = free_port()
-    exporter = subprocess.Popen(  # noqa: S603 - our module, loopback only
+    exporter = subprocess.Popen(
         [sys.executable, "-m", "flwr_guard.telemetry.node", "--dir", str(directory),
          "--address", f"127.0.0.1:{port}", "--wipe"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -25,13 +25,13 @@ import jsonschema
 import psutil
 import pytest
 import yaml
-
 from conftest import FIXTURES, REPO, alive
-from flwr_guard.deployment import free_port
+from test_telemetry_metrics import PUSHGATEWAY, _wait_http, exposed_names
+
 from flwr_guard.demo import DemoOptions, run_demo
+from flwr_guard.deployment import free_port
 from flwr_guard.telemetry import FAMILIES
 from flwr_guard.telemetry.prometheus_server import LocalPrometheus
-from test_telemetry_metrics import PUSHGATEWAY, _wait_http, exposed_names
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -161,7 +161,7 @@ def test_dashboard_queries_name_only_metrics_the_exporter_exports() -> None:
 def test_protected_run_read_back_through_prometheus(tmp_path) -> None:
     exporter_port, gateway_port = free_port(), free_port()
     gateway_log = (tmp_path / "pushgateway.log").open("wb")
-    gateway = subprocess.Popen(  # noqa: S603 - Debian's pushgateway, loopback only
+    gateway = subprocess.Popen(
         [str(PUSHGATEWAY), f"--web.listen-address=127.0.0.1:{gateway_port}"],
         stdout=gateway_log, stderr=subprocess.STDOUT)
     result_file = tmp_path / "result.json"

@@ -166,7 +166,7 @@ def _scraped_values(prometheus: Any) -> dict[str, float | None]:
     for name, expr in SCRAPED_QUERIES.items():
         try:
             out[name] = prometheus.value(expr)
-        except Exception as err:  # noqa: BLE001 - a read-back must not fail the demo
+        except Exception as err:
             logger.warning("Prometheus query %s failed: %s", expr, err)
             out[name] = None
     return out

@@ -4,12 +4,12 @@ Flower routes 'train.default' to the function registered by @app.train(mods=...)
 the guard's mods, but every guard mod tests `message_type == "train"` and lets it
 through: the update goes out in the clear although the policy requires SecAgg+.
 """
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
+from guard_attack_helpers import app, clear_updates, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, clear_updates, initial
 
 
 def _send(grid, message_type):

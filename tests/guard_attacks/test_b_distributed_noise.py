@@ -8,12 +8,12 @@ the policy's parameters.
 """
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 import flwr_guard.dp.distributed_client as secagg_mod
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import DistributedDP, GuardedStrategy, SecAgg
-from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 N = 3
 POLICY = ClientPolicy(secagg=True, dp="distributed", min_noise_multiplier=1.0, max_clipping_norm=1.0)

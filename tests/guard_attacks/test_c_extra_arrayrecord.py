@@ -9,11 +9,11 @@ The policy mod should refuse a model message with more than one ArrayRecord.
 """
 import numpy as np
 from flwr.app import Message, RecordDict
+from guard_attack_helpers import SHAPE, TamperGrid, app, arrays, fedavg, initial, stage
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy, SecAgg
-from guard_attack_helpers import SHAPE, TamperGrid, app, arrays, fedavg, initial, stage
 
 N = 3
 

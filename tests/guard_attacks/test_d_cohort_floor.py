@@ -9,13 +9,13 @@ would learn that client's update exactly from the 'sum'.
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
+from guard_attack_helpers import app, fedavg, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy, SecAgg
 from flwr_guard.secagg.mod import secaggplus_mod
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, fedavg, initial
 
 
 def _sybil(msg, context):  # the server's own node: sends a zero update

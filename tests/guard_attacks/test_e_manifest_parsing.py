@@ -4,13 +4,13 @@ import json
 
 import pytest
 from flwr.app import ConfigRecord, RecordDict
+from guard_attack_helpers import app, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy, ManifestError, ProtectionManifest
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 from flwr_guard.guard.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, initial
 
 GOOD = {"version": 1, "protections": ["reply-guard"], "secagg": None, "dp": None}
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from guard_attack_helpers import SHAPE, arrays, fedavg, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import SHAPE, arrays, fedavg, initial
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402

@@ -10,12 +10,12 @@ update.
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from guard_attack_helpers import app, arrays, fedavg, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import CentralDP, GuardedStrategy, SecAgg
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, arrays, fedavg, initial
 
 N, C, S = 3, 0.1, 0.5
 

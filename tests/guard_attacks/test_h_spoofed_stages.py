@@ -1,13 +1,12 @@
 """Spoofed SecAgg+ stages and hostile record layouts (these held up when run)."""
-import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from guard_attack_helpers import app, clear_updates, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy, ProtectionManifest
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.manifest import MANIFEST_KEY, SecAggTerms
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, clear_updates, initial
 
 MANIFEST = ProtectionManifest(("secagg",), secagg=SecAggTerms(None, None, 2.0, 2**16)).to_json()
 
@@ -48,8 +47,9 @@ def test_metrics_carrying_the_update_are_blocked_under_secagg():
     """A train function that reports its update as a list metric: plain metrics travel in
     the clear next to the masked vector; the reply inspector should catch it."""
     from flwr.app import Message
-    from flwr_guard.guard.strategy import GuardedStrategy, SecAgg
     from guard_attack_helpers import arrays, fedavg
+
+    from flwr_guard.guard.strategy import GuardedStrategy, SecAgg
 
     def leaky(msg, context):
         w = msg.content["arrays"]["w"].numpy() + 0.01 * context.node_id

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from guard_attack_helpers import SHAPE, arrays, fedavg, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import SHAPE, arrays, fedavg, initial
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -23,7 +23,6 @@ def test_fit_with_frequent_empty_batches(kind):
     xs, ys = torch.randn(4, SHAPE[1]), torch.randint(0, SHAPE[0], (4,))
     data = ([{"img": xs[i], "label": int(ys[i])} for i in range(4)] if kind == "dict"
             else TensorDataset(xs, ys))
-    steps = []
 
     def train(msg: Message, context: Context) -> Message:
         model = torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False)

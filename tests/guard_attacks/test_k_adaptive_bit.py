@@ -5,11 +5,11 @@ did not list it in masked_metrics, the SecAgg+ mod sends it in the clear next to
 masked vector: a per-client statistic of the data, un-noised, unmasked. The policy
 checks neither the flag against manifest.dp.adaptive nor that the bit is masked."""
 from flwr.app import ConfigRecord, Message, RecordDict
+from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import DistributedDP, GuardedStrategy, SecAgg
-from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 N = 3
 

@@ -1,15 +1,16 @@
-import pytest
+
 """Distributed DP: each client adds 1/min_contributors of the noise. When fewer than
 min_contributors clients survive the masked-input stage, the sum holds too little
 noise; the clients nevertheless hand the server the shares that unmask it (the server,
 not the client, decides whether the sum is private enough)."""
+import pytest
 from flwr.app import Context, Message
+from guard_attack_helpers import app, fedavg, initial, stage, train_fn
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import DistributedDP, GuardedStrategy, SecAgg
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, fedavg, initial, stage, train_fn
 
 N = 4
 

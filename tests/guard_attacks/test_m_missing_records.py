@@ -2,11 +2,11 @@
 reply that names the problem, never an uncaught exception out of the mods."""
 import pytest
 from flwr.app import Message, RecordDict
+from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy, SecAgg
-from guard_attack_helpers import TamperGrid, app, fedavg, initial, stage
 
 N = 3
 

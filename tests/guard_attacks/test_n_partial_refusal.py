@@ -3,11 +3,12 @@ GuardedStrategy stops only when *every* reply of a round is a policy refusal. Wh
 clients refuse (they require SecAgg+, the server forgot it) and one does not, every
 round 'aggregates' the one client that sent its update in the clear, and the run ends
 fine: a misconfiguration that should fail, hidden behind ERROR lines."""
+from guard_attack_helpers import app, fedavg, initial
+from guard_harness import LoopbackGrid
+
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.strategy import GuardedStrategy
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, fedavg, initial
 
 
 def test_a_round_where_most_clients_refuse_the_servers_protections_fails():

@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
+from guard_attack_helpers import app, initial
+from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy, ProtectionManifest
 from flwr_guard.guard.client import ClientGuard
 from flwr_guard.guard.manifest import MANIFEST_KEY, DPTerms
-from guard_harness import LoopbackGrid
-from guard_attack_helpers import app, initial
 
 MANIFEST = ProtectionManifest(("central-dp", "update-clipping"), dp=DPTerms("central", 1.0, 0.5)).to_json()
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flwr_guard.device import resolve_device
 from flwr_guard.audit.attack import AttackTarget
 from flwr_guard.audit.baselines import baseline_scores, mean_image
 from flwr_guard.audit.labels import last_linear_names
@@ -34,6 +33,7 @@ from flwr_guard.audit.update import (
     update_norm,
 )
 from flwr_guard.audit.verdict import VerdictRule
+from flwr_guard.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def run_audit(
             observed=[-t / scale for t in observed],
             training=plan.training,
             num_images=plan.batch_size * plan.protections.aggregate_size,
-            image_shape=tuple(images.shape[1:]),  # type: ignore[arg-type]
+            image_shape=tuple(images.shape[1:]),
             num_classes=_num_classes(model),
             prior_mean=prior.to(dev),
         )

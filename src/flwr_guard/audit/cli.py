@@ -69,9 +69,9 @@ def audit_command(
     (PSNR, SSIM, identification, labels) against the victims and the no-information
     baselines. Writes JSON, a Markdown table and PNG grids to --out.
     """
-    from flwr_guard.device import resolve_device
     from flwr_guard.audit.sweep import SweepOptions, run_cell
     from flwr_guard.audit.sweep_report import markdown_table, write_all
+    from flwr_guard.device import resolve_device
 
     try:
         resolve_device(device, fallback=False)

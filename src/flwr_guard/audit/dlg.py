@@ -118,12 +118,12 @@ class DLG(Attack):
                 break
             optimizer.step(closure)
             iterations = int(optimizer.state[images].get("n_iter", iterations + 1))
-            current = float(best["loss"])  # type: ignore[arg-type]
+            current = float(best["loss"])
             if not math.isfinite(current) or current >= previous * (1 - 1e-7):
                 break  # converged or stalled
             previous = current
-        loss = float(best["loss"])  # type: ignore[arg-type]
-        return best["images"], best["labels"], loss, iterations, stopped  # type: ignore[return-value]
+        loss = float(best["loss"])
+        return best["images"], best["labels"], loss, iterations, stopped
 
 
 class IDLG(DLG):

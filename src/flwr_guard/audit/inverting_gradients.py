@@ -114,7 +114,7 @@ class InvertingGradients(Attack):
     ) -> tuple[torch.Tensor, float, int, bool]:
         prior = None
         if self.prior_weight > 0:
-            prior = target.prior_mean.to(target.device).expand(  # type: ignore[union-attr]
+            prior = target.prior_mean.to(target.device).expand(
                 target.num_images, *target.image_shape
             )
             images = prior.clone().requires_grad_(True)

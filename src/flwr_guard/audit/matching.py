@@ -16,7 +16,7 @@ import torch
 
 def l2_distance(simulated: list[torch.Tensor], observed: list[torch.Tensor]) -> torch.Tensor:
     """``Σ ‖s − o‖²`` over paired tensors (scalar)."""
-    return sum(((s - o) ** 2).sum() for s, o in zip(simulated, observed, strict=True))  # type: ignore[return-value]
+    return sum(((s - o) ** 2).sum() for s, o in zip(simulated, observed, strict=True))
 
 
 def cosine_distance(
@@ -24,9 +24,9 @@ def cosine_distance(
 ) -> torch.Tensor:
     """``1 − cos(s, o)`` of the concatenated tensors (scalar in ``[0, 2]``)."""
     dot = sum((s * o).sum() for s, o in zip(simulated, observed, strict=True))
-    s_norm = torch.sqrt(sum((s * s).sum() for s in simulated))  # type: ignore[arg-type]
-    o_norm = torch.sqrt(sum((o * o).sum() for o in observed))  # type: ignore[arg-type]
-    return 1.0 - dot / (s_norm * o_norm + eps)  # type: ignore[operator]
+    s_norm = torch.sqrt(sum((s * s).sum() for s in simulated))
+    o_norm = torch.sqrt(sum((o * o).sum() for o in observed))
+    return 1.0 - dot / (s_norm * o_norm + eps)
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

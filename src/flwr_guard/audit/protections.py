@@ -120,7 +120,7 @@ def observed_update(
         for acc, part in zip(total, clip_update(update, protections.clipping_norm)):
             acc += part
     if protections.noise_multiplier > 0:
-        clip = float(protections.clipping_norm)  # type: ignore[arg-type]
+        clip = float(protections.clipping_norm)
         std = protections.noise_multiplier * clip
         for acc in total:
             noise = torch.randn(acc.shape, generator=generator, dtype=acc.dtype)

@@ -42,8 +42,8 @@ def reply_metric_record(reply: Message) -> MetricRecord:
         return found
     if not reply.content.metric_records:
         reply.content["metrics"] = MetricRecord()
-        return reply.content["metrics"]  # type: ignore[return-value]
-    raise ValueError(f"reply holds {len(records)} MetricRecords; cannot pick one")
+        return reply.content["metrics"]
+    raise ValueError(f"reply holds {len(reply.content.metric_records)} MetricRecords; cannot pick one")
 
 
 def server_round(msg: Message) -> int:
@@ -51,7 +51,7 @@ def server_round(msg: Message) -> int:
     message's group id when numeric, else 0."""
     for record in msg.content.config_records.values():
         if "server-round" in record:
-            return int(record["server-round"])  # type: ignore[arg-type]
+            return int(record["server-round"])
     group = msg.metadata.group_id
     return int(group) if group.isdigit() else 0
 

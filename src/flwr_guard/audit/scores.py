@@ -31,7 +31,6 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-
 MAX_PSNR_DB = 100.0
 IDENTIFICATION_MARGIN_DB = 1.0
 
@@ -68,7 +67,7 @@ def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         images.float(), references.float(), data_range=1.0, kernel_size=kernel,
         sigma=sigma, reduction="none",
     )
-    return values.reshape(-1)  # type: ignore[union-attr]
+    return values.reshape(-1)
 
 
 def pairwise_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

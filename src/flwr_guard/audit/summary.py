@@ -44,7 +44,7 @@ def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
         record = find_metric_record(reply.content)
         if record is None:
             continue
-        errors += int(record.get(f"{METRIC_PREFIX}error", 0) or 0)  # type: ignore[arg-type]
+        errors += int(record.get(f"{METRIC_PREFIX}error", 0) or 0)
         if record.get(f"{METRIC_PREFIX}ran", 0):
             audited.append(dict(record.items()))
     out: dict[str, float | int] = {

@@ -231,7 +231,7 @@ class LocalDeployment:
     # -- runs ----------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's connection."""
-        return subprocess.run(  # noqa: S603 - fixed executable, our own arguments
+        return subprocess.run(
             ["flwr", *args],
             env=self.env,
             capture_output=True,

@@ -53,7 +53,7 @@ def container_topology(
         nodes=nodes,
         superlink_port=SUPERLINK_PORT,
         supernode_ports=(SUPERNODE_PORT,) * nodes,
-        host="0.0.0.0",  # noqa: S104 - the SuperLink serves the container network
+        host="0.0.0.0",
         superlink_host=superlink_host,
         supernode_host="127.0.0.1",
         node_config=dict(node_config or {}),

@@ -89,7 +89,7 @@ class ProcessSupervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
-            popen = subprocess.Popen(  # noqa: S603 - argv is built by flwr-guard
+            popen = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

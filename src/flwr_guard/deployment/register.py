@@ -51,7 +51,7 @@ def register_supernode(
             does not answer within ``timeout``.
     """
     try:
-        done = subprocess.run(  # noqa: S603 - fixed executable, our own arguments
+        done = subprocess.run(
             register_command(public_key, connection),
             env=None if env is None else dict(env),
             capture_output=True,

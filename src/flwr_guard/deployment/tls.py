@@ -109,7 +109,7 @@ def make_ca_and_server_cert(
         raise ValueError(f"days must be >= 1, got {days}")
     sans = subject_alt_names(hosts)
     out_dir = Path(out_dir).resolve()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

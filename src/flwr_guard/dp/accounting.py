@@ -214,7 +214,7 @@ def _epsilon_with_skellam(steps: list[Step], delta: float, accountant: str,
         acc = rdp_privacy_accountant.RdpAccountant(
             orders=orders, neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
         acc.compose(dp_event.ComposedDpEvent([_event(s, sampling) for s in gaussian]))
-        total += np.asarray(acc._rdp, dtype=np.float64)  # noqa: SLF001 (RDP curve at `orders`)
+        total += np.asarray(acc._rdp, dtype=np.float64)
     for s in steps:
         if s.skellam is None:
             continue
@@ -366,5 +366,5 @@ class Ledger:
             skellam = tuple(float(v) for v in sk) if sk else None
             if skellam is not None and len(skellam) != 3:
                 raise ValueError(f"a Skellam step needs (L2, L1, mu), got {sk}")
-            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None, skellam))  # type: ignore[arg-type]
+            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None, skellam))
         return ledger

@@ -71,19 +71,19 @@ def epsilon(
     try:
         if noise_multiplier is not None:
             eps = compute_epsilon(noise_multiplier, sample_rate, rounds, delta,
-                                  accountant.value, sampling.value, population)  # type: ignore[arg-type]
+                                  accountant.value, sampling.value, population)
             typer.echo(f"epsilon = {eps:.4f}  (noise multiplier {noise_multiplier:g}; {how})")
             if sampling is Sampling.poisson and sample_rate < 1:
                 fixed = compute_epsilon(noise_multiplier, 1.0, rounds, delta, accountant.value,
-                                        "none")  # type: ignore[arg-type]
+                                        "none")
                 typer.echo(f"  without amplification (a fixed-size cohort as Flower samples "
                            f"it, or a server that picks the cohort): epsilon = {fixed:.4f}")
         else:
             assert target_epsilon is not None
             z = noise_multiplier_for_epsilon(target_epsilon, sample_rate, rounds, delta,
-                                             accountant.value, sampling.value, population)  # type: ignore[arg-type]
+                                             accountant.value, sampling.value, population)
             eps = compute_epsilon(z, sample_rate, rounds, delta, accountant.value,
-                                  sampling.value, population)  # type: ignore[arg-type]
+                                  sampling.value, population)
             typer.echo(f"noise multiplier = {z:.4f}  (epsilon {eps:.4f} <= target "
                        f"{target_epsilon:g}; {how})")
         for note in notes:

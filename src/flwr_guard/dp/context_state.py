@@ -37,7 +37,7 @@ def load_accountant_state(context: Context) -> dict[str, Any] | None:
         return None
     record = context.state.config_records[STATE_KEY]
     try:
-        columns = [list(record[k]) for k in ("noise-multiplier", "sample-rate", "steps")]  # type: ignore[arg-type]
+        columns = [list(record[k]) for k in ("noise-multiplier", "sample-rate", "steps")]
         mechanism = str(record["mechanism"])
     except KeyError as err:
         raise ValueError(f"context.state[{STATE_KEY!r}] misses {err.args[0]!r}") from None

@@ -52,9 +52,9 @@ import torch
 # handler that prints every line of Flower's logger (which propagates) a second time.
 # Keep the root logger as the application left it.
 _root_handlers = list(logging.getLogger().handlers)
-from opacus import PrivacyEngine  # noqa: E402
-from opacus.accountants import create_accountant  # noqa: E402
-from opacus.validators import ModuleValidator  # noqa: E402
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.validators import ModuleValidator
 
 for _handler in logging.getLogger().handlers:
     if _handler not in _root_handlers:
@@ -157,7 +157,7 @@ class DPSGDConfig:
             max_grad_norm=float(run_config[prefix + "max-grad-norm"]),
             delta=float(run_config.get(prefix + "delta", 1e-5)),
             grad_sample_mode="ghost" if bool(run_config.get(prefix + "ghost-clipping", False)) else "hooks",
-            accountant=str(run_config.get(prefix + "accountant", "rdp")),  # type: ignore[arg-type]
+            accountant=str(run_config.get(prefix + "accountant", "rdp")),
             secure_mode=bool(run_config.get(prefix + "secure-mode", False))
             or bool(node.get(prefix + "secure-mode", False)),
             max_epsilon=min(max_epsilon, node_max),

@@ -41,7 +41,6 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.clipping import clip_update
-from flwr_guard.update import model_update
 from flwr_guard.dp.keys import (  # noqa: F401 (re-exported)
     KEY_ADAPTIVE,
     KEY_CLIPPED,
@@ -54,6 +53,7 @@ from flwr_guard.dp.keys import (  # noqa: F401 (re-exported)
     KEY_UNCLIPPED,
     KEY_WEIGHT_KEY,
 )
+from flwr_guard.update import model_update
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -83,7 +83,7 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     if len(msg.content.array_records) != 1 or len(configs) != 1:
         return _error(msg, "the train message must hold one ArrayRecord and one DP config")
     config = configs[0]
-    clipping_norm = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
+    clipping_norm = float(config[KEY_CLIPPING_NORM])
     adaptive = bool(config.get(KEY_ADAPTIVE, False))
     weight_key = str(config.get(KEY_WEIGHT_KEY, ""))
     incoming = next(iter(msg.content.array_records.values()))

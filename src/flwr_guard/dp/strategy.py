@@ -328,8 +328,8 @@ class DPFedAvg(StrategyWrapper):
             delta=float(get("delta", 1e-5)),
             sample_rate=float(get("sample-rate", 0.0)) or None,
             population=int(get("population", 0)) or None,
-            accountant=str(get("accountant", "rdp")),  # type: ignore[arg-type]
-            sampling=str(get("sampling", "none")),  # type: ignore[arg-type]
+            accountant=str(get("accountant", "rdp")),
+            sampling=str(get("sampling", "none")),
             checkpoint=None if checkpoint == "none" else (checkpoint or AUTO),
             distributed=bool(get("distributed", False)),
             min_contributors=int(get("min-contributors", 0)) or None,
@@ -544,7 +544,7 @@ class DPFedAvg(StrategyWrapper):
         return [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)]
 
     def _weight(self, metrics: MetricRecord) -> float:
-        return float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0  # type: ignore[arg-type]
+        return float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0
 
     def _parse_distributed(
         self, server_round: int, valid: list[Message], keys: list[str], global_nd: list[np.ndarray]
@@ -568,7 +568,7 @@ class DPFedAvg(StrategyWrapper):
                 f"masked {KEY_CLIPPED!r} / {KEY_NOISED!r} counts, so nothing proves the "
                 f"clients clipped and noised; {fix}")
         weight = self._weight(metrics)
-        clipped, noised = float(metrics[KEY_CLIPPED]), float(metrics[KEY_NOISED])  # type: ignore[arg-type]
+        clipped, noised = float(metrics[KEY_CLIPPED]), float(metrics[KEY_NOISED])
         if not (weight >= 1 and weight == clipped == noised and weight == int(weight)):
             log(WARNING, "DPFedAvg: round %d refused: %s contributors, %s clipped, %s noised "
                 "(a client without update_clipping_mod or without the noise); model unchanged",
@@ -612,7 +612,7 @@ class DPFedAvg(StrategyWrapper):
                     "the clients; a client's own reply must weigh 1 (update_clipping_mod)",
                     weight, KEY_CLIPPED)
                 return None
-            if float(clipped) != weight or weight != int(weight):  # type: ignore[arg-type]
+            if float(clipped) != weight or weight != int(weight):
                 log(WARNING, "DPFedAvg: aggregate refused: weight %s but %s contributors "
                     "proved their clipping; model unchanged", weight, clipped)
                 return None
@@ -620,7 +620,7 @@ class DPFedAvg(StrategyWrapper):
                 log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round dropped")
                 return None
             count = int(weight)
-            bits = float(metrics.get(KEY_UNCLIPPED, 0.0))  # type: ignore[arg-type]
+            bits = float(metrics.get(KEY_UNCLIPPED, 0.0))
             return reply, [u * count for u in diff], count, min(max(bits, 0.0), count) - count / 2
         if weight != 1:
             log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "

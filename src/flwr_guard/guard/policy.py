@@ -103,7 +103,7 @@ class ClientPolicy:
 
         dp = str(node_config.get(NODE_REQUIRE_DP, "") or "") or None
         secagg = flag(NODE_REQUIRE_SECAGG) or dp == "distributed"
-        return cls(secagg=secagg, dp=dp,  # type: ignore[arg-type]
+        return cls(secagg=secagg, dp=dp,
                    min_noise_multiplier=number(NODE_MIN_NOISE_MULTIPLIER),
                    max_clipping_norm=number(NODE_MAX_CLIPPING_NORM),
                    dpsgd=flag(NODE_REQUIRE_DPSGD))

@@ -127,7 +127,7 @@ class CentralDP:
                 **self.options}
 
     def terms(self) -> DPTerms:
-        return DPTerms(self.mode, float(self.noise_multiplier), float(self.clipping_norm),  # type: ignore[arg-type]
+        return DPTerms(self.mode, float(self.noise_multiplier), float(self.clipping_norm),
                        self.adaptive is not None)
 
 

@@ -40,7 +40,7 @@ _EXPORTS = {
     "RobustnessEvaluator": "flwr_guard.robust.server_eval",
 }
 
-__all__ = sorted(_EXPORTS)  # noqa: PLE0605
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

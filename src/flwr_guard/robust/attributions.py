@@ -149,7 +149,9 @@ def pgca_cells(model: nn.Module, x: torch.Tensor, target: torch.Tensor, grid: in
     """PGCA per cell: ``{"perturbation", "gradient", "consensus"}``, each ``(B, grid^2)``
     in ``[0, 1]`` (row-major cells)."""
     mask = grid_mask(tuple(x.shape), grid).to(x.device)
-    prob = lambda inp: F.softmax(model(inp), dim=1)
+    def prob(inp: torch.Tensor) -> torch.Tensor:
+        return F.softmax(model(inp), dim=1)
+
     ablation = FeatureAblation(prob)
     drops = [ablation.attribute(x, baselines=0.0, target=target, feature_mask=mask)]
     for _ in range(noise_samples):

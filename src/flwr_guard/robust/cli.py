@@ -25,7 +25,9 @@ def _objective(spec: str, eps: float, lam: float, steps: int):
 
 
 def robustness_command(
-    objectives: Annotated[str, typer.Option(help="Comma-separated: plain, cure, scorpio, pgd-at.")] = "plain,cure,scorpio,pgd-at",
+    objectives: Annotated[
+        str, typer.Option(help="Comma-separated: plain, cure, scorpio, pgd-at.")
+    ] = "plain,cure,scorpio,pgd-at",
     train_eps: Annotated[float, typer.Option(help="L-inf radius of the robust objectives (pixels in [0, 1]).")] = 0.1,
     cure_lambda: Annotated[float, typer.Option(help="lambda of CURE.")] = 4.0,
     scorpio_lambda: Annotated[float, typer.Option(help="lambda of SCORPIO.")] = 1.0,
@@ -35,7 +37,8 @@ def robustness_command(
     eps: Annotated[str, typer.Option(help="Comma-separated evaluation radii in (0, 1).")] = "0.05,0.1,0.2",
     zo_examples: Annotated[int, typer.Option(min=1, help="Test images the zeroth-order attacks use.")] = 100,
     test_examples: Annotated[int, typer.Option(min=1, help="Test images evaluated (of 360).")] = 360,
-    state_dict: Annotated[Path | None, typer.Option(help="Evaluate this saved DigitsCNN state dict (torch.save) instead of training.")] = None,
+    state_dict: Annotated[Path | None, typer.Option(
+        help="Evaluate this saved DigitsCNN state dict (torch.save) instead of training.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
     out: Annotated[Path, typer.Option(help="Folder for the JSON, Markdown and PNG files.")] = Path("robustness"),
 ) -> None:

@@ -145,7 +145,9 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[
     gen = torch.Generator().manual_seed(settings.seed)
     n_zo = min(settings.zeroth_order_examples, x.shape[0])
     with torch.no_grad():
-        predict = lambda xs: _batched(lambda a, b: model(a).argmax(1), xs, y[: xs.shape[0]], settings.batch_size)
+        def predict(xs: torch.Tensor) -> torch.Tensor:
+            return _batched(lambda a, b: model(a).argmax(1), xs, y[: xs.shape[0]], settings.batch_size)
+
         clean = (predict(x) == y).cpu().numpy()
     runs: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
         "fgsm": lambda a, b, e: fgsm(grad_model, a, b, e),

@@ -86,7 +86,7 @@ class RoundContext:
                 hash that is not 32 bytes, invalid parameters.
         """
         if not isinstance(data, dict):
-            raise ValueError("round context is not a mapping")  # noqa: TRY004 (malformed message)
+            raise ValueError("round context is not a mapping")
 
         def uint(name: str, high: int = 2**64 - 1) -> int:
             value = data.get(name)

@@ -175,8 +175,8 @@ def share_secret(secret: bytes, threshold: int, num_shares: int) -> list[tuple[i
         raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
     if not 1 <= threshold <= num_shares:
         raise ValueError(f"need 1 <= threshold <= num_shares, got {threshold}, {num_shares}")
-    low = Shamir.split(threshold, num_shares, secret[:16])
-    high = Shamir.split(threshold, num_shares, secret[16:])
+    low = Shamir.split(threshold, num_shares, secret[:16])  # type: ignore[call-arg]  # the stub misses ssss=False
+    high = Shamir.split(threshold, num_shares, secret[16:])  # type: ignore[call-arg]  # the stub misses ssss=False
     return [(i, a + b) for (i, a), (_, b) in zip(low, high, strict=True)]
 
 
@@ -193,6 +193,6 @@ def combine_shares(shares: Iterable[tuple[int, bytes]], threshold: int) -> bytes
     if len(unique) < threshold:
         raise CryptoError(f"{len(unique)} shares, {threshold} needed")
     chosen: Sequence[tuple[int, bytes]] = sorted(unique.items())[:threshold]
-    low = Shamir.combine([(i, s[:16]) for i, s in chosen])
-    high = Shamir.combine([(i, s[16:]) for i, s in chosen])
+    low = Shamir.combine([(i, s[:16]) for i, s in chosen])  # type: ignore[call-arg]  # the stub misses ssss=False
+    high = Shamir.combine([(i, s[16:]) for i, s in chosen])  # type: ignore[call-arg]  # the stub misses ssss=False
     return low + high

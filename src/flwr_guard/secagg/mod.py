@@ -206,7 +206,7 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         stage = record.get("stage")
         blob = record.get("payload")
         if not isinstance(stage, str) or not isinstance(blob, bytes):
-            raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")  # noqa: TRY004 (malformed message)
+            raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")
         if len(blob) > MAX_CONTROL_BYTES:
             raise ValueError(f"SecAgg+ {stage} payload of {len(blob)} bytes exceeds {MAX_CONTROL_BYTES}")
         payload = codec.decode(blob)

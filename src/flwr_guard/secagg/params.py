@@ -337,7 +337,7 @@ class SecAggParams:
                 out of range (k, t, W <= 2^20, L <= 2^32), or non-finite.
         """
         if not isinstance(data, dict):
-            raise ValueError("SecAgg+ parameters are not a mapping")  # noqa: TRY004 (malformed message)
+            raise ValueError("SecAgg+ parameters are not a mapping")
 
         def integer(name: str, high: int) -> int:
             value = data.get(name)

@@ -119,7 +119,7 @@ def _canonical_members(members: Iterable[RosterMember]) -> bytes:
 
 def _hex_bytes(value: Any, size: int, what: str) -> bytes:
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a hex string")  # noqa: TRY004 (malformed message)
+        raise ValueError(f"{what} must be a hex string")
     try:
         raw = bytes.fromhex(value)
     except ValueError as err:
@@ -163,7 +163,7 @@ def load_roster(path: str | Path, admin_key: bytes | None = None) -> Roster:
     members = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"SecAgg+ roster {path}: member {i} is not a table")  # noqa: TRY004 (malformed message)
+            raise ValueError(f"SecAgg+ roster {path}: member {i} is not a table")
         node_id = row.get("node-id")
         if node_id is not None and (not isinstance(node_id, int) or isinstance(node_id, bool)):
             raise ValueError(f"SecAgg+ roster {path}: member {i} has a non-integer node-id")

@@ -15,7 +15,8 @@ client does not sink the round: a consistency signature that does not verify is
 dropped, not forwarded; bad-sender reports are weighed against each other
 (:meth:`SecAggServer.receive_masked_inputs`); a wrong revealed share is found by
 checking reconstructions against the commitments and public keys of the
-advertisements, the round is completed from other shares and the revealer excluded. Once the masked inputs are in, the server knows whether
+advertisements, the round is completed from other shares and the revealer excluded. Once
+the masked inputs are in, the server knows whether
 every mask it must remove has enough share holders left; if not, it aborts at once,
 before the consistency and unmask stages (no shares are revealed).
 """

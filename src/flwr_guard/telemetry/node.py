@@ -122,7 +122,7 @@ def node_metrics_mod(msg: Message, context: Context, call_next: ClientAppCallabl
                     metrics.record_epsilon.labels(run).set(epsilon)
                 if (lookup(record, keys.LEAK) or 0.0) > 0:
                     metrics.leaks.labels(run).inc()
-    except Exception:  # noqa: BLE001 - metrics must not change the reply
+    except Exception:
         logger.exception("node_metrics_mod: could not record metrics")
     return reply
 

@@ -127,7 +127,7 @@ class LocalPrometheus:
         config_file = self.workdir / "prometheus.yml"
         config_file.write_text(json.dumps(self.config, indent=1))  # JSON is YAML
         with (self.workdir / "prometheus.log").open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - the prometheus binary, our flags
+            self.process = subprocess.Popen(
                 [
                     str(self.binary),
                     f"--config.file={config_file}",

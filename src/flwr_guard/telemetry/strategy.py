@@ -41,7 +41,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_guard.strategy_wrapper import StrategyWrapper
-from flwr_guard.update import model_update, update_norm
 from flwr_guard.telemetry import keys
 from flwr_guard.telemetry.config import TelemetryConfig
 from flwr_guard.telemetry.exporter import MetricsExporter
@@ -49,6 +48,7 @@ from flwr_guard.telemetry.keys import lookup
 from flwr_guard.telemetry.metrics import GuardMetrics
 from flwr_guard.telemetry.pushgateway import Pushgateway
 from flwr_guard.telemetry.recorder import DPState, ReplyView, TelemetryRecorder
+from flwr_guard.update import model_update, update_norm
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class TelemetryStrategy(StrategyWrapper):
     def _safe(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception:  # noqa: BLE001 - telemetry must never stop a round
+        except Exception:
             self.errors += 1
             logger.exception("flwr-guard telemetry failed in %s; training goes on",
                              getattr(fn, "__name__", fn))

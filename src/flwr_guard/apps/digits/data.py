@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -195,7 +195,7 @@ def node_partition_arrays(
     return cached_partition_arrays(
         partition_id=int(node_config["partition-id"]),
         num_partitions=int(node_config["num-partitions"]),
-        kind=str(run_config["partitioner"]),  # type: ignore[arg-type]
+        kind=str(run_config["partitioner"]),
         alpha=float(run_config["dirichlet-alpha"]),
         seed=int(run_config["seed"]),
         test_fraction=float(run_config["test-fraction"]),

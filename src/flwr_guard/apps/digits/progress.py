@@ -47,13 +47,13 @@ class ProgressRecorder(StrategyWrapper):
         self._evaluate: dict[int, dict[str, Any]] = {}
         self._replies: dict[int, int] = {}
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         self.train_aggregated(server_round, replies, metrics)
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         self.evaluate_aggregated(server_round, metrics)
         return metrics

@@ -69,7 +69,7 @@ def train_dpsgd_epochs(
     learning_rate: float,
     momentum: float,
     device: torch.device,
-    dpsgd: "DPSGD",
+    dpsgd: DPSGD,
 ) -> float:
     """Train ``model`` in place with DP-SGD (Opacus: Poisson sampling, per-example
     clipping, Gaussian noise) through ``dpsgd``; return the last epoch's mean loss.
