@@ -16,12 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flwr_guard.dp.keys import KEY_ADAPTIVE as CONFIG_ADAPTIVE
+from flwr_guard.dp.keys import KEY_CLIPPING_NORM as CONFIG_CLIPPING_NORM
+from flwr_guard.dp.keys import KEY_NOISE_MULTIPLIER as CONFIG_NOISE_MULTIPLIER
 from flwr_guard.guard.manifest import ProtectionManifest
-
-#: Train-config keys the DP wrappers send (flwr_guard.dp.mods / DPFedAvg).
-CONFIG_CLIPPING_NORM = "dp-clipping-norm"
-CONFIG_NOISE_MULTIPLIER = "dp-noise-multiplier"
-CONFIG_ADAPTIVE = "dp-adaptive-clipping"
 
 RequiredDP = Literal["central", "distributed", "any"]
 
