@@ -78,7 +78,9 @@ def test_supernode_dying_mid_run_fails_clearly_without_orphans(tmp_path) -> None
                 killed.append(child.pid)
                 return
 
-    options = DemoOptions(nodes=2, rounds=3, workdir=tmp_path / "work")
+    # tolerate_node_loss=False: the demo's default goes on without a lost node (tested in
+    # test_processes.py); this one must end at once and clearly.
+    options = DemoOptions(nodes=2, rounds=3, workdir=tmp_path / "work", tolerate_node_loss=False)
     result = run_demo(options, kill_one_supernode)
     assert killed
     assert not result.success

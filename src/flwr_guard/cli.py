@@ -182,7 +182,12 @@ def demo(
         console.print(f"[red]error:[/red] --robust-objective {robust_objective} cannot be combined "
                       "with DP-SGD (docs/robustness.md): add --no-dp-sgd")
         raise typer.Exit(2)
-    run_config: dict = {"robust-objective": robust_objective, "robust-eval-every": robust_eval_every}
+    # Only what the user changed: another app (--app) need not declare these keys.
+    run_config: dict = {}
+    if robust_objective != "plain":
+        run_config["robust-objective"] = robust_objective
+    if robust_eval_every:
+        run_config["robust-eval-every"] = robust_eval_every
     if not dp_sgd:
         run_config["dp-sgd"] = False
     options = DemoOptions(

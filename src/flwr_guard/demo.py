@@ -59,6 +59,9 @@ class DemoOptions:
     # often once the ServerApp says it has finished.
     status_interval_s: float = 10.0
     status_interval_finishing_s: float = 1.0
+    # A SuperNode that exits is reported and the run goes on with the others (SecAgg+
+    # counts it as a dropout); False: end the demo with an error naming it.
+    tolerate_node_loss: bool = True
     timeout_s: float = 3600.0
 
     def validate(self) -> None:
@@ -274,7 +277,7 @@ def run_demo(
             state.phase = "running"
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
-                for name in deployment.check_alive(tolerate_node_loss=True):
+                for name in deployment.check_alive(options.tolerate_node_loss):
                     state.lost_nodes.append(name)  # SecAgg+ counts it as a dropout
                 last = _absorb(tail.read_new(), state)
                 if last is not None:  # the ServerApp is done: ask for the status often
