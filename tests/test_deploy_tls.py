@@ -31,6 +31,7 @@ from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.processes import ProcessSupervisor
 from flwr_guard.deployment.tls import make_credentials
 from flwr_guard.deployment.topology import TlsConfig
+from flwr_guard.secagg.keys import write_federation
 
 pytestmark = pytest.mark.deployment
 
@@ -41,7 +42,10 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
     tmp_path,
 ) -> None:
     tls, keys = make_credentials(tmp_path / "credentials", nodes=3)
-    topo = Topology.on_free_ports(nodes=2, tls=tls, supernode_auth_keys=keys[:2])
+    # A federation roster for SecAgg+ (docs/secagg.md): the nodes refuse rounds without one.
+    federation = write_federation(tmp_path / "federation", 2, min_cohort=2)
+    topo = Topology.on_free_ports(nodes=2, tls=tls, supernode_auth_keys=keys[:2],
+                                  per_node_config=tuple(federation))
     assert "--insecure" not in topo.superlink_command() + topo.supernode_command(0)
     # The same deployment seen with a third SuperNode whose key is never registered.
     with_intruder = dataclasses.replace(
