@@ -1,0 +1,166 @@
+"""Node loss: Flower's node-unavailable replies end a SecAgg+ stage early, and a real
+deployment goes on when a SuperNode is killed mid-round.
+
+The transport tests run Flower's own SuperLink state (``InMemoryLinkState``, the one
+``flower-superlink`` runs, with its heartbeat bookkeeping) behind Flower's
+``InMemoryGrid``; node threads pull their messages from that state and store their
+replies in it as the Fleet API does. A node that stops sending heartbeats gets
+Flower's own ``NODE_UNAVAILABLE`` error reply; nothing is faked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import alive
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID, ErrorCode
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from flwr_guard.secagg.transport import StageReceipt, send_and_receive
+
+RUN_ID, TASK_ID, SUPERLINK = 77, 5, 1
+HEARTBEAT_S = 0.2  # the node's announced interval: unavailable 2 x 0.2 s after its last
+
+
+class _Node(threading.Thread):
+    """A node on Flower's link state: heartbeats every ``HEARTBEAT_S / 2`` while
+    ``alive``; answers its messages (echoing ``x + 1``) while ``answers``."""
+
+    def __init__(self, state, answers: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.state, self.answers = state, answers
+        self.node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME,
+                                         secrets.token_bytes(32), heartbeat_interval=HEARTBEAT_S)
+        state.acknowledge_node_heartbeat(self.node_id, HEARTBEAT_S)
+        self.alive = threading.Event()
+        self.alive.set()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            if self.alive.is_set():
+                self.state.acknowledge_node_heartbeat(self.node_id, HEARTBEAT_S)
+                if self.answers:
+                    for msg in self.state.get_message_ins(self.node_id, limit=None):
+                        x = msg.content.config_records["c"]["x"]
+                        reply = Message(RecordDict({"c": ConfigRecord({"x": x + 1})}),
+                                        reply_to=msg)
+                        reply.metadata.__dict__["_message_id"] = reply.object_id
+                        assert self.state.store_message_res(reply)
+            time.sleep(HEARTBEAT_S / 4)
+
+
+@pytest.fixture
+def link():
+    """Flower's in-memory SuperLink state with one run, and an ``InMemoryGrid`` on it."""
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(RUN_ID)
+    run.primary_task_id, run.federation_id = TASK_ID, NOOP_FEDERATION_ID
+    state.run_ids[RUN_ID] = RunRecord(run=run)
+    state.task_store[TASK_ID] = Task(task_id=TASK_ID, run_id=RUN_ID)
+    # What a ServerApp process holds (Message() reads it).
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK, TASK_ID
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    nodes: list[_Node] = []
+    yield state, grid, nodes
+    for node in nodes:
+        node.stopped.set()
+
+
+def _start(state, nodes: list[_Node], *answers: bool) -> list[_Node]:
+    new = [_Node(state, a) for a in answers]
+    for node in new:
+        node.start()
+    nodes += new
+    return new
+
+
+def _messages(nodes: list[_Node]) -> list[Message]:
+    return [Message(RecordDict({"c": ConfigRecord({"x": i})}), n.node_id, "train")
+            for i, n in enumerate(nodes)]
+
+
+def test_a_node_that_dies_is_a_dropout_after_its_heartbeat_patience_not_the_timeout(link):
+    state, grid, nodes = link
+    live_a, live_b, doomed = _start(state, nodes, True, True, False)
+    doomed.alive.clear()  # killed: no heartbeat, no reply
+    receipt = StageReceipt()
+    started = time.monotonic()
+    replies = send_and_receive(grid, _messages(nodes), timeout=300.0, receipt=receipt)
+    took = time.monotonic() - started
+    # Flower marks it unavailable 2 x 0.2 s after its last heartbeat: far below 300 s.
+    assert took < 5.0
+    good = {r.metadata.src_node_id: r.content.config_records["c"]["x"]
+            for r in replies if not r.has_error()}
+    assert good == {live_a.node_id: 1, live_b.node_id: 2}
+    (error,) = [r for r in replies if r.has_error()]
+    assert error.error.code == ErrorCode.NODE_UNAVAILABLE
+    assert error.metadata.src_node_id == SUPERLINK  # the SuperLink speaks for the node
+    assert list(receipt.unavailable) == [doomed.node_id]
+    assert 0 < receipt.unavailable[doomed.node_id] <= took
+    assert receipt.timed_out == [] and receipt.not_pushed == []
+    # Flower stops listing it at the same time (the same online-until test).
+    assert set(grid.get_node_ids()) == {live_a.node_id, live_b.node_id}
+
+
+def test_a_live_node_that_does_not_answer_is_waited_for_until_the_timeout(link):
+    state, grid, nodes = link
+    live, silent = _start(state, nodes, True, False)  # silent keeps its heartbeats
+    receipt = StageReceipt()
+    started = time.monotonic()
+    replies = send_and_receive(grid, _messages(nodes), timeout=1.5, receipt=receipt)
+    took = time.monotonic() - started
+    assert 1.5 <= took < 3.0
+    assert [r.metadata.src_node_id for r in replies] == [live.node_id]
+    assert receipt.timed_out == [silent.node_id] and receipt.unavailable == {}
+
+
+def test_a_node_dying_mid_stage_ends_the_wait_when_flower_reports_it(link):
+    state, grid, nodes = link
+    live, doomed = _start(state, nodes, True, False)
+    killer = threading.Timer(1.0, doomed.alive.clear)  # alive (and silent) for 1 s
+    killer.start()
+    receipt = StageReceipt()
+    started = time.monotonic()
+    replies = send_and_receive(grid, _messages(nodes), timeout=300.0, receipt=receipt)
+    took = time.monotonic() - started
+    killer.join()
+    # Unavailable 2 x heartbeat interval after its last heartbeat (<= 1 s + 0.4 s).
+    assert 1.0 <= took < 1.0 + 2 * HEARTBEAT_S + 1.0
+    assert len(replies) == 2 and list(receipt.unavailable) == [doomed.node_id]
+    assert receipt.unavailable[doomed.node_id] >= 1.0
+
+
+def test_a_message_the_superlink_refuses_is_not_waited_for(link):
+    state, grid, nodes = link
+    (live,) = _start(state, nodes, True)
+    # Flower's state refuses a message to a node it does not know (a stale node id).
+    unknown = live.node_id + 1
+    refused = Message(RecordDict({"c": ConfigRecord({"x": 9})}), unknown, "train")
+    receipt = StageReceipt()
+    started = time.monotonic()
+    replies = send_and_receive(grid, [*_messages(nodes), refused], timeout=300.0,
+                               receipt=receipt)
+    assert time.monotonic() - started < 5.0
+    assert [r.content.config_records["c"]["x"] for r in replies] == [1]
+    assert receipt.not_pushed == [unknown]
