@@ -79,3 +79,39 @@ def test_a_lost_supernode_is_reported_and_the_deployment_goes_on(tmp_path) -> No
             deployment.check_alive(tolerate_node_loss=True)
     finally:
         assert deployment.stop() == []
+
+
+def test_node_ids_are_read_from_the_supernode_logs_and_a_restart_gets_the_newest(tmp_path) -> None:
+    from flwr_guard.deployment.local import LocalDeployment
+
+    deployment = LocalDeployment(_SleepTopology(), tmp_path)  # type: ignore[arg-type]
+    say = [sys.executable, "-c", "print('INFO :      SuperNode ID: 8812', flush=True)"]
+    try:
+        deployment.supernodes = [deployment.supervisor.start("supernode-0", say, os.environ)]
+        deployment.supernodes[0].popen.wait(timeout=30)
+        assert deployment.node_id("supernode-0") == 8812
+        import pytest
+
+        with pytest.raises(ValueError, match="supernode-9"):
+            deployment.node_id("supernode-9")
+        # The restarted process appends to the same log: its own (new) id counts.
+        again = [sys.executable, "-c", "print('SuperNode ID: 77', flush=True)"]
+        deployment.supernodes = [deployment.supervisor.start("supernode-0", again, os.environ)]
+        deployment.supernodes[0].popen.wait(timeout=30)
+        assert deployment.node_id("supernode-0") == 77
+    finally:
+        assert deployment.stop() == []
+
+
+def test_the_superexec_poll_interval_goes_into_every_process_environment(tmp_path) -> None:
+    import pytest
+
+    from flwr_guard.deployment.local import SUPEREXEC_POLL_ENV, LocalDeployment
+
+    assert LocalDeployment(_SleepTopology(), tmp_path).env[SUPEREXEC_POLL_ENV] == "0.2"  # type: ignore[arg-type]
+    fast = LocalDeployment(_SleepTopology(), tmp_path, superexec_poll_interval_s=0.05)  # type: ignore[arg-type]
+    assert fast.env[SUPEREXEC_POLL_ENV] == "0.05"
+    flower_default = LocalDeployment(_SleepTopology(), tmp_path, superexec_poll_interval_s=None)  # type: ignore[arg-type]
+    assert flower_default.env.get(SUPEREXEC_POLL_ENV) == os.environ.get(SUPEREXEC_POLL_ENV)
+    with pytest.raises(ValueError, match="0.01, 60"):  # what Flower 1.41 would refuse at start
+        LocalDeployment(_SleepTopology(), tmp_path, superexec_poll_interval_s=0.001)  # type: ignore[arg-type]

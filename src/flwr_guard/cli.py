@@ -100,15 +100,19 @@ class _PlainProgress:
     line per phase change and per round, printed as it happens."""
 
     def __init__(self, rounds: int) -> None:
-        self.rounds, self.printed, self.phase, self.lost = rounds, 0, "", 0
+        self.rounds, self.printed, self.phase, self.events = rounds, 0, "", 0
 
     def __call__(self, state: DemoState) -> None:
         if state.phase != self.phase:
             self.phase = state.phase
             typer.echo(f"demo: {state.phase} (run {state.run_id or '-'}, {state.elapsed_s:.0f} s)")
-        for name in state.lost_nodes[self.lost:]:
-            typer.echo(f"demo: {name} exited; the run goes on without it (a SecAgg+ dropout)")
-        self.lost = len(state.lost_nodes)
+        for event in state.node_events[self.events:]:
+            if event["event"] == "lost":
+                typer.echo(f"demo: {event['node']} (node {event['node-id']}) exited with code "
+                           f"{event['exit-code']}; the run goes on without it (a SecAgg+ dropout)")
+            else:
+                typer.echo(f"demo: {event['node']} restarted; it joins a later round")
+        self.events = len(state.node_events)
         for line in state.rounds[self.printed:]:
             cells = _round_cells(line, self.rounds)
             typer.echo("demo: " + " · ".join(
@@ -170,6 +174,17 @@ def demo(
     robust_eval_every: Annotated[
         int, typer.Option(min=0, help="Robustness evaluation by the server every k rounds (0 = off).")
     ] = 0,
+    audit: Annotated[
+        bool, typer.Option(help="The gradient-leakage audit on every node (the demo's default).")
+    ] = True,
+    min_nodes: Annotated[
+        int, typer.Option(min=0, help="Nodes connected before a round starts (0 = all); fewer "
+                          "lets the run go on after a node loss.")
+    ] = 0,
+    restart_lost_nodes: Annotated[
+        bool, typer.Option("--restart-lost-nodes",
+                           help="Start a SuperNode that exits again; it joins a later round.")
+    ] = False,
 ) -> None:
     """Train the digits app on a real local Flower deployment and report the result.
 
@@ -190,6 +205,8 @@ def demo(
         run_config["robust-eval-every"] = robust_eval_every
     if not dp_sgd:
         run_config["dp-sgd"] = False
+    if not audit:
+        run_config["audit"] = False
     options = DemoOptions(
         nodes=nodes,
         rounds=rounds,
@@ -203,6 +220,8 @@ def demo(
         run_config=run_config,
         keep_workdir=keep_workdir,
         prometheus=prometheus,
+        min_nodes=min_nodes or None,
+        restart_lost_nodes=restart_lost_nodes,
     )
     try:
         if console.is_terminal:

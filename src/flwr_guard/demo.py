@@ -24,7 +24,11 @@ from typing import Any
 
 from flwr_guard.apps.digits import app_dir as digits_app_dir
 from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology
-from flwr_guard.deployment.local import FINISHED_PREFIX
+from flwr_guard.deployment.local import (
+    FINISHED_PREFIX,
+    NODE_UNAVAILABLE_AFTER_S,
+    SUPEREXEC_POLL_INTERVAL_S,
+)
 from flwr_guard.secagg.keys import write_federation
 from flwr_guard.telemetry.exporter import preferred_port
 from flwr_guard.telemetry.prometheus_server import (
@@ -62,6 +66,15 @@ class DemoOptions:
     # A SuperNode that exits is reported and the run goes on with the others (SecAgg+
     # counts it as a dropout); False: end the demo with an error naming it.
     tolerate_node_loss: bool = True
+    # Start a lost SuperNode again at once (an operator's restart policy); it comes back
+    # under a new Flower node id and joins the first round sampled after it connects.
+    restart_lost_nodes: bool = False
+    # Nodes that must be connected before a round starts (the app's `min-nodes`); None:
+    # all of them. With fewer, the run goes on after a node loss without a restart;
+    # with all of them, each round after a loss waits for the node to come back.
+    min_nodes: int | None = None
+    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL of every SuperExec (None: Flower's 1 s).
+    superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S
     timeout_s: float = 3600.0
 
     def validate(self) -> None:
@@ -74,6 +87,10 @@ class DemoOptions:
             raise ValueError(f"--partition must be 'iid' or 'dirichlet', got {self.partition!r}")
         if self.alpha <= 0:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(
+                f"--min-nodes must be between 1 and --nodes ({self.nodes}), got {self.min_nodes}"
+            )
 
 
 @dataclass
@@ -89,6 +106,9 @@ class DemoState:
     prometheus_url: str | None = None
     # SuperNodes that exited during the run; it went on with the others.
     lost_nodes: list[str] = field(default_factory=list)
+    # {"event": "lost" | "restarted", "node": name, "node-id": Flower's id or None,
+    #  "elapsed-s": seconds since the demo started, ("exit-code": int)}
+    node_events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> float:
@@ -117,6 +137,7 @@ class DemoResult:
     processes: list[dict[str, Any]]
     workdir: str | None
     lost_nodes: list[str] = field(default_factory=list)
+    node_events: list[dict[str, Any]] = field(default_factory=list)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +207,32 @@ def _absorb(events: list[dict[str, Any]], state: DemoState) -> dict[str, Any] | 
     return finished
 
 
+def _node_lost(
+    deployment: LocalDeployment, state: DemoState, name: str, options: DemoOptions
+) -> None:
+    """Record a SuperNode that exited (SecAgg+ counts it as a dropout once Flower
+    reports it unavailable); restart it when the options say so."""
+    proc = next(p for p in deployment.supernodes if p.name == name)
+    node_id = deployment.node_id(name)
+    state.lost_nodes.append(name)
+    state.node_events.append({"event": "lost", "node": name, "node-id": node_id,
+                              "elapsed-s": round(state.elapsed_s, 2),
+                              "exit-code": proc.exit_code()})
+    logger.warning("%s (node %s) lost after %.1f s; Flower reports it unavailable within "
+                   "%.0f s of its last heartbeat", name, node_id, state.elapsed_s,
+                   NODE_UNAVAILABLE_AFTER_S)
+    if options.restart_lost_nodes:
+        deployment.restart_supernode(name)
+        state.node_events.append({"event": "restarted", "node": name, "node-id": None,
+                                  "elapsed-s": round(state.elapsed_s, 2),
+                                  "previous-node-id": node_id})
+    elif (options.min_nodes or options.nodes) > options.nodes - len(deployment.lost):
+        logger.warning("every round now waits for %d connected nodes (min-nodes) and %d are "
+                       "left: restart %s, or run with a smaller --min-nodes",
+                       options.min_nodes or options.nodes,
+                       options.nodes - len(deployment.lost), name)
+
+
 def run_demo(
     options: DemoOptions, on_update: Callable[[DemoState], None] = lambda _: None
 ) -> DemoResult:
@@ -236,7 +283,7 @@ def run_demo(
     declared = app_config_keys(app_dir)
     demo_keys = {
         "num-server-rounds": options.rounds,
-        "min-nodes": options.nodes,
+        "min-nodes": options.min_nodes or options.nodes,
         "partitioner": options.partition,
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
@@ -262,7 +309,9 @@ def run_demo(
     scraped: dict[str, float | None] = {}
     tail = _ProgressTail(progress_path)
     error: str | None = None
-    deployment = LocalDeployment(topology, workdir)
+    deployment = LocalDeployment(
+        topology, workdir, superexec_poll_interval_s=options.superexec_poll_interval_s
+    )
     try:
         if prometheus is not None:
             try:
@@ -278,7 +327,12 @@ def run_demo(
             next_status, interval = 0.0, options.status_interval_s
             while not state.status.startswith(FINISHED_PREFIX):
                 for name in deployment.check_alive(options.tolerate_node_loss):
-                    state.lost_nodes.append(name)  # SecAgg+ counts it as a dropout
+                    _node_lost(deployment, state, name, options)
+                for event in state.node_events:  # a restarted node's new id, once it has one
+                    if event["event"] == "restarted" and event["node-id"] is None:
+                        new_id = deployment.node_id(event["node"])
+                        if new_id != event["previous-node-id"]:
+                            event["node-id"] = new_id
                 last = _absorb(tail.read_new(), state)
                 if last is not None:  # the ServerApp is done: ask for the status often
                     finished, next_status = last, 0.0
@@ -342,6 +396,7 @@ def run_demo(
         processes=processes,
         workdir=str(workdir) if keep else None,
         lost_nodes=list(state.lost_nodes),
+        node_events=list(state.node_events),
     )
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)

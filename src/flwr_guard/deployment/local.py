@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,23 @@ logger = logging.getLogger(__name__)
 
 CONNECTION = "flwr-guard"
 FINISHED_PREFIX = "finished:"
+
+
+# Flower 1.41's SuperExecs (the SuperLink's, which starts the ServerApp process, and each
+# SuperNode's, which starts one ClientApp process per message) look for new work every
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (flwr.supercore.superexec.run_superexec,
+# 1 s by default, 0.01-60 s accepted): 0.2 s takes 0.4 s of idle time off every
+# message on average, for 5 small local requests per second per SuperExec. Flower
+# has no setting for the rest: a SuperNode sleeps 3 s after a pull that found no
+# message and 0.5 s while its ClientApp works (flwr.supernode.start_client_internal),
+# and announces a fixed 30 s heartbeat interval (flwr.common.constant).
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_INTERVAL_S = 0.2
+# A dead SuperNode is reported unavailable (ErrorCode.NODE_UNAVAILABLE) when its last
+# heartbeat is HEARTBEAT_PATIENCE (2) x 30 s old; it sends one every 17.5-22.5 s.
+NODE_UNAVAILABLE_AFTER_S = 60.0
+
+_NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 
 
 class DeploymentError(RuntimeError):
@@ -78,7 +96,21 @@ class LocalDeployment:
         DeploymentError: a process exited during start-up (the message holds its log).
     """
 
-    def __init__(self, topology: Topology, workdir: Path, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        workdir: Path,
+        startup_timeout: float = 60.0,
+        superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S,
+    ) -> None:
+        if superexec_poll_interval_s is not None and not (
+            0.01 <= superexec_poll_interval_s <= 60.0
+        ):
+            raise ValueError(
+                "superexec_poll_interval_s must be in [0.01, 60] s (the range Flower 1.41 "
+                f"accepts for {SUPEREXEC_POLL_ENV}), got {superexec_poll_interval_s}"
+            )
+        self.superexec_poll_interval_s = superexec_poll_interval_s
         self.topology = topology
         self.workdir = Path(workdir)
         self.flwr_home = self.workdir / "flwr-home"
@@ -109,13 +141,16 @@ class LocalDeployment:
     def env(self) -> dict[str, str]:
         """Environment of every process: Flower finds its components on ``PATH``."""
         bin_dir = str(Path(sys.executable).parent)
-        return {
+        env = {
             **os.environ,
             "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
             "FLWR_HOME": str(self.flwr_home),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        if self.superexec_poll_interval_s is not None:
+            env[SUPEREXEC_POLL_ENV] = str(self.superexec_poll_interval_s)
+        return env
 
     def start(self) -> None:
         """Check ports, start the SuperLink, wait for ``/health``, start the SuperNodes."""
@@ -183,6 +218,24 @@ class LocalDeployment:
                            proc.name, proc.pid, proc.exit_code())
             self.lost.append(proc.name)
         return [p.name for p in dead]
+
+    def node_id(self, name: str) -> int | None:
+        """The Flower node id SuperNode ``name`` last registered with (read from its log:
+        ``SuperNode ID: N``); ``None`` before it has connected. A restarted SuperNode
+        gets a new id (without SuperNode authentication), so this is the newest.
+
+        Raises:
+            ValueError: ``name`` is not a SuperNode of this deployment.
+        """
+        proc = next((p for p in self.supernodes if p.name == name), None)
+        if proc is None:
+            raise ValueError(f"no SuperNode named {name!r}")
+        try:
+            text = proc.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        found = _NODE_ID_LINE.findall(text)
+        return int(found[-1]) if found else None
 
     def restart_supernode(self, name: str) -> ManagedProcess:
         """Start a lost SuperNode again with its command line (it joins the next round
