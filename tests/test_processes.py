@@ -115,3 +115,17 @@ def test_the_superexec_poll_interval_goes_into_every_process_environment(tmp_pat
     assert flower_default.env.get(SUPEREXEC_POLL_ENV) == os.environ.get(SUPEREXEC_POLL_ENV)
     with pytest.raises(ValueError, match="0.01, 60"):  # what Flower 1.41 would refuse at start
         LocalDeployment(_SleepTopology(), tmp_path, superexec_poll_interval_s=0.001)  # type: ignore[arg-type]
+
+
+def test_a_clientapp_process_for_a_control_stage_imports_neither_torch_nor_the_accountant() -> None:
+    """Flower 1.41 starts one ClientApp process per message; the SecAgg+ control stages
+    do not train, so the reference app's module must not pull in torch, Opacus or
+    dp-accounting (with scipy.stats: seconds of imports per message on a loaded node)."""
+    import subprocess
+
+    heavy = ("torch", "opacus", "dp_accounting", "scipy.stats", "captum", "torchmetrics")
+    probe = ("import sys, flwr_guard.apps.digits.client_app; "
+             f"print([m for m in {heavy!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

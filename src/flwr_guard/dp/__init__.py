@@ -22,17 +22,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flwr_guard.dp.accounting import (
-    Ledger,
-    Step,
-    compute_epsilon,
-    epsilon_from_history,
-    noise_multiplier_for_epsilon,
-)
-from flwr_guard.dp.budget import BudgetDecision, PrivacyBudget, PrivacyBudgetExceeded
-from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
-
+# Every name is imported on first use: a deployed ClientApp process lives for one
+# message, and the SecAgg+ control stages only need flwr_guard.dp.keys; the accountant
+# (dp-accounting, which imports scipy.stats) cost ~1.5 s of each such process
+# (benchmarks/deployment.py, docs/demo.md).
 _LAZY = {
+    "Ledger": "flwr_guard.dp.accounting",
+    "Step": "flwr_guard.dp.accounting",
+    "compute_epsilon": "flwr_guard.dp.accounting",
+    "epsilon_from_history": "flwr_guard.dp.accounting",
+    "noise_multiplier_for_epsilon": "flwr_guard.dp.accounting",
+    "BudgetDecision": "flwr_guard.dp.budget",
+    "PrivacyBudget": "flwr_guard.dp.budget",
+    "PrivacyBudgetExceeded": "flwr_guard.dp.budget",
+    "LedgerMissing": "flwr_guard.dp.record_ledger",
+    "RecordLedger": "flwr_guard.dp.record_ledger",
     "update_clipping_mod": "flwr_guard.dp.mods",
     "DPFedAvg": "flwr_guard.dp.strategy",
     "DPConfigurationError": "flwr_guard.dp.strategy",
@@ -44,19 +48,7 @@ _LAZY = {
     "save_dpsgd": "flwr_guard.dp.context_state",
 }
 
-__all__ = [
-    "BudgetDecision",
-    "Ledger",
-    "LedgerMissing",
-    "PrivacyBudget",
-    "PrivacyBudgetExceeded",
-    "RecordLedger",
-    "Step",
-    "compute_epsilon",
-    "epsilon_from_history",
-    "noise_multiplier_for_epsilon",
-    *_LAZY,
-]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:
