@@ -164,3 +164,107 @@ def test_a_message_the_superlink_refuses_is_not_waited_for(link):
     assert time.monotonic() - started < 5.0
     assert [r.content.config_records["c"]["x"] for r in replies] == [1]
     assert receipt.not_pushed == [unknown]
+
+
+# -- a real local deployment ---------------------------------------------------------
+NODES, VICTIM = 4, "supernode-3"
+# Slack for the ServerApp's own work around the wait (pulls, a ClientApp start on a
+# loaded 2-core machine).
+SLACK_S = 15.0
+
+
+class _KillInRound2(threading.Thread):
+    """Kill ``VICTIM`` by PID the moment it takes its first message of round 2.
+
+    Flower's SuperNode logs ``Receiving: <type> message`` when it pulls one. Round r's
+    client evaluation follows round r's training, so the first train message after the
+    first ``evaluate`` one is round 2's first SecAgg+ stage: the ServerApp is waiting for
+    this node's reply when it dies. Also stamps (on this clock) when each round's line
+    reaches the progress file.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(daemon=True)
+        self.log = workdir / "logs" / f"{VICTIM}.log"
+        self.progress = workdir / "progress.jsonl"
+        self.killed_at: float | None = None
+        self.pid: int | None = None
+        self.round_seen: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def _victim(self) -> psutil.Process:
+        for child in psutil.Process().children():
+            cmd = " ".join(child.cmdline())
+            if "flower-supernode" in cmd and f"partition-id={VICTIM.rsplit('-', 1)[1]} " in cmd:
+                return child
+        raise AssertionError(f"no {VICTIM} process")
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if self.killed_at is None and self.log.exists():
+                text = self.log.read_text(encoding="utf-8", errors="replace")
+                first_eval = text.find("Receiving: evaluate message")
+                if first_eval >= 0 and "Receiving: train message" in text[first_eval:]:
+                    victim = self._victim()
+                    self.pid = victim.pid
+                    victim.send_signal(signal.SIGKILL)
+                    self.killed_at = time.monotonic()
+            if self.progress.exists():
+                for line in self.progress.read_text(encoding="utf-8").splitlines():
+                    if line.strip() and (event := json.loads(line)).get("event") == "round":
+                        self.round_seen.setdefault(event["round"], time.monotonic())
+            time.sleep(0.1)
+
+
+@pytest.mark.deployment
+def test_a_supernode_killed_mid_secagg_stage_is_a_bounded_dropout_and_comes_back(tmp_path):
+    from flwr_guard.demo import DemoOptions, run_demo
+    from flwr_guard.deployment.local import NODE_UNAVAILABLE_AFTER_S
+
+    workdir = tmp_path / "work"
+    watcher = _KillInRound2(workdir)
+    watcher.start()
+    options = DemoOptions(
+        nodes=NODES, rounds=3, min_nodes=NODES - 1, restart_lost_nodes=True,
+        workdir=workdir, prometheus=False, run_config={"audit": False},
+        status_interval_s=30.0,
+    )
+    try:
+        result = run_demo(options)
+    finally:
+        watcher.done.set()
+        watcher.join()
+    assert watcher.killed_at is not None, "the SuperNode was never killed"
+    assert result.success, result.error
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
+    secagg = {r["round"]: r["secagg"] for r in result.rounds if r["round"] > 0}
+    assert secagg[1]["cohort"] == secagg[1]["survivors"] == NODES
+    # Round 2 completes with exactly the three survivors.
+    assert secagg[2]["cohort"] == NODES and secagg[2]["survivors"] == NODES - 1
+    assert result.rounds[2]["train-replies"] == 1  # the one aggregate of the masked sum
+    # The loss is reported: the lost node by name and Flower node id, in the demo's
+    # summary and in the ServerApp's log (the transport's line for the stage).
+    assert result.lost_nodes == [VICTIM]
+    lost, restarted = result.node_events
+    assert lost["event"] == "lost" and lost["node"] == VICTIM and lost["exit-code"] == -9
+    assert isinstance(lost["node-id"], int)
+    server_log = (workdir / "serverapp.log").read_text(encoding="utf-8")
+    waited = [float(s) for s in re.findall(
+        rf"node {lost['node-id']} unavailable after ([0-9.]+) s", server_log)]
+    assert waited, server_log[-3000:]
+    # The restarted SuperNode (a new node id) joins round 3: four survivors again.
+    assert restarted["event"] == "restarted" and restarted["node-id"] not in (None, lost["node-id"])
+    assert secagg[3]["cohort"] == secagg[3]["survivors"] == NODES
+    # The time the loss costs is bounded by Flower's heartbeat rule: the node is
+    # reported unavailable at most 2 x 30 s after its last heartbeat, i.e. after its
+    # death; the rest of round 2 is at most a round without loss (round 3).
+    round_3_s = watcher.round_seen[3] - watcher.round_seen[2]
+    after_kill_s = watcher.round_seen[2] - watcher.killed_at
+    assert max(waited) <= NODE_UNAVAILABLE_AFTER_S + SLACK_S
+    assert after_kill_s <= NODE_UNAVAILABLE_AFTER_S + round_3_s + SLACK_S
+    round_2_s = watcher.round_seen[2] - watcher.round_seen[1]
+    print(f"\nnode loss: killed {VICTIM} (pid {watcher.pid}, node {lost['node-id']}); "
+          f"stage waited {max(waited):.1f} s for Flower's report; round 2 {round_2_s:.1f} s "
+          f"against {round_3_s:.1f} s for round 3 (cost {round_2_s - round_3_s:+.1f} s); "
+          f"round 2 stages {secagg[2]['stage_seconds']}, dropouts {secagg[2]['dropouts']}")
+    assert alive(result.processes) == []
