@@ -129,7 +129,7 @@ def measure(name: str, run_config: dict[str, Any], nodes: int, rounds: int) -> d
     }
 
 
-def _import_seconds(statement: str, repeats: int = 3) -> float:
+def _import_seconds(statement: str, repeats: int = 2) -> float:
     """Best-of wall time of a fresh interpreter that runs ``statement`` (s)."""
     best = float("inf")
     for _ in range(repeats):
@@ -181,30 +181,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deployment.json"))
     args = parser.parse_args()
     console = Console()
+    machine = {"cpus": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
+               "python": platform.python_version(), "platform": platform.platform()}
     profile = per_message_profile()
-    rows = []
-    for name in args.variants:
-        rows.append(measure(name, VARIANTS[name], args.nodes, args.rounds))
-        console.print(f"{name}: rounds {rows[-1]['round_s']} s")
+    rows: list[dict] = []
+
+    def save() -> None:  # after every run: a long benchmark keeps what it measured
+        plain = next((r for r in rows if r["variant"] == "plain"), None)
+        for row in rows:
+            if plain and row["nodes"] == plain["nodes"]:
+                row["later_rounds_x_plain"] = round(
+                    row["later_rounds_mean_s"] / plain["later_rounds_mean_s"], 3)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine, "per_message": profile,
+                                        "results": rows}, indent=2) + "\n")
+
+    plan = [(name, VARIANTS[name], args.nodes, args.rounds) for name in args.variants]
     if args.scale_nodes:
-        rows.append(measure(f"{args.scale_variant} (scale)", VARIANTS[args.scale_variant],
-                            args.scale_nodes, args.scale_rounds))
-        console.print(f"scale: rounds {rows[-1]['round_s']} s")
-    plain = next((r for r in rows if r["variant"] == "plain"), None)
-    for row in rows:
-        if plain and row["nodes"] == plain["nodes"]:
-            row["later_rounds_x_plain"] = round(
-                row["later_rounds_mean_s"] / plain["later_rounds_mean_s"], 3)
-    console.print(_table(rows, plain))
+        plan.append((f"{args.scale_variant} (scale)", VARIANTS[args.scale_variant],
+                     args.scale_nodes, args.scale_rounds))
+    for name, run_config, nodes, rounds in plan:
+        row = measure(name, run_config, nodes, rounds)
+        row["load_average_after"] = [round(x, 2) for x in psutil.getloadavg()]
+        rows.append(row)
+        save()
+        console.print(f"{name}, {nodes} SuperNodes: rounds {row['round_s']} s, load "
+                      f"{row['load_average_after']}")
+    console.print(_table(rows, next((r for r in rows if r["variant"] == "plain"), None)))
     console.print("per message (a node that does not train): " + ", ".join(
         f"{k} {v}" for k, v in profile.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-               "load_average": psutil.getloadavg(), "python": platform.python_version(),
-               "platform": platform.platform()}
-    args.out.write_text(json.dumps({"machine": machine, "per_message": profile,
-                                    "results": rows}, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
