@@ -226,7 +226,9 @@ def test_a_supernode_killed_mid_secagg_stage_is_a_bounded_dropout_and_comes_back
     watcher.start()
     options = DemoOptions(
         nodes=NODES, rounds=3, min_nodes=NODES - 1, restart_lost_nodes=True,
-        workdir=workdir, prometheus=False, run_config={"audit": False},
+        workdir=workdir, prometheus=False,
+        # audit off; one local epoch keeps the test short (DP-SGD stays on)
+        run_config={"audit": False, "local-epochs": 1},
         status_interval_s=30.0,
     )
     try:
@@ -242,29 +244,37 @@ def test_a_supernode_killed_mid_secagg_stage_is_a_bounded_dropout_and_comes_back
     # Round 2 completes with exactly the three survivors.
     assert secagg[2]["cohort"] == NODES and secagg[2]["survivors"] == NODES - 1
     assert result.rounds[2]["train-replies"] == NODES - 1
-    # The loss is reported: the lost node by name and Flower node id, in the demo's
-    # summary and in the ServerApp's log (the transport's line for the stage).
+    # The loss is reported: the lost node by name and Flower node id in the demo's
+    # summary; in the ServerApp's log, the stage's reply for it is Flower's
+    # NODE_UNAVAILABLE error (not a timeout: the stage timeout is 300 s).
     assert result.lost_nodes == [VICTIM]
     lost, restarted = result.node_events
     assert lost["event"] == "lost" and lost["node"] == VICTIM and lost["exit-code"] == -9
     assert isinstance(lost["node-id"], int)
     server_log = (workdir / "serverapp.log").read_text(encoding="utf-8")
+    assert "Node Unavailable" in server_log, server_log[-3000:]
+    # Stages sent by flwr_guard's transport also log the node and the seconds waited.
     waited = [float(s) for s in re.findall(
         rf"node {lost['node-id']} unavailable after ([0-9.]+) s", server_log)]
-    assert waited, server_log[-3000:]
     # The restarted SuperNode (a new node id) joins round 3: four survivors again.
     assert restarted["event"] == "restarted" and restarted["node-id"] not in (None, lost["node-id"])
     assert secagg[3]["cohort"] == secagg[3]["survivors"] == NODES
     # The time the loss costs is bounded by Flower's heartbeat rule: the node is
-    # reported unavailable at most 2 x 30 s after its last heartbeat, i.e. after its
-    # death; the rest of round 2 is at most a round without loss (round 3).
+    # reported unavailable at most 2 x 30 s after its last heartbeat, so at most 60 s
+    # after its death. The stage it was in waits at most that longer than the same
+    # stage without a loss (round 3's); the rest of round 2 is at most a round without
+    # loss (round 3, which also sets up new keys for the changed cohort).
+    (stage,) = [name for name, count in secagg[2]["dropouts"].items() if count]
+    stages_3 = secagg[3]["stage_seconds"]
+    assert secagg[2]["stage_seconds"][stage] <= (
+        NODE_UNAVAILABLE_AFTER_S + SLACK_S + stages_3.get(stage, max(stages_3.values())))
+    assert all(w <= NODE_UNAVAILABLE_AFTER_S + SLACK_S for w in waited)
     round_3_s = watcher.round_seen[3] - watcher.round_seen[2]
     after_kill_s = watcher.round_seen[2] - watcher.killed_at
-    assert max(waited) <= NODE_UNAVAILABLE_AFTER_S + SLACK_S
     assert after_kill_s <= NODE_UNAVAILABLE_AFTER_S + round_3_s + SLACK_S
     round_2_s = watcher.round_seen[2] - watcher.round_seen[1]
-    print(f"\nnode loss: killed {VICTIM} (pid {watcher.pid}, node {lost['node-id']}); "
-          f"stage waited {max(waited):.1f} s for Flower's report; round 2 {round_2_s:.1f} s "
-          f"against {round_3_s:.1f} s for round 3 (cost {round_2_s - round_3_s:+.1f} s); "
-          f"round 2 stages {secagg[2]['stage_seconds']}, dropouts {secagg[2]['dropouts']}")
+    print(f"\nnode loss: killed {VICTIM} (pid {watcher.pid}, node {lost['node-id']}) in "
+          f"round 2's {stage} stage; round 2 ended {after_kill_s:.1f} s after the kill; "
+          f"round 2 {round_2_s:.1f} s, round 3 {round_3_s:.1f} s; stages round 2 "
+          f"{secagg[2]['stage_seconds']}, round 3 {stages_3}; transport waits {waited}")
     assert alive(result.processes) == []
