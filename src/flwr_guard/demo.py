@@ -37,6 +37,8 @@ from flwr_guard.telemetry.prometheus_server import (
 )
 
 COMPLETED = "finished:completed"
+# Consecutive `flwr ls` failures (each a timeout of 60 s or an error) that end the demo.
+MAX_FAILED_STATUS_READS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +327,7 @@ def run_demo(
             state.run_id = deployment.submit(app_dir, run_config)
             state.phase = "running"
             next_status, interval = 0.0, options.status_interval_s
+            failed_reads = 0
             while not state.status.startswith(FINISHED_PREFIX):
                 for name in deployment.check_alive(options.tolerate_node_loss):
                     _node_lost(deployment, state, name, options)
@@ -338,11 +341,22 @@ def run_demo(
                     finished, next_status = last, 0.0
                     interval = options.status_interval_finishing_s
                 if time.monotonic() >= next_status:
-                    info = deployment.run_info(state.run_id)
-                    state.status = str(info.get("status", "unknown"))
-                    if state.status.startswith(FINISHED_PREFIX) and state.status != COMPLETED:
-                        details = info.get("status-details", "")
-                        error = f"run {state.run_id} ended as {state.status}: {details}"
+                    try:
+                        info: dict[str, Any] | None = deployment.run_info(state.run_id)
+                        failed_reads = 0
+                    except DeploymentError as err:
+                        # A slow answer is no verdict on the run: ask again next time;
+                        # only a SuperLink that keeps failing ends the demo.
+                        failed_reads += 1
+                        if failed_reads >= MAX_FAILED_STATUS_READS:
+                            raise
+                        logger.warning("run status unknown (%s); asking again", err)
+                        info = None
+                    if info is not None:
+                        state.status = str(info.get("status", "unknown"))
+                        if state.status.startswith(FINISHED_PREFIX) and state.status != COMPLETED:
+                            details = info.get("status-details", "")
+                            error = f"run {state.run_id} ended as {state.status}: {details}"
                     next_status = time.monotonic() + interval
                 on_update(state)
                 if state.elapsed_s > options.timeout_s:

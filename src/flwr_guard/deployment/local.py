@@ -326,9 +326,13 @@ class LocalDeployment:
         """The run's record from ``flwr ls --run-id ... --format json``.
 
         Raises:
-            DeploymentError: if the SuperLink cannot be asked.
+            DeploymentError: if the SuperLink cannot be asked, or ``flwr ls`` takes more
+                than 60 s (seen with 20 SuperNodes starting on 2 loaded cores).
         """
-        done = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
+        try:
+            done = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
+        except subprocess.TimeoutExpired as err:
+            raise DeploymentError(f"flwr ls did not answer within {err.timeout:.0f} s") from err
         try:
             reply = json.loads(done.stdout)
             return dict(reply["runs"][0])
