@@ -217,6 +217,7 @@ class _KillInRound2(threading.Thread):
 
 
 @pytest.mark.deployment
+@pytest.mark.timeout(1200)  # 4-8 min on 2 idle cores; 10+ min when other runs share them
 def test_a_supernode_killed_mid_secagg_stage_is_a_bounded_dropout_and_comes_back(tmp_path):
     from flwr_guard.demo import DemoOptions, run_demo
     from flwr_guard.deployment.local import NODE_UNAVAILABLE_AFTER_S
