@@ -67,6 +67,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.distributed_client import distributed_dp_noise
+from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
 from flwr_guard.secagg.client import (
@@ -323,6 +324,7 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     out = session.masked_input(
         server_round, received_hash, flat_update(local, global_arrays), weight,
         metric_values=[metrics[k] for k in secret_keys], noise=noise,
+        min_inputs=_min_inputs(msg, session.context, noise),
     )
     _save_session(context, session)
     return _reply(
@@ -415,10 +417,23 @@ def _masked_input(
         received_hash,
         metric_values=[metrics[k] for k in secret_keys],
         noise=noise,
+        min_inputs=_min_inputs(msg, client.context, noise),
     )
     _save_client(context, client)
     return _reply(msg, {"bad_senders": bad, "clipped": clipped},
                   _masked_content(masked, metrics, secret_keys))
+
+
+def _min_inputs(msg: Message, context: RoundContext, noise: np.ndarray | None) -> int:
+    """With distributed DP noise in the input: the contributors it was scaled for (the
+    client then refuses to sign a smaller survivor set); else 0."""
+    if noise is None:
+        return 0
+    config = next(
+        (r for name, r in msg.content.config_records.items() if name != SECAGG_RECORD), None
+    )
+    value = config.get(KEY_MIN_CONTRIBUTORS) if config is not None else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else len(context.cohort)
 
 
 # Distributed DP: the client side (checks against the node's own floors, Skellam noise)

@@ -59,6 +59,7 @@ from flwr_guard.secagg.client import (
     Advertisement,
     RosterEntry,
     SecAggClient,
+    check_min_inputs,
     commit_self_mask,
     count_neighbour_signatures,
     encode_input,
@@ -230,6 +231,7 @@ class SessionClient:
         rng: np.random.Generator | None = None,
         metric_values: Sequence[int] = (),
         noise: np.ndarray | None = None,
+        min_inputs: int = 0,
     ) -> RoundInput:
         """Mask this round's weighted, quantised update (stage 4 of the module docstring).
 
@@ -237,6 +239,8 @@ class SessionClient:
             server_round: the round; must exceed every round this client sent an input for.
             received_model_hash: hash of the global model this client trains from.
             update, weight, metric_values, noise: as :func:`~flwr_guard.secagg.client.encode_input`.
+            min_inputs: the fewest inputs this client lets into the unmasked sum (with
+                distributed DP: the contributors its noise share was scaled for).
 
         Raises:
             ProtocolError: a round not after the last one (a second input under the
@@ -270,7 +274,8 @@ class SessionClient:
                 vector -= mask
         self.last_round = server_round
         self.round = {"server_round": server_round, "digest": digest,
-                      "self_mask_seed": self_mask_seed, "signed": None, "revealed": False}
+                      "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
+                      "min_inputs": int(min_inputs)}
         return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped)
 
     # -- consistency ------------------------------------------------------------------
@@ -291,6 +296,7 @@ class SessionClient:
             raise PolicyViolation(
                 f"{len(u3)} inputs in the sum, this client's policy needs at least {self.policy.min_cohort}"
             )
+        check_min_inputs(len(u3), int(state.get("min_inputs", 0)))
         active = [v for v in self.neighbour_ids if v in set(u3)]
         if len(active) < self.threshold:
             raise ProtocolError(
