@@ -347,7 +347,10 @@ class SecAggPlus(StrategyWrapper):
                 logger.info("SecAgg+ round %d: setting keys up (%s)", server_round, why)
                 self._session = None
                 context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=True)
-                self._session = SessionServer(self._key_setup(grid, report, context, server_round))
+                setup = self._key_setup(grid, report, context, server_round)
+                lost = setup.stats.dropouts()
+                report.dropouts = {stage: lost[stage] for stage in ("advertise", "roster")}
+                self._session = SessionServer(setup)
             session = self._session
             assert session is not None
             params = session.context.params
@@ -417,7 +420,7 @@ class SecAggPlus(StrategyWrapper):
             self._abort(report, err)
             return None, None
         finally:
-            report.dropouts = session.stats.dropouts()
+            report.dropouts = {**report.dropouts, **session.stats.dropouts()}
             report.excluded = {str(k): v for k, v in session.stats.excluded.items()}
         return self._release(server_round, state["arrays"], report, session.context, total, weight,
                              survivors, metrics)
