@@ -389,3 +389,21 @@ def test_a_replayed_round_number_is_refused_by_every_client(tmp_path):
     results = run_strategy_rounds(fed, 2, tampers={2: rewind})
     agg2, r2 = results[1]
     assert agg2 is None and "aborted at masked-input" in r2.aborted
+
+
+@pytest.mark.parametrize("stage", ["masked-input", "consistency", "unmask"])
+def test_strategy_one_dropout_at_each_stage_of_a_session_round(tmp_path, stage):
+    from secagg_harness import ModFederation, run_strategy_rounds
+
+    order = ["masked-input", "consistency", "unmask"]
+    fed = ModFederation(7, tmp_path, seed=1)
+    gone = fed.ids[2]
+
+    def drop(s, node, msg):
+        return None if node == gone and s in order[order.index(stage):] else msg
+
+    (_, r1), (agg, r2) = run_strategy_rounds(fed, 2, tampers={2: drop})
+    in_sum = fed.ids if stage != "masked-input" else [i for i in fed.ids if i != gone]
+    assert r2.aborted is None and not r2.key_setup and r2.survivors == len(in_sum)
+    assert r2.dropouts[stage] == 1
+    assert np.abs(agg - fed.expected_mean(in_sum)).max() < SecAggParams(5, 3).step

@@ -8,16 +8,19 @@ Usage::
     strategy.start(grid, initial_arrays, num_rounds=...)
 
 The wrapped strategy samples the cohort and builds the train messages as usual
-(``configure_train``). The wrapper then runs the key set-up stages (advertise, roster:
-the clients check every roster entry and reveal their graph nonces, share-keys)
-through the grid,
-sends the train messages with the routed encrypted shares, and, in
-``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
-hands the wrapped strategy **one** reply holding the weighted average of the
-survivors' models (global + mean update) and their total ``num-examples``. FedAvg,
-FedProx and FedAdam (whose server optimiser works on ``aggregate - current``) thus
-behave as without SecAgg+, on an aggregate the server computed without seeing any
-client's update.
+(``configure_train``). With ``multi_round=True`` (the default) the wrapper sets keys up
+once for a cohort (advertise, roster) and, while each round's sampled cohort stays
+within it, sends each round only the train message (the ``masked-input`` stage),
+then, in ``aggregate_train``, the consistency and unmask stages
+(:mod:`flwr_guard.secagg.session`: three messages per client per round). With
+``multi_round=False`` every round runs the per-round protocol: advertise, roster
+(the clients check every roster entry and reveal their graph nonces), share-keys, the
+train messages with the routed encrypted shares, consistency and unmask. Either way
+the wrapper removes the masks and hands the wrapped strategy **one** reply holding the
+weighted average of the survivors' models (global + mean update) and their total
+``num-examples``. FedAvg, FedProx and FedAdam (whose server optimiser works on
+``aggregate - current``) thus behave as without SecAgg+, on an aggregate the server
+computed without seeing any client's update.
 
 Per-stage durations, bytes and dropouts of each round are kept in :attr:`history`
 (for telemetry and the demo summary).
@@ -474,7 +477,8 @@ class SecAggPlus(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample with the wrapped strategy, then run the advertise and share-keys stages."""
+        """Sample with the wrapped strategy, then set keys up (every round, or once per
+        session) and return the train messages with their SecAgg+ instructions."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._round = None
         report = RoundReport(server_round)
