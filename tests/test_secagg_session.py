@@ -240,6 +240,13 @@ def test_a_per_round_setup_cannot_open_a_session():
         s.open(node)
 
 
+def test_a_multi_round_setup_never_shares_its_keys():
+    s = Session(n=5)
+    node = s.ids[0]
+    with pytest.raises(ProtocolError, match="never Shamir-shared"):
+        s.setups[node].share_keys([], s.server.nonces)
+
+
 def test_the_session_digest_is_not_the_per_round_one():
     s = Session(n=5)
     per_round = dataclasses.replace(s.context, multi_round=False)

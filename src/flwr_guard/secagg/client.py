@@ -647,6 +647,11 @@ class SecAggClient:
                 than ``reconstruction_threshold`` neighbours.
         """
         context = self._require_context()
+        if context.multi_round:
+            raise ProtocolError(
+                "share-keys for a multi-round set-up: its keys open a session "
+                "(flwr_guard.secagg.session), they are never Shamir-shared"
+            )
         if not self.roster:
             raise ProtocolError("share-keys before the roster stage")
         if self.seed:
