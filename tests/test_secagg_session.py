@@ -316,6 +316,12 @@ def _round_payload(msg) -> dict:
     return codec.decode(msg.content.config_records[SECAGG_RECORD]["payload"])
 
 
+def _stage(msg) -> str:
+    from flwr_guard.secagg.mod import SECAGG_RECORD
+
+    return str(msg.content.config_records[SECAGG_RECORD]["stage"])
+
+
 def test_strategy_sets_keys_up_once_and_then_sends_three_messages_per_round(tmp_path):
     from secagg_harness import ModFederation, run_strategy_rounds
 
@@ -329,10 +335,12 @@ def test_strategy_sets_keys_up_once_and_then_sends_three_messages_per_round(tmp_
     assert len(fed.per_round[1]) == 5 * n  # advertise, roster, input, consistency, unmask
     assert len(fed.per_round[2]) == len(fed.per_round[3]) == 3 * n
     # only the first input of a node carries the nonces and its neighbours' keys
-    assert all("open" in _round_payload(m) for m in fed.per_round[1]
-               if "session" in _round_payload(m) and "survivors" not in _round_payload(m)
-               and "active" not in _round_payload(m))
+    inputs1 = [m for m in fed.per_round[1] if _stage(m) == "masked-input"]
+    assert len(inputs1) == n and all("open" in _round_payload(m) for m in inputs1)
     assert not any("open" in _round_payload(m) for m in fed.per_round[2])
+    # U3 travels as who is absent from it: nobody here
+    assert all(_round_payload(m)["absent"] == [] for m in fed.per_round[2]
+               if _stage(m) in ("consistency", "unmask"))
 
 
 def test_strategy_dropout_and_return_without_a_re_key(tmp_path):

@@ -281,12 +281,12 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
     if stage == "masked-input":
         return _session_input(msg, context, session, server_round, call_next)
     if stage == "consistency":
-        signature = session.consistency(server_round, _ids(payload, "survivors", limit))
+        signature = session.consistency(server_round, _in_sum(session, payload, limit))
         _save_session(context, session)
         return _reply(msg, {"signature": signature})
     reveal = session.unmask(
         server_round,
-        _ids(payload, "active", limit),
+        _in_sum(session, payload, limit),
         _id_map(payload, "signatures", limit, 64),
         _id_map(payload, "ciphertexts", limit, ROUND_SHARE_CIPHERTEXT_BYTES),
     )
@@ -297,6 +297,19 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         "pair_seeds": {str(p): b for p, b in reveal.pair_seeds.items()},
         "bad_senders": reveal.bad_senders,
     })
+
+
+def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
+    """U3 of a session round, sent as the session members *not* in it (``absent``: O(dropouts)
+    bytes instead of O(n)).
+
+    Raises:
+        ValueError: an absent id that is not a session member.
+    """
+    absent = set(_ids(payload, "absent", limit))
+    if not absent <= set(session.roster):
+        raise ValueError("the absent set names nodes outside the session")
+    return sorted(set(session.roster) - absent)
 
 
 def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,

@@ -388,13 +388,14 @@ class SecAggPlus(StrategyWrapper):
         report: RoundReport = state["report"]
         grid: Grid = state["grid"]
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
-        base = {"session": session.digest, "round": server_round}
+        base: dict[str, Any] = {"session": session.digest, "round": server_round}
         try:
             inputs, metrics = self._collect_session_inputs(session, report, replies)
             survivors = session.receive_masked_inputs(inputs)
+            # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
+            base["absent"] = sorted(set(session.cohort) - set(survivors))
             replies4 = self._exchange(
-                grid, report, "consistency", {n: {**base, "survivors": survivors} for n in survivors},
-                server_round,
+                grid, report, "consistency", {n: base for n in survivors}, server_round,
             )
             signatures = {}
             for node, reply in replies4.items():
@@ -405,7 +406,7 @@ class SecAggPlus(StrategyWrapper):
             requests = {}
             for node in session.receive_signatures(signatures):
                 sigs, cts = session.unmask_request(node)
-                requests[node] = {**base, "active": survivors,
+                requests[node] = {**base,
                                   "signatures": {str(k): v for k, v in sigs.items()},
                                   "ciphertexts": {str(k): v for k, v in cts.items()}}
             replies5 = self._exchange(grid, report, "unmask", requests, server_round)
