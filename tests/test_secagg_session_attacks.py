@@ -27,6 +27,7 @@ from flwr_guard.secagg import codec, crypto, prg
 from flwr_guard.secagg.client import (
     ProtocolError,
     SecAggClient,
+    commit_self_mask,
     encode_input,
     pack_roster,
     pairwise_sign,
@@ -126,6 +127,89 @@ def test_no_signature_or_reveal_for_a_round_the_client_did_not_input():
     client.consistency(3, s.ids)
     with pytest.raises(ProtocolError, match="second, different survivor set"):
         client.consistency(3, [i for i in s.ids if i != s.ids[1]])
+
+
+# -- 1b. mixing what different rounds reveal ---------------------------------------
+def test_round_1_signatures_do_not_make_a_client_reveal_in_round_2():
+    """Replay across rounds: in round 2 the server tells u's neighbours that u dropped
+    (they sign that set and reveal their round-2 pair seeds with u) and shows u its
+    neighbours' round-1 signatures on the full set. u refuses: a signature binds the
+    round digest. Positive control: had u revealed, its round-2 input would be exact."""
+    s = Session(n=10)
+    u = s.ids[0]
+    s.round(1)
+    old = dict(s.server.signatures)  # every client signed U3 = all in round 1
+    replies, plain = s.inputs(2, s.ids)
+    without_u = [c for c in s.ids if c != u]
+    sigs = {c: s.clients[c].consistency(2, without_u) for c in without_u}
+    seeds = {}
+    for v in s.server.graph[u]:
+        mine = {w: sigs[w] for w in [v, *s.server.graph[v]] if w in sigs}
+        seeds[v] = s.clients[v].unmask(2, without_u, mine, {}).pair_seeds[u]
+    s.clients[u].consistency(2, s.ids)
+    replayed = {w: old[w] for w in [u, *s.server.graph[u]] if w != u}
+    with pytest.raises(ProtocolError, match="is invalid"):
+        s.clients[u].unmask(2, s.ids, replayed, {})
+    # what the refusal protects: u's round-2 self-mask seed is all that is missing
+    b2 = s.clients[u].round["self_mask_seed"]
+    y = replies[u].vector - prg.expand(b2, D + 1, _bits(s))
+    np.testing.assert_array_equal(_strip_pair_masks(s, u, y, seeds), plain[u])
+
+
+def test_round_1_share_ciphertexts_do_not_open_in_round_2():
+    """Round 1: u's neighbours are told u dropped and reveal the round-1 pair seeds
+    with u; u reveals nothing. Round 2: the server routes u's round-1 share ciphertexts
+    to the same neighbours, now told u is in the sum, to get t shares of u's round-1
+    self-mask seed. The shares are encrypted with the round digest as associated data:
+    none opens, u is reported as a bad sender, no share leaves. Positive control: under
+    round 1's associated data they open and would give the seed, hence u's input."""
+    from flwr_guard.secagg.session import round_share_aad
+
+    s = Session(n=10)
+    u = s.ids[0]
+    replies1, plain1 = s.inputs(1, s.ids)
+    without_u = [c for c in s.ids if c != u]
+    sigs1 = {c: s.clients[c].consistency(1, without_u) for c in without_u}
+    seeds1 = {}
+    for v in s.server.graph[u]:
+        mine = {w: sigs1[w] for w in [v, *s.server.graph[v]] if w in sigs1}
+        seeds1[v] = s.clients[v].unmask(1, without_u, mine, {}).pair_seeds[u]
+    replies2, _ = s.inputs(2, s.ids)
+    u3 = s.server.receive_masked_inputs(replies2)
+    s.server.receive_signatures({c: s.clients[c].consistency(2, u3) for c in u3})
+    held = []
+    for v in s.server.graph[u]:
+        signatures, cts = s.server.unmask_request(v)
+        cts[u] = replies1[u].ciphertexts[v]  # round 1's, rerouted
+        reveal = s.clients[v].unmask(2, u3, signatures, cts)
+        assert u not in reveal.shares and u in reveal.bad_senders
+        key = s.clients[v].share_keys[u]
+        plaintext = crypto.decrypt(key, replies1[u].ciphertexts[v], round_share_aad(_round_digest(s, 1), u, v))
+        held.append((int.from_bytes(plaintext[:2], "big"), plaintext[2:]))
+    b1 = crypto.combine_shares(held, s.context.params.reconstruction_threshold)
+    y = replies1[u].vector - prg.expand(b1, D + 1, _bits(s))
+    np.testing.assert_array_equal(_strip_pair_masks(s, u, y, seeds1), plain1[u])
+
+
+def test_signatures_of_non_neighbours_do_not_count():
+    """t colluding clients that are not u's neighbours sign a set with u: u needs t of
+    its own neighbours' signatures (Bell et al.: the threshold is per neighbourhood)."""
+    s = Session(n=20, k=6)  # t = 4; u has 13 non-neighbours
+    u = s.ids[0]
+    t = s.context.params.reconstruction_threshold
+    replies, _ = s.inputs(1, s.ids)
+    sigs = {u: s.clients[u].consistency(1, s.ids)}
+    others = [c for c in s.ids if c not in s.server.graph[u] and c != u]
+    sigs.update({c: _forged_signature(s, c, 1, s.ids) for c in others[: 2 * t]})
+    with pytest.raises(ProtocolError, match="0 valid consistency signatures from neighbours"):
+        s.clients[u].unmask(1, s.ids, sigs, {})
+    sigs.update({v: _forged_signature(s, v, 1, s.ids) for v in s.server.graph[u][: t - 1]})
+    with pytest.raises(ProtocolError, match=f"{t - 1} valid consistency signatures"):
+        s.clients[u].unmask(1, s.ids, sigs, {})
+    # positive control: t of its neighbours' signatures suffice
+    sigs.update({v: _forged_signature(s, v, 1, s.ids) for v in s.server.graph[u][:t]})
+    reveal = s.clients[u].unmask(1, s.ids, sigs, {})
+    assert commit_self_mask(reveal.self_mask_seed) == replies[u].self_mask_commitment
 
 
 # -- 2. split U3 views with colluding neighbours --------------------------------------
