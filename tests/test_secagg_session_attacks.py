@@ -212,6 +212,60 @@ def test_signatures_of_non_neighbours_do_not_count():
     assert commit_self_mask(reveal.self_mask_seed) == replies[u].self_mask_commitment
 
 
+def test_an_input_the_server_leaves_out_of_the_sum_stays_hidden_by_its_self_mask():
+    """The server receives v's round input but tells everyone v dropped: v's neighbours
+    reveal all their round pair seeds with v, yet v's self-mask seed is never revealed
+    (v is not asked to sign, and no neighbour reveals a share of the seed of a node out
+    of the sum it signed). Positive control: the seed is the only thing missing."""
+    s = Session(n=10)
+    v = s.ids[2]
+    replies, plain = s.inputs(1, s.ids)
+    u3 = s.server.receive_masked_inputs({c: r for c, r in replies.items() if c != v})
+    assert v not in u3
+    s.server.receive_signatures({c: s.clients[c].consistency(1, u3) for c in u3})
+    reveals = {}
+    for c in u3:
+        signatures, cts = s.server.unmask_request(c)
+        if v in s.server.graph[c]:
+            cts[v] = replies[v].ciphertexts[c]  # the server routes v's shares all the same
+        reveals[c] = s.clients[c].unmask(1, u3, signatures, cts)
+    assert not any(v in rv.shares for rv in reveals.values())
+    seeds = {w: reveals[w].pair_seeds[v] for w in s.server.graph[v]}
+    with pytest.raises(ProtocolError, match="omits this client"):
+        s.clients[v].consistency(1, u3)
+    b = s.clients[v].round["self_mask_seed"]  # what only v holds
+    y = replies[v].vector - prg.expand(b, D + 1, _bits(s))
+    np.testing.assert_array_equal(_strip_pair_masks(s, v, y, seeds), plain[v])
+
+
+def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothing():
+    """A revealer next to an early dropout hands in a well-formed but wrong pair seed:
+    only the two ends ever knew the seed, so the server cannot check it before use; the
+    masks then do not cancel and the round aborts with a named error (no wrong
+    aggregate is released). The honest round before and after gives exact sums."""
+    from flwr_guard.secagg.server import SecAggAborted
+
+    s = Session(n=10)
+    gone = s.ids[0]
+    liar = s.server.graph[gone][0]
+    others = [c for c in s.ids if c != gone]
+    total, _, u3, plain = s.round(1, others)
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])
+    replies, _ = s.inputs(2, others)
+    u3 = s.server.receive_masked_inputs(replies)
+    s.server.receive_signatures({c: s.clients[c].consistency(2, u3) for c in u3})
+    reveals = {}
+    for c in u3:
+        signatures, cts = s.server.unmask_request(c)
+        reveals[c] = s.clients[c].unmask(2, u3, signatures, cts)
+    reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds={gone: crypto.random_secret()})
+    s.server.receive_unmask(reveals)
+    with pytest.raises(SecAggAborted, match="masks did not cancel"):
+        s.server.aggregate()
+    total, _, u3, plain = s.round(3, others)
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])
+
+
 # -- 2. split U3 views with colluding neighbours --------------------------------------
 def _split_view_attack(colluders: int, honest_told_active: int):
     """Round 1 of a 10-client session (k = 7, t = 4: the policy tolerates c = 0). The
