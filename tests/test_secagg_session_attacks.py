@@ -514,8 +514,9 @@ def test_mod_a_node_whose_first_training_failed_rejoins_the_session(tmp_path, ca
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "the session digest hashes only the set-up context (run, round, cohort, parameters, "
     "model), not the set-up's roster digest or graph seed: a second set-up under an "
-    "identical context (a ServerApp restarted in the same run re-keys at round 1 from the "
-    "same model) has the digest of the old session, so every client keeps its old keys, "
+    "identical context (a second strategy.start in the same run, or a strategy re-created "
+    "after a failure, re-keying at round 1 from the same initial model) has the digest of "
+    "the old session, so every client keeps its old keys, "
     "refuses the new session's input as a replay and then signs for the old roster; the "
     "refusal is not UNKNOWN_SESSION, so no re-key follows and every round aborts"))
 def test_mod_a_second_set_up_with_the_same_context_opens_a_new_session(tmp_path):
@@ -895,3 +896,23 @@ def test_mod_a_session_round_over_a_subset_is_not_unmasked_below_the_noise_contr
     assert r1.aborted is None and r1.survivors == 6  # the full cohort: all the noise
     assert np.abs(agg1 - fed.expected_mean(fed.ids)).max() > 10 * SecAggParams(5, 3).step  # noised
     assert r2.aborted is not None, f"a sum of {r2.survivors} unmasked, noise scaled for 6"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "contrast with sessions (which check min_cohort on U3): the per-round client "
+    "(SecAggClient.consistency) checks U3 only against t, and min_cohort only on the "
+    "announced cohort and U1, so a server that claims dropouts after share-keys gets a "
+    "sum of 7 inputs unmasked from clients whose policy says min_cohort = 9"))
+def test_per_round_clients_do_not_unmask_a_sum_below_their_min_cohort():
+    import secagg_harness as harness
+
+    r = harness.make_round(10, 20, seed=1)
+    policy = federation_policy([c.signing_secret for c in r.clients.values()], min_cohort=9)
+    for client in r.clients.values():
+        client.policy = policy
+    ids = sorted(r.clients)
+    try:
+        _, _, active = harness.run(r, drop={"masked-input": set(ids[:3])})
+    except ProtocolError:  # PolicyViolation included
+        return  # refused
+    assert len(active) >= policy.min_cohort, f"a sum of {len(active)} inputs was unmasked"
