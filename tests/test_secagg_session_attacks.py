@@ -564,7 +564,7 @@ def test_a_member_with_an_invalid_x25519_key_does_not_keep_its_neighbours_out(fi
 def test_malformed_inputs_signatures_and_reveals_exclude_their_sender_and_the_round_completes():
     """One malformed message per round, each kind in turn: its sender is excluded (its
     self mask then comes from its neighbours' shares) and the sum is exact."""
-    s = Session(n=10)
+    s = Session(n=7)
     r = 0
 
     def run(tamper_inputs=None, tamper_sigs=None, tamper_reveals=None):
