@@ -191,6 +191,38 @@ def test_round_1_share_ciphertexts_do_not_open_in_round_2():
     np.testing.assert_array_equal(_strip_pair_masks(s, u, y, seeds1), plain1[u])
 
 
+def test_an_input_sent_into_a_round_whose_pair_seeds_were_revealed_stays_hidden():
+    """Re-numbering: round 6 runs without u (its neighbours reveal their round-6 pair
+    seeds with u); then the server sends u round 6 (u's last round was 5, so it
+    accepts, same model): every pair mask of u's input is known to the server. Its self
+    mask is not: u finds no neighbour signature on a set with u, the neighbours refuse
+    a second set or a second reveal for round 6. Positive control: the self-mask seed
+    is all that is missing."""
+    s = Session(n=10)
+    u = s.ids[0]
+    s.round(5)
+    others = [c for c in s.ids if c != u]
+    s.round(6, others)
+    seeds = {v: s.server.reveals[v].pair_seeds[u] for v in s.server.graph[u]}
+    update, weight = s.updates(6)[u]
+    late = s.clients[u].masked_input(6, MODEL, update, weight, rng=np.random.default_rng(6))
+    x, _ = encode_input(s.context, update, weight, rng=np.random.default_rng(6))
+    s.clients[u].consistency(6, s.ids)
+    old = {v: s.server.signatures[v] for v in s.server.graph[u]}  # signatures on U3 without u
+    with pytest.raises(ProtocolError, match="is invalid"):
+        s.clients[u].unmask(6, s.ids, old, {})
+    v = s.server.graph[u][0]
+    with pytest.raises(ProtocolError, match="second, different survivor set"):
+        s.clients[v].consistency(6, s.ids)
+    with pytest.raises(ProtocolError):
+        s.clients[v].unmask(6, s.ids, {}, {v: late.ciphertexts[v]})
+    with pytest.raises(ProtocolError, match="already unmasked"):
+        s.clients[v].unmask(6, others, {}, {u: late.ciphertexts[v]})
+    b = s.clients[u].round["self_mask_seed"]
+    y = late.vector - prg.expand(b, D + 1, _bits(s))
+    np.testing.assert_array_equal(_strip_pair_masks(s, u, y, seeds), x)
+
+
 def test_signatures_of_non_neighbours_do_not_count():
     """t colluding clients that are not u's neighbours sign a set with u: u needs t of
     its own neighbours' signatures (Bell et al.: the threshold is per neighbourhood)."""
