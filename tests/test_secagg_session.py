@@ -32,7 +32,6 @@ from flwr_guard.secagg.session import (
     SessionServer,
     pack_open,
     round_pair_seed,
-    session_digest,
 )
 
 D = 40
@@ -169,6 +168,9 @@ def test_dropped_client_stays_hidden_across_rounds():
     replies1, plain1 = s.inputs(1, s.ids)
     s.finish(replies1)
     b1 = s.server.reveals[u].self_mask_seed
+    # the round-1 pair seeds with u (no honest client reveals them: u was in the sum)
+    d1 = SessionRound(s.server.digest, 1, b"m" * 32).digest()
+    seeds1 = {v: round_pair_seed(s.clients[v].pair_keys[u], d1) for v in s.server.graph[u]}
     s.round(2, [c for c in s.ids if c != u])
     seeds2 = {v: s.server.reveals[v].pair_seeds[u] for v in s.server.graph[u]}
     y = replies1[u].vector - prg.expand(b1, D + 1, 32)
@@ -181,8 +183,6 @@ def test_dropped_client_stays_hidden_across_rounds():
         return z
 
     assert not np.array_equal(strip(seeds2), plain1[u])
-    d1 = SessionRound(session_digest(s.context), 1, b"m" * 32).digest()
-    seeds1 = {v: round_pair_seed(s.clients[v].pair_keys[u], d1) for v in s.server.graph[u]}
     np.testing.assert_array_equal(strip(seeds1), plain1[u])
 
 
@@ -422,3 +422,22 @@ def test_strategy_one_dropout_at_each_stage_of_a_session_round(tmp_path, stage):
     assert r2.aborted is None and not r2.key_setup and r2.survivors == len(in_sum)
     assert r2.dropouts[stage] == 1
     assert np.abs(agg - fed.expected_mean(in_sum)).max() < SecAggParams(5, 3).step
+
+
+def test_survivor_sets_must_be_connected_in_the_graph():
+    from flwr_guard.secagg.session import is_connected
+
+    ring = {i: [(i - 1) % 8, (i + 1) % 8] for i in range(8)}
+    assert is_connected(ring, range(8)) and is_connected(ring, [0, 1, 2])
+    assert not is_connected(ring, [0, 1, 4, 5]) and not is_connected(ring, [])
+    # In the session's graph (Harary, t > k/2) every member of a U3 that passes the t
+    # check has a connected U3: the explicit check is defence in depth.
+    s = Session(n=10)
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(300):
+        u3 = sorted(int(i) for i in rng.choice(s.ids, size=int(rng.integers(4, 10)), replace=False))
+        if all(sum(v in u3 for v in s.server.graph[u]) >= s.server._threshold for u in u3):
+            assert is_connected(s.server.graph, u3)
+            checked += 1
+    assert checked > 20

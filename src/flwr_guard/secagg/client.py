@@ -806,6 +806,11 @@ class SecAggClient:
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
             )
+        if len(u3) < self.policy.min_cohort:
+            raise PolicyViolation(
+                f"{len(u3)} inputs in the sum, this client's policy needs at least "
+                f"{self.policy.min_cohort} (secagg-min-cohort)"
+            )
         check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")

@@ -84,7 +84,12 @@ from flwr_guard.secagg.policy import (
     SecAggPolicy,
     policy_from_node_config,
 )
-from flwr_guard.secagg.session import ROUND_SHARE_CIPHERTEXT_BYTES, SessionClient, session_digest
+from flwr_guard.secagg.session import (
+    ROUND_SHARE_CIPHERTEXT_BYTES,
+    UNKNOWN_SESSION,
+    SessionClient,
+    session_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +257,6 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 SESSION_STAGES = ("masked-input", "consistency", "unmask")
 SESSION_STATE = "session"
-UNKNOWN_SESSION = "no such SecAgg+ session on this client"
-"""Start of the refusal a client sends for a session it does not hold (it missed the
-set-up, or its storage was lost): the server then runs the set-up again."""
 
 
 def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: str,
@@ -262,19 +264,26 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
     """A round of a multi-round session (:mod:`flwr_guard.secagg.session`)."""
     digest = codec.field(payload, "session", bytes)
     server_round = codec.field(payload, "round", int)
+    if not 0 <= server_round < 2**63:
+        raise ValueError(f"SecAgg+ round {server_round} outside [0, 2^63)")
     signing = _signing_secret(context, policy)
     session = _load_session(context, signing, policy, digest)
     if session is None and stage == "masked-input" and "open" in payload:
         setup = _load_client(context, policy)
-        if setup.context is None or session_digest(setup.context) != digest:
+        if setup.context is None or session_digest(setup.context, setup.roster_hash) != digest:
             raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up is not the one announced")
+        if not setup.encryption_secret:
+            raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up was used up; the server must re-key")
         opening = codec.field(payload, "open", dict)
         session = SessionClient.open(
             setup,
             unpack_advertisements(codec.field(opening, "advertisements", bytes)),
             unpack_nonces(codec.field(opening, "nonces", bytes)),
         )
-        _save_client(context, setup)  # its X25519 secrets are erased now
+        # Save both now: the set-up's X25519 secrets are erased, and a failed training
+        # below must not lose the session it opened.
+        _save_client(context, setup)
+        _save_session(context, session)
     if session is None:
         raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
     limit = policy.max_cohort
@@ -318,7 +327,7 @@ def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
     if saved is None:
         return None
     session = SessionClient.from_state(codec.decode(bytes(saved)), signing, policy)
-    return session if session_digest(session.context) == digest else None
+    return session if session.digest == digest else None
 
 
 def _save_session(context: Context, session: SessionClient) -> None:
@@ -329,6 +338,7 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
                    call_next: ClientAppCallable) -> Message:
     global_arrays = _single_global_model(msg)
     received_hash = model_hash(global_arrays)
+    session.check_input_round(server_round)  # before training: a refused round trains nothing
     reply = call_next(msg, context)
     if reply.has_error():
         return reply

@@ -136,6 +136,11 @@ class SecAggServer:
             except crypto.CryptoError:
                 self._exclude(node, "advertisement signature does not verify")
                 continue
+            if not (crypto.valid_x25519_public(ad.encryption_key)
+                    and crypto.valid_x25519_public(ad.mask_key)):
+                # Every neighbour would refuse it (a low-order point): out before the roster.
+                self._exclude(node, "advertised an invalid X25519 key")
+                continue
             if ad.signing_key in by_key:
                 # Honest clients refuse a roster with one key under two ids (a Sybil).
                 self._exclude(node, f"signs with the key of node {by_key[ad.signing_key]}")
@@ -203,6 +208,7 @@ class SecAggServer:
                 continue
             if (
                 not isinstance(ciphertexts, Mapping)
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in ciphertexts)
                 or sorted(ciphertexts) != self.graph[sender]
                 or not all(
                     isinstance(c, bytes) and len(c) == MAX_SHARE_CIPHERTEXT_BYTES

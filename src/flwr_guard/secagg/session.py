@@ -47,6 +47,7 @@ known only to the two of them); the round then releases nothing and the next one
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,9 +81,30 @@ ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
 ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
 
 
-def session_digest(context: RoundContext) -> bytes:
-    """The digest every per-round value of a session is bound to (its set-up context)."""
-    return crypto.transcript(b"session", context.digest())
+UNKNOWN_SESSION = "no usable SecAgg+ session on this client"
+"""Start of a client's refusal that only a new set-up can cure (it holds no such session,
+its storage was lost, or the round is too far ahead of its key chain): the strategy
+re-keys on the next round."""
+
+MAX_ROUND_GAP = 10_000
+"""Most rounds a client's pair-key chains advance in one step (a hash per round per
+neighbour): a round further ahead is refused with :data:`UNKNOWN_SESSION`."""
+
+
+def session_digest(context: RoundContext, roster_hash: bytes) -> bytes:
+    """The digest every per-round value of a session is bound to: the set-up context and
+    the set-up's roster digest (fresh nonce commitments and keys), so two set-ups under
+    one context never share a digest."""
+    return crypto.transcript(b"session", context.digest(), roster_hash)
+
+
+def ratchet(chain_key: bytes, steps: int) -> bytes:
+    """Advance a pair-key chain ``steps`` rounds: ``K <- HMAC-SHA256(K, 0x02)`` per round,
+    the symmetric-key ratchet of the Signal Double Ratchet specification (section 5.2).
+    One-way: a chain key read at round R gives no earlier round's key (forward secrecy)."""
+    for _ in range(steps):
+        chain_key = hmac.digest(chain_key, b"\x02", "sha256")
+    return chain_key
 
 
 @dataclass(frozen=True)
@@ -107,11 +129,28 @@ class SessionRound:
         )
 
 
-def round_pair_seed(pair_key: bytes, round_digest: bytes) -> bytes:
-    """The pair's mask seed for one round: HKDF-SHA256 of the pair key, salted with the
-    round digest. Seeds of different rounds are independent for whoever lacks the key,
-    so revealing one (its owner dropped) unmasks nothing in another round."""
-    return crypto.derive(pair_key, round_digest, b"session-pairwise-mask")
+def round_pair_seed(chain_key: bytes, round_digest: bytes) -> bytes:
+    """The pair's mask seed for one round: HKDF-SHA256 of the pair's chain key at that
+    round (:func:`ratchet`), salted with the round digest. Seeds of different rounds
+    are independent for whoever lacks the chain keys, so revealing one (its owner
+    dropped) unmasks nothing in another round."""
+    return crypto.derive(chain_key, round_digest, b"session-pairwise-mask")
+
+
+def is_connected(graph: Mapping[int, Sequence[int]], members: Sequence[int]) -> bool:
+    """Whether the subgraph of ``graph`` induced by ``members`` is connected (BFS)."""
+    inside = set(members)
+    if not inside:
+        return False
+    start = next(iter(inside))
+    seen, frontier = {start}, [start]
+    while frontier:
+        node = frontier.pop()
+        for peer in graph[node]:
+            if peer in inside and peer not in seen:
+                seen.add(peer)
+                frontier.append(peer)
+    return seen == inside
 
 
 def round_share_aad(round_digest: bytes, sender: int, recipient: int) -> bytes:
@@ -157,9 +196,11 @@ class SessionClient:
     """One client's state in a multi-round session; survives process restarts via
     :meth:`to_state` / :meth:`from_state`.
 
-    Secrets and their lifetimes: the pair keys and share-encryption keys (one of each
-    per neighbour) for the session; the round's self-mask seed from its input until its
-    reveal. The X25519 private keys of the set-up are erased by :meth:`open`.
+    Secrets and their lifetimes: the share-encryption keys (one per neighbour) for the
+    session; the pair keys (one per neighbour) as chains ratcheted to the round of the
+    last input (:func:`ratchet`: a state read at round R unmasks no earlier round); the
+    round's self-mask seed from its input until its reveal. The X25519 private keys of
+    the set-up are erased by :meth:`open`.
     """
 
     node_id: int
@@ -172,8 +213,14 @@ class SessionClient:
     neighbour_ids: list[int]
     share_keys: dict[int, bytes] = field(default_factory=dict)
     pair_keys: dict[int, bytes] = field(default_factory=dict)
+    chain_round: int = 0
     last_round: int = -1
     round: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> bytes:
+        """:func:`session_digest` of this session."""
+        return session_digest(self.context, self.roster_hash)
 
     @classmethod
     def open(
@@ -193,7 +240,7 @@ class SessionClient:
         if not setup.roster or not setup.encryption_secret or not setup.mask_secret:
             raise ProtocolError("the session was already opened, or its roster stage did not run")
         seed, neighbour_ids, by_id = setup.verify_graph(advertisements, nonces)
-        salt = session_digest(context)
+        salt = session_digest(context, setup.roster_hash)
         share_keys, pair_keys = {}, {}
         for peer in neighbour_ids:
             try:
@@ -210,6 +257,7 @@ class SessionClient:
             node_id=setup.node_id, signing_secret=setup.signing_secret, policy=setup.policy,
             context=context, roster=dict(setup.roster), roster_hash=setup.roster_hash,
             seed=seed, neighbour_ids=list(neighbour_ids), share_keys=share_keys, pair_keys=pair_keys,
+            chain_round=context.server_round,
         )
 
     @property
@@ -222,6 +270,26 @@ class SessionClient:
         return self.round
 
     # -- input -------------------------------------------------------------------------
+    def check_input_round(self, server_round: int) -> None:
+        """Raise unless this client may send an input for ``server_round`` (called before
+        training, so a refused round costs no training).
+
+        Raises:
+            ProtocolError: a round not after the last one answered (replayed or rewound),
+                or more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain
+                (:data:`UNKNOWN_SESSION`: the server must re-key).
+        """
+        if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
+            raise ProtocolError(
+                f"input for round {server_round} refused: this client already sent the input "
+                f"of round {self.last_round} of this session (replayed or rewound round)"
+            )
+        if server_round - self.chain_round > MAX_ROUND_GAP:
+            raise ProtocolError(
+                f"{UNKNOWN_SESSION}: round {server_round} is more than {MAX_ROUND_GAP} rounds "
+                f"after this client's key chain (round {self.chain_round}); the server must re-key"
+            )
+
     def masked_input(
         self,
         server_round: int,
@@ -247,14 +315,13 @@ class SessionClient:
                 same masks would reveal the difference of two inputs).
             ValueError: as :func:`~flwr_guard.secagg.client.encode_input`.
         """
-        if not isinstance(server_round, int) or server_round <= self.last_round:
-            raise ProtocolError(
-                f"input for round {server_round} refused: this client already sent the input "
-                f"of round {self.last_round} of this session (replayed or rewound round)"
-            )
+        self.check_input_round(server_round)
         params = self.context.params
         vector, clipped = encode_input(self.context, update, weight, metric_values, noise, rng)
-        digest = SessionRound(session_digest(self.context), server_round, received_model_hash).digest()
+        steps = server_round - self.chain_round
+        self.pair_keys = {p: ratchet(k, steps) for p, k in self.pair_keys.items()}
+        self.chain_round = server_round  # the earlier chain keys are gone
+        digest = SessionRound(self.digest, server_round, received_model_hash).digest()
         self_mask_seed = crypto.random_secret()
         shares = crypto.share_secret(self_mask_seed, self.threshold, len(self.neighbour_ids))
         ciphertexts = {
@@ -305,6 +372,15 @@ class SessionClient:
             )
         if state["signed"] is not None and state["signed"] != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
+        # Neighbours check each other's round digests (the model); over a connected U3
+        # that makes the digest one for all, so no server can hand disjoint parts of
+        # the sum different models and unmask each part's sum on its own.
+        graph = neighbours(list(self.roster), self.context.params.num_shares, self.seed)
+        if not is_connected(graph, u3):
+            raise ProtocolError(
+                "the survivor set falls apart into parts with no neighbours between them "
+                "(a server showing each part another model could unmask each part's sum)"
+            )
         state["signed"] = u3
         return crypto.sign(
             self.signing_secret,
@@ -388,6 +464,7 @@ class SessionClient:
             "neighbour_ids": self.neighbour_ids,
             "share_keys": [[p, k] for p, k in self.share_keys.items()],
             "pair_keys": [[p, k] for p, k in self.pair_keys.items()],
+            "chain_round": self.chain_round,
             "last_round": self.last_round,
             "round": self.round,
         }
@@ -408,6 +485,7 @@ class SessionClient:
                 neighbour_ids=[int(i) for i in state["neighbour_ids"]],
                 share_keys={int(p): bytes(k) for p, k in state["share_keys"]},
                 pair_keys={int(p): bytes(k) for p, k in state["pair_keys"]},
+                chain_round=int(state["chain_round"]),
                 last_round=int(state["last_round"]), round=dict(state["round"]),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -443,7 +521,7 @@ class SessionServer:
         self.nonces = dict(setup.nonces)
         self.roster_hash, self.seed, self.graph = setup.roster_hash, setup.seed, dict(setup.graph)
         self.cohort = sorted(self.advertisements)
-        self.digest = session_digest(self.context)
+        self.digest = session_digest(self.context, self.roster_hash)
         self.opened: set[int] = set()  # nodes that took part in a round (session open there)
         self.rounds = 0
         self._threshold = self.context.params.reconstruction_threshold
@@ -499,6 +577,7 @@ class SessionServer:
                 or not isinstance(reply.self_mask_commitment, bytes)
                 or len(reply.self_mask_commitment) != 32
                 or not isinstance(reply.ciphertexts, Mapping)
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in reply.ciphertexts)
                 or sorted(reply.ciphertexts) != self.graph[node]
                 or not all(isinstance(c, bytes) and len(c) == ROUND_SHARE_CIPHERTEXT_BYTES
                            for c in reply.ciphertexts.values())
@@ -651,6 +730,7 @@ __all__ = [
     "SessionClient",
     "SessionRound",
     "SessionServer",
+    "ratchet",
     "round_pair_seed",
     "session_digest",
 ]

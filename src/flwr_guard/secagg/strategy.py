@@ -114,6 +114,15 @@ def _node_id(key: object) -> int:
     return int(key)
 
 
+def _clipped(meta: dict, update_length: int) -> int:
+    """A client's count of clipped coordinates, if it is one (0 otherwise): an integer
+    in ``[0, update_length]``; counted only for inputs that end up in the sum."""
+    value = meta.get("clipped", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= update_length:
+        return value
+    return 0
+
+
 def _reveal(payload: dict) -> RoundReveal:
     """A session round's unmask reply: seed, ``{peer: [index, share]}``, ``{peer: seed}``.
 
@@ -392,6 +401,7 @@ class SecAggPlus(StrategyWrapper):
         try:
             inputs, metrics = self._collect_session_inputs(session, report, replies)
             survivors = session.receive_masked_inputs(inputs)
+            report.clipped_values = sum(inputs[n].clipped for n in survivors)
             # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
             base["absent"] = sorted(set(session.cohort) - set(survivors))
             replies4 = self._exchange(
@@ -446,12 +456,10 @@ class SecAggPlus(StrategyWrapper):
                 (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
                 meta = self._decoded(reply)
                 raw = codec.field(meta, "ciphertexts", dict)
-                clipped = meta.get("clipped", 0)
-                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
-                    report.clipped_values += clipped
                 inputs[node] = RoundInput(
                     vector, codec.field(meta, "commitment", bytes),
-                    {_node_id(k): v for k, v in raw.items()}, 0,
+                    {_node_id(k): v for k, v in raw.items()},
+                    _clipped(meta, session.context.update_length),
                 )
                 size += _payload_bytes(reply)
             except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
@@ -552,8 +560,9 @@ class SecAggPlus(StrategyWrapper):
         grid: Grid = state["grid"]
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
         try:
-            masked, metrics = self._collect_masked(server, report, replies)
+            masked, metrics, clipped = self._collect_masked(server, report, replies)
             survivors = server.receive_masked_inputs(masked)
+            report.clipped_values = sum(clipped.get(n, 0) for n in survivors)
             replies4 = self._exchange(
                 grid, report, "consistency", {n: {"survivors": survivors} for n in survivors}, server_round
             )
@@ -624,9 +633,10 @@ class SecAggPlus(StrategyWrapper):
 
     def _collect_masked(
         self, server: SecAggServer, report: RoundReport, replies: list[Message]
-    ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord]]:
+    ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord], dict[int, int]]:
         masked: dict[int, tuple[np.ndarray, list[int]]] = {}
         metrics: dict[int, MetricRecord] = {}
+        clipped: dict[int, int] = {}
         size = 0
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -642,9 +652,7 @@ class SecAggPlus(StrategyWrapper):
                     isinstance(b, int) and not isinstance(b, bool) for b in bad
                 ):
                     raise ValueError("bad_senders must be a short list of node ids")
-                clipped = meta.get("clipped", 0)
-                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
-                    report.clipped_values += clipped
+                clipped[node] = _clipped(meta, server.context.update_length)
                 size += _payload_bytes(reply)
             except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
                 logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
@@ -653,7 +661,7 @@ class SecAggPlus(StrategyWrapper):
             masked[node] = (vector, bad)
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
         report.bytes_from_clients["masked-input"] = size
-        return masked, metrics
+        return masked, metrics, clipped
 
     @staticmethod
     def _plain_metrics(records: list[MetricRecord]) -> dict[str, float]:
