@@ -75,7 +75,13 @@ from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
-from flwr_guard.secagg.server import SecAggAborted, SecAggServer, StageStats, reconstruct_secret
+from flwr_guard.secagg.server import (
+    SecAggAborted,
+    SecAggServer,
+    StageStats,
+    reconstruct_secret,
+    verified_signatures,
+)
 
 ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
 ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
@@ -607,17 +613,8 @@ class SessionServer:
     def receive_signatures(self, replies: Mapping[int, bytes]) -> list[int]:
         """Keep the consistency signatures of U3 that verify; return the signers."""
         payload = session_consistency_payload(self.round_digest, self.roster_hash, self.seed, self.stats.masked)
-        for node, signature in replies.items():
-            if node not in self.stats.masked:
-                continue
-            try:
-                if not isinstance(signature, bytes) or len(signature) != 64:
-                    raise crypto.CryptoError("malformed")
-                crypto.verify(self.advertisements[node].signing_key, payload, signature)
-            except crypto.CryptoError:
-                self._exclude(node, "consistency signature does not verify (not forwarded)")
-                continue
-            self.signatures[node] = signature
+        self.signatures.update(verified_signatures(
+            replies, self.stats.masked, self.advertisements, payload, self._exclude))
         self.stats.signed = sorted(self.signatures)
         self._require(len(self.signatures), "consistency")
         return self.stats.signed

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -112,6 +112,13 @@ def _node_id(key: object) -> int:
     if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
         raise ValueError(f"not a node id: {str(key)[:30]!r}")
     return int(key)
+
+
+_T = TypeVar("_T")
+
+
+def _signature(payload: dict) -> bytes:
+    return codec.field(payload, "signature", bytes)
 
 
 def _clipped(meta: dict, update_length: int) -> int:
@@ -310,12 +317,8 @@ class SecAggPlus(StrategyWrapper):
         replies = self._exchange(
             grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
         )
-        ads = {}
-        for node, reply in replies.items():
-            try:
-                ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
-            except (ProtocolError, ValueError, KeyError, TypeError) as err:
-                logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
+        ads = self._parse(replies, "advertisement", lambda p: Advertisement.from_dict(
+            codec.field(p, "advertisement", dict)))
         # The roster of U1 (168 bytes per client) fixes who is in; then each client
         # reveals the graph nonce it committed to, and the graph follows from all.
         roster = server.receive_advertisements(ads)
@@ -323,12 +326,7 @@ class SecAggPlus(StrategyWrapper):
         replies = self._exchange(
             grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
         )
-        nonces = {}
-        for node, reply in replies.items():
-            try:
-                nonces[node] = codec.field(self._decoded(reply), "nonce", bytes)
-            except (ValueError, KeyError, TypeError) as err:
-                logger.warning("SecAgg+: malformed nonce from %s: %s", node, err)
+        nonces = self._parse(replies, "nonce", lambda p: codec.field(p, "nonce", bytes))
         server.receive_nonces(nonces)
         return server
 
@@ -407,12 +405,7 @@ class SecAggPlus(StrategyWrapper):
             replies4 = self._exchange(
                 grid, report, "consistency", {n: base for n in survivors}, server_round,
             )
-            signatures = {}
-            for node, reply in replies4.items():
-                try:
-                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            signatures = self._parse(replies4, "signature", _signature)
             requests = {}
             for node in session.receive_signatures(signatures):
                 sigs, cts = session.unmask_request(node)
@@ -420,12 +413,7 @@ class SecAggPlus(StrategyWrapper):
                                   "signatures": {str(k): v for k, v in sigs.items()},
                                   "ciphertexts": {str(k): v for k, v in cts.items()}}
             replies5 = self._exchange(grid, report, "unmask", requests, server_round)
-            reveals = {}
-            for node, reply in replies5.items():
-                try:
-                    reveals[node] = _reveal(self._decoded(reply))
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            reveals = self._parse(replies5, "unmask reply", _reveal)
             session.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = session.aggregate()
@@ -468,6 +456,17 @@ class SecAggPlus(StrategyWrapper):
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
         report.bytes_from_clients["masked-input"] = size
         return inputs, metrics
+
+    def _parse(self, replies: dict[int, Message], what: str, parse: Callable[[dict], _T]) -> dict[int, _T]:
+        """``parse`` of each reply's decoded payload; a reply that does not parse is
+        logged and left out (its sender counts as dropped at this stage)."""
+        out: dict[int, _T] = {}
+        for node, reply in replies.items():
+            try:
+                out[node] = parse(self._decoded(reply))
+            except (ProtocolError, ValueError, KeyError, TypeError) as err:
+                logger.warning("SecAgg+: malformed %s from %s: %s", what, node, err)
+        return out
 
     @staticmethod
     def _decoded(reply: Message) -> dict:
@@ -513,13 +512,8 @@ class SecAggPlus(StrategyWrapper):
                 },
                 server_round,
             )
-            shares = {}
-            for node, reply in replies.items():
-                try:
-                    raw = codec.field(self._decoded(reply), "ciphertexts", dict)
-                    shares[node] = {_node_id(k): v for k, v in raw.items()}
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed shares from %s: %s", node, err)
+            shares = self._parse(replies, "shares", lambda p: {
+                _node_id(k): v for k, v in codec.field(p, "ciphertexts", dict).items()})
             routed = server.receive_shares(shares)
         except SecAggAborted as err:
             self._abort(report, err)
@@ -566,12 +560,7 @@ class SecAggPlus(StrategyWrapper):
             replies4 = self._exchange(
                 grid, report, "consistency", {n: {"survivors": survivors} for n in survivors}, server_round
             )
-            signatures = {}
-            for node, reply in replies4.items():
-                try:
-                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            signatures = self._parse(replies4, "signature", _signature)
             active, dropped, sigs = server.receive_signatures(signatures)
             # Each client gets the signatures it checks (its neighbours'): O(k), not O(n).
             requests = {
@@ -580,13 +569,8 @@ class SecAggPlus(StrategyWrapper):
                 for n in sigs
             }
             replies5 = self._exchange(grid, report, "unmask", requests, server_round)
-            reveals = {}
-            for node, reply in replies5.items():
-                try:
-                    raw = codec.field(self._decoded(reply), "shares", dict)
-                    reveals[node] = {_node_id(p): _share(v) for p, v in raw.items()}
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            reveals = self._parse(replies5, "unmask reply", lambda p: {
+                _node_id(k): _share(v) for k, v in codec.field(p, "shares", dict).items()})
             server.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = server.aggregate()
