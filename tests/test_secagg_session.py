@@ -32,7 +32,6 @@ from flwr_guard.secagg.session import (
     SessionServer,
     pack_open,
     round_pair_seed,
-    session_digest,
 )
 
 D = 40
@@ -169,6 +168,9 @@ def test_dropped_client_stays_hidden_across_rounds():
     replies1, plain1 = s.inputs(1, s.ids)
     s.finish(replies1)
     b1 = s.server.reveals[u].self_mask_seed
+    # the round-1 pair seeds with u (no honest client reveals them: u was in the sum)
+    d1 = SessionRound(s.server.digest, 1, b"m" * 32).digest()
+    seeds1 = {v: round_pair_seed(s.clients[v].pair_keys[u], d1) for v in s.server.graph[u]}
     s.round(2, [c for c in s.ids if c != u])
     seeds2 = {v: s.server.reveals[v].pair_seeds[u] for v in s.server.graph[u]}
     y = replies1[u].vector - prg.expand(b1, D + 1, 32)
@@ -181,8 +183,6 @@ def test_dropped_client_stays_hidden_across_rounds():
         return z
 
     assert not np.array_equal(strip(seeds2), plain1[u])
-    d1 = SessionRound(session_digest(s.context), 1, b"m" * 32).digest()
-    seeds1 = {v: round_pair_seed(s.clients[v].pair_keys[u], d1) for v in s.server.graph[u]}
     np.testing.assert_array_equal(strip(seeds1), plain1[u])
 
 
@@ -238,6 +238,13 @@ def test_a_per_round_setup_cannot_open_a_session():
     setup.context = dataclasses.replace(setup.context, multi_round=False)
     with pytest.raises(ProtocolError, match="per-round"):
         s.open(node)
+
+
+def test_a_multi_round_setup_never_shares_its_keys():
+    s = Session(n=5)
+    node = s.ids[0]
+    with pytest.raises(ProtocolError, match="never Shamir-shared"):
+        s.setups[node].share_keys([], s.server.nonces)
 
 
 def test_the_session_digest_is_not_the_per_round_one():
@@ -309,6 +316,12 @@ def _round_payload(msg) -> dict:
     return codec.decode(msg.content.config_records[SECAGG_RECORD]["payload"])
 
 
+def _stage(msg) -> str:
+    from flwr_guard.secagg.mod import SECAGG_RECORD
+
+    return str(msg.content.config_records[SECAGG_RECORD]["stage"])
+
+
 def test_strategy_sets_keys_up_once_and_then_sends_three_messages_per_round(tmp_path):
     from secagg_harness import ModFederation, run_strategy_rounds
 
@@ -322,10 +335,12 @@ def test_strategy_sets_keys_up_once_and_then_sends_three_messages_per_round(tmp_
     assert len(fed.per_round[1]) == 5 * n  # advertise, roster, input, consistency, unmask
     assert len(fed.per_round[2]) == len(fed.per_round[3]) == 3 * n
     # only the first input of a node carries the nonces and its neighbours' keys
-    assert all("open" in _round_payload(m) for m in fed.per_round[1]
-               if "session" in _round_payload(m) and "survivors" not in _round_payload(m)
-               and "active" not in _round_payload(m))
+    inputs1 = [m for m in fed.per_round[1] if _stage(m) == "masked-input"]
+    assert len(inputs1) == n and all("open" in _round_payload(m) for m in inputs1)
     assert not any("open" in _round_payload(m) for m in fed.per_round[2])
+    # U3 travels as who is absent from it: nobody here
+    assert all(_round_payload(m)["absent"] == [] for m in fed.per_round[2]
+               if _stage(m) in ("consistency", "unmask"))
 
 
 def test_strategy_dropout_and_return_without_a_re_key(tmp_path):
@@ -389,3 +404,40 @@ def test_a_replayed_round_number_is_refused_by_every_client(tmp_path):
     results = run_strategy_rounds(fed, 2, tampers={2: rewind})
     agg2, r2 = results[1]
     assert agg2 is None and "aborted at masked-input" in r2.aborted
+
+
+@pytest.mark.parametrize("stage", ["masked-input", "consistency", "unmask"])
+def test_strategy_one_dropout_at_each_stage_of_a_session_round(tmp_path, stage):
+    from secagg_harness import ModFederation, run_strategy_rounds
+
+    order = ["masked-input", "consistency", "unmask"]
+    fed = ModFederation(7, tmp_path, seed=1)
+    gone = fed.ids[2]
+
+    def drop(s, node, msg):
+        return None if node == gone and s in order[order.index(stage):] else msg
+
+    (_, r1), (agg, r2) = run_strategy_rounds(fed, 2, tampers={2: drop})
+    in_sum = fed.ids if stage != "masked-input" else [i for i in fed.ids if i != gone]
+    assert r2.aborted is None and not r2.key_setup and r2.survivors == len(in_sum)
+    assert r2.dropouts[stage] == 1
+    assert np.abs(agg - fed.expected_mean(in_sum)).max() < SecAggParams(5, 3).step
+
+
+def test_survivor_sets_must_be_connected_in_the_graph():
+    from flwr_guard.secagg.session import is_connected
+
+    ring = {i: [(i - 1) % 8, (i + 1) % 8] for i in range(8)}
+    assert is_connected(ring, range(8)) and is_connected(ring, [0, 1, 2])
+    assert not is_connected(ring, [0, 1, 4, 5]) and not is_connected(ring, [])
+    # In the session's graph (Harary, t > k/2) every member of a U3 that passes the t
+    # check has a connected U3: the explicit check is defence in depth.
+    s = Session(n=10)
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(300):
+        u3 = sorted(int(i) for i in rng.choice(s.ids, size=int(rng.integers(4, 10)), replace=False))
+        if all(sum(v in u3 for v in s.server.graph[u]) >= s.server._threshold for u in u3):
+            assert is_connected(s.server.graph, u3)
+            checked += 1
+    assert checked > 20

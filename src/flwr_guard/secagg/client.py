@@ -383,6 +383,20 @@ def encode_input(
     return vector, clipped
 
 
+def check_min_inputs(survivors: int, min_inputs: int) -> None:
+    """Refuse to sign a survivor set smaller than the client's own floor.
+
+    Raises:
+        PolicyViolation: ``survivors < min_inputs`` (with distributed DP the sum would
+            hold less noise than this client's share was scaled for).
+    """
+    if survivors < min_inputs:
+        raise PolicyViolation(
+            f"only {survivors} inputs are in the sum, this client's noise was scaled for at "
+            f"least {min_inputs} contributors (dp-min-contributors): it does not help unmask it"
+        )
+
+
 def count_neighbour_signatures(
     node_id: int,
     neighbour_ids: Sequence[int],
@@ -465,6 +479,7 @@ class SecAggClient:
     held_shares: dict[int, tuple[int, bytes, bytes]] = field(default_factory=dict)
     signed_survivors: list[int] | None = None
     revealed: dict[int, str] = field(default_factory=dict)
+    min_inputs: int = 0
 
     # -- stage 1 -------------------------------------------------------------------
     def advertise(self, context: RoundContext) -> Advertisement:
@@ -632,6 +647,11 @@ class SecAggClient:
                 than ``reconstruction_threshold`` neighbours.
         """
         context = self._require_context()
+        if context.multi_round:
+            raise ProtocolError(
+                "share-keys for a multi-round set-up: its keys open a session "
+                "(flwr_guard.secagg.session), they are never Shamir-shared"
+            )
         if not self.roster:
             raise ProtocolError("share-keys before the roster stage")
         if self.seed:
@@ -675,6 +695,7 @@ class SecAggClient:
         rng: np.random.Generator | None = None,
         metric_values: Sequence[int] = (),
         noise: np.ndarray | None = None,
+        min_inputs: int = 0,
     ) -> tuple[np.ndarray, list[int], int]:
         """Mask the weighted, quantised update.
 
@@ -690,6 +711,9 @@ class SecAggClient:
                 update before masking (distributed DP: Skellam noise, see
                 :func:`flwr_guard.dp.distributed.skellam_noise_for_secagg`); negative
                 values wrap modulo ``2^bits`` like every other term.
+            min_inputs: the fewest inputs this client lets into an unmasked sum (with
+                distributed DP: the contributors its noise share was scaled for);
+                :meth:`consistency` refuses a smaller survivor set.
 
         Returns:
             ``(masked, bad_senders, clipped)``: uint32/uint64 vector of length
@@ -719,6 +743,7 @@ class SecAggClient:
                 f"{params.reconstruction_threshold}"
             )
         vector, clipped = encode_input(context, update, weight, metric_values, noise, rng)
+        self.min_inputs = int(min_inputs)
         digest = context.digest()
         graph = neighbours(list(self.roster), params.num_shares, self.seed)
         if not isinstance(ciphertexts, Mapping):
@@ -781,6 +806,12 @@ class SecAggClient:
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
             )
+        if len(u3) < self.policy.min_cohort:
+            raise PolicyViolation(
+                f"{len(u3)} inputs in the sum, this client's policy needs at least "
+                f"{self.policy.min_cohort} (secagg-min-cohort)"
+            )
+        check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
         self.signed_survivors = u3
@@ -869,6 +900,7 @@ class SecAggClient:
             "signed_survivors": self.signed_survivors,
             "revealed": [[p, k] for p, k in self.revealed.items()],
             "pinned_keys": [[p, k] for p, k in self.pinned_keys.items()],
+            "min_inputs": self.min_inputs,
         }
 
     @classmethod
@@ -912,6 +944,7 @@ class SecAggClient:
             client.held_shares = {int(p): (int(i), b, s) for p, i, b, s in state["held_shares"]}
             client.signed_survivors = state["signed_survivors"]
             client.revealed = {int(p): str(k) for p, k in state["revealed"]}
+            client.min_inputs = int(state.get("min_inputs", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"the saved SecAgg+ state is unreadable: {err}") from err
         return client

@@ -111,6 +111,16 @@ def agree(private_seed: bytes, peer_public: bytes, salt: bytes, info: bytes) -> 
     return HKDF(hashes.SHA256(), SECRET_BYTES, salt, info).derive(shared)
 
 
+def valid_x25519_public(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 public key an exchange accepts (32 bytes, not a
+    low-order point giving an all-zero secret): tried against a throwaway key."""
+    try:
+        agree(x25519_keypair()[0], public, b"", b"key-check")
+    except CryptoError:
+        return False
+    return True
+
+
 def derive(key: bytes, salt: bytes, info: bytes) -> bytes:
     """HKDF-SHA256 (RFC 5869, ``cryptography``) of a 32-byte key -> 32 bytes; ``salt``
     binds the output to a context (a round digest), ``info`` to its purpose."""

@@ -67,6 +67,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.distributed_client import distributed_dp_noise
+from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
 from flwr_guard.secagg.client import (
@@ -83,7 +84,12 @@ from flwr_guard.secagg.policy import (
     SecAggPolicy,
     policy_from_node_config,
 )
-from flwr_guard.secagg.session import ROUND_SHARE_CIPHERTEXT_BYTES, SessionClient, session_digest
+from flwr_guard.secagg.session import (
+    ROUND_SHARE_CIPHERTEXT_BYTES,
+    UNKNOWN_SESSION,
+    SessionClient,
+    session_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +257,6 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 SESSION_STAGES = ("masked-input", "consistency", "unmask")
 SESSION_STATE = "session"
-UNKNOWN_SESSION = "no such SecAgg+ session on this client"
-"""Start of the refusal a client sends for a session it does not hold (it missed the
-set-up, or its storage was lost): the server then runs the set-up again."""
 
 
 def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: str,
@@ -261,31 +264,38 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
     """A round of a multi-round session (:mod:`flwr_guard.secagg.session`)."""
     digest = codec.field(payload, "session", bytes)
     server_round = codec.field(payload, "round", int)
+    if not 0 <= server_round < 2**63:
+        raise ValueError(f"SecAgg+ round {server_round} outside [0, 2^63)")
     signing = _signing_secret(context, policy)
     session = _load_session(context, signing, policy, digest)
     if session is None and stage == "masked-input" and "open" in payload:
         setup = _load_client(context, policy)
-        if setup.context is None or session_digest(setup.context) != digest:
+        if setup.context is None or session_digest(setup.context, setup.roster_hash) != digest:
             raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up is not the one announced")
+        if not setup.encryption_secret:
+            raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up was used up; the server must re-key")
         opening = codec.field(payload, "open", dict)
         session = SessionClient.open(
             setup,
             unpack_advertisements(codec.field(opening, "advertisements", bytes)),
             unpack_nonces(codec.field(opening, "nonces", bytes)),
         )
-        _save_client(context, setup)  # its X25519 secrets are erased now
+        # Save both now: the set-up's X25519 secrets are erased, and a failed training
+        # below must not lose the session it opened.
+        _save_client(context, setup)
+        _save_session(context, session)
     if session is None:
         raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
     limit = policy.max_cohort
     if stage == "masked-input":
         return _session_input(msg, context, session, server_round, call_next)
     if stage == "consistency":
-        signature = session.consistency(server_round, _ids(payload, "survivors", limit))
+        signature = session.consistency(server_round, _in_sum(session, payload, limit))
         _save_session(context, session)
         return _reply(msg, {"signature": signature})
     reveal = session.unmask(
         server_round,
-        _ids(payload, "active", limit),
+        _in_sum(session, payload, limit),
         _id_map(payload, "signatures", limit, 64),
         _id_map(payload, "ciphertexts", limit, ROUND_SHARE_CIPHERTEXT_BYTES),
     )
@@ -298,13 +308,26 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
     })
 
 
+def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
+    """U3 of a session round, sent as the session members *not* in it (``absent``: O(dropouts)
+    bytes instead of O(n)).
+
+    Raises:
+        ValueError: an absent id that is not a session member.
+    """
+    absent = set(_ids(payload, "absent", limit))
+    if not absent <= set(session.roster):
+        raise ValueError("the absent set names nodes outside the session")
+    return sorted(set(session.roster) - absent)
+
+
 def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
                   digest: bytes) -> SessionClient | None:
     saved = _state(context).get(SESSION_STATE)
     if saved is None:
         return None
     session = SessionClient.from_state(codec.decode(bytes(saved)), signing, policy)
-    return session if session_digest(session.context) == digest else None
+    return session if session.digest == digest else None
 
 
 def _save_session(context: Context, session: SessionClient) -> None:
@@ -315,6 +338,7 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
                    call_next: ClientAppCallable) -> Message:
     global_arrays = _single_global_model(msg)
     received_hash = model_hash(global_arrays)
+    session.check_input_round(server_round)  # before training: a refused round trains nothing
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -323,6 +347,7 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     out = session.masked_input(
         server_round, received_hash, flat_update(local, global_arrays), weight,
         metric_values=[metrics[k] for k in secret_keys], noise=noise,
+        min_inputs=_min_inputs(msg, session.context, noise),
     )
     _save_session(context, session)
     return _reply(
@@ -415,10 +440,23 @@ def _masked_input(
         received_hash,
         metric_values=[metrics[k] for k in secret_keys],
         noise=noise,
+        min_inputs=_min_inputs(msg, client.context, noise),
     )
     _save_client(context, client)
     return _reply(msg, {"bad_senders": bad, "clipped": clipped},
                   _masked_content(masked, metrics, secret_keys))
+
+
+def _min_inputs(msg: Message, context: RoundContext, noise: np.ndarray | None) -> int:
+    """With distributed DP noise in the input: the contributors it was scaled for (the
+    client then refuses to sign a smaller survivor set); else 0."""
+    if noise is None:
+        return 0
+    config = next(
+        (r for name, r in msg.content.config_records.items() if name != SECAGG_RECORD), None
+    )
+    value = config.get(KEY_MIN_CONTRIBUTORS) if config is not None else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else len(context.cohort)
 
 
 # Distributed DP: the client side (checks against the node's own floors, Skellam noise)

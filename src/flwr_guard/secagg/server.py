@@ -136,6 +136,11 @@ class SecAggServer:
             except crypto.CryptoError:
                 self._exclude(node, "advertisement signature does not verify")
                 continue
+            if not (crypto.valid_x25519_public(ad.encryption_key)
+                    and crypto.valid_x25519_public(ad.mask_key)):
+                # Every neighbour would refuse it (a low-order point): out before the roster.
+                self._exclude(node, "advertised an invalid X25519 key")
+                continue
             if ad.signing_key in by_key:
                 # Honest clients refuse a roster with one key under two ids (a Sybil).
                 self._exclude(node, f"signs with the key of node {by_key[ad.signing_key]}")
@@ -203,6 +208,7 @@ class SecAggServer:
                 continue
             if (
                 not isinstance(ciphertexts, Mapping)
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in ciphertexts)
                 or sorted(ciphertexts) != self.graph[sender]
                 or not all(
                     isinstance(c, bytes) and len(c) == MAX_SHARE_CIPHERTEXT_BYTES
@@ -362,17 +368,8 @@ class SecAggServer:
         advertised key, on U3 bound to the roster digest and graph seed); one that does
         not is excluded, not forwarded. Return (active, dropped, signatures)."""
         payload = consistency_payload(self._digest, self.roster_hash, self.seed, self.stats.masked)
-        for node, signature in replies.items():
-            if node not in self.stats.masked:
-                continue
-            try:
-                if not isinstance(signature, bytes) or len(signature) != 64:
-                    raise crypto.CryptoError("malformed")
-                crypto.verify(self.advertisements[node].signing_key, payload, signature)
-            except crypto.CryptoError:
-                self._exclude(node, "consistency signature does not verify (not forwarded)")
-                continue
-            self.signatures[node] = signature
+        self.signatures.update(verified_signatures(
+            replies, self.stats.masked, self.advertisements, payload, self._exclude))
         self.stats.signed = sorted(self.signatures)
         self._require(len(self.signatures), "consistency")
         dropped = sorted(set(self.stats.shared) - set(self.stats.masked))
@@ -477,6 +474,30 @@ class SecAggServer:
             "commitment" if kind == SELF_MASK else "public key",
             self.max_reconstruction_attempts, node,
         )
+
+
+def verified_signatures(
+    replies: Mapping[int, object],
+    signers: list[int],
+    advertisements: Mapping[int, Advertisement],
+    payload: bytes,
+    exclude: Callable[[int, str], None],
+) -> dict[int, bytes]:
+    """The consistency signatures of ``signers`` on ``payload`` that verify under their
+    advertised signing keys; a signature that does not is excluded, never forwarded."""
+    members, out = set(signers), {}
+    for node, signature in replies.items():
+        if node not in members:
+            continue
+        try:
+            if not isinstance(signature, bytes) or len(signature) != 64:
+                raise crypto.CryptoError("malformed")
+            crypto.verify(advertisements[node].signing_key, payload, signature)
+        except crypto.CryptoError:
+            exclude(node, "consistency signature does not verify (not forwarded)")
+            continue
+        out[node] = signature
+    return out
 
 
 def reconstruct_secret(

@@ -47,6 +47,7 @@ known only to the two of them); the round then releases nothing and the next one
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from flwr_guard.secagg.client import (
     Advertisement,
     RosterEntry,
     SecAggClient,
+    check_min_inputs,
     commit_self_mask,
     count_neighbour_signatures,
     encode_input,
@@ -73,15 +75,42 @@ from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
-from flwr_guard.secagg.server import SecAggAborted, SecAggServer, StageStats, reconstruct_secret
+from flwr_guard.secagg.server import (
+    SecAggAborted,
+    SecAggServer,
+    StageStats,
+    reconstruct_secret,
+    verified_signatures,
+)
 
 ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
 ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
 
 
-def session_digest(context: RoundContext) -> bytes:
-    """The digest every per-round value of a session is bound to (its set-up context)."""
-    return crypto.transcript(b"session", context.digest())
+UNKNOWN_SESSION = "no usable SecAgg+ session on this client"
+"""Start of a client's refusal that only a new set-up can cure (it holds no such session,
+its storage was lost, or the round is too far ahead of its key chain): the strategy
+re-keys on the next round."""
+
+MAX_ROUND_GAP = 10_000
+"""Most rounds a client's pair-key chains advance in one step (a hash per round per
+neighbour): a round further ahead is refused with :data:`UNKNOWN_SESSION`."""
+
+
+def session_digest(context: RoundContext, roster_hash: bytes) -> bytes:
+    """The digest every per-round value of a session is bound to: the set-up context and
+    the set-up's roster digest (fresh nonce commitments and keys), so two set-ups under
+    one context never share a digest."""
+    return crypto.transcript(b"session", context.digest(), roster_hash)
+
+
+def ratchet(chain_key: bytes, steps: int) -> bytes:
+    """Advance a pair-key chain ``steps`` rounds: ``K <- HMAC-SHA256(K, 0x02)`` per round,
+    the symmetric-key ratchet of the Signal Double Ratchet specification (section 5.2).
+    One-way: a chain key read at round R gives no earlier round's key (forward secrecy)."""
+    for _ in range(steps):
+        chain_key = hmac.digest(chain_key, b"\x02", "sha256")
+    return chain_key
 
 
 @dataclass(frozen=True)
@@ -106,11 +135,28 @@ class SessionRound:
         )
 
 
-def round_pair_seed(pair_key: bytes, round_digest: bytes) -> bytes:
-    """The pair's mask seed for one round: HKDF-SHA256 of the pair key, salted with the
-    round digest. Seeds of different rounds are independent for whoever lacks the key,
-    so revealing one (its owner dropped) unmasks nothing in another round."""
-    return crypto.derive(pair_key, round_digest, b"session-pairwise-mask")
+def round_pair_seed(chain_key: bytes, round_digest: bytes) -> bytes:
+    """The pair's mask seed for one round: HKDF-SHA256 of the pair's chain key at that
+    round (:func:`ratchet`), salted with the round digest. Seeds of different rounds
+    are independent for whoever lacks the chain keys, so revealing one (its owner
+    dropped) unmasks nothing in another round."""
+    return crypto.derive(chain_key, round_digest, b"session-pairwise-mask")
+
+
+def is_connected(graph: Mapping[int, Sequence[int]], members: Sequence[int]) -> bool:
+    """Whether the subgraph of ``graph`` induced by ``members`` is connected (BFS)."""
+    inside = set(members)
+    if not inside:
+        return False
+    start = next(iter(inside))
+    seen, frontier = {start}, [start]
+    while frontier:
+        node = frontier.pop()
+        for peer in graph[node]:
+            if peer in inside and peer not in seen:
+                seen.add(peer)
+                frontier.append(peer)
+    return seen == inside
 
 
 def round_share_aad(round_digest: bytes, sender: int, recipient: int) -> bytes:
@@ -156,9 +202,11 @@ class SessionClient:
     """One client's state in a multi-round session; survives process restarts via
     :meth:`to_state` / :meth:`from_state`.
 
-    Secrets and their lifetimes: the pair keys and share-encryption keys (one of each
-    per neighbour) for the session; the round's self-mask seed from its input until its
-    reveal. The X25519 private keys of the set-up are erased by :meth:`open`.
+    Secrets and their lifetimes: the share-encryption keys (one per neighbour) for the
+    session; the pair keys (one per neighbour) as chains ratcheted to the round of the
+    last input (:func:`ratchet`: a state read at round R unmasks no earlier round); the
+    round's self-mask seed from its input until its reveal. The X25519 private keys of
+    the set-up are erased by :meth:`open`.
     """
 
     node_id: int
@@ -171,8 +219,14 @@ class SessionClient:
     neighbour_ids: list[int]
     share_keys: dict[int, bytes] = field(default_factory=dict)
     pair_keys: dict[int, bytes] = field(default_factory=dict)
+    chain_round: int = 0
     last_round: int = -1
     round: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> bytes:
+        """:func:`session_digest` of this session."""
+        return session_digest(self.context, self.roster_hash)
 
     @classmethod
     def open(
@@ -192,7 +246,7 @@ class SessionClient:
         if not setup.roster or not setup.encryption_secret or not setup.mask_secret:
             raise ProtocolError("the session was already opened, or its roster stage did not run")
         seed, neighbour_ids, by_id = setup.verify_graph(advertisements, nonces)
-        salt = session_digest(context)
+        salt = session_digest(context, setup.roster_hash)
         share_keys, pair_keys = {}, {}
         for peer in neighbour_ids:
             try:
@@ -209,6 +263,7 @@ class SessionClient:
             node_id=setup.node_id, signing_secret=setup.signing_secret, policy=setup.policy,
             context=context, roster=dict(setup.roster), roster_hash=setup.roster_hash,
             seed=seed, neighbour_ids=list(neighbour_ids), share_keys=share_keys, pair_keys=pair_keys,
+            chain_round=context.server_round,
         )
 
     @property
@@ -221,6 +276,26 @@ class SessionClient:
         return self.round
 
     # -- input -------------------------------------------------------------------------
+    def check_input_round(self, server_round: int) -> None:
+        """Raise unless this client may send an input for ``server_round`` (called before
+        training, so a refused round costs no training).
+
+        Raises:
+            ProtocolError: a round not after the last one answered (replayed or rewound),
+                or more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain
+                (:data:`UNKNOWN_SESSION`: the server must re-key).
+        """
+        if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
+            raise ProtocolError(
+                f"input for round {server_round} refused: this client already sent the input "
+                f"of round {self.last_round} of this session (replayed or rewound round)"
+            )
+        if server_round - self.chain_round > MAX_ROUND_GAP:
+            raise ProtocolError(
+                f"{UNKNOWN_SESSION}: round {server_round} is more than {MAX_ROUND_GAP} rounds "
+                f"after this client's key chain (round {self.chain_round}); the server must re-key"
+            )
+
     def masked_input(
         self,
         server_round: int,
@@ -230,6 +305,7 @@ class SessionClient:
         rng: np.random.Generator | None = None,
         metric_values: Sequence[int] = (),
         noise: np.ndarray | None = None,
+        min_inputs: int = 0,
     ) -> RoundInput:
         """Mask this round's weighted, quantised update (stage 4 of the module docstring).
 
@@ -237,20 +313,21 @@ class SessionClient:
             server_round: the round; must exceed every round this client sent an input for.
             received_model_hash: hash of the global model this client trains from.
             update, weight, metric_values, noise: as :func:`~flwr_guard.secagg.client.encode_input`.
+            min_inputs: the fewest inputs this client lets into the unmasked sum (with
+                distributed DP: the contributors its noise share was scaled for).
 
         Raises:
             ProtocolError: a round not after the last one (a second input under the
                 same masks would reveal the difference of two inputs).
             ValueError: as :func:`~flwr_guard.secagg.client.encode_input`.
         """
-        if not isinstance(server_round, int) or server_round <= self.last_round:
-            raise ProtocolError(
-                f"input for round {server_round} refused: this client already sent the input "
-                f"of round {self.last_round} of this session (replayed or rewound round)"
-            )
+        self.check_input_round(server_round)
         params = self.context.params
         vector, clipped = encode_input(self.context, update, weight, metric_values, noise, rng)
-        digest = SessionRound(session_digest(self.context), server_round, received_model_hash).digest()
+        steps = server_round - self.chain_round
+        self.pair_keys = {p: ratchet(k, steps) for p, k in self.pair_keys.items()}
+        self.chain_round = server_round  # the earlier chain keys are gone
+        digest = SessionRound(self.digest, server_round, received_model_hash).digest()
         self_mask_seed = crypto.random_secret()
         shares = crypto.share_secret(self_mask_seed, self.threshold, len(self.neighbour_ids))
         ciphertexts = {
@@ -270,7 +347,8 @@ class SessionClient:
                 vector -= mask
         self.last_round = server_round
         self.round = {"server_round": server_round, "digest": digest,
-                      "self_mask_seed": self_mask_seed, "signed": None, "revealed": False}
+                      "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
+                      "min_inputs": int(min_inputs)}
         return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped)
 
     # -- consistency ------------------------------------------------------------------
@@ -291,6 +369,7 @@ class SessionClient:
             raise PolicyViolation(
                 f"{len(u3)} inputs in the sum, this client's policy needs at least {self.policy.min_cohort}"
             )
+        check_min_inputs(len(u3), int(state.get("min_inputs", 0)))
         active = [v for v in self.neighbour_ids if v in set(u3)]
         if len(active) < self.threshold:
             raise ProtocolError(
@@ -299,6 +378,15 @@ class SessionClient:
             )
         if state["signed"] is not None and state["signed"] != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
+        # Neighbours check each other's round digests (the model); over a connected U3
+        # that makes the digest one for all, so no server can hand disjoint parts of
+        # the sum different models and unmask each part's sum on its own.
+        graph = neighbours(list(self.roster), self.context.params.num_shares, self.seed)
+        if not is_connected(graph, u3):
+            raise ProtocolError(
+                "the survivor set falls apart into parts with no neighbours between them "
+                "(a server showing each part another model could unmask each part's sum)"
+            )
         state["signed"] = u3
         return crypto.sign(
             self.signing_secret,
@@ -382,6 +470,7 @@ class SessionClient:
             "neighbour_ids": self.neighbour_ids,
             "share_keys": [[p, k] for p, k in self.share_keys.items()],
             "pair_keys": [[p, k] for p, k in self.pair_keys.items()],
+            "chain_round": self.chain_round,
             "last_round": self.last_round,
             "round": self.round,
         }
@@ -402,6 +491,7 @@ class SessionClient:
                 neighbour_ids=[int(i) for i in state["neighbour_ids"]],
                 share_keys={int(p): bytes(k) for p, k in state["share_keys"]},
                 pair_keys={int(p): bytes(k) for p, k in state["pair_keys"]},
+                chain_round=int(state["chain_round"]),
                 last_round=int(state["last_round"]), round=dict(state["round"]),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -437,7 +527,7 @@ class SessionServer:
         self.nonces = dict(setup.nonces)
         self.roster_hash, self.seed, self.graph = setup.roster_hash, setup.seed, dict(setup.graph)
         self.cohort = sorted(self.advertisements)
-        self.digest = session_digest(self.context)
+        self.digest = session_digest(self.context, self.roster_hash)
         self.opened: set[int] = set()  # nodes that took part in a round (session open there)
         self.rounds = 0
         self._threshold = self.context.params.reconstruction_threshold
@@ -493,6 +583,7 @@ class SessionServer:
                 or not isinstance(reply.self_mask_commitment, bytes)
                 or len(reply.self_mask_commitment) != 32
                 or not isinstance(reply.ciphertexts, Mapping)
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in reply.ciphertexts)
                 or sorted(reply.ciphertexts) != self.graph[node]
                 or not all(isinstance(c, bytes) and len(c) == ROUND_SHARE_CIPHERTEXT_BYTES
                            for c in reply.ciphertexts.values())
@@ -522,17 +613,8 @@ class SessionServer:
     def receive_signatures(self, replies: Mapping[int, bytes]) -> list[int]:
         """Keep the consistency signatures of U3 that verify; return the signers."""
         payload = session_consistency_payload(self.round_digest, self.roster_hash, self.seed, self.stats.masked)
-        for node, signature in replies.items():
-            if node not in self.stats.masked:
-                continue
-            try:
-                if not isinstance(signature, bytes) or len(signature) != 64:
-                    raise crypto.CryptoError("malformed")
-                crypto.verify(self.advertisements[node].signing_key, payload, signature)
-            except crypto.CryptoError:
-                self._exclude(node, "consistency signature does not verify (not forwarded)")
-                continue
-            self.signatures[node] = signature
+        self.signatures.update(verified_signatures(
+            replies, self.stats.masked, self.advertisements, payload, self._exclude))
         self.stats.signed = sorted(self.signatures)
         self._require(len(self.signatures), "consistency")
         return self.stats.signed
@@ -645,6 +727,7 @@ __all__ = [
     "SessionClient",
     "SessionRound",
     "SessionServer",
+    "ratchet",
     "round_pair_seed",
     "session_digest",
 ]

@@ -8,16 +8,19 @@ Usage::
     strategy.start(grid, initial_arrays, num_rounds=...)
 
 The wrapped strategy samples the cohort and builds the train messages as usual
-(``configure_train``). The wrapper then runs the key set-up stages (advertise, roster:
-the clients check every roster entry and reveal their graph nonces, share-keys)
-through the grid,
-sends the train messages with the routed encrypted shares, and, in
-``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
-hands the wrapped strategy **one** reply holding the weighted average of the
-survivors' models (global + mean update) and their total ``num-examples``. FedAvg,
-FedProx and FedAdam (whose server optimiser works on ``aggregate - current``) thus
-behave as without SecAgg+, on an aggregate the server computed without seeing any
-client's update.
+(``configure_train``). With ``multi_round=True`` (the default) the wrapper sets keys up
+once for a cohort (advertise, roster) and, while each round's sampled cohort stays
+within it, sends each round only the train message (the ``masked-input`` stage),
+then, in ``aggregate_train``, the consistency and unmask stages
+(:mod:`flwr_guard.secagg.session`: three messages per client per round). With
+``multi_round=False`` every round runs the per-round protocol: advertise, roster
+(the clients check every roster entry and reveal their graph nonces), share-keys, the
+train messages with the routed encrypted shares, consistency and unmask. Either way
+the wrapper removes the masks and hands the wrapped strategy **one** reply holding the
+weighted average of the survivors' models (global + mean update) and their total
+``num-examples``. FedAvg, FedProx and FedAdam (whose server optimiser works on
+``aggregate - current``) thus behave as without SecAgg+, on an aggregate the server
+computed without seeing any client's update.
 
 Per-stage durations, bytes and dropouts of each round are kept in :attr:`history`
 (for telemetry and the demo summary).
@@ -27,9 +30,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -109,6 +112,22 @@ def _node_id(key: object) -> int:
     if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
         raise ValueError(f"not a node id: {str(key)[:30]!r}")
     return int(key)
+
+
+_T = TypeVar("_T")
+
+
+def _signature(payload: dict) -> bytes:
+    return codec.field(payload, "signature", bytes)
+
+
+def _clipped(meta: dict, update_length: int) -> int:
+    """A client's count of clipped coordinates, if it is one (0 otherwise): an integer
+    in ``[0, update_length]``; counted only for inputs that end up in the sum."""
+    value = meta.get("clipped", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= update_length:
+        return value
+    return 0
 
 
 def _reveal(payload: dict) -> RoundReveal:
@@ -298,12 +317,8 @@ class SecAggPlus(StrategyWrapper):
         replies = self._exchange(
             grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
         )
-        ads = {}
-        for node, reply in replies.items():
-            try:
-                ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
-            except (ProtocolError, ValueError, KeyError, TypeError) as err:
-                logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
+        ads = self._parse(replies, "advertisement", lambda p: Advertisement.from_dict(
+            codec.field(p, "advertisement", dict)))
         # The roster of U1 (168 bytes per client) fixes who is in; then each client
         # reveals the graph nonce it committed to, and the graph follows from all.
         roster = server.receive_advertisements(ads)
@@ -311,12 +326,7 @@ class SecAggPlus(StrategyWrapper):
         replies = self._exchange(
             grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
         )
-        nonces = {}
-        for node, reply in replies.items():
-            try:
-                nonces[node] = codec.field(self._decoded(reply), "nonce", bytes)
-            except (ValueError, KeyError, TypeError) as err:
-                logger.warning("SecAgg+: malformed nonce from %s: %s", node, err)
+        nonces = self._parse(replies, "nonce", lambda p: codec.field(p, "nonce", bytes))
         server.receive_nonces(nonces)
         return server
 
@@ -347,7 +357,10 @@ class SecAggPlus(StrategyWrapper):
                 logger.info("SecAgg+ round %d: setting keys up (%s)", server_round, why)
                 self._session = None
                 context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=True)
-                self._session = SessionServer(self._key_setup(grid, report, context, server_round))
+                setup = self._key_setup(grid, report, context, server_round)
+                lost = setup.stats.dropouts()
+                report.dropouts = {stage: lost[stage] for stage in ("advertise", "roster")}
+                self._session = SessionServer(setup)
             session = self._session
             assert session is not None
             params = session.context.params
@@ -382,33 +395,25 @@ class SecAggPlus(StrategyWrapper):
         report: RoundReport = state["report"]
         grid: Grid = state["grid"]
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
-        base = {"session": session.digest, "round": server_round}
+        base: dict[str, Any] = {"session": session.digest, "round": server_round}
         try:
             inputs, metrics = self._collect_session_inputs(session, report, replies)
             survivors = session.receive_masked_inputs(inputs)
+            report.clipped_values = sum(inputs[n].clipped for n in survivors)
+            # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
+            base["absent"] = sorted(set(session.cohort) - set(survivors))
             replies4 = self._exchange(
-                grid, report, "consistency", {n: {**base, "survivors": survivors} for n in survivors},
-                server_round,
+                grid, report, "consistency", {n: base for n in survivors}, server_round,
             )
-            signatures = {}
-            for node, reply in replies4.items():
-                try:
-                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            signatures = self._parse(replies4, "signature", _signature)
             requests = {}
             for node in session.receive_signatures(signatures):
                 sigs, cts = session.unmask_request(node)
-                requests[node] = {**base, "active": survivors,
+                requests[node] = {**base,
                                   "signatures": {str(k): v for k, v in sigs.items()},
                                   "ciphertexts": {str(k): v for k, v in cts.items()}}
             replies5 = self._exchange(grid, report, "unmask", requests, server_round)
-            reveals = {}
-            for node, reply in replies5.items():
-                try:
-                    reveals[node] = _reveal(self._decoded(reply))
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            reveals = self._parse(replies5, "unmask reply", _reveal)
             session.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = session.aggregate()
@@ -417,7 +422,7 @@ class SecAggPlus(StrategyWrapper):
             self._abort(report, err)
             return None, None
         finally:
-            report.dropouts = session.stats.dropouts()
+            report.dropouts = {**report.dropouts, **session.stats.dropouts()}
             report.excluded = {str(k): v for k, v in session.stats.excluded.items()}
         return self._release(server_round, state["arrays"], report, session.context, total, weight,
                              survivors, metrics)
@@ -439,12 +444,10 @@ class SecAggPlus(StrategyWrapper):
                 (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
                 meta = self._decoded(reply)
                 raw = codec.field(meta, "ciphertexts", dict)
-                clipped = meta.get("clipped", 0)
-                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
-                    report.clipped_values += clipped
                 inputs[node] = RoundInput(
                     vector, codec.field(meta, "commitment", bytes),
-                    {_node_id(k): v for k, v in raw.items()}, 0,
+                    {_node_id(k): v for k, v in raw.items()},
+                    _clipped(meta, session.context.update_length),
                 )
                 size += _payload_bytes(reply)
             except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
@@ -453,6 +456,17 @@ class SecAggPlus(StrategyWrapper):
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
         report.bytes_from_clients["masked-input"] = size
         return inputs, metrics
+
+    def _parse(self, replies: dict[int, Message], what: str, parse: Callable[[dict], _T]) -> dict[int, _T]:
+        """``parse`` of each reply's decoded payload; a reply that does not parse is
+        logged and left out (its sender counts as dropped at this stage)."""
+        out: dict[int, _T] = {}
+        for node, reply in replies.items():
+            try:
+                out[node] = parse(self._decoded(reply))
+            except (ProtocolError, ValueError, KeyError, TypeError) as err:
+                logger.warning("SecAgg+: malformed %s from %s: %s", what, node, err)
+        return out
 
     @staticmethod
     def _decoded(reply: Message) -> dict:
@@ -471,7 +485,8 @@ class SecAggPlus(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample with the wrapped strategy, then run the advertise and share-keys stages."""
+        """Sample with the wrapped strategy, then set keys up (every round, or once per
+        session) and return the train messages with their SecAgg+ instructions."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._round = None
         report = RoundReport(server_round)
@@ -497,13 +512,8 @@ class SecAggPlus(StrategyWrapper):
                 },
                 server_round,
             )
-            shares = {}
-            for node, reply in replies.items():
-                try:
-                    raw = codec.field(self._decoded(reply), "ciphertexts", dict)
-                    shares[node] = {_node_id(k): v for k, v in raw.items()}
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed shares from %s: %s", node, err)
+            shares = self._parse(replies, "shares", lambda p: {
+                _node_id(k): v for k, v in codec.field(p, "ciphertexts", dict).items()})
             routed = server.receive_shares(shares)
         except SecAggAborted as err:
             self._abort(report, err)
@@ -544,17 +554,13 @@ class SecAggPlus(StrategyWrapper):
         grid: Grid = state["grid"]
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
         try:
-            masked, metrics = self._collect_masked(server, report, replies)
+            masked, metrics, clipped = self._collect_masked(server, report, replies)
             survivors = server.receive_masked_inputs(masked)
+            report.clipped_values = sum(clipped.get(n, 0) for n in survivors)
             replies4 = self._exchange(
                 grid, report, "consistency", {n: {"survivors": survivors} for n in survivors}, server_round
             )
-            signatures = {}
-            for node, reply in replies4.items():
-                try:
-                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            signatures = self._parse(replies4, "signature", _signature)
             active, dropped, sigs = server.receive_signatures(signatures)
             # Each client gets the signatures it checks (its neighbours'): O(k), not O(n).
             requests = {
@@ -563,13 +569,8 @@ class SecAggPlus(StrategyWrapper):
                 for n in sigs
             }
             replies5 = self._exchange(grid, report, "unmask", requests, server_round)
-            reveals = {}
-            for node, reply in replies5.items():
-                try:
-                    raw = codec.field(self._decoded(reply), "shares", dict)
-                    reveals[node] = {_node_id(p): _share(v) for p, v in raw.items()}
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            reveals = self._parse(replies5, "unmask reply", lambda p: {
+                _node_id(k): _share(v) for k, v in codec.field(p, "shares", dict).items()})
             server.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = server.aggregate()
@@ -616,9 +617,10 @@ class SecAggPlus(StrategyWrapper):
 
     def _collect_masked(
         self, server: SecAggServer, report: RoundReport, replies: list[Message]
-    ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord]]:
+    ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord], dict[int, int]]:
         masked: dict[int, tuple[np.ndarray, list[int]]] = {}
         metrics: dict[int, MetricRecord] = {}
+        clipped: dict[int, int] = {}
         size = 0
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -634,9 +636,7 @@ class SecAggPlus(StrategyWrapper):
                     isinstance(b, int) and not isinstance(b, bool) for b in bad
                 ):
                     raise ValueError("bad_senders must be a short list of node ids")
-                clipped = meta.get("clipped", 0)
-                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
-                    report.clipped_values += clipped
+                clipped[node] = _clipped(meta, server.context.update_length)
                 size += _payload_bytes(reply)
             except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
                 logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
@@ -645,7 +645,7 @@ class SecAggPlus(StrategyWrapper):
             masked[node] = (vector, bad)
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
         report.bytes_from_clients["masked-input"] = size
-        return masked, metrics
+        return masked, metrics, clipped
 
     @staticmethod
     def _plain_metrics(records: list[MetricRecord]) -> dict[str, float]:

@@ -49,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         clipping_range=float(cfg["secagg-clipping-range"]),
         quantization_range=int(cfg["secagg-quantization-range"]),
         timeout=float(cfg["secagg-timeout"]),
+        multi_round=bool(cfg.get("secagg-multi-round", True)),
     ) if bool(cfg["secagg"]) else None
     budget = {
         "dp-sgd": bool(cfg["dp-sgd"]),
