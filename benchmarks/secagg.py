@@ -7,7 +7,12 @@ values; clients return global + a seeded random update (no training), so only th
 aggregation protocol costs time. Variants (run config ``variant``):
 
 - ``fedavg``: plain FedAvg on the Message API (``flwr.serverapp.strategy.FedAvg``);
-- ``guard``: ``SecAggPlus(FedAvg(...))`` + flwr-guard's ``secaggplus_mod``;
+- ``guard``: ``SecAggPlus(FedAvg(...), multi_round=...)`` + flwr-guard's
+  ``secaggplus_mod``; path ``multi-round`` (keys set up once per cohort, the default) or
+  ``per-round`` (the whole protocol every round);
+- ``guard-dp``: ``GuardedStrategy(FedAvg(...), secagg=SecAgg(...),
+  dp=DistributedDP(...))`` + ``ClientGuard(ClientPolicy(secagg=True,
+  dp="distributed")).train_mods()``: SecAgg+ with the clients' Skellam noise;
 - ``flower``: Flower's SecAgg+ on its legacy path (``DefaultWorkflow(fit_workflow=
   SecAggPlusWorkflow(...))`` + ``flwr.client.mod.secaggplus_mod`` on a legacy
   ``ClientApp(client_fn=...)`` with a ``NumPyClient``).
@@ -16,20 +21,40 @@ Both SecAgg+ implementations get the same neighbourhood: k neighbours per client
 (flwr-guard ``num_shares=k``; Flower ``num_shares=k+1``, since Flower counts the client
 itself in its neighbourhood) and the same reconstruction threshold t. Graphs:
 ``sparse`` (k = 4, t = 3: Flower's num_shares = 5) and ``default`` (flwr-guard's
-default k for the cohort, t = floor(k/2) + 1). A case (n, d, dropout) runs all its
-variants back to back, so its ratios come from the same minutes of the same machine.
+default k for the cohort, t from :func:`default_threshold`). A case (n, d, dropout,
+sampled fraction) runs all its variants back to back, so its ratios come from the
+same minutes of the same machine.
 
-Measured per round (the first round, which starts Ray's actors, is reported but left
-out of the means): wall time from ``configure_train`` to the end of ``aggregate_train``
-(legacy: one call of the fit workflow); server compute = that time minus the time spent
-in ``grid.send_and_receive`` (wall, and the ServerApp thread's CPU time); client compute
-= time in the mods + train function per message, summed per client per round (wall and
-thread CPU time); bytes per client = payload (RecordDict in Flower's protobuf encoding)
-sent to and received from each client per round.
+The default suite (``--suite issue14``, one invocation, about 20 minutes here):
+n = 20, d = 1e6 (FedAvg, flwr-guard on both paths, default k); n = 100, d = 1e5
+(FedAvg, flwr-guard on both paths, Flower; k = 4); n = 1000 virtual clients, d = 1e4,
+``fraction_train=0.1`` (cohorts of 100, default k), FedAvg and flwr-guard with
+distributed DP; then the protocol core's server cost against n (``--core-vs-n``: no
+Flower, n in {20, 100, 1000}, both paths, fixed k and d, fitted, plotted to
+``docs/img/secagg_cost_vs_n.png``). ``--suite matrix`` is the earlier n x d x graph
+matrix.
 
-Usage: python benchmarks/secagg.py [--nodes 20 10 5] [--dims 100000 1000000]
-       [--graphs sparse default] [--drop-nodes 20] [--rounds 4] [--resume]
-Prints a table and writes JSON (default benchmarks/results/secagg.json).
+Before round 1 the ServerApp sends one empty query to a few nodes (Ray's actors start
+and import the ClientApp then, outside the timed rounds). Measured per round: round 1
+(flwr-guard's multi-round path: the key set-up) on its own, the mean over rounds 2..R
+(the steady state) and the mean over all rounds; wall time from ``configure_train`` to
+the end of ``aggregate_train`` (legacy: one call of the fit workflow); server compute
+= that time minus the time spent in the grid's exchanges (wall, and the ServerApp
+thread's CPU time); client compute = time in the mods + train function per message,
+summed per client per round (wall and thread CPU time); bytes per client = payload
+(RecordDict in Flower's protobuf encoding) sent to and received from each client per
+round, and their overhead over FedAvg's in bytes and per k log2(cohort); memory = the
+peak, within the round, of the summed PSS of every process the run started (SuperLink,
+SuperExec, simulation, Ray's GCS, raylet and actors), sampled every 0.5 s.
+
+Usage: python benchmarks/secagg.py                 # the issue-14 suite
+       python benchmarks/secagg.py --core-vs-n     # the core's cost against n only
+       python benchmarks/secagg.py --report        # table of the JSON
+       python benchmarks/secagg.py --suite matrix [--nodes 20 10 5] [--dims 100000 1000000]
+           [--graphs sparse default] [--paths multi-round per-round] [--drop-nodes 20]
+           [--rounds 4] [--resume]
+Prints tables and writes JSON (benchmarks/results/secagg_issue14.json,
+secagg_cost_vs_n.json; the matrix and --core: secagg.json).
 """
 
 from __future__ import annotations
@@ -387,6 +412,7 @@ def summarise(spec: RunSpec, data: dict[str, Any], clients: list[dict[str, Any]]
         "update_std": [r["update_std"] for r in rounds],
         "dp_epsilon": data.get("dp_epsilon"),
         "dp_min_contributors": data.get("dp_min_contributors"),
+        "dp_expected_update_std": data.get("dp_expected_update_std"),
         "cohort": data.get("cohort"),
         "warm_up_s": data.get("warm_up_s"),
         "multi_round": data.get("multi_round"),
@@ -582,7 +608,7 @@ def core_profile(nodes: int, dimension: int, k: int) -> dict[str, float]:
     routed = timed("server: shares", lambda: server.receive_shares(shares))
     masked = {
         i: timed("masked-input", lambda c=c, i=i: c.masked_input(
-            sorted(routed), routed[i], updates[i], 10 + i, context.model_hash)[:2])
+            sorted(routed), routed[i], updates[i], 10 + i % 90, context.model_hash)[:2])
         for i, c in clients.items()
     }
     u3 = timed("server: masked inputs", lambda: server.receive_masked_inputs(masked))
@@ -782,7 +808,7 @@ def main() -> None:
                              "--dims x --graphs as before (flwr-guard on --paths)")
     parser.add_argument("--paths", nargs="+", default=["multi-round"],
                         choices=["multi-round", "per-round"], help="matrix suite: flwr-guard paths")
-    parser.add_argument("--scale-rounds", type=int, default=3,
+    parser.add_argument("--scale-rounds", type=int, default=2,
                         help="issue14 suite: rounds of the n = 1000 runs")
     parser.add_argument("--no-core-vs-n", action="store_true",
                         help="issue14 suite: skip the core's cost against n")

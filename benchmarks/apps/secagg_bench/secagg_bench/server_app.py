@@ -164,7 +164,14 @@ def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: in
         initial = ArrayRecord(numpy_ndarrays=[initial_model(int(cfg["dimension"]))])
         guarded.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=TIMEOUT_S)
         history = [r.to_dict() for r in guarded.secagg.history]
-        extra = {"dp_epsilon": guarded.dp.epsilon, "dp_min_contributors": m, "cohort": cohort}
+        # What the clients' Skellam noise should give per coordinate of the aggregate's
+        # change (docs/privacy.md): sqrt(n / m) z D step / n, D = C / step + sqrt(d), for n
+        # survivors (the clipped updates' own mean adds ~C / (sqrt(d) sqrt(n)), far less).
+        step = 2 * GUARD_CLIPPING_RANGE / 2**16
+        z, clip, d = float(cfg["dp-noise-multiplier"]), float(cfg["dp-clipping-norm"]), int(cfg["dimension"])
+        expected_std = (cohort / m) ** 0.5 * z * (clip / step + d**0.5) * step / cohort
+        extra = {"dp_epsilon": guarded.dp.epsilon, "dp_min_contributors": m, "cohort": cohort,
+                 "dp_expected_update_std": expected_std}
         return clock.models, history, extra
     if cfg["variant"] == "guard":
         poll_max = os.environ.get("SECAGG_BENCH_POLL_MAX_S")  # what-if only (docs/secagg.md)
