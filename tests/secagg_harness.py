@@ -256,6 +256,14 @@ class ModFederation:
 
 def run_strategy_round(fed: ModFederation, **kwargs):
     """One real SecAggPlus(FedAvg) round over ``fed``; returns (aggregate or None, report)."""
+    ((agg, report),) = run_strategy_rounds(fed, 1, **kwargs)
+    return agg, report
+
+
+def run_strategy_rounds(fed: ModFederation, rounds: int, tampers: dict | None = None, **kwargs):
+    """``rounds`` rounds of one real SecAggPlus(FedAvg) over ``fed`` (each from the zero
+    model); ``tampers[r]`` replaces ``fed.tamper`` in round r. Returns [(aggregate or
+    None, report)] and records the messages pushed per round in ``fed.per_round``."""
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore.task_identity import TaskIdentity
@@ -267,11 +275,20 @@ def run_strategy_round(fed: ModFederation, **kwargs):
     arrays = fed.global_arrays()
     # What Flower's ServerApp runtime sets before a strategy creates Messages.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    out, fed.per_round = [], {}
+    base = fed.tamper
     try:
-        messages = strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), fed)
-        replies = [r for r in (fed.deliver(m) for m in messages) if r is not None]
-        result, _ = strategy.aggregate_train(1, replies)
+        for r in range(1, rounds + 1):
+            fed.tamper = (tampers or {}).get(r, base)
+            start = len(fed.pushed)
+            messages = strategy.configure_train(r, arrays, ConfigRecord({"lr": 0.1}), fed)
+            replies = [rep for rep in (fed.deliver(m) for m in messages) if rep is not None]
+            fed.pushed.extend(messages)
+            result, _ = strategy.aggregate_train(r, replies)
+            fed.per_round[r] = fed.pushed[start:]
+            agg = None if result is None else next(iter(result.values())).numpy()
+            out.append((agg, strategy.history[-1]))
     finally:
         TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
-    agg = None if result is None else next(iter(result.values())).numpy()
-    return agg, strategy.history[-1]
+        fed.tamper = base
+    return out

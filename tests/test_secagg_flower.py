@@ -67,9 +67,9 @@ def test_simulation_wraps_fedadam(tmp_path) -> None:
 
 @pytest.mark.simulation
 def test_simulation_below_threshold_fails_clearly_and_keeps_the_model(tmp_path) -> None:
-    res, _ = _run(tmp_path, nodes=4, **{"drop-partitions": "0,1,2", "drop-stage": "share-keys"})
+    res, _ = _run(tmp_path, nodes=4, **{"drop-partitions": "0,1,2", "drop-stage": "masked-input"})
     assert res["aggregate"] is None  # the global model was not replaced
-    assert "aborted at share-keys" in res["report"]["aborted"]
+    assert "aborted at masked-input" in res["report"]["aborted"]
     assert "reconstruction threshold" in res["report"]["aborted"]
 
 

@@ -118,6 +118,7 @@ def test_recorder_exports_what_one_round_did() -> None:
     assert value(text, "flwr_guard_secagg_surviving_clients") == 3
     assert value(text, "flwr_guard_secagg_reconstruction_threshold") == 3
     assert value(text, "flwr_guard_secagg_clipped_values_total") == 17
+    assert value(text, "flwr_guard_secagg_key_setups_total") == 1
     assert value(text, "flwr_guard_modular_wraparounds_total") == 0
     # DP: user level from the wrapper, record level = the worst client, budgets
     assert value(text, "flwr_guard_dp_epsilon", level="user") == 3.5

@@ -231,7 +231,10 @@ def _check_values(prom: LocalPrometheus, truth: dict) -> None:
     # SecAgg+: per-stage dropouts and bytes summed over the rounds' reports
     reports = truth["secagg"]
     assert [r["server_round"] for r in reports] == [1, 2]
-    for stage in ("advertise", "share-keys", "masked-input", "consistency", "unmask"):
+    # multi-round SecAgg+: round 1 sets keys up (advertise, roster), round 2 reuses them
+    assert [r["key_setup"] for r in reports] == [True, False]
+    assert v("flwr_guard_secagg_key_setups_total") == 1
+    for stage in ("advertise", "roster", "masked-input", "consistency", "unmask"):
         dropped = sum(r["dropouts"].get(stage, 0) for r in reports)
         assert v("flwr_guard_secagg_dropouts_total", stage=stage) == dropped
         assert v("flwr_guard_secagg_sent_bytes_total", stage=stage) == sum(
@@ -242,7 +245,8 @@ def _check_values(prom: LocalPrometheus, truth: dict) -> None:
     aborted = sum(r["aborted"] is not None for r in reports)
     assert v("flwr_guard_secagg_aborted_rounds_total") == aborted
     assert v("flwr_guard_rounds_total", outcome="aggregated") == 2 - aborted
-    assert v("flwr_guard_secagg_stage_duration_seconds_count", stage="advertise") == 2
+    assert v("flwr_guard_secagg_stage_duration_seconds_count", stage="advertise") == 1
+    assert v("flwr_guard_secagg_stage_duration_seconds_count", stage="masked-input") == 2
     # training progress: the server's last evaluation
     last = truth["server"][str(max(map(int, truth["server"])))]
     assert v("flwr_guard_accuracy_ratio", phase="server") == pytest.approx(last["test-accuracy"])

@@ -81,7 +81,9 @@ class SecAgg:
     """SecAgg+ on the server (:class:`flwr_guard.secagg.SecAggPlus`); fields as there.
 
     ``num_shares`` and ``reconstruction_threshold`` ``None`` = chosen for each round's
-    cohort. Clients enforce their own floors on both.
+    cohort. Clients enforce their own floors on both. ``multi_round`` (default): keys
+    set up once while the cohort stays within the set-up's, three messages per round
+    (:mod:`flwr_guard.secagg.session`); ``False``: fresh keys every round.
     """
 
     num_shares: int | None = None
@@ -89,6 +91,7 @@ class SecAgg:
     clipping_range: float = 2.0
     quantization_range: int = 2**16
     timeout: float = 300.0
+    multi_round: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def terms(self) -> SecAggTerms:
@@ -290,7 +293,7 @@ class GuardedStrategy(StrategyWrapper):
                     reconstruction_threshold=secagg.reconstruction_threshold,
                     clipping_range=secagg.clipping_range,
                     quantization_range=secagg.quantization_range,
-                    timeout=secagg.timeout, **options,
+                    timeout=secagg.timeout, multi_round=secagg.multi_round, **options,
                 )
             except ValueError as err:
                 raise GuardConfigError(str(err)) from None

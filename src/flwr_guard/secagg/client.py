@@ -322,6 +322,118 @@ def pairwise_sign(own: int, peer: int) -> int:
     return 1 if own < peer else -1
 
 
+def encode_input(
+    context: RoundContext,
+    update: np.ndarray,
+    weight: int,
+    metric_values: Sequence[int] = (),
+    noise: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, int]:
+    """The unmasked integer vector of one client: ``weight * quantise(update)`` (+ noise),
+    then the masked metrics, then the weight, modulo ``2^modulus_bits``.
+
+    Args:
+        context: the round (or session) context: lengths, ranges, modulus.
+        update: float array, flattened model update, length ``update_length``.
+        weight: integer in ``[1, max_weight]`` (e.g. number of examples).
+        metric_values: one integer in ``[0, max_weight]`` per ``masked_metrics`` name.
+        noise: optional int64 ``(update_length,)`` added before masking (distributed DP).
+        rng: randomness of the stochastic rounding (fresh by default).
+
+    Returns:
+        ``(vector, clipped)``: uint32/uint64 of length ``vector_length``; the number of
+        coordinates clipped to ``[-r, r]``.
+
+    Raises:
+        ValueError: an update of the wrong length or with NaN/Inf, a weight or metric
+            out of range, noise of the wrong shape or dtype.
+    """
+    params = context.params
+    update = np.asarray(update).reshape(-1)
+    if update.shape[0] != context.update_length:
+        raise ValueError(
+            f"update has {update.shape[0]} values, the round expects {context.update_length}"
+        )
+    metrics = [int(v) for v in metric_values]
+    if len(metrics) != len(context.masked_metrics) or any(
+        v != m or not 0 <= v <= params.max_weight for v, m in zip(metrics, metric_values)
+    ):
+        raise ValueError(
+            f"masked metrics {list(context.masked_metrics)} need integers in "
+            f"[0, {params.max_weight}], got {list(metric_values)}"
+        )
+    if not 1 <= int(weight) <= params.max_weight:
+        raise ValueError(f"weight {weight} outside [1, max_weight={params.max_weight}]")
+    q, clipped = quantize(
+        update, params.clipping_range, params.quantization_range, rng or np.random.default_rng()
+    )
+    dtype = prg.mask_dtype(params.modulus_bits)
+    vector = np.empty(context.vector_length, dtype=dtype)
+    d = context.update_length
+    weighted = q * int(weight)
+    if noise is not None:
+        noise = np.asarray(noise)
+        if noise.shape != (d,) or not np.issubdtype(noise.dtype, np.integer):
+            raise ValueError(f"noise must be an integer vector of {d} values")
+        weighted = weighted + noise.astype(np.int64)
+    vector[:d] = weighted.astype(dtype)  # negative values wrap modulo 2^bits
+    vector[d:-1] = np.asarray(metrics, dtype=dtype)
+    vector[-1] = int(weight)
+    return vector, clipped
+
+
+def check_min_inputs(survivors: int, min_inputs: int) -> None:
+    """Refuse to sign a survivor set smaller than the client's own floor.
+
+    Raises:
+        PolicyViolation: ``survivors < min_inputs`` (with distributed DP the sum would
+            hold less noise than this client's share was scaled for).
+    """
+    if survivors < min_inputs:
+        raise PolicyViolation(
+            f"only {survivors} inputs are in the sum, this client's noise was scaled for at "
+            f"least {min_inputs} contributors (dp-min-contributors): it does not help unmask it"
+        )
+
+
+def count_neighbour_signatures(
+    node_id: int,
+    neighbour_ids: Sequence[int],
+    roster: Mapping[int, RosterEntry],
+    active: set[int],
+    payload: bytes,
+    signatures: Mapping[int, bytes],
+) -> int:
+    """Verify the consistency signatures of ``node_id``'s neighbours on ``payload``.
+
+    Only neighbours count, never the client itself: with the complete graph two
+    different survivor sets can then both pass only if 2t <= k + c - 1 (Bonawitz et
+    al., section 4.4), which 2t > k + c excludes. Signatures of non-neighbours are
+    skipped (Bell et al.: O(k) verifications).
+
+    Returns:
+        the number of neighbours' signatures that verify.
+
+    Raises:
+        ProtocolError: a signature from a node that is not active or not in the
+            roster, or a neighbour's signature that does not verify.
+    """
+    valid = 0
+    neighbours_set = set(neighbour_ids)
+    for signer, signature in signatures.items():
+        if signer not in active or signer not in roster:
+            raise ProtocolError(f"signature from node {signer}, which is not active")
+        if signer not in neighbours_set and signer != node_id:
+            continue
+        try:
+            crypto.verify(roster[signer].signing_key, payload, signature)
+        except crypto.CryptoError as err:
+            raise ProtocolError(f"consistency signature of node {signer} is invalid") from err
+        valid += signer != node_id
+    return valid
+
+
 @dataclass
 class SecAggClient:
     """One client's SecAgg+ state for one round; survives process restarts via
@@ -367,6 +479,7 @@ class SecAggClient:
     held_shares: dict[int, tuple[int, bytes, bytes]] = field(default_factory=dict)
     signed_survivors: list[int] | None = None
     revealed: dict[int, str] = field(default_factory=dict)
+    min_inputs: int = 0
 
     # -- stage 1 -------------------------------------------------------------------
     def advertise(self, context: RoundContext) -> Advertisement:
@@ -467,28 +580,22 @@ class SecAggClient:
         return nonce
 
     # -- stage 3 -------------------------------------------------------------------
-    def share_keys(
+    def verify_graph(
         self, advertisements: Sequence[Advertisement], nonces: Mapping[int, bytes]
-    ) -> dict[int, bytes]:
-        """Derive the graph, verify the neighbours' keys, return ``{neighbour id:
-        encrypted shares}``.
+    ) -> tuple[bytes, list[int], dict[int, Advertisement]]:
+        """Check the revealed graph nonces against their commitments, derive the graph
+        and check the neighbours' advertisements against their roster entries.
 
-        Args:
-            advertisements: the full advertisements of this client's neighbours (more
-                are accepted if they match the roster; only the neighbours' are kept).
-            nonces: the revealed graph nonce of every member of U1.
+        Returns:
+            ``(graph seed, this client's neighbour ids, id -> advertisement)``.
 
         Raises:
             ProtocolError: a nonce missing or not matching its commitment, an
                 advertisement that differs from its roster entry, a neighbour's
-                advertisement missing, a key that is not a valid X25519 key, or fewer
-                than ``reconstruction_threshold`` neighbours.
+                advertisement missing, or fewer than ``reconstruction_threshold``
+                neighbours.
         """
         context = self._require_context()
-        if not self.roster:
-            raise ProtocolError("share-keys before the roster stage")
-        if self.seed:
-            raise ProtocolError("share-keys was already run this round")
         digest = context.digest()
         if set(nonces) != set(self.roster):
             raise ProtocolError(
@@ -520,6 +627,39 @@ class SecAggClient:
             raise ProtocolError(
                 f"{len(neighbour_ids)} neighbours, reconstruction threshold {threshold}"
             )
+        return seed, neighbour_ids, by_id
+
+    def share_keys(
+        self, advertisements: Sequence[Advertisement], nonces: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        """Derive the graph, verify the neighbours' keys, return ``{neighbour id:
+        encrypted shares}``.
+
+        Args:
+            advertisements: the full advertisements of this client's neighbours (more
+                are accepted if they match the roster; only the neighbours' are kept).
+            nonces: the revealed graph nonce of every member of U1.
+
+        Raises:
+            ProtocolError: a nonce missing or not matching its commitment, an
+                advertisement that differs from its roster entry, a neighbour's
+                advertisement missing, a key that is not a valid X25519 key, or fewer
+                than ``reconstruction_threshold`` neighbours.
+        """
+        context = self._require_context()
+        if context.multi_round:
+            raise ProtocolError(
+                "share-keys for a multi-round set-up: its keys open a session "
+                "(flwr_guard.secagg.session), they are never Shamir-shared"
+            )
+        if not self.roster:
+            raise ProtocolError("share-keys before the roster stage")
+        if self.seed:
+            raise ProtocolError("share-keys was already run this round")
+        digest = context.digest()
+        seed, neighbour_ids, by_id = self.verify_graph(advertisements, nonces)
+        threshold = context.params.reconstruction_threshold
+        own = self.advertisements[self.node_id]
         self.seed, self.neighbour_ids = seed, neighbour_ids
         self.advertisements = {self.node_id: own, **{p: by_id[p] for p in self.neighbour_ids}}
         count = len(self.neighbour_ids)
@@ -555,6 +695,7 @@ class SecAggClient:
         rng: np.random.Generator | None = None,
         metric_values: Sequence[int] = (),
         noise: np.ndarray | None = None,
+        min_inputs: int = 0,
     ) -> tuple[np.ndarray, list[int], int]:
         """Mask the weighted, quantised update.
 
@@ -570,6 +711,9 @@ class SecAggClient:
                 update before masking (distributed DP: Skellam noise, see
                 :func:`flwr_guard.dp.distributed.skellam_noise_for_secagg`); negative
                 values wrap modulo ``2^bits`` like every other term.
+            min_inputs: the fewest inputs this client lets into an unmasked sum (with
+                distributed DP: the contributors its noise share was scaled for);
+                :meth:`consistency` refuses a smaller survivor set.
 
         Returns:
             ``(masked, bad_senders, clipped)``: uint32/uint64 vector of length
@@ -598,21 +742,8 @@ class SecAggClient:
                 f"only {len(active_neighbours)} neighbours shared keys, threshold "
                 f"{params.reconstruction_threshold}"
             )
-        update = np.asarray(update).reshape(-1)
-        if update.shape[0] != context.update_length:
-            raise ValueError(
-                f"update has {update.shape[0]} values, the round expects {context.update_length}"
-            )
-        metrics = [int(v) for v in metric_values]
-        if len(metrics) != len(context.masked_metrics) or any(
-            v != m or not 0 <= v <= params.max_weight for v, m in zip(metrics, metric_values)
-        ):
-            raise ValueError(
-                f"masked metrics {list(context.masked_metrics)} need integers in "
-                f"[0, {params.max_weight}], got {list(metric_values)}"
-            )
-        if not 1 <= int(weight) <= params.max_weight:
-            raise ValueError(f"weight {weight} outside [1, max_weight={params.max_weight}]")
+        vector, clipped = encode_input(context, update, weight, metric_values, noise, rng)
+        self.min_inputs = int(min_inputs)
         digest = context.digest()
         graph = neighbours(list(self.roster), params.num_shares, self.seed)
         if not isinstance(ciphertexts, Mapping):
@@ -633,21 +764,6 @@ class SecAggClient:
                 self.held_shares[sender] = share
         self.share_encryption_keys = {}  # the shares are open: the keys are not needed
         self.shared_ids = sorted(survivors)
-        q, clipped = quantize(
-            update, params.clipping_range, params.quantization_range, rng or np.random.default_rng()
-        )
-        dtype = prg.mask_dtype(params.modulus_bits)
-        vector = np.empty(context.vector_length, dtype=dtype)
-        d = context.update_length
-        weighted = q * int(weight)
-        if noise is not None:
-            noise = np.asarray(noise)
-            if noise.shape != (d,) or not np.issubdtype(noise.dtype, np.integer):
-                raise ValueError(f"noise must be an integer vector of {d} values")
-            weighted = weighted + noise.astype(np.int64)
-        vector[:d] = weighted.astype(dtype)  # negative values wrap modulo 2^bits
-        vector[d:-1] = np.asarray(metrics, dtype=dtype)
-        vector[-1] = int(weight)
         vector += prg.expand(self.self_mask_seed, context.vector_length, params.modulus_bits)
         for peer in active_neighbours:
             seed = pairwise_seed(self.mask_secret, self.advertisements[peer].mask_key, digest)
@@ -690,6 +806,7 @@ class SecAggClient:
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
             )
+        check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
         self.signed_survivors = u3
@@ -728,20 +845,9 @@ class SecAggClient:
         if len(active_set) < params.reconstruction_threshold:
             raise ProtocolError("active set below the reconstruction threshold")
         payload = consistency_payload(context.digest(), self.roster_hash, self.seed, sorted(active_set))
-        valid = 0
-        for signer, signature in signatures.items():
-            if signer not in active_set or signer not in self.roster:
-                raise ProtocolError(f"signature from node {signer}, which is not active")
-            if signer not in self.neighbour_ids and signer != self.node_id:
-                continue  # neighbourhood check (Bell et al.): O(k) verifications
-            try:
-                crypto.verify(self.roster[signer].signing_key, payload, signature)
-            except crypto.CryptoError as err:
-                raise ProtocolError(f"consistency signature of node {signer} is invalid") from err
-            # Only neighbours count, never this client itself: with the complete graph
-            # two different survivor sets can then both pass only if 2t <= k + c - 1
-            # (Bonawitz et al., section 4.4), which 2t > k + c excludes.
-            valid += signer != self.node_id
+        valid = count_neighbour_signatures(
+            self.node_id, self.neighbour_ids, self.roster, active_set, payload, signatures
+        )
         if valid < params.reconstruction_threshold:
             raise ProtocolError(
                 f"{valid} valid consistency signatures from neighbours (its own not "
@@ -789,6 +895,7 @@ class SecAggClient:
             "signed_survivors": self.signed_survivors,
             "revealed": [[p, k] for p, k in self.revealed.items()],
             "pinned_keys": [[p, k] for p, k in self.pinned_keys.items()],
+            "min_inputs": self.min_inputs,
         }
 
     @classmethod
@@ -832,6 +939,7 @@ class SecAggClient:
             client.held_shares = {int(p): (int(i), b, s) for p, i, b, s in state["held_shares"]}
             client.signed_survivors = state["signed_survivors"]
             client.revealed = {int(p): str(k) for p, k in state["revealed"]}
+            client.min_inputs = int(state.get("min_inputs", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"the saved SecAgg+ state is unreadable: {err}") from err
         return client

@@ -39,6 +39,9 @@ class RoundContext:
         masked_metrics: names of integer client metrics (counts, bits) that travel
             masked and are revealed only as their sum over the survivors, e.g. the
             clipped-count bit of adaptive clipping.
+        multi_round: the context of a multi-round session's set-up
+            (:mod:`flwr_guard.secagg.session`): keys set up once, masks per round. Bound
+            into the digest, so a set-up for one protocol never verifies for the other.
     """
 
     run_id: int
@@ -48,6 +51,7 @@ class RoundContext:
     vector_length: int
     model_hash: bytes
     masked_metrics: tuple[str, ...] = ()
+    multi_round: bool = False
 
     @property
     def update_length(self) -> int:
@@ -62,10 +66,12 @@ class RoundContext:
             json.dumps(self.params.to_dict(), sort_keys=True).encode(),
             self.model_hash,
             json.dumps(list(self.masked_metrics)).encode(),
+            *((b"multi-round",) if self.multi_round else ()),
         )
 
     def to_dict(self) -> dict:
-        return {
+        extra = {"multi_round": True} if self.multi_round else {}
+        return {**extra,
             "run_id": self.run_id,
             "server_round": self.server_round,
             "cohort": list(self.cohort),
@@ -109,6 +115,9 @@ class RoundContext:
             isinstance(m, str) and len(m) <= 128 for m in metrics
         ):
             raise ValueError("round context 'masked_metrics' must be a list of at most 64 names")
+        multi_round = data.get("multi_round", False)
+        if not isinstance(multi_round, bool):
+            raise ValueError("round context 'multi_round' must be a boolean")
         vector_length = uint("vector_length", max_vector_length)
         if vector_length < 1 + len(metrics):
             raise ValueError("round context 'vector_length' is shorter than its metrics and weight")
@@ -120,4 +129,5 @@ class RoundContext:
             vector_length=vector_length,
             model_hash=model,
             masked_metrics=tuple(metrics),
+            multi_round=multi_round,
         )

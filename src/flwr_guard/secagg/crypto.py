@@ -111,6 +111,14 @@ def agree(private_seed: bytes, peer_public: bytes, salt: bytes, info: bytes) -> 
     return HKDF(hashes.SHA256(), SECRET_BYTES, salt, info).derive(shared)
 
 
+def derive(key: bytes, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869, ``cryptography``) of a 32-byte key -> 32 bytes; ``salt``
+    binds the output to a context (a round digest), ``info`` to its purpose."""
+    if len(key) != SECRET_BYTES:
+        raise ValueError(f"key must be {SECRET_BYTES} bytes, got {len(key)}")
+    return HKDF(hashes.SHA256(), SECRET_BYTES, salt, info).derive(key)
+
+
 # -- AES-GCM ---------------------------------------------------------------------
 def encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """AES-256-GCM: ``nonce (12) || ciphertext || tag (16)`` with a random nonce."""

@@ -67,6 +67,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.distributed_client import distributed_dp_noise
+from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
 from flwr_guard.secagg.client import (
@@ -83,6 +84,7 @@ from flwr_guard.secagg.policy import (
     SecAggPolicy,
     policy_from_node_config,
 )
+from flwr_guard.secagg.session import ROUND_SHARE_CIPHERTEXT_BYTES, SessionClient, session_digest
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +214,10 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         payload = codec.decode(blob)
         if stage == "advertise":
             return _advertise(msg, context, payload, policy)
-        client = _load_client(context, policy)
         limit = policy.max_cohort
+        if "session" in payload and stage in SESSION_STAGES:
+            return _session_stage(msg, context, policy, stage, payload, call_next)
+        client = _load_client(context, policy)
         if stage == "roster":
             nonce = client.receive_roster(unpack_roster(codec.field(payload, "roster", bytes)))
             _save_client(context, client)
@@ -246,6 +250,144 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _error(msg, f"SecAgg+ refused: {err}")
 
 
+SESSION_STAGES = ("masked-input", "consistency", "unmask")
+SESSION_STATE = "session"
+UNKNOWN_SESSION = "no such SecAgg+ session on this client"
+"""Start of the refusal a client sends for a session it does not hold (it missed the
+set-up, or its storage was lost): the server then runs the set-up again."""
+
+
+def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: str,
+                   payload: dict, call_next: ClientAppCallable) -> Message:
+    """A round of a multi-round session (:mod:`flwr_guard.secagg.session`)."""
+    digest = codec.field(payload, "session", bytes)
+    server_round = codec.field(payload, "round", int)
+    signing = _signing_secret(context, policy)
+    session = _load_session(context, signing, policy, digest)
+    if session is None and stage == "masked-input" and "open" in payload:
+        setup = _load_client(context, policy)
+        if setup.context is None or session_digest(setup.context) != digest:
+            raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up is not the one announced")
+        opening = codec.field(payload, "open", dict)
+        session = SessionClient.open(
+            setup,
+            unpack_advertisements(codec.field(opening, "advertisements", bytes)),
+            unpack_nonces(codec.field(opening, "nonces", bytes)),
+        )
+        _save_client(context, setup)  # its X25519 secrets are erased now
+    if session is None:
+        raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
+    limit = policy.max_cohort
+    if stage == "masked-input":
+        return _session_input(msg, context, session, server_round, call_next)
+    if stage == "consistency":
+        signature = session.consistency(server_round, _in_sum(session, payload, limit))
+        _save_session(context, session)
+        return _reply(msg, {"signature": signature})
+    reveal = session.unmask(
+        server_round,
+        _in_sum(session, payload, limit),
+        _id_map(payload, "signatures", limit, 64),
+        _id_map(payload, "ciphertexts", limit, ROUND_SHARE_CIPHERTEXT_BYTES),
+    )
+    _save_session(context, session)
+    return _reply(msg, {
+        "seed": reveal.self_mask_seed,
+        "shares": {str(p): [i, b] for p, (i, b) in reveal.shares.items()},
+        "pair_seeds": {str(p): b for p, b in reveal.pair_seeds.items()},
+        "bad_senders": reveal.bad_senders,
+    })
+
+
+def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
+    """U3 of a session round, sent as the session members *not* in it (``absent``: O(dropouts)
+    bytes instead of O(n)).
+
+    Raises:
+        ValueError: an absent id that is not a session member.
+    """
+    absent = set(_ids(payload, "absent", limit))
+    if not absent <= set(session.roster):
+        raise ValueError("the absent set names nodes outside the session")
+    return sorted(set(session.roster) - absent)
+
+
+def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
+                  digest: bytes) -> SessionClient | None:
+    saved = _state(context).get(SESSION_STATE)
+    if saved is None:
+        return None
+    session = SessionClient.from_state(codec.decode(bytes(saved)), signing, policy)
+    return session if session_digest(session.context) == digest else None
+
+
+def _save_session(context: Context, session: SessionClient) -> None:
+    _state(context)[SESSION_STATE] = codec.encode(session.to_state())
+
+
+def _session_input(msg: Message, context: Context, session: SessionClient, server_round: int,
+                   call_next: ClientAppCallable) -> Message:
+    global_arrays = _single_global_model(msg)
+    received_hash = model_hash(global_arrays)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    local, metrics, weight, secret_keys = _train_reply(reply, session.context)
+    noise = _distributed_dp_noise(msg, session.context, weight, context.node_config, metrics)
+    out = session.masked_input(
+        server_round, received_hash, flat_update(local, global_arrays), weight,
+        metric_values=[metrics[k] for k in secret_keys], noise=noise,
+        min_inputs=_min_inputs(msg, session.context, noise),
+    )
+    _save_session(context, session)
+    return _reply(
+        msg,
+        {"commitment": out.self_mask_commitment, "clipped": out.clipped,
+         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()}},
+        _masked_content(out.vector, metrics, secret_keys),
+    )
+
+
+def _single_global_model(msg: Message) -> dict[str, np.ndarray]:
+    if len(msg.content.array_records) != 1:
+        raise ProtocolError(
+            f"the masked-input message holds {len(msg.content.array_records)} ArrayRecords, "
+            "exactly one (the announced global model) is accepted: a second record could "
+            "carry an unannounced model to train on"
+        )
+    global_record = next(iter(msg.content.array_records.values()))
+    return {k: v.numpy() for k, v in global_record.items()}
+
+
+def _train_reply(
+    reply: Message, round_context: RoundContext
+) -> tuple[dict[str, np.ndarray], MetricRecord, int, tuple[str, ...]]:
+    """(local arrays, metrics, weight, names of the masked metrics) of a train reply.
+
+    Raises:
+        ValueError: not one ArrayRecord and one MetricRecord, or a metric missing.
+    """
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
+        raise ValueError("the train reply must hold one ArrayRecord and one MetricRecord")
+    local = {k: v.numpy() for k, v in next(iter(reply.content.array_records.values())).items()}
+    metrics = next(iter(reply.content.metric_records.values()))
+    if WEIGHT_KEY not in metrics:
+        raise ValueError(f"the train reply's MetricRecord lacks {WEIGHT_KEY!r}")
+    weight = int(metrics[WEIGHT_KEY])
+    secret_keys = round_context.masked_metrics
+    missing = [k for k in secret_keys if k not in metrics]
+    if missing:
+        raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
+    return local, metrics, weight, secret_keys
+
+
+def _masked_content(vector: np.ndarray, metrics: MetricRecord, secret_keys: tuple[str, ...]) -> RecordDict:
+    plain = MetricRecord(
+        {k: v for k, v in metrics.items() if k != WEIGHT_KEY and k not in secret_keys}
+    )
+    return RecordDict({MASKED_ARRAYS: ArrayRecord(numpy_ndarrays=[vector]), "metrics": plain})
+
+
 MAX_CONTROL_BYTES = 64 * 2**20
 """Largest control payload a client decodes (the roster of 100 000 clients is 17 MB)."""
 
@@ -267,14 +409,7 @@ def _advertise(msg: Message, context: Context, payload: dict, policy: SecAggPoli
 def _masked_input(
     msg: Message, context: Context, client: SecAggClient, payload: dict, call_next: ClientAppCallable
 ) -> Message:
-    if len(msg.content.array_records) != 1:
-        raise ProtocolError(
-            f"the masked-input message holds {len(msg.content.array_records)} ArrayRecords, "
-            "exactly one (the announced global model) is accepted: a second record could "
-            "carry an unannounced model to train on"
-        )
-    global_record = next(iter(msg.content.array_records.values()))
-    global_arrays = {k: v.numpy() for k, v in global_record.items()}
+    global_arrays = _single_global_model(msg)
     received_hash = model_hash(global_arrays)
     if client.context is None or received_hash != client.context.model_hash:
         raise ProtocolError(
@@ -284,17 +419,7 @@ def _masked_input(
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
-        raise ValueError("the train reply must hold one ArrayRecord and one MetricRecord")
-    local = {k: v.numpy() for k, v in next(iter(reply.content.array_records.values())).items()}
-    metrics = next(iter(reply.content.metric_records.values()))
-    if WEIGHT_KEY not in metrics:
-        raise ValueError(f"the train reply's MetricRecord lacks {WEIGHT_KEY!r}")
-    weight = int(metrics[WEIGHT_KEY])
-    secret_keys = client.context.masked_metrics
-    missing = [k for k in secret_keys if k not in metrics]
-    if missing:
-        raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
+    local, metrics, weight, secret_keys = _train_reply(reply, client.context)
     noise = _distributed_dp_noise(msg, client.context, weight, context.node_config, metrics)
     limit = client.policy.max_cohort
     masked, bad, clipped = client.masked_input(
@@ -305,15 +430,23 @@ def _masked_input(
         received_hash,
         metric_values=[metrics[k] for k in secret_keys],
         noise=noise,
+        min_inputs=_min_inputs(msg, client.context, noise),
     )
     _save_client(context, client)
-    plain = MetricRecord(
-        {k: v for k, v in metrics.items() if k != WEIGHT_KEY and k not in secret_keys}
+    return _reply(msg, {"bad_senders": bad, "clipped": clipped},
+                  _masked_content(masked, metrics, secret_keys))
+
+
+def _min_inputs(msg: Message, context: RoundContext, noise: np.ndarray | None) -> int:
+    """With distributed DP noise in the input: the contributors it was scaled for (the
+    client then refuses to sign a smaller survivor set); else 0."""
+    if noise is None:
+        return 0
+    config = next(
+        (r for name, r in msg.content.config_records.items() if name != SECAGG_RECORD), None
     )
-    content = RecordDict(
-        {MASKED_ARRAYS: ArrayRecord(numpy_ndarrays=[masked]), "metrics": plain}
-    )
-    return _reply(msg, {"bad_senders": bad, "clipped": clipped}, content)
+    value = config.get(KEY_MIN_CONTRIBUTORS) if config is not None else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else len(context.cohort)
 
 
 # Distributed DP: the client side (checks against the node's own floors, Skellam noise)

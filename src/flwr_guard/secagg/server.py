@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -468,63 +468,82 @@ class SecAggServer:
         return total[:-1].astype(np.int64), weights
 
     def _reconstruct(self, node: int, kind: str, check) -> bytes:
-        """The secret of ``kind`` of ``node`` from t revealed shares that pass ``check``
-        (the commitment or public key in its advertisement).
-
-        First the first t shares (the honest case: one combination, as before the
-        hardening); if they fail, subsets leaving out one share, then random subsets
-        (at most ``max_reconstruction_attempts``). Once such a subset passes, every
-        other share is tested with t - 1 of the good ones; a revealer whose share gives
-        another secret is excluded (logged).
-
-        Raises:
-            SecAggAborted: fewer than t shares, or no subset tried passes.
-        """
-        t = self._threshold
-        unique: dict[int, tuple[bytes, int]] = {}
-        for index, share, revealer in self.revealed.get(node, {}).get(kind, []):
-            unique.setdefault(index, (share, revealer))
-        items = sorted(unique.items())
-        if len(items) < t:
-            raise SecAggAborted(
-                f"cannot reconstruct the {kind} of node {node}: {len(items)} shares, "
-                f"{t} needed; no aggregate released"
-            )
-
-        def attempt(subset) -> bytes | None:
-            try:
-                secret = crypto.combine_shares([(i, s) for i, (s, _) in subset], t)
-                return secret if check(secret) else None
-            except (crypto.CryptoError, ValueError):
-                return None
-
-        rng = random.Random(node)
-        candidates = itertools.chain(
-            [items[:t]],
-            ([x for j, x in enumerate(items) if j != skip][:t] for skip in range(min(t, len(items)))),
-            (rng.sample(items, t) for _ in range(self.max_reconstruction_attempts)),
+        """The secret of ``kind`` of ``node`` from the revealed shares (see
+        :func:`reconstruct_secret`)."""
+        return reconstruct_secret(
+            self.revealed.get(node, {}).get(kind, []), self._threshold, check,
+            lambda revealer: self._exclude(revealer, f"revealed a wrong {kind} share of node {node}"),
+            f"the {kind} of node {node}",
+            "commitment" if kind == SELF_MASK else "public key",
+            self.max_reconstruction_attempts, node,
         )
-        for tried, subset in enumerate(
-            itertools.islice(candidates, self.max_reconstruction_attempts + len(items) + 1)
-        ):
-            secret = attempt(subset)
-            if secret is None:
-                continue
-            if tried == 0:
-                return secret  # the first t shares are right (the honest case): done
-            good = {i for i, _ in subset}
-            base = list(subset)[: t - 1]
-            for index, (share, revealer) in items:
-                if index in good:
-                    continue
-                if attempt([*base, (index, (share, revealer))]) is None:
-                    self._exclude(revealer, f"revealed a wrong {kind} share of node {node}")
-            return secret
+
+
+def reconstruct_secret(
+    revealed: list[tuple[int, bytes, int]],
+    t: int,
+    check: Callable[[bytes], bool],
+    exclude: Callable[[int], None],
+    what: str,
+    checked_against: str,
+    max_attempts: int = 64,
+    rng_seed: int = 0,
+) -> bytes:
+    """A Shamir-shared secret from t revealed shares that pass ``check`` (a commitment
+    or public key the owner published before).
+
+    Args:
+        revealed: ``(share index, 32-byte share, revealer id)`` triples.
+        t: the reconstruction threshold.
+        check: whether a candidate secret is the right one.
+        exclude: called with the id of each revealer whose share gives another secret.
+        what, checked_against: for the error message.
+
+    First the first t shares (the honest case: one combination); if they fail, subsets
+    leaving out one share, then random subsets (at most ``max_attempts``). Once such a
+    subset passes, every other share is tested with t - 1 of the good ones; a revealer
+    whose share gives another secret is excluded.
+
+    Raises:
+        SecAggAborted: fewer than t shares, or no subset tried passes.
+    """
+    unique: dict[int, tuple[bytes, int]] = {}
+    for index, share, revealer in revealed:
+        unique.setdefault(index, (share, revealer))
+    items = sorted(unique.items())
+    if len(items) < t:
         raise SecAggAborted(
-            f"cannot reconstruct the {kind} of node {node}: no subset of the {len(items)} "
-            f"revealed shares matches its advertised {'commitment' if kind == SELF_MASK else 'public key'}"
-            " (wrong shares); no aggregate released"
+            f"cannot reconstruct {what}: {len(items)} shares, {t} needed; no aggregate released"
         )
 
+    def attempt(subset) -> bytes | None:
+        try:
+            secret = crypto.combine_shares([(i, s) for i, (s, _) in subset], t)
+            return secret if check(secret) else None
+        except (crypto.CryptoError, ValueError):
+            return None
 
-__all__ = ["ProtocolError", "SecAggAborted", "SecAggServer", "StageStats"]
+    rng = random.Random(rng_seed)
+    candidates = itertools.chain(
+        [items[:t]],
+        ([x for j, x in enumerate(items) if j != skip][:t] for skip in range(min(t, len(items)))),
+        (rng.sample(items, t) for _ in range(max_attempts)),
+    )
+    for tried, subset in enumerate(itertools.islice(candidates, max_attempts + len(items) + 1)):
+        secret = attempt(subset)
+        if secret is None:
+            continue
+        if tried == 0:
+            return secret  # the first t shares are right (the honest case): done
+        good = {i for i, _ in subset}
+        base = list(subset)[: t - 1]
+        for index, (share, revealer) in items:
+            if index not in good and attempt([*base, (index, (share, revealer))]) is None:
+                exclude(revealer)
+        return secret
+    raise SecAggAborted(
+        f"cannot reconstruct {what}: no subset of the {len(items)} revealed shares matches "
+        f"its advertised {checked_against} (wrong shares); no aggregate released"
+    )
+
+__all__ = ["ProtocolError", "SecAggAborted", "SecAggServer", "StageStats", "reconstruct_secret"]

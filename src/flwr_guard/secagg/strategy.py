@@ -8,16 +8,19 @@ Usage::
     strategy.start(grid, initial_arrays, num_rounds=...)
 
 The wrapped strategy samples the cohort and builds the train messages as usual
-(``configure_train``). The wrapper then runs the key set-up stages (advertise, roster:
-the clients check every roster entry and reveal their graph nonces, share-keys)
-through the grid,
-sends the train messages with the routed encrypted shares, and, in
-``aggregate_train``, runs the consistency and unmasking stages, removes the masks and
-hands the wrapped strategy **one** reply holding the weighted average of the
-survivors' models (global + mean update) and their total ``num-examples``. FedAvg,
-FedProx and FedAdam (whose server optimiser works on ``aggregate - current``) thus
-behave as without SecAgg+, on an aggregate the server computed without seeing any
-client's update.
+(``configure_train``). With ``multi_round=True`` (the default) the wrapper sets keys up
+once for a cohort (advertise, roster) and, while each round's sampled cohort stays
+within it, sends each round only the train message (the ``masked-input`` stage),
+then, in ``aggregate_train``, the consistency and unmask stages
+(:mod:`flwr_guard.secagg.session`: three messages per client per round). With
+``multi_round=False`` every round runs the per-round protocol: advertise, roster
+(the clients check every roster entry and reveal their graph nonces), share-keys, the
+train messages with the routed encrypted shares, consistency and unmask. Either way
+the wrapper removes the masks and hands the wrapped strategy **one** reply holding the
+weighted average of the survivors' models (global + mean update) and their total
+``num-examples``. FedAvg, FedProx and FedAdam (whose server optimiser works on
+``aggregate - current``) thus behave as without SecAgg+, on an aggregate the server
+computed without seeing any client's update.
 
 Per-stage durations, bytes and dropouts of each round are kept in :attr:`history`
 (for telemetry and the demo summary).
@@ -54,7 +57,7 @@ from flwr_guard.secagg.client import (
     pack_roster,
 )
 from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, WEIGHT_KEY
+from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, UNKNOWN_SESSION, WEIGHT_KEY
 from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
@@ -63,6 +66,7 @@ from flwr_guard.secagg.params import (
 )
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
+from flwr_guard.secagg.session import RoundInput, RoundReveal, SessionServer, pack_open
 from flwr_guard.secagg.transport import send_and_receive
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
@@ -87,6 +91,8 @@ class RoundReport:
     clipped_values: int = 0
     wraparounds: int = 0
     aborted: str | None = None
+    multi_round: bool = False
+    key_setup: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +112,24 @@ def _node_id(key: object) -> int:
     if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
         raise ValueError(f"not a node id: {str(key)[:30]!r}")
     return int(key)
+
+
+def _reveal(payload: dict) -> RoundReveal:
+    """A session round's unmask reply: seed, ``{peer: [index, share]}``, ``{peer: seed}``.
+
+    Raises:
+        ValueError: another shape or type (the server core checks sizes and relations).
+    """
+    shares = {}
+    for key, item in codec.field(payload, "shares", dict).items():
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
+                or isinstance(item[0], bool) or not isinstance(item[1], bytes)):
+            raise ValueError("a revealed share must be [index, bytes]")
+        shares[_node_id(key)] = (item[0], item[1])
+    pair_seeds = {_node_id(k): v for k, v in codec.field(payload, "pair_seeds", dict).items()}
+    bad = codec.field(payload, "bad_senders", list)
+    return RoundReveal(codec.field(payload, "seed", bytes), shares, pair_seeds,
+                       [b for b in bad if isinstance(b, int) and not isinstance(b, bool)][:1000])
 
 
 def _share(item: object) -> tuple[str, int, bytes]:
@@ -183,6 +207,8 @@ class SecAggPlus(StrategyWrapper):
         masked_metrics: Sequence[str] = (),
         corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
         dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
+        multi_round: bool = True,
+        max_session_rounds: int = 100,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -196,8 +222,13 @@ class SecAggPlus(StrategyWrapper):
         self.masked_metrics = tuple(masked_metrics)
         self.corrupt_fraction = corrupt_fraction
         self.dropout_fraction = dropout_fraction
+        if max_session_rounds < 1:
+            raise ValueError(f"max_session_rounds must be >= 1, got {max_session_rounds}")
+        self.multi_round = multi_round
+        self.max_session_rounds = max_session_rounds
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
+        self._session: SessionServer | None = None
 
     def summary(self) -> None:
         logger.info(
@@ -237,6 +268,199 @@ class SecAggPlus(StrategyWrapper):
         report.stage_seconds[stage] = round(time.monotonic() - started, 4)
         return good
 
+
+    def _context(
+        self, grid: Grid, server_round: int, cohort: list[int], global_arrays: dict[str, np.ndarray],
+        report: RoundReport, multi_round: bool,
+    ) -> RoundContext:
+        """The round (or session set-up) context; raises SecAggAborted below 2 clients."""
+        if len(cohort) < 2:
+            raise SecAggAborted(f"SecAgg+ needs at least 2 clients, {len(cohort)} sampled")
+        params = SecAggParams.for_cohort(
+            len(cohort), self.num_shares, self.reconstruction_threshold,
+            self.clipping_range, self.quantization_range, self.max_weight,
+            corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction,
+        )
+        report.num_shares = params.num_shares
+        report.reconstruction_threshold = params.reconstruction_threshold
+        report.modulus_bits = params.modulus_bits
+        return RoundContext(
+            grid.run.run_id, server_round, tuple(cohort), params,
+            num_values(global_arrays) + len(self.masked_metrics) + 1,
+            model_hash(global_arrays), self.masked_metrics, multi_round=multi_round,
+        )
+
+    def _key_setup(self, grid: Grid, report: RoundReport, context: RoundContext, server_round: int) -> SecAggServer:
+        """Advertise and roster stages: U1's signed keys, then every member's graph nonce.
+
+        Raises:
+            SecAggAborted: too few clients, or a member that did not reveal its nonce.
+        """
+        cohort = list(context.cohort)
+        server = SecAggServer(context)
+        replies = self._exchange(
+            grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
+        )
+        ads = {}
+        for node, reply in replies.items():
+            try:
+                ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
+            except (ProtocolError, ValueError, KeyError, TypeError) as err:
+                logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
+        # The roster of U1 (168 bytes per client) fixes who is in; then each client
+        # reveals the graph nonce it committed to, and the graph follows from all.
+        roster = server.receive_advertisements(ads)
+        packed = pack_roster(roster)
+        replies = self._exchange(
+            grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
+        )
+        nonces = {}
+        for node, reply in replies.items():
+            try:
+                nonces[node] = codec.field(self._decoded(reply), "nonce", bytes)
+            except (ValueError, KeyError, TypeError) as err:
+                logger.warning("SecAgg+: malformed nonce from %s: %s", node, err)
+        server.receive_nonces(nonces)
+        return server
+
+    # -- multi-round sessions ----------------------------------------------------------
+    def _session_usable(self, cohort: list[int], vector_length: int) -> str | None:
+        """Why the current session cannot serve this round (``None``: it can)."""
+        session = self._session
+        if session is None:
+            return "no session yet"
+        if not set(cohort) <= set(session.cohort):
+            return f"{len(set(cohort) - set(session.cohort))} sampled nodes are not in the session"
+        if session.rounds >= self.max_session_rounds:
+            return f"the session ran its {self.max_session_rounds} rounds"
+        if session.context.vector_length != vector_length:
+            return "the model size changed"
+        return None
+
+    def _configure_session(
+        self, server_round: int, messages: list[Message], cohort: list[int],
+        global_arrays: dict[str, np.ndarray], grid: Grid, report: RoundReport,
+    ) -> list[Message]:
+        report.multi_round = True
+        vector_length = num_values(global_arrays) + len(self.masked_metrics) + 1
+        why = self._session_usable(cohort, vector_length)
+        report.key_setup = why is not None
+        try:
+            if why is not None:
+                logger.info("SecAgg+ round %d: setting keys up (%s)", server_round, why)
+                self._session = None
+                context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=True)
+                setup = self._key_setup(grid, report, context, server_round)
+                lost = setup.stats.dropouts()
+                report.dropouts = {stage: lost[stage] for stage in ("advertise", "roster")}
+                self._session = SessionServer(setup)
+            session = self._session
+            assert session is not None
+            params = session.context.params
+            report.num_shares = params.num_shares
+            report.reconstruction_threshold = params.reconstruction_threshold
+            report.modulus_bits = params.modulus_bits
+            asked = [n for n in cohort if n in session.graph]
+            session.start_round(server_round, model_hash(global_arrays), asked)
+        except SecAggAborted as err:
+            self._abort(report, err)
+            return []
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        out = []
+        for node in asked:
+            content = RecordDict(dict(by_node[node].content.items()))
+            payload: dict[str, Any] = {"session": session.digest, "round": server_round}
+            if node not in session.opened:
+                payload["open"] = pack_open(session.open_payload(node))
+            content[SECAGG_RECORD] = ConfigRecord(
+                {"stage": "masked-input", "server-round": server_round, "payload": codec.encode(payload)}
+            )
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
+        self._round = {"session": session, "grid": grid, "arrays": global_arrays, "report": report,
+                       "started": time.monotonic()}
+        return out
+
+    def _aggregate_session(
+        self, server_round: int, state: dict[str, Any], replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        session: SessionServer = state["session"]
+        report: RoundReport = state["report"]
+        grid: Grid = state["grid"]
+        report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
+        base: dict[str, Any] = {"session": session.digest, "round": server_round}
+        try:
+            inputs, metrics = self._collect_session_inputs(session, report, replies)
+            survivors = session.receive_masked_inputs(inputs)
+            # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
+            base["absent"] = sorted(set(session.cohort) - set(survivors))
+            replies4 = self._exchange(
+                grid, report, "consistency", {n: base for n in survivors}, server_round,
+            )
+            signatures = {}
+            for node, reply in replies4.items():
+                try:
+                    signatures[node] = codec.field(self._decoded(reply), "signature", bytes)
+                except (ValueError, KeyError, TypeError) as err:
+                    logger.warning("SecAgg+: malformed signature from %s: %s", node, err)
+            requests = {}
+            for node in session.receive_signatures(signatures):
+                sigs, cts = session.unmask_request(node)
+                requests[node] = {**base,
+                                  "signatures": {str(k): v for k, v in sigs.items()},
+                                  "ciphertexts": {str(k): v for k, v in cts.items()}}
+            replies5 = self._exchange(grid, report, "unmask", requests, server_round)
+            reveals = {}
+            for node, reply in replies5.items():
+                try:
+                    reveals[node] = _reveal(self._decoded(reply))
+                except (ValueError, KeyError, TypeError) as err:
+                    logger.warning("SecAgg+: malformed unmask reply from %s: %s", node, err)
+            session.receive_unmask(reveals)
+            started = time.monotonic()
+            total, weight = session.aggregate()
+            report.stage_seconds["unmask-compute"] = round(time.monotonic() - started, 4)
+        except SecAggAborted as err:
+            self._abort(report, err)
+            return None, None
+        finally:
+            report.dropouts = {**report.dropouts, **session.stats.dropouts()}
+            report.excluded = {str(k): v for k, v in session.stats.excluded.items()}
+        return self._release(server_round, state["arrays"], report, session.context, total, weight,
+                             survivors, metrics)
+
+    def _collect_session_inputs(
+        self, session: SessionServer, report: RoundReport, replies: list[Message]
+    ) -> tuple[dict[int, RoundInput], dict[int, MetricRecord]]:
+        inputs: dict[int, RoundInput] = {}
+        metrics: dict[int, MetricRecord] = {}
+        size = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("SecAgg+ masked-input: node %s failed: %s", node, reply.error.reason)
+                if UNKNOWN_SESSION in reply.error.reason:
+                    session.rounds = self.max_session_rounds  # re-key next round
+                continue
+            try:
+                (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
+                meta = self._decoded(reply)
+                raw = codec.field(meta, "ciphertexts", dict)
+                clipped = meta.get("clipped", 0)
+                if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped >= 0:
+                    report.clipped_values += clipped
+                inputs[node] = RoundInput(
+                    vector, codec.field(meta, "commitment", bytes),
+                    {_node_id(k): v for k, v in raw.items()}, 0,
+                )
+                size += _payload_bytes(reply)
+            except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
+                logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
+                continue
+            metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
+        report.bytes_from_clients["masked-input"] = size
+        return inputs, metrics
+
     @staticmethod
     def _decoded(reply: Message) -> dict:
         """The reply's control payload; checked to be bytes of bounded size before
@@ -254,7 +478,8 @@ class SecAggPlus(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample with the wrapped strategy, then run the advertise and share-keys stages."""
+        """Sample with the wrapped strategy, then set keys up (every round, or once per
+        session) and return the train messages with their SecAgg+ instructions."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._round = None
         report = RoundReport(server_round)
@@ -264,46 +489,12 @@ class SecAggPlus(StrategyWrapper):
         cohort = sorted({m.metadata.dst_node_id for m in messages})
         global_arrays = {k: v.numpy() for k, v in arrays.items()}
         report.cohort = len(cohort)
+        if self.multi_round:
+            return self._configure_session(server_round, messages, cohort, global_arrays, grid, report)
         try:
-            if len(cohort) < 2:
-                raise SecAggAborted(f"SecAgg+ needs at least 2 clients, {len(cohort)} sampled")
-            params = SecAggParams.for_cohort(
-                len(cohort), self.num_shares, self.reconstruction_threshold,
-                self.clipping_range, self.quantization_range, self.max_weight,
-                corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction,
-            )
-            context = RoundContext(
-                grid.run.run_id, server_round, tuple(cohort), params,
-                num_values(global_arrays) + len(self.masked_metrics) + 1,
-                model_hash(global_arrays), self.masked_metrics,
-            )
-            report.num_shares = params.num_shares
-            report.reconstruction_threshold = params.reconstruction_threshold
-            report.modulus_bits = params.modulus_bits
-            server = SecAggServer(context)
-            replies = self._exchange(
-                grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
-            )
-            ads = {}
-            for node, reply in replies.items():
-                try:
-                    ads[node] = Advertisement.from_dict(codec.field(self._decoded(reply), "advertisement", dict))
-                except (ProtocolError, ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed advertisement from %s: %s", node, err)
-            # The roster of U1 (168 bytes per client) fixes who is in; then each client
-            # reveals the graph nonce it committed to, and the graph follows from all.
-            roster = server.receive_advertisements(ads)
-            packed = pack_roster(roster)
-            replies = self._exchange(
-                grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
-            )
-            nonces = {}
-            for node, reply in replies.items():
-                try:
-                    nonces[node] = codec.field(self._decoded(reply), "nonce", bytes)
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("SecAgg+: malformed nonce from %s: %s", node, err)
-            packed_nonces = pack_nonces(server.receive_nonces(nonces))
+            context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=False)
+            server = self._key_setup(grid, report, context, server_round)
+            packed_nonces = pack_nonces(server.nonces)
             # O(k) part per client (its neighbours' advertisements) + U1's nonces.
             replies = self._exchange(
                 grid, report, "share-keys",
@@ -354,6 +545,8 @@ class SecAggPlus(StrategyWrapper):
         replies = list(replies)
         if state is None:
             return None, None
+        if "session" in state:
+            return self._aggregate_session(server_round, state, replies)
         server: SecAggServer = state["server"]
         report: RoundReport = state["report"]
         grid: Grid = state["grid"]
@@ -395,7 +588,16 @@ class SecAggPlus(StrategyWrapper):
         finally:
             report.dropouts = server.stats.dropouts()
             report.excluded = {str(k): v for k, v in server.stats.excluded.items()}
-        params, d = server.context.params, server.context.update_length
+        return self._release(server_round, state["arrays"], report, server.context, total, weight,
+                             active, metrics)
+
+    def _release(
+        self, server_round: int, global_arrays: dict[str, np.ndarray], report: RoundReport,
+        context: RoundContext, total: np.ndarray, weight: int, active: list[int],
+        metrics: dict[int, MetricRecord],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Hand the wrapped strategy one reply: the survivors' weighted average model."""
+        params, d = context.params, context.update_length
         # Lift the update's sum around its middle: distributed-DP noise may take it
         # below 0 or above W L (the identity on [0, W L] otherwise).
         lifted, wraparounds = centered_lift(
@@ -406,7 +608,7 @@ class SecAggPlus(StrategyWrapper):
             logger.warning("SecAgg+ round %d: %d coordinates wrapped around the modulus",
                            server_round, wraparounds)
         mean_update = dequantize_mean(lifted, weight, params.clipping_range, params.quantization_range)
-        aggregate = apply_flat_update(state["arrays"], mean_update)
+        aggregate = apply_flat_update(global_arrays, mean_update)
         report.survivors = len(active)
         plain = self._plain_metrics([metrics[n] for n in active if n in metrics])
         plain.update({k: float(v) for k, v in zip(self.masked_metrics, total[d:], strict=True)})

@@ -101,6 +101,9 @@ FAMILIES: tuple[Family, ...] = (
        "t of the last SecAgg+ round: the fewest clients a stage may keep."),
     _f("secagg_num_shares", "gauge", "clients", (),
        "k of the last SecAgg+ round: neighbours holding shares of each client's secrets."),
+    _f("secagg_key_setups_total", "counter", "set-ups", (),
+       "SecAgg+ key set-ups (advertise and roster stages): every round without multi-round "
+       "sessions, the first round of each session with them."),
     _f("secagg_clipped_values_total", "counter", "coordinates", (),
        "Update coordinates clipped to the SecAgg+ clipping range before quantisation."),
     _f("modular_wraparounds_total", "counter", "coordinates", (),

@@ -181,6 +181,9 @@ class TelemetryRecorder:
             if report.get(field):
                 self._labels(family).set(int(report[field]))
         self._labels("secagg_clipped_values").inc(max(int(report.get("clipped_values", 0)), 0))
+        setups = self._labels("secagg_key_setups")  # exported from the first round on
+        if report.get("key_setup", True):
+            setups.inc()
         # SecAgg+ picks its modulus so that the weighted sum cannot wrap (SecAggParams);
         # a report that counts wrap-arounds (distributed DP noise) adds them.
         self._labels("modular_wraparounds").inc(max(int(report.get("wraparounds", 0) or 0), 0))

@@ -1,0 +1,656 @@
+"""Multi-round SecAgg+: keys set up once per cohort, three messages per round (no Flower imports).
+
+For a stable cohort (the cross-silo case: the same nodes every round) the key set-up of
+SecAgg+ is the same work every round. A *session* runs it once and then aggregates
+many rounds with one masked input, one consistency signature and one reveal per client
+per round. The design follows the set-up-once idea of Flamingo (Ma et al., "Flamingo:
+Multi-Round Single-Server Secure Aggregation with Applications to Private Federated
+Learning", IEEE S&P 2023, section 3); docs/secagg.md compares the two and gives the
+security argument.
+
+Set-up (once; the stages of :mod:`flwr_guard.secagg.client`, under a round context with
+``multi_round=True``, so its signatures never verify for a per-round round):
+
+1. advertise: X25519 keys for share encryption and for masks, a committed graph nonce,
+   signed with the long-term Ed25519 key (policy checks as per round);
+2. roster: every entry verified against the federation roster, nonces revealed;
+3. the first round's input message carries the nonces and the neighbours'
+   advertisements: :meth:`SessionClient.open` checks them, derives the graph (nobody
+   chooses it) and, per neighbour ``v``, a share-encryption key and a **pair key**
+   ``K_uv`` (X25519 + HKDF, labelled for the session). The X25519 private keys are then
+   erased: nothing of the set-up is ever revealed, so dropouts never force a re-key.
+
+Each round ``r`` of the session (:class:`SessionRound`, bound to the session digest,
+the round number and the hash of the model the client received):
+
+4. input: the client masks ``w * q(update)`` with a **fresh** self mask ``PRG(b_u^r)``
+   and, for every neighbour, ``+-PRG(HKDF(K_uv, round digest))``; it sends the masked
+   vector, a commitment to ``b_u^r`` and Shamir shares of ``b_u^r`` (threshold t), each
+   encrypted for its neighbour under the share-encryption key with the round digest in
+   the associated data. A second input for the same or an earlier round is refused.
+5. consistency: the client signs U3 (whose inputs are in the sum), bound to the round
+   digest, the roster digest and the graph seed; one set per round.
+6. unmask: after checking ``t`` neighbours' signatures on that U3 (its own not
+   counted), the client reveals its **own** ``b_u^r`` (the server then reconstructs
+   only for clients that dropped late), the shares of ``b_v^r`` of its active
+   neighbours (for those late droppers), and, for each neighbour out of U3, the pair's
+   mask seed **of this round only**. It never reveals both for one peer in one round.
+
+What this buys and costs (docs/secagg.md, "Multi-round sessions"): a round is three
+messages, not six; per round no X25519 agreement and no share of a long-term secret.
+A dropped client's key material stays secret (only its round-r pair seeds are
+revealed, which mask nothing in any other round), so it rejoins the next round without
+a re-key. The price: a client that drops between its input and its reveal while a
+neighbour of it is out of U3 sinks the round (its pair seed with that neighbour is
+known only to the two of them); the round then releases nothing and the next one runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flwr_guard.secagg import crypto, prg
+from flwr_guard.secagg.client import (
+    Advertisement,
+    RosterEntry,
+    SecAggClient,
+    check_min_inputs,
+    commit_self_mask,
+    count_neighbour_signatures,
+    encode_input,
+    pack_advertisements,
+    pack_nonces,
+    pack_roster,
+    pairwise_sign,
+    roster_digest,
+    unpack_roster,
+)
+from flwr_guard.secagg.context import RoundContext, ids_bytes
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
+from flwr_guard.secagg.server import SecAggAborted, SecAggServer, StageStats, reconstruct_secret
+
+ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
+ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
+
+
+def session_digest(context: RoundContext) -> bytes:
+    """The digest every per-round value of a session is bound to (its set-up context)."""
+    return crypto.transcript(b"session", context.digest())
+
+
+@dataclass(frozen=True)
+class SessionRound:
+    """One round of a session, as a client sees it.
+
+    Attributes:
+        session: :func:`session_digest` of the set-up context.
+        server_round: the round number (strictly increasing within a session).
+        model_hash: SHA-256 of the global model this client received
+            (:func:`flwr_guard.secagg.model_hash`); clients shown different models
+            derive different digests, so their signatures do not verify for each other.
+    """
+
+    session: bytes
+    server_round: int
+    model_hash: bytes
+
+    def digest(self) -> bytes:
+        return crypto.transcript(
+            b"session-round", self.session, struct.pack(">Q", self.server_round), self.model_hash
+        )
+
+
+def round_pair_seed(pair_key: bytes, round_digest: bytes) -> bytes:
+    """The pair's mask seed for one round: HKDF-SHA256 of the pair key, salted with the
+    round digest. Seeds of different rounds are independent for whoever lacks the key,
+    so revealing one (its owner dropped) unmasks nothing in another round."""
+    return crypto.derive(pair_key, round_digest, b"session-pairwise-mask")
+
+
+def round_share_aad(round_digest: bytes, sender: int, recipient: int) -> bytes:
+    return crypto.transcript(b"session-share", round_digest, struct.pack(">QQ", sender, recipient))
+
+
+def session_consistency_payload(round_digest: bytes, roster: bytes, seed: bytes, survivors: Sequence[int]) -> bytes:
+    """What a client signs in a session round's consistency stage."""
+    return crypto.transcript(b"session-consistency", round_digest, roster, seed, ids_bytes(survivors))
+
+
+@dataclass
+class RoundInput:
+    """A client's reply to a session round's input message.
+
+    Attributes:
+        vector: the masked vector, uint32/uint64 of length ``vector_length``.
+        self_mask_commitment: SHA-256 commitment to this round's self-mask seed.
+        ciphertexts: neighbour id -> the encrypted share of the self-mask seed it holds.
+        clipped: coordinates clipped to ``[-r, r]``.
+    """
+
+    vector: np.ndarray
+    self_mask_commitment: bytes
+    ciphertexts: dict[int, bytes]
+    clipped: int
+
+
+@dataclass
+class RoundReveal:
+    """A client's unmask reply: its own self-mask seed, the shares it holds of its
+    active neighbours' seeds (``peer -> (index, 32 bytes)``), the round's pair seeds
+    with its neighbours out of U3, and the active neighbours whose share did not open."""
+
+    self_mask_seed: bytes
+    shares: dict[int, tuple[int, bytes]]
+    pair_seeds: dict[int, bytes]
+    bad_senders: list[int]
+
+
+@dataclass
+class SessionClient:
+    """One client's state in a multi-round session; survives process restarts via
+    :meth:`to_state` / :meth:`from_state`.
+
+    Secrets and their lifetimes: the pair keys and share-encryption keys (one of each
+    per neighbour) for the session; the round's self-mask seed from its input until its
+    reveal. The X25519 private keys of the set-up are erased by :meth:`open`.
+    """
+
+    node_id: int
+    signing_secret: bytes
+    policy: SecAggPolicy
+    context: RoundContext
+    roster: dict[int, RosterEntry]
+    roster_hash: bytes
+    seed: bytes
+    neighbour_ids: list[int]
+    share_keys: dict[int, bytes] = field(default_factory=dict)
+    pair_keys: dict[int, bytes] = field(default_factory=dict)
+    last_round: int = -1
+    round: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls, setup: SecAggClient, advertisements: Sequence[Advertisement], nonces: Mapping[int, bytes]
+    ) -> SessionClient:
+        """Open the session after the roster stage of a ``multi_round`` set-up.
+
+        Raises:
+            ProtocolError: the set-up is not a multi-round one or not past its roster
+                stage, a nonce or advertisement does not check
+                (:meth:`SecAggClient.verify_graph`), or a neighbour's X25519 key is
+                invalid.
+        """
+        context = setup._require_context()
+        if not context.multi_round:
+            raise ProtocolError("a per-round SecAgg+ set-up cannot open a multi-round session")
+        if not setup.roster or not setup.encryption_secret or not setup.mask_secret:
+            raise ProtocolError("the session was already opened, or its roster stage did not run")
+        seed, neighbour_ids, by_id = setup.verify_graph(advertisements, nonces)
+        salt = session_digest(context)
+        share_keys, pair_keys = {}, {}
+        for peer in neighbour_ids:
+            try:
+                share_keys[peer] = crypto.agree(
+                    setup.encryption_secret, by_id[peer].encryption_key, salt, b"session-share-encryption"
+                )
+                pair_keys[peer] = crypto.agree(
+                    setup.mask_secret, by_id[peer].mask_key, salt, b"session-pair-key"
+                )
+            except crypto.CryptoError as err:
+                raise ProtocolError(f"node {peer} advertised an invalid X25519 key") from err
+        setup.encryption_secret = setup.mask_secret = b""  # only the derived keys stay
+        return cls(
+            node_id=setup.node_id, signing_secret=setup.signing_secret, policy=setup.policy,
+            context=context, roster=dict(setup.roster), roster_hash=setup.roster_hash,
+            seed=seed, neighbour_ids=list(neighbour_ids), share_keys=share_keys, pair_keys=pair_keys,
+        )
+
+    @property
+    def threshold(self) -> int:
+        return self.context.params.reconstruction_threshold
+
+    def _round(self, server_round: int, stage: str) -> dict[str, Any]:
+        if self.round.get("server_round") != server_round:
+            raise ProtocolError(f"{stage} for round {server_round}, which this client has no input for")
+        return self.round
+
+    # -- input -------------------------------------------------------------------------
+    def masked_input(
+        self,
+        server_round: int,
+        received_model_hash: bytes,
+        update: np.ndarray,
+        weight: int,
+        rng: np.random.Generator | None = None,
+        metric_values: Sequence[int] = (),
+        noise: np.ndarray | None = None,
+        min_inputs: int = 0,
+    ) -> RoundInput:
+        """Mask this round's weighted, quantised update (stage 4 of the module docstring).
+
+        Args:
+            server_round: the round; must exceed every round this client sent an input for.
+            received_model_hash: hash of the global model this client trains from.
+            update, weight, metric_values, noise: as :func:`~flwr_guard.secagg.client.encode_input`.
+            min_inputs: the fewest inputs this client lets into the unmasked sum (with
+                distributed DP: the contributors its noise share was scaled for).
+
+        Raises:
+            ProtocolError: a round not after the last one (a second input under the
+                same masks would reveal the difference of two inputs).
+            ValueError: as :func:`~flwr_guard.secagg.client.encode_input`.
+        """
+        if not isinstance(server_round, int) or server_round <= self.last_round:
+            raise ProtocolError(
+                f"input for round {server_round} refused: this client already sent the input "
+                f"of round {self.last_round} of this session (replayed or rewound round)"
+            )
+        params = self.context.params
+        vector, clipped = encode_input(self.context, update, weight, metric_values, noise, rng)
+        digest = SessionRound(session_digest(self.context), server_round, received_model_hash).digest()
+        self_mask_seed = crypto.random_secret()
+        shares = crypto.share_secret(self_mask_seed, self.threshold, len(self.neighbour_ids))
+        ciphertexts = {
+            peer: crypto.encrypt(
+                self.share_keys[peer], struct.pack(">H", index) + share,
+                round_share_aad(digest, self.node_id, peer),
+            )
+            for peer, (index, share) in zip(self.neighbour_ids, shares, strict=True)
+        }
+        length = self.context.vector_length
+        vector += prg.expand(self_mask_seed, length, params.modulus_bits)
+        for peer in self.neighbour_ids:
+            mask = prg.expand(round_pair_seed(self.pair_keys[peer], digest), length, params.modulus_bits)
+            if pairwise_sign(self.node_id, peer) > 0:
+                vector += mask
+            else:
+                vector -= mask
+        self.last_round = server_round
+        self.round = {"server_round": server_round, "digest": digest,
+                      "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
+                      "min_inputs": int(min_inputs)}
+        return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped)
+
+    # -- consistency ------------------------------------------------------------------
+    def consistency(self, server_round: int, survivors: Sequence[int]) -> bytes:
+        """Sign U3 of this round.
+
+        Raises:
+            ProtocolError: no input of this client for the round, U3 outside the
+                session's roster or without this client, fewer than t of its
+                neighbours in U3, U3 smaller than the policy's ``min_cohort``, or a
+                second, different U3 for the round.
+        """
+        state = self._round(server_round, "consistency")
+        u3 = sorted(set(survivors))
+        if not set(u3) <= set(self.roster) or self.node_id not in u3:
+            raise ProtocolError("the survivor set is not within the session's cohort, or omits this client")
+        if len(u3) < self.policy.min_cohort:
+            raise PolicyViolation(
+                f"{len(u3)} inputs in the sum, this client's policy needs at least {self.policy.min_cohort}"
+            )
+        check_min_inputs(len(u3), int(state.get("min_inputs", 0)))
+        active = [v for v in self.neighbour_ids if v in set(u3)]
+        if len(active) < self.threshold:
+            raise ProtocolError(
+                f"{len(active)} of this client's neighbours are in the sum, reconstruction "
+                f"threshold {self.threshold}"
+            )
+        if state["signed"] is not None and state["signed"] != u3:
+            raise ProtocolError("asked to sign a second, different survivor set")
+        state["signed"] = u3
+        return crypto.sign(
+            self.signing_secret,
+            session_consistency_payload(state["digest"], self.roster_hash, self.seed, u3),
+        )
+
+    # -- unmask -----------------------------------------------------------------------
+    def unmask(
+        self,
+        server_round: int,
+        active: Sequence[int],
+        signatures: Mapping[int, bytes],
+        ciphertexts: Mapping[int, bytes],
+    ) -> RoundReveal:
+        """Reveal this round's secrets (stage 6 of the module docstring).
+
+        Args:
+            active: U3, as signed in :meth:`consistency`.
+            signatures: signer -> consistency signature (its neighbours' at least).
+            ciphertexts: active neighbour -> the share of its self-mask seed it
+                encrypted for this client (routed by the server).
+
+        Raises:
+            ProtocolError: ``active`` is not the set this client signed, a signature
+                from a node that is not active or that does not verify, fewer than t
+                valid neighbours' signatures, or a second reveal for the round.
+        """
+        state = self._round(server_round, "unmask")
+        active_set = set(active)
+        if state["signed"] is None or sorted(active_set) != state["signed"]:
+            raise ProtocolError("the active set differs from the survivor set this client signed")
+        if state["revealed"]:
+            raise ProtocolError(f"round {server_round} was already unmasked by this client")
+        digest = state["digest"]
+        payload = session_consistency_payload(digest, self.roster_hash, self.seed, sorted(active_set))
+        valid = count_neighbour_signatures(
+            self.node_id, self.neighbour_ids, self.roster, active_set, payload, signatures
+        )
+        if valid < self.threshold:
+            raise ProtocolError(
+                f"{valid} valid consistency signatures from neighbours (its own not counted), "
+                f"{self.threshold} needed"
+            )
+        if not isinstance(ciphertexts, Mapping):
+            raise ProtocolError("ciphertexts must be a mapping of sender id to bytes")
+        graph = neighbours(list(self.roster), self.context.params.num_shares, self.seed)
+        shares: dict[int, tuple[int, bytes]] = {}
+        bad: list[int] = []
+        pair_seeds: dict[int, bytes] = {}
+        for peer in self.neighbour_ids:
+            if peer in active_set:
+                share = self._open_share(peer, ciphertexts.get(peer), digest)
+                if share is None or share[0] != graph[peer].index(self.node_id) + 1:
+                    bad.append(peer)
+                else:
+                    shares[peer] = share
+            else:
+                pair_seeds[peer] = round_pair_seed(self.pair_keys[peer], digest)
+        state["revealed"] = True
+        seed, state["self_mask_seed"] = state["self_mask_seed"], b""
+        return RoundReveal(seed, shares, pair_seeds, bad)
+
+    def _open_share(self, sender: int, blob: Any, digest: bytes) -> tuple[int, bytes] | None:
+        if not isinstance(blob, bytes) or len(blob) != ROUND_SHARE_CIPHERTEXT_BYTES:
+            return None
+        try:
+            plaintext = crypto.decrypt(self.share_keys[sender], blob, round_share_aad(digest, sender, self.node_id))
+        except crypto.CryptoError:
+            return None
+        (index,) = struct.unpack(">H", plaintext[:2])
+        return index, plaintext[2:]
+
+    # -- persistence ------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """A dict of JSON values and bytes (see :mod:`flwr_guard.secagg.codec`)."""
+        return {
+            "node_id": self.node_id,
+            "context": self.context.to_dict(),
+            "roster": pack_roster(self.roster.values()),
+            "seed": self.seed,
+            "neighbour_ids": self.neighbour_ids,
+            "share_keys": [[p, k] for p, k in self.share_keys.items()],
+            "pair_keys": [[p, k] for p, k in self.pair_keys.items()],
+            "last_round": self.last_round,
+            "round": self.round,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], signing_secret: bytes, policy: SecAggPolicy) -> SessionClient:
+        """Inverse of :meth:`to_state` (the node's own storage).
+
+        Raises:
+            ProtocolError: the state is not one :meth:`to_state` wrote.
+        """
+        try:
+            roster = {e.node_id: e for e in unpack_roster(state["roster"])}
+            return cls(
+                node_id=int(state["node_id"]), signing_secret=signing_secret, policy=policy,
+                context=RoundContext.from_dict(state["context"]), roster=roster,
+                roster_hash=roster_digest(roster.values()), seed=bytes(state["seed"]),
+                neighbour_ids=[int(i) for i in state["neighbour_ids"]],
+                share_keys={int(p): bytes(k) for p, k in state["share_keys"]},
+                pair_keys={int(p): bytes(k) for p, k in state["pair_keys"]},
+                last_round=int(state["last_round"]), round=dict(state["round"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProtocolError(f"the saved SecAgg+ session is unreadable: {err}") from err
+
+
+@dataclass
+class RoundStats(StageStats):
+    """Who took part in a session round: ``sampled`` asked, ``masked`` in the sum,
+    ``signed``, ``unmasked``; ``excluded`` with reasons."""
+
+    def dropouts(self) -> dict[str, int]:
+        return {
+            "masked-input": self.sampled - len(self.masked),
+            "consistency": len(self.masked) - len(self.signed),
+            "unmask": len(self.signed) - len(self.unmasked),
+        }
+
+
+class SessionServer:
+    """Server state of a multi-round session, opened from a set-up's
+    :class:`~flwr_guard.secagg.server.SecAggServer` after :meth:`receive_nonces`.
+
+    The session's cohort is U1 of the set-up (every member that revealed its nonce);
+    a round may ask any subset of it (the others count as dropped for that round).
+    """
+
+    def __init__(self, setup: SecAggServer) -> None:
+        if not setup.context.multi_round or not setup.graph:
+            raise ValueError("a session opens from a multi-round set-up past its roster stage")
+        self.context = setup.context
+        self.advertisements = dict(setup.advertisements)
+        self.nonces = dict(setup.nonces)
+        self.roster_hash, self.seed, self.graph = setup.roster_hash, setup.seed, dict(setup.graph)
+        self.cohort = sorted(self.advertisements)
+        self.digest = session_digest(self.context)
+        self.opened: set[int] = set()  # nodes that took part in a round (session open there)
+        self.rounds = 0
+        self._threshold = self.context.params.reconstruction_threshold
+        self.max_reconstruction_attempts = 64
+        self.start_round(0, b"\0" * 32, [])
+
+    def open_payload(self, node: int) -> dict[str, Any]:
+        """What ``node`` needs to open the session: every nonce, its neighbours' ads."""
+        return {"nonces": self.nonces, "advertisements": [self.advertisements[v] for v in self.graph[node]]}
+
+    # -- one round --------------------------------------------------------------------
+    def start_round(self, server_round: int, model_hash: bytes, asked: Sequence[int]) -> None:
+        """Reset the per-round state for ``server_round`` (the model sent to all)."""
+        self.server_round = server_round
+        self.round_digest = SessionRound(self.digest, server_round, model_hash).digest()
+        self.stats = RoundStats(sampled=len(asked))
+        self.commitments: dict[int, bytes] = {}
+        self.ciphertexts: dict[int, dict[int, bytes]] = {}
+        self.masked_sum: np.ndarray | None = None
+        self.vectors: dict[int, np.ndarray] = {}
+        self.signatures: dict[int, bytes] = {}
+        self.reveals: dict[int, RoundReveal] = {}
+
+    def _exclude(self, node: int, reason: str) -> None:
+        SecAggServer._exclude(self, node, reason)  # same log, same stats
+
+    def _require(self, count: int, stage: str) -> None:
+        SecAggServer._require(self, count, stage)
+
+    def receive_masked_inputs(self, replies: Mapping[int, Any]) -> list[int]:
+        """Check and sum the round's inputs; return U3.
+
+        A reply must be a :class:`RoundInput` from a session member with a vector of
+        the session's dtype and length, a 32-byte commitment and one ciphertext of the
+        one valid size per neighbour. Members with fewer than t neighbours in the sum
+        are dropped from it (they could not check the consistency signatures), until
+        every member of U3 has t.
+
+        Raises:
+            SecAggAborted: fewer than t inputs left.
+        """
+        self.rounds += 1
+        dtype = prg.mask_dtype(self.context.params.modulus_bits)
+        for node, reply in replies.items():
+            if node not in self.graph:
+                self._exclude(node, "input from a node outside the session")
+                continue
+            if (
+                not isinstance(reply, RoundInput)
+                or not isinstance(reply.vector, np.ndarray)
+                or reply.vector.dtype != dtype
+                or reply.vector.shape != (self.context.vector_length,)
+                or not isinstance(reply.self_mask_commitment, bytes)
+                or len(reply.self_mask_commitment) != 32
+                or not isinstance(reply.ciphertexts, Mapping)
+                or sorted(reply.ciphertexts) != self.graph[node]
+                or not all(isinstance(c, bytes) and len(c) == ROUND_SHARE_CIPHERTEXT_BYTES
+                           for c in reply.ciphertexts.values())
+            ):
+                self._exclude(node, "malformed session input")
+                continue
+            self.vectors[node] = reply.vector
+            self.commitments[node] = reply.self_mask_commitment
+            self.ciphertexts[node] = dict(reply.ciphertexts)
+        members = set(self.vectors)
+        while True:
+            short = {u for u in members if sum(v in members for v in self.graph[u]) < self._threshold}
+            if not short:
+                break
+            for u in short:
+                self._exclude(u, "fewer than t of its neighbours sent an input this round")
+            members -= short
+        self.stats.masked = sorted(members)
+        self.opened.update(members)
+        self._require(len(members), "masked-input")
+        total = np.zeros(self.context.vector_length, dtype=dtype)
+        for node in members:
+            total += self.vectors[node]
+        self.masked_sum = total
+        return self.stats.masked
+
+    def receive_signatures(self, replies: Mapping[int, bytes]) -> list[int]:
+        """Keep the consistency signatures of U3 that verify; return the signers."""
+        payload = session_consistency_payload(self.round_digest, self.roster_hash, self.seed, self.stats.masked)
+        for node, signature in replies.items():
+            if node not in self.stats.masked:
+                continue
+            try:
+                if not isinstance(signature, bytes) or len(signature) != 64:
+                    raise crypto.CryptoError("malformed")
+                crypto.verify(self.advertisements[node].signing_key, payload, signature)
+            except crypto.CryptoError:
+                self._exclude(node, "consistency signature does not verify (not forwarded)")
+                continue
+            self.signatures[node] = signature
+        self.stats.signed = sorted(self.signatures)
+        self._require(len(self.signatures), "consistency")
+        return self.stats.signed
+
+    def unmask_request(self, node: int) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """For ``node``: the signatures it checks (its own and its neighbours') and the
+        shares of its active neighbours' seeds encrypted for it."""
+        wanted = {node, *self.graph[node]}
+        signatures = {s: sig for s, sig in self.signatures.items() if s in wanted}
+        active = set(self.stats.masked)
+        routed = {s: self.ciphertexts[s][node] for s in self.graph[node] if s in active}
+        return signatures, routed
+
+    def receive_unmask(self, replies: Mapping[int, Any]) -> None:
+        """Keep the reveals that have exactly the expected shape: a 32-byte seed, shares
+        only of active neighbours at their graph index, pair seeds for exactly the
+        neighbours out of U3. Any other reply is dropped whole, its sender excluded."""
+        active = set(self.stats.masked)
+        for node, reveal in replies.items():
+            if node not in self.signatures:
+                continue
+            out_of_sum = {v for v in self.graph[node] if v not in active}
+            ok = (
+                isinstance(reveal, RoundReveal)
+                and isinstance(reveal.self_mask_seed, bytes)
+                and len(reveal.self_mask_seed) == crypto.SECRET_BYTES
+                and isinstance(reveal.pair_seeds, Mapping)
+                and set(reveal.pair_seeds) == out_of_sum
+                and all(isinstance(s, bytes) and len(s) == crypto.SECRET_BYTES for s in reveal.pair_seeds.values())
+                and isinstance(reveal.shares, Mapping)
+                and all(
+                    peer in active and node in self.graph[peer]
+                    and isinstance(item, tuple) and len(item) == 2
+                    and item[0] == self.graph[peer].index(node) + 1
+                    and isinstance(item[1], bytes) and len(item[1]) == crypto.SECRET_BYTES
+                    for peer, item in reveal.shares.items()
+                )
+            )
+            if not ok:
+                self._exclude(node, "revealed an unexpected or malformed share or seed")
+                continue
+            self.reveals[node] = reveal
+        self.stats.unmasked = sorted(self.reveals)
+        self._require(len(self.reveals), "unmask")
+
+    def aggregate(self) -> tuple[np.ndarray, int]:
+        """Remove the masks: ``(sums, sum of w_i)`` as
+        :meth:`SecAggServer.aggregate <flwr_guard.secagg.server.SecAggServer.aggregate>`.
+
+        Raises:
+            SecAggAborted: a self-mask seed that is neither revealed by its owner nor
+                reconstructible from t shares, a pair seed that only a client which
+                dropped after its input knew, or a total weight that is impossible.
+        """
+        if self.masked_sum is None:
+            raise SecAggAborted("no masked inputs")
+        params, length = self.context.params, self.context.vector_length
+        total = self.masked_sum.copy()
+        active = self.stats.masked
+        for node in active:
+            commitment = self.commitments[node]
+            reveal = self.reveals.get(node)
+            if reveal is not None and commit_self_mask(reveal.self_mask_seed) == commitment:
+                seed = reveal.self_mask_seed
+            else:
+                if reveal is not None:
+                    self._exclude(node, "revealed a self-mask seed that does not match its commitment")
+                held = [(i, s, r) for r, rv in self.reveals.items()
+                        for p, (i, s) in rv.shares.items() if p == node]
+                seed = reconstruct_secret(
+                    held, self._threshold, lambda s, c=commitment: commit_self_mask(s) == c,
+                    lambda r, n=node: self._exclude(r, f"revealed a wrong self-mask share of node {n}"),
+                    f"the self-mask of node {node}", "commitment",
+                    self.max_reconstruction_attempts, node,
+                )
+            total -= prg.expand(seed, length, params.modulus_bits)
+        active_set = set(active)
+        for node in active:
+            for gone in self.graph[node]:
+                if gone in active_set:
+                    continue
+                reveal = self.reveals.get(node)
+                if reveal is None:
+                    raise SecAggAborted(
+                        f"SecAgg+ session round aborted: node {node} is in the sum but did not "
+                        f"unmask, and its neighbour {gone} is not in the sum; their pair mask of "
+                        "this round is known only to the two of them. No aggregate released"
+                    )
+                mask = prg.expand(reveal.pair_seeds[gone], length, params.modulus_bits)
+                # ``node`` added sign(node, gone) * mask: take it out.
+                if pairwise_sign(node, gone) > 0:
+                    total -= mask
+                else:
+                    total += mask
+        weights = int(total[-1])
+        if weights == 0 or weights > len(active) * params.max_weight:
+            raise SecAggAborted(f"unmasked total weight {weights} is impossible: masks did not cancel")
+        return total[:-1].astype(np.int64), weights
+
+
+def pack_open(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Wire form of :meth:`SessionServer.open_payload`."""
+    return {"nonces": pack_nonces(payload["nonces"]),
+            "advertisements": pack_advertisements(payload["advertisements"])}
+
+
+__all__ = [
+    "RoundInput",
+    "RoundReveal",
+    "SessionClient",
+    "SessionRound",
+    "SessionServer",
+    "round_pair_seed",
+    "session_digest",
+]
