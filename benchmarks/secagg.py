@@ -673,6 +673,74 @@ def per_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[str,
             "stages_ms": profiles[-1]}
 
 
+def multi_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[str, Any]:
+    """The multi-round path (:mod:`flwr_guard.secagg.session`): the key set-up once
+    (advertise, roster, the session opened by the first input message), then ``rounds``
+    session rounds (masked input, consistency, unmask with the survivors' own self-mask
+    seeds), all clients in every round. Server CPU ms: ``setup_ms`` (the set-up stages
+    alone), ``round_ms`` (median over the session's rounds), ``setup_round_ms`` (set-up +
+    the first round: the round that sets keys up); client CPU ms likewise."""
+    import numpy as np
+
+    from flwr_guard.secagg import crypto
+    from flwr_guard.secagg.client import SecAggClient
+    from flwr_guard.secagg.context import RoundContext
+    from flwr_guard.secagg.params import SecAggParams
+    from flwr_guard.secagg.policy import SecAggPolicy
+    from flwr_guard.secagg.server import SecAggServer
+    from flwr_guard.secagg.session import SessionClient, SessionServer
+
+    params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
+    ids = list(range(1, nodes + 1))
+    context = RoundContext(run_id=1, server_round=1, cohort=tuple(ids), params=params,
+                           vector_length=dimension + 1, model_hash=bytes(32), multi_round=True)
+    policy = SecAggPolicy(trust_on_first_use=True)
+    setups = {i: SecAggClient(i, crypto.ed25519_keypair()[0], policy) for i in ids}
+    rng = np.random.default_rng(0)
+    server_ms: dict[str, float] = defaultdict(float)
+    client_ms: dict[str, float] = defaultdict(float)
+
+    def timed(bucket: dict[str, float], stage: str, fn: Any) -> Any:
+        started = time.process_time()
+        out = fn()
+        bucket[stage] += 1000 * (time.process_time() - started)
+        return out
+
+    ads = {i: timed(client_ms, "setup", lambda c=c: c.advertise(context)) for i, c in setups.items()}
+    roster = timed(server_ms, "setup", lambda: SecAggServer(context))
+    roster_server = roster
+    packed = timed(server_ms, "setup", lambda: roster_server.receive_advertisements(ads))
+    nonces = {i: timed(client_ms, "setup", lambda c=c: c.receive_roster(packed)) for i, c in setups.items()}
+    timed(server_ms, "setup", lambda: roster_server.receive_nonces(nonces))
+    session = timed(server_ms, "setup", lambda: SessionServer(roster_server))
+    opened = {i: timed(server_ms, "setup", lambda i=i: session.open_payload(i)) for i in ids}
+    clients = {i: timed(client_ms, "setup", lambda i=i: SessionClient.open(
+        setups[i], opened[i]["advertisements"], opened[i]["nonces"])) for i in ids}
+    per_round_server, per_round_client = [], []
+    for r in range(1, rounds + 1):
+        updates = {i: rng.uniform(-0.1, 0.1, dimension).astype(np.float32) for i in ids}
+        model = crypto.random_secret()  # stands for the round's model hash
+        before_s, before_c = sum(server_ms.values()), sum(client_ms.values())
+        timed(server_ms, "round", lambda r=r, m=model: session.start_round(r, m, ids))
+        inputs = {i: timed(client_ms, "round", lambda i=i, r=r, m=model: clients[i].masked_input(
+            r, m, updates[i], 10 + i % 90)) for i in ids}
+        u3 = timed(server_ms, "round", lambda: session.receive_masked_inputs(inputs))
+        sigs = {i: timed(client_ms, "round", lambda i=i, r=r: clients[i].consistency(r, u3)) for i in u3}
+        signers = timed(server_ms, "round", lambda: session.receive_signatures(sigs))
+        requests = {i: timed(server_ms, "round", lambda i=i: session.unmask_request(i)) for i in signers}
+        reveals = {i: timed(client_ms, "round", lambda i=i, r=r: clients[i].unmask(
+            r, u3, *requests[i])) for i in signers}
+        timed(server_ms, "round", lambda: (session.receive_unmask(reveals), session.aggregate()))
+        per_round_server.append(round(sum(server_ms.values()) - before_s, 2))
+        per_round_client.append((sum(client_ms.values()) - before_c) / nodes)
+    setup_ms = server_ms["setup"]
+    return {"setup_ms": round(setup_ms, 2), "round_ms": statistics.median(per_round_server),
+            "round_ms_values": per_round_server,
+            "setup_round_ms": round(setup_ms + per_round_server[0], 2),
+            "client_setup_ms": round(client_ms["setup"] / nodes, 2),
+            "client_round_ms": round(statistics.median(per_round_client), 2)}
+
+
 def fit_growth(nodes: list[int], values: list[float], ks: list[int]) -> dict[str, Any]:
     """Least squares on log-log (``log y = a + b log n``: the exponent b), and which of
     c n, c n log2 n, c n k, c n^2 fits best (smallest RMS of the log residuals, c fitted)."""
@@ -711,19 +779,20 @@ def run_core_vs_n(path: Path, nodes: tuple[int, ...] = COST_NODES,
         sel = [r for r in rows if r["path"] == path_name]
         fits[path_name] = fit_growth([r["nodes"] for r in sel], [r["round_ms"] for r in sel],
                                      [r["k"] for r in sel])
-        setups = [r for r in sel if r.get("setup_ms")]
-        if len(setups) == len(sel):
-            fits[path_name + " set-up"] = fit_growth([r["nodes"] for r in sel],
-                                                     [r["setup_ms"] for r in sel],
-                                                     [r["k"] for r in sel])
+        setups = [r for r in sel if r.get("setup_round_ms")]
+        if setups and len(setups) == len(sel):
+            fits[path_name + " set-up round"] = fit_growth([r["nodes"] for r in sel],
+                                                           [r["setup_round_ms"] for r in sel],
+                                                           [r["k"] for r in sel])
     table = Table(title=f"SecAgg+ server core, CPU ms per round against n (d = {dimension:.0e}, "
                         f"k = {k}, no dropouts)")
-    for column in ("n", "k / t", "path", "server set-up ms", "server ms per round",
-                   "client ms per round", "rounds"):
+    for column in ("n", "k / t", "path", "server set-up ms", "server set-up round ms",
+                   "server ms per round", "client set-up ms", "client ms per round", "rounds"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(str(r["nodes"]), f"{r['k']} / {r['t']}", r["path"],
-                      _fmt(r["setup_ms"], ".1f"), f"{r['round_ms']:.1f}",
+                      _fmt(r["setup_ms"], ".1f"), _fmt(r.get("setup_round_ms"), ".1f"),
+                      f"{r['round_ms']:.1f}", _fmt(r.get("client_setup_ms"), ".2f"),
                       _fmt(r.get("client_round_ms"), ".2f"), str(len(r["round_ms_values"])))
     Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
     for name, fit in fits.items():
@@ -754,14 +823,14 @@ def plot_cost_vs_n(data: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series = [("per-round", "round_ms", "per-round path: every round", "o-"),
               ("multi-round", "round_ms", "multi-round path: a round after set-up", "s-"),
-              ("multi-round", "setup_ms", "multi-round path: set-up round", "^--")]
+              ("multi-round", "setup_round_ms", "multi-round path: the set-up round", "^--")]
     for path_name, field, label, style in series:
         sel = [r for r in data["rows"] if r["path"] == path_name and r.get(field)]
         if not sel:
             continue
         n = np.array([r["nodes"] for r in sel], dtype=float)
         y = np.array([r[field] for r in sel], dtype=float)
-        fit_key = path_name + (" set-up" if field == "setup_ms" else "")
+        fit_key = path_name + (" set-up round" if field == "setup_round_ms" else "")
         exponent = data["fits"].get(fit_key, {}).get("loglog_exponent")
         suffix = f" (~n^{exponent:.2f})" if exponent is not None else ""
         ax.plot(n, y, style, label=label + suffix)

@@ -151,7 +151,7 @@ def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: in
             secagg=SecAgg(num_shares=int(cfg["num-shares"]) or None,
                           reconstruction_threshold=int(cfg["reconstruction-threshold"]) or None,
                           clipping_range=GUARD_CLIPPING_RANGE, timeout=TIMEOUT_S,
-                          options=_multi_round_kwargs(cfg)),
+                          **_multi_round_kwargs(cfg)),
             dp=DistributedDP(noise_multiplier=float(cfg["dp-noise-multiplier"]),
                              clipping_norm=float(cfg["dp-clipping-norm"]),
                              expected_contributors=cohort, min_contributors=m,
