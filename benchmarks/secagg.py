@@ -185,8 +185,8 @@ def issue14_cases(rounds: int, scale_rounds: int) -> list[list[RunSpec]]:
         RunSpec(1000, 10_000, "guard-dp", "default", (), multi_round=True, fraction=0.1,
                 rounds=scale_rounds),
     ]
-    return [[replace(s, rounds=rounds) for s in n20],
-            [replace(s, rounds=max(rounds - 1, 2)) for s in n100], scale]
+    return [[replace(s, rounds=rounds) for s in n20], scale,
+            [replace(s, rounds=max(rounds - 1, 2)) for s in n100]]
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -267,6 +267,7 @@ def run_one(spec: RunSpec, rounds: int, workdir: Path) -> dict[str, Any]:
         if state.status.startswith("finished:") and state.status != COMPLETED and not failure_log:
             failure_log.append(_run_log(workdir / "work", state.run_id))
 
+    crashed: str | None = None
     try:
         result = run_demo(
             DemoOptions(
@@ -282,6 +283,9 @@ def run_one(spec: RunSpec, rounds: int, workdir: Path) -> dict[str, Any]:
             ),
             on_update,
         )
+    except Exception as err:  # e.g. `flwr ls` timing out on an overloaded machine
+        crashed = f"{type(err).__name__}: {err}"
+        result = None
     finally:
         sampler.stop()
     record: dict[str, Any] = {
@@ -294,8 +298,8 @@ def run_one(spec: RunSpec, rounds: int, workdir: Path) -> dict[str, Any]:
         "memory_available_before_bytes": memory_before,
         "secagg_source_sha256": source_digest,
         "uptime_after": _uptime(),
-        "success": result.success and out.exists(),
-        "error": result.error,
+        "success": result is not None and result.success and out.exists(),
+        "error": crashed if result is None else result.error,
         "memory_peak_run": sampler.peak(0.0, float("inf")),
         "memory_processes": sorted(sampler.names),
     }
