@@ -734,15 +734,15 @@ def multi_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[st
         model = crypto.random_secret()  # stands for the round's model hash
         before_s, before_c = sum(server_ms.values()), sum(client_ms.values())
         timed(server_ms, "round", lambda r=r, m=model: session.start_round(r, m, ids))
-        inputs = {i: timed(client_ms, "round", lambda i=i, r=r, m=model: clients[i].masked_input(
-            r, m, updates[i], 10 + i % 90)) for i in ids}
-        u3 = timed(server_ms, "round", lambda: session.receive_masked_inputs(inputs))
-        sigs = {i: timed(client_ms, "round", lambda i=i, r=r: clients[i].consistency(r, u3)) for i in u3}
-        signers = timed(server_ms, "round", lambda: session.receive_signatures(sigs))
+        inputs = {i: timed(client_ms, "round", lambda i=i, r=r, m=model, up=updates: clients[i].masked_input(
+            r, m, up[i], 10 + i % 90)) for i in ids}
+        u3 = timed(server_ms, "round", lambda x=inputs: session.receive_masked_inputs(x))
+        sigs = {i: timed(client_ms, "round", lambda i=i, r=r, u=u3: clients[i].consistency(r, u)) for i in u3}
+        signers = timed(server_ms, "round", lambda x=sigs: session.receive_signatures(x))
         requests = {i: timed(server_ms, "round", lambda i=i: session.unmask_request(i)) for i in signers}
-        reveals = {i: timed(client_ms, "round", lambda i=i, r=r: clients[i].unmask(
-            r, u3, *requests[i])) for i in signers}
-        timed(server_ms, "round", lambda: (session.receive_unmask(reveals), session.aggregate()))
+        reveals = {i: timed(client_ms, "round", lambda i=i, r=r, u=u3, q=requests: clients[i].unmask(
+            r, u, *q[i])) for i in signers}
+        timed(server_ms, "round", lambda x=reveals: (session.receive_unmask(x), session.aggregate()))
         per_round_server.append(round(sum(server_ms.values()) - before_s, 2))
         per_round_client.append((sum(client_ms.values()) - before_c) / nodes)
     setup_ms = server_ms["setup"]
