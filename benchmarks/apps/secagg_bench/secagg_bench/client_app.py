@@ -3,6 +3,9 @@
 - ``fedavg``: Message API, ``@app.train(mods=[timing_mod, drop_mod])``;
 - ``guard``: Message API, ``@app.train(mods=[timing_mod, drop_mod, secaggplus_mod])``
   with flwr-guard's mod;
+- ``guard-dp``: Message API, ``@app.train(mods=[timing_mod, drop_mod,
+  *ClientGuard(ClientPolicy(secagg=True, dp="distributed")).train_mods()])``: the policy
+  mod, SecAgg+ (which adds the client's Skellam noise), reply inspection, update clipping;
 - ``flower``: legacy ``ClientApp(client_fn=..., mods=[timing_mod, drop_mod,
   flwr.client.mod.secaggplus_mod])`` around a ``NumPyClient`` (Flower's SecAgg+ mod
   works only on the legacy fit path).
@@ -14,11 +17,12 @@ Every client returns ``global + client_update(node_id, round)`` and
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod as flower_secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from flwr_guard.guard import ClientGuard, ClientPolicy
 from flwr_guard.secagg.mod import secaggplus_mod
 from secagg_bench.measure import drop_mod, timing_mod
 from secagg_bench.task import client_update, num_examples
@@ -44,6 +48,12 @@ fedavg_app.train(mods=[timing_mod, drop_mod])(_train)
 guard_app = ClientApp()
 guard_app.train(mods=[timing_mod, drop_mod, secaggplus_mod])(_train)
 
+# The client's own policy: SecAgg+ required, distributed DP required (a server that asks
+# for no noise, or for more contributors than the cohort, is refused).
+_DP_GUARD = ClientGuard(ClientPolicy(secagg=True, dp="distributed"))
+guard_dp_app = ClientApp()
+guard_dp_app.train(mods=[timing_mod, drop_mod, *_DP_GUARD.train_mods()])(_train)
+
 
 class _LegacyClient(NumPyClient):
     def __init__(self, node_id: int, dimension: int) -> None:
@@ -63,13 +73,16 @@ flower_app = ClientApp(
     client_fn=_client_fn, mods=[timing_mod, drop_mod, flower_secaggplus_mod]
 )
 
-APPS = {"fedavg": fedavg_app, "guard": guard_app, "flower": flower_app}
+APPS = {"fedavg": fedavg_app, "guard": guard_app, "guard-dp": guard_dp_app, "flower": flower_app}
 
 
 class _VariantClientApp(ClientApp):
-    """One manifest entry for three ClientApps: the run config's ``variant`` picks."""
+    """One manifest entry for four ClientApps: the run config's ``variant`` picks. The
+    ServerApp's warm-up query (before round 1, to start Ray's actors) gets an empty reply."""
 
     def __call__(self, message: Message, context: Context) -> Message:
+        if message.metadata.message_type == MessageType.QUERY:
+            return Message(RecordDict(), reply_to=message)
         return APPS[str(context.run_config["variant"])](message, context)
 
 

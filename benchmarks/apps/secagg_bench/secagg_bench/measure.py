@@ -34,8 +34,9 @@ from flwr_guard.secagg.mod import SECAGG_RECORD
 
 # Canonical drop stage -> the stage name each implementation uses for it.
 DROP_STAGES = {
-    "masked-input": {"fedavg": "train", "guard": "masked-input", "flower": "collect_masked_vectors"},
-    "unmask": {"guard": "unmask", "flower": "unmask"},
+    "masked-input": {"fedavg": "train", "guard": "masked-input", "guard-dp": "masked-input",
+                     "flower": "collect_masked_vectors"},
+    "unmask": {"guard": "unmask", "guard-dp": "unmask", "flower": "unmask"},
 }
 # Stage that carries the model update (its successful replies are the survivors).
 UPDATE_STAGE = DROP_STAGES["masked-input"]

@@ -1,14 +1,17 @@
-"""ServerApp of the three variants; writes its measurements to the run config's ``out-file``.
+"""ServerApp of the four variants; writes its measurements to the run config's ``out-file``.
 
 Each round is timed from the strategy's ``configure_train`` to the end of its
 ``aggregate_train`` (Message API), or around one call of the fit workflow (legacy
 path), so both include every SecAgg+ stage. After each round, outside the timed
 window, the new global model is checked against the exact weighted average of the
-survivors' updates.
+survivors' updates (not for ``guard-dp``, whose aggregate holds the clients' noise and
+clipped updates: there the record holds the standard deviation of the aggregate's
+change instead).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -18,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -27,6 +38,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_guard.guard import DistributedDP, GuardedStrategy, SecAgg
 from flwr_guard.secagg.params import default_num_shares, default_threshold
 from flwr_guard.secagg.strategy import SecAggPlus
 from flwr_guard.strategy_wrapper import StrategyWrapper
@@ -39,6 +51,29 @@ app = ServerApp()
 MAX_WEIGHT = 1000  # Flower's default max_weight; used for both SecAgg+ implementations
 GUARD_CLIPPING_RANGE = 1.0  # updates lie in [-0.1, 0.1]
 TIMEOUT_S = 600.0
+# Ray starts one ClientApp actor per 2 CPUs (Flower's default client resources): on this
+# 2-core machine one. The warm-up query reaches this many nodes, enough to start them all.
+WARM_UP_NODES = 4
+
+
+def warm_up(grid: Grid, nodes: int) -> float:
+    """Before round 1: wait until ``nodes`` nodes are connected, then send one empty query
+    to a few of them, so that Ray's actors start (and import the ClientApp) outside the
+    timed rounds. Round 1 then holds only what the protocol does in its first round
+    (flwr-guard's multi-round path: the key set-up). Returns the seconds it took."""
+    import time
+
+    started = time.perf_counter()
+    while len(ids := sorted(grid.get_node_ids())) < nodes:
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in ids[:WARM_UP_NODES]]
+    replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_S))
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(messages):
+        raise RuntimeError(f"warm-up query failed: {len(replies)} replies, {len(failed)} errors: "
+                           + "; ".join(str(r.error.reason) for r in failed[:3]))
+    return time.perf_counter() - started
 
 
 class _RoundClock(StrategyWrapper):
@@ -85,11 +120,59 @@ def _graph(cfg: dict[str, Any], nodes: int) -> tuple[int, int]:
     return k, t
 
 
+def cohort_size(cfg: dict[str, Any], nodes: int) -> int:
+    """Clients sampled per round: FedAvg's ``int(fraction_train * nodes)``."""
+    return max(int(float(cfg["fraction-train"]) * nodes), 2)
+
+
+def _multi_round_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"multi_round": ...}`` for SecAggPlus; refuses a run that asks for the multi-round
+    path from a flwr-guard that does not have it (no silent per-round run)."""
+    multi = bool(cfg["multi-round"])
+    if "multi_round" in inspect.signature(SecAggPlus.__init__).parameters:
+        return {"multi_round": multi}
+    if multi:
+        raise ValueError("run config multi-round = true, but this flwr-guard's SecAggPlus has "
+                         "no multi_round option: run with multi-round = false")
+    return {}
+
+
 def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: int, t: int):
+    cohort = cohort_size(cfg, nodes)
     common = dict(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes
+        fraction_train=float(cfg["fraction-train"]), fraction_evaluate=0.0,
+        min_train_nodes=cohort, min_available_nodes=nodes,
     )
     strategy: Any = FedAvg(**common)
+    if cfg["variant"] == "guard-dp":
+        m = int(cfg["dp-min-contributors"]) or cohort // 2
+        guarded = GuardedStrategy(
+            strategy,
+            secagg=SecAgg(num_shares=int(cfg["num-shares"]) or None,
+                          reconstruction_threshold=int(cfg["reconstruction-threshold"]) or None,
+                          clipping_range=GUARD_CLIPPING_RANGE, timeout=TIMEOUT_S,
+                          **_multi_round_kwargs(cfg)),
+            dp=DistributedDP(noise_multiplier=float(cfg["dp-noise-multiplier"]),
+                             clipping_norm=float(cfg["dp-clipping-norm"]),
+                             expected_contributors=cohort, min_contributors=m,
+                             options={"checkpoint": None}),
+            audit_summary=False,
+        )
+        # The clock goes around the chain GuardedStrategy built (its start() is the loop).
+        clock = _RoundClock(guarded.strategy, grid)
+        guarded.strategy = clock
+        initial = ArrayRecord(numpy_ndarrays=[initial_model(int(cfg["dimension"]))])
+        guarded.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=TIMEOUT_S)
+        history = [r.to_dict() for r in guarded.secagg.history]
+        # What the clients' Skellam noise should give per coordinate of the aggregate's
+        # change (docs/privacy.md): sqrt(n / m) z D step / n, D = C / step + sqrt(d), for n
+        # survivors (the clipped updates' own mean adds ~C / (sqrt(d) sqrt(n)), far less).
+        step = 2 * GUARD_CLIPPING_RANGE / 2**16
+        z, clip, d = float(cfg["dp-noise-multiplier"]), float(cfg["dp-clipping-norm"]), int(cfg["dimension"])
+        expected_std = (cohort / m) ** 0.5 * z * (clip / step + d**0.5) * step / cohort
+        extra = {"dp_epsilon": guarded.dp.epsilon, "dp_min_contributors": m, "cohort": cohort,
+                 "dp_expected_update_std": expected_std}
+        return clock.models, history, extra
     if cfg["variant"] == "guard":
         poll_max = os.environ.get("SECAGG_BENCH_POLL_MAX_S")  # what-if only (docs/secagg.md)
         if poll_max:
@@ -107,12 +190,13 @@ def _run_message_api(grid: MeasuringGrid, cfg: dict[str, Any], nodes: int, k: in
             clipping_range=GUARD_CLIPPING_RANGE,
             max_weight=MAX_WEIGHT,
             timeout=TIMEOUT_S,
+            **_multi_round_kwargs(cfg),
         )
     clock = _RoundClock(strategy, grid)
     initial = ArrayRecord(numpy_ndarrays=[initial_model(int(cfg["dimension"]))])
     clock.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=TIMEOUT_S)
     history = [r.to_dict() for r in strategy.history] if cfg["variant"] == "guard" else []
-    return clock.models, history
+    return clock.models, history, {"cohort": cohort}
 
 
 def _run_flower_legacy(grid: MeasuringGrid, context: Context, cfg: dict[str, Any], nodes: int, k: int, t: int):
@@ -149,19 +233,20 @@ def _run_flower_legacy(grid: MeasuringGrid, context: Context, cfg: dict[str, Any
         strategy=strategy,
     )
     DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
-    return models, []
+    return models, [], {"cohort": nodes}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
     nodes, dimension, variant = int(cfg["min-nodes"]), int(cfg["dimension"]), str(cfg["variant"])
-    k, t = _graph(cfg, nodes)
+    k, t = _graph(cfg, cohort_size(cfg, nodes))
+    warm_up_s = warm_up(grid, nodes)
     measuring = MeasuringGrid(grid)
-    if variant in ("fedavg", "guard"):
-        models, history = _run_message_api(measuring, cfg, nodes, k, t)
+    if variant in ("fedavg", "guard", "guard-dp"):
+        models, history, extra = _run_message_api(measuring, cfg, nodes, k, t)
     elif variant == "flower":
-        models, history = _run_flower_legacy(measuring, context, cfg, nodes, k, t)
+        models, history, extra = _run_flower_legacy(measuring, context, cfg, nodes, k, t)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     # Correctness, outside the timed windows: new global - old global against the
@@ -172,7 +257,11 @@ def main(grid: Grid, context: Context) -> None:
             (s["ok"] for s in rec["stages"] if s["stage"] == UPDATE_STAGE[variant]), []
         )
         rec["survivors"] = len(survivors) if rec["completed"] else 0
-        if after is not None and survivors:
+        rec["update_std"] = None
+        if after is not None and variant == "guard-dp":
+            rec["update_std"] = float((after.astype(np.float64) - before).std())
+            rec["max_abs_error"] = None
+        elif after is not None and survivors:
             expected = expected_average(survivors, rec["round"], dimension)
             rec["max_abs_error"] = float(np.abs(after.astype(np.float64) - before - expected).max())
         else:
@@ -199,6 +288,10 @@ def main(grid: Grid, context: Context) -> None:
             for r in measuring.rounds
         ],
         "guard_history": history,
+        "multi_round": bool(cfg["multi-round"]),
+        "warm_up_s": warm_up_s,
+        "fraction_train": float(cfg["fraction-train"]),
+        **extra,
     }
     path = Path(str(cfg["out-file"]))
     path.parent.mkdir(parents=True, exist_ok=True)
