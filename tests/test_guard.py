@@ -143,6 +143,9 @@ def test_guarded_round_sums_under_secagg_with_the_manifest_and_nothing_in_the_cl
     steps = [0.01 * (1 + node % 3) for node in grid.apps]
     w = result.arrays["w"].numpy()
     np.testing.assert_allclose(w, 2 * np.mean(steps), atol=2e-3)
+    # weights are 1 under user-level DP: max_weight 1 keeps the masked vector 32-bit
+    assert strategy.secagg is not None and strategy.secagg.max_weight == 1
+    assert all(r.modulus_bits == 32 for r in strategy.secagg.history)
 
 
 def test_server_without_secagg_is_refused_and_no_update_leaves() -> None:

@@ -287,6 +287,11 @@ class GuardedStrategy(StrategyWrapper):
 
                 masked += tuple(k for k in DPFedAvg.MASKED_METRICS if k not in masked)
             options = {**secagg.options, "masked_metrics": masked}
+            if dp is not None:
+                # Under user-level DP every weight is 1 and DPFedAvg's masked metrics are
+                # bits: max_weight 1 keeps the masked vector 32-bit up to 65 535 clients
+                # (with the default 2048 a cohort of 100 doubles the upload).
+                options.setdefault("max_weight", 1)
             try:
                 chain = self.secagg = SecAggPlus(
                     chain, num_shares=secagg.num_shares,

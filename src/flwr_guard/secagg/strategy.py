@@ -117,6 +117,20 @@ def _node_id(key: object) -> int:
 _T = TypeVar("_T")
 
 
+def _destinations(messages: list[Message]) -> dict[str, int]:
+    """Message id -> destination node of messages already pushed (Flower sets the ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def _reply_node(reply: Message, destinations: dict[str, int]) -> int:
+    """The node a reply is about: its sender, except for an error reply, which may come
+    from the SuperLink (node 1) for a lost node: then the destination of the message it
+    answers."""
+    if reply.has_error():
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    return reply.metadata.src_node_id
+
+
 def _signature(payload: dict) -> bytes:
     return codec.field(payload, "signature", bytes)
 
@@ -273,9 +287,10 @@ class SecAggPlus(StrategyWrapper):
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         report.bytes_to_clients[stage] = sum(_payload_bytes(m) for m in messages)
         replies = send_and_receive(grid, messages, timeout=self.timeout)
+        destinations = _destinations(messages)
         good: dict[int, Message] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _reply_node(reply, destinations)
             if reply.has_error():
                 logger.warning("SecAgg+ %s: node %s replied with an error: %s", stage, node, reply.error.reason)
             elif node in payloads:
@@ -385,7 +400,7 @@ class SecAggPlus(StrategyWrapper):
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
         self._round = {"session": session, "grid": grid, "arrays": global_arrays, "report": report,
-                       "started": time.monotonic()}
+                       "started": time.monotonic(), "messages": out}
         return out
 
     def _aggregate_session(
@@ -397,7 +412,7 @@ class SecAggPlus(StrategyWrapper):
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
         base: dict[str, Any] = {"session": session.digest, "round": server_round}
         try:
-            inputs, metrics = self._collect_session_inputs(session, report, replies)
+            inputs, metrics = self._collect_session_inputs(session, report, replies, state["messages"])
             survivors = session.receive_masked_inputs(inputs)
             report.clipped_values = sum(inputs[n].clipped for n in survivors)
             # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
@@ -428,13 +443,14 @@ class SecAggPlus(StrategyWrapper):
                              survivors, metrics)
 
     def _collect_session_inputs(
-        self, session: SessionServer, report: RoundReport, replies: list[Message]
+        self, session: SessionServer, report: RoundReport, replies: list[Message], sent: list[Message]
     ) -> tuple[dict[int, RoundInput], dict[int, MetricRecord]]:
+        destinations = _destinations(sent)
         inputs: dict[int, RoundInput] = {}
         metrics: dict[int, MetricRecord] = {}
         size = 0
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _reply_node(reply, destinations)
             if reply.has_error():
                 logger.warning("SecAgg+ masked-input: node %s failed: %s", node, reply.error.reason)
                 if UNKNOWN_SESSION in reply.error.reason:
@@ -536,7 +552,7 @@ class SecAggPlus(StrategyWrapper):
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
         self._round = {"server": server, "grid": grid, "arrays": global_arrays, "report": report,
-                       "started": time.monotonic()}
+                       "started": time.monotonic(), "messages": out}
         return out
 
     def aggregate_train(
@@ -554,7 +570,7 @@ class SecAggPlus(StrategyWrapper):
         grid: Grid = state["grid"]
         report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
         try:
-            masked, metrics, clipped = self._collect_masked(server, report, replies)
+            masked, metrics, clipped = self._collect_masked(server, report, replies, state["messages"])
             survivors = server.receive_masked_inputs(masked)
             report.clipped_values = sum(clipped.get(n, 0) for n in survivors)
             replies4 = self._exchange(
@@ -616,14 +632,15 @@ class SecAggPlus(StrategyWrapper):
         return self.strategy.aggregate_train(server_round, [synthetic])
 
     def _collect_masked(
-        self, server: SecAggServer, report: RoundReport, replies: list[Message]
+        self, server: SecAggServer, report: RoundReport, replies: list[Message], sent: list[Message]
     ) -> tuple[dict[int, tuple[np.ndarray, list[int]]], dict[int, MetricRecord], dict[int, int]]:
         masked: dict[int, tuple[np.ndarray, list[int]]] = {}
         metrics: dict[int, MetricRecord] = {}
         clipped: dict[int, int] = {}
+        destinations = _destinations(sent)
         size = 0
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _reply_node(reply, destinations)
             if reply.has_error():
                 logger.warning("SecAgg+ masked-input: node %s failed: %s", node, reply.error.reason)
                 continue
