@@ -17,14 +17,18 @@ Set-up (once; the stages of :mod:`flwr_guard.secagg.client`, under a round conte
 3. the first round's input message carries the nonces and the neighbours'
    advertisements: :meth:`SessionClient.open` checks them, derives the graph (nobody
    chooses it) and, per neighbour ``v``, a share-encryption key and a **pair key**
-   ``K_uv`` (X25519 + HKDF, labelled for the session). The X25519 private keys are then
-   erased: nothing of the set-up is ever revealed, so dropouts never force a re-key.
+   ``K_uv`` (X25519 + HKDF, salted with :func:`session_digest`: the set-up context and
+   its roster digest). The X25519 private keys are then erased: nothing of the set-up
+   is ever revealed, so dropouts never force a re-key. Pair keys are hash chains
+   ratcheted to the round of each input (:func:`ratchet`), so a state read at round R
+   unmasks no earlier round.
 
 Each round ``r`` of the session (:class:`SessionRound`, bound to the session digest,
 the round number and the hash of the model the client received):
 
 4. input: the client masks ``w * q(update)`` with a **fresh** self mask ``PRG(b_u^r)``
-   and, for every neighbour, ``+-PRG(HKDF(K_uv, round digest))``; it sends the masked
+   and, for every neighbour, ``+-PRG(HKDF(K_uv^r, round digest))`` (``K_uv^r``: the
+   pair key ratcheted to round r); it sends the masked
    vector, a commitment to ``b_u^r`` and Shamir shares of ``b_u^r`` (threshold t), each
    encrypted for its neighbour under the share-encryption key with the round digest in
    the associated data. A second input for the same or an earlier round is refused.
