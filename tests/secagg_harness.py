@@ -228,6 +228,7 @@ class ModFederation:
         for msg in messages:
             reply = self.deliver(msg)
             key = self._uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = key  # as Flower's Grids do on push
             ids.append(key)
             self.pushed.append(msg)
             if reply is not None:
