@@ -25,20 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flwr_guard.demo import DemoOptions, run_demo
-from flwr_guard.deployment.processes import TAG_ENV
-
-
-def _deployment_memory_bytes() -> int:
-    total = 0
-    for proc in psutil.process_iter():
-        try:
-            if TAG_ENV not in proc.environ():
-                continue
-            info = proc.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return total
+from flwr_guard.deployment.processes import deployment_pss_bytes
 
 
 class _PeakSampler(threading.Thread):
@@ -48,7 +35,7 @@ class _PeakSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _deployment_memory_bytes())
+            self.peak = max(self.peak, deployment_pss_bytes())
             self._stop_event.wait(self.period_s)
 
     def stop(self) -> int:

@@ -42,7 +42,7 @@ from rich.table import Table
 
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment.local import SUPEREXEC_POLL_INTERVAL_S
-from flwr_guard.deployment.processes import TAG_ENV
+from flwr_guard.deployment.processes import deployment_pss_bytes
 
 AUDIT_ON = {"audit": True, "audit-round-fraction": 1.0, "audit-client-fraction": 1.0,
             "audit-time-budget": 5.0}
@@ -58,17 +58,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deployment_pss() -> int:
-    total = 0
-    for proc in psutil.process_iter():
-        try:
-            if TAG_ENV not in proc.environ():
-                continue
-            info = proc.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return total
 
 
 class _MemorySampler(threading.Thread):
@@ -81,7 +70,7 @@ class _MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.samples.append((time.monotonic(), _deployment_pss()))
+            self.samples.append((time.monotonic(), deployment_pss_bytes()))
             self._stop_event.wait(self.period_s)
 
     def stop(self) -> list[tuple[float, int]]:

@@ -167,3 +167,19 @@ def _process(record: ProcessRecord) -> psutil.Process | None:
         return psutil.Process(record.pid)
     except psutil.NoSuchProcess:
         return None
+
+
+def deployment_pss_bytes() -> int:
+    """Summed PSS (proportional set size: shared pages split between the processes that
+    share them; RSS where the platform has no PSS) of every process this library started
+    (tagged with ``TAG_ENV``), in bytes. Processes that vanish or deny access are skipped."""
+    total = 0
+    for proc in psutil.process_iter():
+        try:
+            if TAG_ENV not in proc.environ():
+                continue
+            info = proc.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return total
