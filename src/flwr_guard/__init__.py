@@ -12,6 +12,8 @@ See the project README and ``docs/`` (quickstart, architecture, threat model).
 
 from typing import Any
 
+from flwr_guard.errors import FlwrGuardError
+
 __version__ = "0.1.0"
 
 # The façades load on first use (PEP 562): a ClientApp process that only answers a
@@ -24,9 +26,10 @@ _FACADES = {
     "SecAgg": "flwr_guard.guard.strategy",
     "CentralDP": "flwr_guard.guard.strategy",
     "DistributedDP": "flwr_guard.guard.strategy",
+    "DPSGDConfig": "flwr_guard.dp.dpsgd",
 }
 
-__all__ = ["__version__", *_FACADES]
+__all__ = ["FlwrGuardError", "__version__", *_FACADES]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ from flwr_guard.deployment.ports import ensure_port_free
 from flwr_guard.deployment.processes import ManagedProcess, ProcessRecord, ProcessSupervisor
 from flwr_guard.deployment.register import RegistrationError, register_supernode
 from flwr_guard.deployment.topology import Topology
+from flwr_guard.errors import FlwrGuardError
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ NODE_UNAVAILABLE_AFTER_S = 60.0
 _NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(FlwrGuardError, RuntimeError):
     """The deployment could not start or a process of it died."""
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FlwrGuardError, RuntimeError):
     """A run ended in a state other than ``finished:completed``."""
 
 

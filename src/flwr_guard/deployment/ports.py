@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 
+from flwr_guard.errors import FlwrGuardError
 
-class PortInUseError(OSError):
+
+class PortInUseError(FlwrGuardError, OSError):
     """A port that a deployment process needs is already taken."""
 
 

@@ -17,10 +17,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from flwr_guard.errors import FlwrGuardError
+
 ALREADY_REGISTERED = "Public key already in use"
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(FlwrGuardError, RuntimeError):
     """The SuperLink refused a SuperNode's public key."""
 
 

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from flwr_guard.dp.accounting import AccountantKind, Ledger, Sampling, epsilon_from_history
+from flwr_guard.errors import FlwrGuardError
 
 CHECKPOINT_VERSION = 1
 
 
-class PrivacyBudgetExceeded(RuntimeError):
+class PrivacyBudgetExceeded(FlwrGuardError, RuntimeError):
     """Raised by :meth:`PrivacyBudget.spend` for a step the budget cannot afford."""
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(FlwrGuardError, ValueError):
     """The checkpoint on disk was written for another delta, accountant or sampling."""
 
 

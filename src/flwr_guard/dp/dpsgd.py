@@ -48,6 +48,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from flwr_guard.errors import FlwrGuardError
+
 # Opacus calls logging.basicConfig() when imported (opacus/utils/module_utils.py): a root
 # handler that prints every line of Flower's logger (which propagates) a second time.
 # Keep the root logger as the application left it.
@@ -73,7 +75,7 @@ GradSampleMode = Literal["hooks", "ghost"]
 RUN_CONFIG_PREFIX = "dp-sgd-"
 
 
-class DPSGDModelError(ValueError):
+class DPSGDModelError(FlwrGuardError, ValueError):
     """The model has layers Opacus cannot compute per-example gradients for."""
 
 

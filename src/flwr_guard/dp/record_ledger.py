@@ -38,11 +38,13 @@ from typing import Any
 
 import numpy as np
 
+from flwr_guard.errors import FlwrGuardError
+
 LEDGER_VERSION = 1
 History = list[tuple[float, float, int]]
 
 
-class LedgerMissing(RuntimeError):
+class LedgerMissing(FlwrGuardError, RuntimeError):
     """The node's record-level ledger is expected but absent (or rolled back)."""
 
 

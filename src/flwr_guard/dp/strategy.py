@@ -72,6 +72,7 @@ from flwr_guard.dp.mods import (
 )
 from flwr_guard.dp.record_ledger import default_ledger_dir
 from flwr_guard.dp.skellam_accounting import quantised_l1_bound
+from flwr_guard.errors import FlwrGuardError
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
 DP_METRIC_KEYS = (KEY_UNCLIPPED, KEY_CLIPPED, KEY_NOISED)
@@ -86,7 +87,7 @@ def default_checkpoint() -> Path:
     return default_ledger_dir().parent / "dpfedavg-privacy.json"
 
 
-class DPConfigurationError(RuntimeError):
+class DPConfigurationError(FlwrGuardError, RuntimeError):
     """A protection DPFedAvg was configured with is not in force (message names the fix)."""
 
 

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flwr_guard.errors import FlwrGuardError
+
 MANIFEST_VERSION = 1
 MANIFEST_KEY = "flwr-guard-manifest"
 MAX_MANIFEST_BYTES = 4096
@@ -49,7 +51,7 @@ PROTECTIONS = (
 DPMode = Literal["central", "distributed"]
 
 
-class ManifestError(ValueError):
+class ManifestError(FlwrGuardError, ValueError):
     """A manifest that is malformed, oversized or of an unknown version."""
 
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from flwr.app import Message
 
+from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 
 
-class GuardMismatch(RuntimeError):
+class GuardMismatch(FlwrGuardError, RuntimeError):
     """The clients refuse what the server's strategy runs (their policies say why)."""
 
 

@@ -43,6 +43,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.manifest import (
     MANIFEST_KEY,
     DPTerms,
@@ -68,11 +69,11 @@ class RoundObserver(Protocol):
     def evaluate_aggregated(self, server_round: int, metrics: MetricRecord | None) -> None: ...
 
 
-class GuardConfigError(ValueError):
+class GuardConfigError(FlwrGuardError, ValueError):
     """A combination of protections that cannot work; the message names the fix."""
 
 
-class NoAggregate(RuntimeError):
+class NoAggregate(FlwrGuardError, RuntimeError):
     """No round of the run produced an aggregate (the model was never updated)."""
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flwr_guard.errors import FlwrGuardError
 from flwr_guard.robust.attacks import pgd
 from flwr_guard.robust.cpu import cpu_settings
 from flwr_guard.robust.hvp import input_grad
@@ -46,7 +47,7 @@ OBJECTIVES = ("plain", "cure", "scorpio", "pgd-at")
 RUN_CONFIG_PREFIX = "robust-"
 
 
-class RobustTrainingError(ValueError):
+class RobustTrainingError(FlwrGuardError, ValueError):
     """A robust-training option that cannot be honoured as configured."""
 
 

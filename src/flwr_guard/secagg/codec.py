@@ -10,10 +10,12 @@ import base64
 import json
 from typing import Any
 
+from flwr_guard.errors import FlwrGuardError
+
 _BYTES = "__b64"
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(FlwrGuardError, ValueError):
     """A control message could not be decoded or lacks a field."""
 
 

@@ -49,13 +49,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from flwr_guard.errors import FlwrGuardError
+
 SECRET_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 PROTOCOL_LABEL = b"flwr-guard/secagg+/v1"
 
 
-class CryptoError(ValueError):
+class CryptoError(FlwrGuardError, ValueError):
     """A signature, ciphertext, key or share did not verify or parse."""
 
 

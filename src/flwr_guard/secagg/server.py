@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flwr_guard.errors import FlwrGuardError
 from flwr_guard.secagg import crypto, prg
 from flwr_guard.secagg.client import (
     MASK_KEY,
@@ -53,7 +54,7 @@ from flwr_guard.secagg.graph import neighbours
 logger = logging.getLogger(__name__)
 
 
-class SecAggAborted(RuntimeError):
+class SecAggAborted(FlwrGuardError, RuntimeError):
     """The round cannot complete (too many dropouts); no aggregate is released."""
 
 

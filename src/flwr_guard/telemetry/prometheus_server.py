@@ -27,11 +27,12 @@ from typing import Any
 import httpx
 
 from flwr_guard.deployment.ports import free_port
+from flwr_guard.errors import FlwrGuardError
 
 PUSHGATEWAY_JOB = "pushgateway"
 
 
-class PrometheusError(RuntimeError):
+class PrometheusError(FlwrGuardError, RuntimeError):
     """Prometheus did not start, or a query failed."""
 
 
