@@ -194,7 +194,9 @@ def test_reply_guard_drops_offending_replies_before_fedavg() -> None:
         np.testing.assert_allclose(arrays[key].numpy(), value.numpy(), rtol=1e-6)
     assert "per-sample-loss" not in metrics
     # Without the guard the extra key would abort FedAvg's consistency check.
-    with pytest.raises(Exception):
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    with pytest.raises(InconsistentMessageReplies):
         FedAvg().aggregate_train(3, [clean, leaky])
 
 

@@ -3,11 +3,13 @@ GuardedStrategy stops only when *every* reply of a round is a policy refusal. Wh
 clients refuse (they require SecAgg+, the server forgot it) and one does not, every
 round 'aggregates' the one client that sent its update in the clear, and the run ends
 fine: a misconfiguration that should fail, hidden behind ERROR lines."""
+import pytest
 from guard_attack_helpers import app, fedavg, initial
 from guard_harness import LoopbackGrid
 
 from flwr_guard.guard import ClientPolicy
 from flwr_guard.guard.client import ClientGuard
+from flwr_guard.guard.round_log import GuardMismatch
 from flwr_guard.guard.strategy import GuardedStrategy
 
 
@@ -16,10 +18,16 @@ def test_a_round_where_most_clients_refuse_the_servers_protections_fails():
     grid = LoopbackGrid({11: app(strict.train_mods()), 12: app(strict.train_mods()),
                          13: app(lax.train_mods())})
     strategy = GuardedStrategy(fedavg(3))
-    try:
+    with pytest.raises(GuardMismatch, match=r"round 1: 2 of 3 clients refused the server's protections") as err:
         strategy.start(grid, initial(), num_rounds=2)
-    except Exception:
-        return
-    raise AssertionError(
-        f"run ended fine with {strategy.aggregated_rounds} rounds aggregated from 1 of 3 "
-        "clients while 2 of 3 refused the server's protections every round")
+    assert "this client requires SecAgg+ but the server's strategy does not run it" in str(err.value)
+    assert strategy.aggregated_rounds == 0
+
+
+def test_the_same_run_completes_when_no_client_requires_what_the_server_lacks():
+    # Positive control: the same harness and strategy with clients that require nothing more.
+    lax = ClientGuard(ClientPolicy())
+    grid = LoopbackGrid({n: app(lax.train_mods()) for n in (11, 12, 13)})
+    strategy = GuardedStrategy(fedavg(3))
+    strategy.start(grid, initial(), num_rounds=2)
+    assert strategy.aggregated_rounds == 2
