@@ -218,7 +218,7 @@ class GuardedStrategy(StrategyWrapper):
 
     Attributes:
         manifest: the :class:`ProtectionManifest` sent with every train message.
-        secagg, dp, audit, telemetry: the wrappers built (or ``None``).
+        secagg, dp, audit, reply_guard, telemetry: the wrappers built (or ``None``).
 
     Raises:
         GuardConfigError: distributed DP without SecAgg+, adaptive clipping with
@@ -262,10 +262,11 @@ class GuardedStrategy(StrategyWrapper):
                 "of unclipped updates: use fixed clipping with DistributedDP"
             )
         chain: Strategy = strategy
+        self.reply_guard = None
         if reply_guard:
             from flwr_guard.audit.reply_guard import ReplyGuard
 
-            chain = ReplyGuard(chain)
+            chain = self.reply_guard = ReplyGuard(chain)
         self.dp = None
         if dp is not None:
             from flwr_guard.dp.strategy import DPFedAvg
@@ -330,7 +331,8 @@ class GuardedStrategy(StrategyWrapper):
             from flwr_guard.telemetry.strategy import TelemetryStrategy
 
             chain = self.telemetry = TelemetryStrategy.from_run_config(
-                chain, telemetry, protections=self.manifest.protections)
+                chain, telemetry, protections=self.manifest.protections,
+                secagg=self.secagg, dp=self.dp, reply_guard=self.reply_guard)
         super().__init__(chain)
         self.aggregated_rounds = 0
         self.failures: dict[int, str] = {}

@@ -63,7 +63,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     order = _order(attr)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(h * w).expand(b, -1).contiguous())
-    curves = {"deletion": [], "insertion": []}
+    curves: dict[str, list[torch.Tensor]] = {"deletion": [], "insertion": []}
     for k in range(steps + 1):
         n = round(k * h * w / steps)
         top = (ranks < n).reshape(b, 1, h, w).expand(-1, c, -1, -1)
@@ -119,8 +119,9 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     clone = copy.deepcopy(model)
     for m in clone.modules():
-        if hasattr(m, "reset_parameters") and m is not clone:
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset) and m is not clone:
+            reset()
     return clone.eval()
 
 

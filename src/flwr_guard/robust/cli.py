@@ -10,7 +10,7 @@ Heavy imports happen inside the command, so ``flwr-guard --help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,9 +70,10 @@ def robustness_command(
             model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
             model.to(device)
             result = evaluate_robustness(model, x_te.to(device), y_te.to(device), radii, attacks)
-            record = {"settings": {"state_dict": str(state_dict), "eps": list(radii)},
-                      "models": [{"objective": state_dict.name, "seed": 0, **result.to_dict()}]}
-            trained = {state_dict.name: model}
+            record: dict[str, Any] = {
+                "settings": {"state_dict": str(state_dict), "eps": list(radii)},
+                "models": [{"objective": state_dict.name, "seed": 0, **result.to_dict()}]}
+            trained: dict[str, torch.nn.Module] = {state_dict.name: model}
         else:
             lams = {"cure": cure_lambda, "scorpio": scorpio_lambda}
             plan = StudyPlan(

@@ -21,11 +21,10 @@ def cpu_settings(device: torch.device | str, threads: int | None) -> Iterator[No
     if torch.device(device).type != "cpu" or threads is None:
         yield
         return
-    previous = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with torch.backends.mkldnn.flags(enabled=False):  # restores oneDNN's previous state
+            yield
     finally:
-        torch.set_num_threads(previous[0])
-        torch.backends.mkldnn.enabled = previous[1]
+        torch.set_num_threads(previous)

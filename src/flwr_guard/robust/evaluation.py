@@ -11,6 +11,7 @@ common subset (first-order accuracies are reported on all examples).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,11 @@ class RobustnessResult:
         return out
 
 
+def _at_radius(run: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], eps: float,
+               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return run(x, y, eps)
+
+
 def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
              y: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch], y[i:i + batch]) for i in range(0, x.shape[0], batch)])
@@ -166,8 +172,9 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[
         radii = list(eps) + ([UNBOUNDED_EPS] if attack == "pgd" else [])
         start = time.perf_counter()
         robust[attack], examples[attack] = {}, n
+        run = runs[attack]
         for e in radii:
-            x_adv = _batched(lambda a, b, run=runs[attack], e=e: run(a, b, e), x[:n], y[:n], settings.batch_size)
+            x_adv = _batched(functools.partial(_at_radius, run, e), x[:n], y[:n], settings.batch_size)
             with torch.no_grad():
                 correct = (predict(x_adv) == y[:n]).cpu().numpy()
             robust[attack][e] = float(correct.mean())

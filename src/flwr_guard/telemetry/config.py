@@ -113,8 +113,12 @@ class TelemetryConfig:
                 linger_s=linger,
                 per_node=_bool(run_config.get("metrics-per-node", False)),
                 client_statistics=None if mode == "auto" else mode == "on",
-                record_epsilon_budget=float(budget) if budget not in (None, "", 0, 0.0) else None,
-                record_delta=float(delta) if delta not in (None, "") else None,
+                record_epsilon_budget=None if budget in ("", 0, 0.0) else _optional_float(budget),
+                record_delta=None if delta == "" else _optional_float(delta),
             )
         except ValueError as err:
             raise ValueError(f"telemetry run config: {err}") from err
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

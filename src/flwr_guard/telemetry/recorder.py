@@ -107,7 +107,7 @@ class TelemetryRecorder:
         self._started: dict[int, float] = {}
         self._worst: dict[str, float] = {}
         self._record_epsilon: float | None = None
-        self.metrics["round"].labels(self.run, self.strategy).set(0)
+        self._labels("round").set(0)
 
     # -- helpers -------------------------------------------------------------------
     def _labels(self, family: str, **extra: str) -> Any:
@@ -233,8 +233,7 @@ class TelemetryRecorder:
         self._labels("inspector_violations").inc(max(count, 0))
 
     def _record_level(self, ok: Sequence[ReplyView]) -> None:
-        epsilons = [(r, lookup(r.metrics, keys.RECORD_EPSILON)) for r in ok]
-        epsilons = [(r, e) for r, e in epsilons if e is not None]
+        epsilons = [(r, e) for r in ok if (e := lookup(r.metrics, keys.RECORD_EPSILON)) is not None]
         if not epsilons:
             return
         worst = max(e for _, e in epsilons)

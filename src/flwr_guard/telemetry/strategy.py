@@ -20,20 +20,22 @@ arguments and its results returned unchanged); around each call it reads:
 - ``aggregate_evaluate``: the aggregated evaluate metrics;
 - ``evaluate_fn`` (wrapped by :meth:`start`): the server-side evaluation.
 
-The SecAgg+ and DP wrappers are found by walking ``.strategy`` down the chain and are
-recognised by what they expose (SecAgg+: a ``history`` of round reports; DP: a
-``budget`` with ``epsilon_spent``), so a chain without them, or a later version that
-drops a field, only leaves those families unset. A failure inside telemetry is logged
-and never reaches the round: monitoring must not stop training.
+The SecAgg+, DP and reply-inspection wrappers are passed in (``secagg=``, ``dp=``,
+``reply_guard=``; :class:`~flwr_guard.guard.strategy.GuardedStrategy` passes the ones it
+built) or, when not passed, found by walking ``.strategy`` down the chain and matching
+their classes (:class:`~flwr_guard.secagg.strategy.SecAggPlus`,
+:class:`~flwr_guard.dp.strategy.DPFedAvg`, :class:`~flwr_guard.audit.reply_guard.ReplyGuard`).
+Their fields are read with their declared types, so renaming one is a type error, not
+an empty dashboard. A failure inside telemetry is logged and never reaches the round:
+monitoring must not stop training.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -50,7 +52,13 @@ from flwr_guard.telemetry.pushgateway import Pushgateway
 from flwr_guard.telemetry.recorder import DPState, ReplyView, TelemetryRecorder
 from flwr_guard.update import model_update, update_norm
 
+if TYPE_CHECKING:
+    from flwr_guard.audit.reply_guard import ReplyGuard
+    from flwr_guard.dp.strategy import DPFedAvg
+    from flwr_guard.secagg.strategy import SecAggPlus
+
 logger = logging.getLogger(__name__)
+_W = TypeVar("_W", bound=Strategy)
 
 
 def strategy_chain(strategy: Strategy) -> list[Strategy]:
@@ -64,19 +72,8 @@ def strategy_chain(strategy: Strategy) -> list[Strategy]:
     return chain
 
 
-def _is_secagg(strategy: Strategy) -> bool:
-    return isinstance(vars(strategy).get("history"), list) and hasattr(strategy, "num_shares")
-
-
-def _is_reply_guard(strategy: Strategy) -> bool:
-    return isinstance(vars(strategy).get("findings"), dict) and hasattr(strategy, "policy")
-
-
-def _is_dp(strategy: Strategy) -> bool:
-    budget = vars(strategy).get("budget")
-    return budget is not None and hasattr(budget, "epsilon_spent") and hasattr(
-        strategy, "noise_multiplier"
-    )
+def _find(chain: Sequence[Strategy], cls: type[_W]) -> _W | None:
+    return next((s for s in chain if isinstance(s, cls)), None)
 
 
 class TelemetryStrategy(StrategyWrapper):
@@ -98,6 +95,9 @@ class TelemetryStrategy(StrategyWrapper):
         protections: the ``protections`` label of ``flwr_guard_run_info``; ``None`` =
             read off the chain (SecAgg+, DP, reply inspection).
             :class:`~flwr_guard.guard.strategy.GuardedStrategy` passes its manifest's list.
+        secagg, dp, reply_guard: the SecAgg+, DP and server-side reply-inspection
+            wrappers in ``strategy``'s chain; ``None`` = the first of that class in the
+            chain, if any.
     """
 
     def __init__(
@@ -113,7 +113,14 @@ class TelemetryStrategy(StrategyWrapper):
         record_delta: float | None = None,
         linger_s: float = 0.0,
         protections: Sequence[str] | None = None,
+        secagg: SecAggPlus | None = None,
+        dp: DPFedAvg | None = None,
+        reply_guard: ReplyGuard | None = None,
     ) -> None:
+        from flwr_guard.audit.reply_guard import ReplyGuard
+        from flwr_guard.dp.strategy import DPFedAvg
+        from flwr_guard.secagg.strategy import SecAggPlus
+
         super().__init__(strategy)
         self.protections = None if protections is None else tuple(protections)
         self.metrics = metrics if metrics is not None else GuardMetrics()
@@ -122,17 +129,19 @@ class TelemetryStrategy(StrategyWrapper):
         self.linger_s = float(linger_s)
         chain = strategy_chain(strategy)
         self.chain = [type(s).__name__ for s in chain]
-        self.secagg = next((s for s in chain if _is_secagg(s)), None)
-        self.dp = next((s for s in chain if _is_dp(s)), None)
-        self.reply_guard = next((s for s in chain if _is_reply_guard(s)), None)
+        for name, given, cls in (("secagg", secagg, SecAggPlus), ("dp", dp, DPFedAvg),
+                                 ("reply_guard", reply_guard, ReplyGuard)):
+            if given is not None and not (isinstance(given, cls) and any(s is given for s in chain)):
+                raise ValueError(f"{name}= must be a {cls.__name__} in the wrapped chain {self.chain}")
+        self.secagg: SecAggPlus | None = secagg if secagg is not None else _find(chain, SecAggPlus)
+        self.dp: DPFedAvg | None = dp if dp is not None else _find(chain, DPFedAvg)
+        self.reply_guard: ReplyGuard | None = (
+            reply_guard if reply_guard is not None else _find(chain, ReplyGuard))
         self._findings_seen = 0
         self.client_statistics = self.dp is None if client_statistics is None else client_statistics
         self._run = run
-        self._recorder_args = {
-            "client_statistics": self.client_statistics,
-            "record_epsilon_budget": record_epsilon_budget,
-            "record_delta": record_delta,
-        }
+        self._record_epsilon_budget = record_epsilon_budget
+        self._record_delta = record_delta
         self.recorder: TelemetryRecorder | None = None
         self.errors = 0
         self._sent: dict[int, int] = {}
@@ -175,7 +184,9 @@ class TelemetryStrategy(StrategyWrapper):
         )
 
     def _make_recorder(self, run: str) -> TelemetryRecorder:
-        recorder = TelemetryRecorder(self.metrics, run, self.chain[-1], **self._recorder_args)
+        recorder = TelemetryRecorder(
+            self.metrics, run, self.chain[-1], client_statistics=self.client_statistics,
+            record_epsilon_budget=self._record_epsilon_budget, record_delta=self._record_delta)
         if self.protections is not None:
             protections = list(self.protections)
         else:
@@ -294,7 +305,7 @@ class TelemetryStrategy(StrategyWrapper):
         """New findings of the server-side reply inspector since the last reading."""
         if self.reply_guard is None or self.recorder is None:
             return
-        total = sum(len(found) for found in vars(self.reply_guard)["findings"].values())
+        total = sum(len(found) for found in self.reply_guard.findings.values())
         self.recorder.inspector_findings(total - self._findings_seen)  # exported from 0 on
         self._findings_seen = total
 
@@ -360,21 +371,22 @@ class TelemetryStrategy(StrategyWrapper):
         if self.secagg is None:
             return None
         for report in reversed(self.secagg.history):
-            if getattr(report, "server_round", None) == server_round:
-                return report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
+            if report.server_round == server_round:
+                return report.to_dict()
         return None
 
     def _dp_state(self, aggregated: Mapping[str, Any]) -> DPState:
-        dp: Any = self.dp
+        dp = self.dp
+        assert dp is not None  # called only with a DP wrapper in the chain
         budget = dp.budget
         clipping = lookup(aggregated, keys.CLIPPING_NORM)
         return DPState(
             epsilon=float(budget.epsilon_spent),
-            max_epsilon=float(getattr(budget, "max_epsilon", math.inf)),
-            delta=float(getattr(budget, "delta", math.nan)),
+            max_epsilon=float(budget.max_epsilon),
+            delta=float(budget.delta),
             noise_multiplier=float(dp.noise_multiplier),
-            clipping_norm=clipping if clipping is not None else getattr(dp, "clipping_norm", None),
+            clipping_norm=clipping if clipping is not None else dp.clipping_norm,
             noise_std=lookup(aggregated, keys.NOISE_STD),
-            exhausted=getattr(dp, "stopped_reason", None) is not None,
+            exhausted=dp.stopped_reason is not None,
             noised_unclipped_fraction=lookup(aggregated, keys.NOISED_UNCLIPPED_FRACTION),
         )

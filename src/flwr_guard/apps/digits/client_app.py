@@ -9,7 +9,8 @@ docs/privacy.md).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -52,11 +53,16 @@ def _local_data(context: Context) -> tuple[DataLoader, DataLoader]:
     return train, val
 
 
+def _num_examples(loader: DataLoader) -> int:
+    """Number of records behind ``loader`` (a map-style dataset: it has a length)."""
+    return len(cast(Sized, loader.dataset))
+
+
 def _model(msg: Message) -> DigitsCNN:
     from flwr_guard.apps.digits.model import DigitsCNN
 
     model = DigitsCNN()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return model
 
 
@@ -78,13 +84,15 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(msg)
     trainloader, _ = _local_data(context)
     device = select_device(str(context.node_config.get("device", "cpu")))
-    common = dict(
+    common: dict[str, Any] = dict(
         epochs=int(cfg["local-epochs"]),
         learning_rate=float(cfg["learning-rate"]),
         momentum=float(cfg["momentum"]),
         device=device,
     )
-    metrics: dict[str, float | int] = {"num-examples": len(trainloader.dataset)}
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": _num_examples(trainloader)
+    }
     from flwr_guard.robust.objectives import RobustObjective, check_dpsgd_compatible
 
     robust = RobustObjective.from_run_config(cfg)  # robust-objective "plain" = off
@@ -122,6 +130,6 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     device = select_device(str(context.node_config.get("device", "cpu")))
     loss, accuracy = evaluate(model, valloader, device)
     metrics = MetricRecord(
-        {"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(valloader.dataset)}
+        {"eval-loss": loss, "eval-acc": accuracy, "num-examples": _num_examples(valloader)}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

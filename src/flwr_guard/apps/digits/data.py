@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -181,9 +181,16 @@ def cached_partition_arrays(
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Several ClientApp processes may race here: write aside, then rename atomically.
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **{IMAGE_COLUMN: images, LABEL_COLUMN: labels})
+        columns: dict[str, Any] = {IMAGE_COLUMN: images, LABEL_COLUMN: labels}
+        np.savez(tmp, **columns)
     os.replace(tmp.name, path)
     return images, labels
+
+
+def _partitioner_kind(name: str) -> PartitionerKind:
+    if name in ("iid", "dirichlet"):
+        return cast(PartitionerKind, name)
+    raise ValueError(f"run config partitioner must be 'iid' or 'dirichlet', got {name!r}")
 
 
 def node_partition_arrays(
@@ -195,7 +202,7 @@ def node_partition_arrays(
     return cached_partition_arrays(
         partition_id=int(node_config["partition-id"]),
         num_partitions=int(node_config["num-partitions"]),
-        kind=str(run_config["partitioner"]),
+        kind=_partitioner_kind(str(run_config["partitioner"])),
         alpha=float(run_config["dirichlet-alpha"]),
         seed=int(run_config["seed"]),
         test_fraction=float(run_config["test-fraction"]),
