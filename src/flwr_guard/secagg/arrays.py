@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from flwr_guard.secagg.crypto import transcript
+from flwr_guard.update import model_update
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -37,26 +38,15 @@ def num_values(arrays: Arrays) -> int:
 
 
 def flat_update(local: Arrays, global_: Arrays) -> np.ndarray:
-    """``local - global`` flattened to float64, shape ``(num_values,)``.
+    """``local - global`` flattened to float64, shape ``(num_values,)``, in key order
+    (:func:`flwr_guard.update.model_update`, flattened).
 
     Raises:
-        ValueError: if the names or shapes differ, or a value is NaN/Inf.
+        ValueError: if the names or shapes differ, an array is not floating point, or a
+            value is NaN/Inf.
     """
-    if list(local) != list(global_):
-        raise ValueError(
-            f"reply arrays {list(local)} do not match the model's {list(global_)}"
-        )
-    pieces = []
-    for name, array in local.items():
-        array = np.asarray(array)
-        reference = np.asarray(global_[name])
-        if array.shape != reference.shape:
-            raise ValueError(f"array {name!r} has shape {array.shape}, model has {reference.shape}")
-        pieces.append((array.astype(np.float64) - reference.astype(np.float64)).ravel())
-    flat = np.concatenate(pieces) if pieces else np.zeros(0)
-    if not np.isfinite(flat).all():
-        raise ValueError("update holds NaN or Inf")
-    return flat
+    pieces = [diff.ravel() for diff in model_update(local, global_).values()]
+    return np.concatenate(pieces) if pieces else np.zeros(0)
 
 
 def apply_flat_update(global_: Arrays, update: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,19 +9,17 @@ check that the two agree with what the exporter really serves.
 
 Labels stay low-cardinality: every family carries ``run`` (Flower run id) and
 ``strategy`` (the innermost strategy class, e.g. ``FedAvg``); SecAgg+ families add
-``stage`` (five protocol stages plus ``unmask-compute``), a few add a small fixed enum
+``stage`` (six protocol stages plus ``unmask-compute``), a few add a small fixed enum
 (``phase``, ``level``, ``outcome``). Per-node families (label ``node``) exist only in a
 registry built with ``per_node=True``. Nothing is ever labelled per example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-PREFIX = "flwr_guard_"
-RUN_LABELS = ("run", "strategy")
+from flwr_guard.telemetry.family import PREFIX, RUN_LABELS, Family, family
+from flwr_guard.telemetry.robustness import ROBUST_FAMILIES
 
 # Bucket bounds (upper, inclusive), chosen for what each family measures.
 STAGE_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -31,28 +29,7 @@ PSNR_BUCKETS = (5.0, 10.0, 12.5, 15.0, 17.5, 20.0, 22.5, 25.0, 30.0, 40.0, 50.0)
 UNIT_INTERVAL_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-@dataclass(frozen=True)
-class Family:
-    """One metric family as docs/metrics.md lists it.
-
-    Attributes:
-        name: the exposed name (counters: with ``_total``; histograms: the base name of
-            ``_bucket``/``_sum``/``_count``).
-        kind: ``"counter"``, ``"gauge"``, ``"histogram"`` or ``"info"``.
-        unit: the unit of the value, in words.
-        labels: label names, ``run`` and ``strategy`` first.
-        help: the HELP text served to Prometheus.
-    """
-
-    name: str
-    kind: str
-    unit: str
-    labels: tuple[str, ...]
-    help: str
-
-
-def _f(name: str, kind: str, unit: str, extra: tuple[str, ...], help_: str) -> Family:
-    return Family(PREFIX + name, kind, unit, RUN_LABELS + extra, help_)
+_f = family
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -205,9 +182,9 @@ class GuardMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.per_node = per_node
         self._families: dict[str, Counter | Gauge | Histogram | Info] = {}
-        for family in FAMILIES + (NODE_FAMILIES if per_node else ()) + _robust_families():
-            self._families[_base(family.name, family.kind).removeprefix(PREFIX)] = _create(
-                family, self.registry
+        for fam in FAMILIES + (NODE_FAMILIES if per_node else ()) + ROBUST_FAMILIES:
+            self._families[_base(fam.name, fam.kind).removeprefix(PREFIX)] = _create(
+                fam, self.registry
             )
 
     def __getitem__(self, key: str) -> Counter | Gauge | Histogram | Info:
@@ -219,15 +196,7 @@ class GuardMetrics:
     @property
     def families(self) -> tuple[Family, ...]:
         """The families registered here."""
-        return FAMILIES + (NODE_FAMILIES if self.per_node else ()) + _robust_families()
-
-
-def _robust_families() -> tuple[Family, ...]:
-    """Registration hook: the robustness families of :mod:`flwr_guard.telemetry.robustness`
-    (imported here, late, because that module builds its families from this one's)."""
-    from flwr_guard.telemetry.robustness import ROBUST_FAMILIES
-
-    return ROBUST_FAMILIES
+        return FAMILIES + (NODE_FAMILIES if self.per_node else ()) + ROBUST_FAMILIES
 
 
 def _create(family: Family, registry: CollectorRegistry) -> Counter | Gauge | Histogram | Info:

@@ -22,15 +22,13 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from flwr_guard.telemetry.metrics import PREFIX, RUN_LABELS, Family
+from flwr_guard.telemetry.family import Family, family
 
 if TYPE_CHECKING:
     from flwr_guard.telemetry.recorder import TelemetryRecorder
 
 
-def _f(name: str, kind: str, unit: str, extra: tuple[str, ...], help_: str) -> Family:
-    return Family(PREFIX + name, kind, unit, RUN_LABELS + extra, help_)
-
+_f = family
 
 ROBUST_FAMILIES: tuple[Family, ...] = (
     _f("robust_accuracy_ratio", "gauge", "ratio in [0, 1]", ("attack", "eps"),
