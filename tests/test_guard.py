@@ -335,3 +335,24 @@ def test_the_node_operators_policy_applies_on_top_of_the_apps() -> None:
                                   max_clipping_norm=1.0)
     with pytest.raises(ValueError, match="guard-require-secagg must be true or false"):
         ClientPolicy.from_node_config({"guard-require-secagg": 3})
+
+
+def test_secagg_from_run_config_reads_the_reference_apps_keys_and_names_a_bad_one() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from flwr_guard.guard.strategy import GuardConfigError, SecAgg
+
+    pyproject = Path(__file__).parent.parent / "src/flwr_guard/apps/digits/pyproject.toml"
+    config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    secagg = SecAgg.from_run_config(config)
+    assert secagg == SecAgg(num_shares=None, reconstruction_threshold=None, clipping_range=2.0,
+                            quantization_range=65536, timeout=300.0, multi_round=True)
+    assert SecAgg.from_run_config({**config, "secagg": False}) is None
+    assert SecAgg.from_run_config({"secagg-num-shares": 5}) == SecAgg(num_shares=5)
+    with pytest.raises(GuardConfigError, match="run config secagg-timeout = 'soon': expected float"):
+        SecAgg.from_run_config({"secagg-timeout": "soon"})
+    with pytest.raises(GuardConfigError, match="run config secagg-multi-round = 1: expected bool"):
+        SecAgg.from_run_config({"secagg-multi-round": 1})
+    with pytest.raises(GuardConfigError, match="secagg-reconstruction-threshold = -1: expected >= 0"):
+        SecAgg.from_run_config({"secagg-reconstruction-threshold": -1})

@@ -77,6 +77,16 @@ class NoAggregate(FlwrGuardError, RuntimeError):
     """No round of the run produced an aggregate (the model was never updated)."""
 
 
+# Run-config keys read by SecAgg.from_run_config.
+SECAGG_KEY = "secagg"
+SECAGG_NUM_SHARES_KEY = "secagg-num-shares"
+SECAGG_THRESHOLD_KEY = "secagg-reconstruction-threshold"
+SECAGG_CLIPPING_RANGE_KEY = "secagg-clipping-range"
+SECAGG_QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
+SECAGG_TIMEOUT_KEY = "secagg-timeout"
+SECAGG_MULTI_ROUND_KEY = "secagg-multi-round"
+
+
 @dataclass(frozen=True)
 class SecAgg:
     """SecAgg+ on the server (:class:`flwr_guard.secagg.SecAggPlus`); fields as there.
@@ -98,6 +108,49 @@ class SecAgg:
     def terms(self) -> SecAggTerms:
         return SecAggTerms(self.num_shares, self.reconstruction_threshold,
                            float(self.clipping_range), int(self.quantization_range))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SecAgg | None:
+        """The ``secagg-*`` keys of a run config (``pyproject.toml``'s
+        ``[tool.flwr.app.config]``), or ``None`` when ``secagg`` is false.
+
+        Keys (absent = the field's default): ``secagg`` (bool, default true),
+        ``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (int; 0 = chosen
+        per cohort), ``secagg-clipping-range`` (float, model units),
+        ``secagg-quantization-range`` (int), ``secagg-timeout`` (seconds),
+        ``secagg-multi-round`` (bool). Clients still enforce their own floors.
+
+        Raises:
+            GuardConfigError: a value of the wrong type or out of range, naming the key.
+        """
+        def get(key: str, kind: type, default: Any) -> Any:
+            value = run_config.get(key, default)
+            try:
+                if kind is bool:
+                    if not isinstance(value, bool):
+                        raise TypeError
+                    return value
+                return kind(value)
+            except (TypeError, ValueError):
+                raise GuardConfigError(
+                    f"run config {key} = {value!r}: expected {kind.__name__}") from None
+
+        if not get(SECAGG_KEY, bool, True):
+            return None
+        shares = get(SECAGG_NUM_SHARES_KEY, int, 0)
+        threshold = get(SECAGG_THRESHOLD_KEY, int, 0)
+        for key, value in ((SECAGG_NUM_SHARES_KEY, shares), (SECAGG_THRESHOLD_KEY, threshold)):
+            if value < 0:
+                raise GuardConfigError(f"run config {key} = {value}: expected >= 0 (0 = per cohort)")
+        defaults = cls()
+        return cls(
+            num_shares=shares or None,
+            reconstruction_threshold=threshold or None,
+            clipping_range=get(SECAGG_CLIPPING_RANGE_KEY, float, defaults.clipping_range),
+            quantization_range=get(SECAGG_QUANTIZATION_RANGE_KEY, int, defaults.quantization_range),
+            timeout=get(SECAGG_TIMEOUT_KEY, float, defaults.timeout),
+            multi_round=get(SECAGG_MULTI_ROUND_KEY, bool, defaults.multi_round),
+        )
 
 
 @dataclass(frozen=True)

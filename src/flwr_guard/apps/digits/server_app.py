@@ -43,14 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
     )
-    secagg = SecAgg(
-        num_shares=int(cfg["secagg-num-shares"]) or None,
-        reconstruction_threshold=int(cfg["secagg-reconstruction-threshold"]) or None,
-        clipping_range=float(cfg["secagg-clipping-range"]),
-        quantization_range=int(cfg["secagg-quantization-range"]),
-        timeout=float(cfg["secagg-timeout"]),
-        multi_round=bool(cfg.get("secagg-multi-round", True)),
-    ) if bool(cfg["secagg"]) else None
+    secagg = SecAgg.from_run_config(cfg)
     budget = {
         "dp-sgd": bool(cfg["dp-sgd"]),
         "dp-sgd-max-epsilon": float(cfg["dp-sgd-max-epsilon"]),
