@@ -563,11 +563,7 @@ class SecAggClient:
             entries[entry.node_id] = entry
         if own is None or entries.get(self.node_id) != RosterEntry.of(own):
             raise ProtocolError("this client's own advertisement is missing or altered")
-        if len(entries) < self.policy.min_cohort:
-            raise PolicyViolation(
-                f"only {len(entries)} clients advertised, this client's policy needs a "
-                f"cohort of at least {self.policy.min_cohort}"
-            )
+        self.policy.check_sum_size(len(entries), "clients that advertised: a cohort")
         if len(entries) - 1 < context.params.reconstruction_threshold:
             raise ProtocolError(
                 f"{len(entries)} clients advertised: fewer than reconstruction_threshold "
@@ -796,6 +792,8 @@ class SecAggClient:
         Raises:
             ProtocolError: U3 is not within U2, omits this client, is smaller than the
                 reconstruction threshold, or differs from a set signed before.
+            PolicyViolation: U3 holds fewer than ``C + 1 + h`` inputs (the policy's
+                :attr:`~flwr_guard.secagg.policy.SecAggPolicy.min_sum`).
         """
         context = self._require_context()
         u3 = sorted(set(survivors))
@@ -806,11 +804,9 @@ class SecAggClient:
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
             )
-        if len(u3) < self.policy.min_cohort:
-            raise PolicyViolation(
-                f"{len(u3)} inputs in the sum, this client's policy needs at least "
-                f"{self.policy.min_cohort} (secagg-min-cohort)"
-            )
+        # The server and up to C colluders read off the sum everything but the honest
+        # inputs: sign only a sum holding h honest others beyond them.
+        self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
         check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")
