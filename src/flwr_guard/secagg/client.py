@@ -799,14 +799,14 @@ class SecAggClient:
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.shared_ids) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the clients that shared keys")
+        # The server and up to C colluders read off the sum everything but the honest
+        # inputs: sign only a sum holding h honest others beyond them.
+        self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
         if len(u3) < context.params.reconstruction_threshold:
             raise ProtocolError(
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
             )
-        # The server and up to C colluders read off the sum everything but the honest
-        # inputs: sign only a sum holding h honest others beyond them.
-        self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
         check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:
             raise ProtocolError("asked to sign a second, different survivor set")

@@ -409,3 +409,66 @@ class SecAggParams:
 
 MAX_NUM_SHARES = 2**16
 """Largest k any message may carry (bounds every per-neighbour allocation)."""
+
+
+ROSTER_TABLE_SIZES = (3, 4, 5, 6, 8, 10, 15, 20, 21, 30, 40, 41, 50, 60, 80, 100, 150, 200, 300, 500, 750, 1000)
+"""Roster sizes of the defaults table in docs/secagg.md (:func:`roster_defaults_table`)."""
+
+
+@dataclass(frozen=True)
+class RosterDefaults:
+    """What a client's default policy accepts in a federation of ``roster_size``, and the
+    server's default parameters for a cohort of the whole roster.
+
+    Attributes:
+        roster_size: R.
+        colluders: C = ceil(gamma R).
+        min_sum: C + 1 + h, the fewest inputs of a cohort or a signed survivor set.
+        choice: the default (k, t) for n = R (:func:`choose_parameters` for C), or
+            ``None`` where R < ``min_sum`` (every round is refused).
+    """
+
+    roster_size: int
+    colluders: int
+    min_sum: int
+    choice: ParameterChoice | None
+
+
+def roster_defaults(
+    roster_size: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    min_honest_others: int = DEFAULT_MIN_HONEST_OTHERS,
+) -> RosterDefaults:
+    """The defaults of :class:`RosterDefaults` for a roster of ``roster_size``."""
+    c = colluders_for(roster_size, corrupt_fraction)
+    floor = max(3, min_sum_size(c, min_honest_others))
+    choice = choose_parameters(roster_size, colluders=c) if roster_size >= floor else None
+    return RosterDefaults(roster_size, c, floor, choice)
+
+
+def _bound(value: float) -> str:
+    return "0" if value == 0 else "1" if value >= 1 else f"{value:.1e}"
+
+
+def roster_defaults_table(sizes: tuple[int, ...] = ROSTER_TABLE_SIZES) -> str:
+    """The Markdown table of docs/secagg.md ("Defaults by roster size"), one row per size:
+    C, the smallest sum, and for a cohort of the whole roster k, t, c, the losses the sum
+    floor allows (R - min sum), the losses per neighbourhood (k - t) and the failure
+    bounds of :func:`choose_parameters` (delta = 1/3 random dropouts)."""
+    rows = [
+        "| roster R | C = ceil(0.05 R) | smallest sum C + 3 | k | t | c | losses the sum floor allows | "
+        "losses per neighbourhood (k - t) | security bound | abort bound (R/3 drop) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size in sizes:
+        d = roster_defaults(size)
+        if d.choice is None:
+            rows.append(f"| {size} | {d.colluders} | {d.min_sum} | refused: R < C + 3 | | | | | | |")
+            continue
+        ch = d.choice
+        rows.append(
+            f"| {size} | {d.colluders} | {d.min_sum} | {ch.num_shares} | {ch.reconstruction_threshold} "
+            f"| {ch.corrupt_neighbours} | {size - d.min_sum} | {ch.num_shares - ch.reconstruction_threshold} "
+            f"| {_bound(ch.security_failure)} | {_bound(ch.correctness_failure)} |"
+        )
+    return "\n".join(rows)
