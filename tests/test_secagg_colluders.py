@@ -57,7 +57,7 @@ D_ROUND = 20
 OLD = {"max_colluders": 0}  # the old assumption: no colluder in a cohort below 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _federation(size: int = ROSTER, seed: int = 0):
     """``size`` members: ids, signing secrets and the roster of their public keys (the
     same federation for the same arguments)."""
