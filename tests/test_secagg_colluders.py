@@ -47,7 +47,7 @@ from flwr_guard.secagg.client import (
     unpack_roster,
 )
 from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.params import SecAggParams, choose_parameters, colluders_for
 from flwr_guard.secagg.policy import PolicyViolation, Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.server import SecAggServer
 from flwr_guard.secagg.session import UNKNOWN_SESSION, SessionClient, SessionServer
@@ -419,3 +419,22 @@ def test_mod_a_client_cap_below_the_servers_loses_one_round_and_the_next_re_keys
     assert agg3 is None and not r3.key_setup  # every client refused round 3 of the session
     assert r4.key_setup and r4.aborted is None and r4.survivors == 5
     np.testing.assert_allclose(agg4, fed.expected_mean(fed.ids), atol=SecAggParams(4, 3).step)
+
+
+def test_sampled_cohorts_of_a_large_roster_need_t_for_all_c() -> None:
+    """docs/secagg.md, "Sampled cohorts pay for the absolute bound"."""
+    for roster, n, old, new in ((200, 20, (14, 8, 1), (19, 15, 10)), (1000, 100, (64, 35, 5), (99, 75, 50))):
+        c = colluders_for(roster)
+        got = choose_parameters(n, colluders=c)
+        assert (got.num_shares, got.reconstruction_threshold, got.corrupt_neighbours) == new
+        assert got.correctness_failure == 1.0
+        was = choose_parameters(n, colluders=n // 20)  # the old rule: floor(0.05 n) of the cohort
+        assert (was.num_shares, was.reconstruction_threshold, was.corrupt_neighbours) == old
+        assert SecAggParams.for_cohort(n, federation_size=roster).reconstruction_threshold == new[1]
+    policy = SecAggPolicy(roster=_federation(1000)[2])
+    assert policy.min_sum == 53
+    with pytest.raises(PolicyViolation, match="announced a cohort of 50: with up to C = 50 colluding members"):
+        policy.check_context(RoundContext(1, 1, tuple(range(50)), SecAggParams(35, 19), 5, b"h" * 32))
+    for n, k, t in ((10, 8, 5), (20, 14, 8), (100, 64, 35)):  # a cohort of the whole roster
+        p = SecAggParams.for_cohort(n)
+        assert (p.num_shares, p.reconstruction_threshold) == (k, t)
