@@ -426,7 +426,7 @@ def test_a_tampered_open_payload_is_refused_and_a_session_opens_once():
     u = s.ids[0]
     payload = s.server.open_payload(u)
     ads, nonces = payload["advertisements"], payload["nonces"]
-    other = s.ids[1]
+    other = s.server.graph[u][0]  # a neighbour: its own advertisement is not in its payload
     swapped = dataclasses.replace(ads[0], mask_key=ads[0].encryption_key, encryption_key=ads[0].mask_key)
     fresh = crypto.x25519_keypair()[1]  # the server's own key for a neighbour
     replaced = dataclasses.replace(ads[0], mask_key=fresh)

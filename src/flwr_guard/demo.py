@@ -291,6 +291,8 @@ def run_demo(
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
         "progress-file": str(progress_path),
+        # the nodes' secagg-max-colluders=0 below 5 nodes (write_federation above)
+        **({"secagg-max-colluders": 0} if per_node and options.nodes < 5 else {}),
         **optional,
     }
     run_config: dict[str, Any] = {

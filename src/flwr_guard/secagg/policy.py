@@ -28,9 +28,9 @@ itself (Sybils): that is the known limit of single-server secure aggregation wit
 PKI. The client then refuses to run unless the user opted in to trust on first use
 (keys pinned the first time they are seen) or it runs in Flower's simulation. Then no
 bound holds against a server that brings its own keys, whatever C: C and h apply only
-as set in node config (against a server that brings none), the default sum floor is
-``secagg-min-cohort`` alone, and t is checked for ``ceil(gamma n)`` colluders in the
-cohort of n (the only size known).
+as set in node config (against a server that brings none); by default the sum floor
+is ``secagg-min-cohort`` alone and t is checked for ``floor(gamma n)`` colluders in the
+cohort of n, as before the absolute bound (nothing else is known, and nothing holds).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -305,10 +306,13 @@ class SecAggPolicy:
 
     def threshold_colluders(self, cohort_size: int) -> int:
         """The C that the t check uses for a cohort of ``cohort_size``: :attr:`colluders`,
-        or without one ``ceil(gamma n)`` (trust on first use: the cohort is the only size
-        this client knows)."""
+        or without one ``floor(gamma n)`` (trust on first use: the cohort is the only size
+        this client knows, and no bound holds against Sybils; the rule before the
+        absolute bound, unchanged)."""
         c = self.colluders
-        return colluders_for(cohort_size, self.corrupt_fraction) if c is None else c
+        if c is not None:
+            return c
+        return math.floor(Fraction(repr(float(self.corrupt_fraction))) * cohort_size)
 
     @property
     def honest_others(self) -> int:
@@ -324,7 +328,7 @@ class SecAggPolicy:
         if self.roster is not None:
             return (f"ceil({NODE_CORRUPT_FRACTION} {self.corrupt_fraction} x roster of "
                     f"{len(self.roster.members)})")
-        return f"ceil({NODE_CORRUPT_FRACTION} {self.corrupt_fraction} x cohort): no roster"
+        return f"floor({NODE_CORRUPT_FRACTION} {self.corrupt_fraction} x cohort): no roster"
 
     @property
     def min_sum(self) -> int:

@@ -50,6 +50,8 @@ def main(grid: Grid, context: Context) -> None:
         quantization_range=int(cfg["secagg-quantization-range"]),
         timeout=float(cfg["secagg-timeout"]),
         multi_round=bool(cfg.get("secagg-multi-round", True)),
+        options={"max_colluders": int(cfg["secagg-max-colluders"])}
+        if int(cfg.get("secagg-max-colluders", -1)) >= 0 else {},
     ) if bool(cfg["secagg"]) else None
     budget = {
         "dp-sgd": bool(cfg["dp-sgd"]),
