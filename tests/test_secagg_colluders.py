@@ -438,3 +438,25 @@ def test_sampled_cohorts_of_a_large_roster_need_t_for_all_c() -> None:
     for n, k, t in ((10, 8, 5), (20, 14, 8), (100, 64, 35)):  # a cohort of the whole roster
         p = SecAggParams.for_cohort(n)
         assert (p.num_shares, p.reconstruction_threshold) == (k, t)
+
+
+def test_per_round_no_masked_input_when_the_clients_that_shared_keys_are_too_few() -> None:
+    """The server routes only the victim's and the colluders' shares (U2 of 3 in a cohort
+    of 5): every sum within U2 is below C + 3, so the victim sends no masked input."""
+    ids, secrets, roster = _federation()
+    victim, colluders, honest = ids[0], ids[1:3], ids[3:5]
+    cohort = [victim, *colluders, *honest]
+    ctx = RoundContext(7, 1, tuple(sorted(cohort)), SecAggParams.for_cohort(5, max_colluders=2), D_ROUND + 1, b"h" * 32)
+    clients = {i: SecAggClient(i, secrets[i], SecAggPolicy(roster=roster)) for i in cohort}
+    r = Round(clients, SecAggServer(ctx), {i: np.zeros(D_ROUND) for i in cohort}, {i: 1 for i in cohort})
+    routed = setup(r)
+    u2 = [victim, *colluders]
+    with pytest.raises(PolicyViolation, match=(
+        r"clients that shared keys: a largest possible sum of 3: with up to C = 2 colluding members"
+    )):
+        clients[victim].masked_input(u2, {c: routed[victim][c] for c in colluders}, np.zeros(D_ROUND), 1,
+                                     ctx.model_hash)
+    # With all five in U2 the same client masks its input (the control).
+    vector, bad, _ = clients[victim].masked_input(sorted(cohort), routed[victim], np.zeros(D_ROUND), 1,
+                                                  ctx.model_hash)
+    assert bad == [] and vector.shape == (D_ROUND + 1,)

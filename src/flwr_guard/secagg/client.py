@@ -719,6 +719,8 @@ class SecAggClient:
         Raises:
             ProtocolError: the model differs from the announced one, U2 is not a subset
                 of the verified cohort, or too few neighbours shared.
+            PolicyViolation: U2 holds fewer than the policy's ``C + 1 + h`` (no sum it
+                could join would hide this client's input).
             ValueError: for an update of the wrong length, with NaN/Inf, or a weight
                 out of range.
         """
@@ -732,6 +734,8 @@ class SecAggClient:
         survivors = set(shared_ids)
         if not survivors <= set(self.roster) or self.node_id not in survivors:
             raise ProtocolError("the set of clients that shared keys is inconsistent")
+        # U3 is within U2: no masked input for a sum that could only be too small.
+        self.policy.check_sum_size(len(survivors), "clients that shared keys: a largest possible sum")
         active_neighbours = [v for v in self.neighbour_ids if v in survivors]
         if len(active_neighbours) < params.reconstruction_threshold:
             raise ProtocolError(
