@@ -350,6 +350,7 @@ def test_secagg_from_run_config_reads_the_reference_apps_keys_and_names_a_bad_on
                             quantization_range=65536, timeout=300.0, multi_round=True)
     assert SecAgg.from_run_config({**config, "secagg": False}) is None
     assert SecAgg.from_run_config({"secagg-num-shares": 5}) == SecAgg(num_shares=5)
+    assert SecAgg.from_run_config({"secagg-max-colluders": 0}) == SecAgg(options={"max_colluders": 0})
     with pytest.raises(GuardConfigError, match="run config secagg-timeout = 'soon': expected float"):
         SecAgg.from_run_config({"secagg-timeout": "soon"})
     with pytest.raises(GuardConfigError, match="run config secagg-multi-round = 1: expected bool"):

@@ -95,8 +95,8 @@ def test_one_key_under_two_ids_is_refused() -> None:
     [
         ([1, 2], 1, 1, SecAggPolicy(trust_on_first_use=True), "cohort of 2.*at least 3"),
         (range(1, 21), 13, 7, SecAggPolicy(trust_on_first_use=True), r"c = 1 .*2t > k \+ c, i\.e\. t >= 8"),
-        (range(1, 8), 6, 4, SecAggPolicy(trust_on_first_use=True, corrupt_fraction=0.3),
-         r"c = 2 corrupt neighbours.*t >= 5"),
+        (range(1, 8), 6, 4, SecAggPolicy(trust_on_first_use=True, max_colluders=2),
+         r"C = 2 colluding members \(secagg-max-colluders=2\).*c = 2 corrupt neighbours.*t >= 5"),
         (range(1, 11), 3, 2, SecAggPolicy(trust_on_first_use=True, min_num_shares=5),
          "num_shares 3.*at least 5"),
         (range(1, 11), 9, 5, SecAggPolicy(trust_on_first_use=True, min_reconstruction_threshold=6),
@@ -115,7 +115,7 @@ def test_server_asking_for_less_than_the_policy_is_refused(ids, k, t, policy, ma
 
 
 # -- 2. Split dropout views + colluders --------------------------------------------------
-def _split_view_attack(t: int, corrupt_fraction: float, split: int, seed: int = 1):
+def _split_view_attack(t: int, max_colluders: int, split: int, seed: int = 1):
     """Full graph of 6 (k = 5), 2 colluding share holders. The server tells ``split`` of
     the victim's 3 honest holders "the victim survived" (they reveal its self-mask
     seed) and the others "it dropped" (they reveal its mask key); the colluders give
@@ -124,7 +124,7 @@ def _split_view_attack(t: int, corrupt_fraction: float, split: int, seed: int = 
     n, k = 6, 5
     r = make_round(n=n, d=30, seed=seed, params=SecAggParams(k, t))
     for c in r.clients.values():
-        object.__setattr__(c, "policy", dataclasses.replace(c.policy, corrupt_fraction=corrupt_fraction))
+        object.__setattr__(c, "policy", dataclasses.replace(c.policy, max_colluders=max_colluders))
     ids = sorted(r.clients)
     victim, colluders = ids[0], ids[1:3]
     honest = ids[3:]
@@ -177,9 +177,10 @@ def _split_view_attack(t: int, corrupt_fraction: float, split: int, seed: int = 
 
 def test_split_views_with_colluders_recover_the_victim_when_2t_is_at_most_k_plus_c() -> None:
     # t = 3 = floor(k/2) + 1 (the old default): 2t = 6 <= k + c = 7, and the policy
-    # assumed no colluder (gamma 0.05 of 6 clients is 0): one honest holder told "it
-    # survived", two told "it dropped", and the attack recovers the exact input.
-    y, r = _split_view_attack(t=3, corrupt_fraction=0.05, split=1)
+    # assumed no colluder (C = 0: the old gamma 0.05 of a cohort of 6): one honest
+    # holder told "it survived", two told "it dropped", and the attack recovers the
+    # exact input.
+    y, r = _split_view_attack(t=3, max_colluders=0, split=1)
     victim = min(r.clients)
     p = r.server.context.params
     q, _ = quantize(r.updates[victim], p.clipping_range, p.quantization_range, np.random.default_rng(victim))
@@ -189,12 +190,15 @@ def test_split_views_with_colluders_recover_the_victim_when_2t_is_at_most_k_plus
 
 
 def test_policy_for_two_colluders_refuses_t3_and_with_t4_no_split_recovers_the_victim() -> None:
-    # gamma = 0.34: 2 corrupt clients among 6, c = 2, so t >= 4 (2t > k + c = 7).
-    with pytest.raises(PolicyViolation, match=r"c = 2.*t >= 4"):
-        _split_view_attack(t=3, corrupt_fraction=0.34, split=1)
+    # C = 2 colluders: c = 2 on the complete graph of 6, so t >= 4 (2t > k + c = 7).
+    with pytest.raises(PolicyViolation, match=r"C = 2 colluding.*c = 2.*t >= 4"):
+        _split_view_attack(t=3, max_colluders=2, split=1)
     for split in range(4):  # every way to split the 3 honest holders
-        y, _ = _split_view_attack(t=4, corrupt_fraction=0.34, split=split)
+        y, _ = _split_view_attack(t=4, max_colluders=2, split=split)
         assert y is None
+    # The default bound of this roster of 6 (C = ceil(0.05 x 6) = 1) refuses t = 3 too.
+    with pytest.raises(PolicyViolation, match=r"C = 1 colluding members \(ceil\(secagg-corrupt-fraction 0.05 x roster of 6\)\).*t >= 4"):
+        _split_view_attack(t=3, max_colluders=None, split=1)
 
 
 # -- 3. Graph steering and pin poisoning ---------------------------------------------
@@ -506,7 +510,7 @@ def _payload(reply) -> dict:
 def test_mod_refuses_a_sybil_cohort_and_a_round_below_its_policy(tmp_path) -> None:
     from flwr_guard.secagg.client import pack_roster
 
-    fed = ModFederation(3, tmp_path)
+    fed = ModFederation(4, tmp_path)
     sybils = {i: SecAggClient(i, crypto.ed25519_keypair()[0], SecAggPolicy(trust_on_first_use=True))
               for i in (91, 92, 93, 94)}
     ctx = RoundContext(1, 1, tuple(sorted([*fed.ids, *sybils])), SecAggParams(6, 4), fed.d + 1, b"h" * 32)
@@ -517,10 +521,11 @@ def test_mod_refuses_a_sybil_cohort_and_a_round_below_its_policy(tmp_path) -> No
     for node in fed.ids:
         reply = _instruct(fed, node, "roster", {"roster": roster})
         assert reply.has_error() and "not on the federation roster" in reply.error.reason
-    # A server that asks for a cohort of 2 with t = 1, or t below 2t > k + c, is refused
-    # at once, before any key is generated.
+    # A server that asks for a cohort of 2 with t = 1, or of 3 (below C + 3 = 4 for the
+    # roster of 4), is refused at once, before any key is generated.
     for params, cohort, match in (
         (SecAggParams(1, 1), fed.ids[:2], "cohort of 2"),
+        (SecAggParams(2, 2), fed.ids[:3], "cohort of 3: with up to C = 1 colluding members"),
         (SecAggParams(2, 2), fed.ids, None),
     ):
         c = RoundContext(1, 1, tuple(cohort), params, fed.d + 1, b"h" * 32)
@@ -528,7 +533,7 @@ def test_mod_refuses_a_sybil_cohort_and_a_round_below_its_policy(tmp_path) -> No
         if match:
             assert reply.has_error() and match in reply.error.reason
         else:
-            assert not reply.has_error()  # n = 3, k = 2, t = 2 meets the default policy
+            assert not reply.has_error()  # n = 4, k = 2, t = 2 meets the default policy (c = 1)
     bad = ctx.to_dict()
     bad["params"]["clipping_range"] = float("inf")
     reply = _instruct(fed, fed.ids[0], "advertise", {"context": bad})
@@ -536,11 +541,11 @@ def test_mod_refuses_a_sybil_cohort_and_a_round_below_its_policy(tmp_path) -> No
 
 
 def test_mod_never_crashes_on_hostile_payloads(tmp_path) -> None:
-    fed = ModFederation(3, tmp_path)
+    fed = ModFederation(4, tmp_path)
     node = fed.ids[0]
     ctx = RoundContext(1, 1, tuple(fed.ids), SecAggParams(2, 2), fed.d + 1, b"h" * 32)
     hostile = [
-        ("advertise", {"context": {**ctx.to_dict(), "cohort": [-1, 1, 2]}}, "uint64"),
+        ("advertise", {"context": {**ctx.to_dict(), "cohort": [-1, 1, 2, 3]}}, "uint64"),
         ("advertise", {"context": {**ctx.to_dict(), "vector_length": 10**12}}, "vector_length"),
         ("roster", {"roster": 12}, "no SecAgg+ round in progress"),
     ]

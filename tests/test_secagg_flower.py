@@ -33,7 +33,10 @@ def _run(tmp_path, nodes: int, simulation: bool = True, **config) -> tuple[dict,
 
 @pytest.mark.simulation
 def test_simulation_a_third_dropping_gives_the_survivors_weighted_average(tmp_path) -> None:
-    res, out = _run(tmp_path, nodes=6, **{"drop-partitions": "1,4", "drop-stage": "masked-input"})
+    # t = 3 of k = 5: the server's default for 6 connected nodes (C = ceil(0.05 x 6) = 1,
+    # t = 4) leaves one loss per neighbourhood; the simulation's clients accept t = 3.
+    res, out = _run(tmp_path, nodes=6, **{"drop-partitions": "1,4", "drop-stage": "masked-input",
+                                          "reconstruction-threshold": 3})
     report = res["report"]
     assert report["aborted"] is None
     assert report["cohort"] == 6 and report["survivors"] == 4

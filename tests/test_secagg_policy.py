@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.keys import load_signing_key, write_signing_key
+from flwr_guard.secagg.params import (
+    ROSTER_TABLE_SIZES,
+    colluders_for,
+    roster_defaults,
+    roster_defaults_table,
+)
 from flwr_guard.secagg.policy import (
     Roster,
     RosterMember,
@@ -83,3 +90,55 @@ def test_centered_lift_keeps_exact_sums_at_the_modulus_edge_and_flags_wraparound
     residues = np.array([0, 2000, (2**32 - 5) % 2**32, 2**31], dtype=np.int64)
     values, suspected = centered_lift(residues, center, bits)
     assert values.tolist()[:3] == [0, 2000, -5] and suspected == 1
+
+
+def test_colluder_bound_and_session_cap_from_node_config(tmp_path) -> None:
+    roster = tmp_path / "roster.json"
+    _roster(tmp_path, n=41).to_file(roster)
+    policy = policy_from_node_config({"secagg-roster": str(roster)})
+    # C = ceil(0.05 x 41) = 3; sums of C + 1 + 2 = 6; sessions of 100 rounds, 24 h.
+    assert (policy.colluders, policy.honest_others, policy.min_sum) == (3, 2, 6)
+    assert (policy.max_session_rounds, policy.max_session_seconds) == (100, 86_400.0)
+    policy = policy_from_node_config({
+        "secagg-roster": str(roster), "secagg-max-colluders": "5", "secagg-min-honest-others": 3,
+        "secagg-max-session-rounds": "20", "secagg-max-session-seconds": "3600",
+    })
+    assert (policy.colluders, policy.min_sum) == (5, 9)
+    assert (policy.max_session_rounds, policy.max_session_seconds) == (20, 3600.0)
+    assert "secagg-max-colluders=5" in policy.colluders_source()
+    for config, match in [
+        ({"secagg-max-colluders": "-1"}, "max_colluders must be >= 0"),
+        ({"secagg-max-colluders": "two"}, "secagg-max-colluders must be a number"),
+        ({"secagg-min-honest-others": "0"}, "min_honest_others must be >= 1"),
+        ({"secagg-max-session-rounds": "0"}, r"max_session_rounds must be in \[1, 10000\]"),
+        ({"secagg-max-session-rounds": "20000"}, r"max_session_rounds must be in \[1, 10000\]"),
+        ({"secagg-max-session-seconds": "inf"}, "finite"),
+        ({"secagg-max-session-seconds": "0"}, "max_session_seconds must be finite and > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            policy_from_node_config(config)
+
+
+def test_colluders_are_ceil_gamma_times_roster_size_exactly() -> None:
+    assert [colluders_for(r) for r in (1, 3, 20, 21, 40, 41, 100, 1000)] == [1, 1, 1, 2, 2, 3, 5, 50]
+    assert colluders_for(40, 0.1) == 4 and colluders_for(30, 0.1) == 3 and colluders_for(10, 0.0) == 0
+
+
+def test_the_defaults_table_in_the_docs_is_the_codes() -> None:
+    """docs/secagg.md, "Defaults by roster size": the rows between the markers are what
+    roster_defaults_table() prints, and each row's t meets 2t > k + c with c = the
+    corrupt neighbours for C = ceil(0.05 R) and the sum floor C + 3."""
+    text = (Path(__file__).parents[1] / "docs" / "secagg.md").read_text()
+    begin, end = "<!-- roster-defaults:begin -->\n", "\n<!-- roster-defaults:end -->"
+    documented = text[text.index(begin) + len(begin): text.index(end)]
+    assert documented == roster_defaults_table()
+    assert ROSTER_TABLE_SIZES[0] == 3 and ROSTER_TABLE_SIZES[-1] == 1000
+    for size in ROSTER_TABLE_SIZES:
+        d = roster_defaults(size)
+        assert d.min_sum == d.colluders + 3
+        if d.choice is None:
+            assert size < d.min_sum
+            continue
+        k, t, c = d.choice.num_shares, d.choice.reconstruction_threshold, d.choice.corrupt_neighbours
+        assert 2 * t > k + c and t > c and t <= k
+        assert d.choice.security_failure <= 2.0**-40

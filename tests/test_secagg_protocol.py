@@ -221,7 +221,7 @@ def test_shamir_on_raw_32_byte_secrets() -> None:
 
 
 def test_advertisement_roundtrip() -> None:
-    r = make_round(n=3, d=4)
+    r = make_round(n=4, d=4)  # a roster of 4: C = 1, sums of C + 3 = 4
     ad = r.clients[sorted(r.clients)[0]].advertise(r.server.context)
     assert Advertisement.from_dict(ad.to_dict()) == ad
 

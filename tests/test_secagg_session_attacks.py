@@ -299,7 +299,7 @@ def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothi
 
 # -- 2. split U3 views with colluding neighbours --------------------------------------
 def _split_view_attack(colluders: int, honest_told_active: int):
-    """Round 1 of a 10-client session (k = 7, t = 4: the policy tolerates c = 0). The
+    """Round 1 of a 10-client session (roster of 10: C = 1, k = 8, t = 5). The
     server colludes with ``colluders`` neighbours of the victim u (they sign any set
     and hand over their pair keys with u); ``honest_told_active`` honest neighbours
     and u are told U3 = everyone, every other client U3 = everyone but u. Returns u's
@@ -359,10 +359,11 @@ def _split_view_attack(colluders: int, honest_told_active: int):
 
 
 def test_split_views_recover_the_victim_with_t_colluding_neighbours():
-    """Positive control: with t colluders (beyond the c = 0 the policy's 2t > k + c
+    """Positive control: with t colluders (beyond the c < t the policy's 2t > k + c
     assumes) the colluders' signatures alone make u reveal its seed, every honest
     neighbour reveals its pair seed with u, and u's round input is recovered exactly."""
-    recovered, _ = _split_view_attack(colluders=4, honest_told_active=0)
+    t = Session(n=10).context.params.reconstruction_threshold
+    recovered, _ = _split_view_attack(colluders=t, honest_told_active=0)
     assert recovered is not None
 
 
@@ -371,7 +372,8 @@ def test_split_views_with_t_minus_1_colluders_never_give_both_seed_and_pair_seed
     """With t - 1 colluders u needs one honest neighbour's signature on a set with u;
     that neighbour never reveals its pair seed with u (nor does u): the server never
     holds u's self-mask seed together with all its pair seeds of the round."""
-    recovered, obtained = _split_view_attack(colluders=3, honest_told_active=honest_told_active)
+    t = Session(n=10).context.params.reconstruction_threshold
+    recovered, obtained = _split_view_attack(colluders=t - 1, honest_told_active=honest_told_active)
     assert recovered is None, obtained
 
 
@@ -394,16 +396,16 @@ def test_survivor_sets_below_the_threshold_or_outside_the_cohort_are_not_signed(
 
 
 def test_mod_min_cohort_of_the_node_config_holds_when_the_server_asks_a_subset(tmp_path):
-    """secagg-min-cohort = 5 in every node's config: a session round whose sum would
-    hold 4 inputs is never signed (nothing revealed: no unmask stage runs); one with
-    5 runs and gives the exact mean of the 5."""
-    fed = ModFederation(6, tmp_path, node_config={"secagg-min-cohort": "5"})
+    """secagg-min-cohort = 5 in every node's config (and C = 0, so that the cohort floor
+    alone binds): a session round whose sum would hold 4 inputs is never signed (nothing
+    revealed: no unmask stage runs); one with 5 runs and gives the exact mean of the 5."""
+    fed = ModFederation(6, tmp_path, node_config={"secagg-min-cohort": "5", "secagg-max-colluders": "0"})
     two, one = set(fed.ids[:2]), {fed.ids[0]}
 
     def drop(nodes):
         return lambda stage, node, msg: None if stage == "masked-input" and node in nodes else msg
 
-    results = run_strategy_rounds(fed, 3, tampers={2: drop(two), 3: drop(one)})
+    results = run_strategy_rounds(fed, 3, tampers={2: drop(two), 3: drop(one)}, max_colluders=0)
     (_, r1), (agg2, r2), (agg3, r3) = results
     assert r1.aborted is None
     assert agg2 is None and "aborted at consistency" in r2.aborted and "unmask" not in r2.stage_seconds
@@ -424,7 +426,7 @@ def test_a_tampered_open_payload_is_refused_and_a_session_opens_once():
     u = s.ids[0]
     payload = s.server.open_payload(u)
     ads, nonces = payload["advertisements"], payload["nonces"]
-    other = s.ids[1]
+    other = s.server.graph[u][0]  # a neighbour: its own advertisement is not in its payload
     swapped = dataclasses.replace(ads[0], mask_key=ads[0].encryption_key, encryption_key=ads[0].mask_key)
     fresh = crypto.x25519_keypair()[1]  # the server's own key for a neighbour
     replaced = dataclasses.replace(ads[0], mask_key=fresh)

@@ -254,7 +254,8 @@ def run_demo(
     # operator runs every node here, so a 2-node demo accepts a cohort of 2.
     per_node = () if options.simulation else tuple(write_federation(
         tempfile.mkdtemp(prefix="secagg-", dir=workdir), options.nodes,
-        min_cohort=2 if options.nodes == 2 else None,
+        # one operator runs every node; below 5 nodes the roster's default C = 1 leaves no dropout
+        min_cohort=min(options.nodes, 3) if 2 <= options.nodes < 5 else None,
     ))
     node_config = dict(options.node_config)
     if options.app_dir is None and not options.simulation and options.run_config.get("secagg", True):
@@ -290,6 +291,8 @@ def run_demo(
         "dirichlet-alpha": options.alpha,
         "seed": options.seed,
         "progress-file": str(progress_path),
+        # the nodes' secagg-max-colluders=0 below 5 nodes (write_federation above)
+        **({"secagg-max-colluders": 0} if per_node and options.nodes < 5 else {}),
         **optional,
     }
     run_config: dict[str, Any] = {

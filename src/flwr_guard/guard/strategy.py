@@ -85,6 +85,7 @@ SECAGG_CLIPPING_RANGE_KEY = "secagg-clipping-range"
 SECAGG_QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
 SECAGG_TIMEOUT_KEY = "secagg-timeout"
 SECAGG_MULTI_ROUND_KEY = "secagg-multi-round"
+SECAGG_MAX_COLLUDERS_KEY = "secagg-max-colluders"
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ class SecAgg:
         ``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (int; 0 = chosen
         per cohort), ``secagg-clipping-range`` (float, model units),
         ``secagg-quantization-range`` (int), ``secagg-timeout`` (seconds),
-        ``secagg-multi-round`` (bool). Clients still enforce their own floors.
+        ``secagg-multi-round`` (bool), ``secagg-max-colluders`` (int, C, the colluders
+        the default threshold is chosen for; -1 = derived from the connected nodes).
+        Clients still enforce their own floors.
 
         Raises:
             GuardConfigError: a value of the wrong type or out of range, naming the key.
@@ -143,6 +146,10 @@ class SecAgg:
             if value < 0:
                 raise GuardConfigError(f"run config {key} = {value}: expected >= 0 (0 = per cohort)")
         defaults = cls()
+        colluders = get(SECAGG_MAX_COLLUDERS_KEY, int, -1)
+        if colluders < -1:
+            raise GuardConfigError(
+                f"run config {SECAGG_MAX_COLLUDERS_KEY} = {colluders}: expected >= 0, or -1 (derived)")
         return cls(
             num_shares=shares or None,
             reconstruction_threshold=threshold or None,
@@ -150,6 +157,7 @@ class SecAgg:
             quantization_range=get(SECAGG_QUANTIZATION_RANGE_KEY, int, defaults.quantization_range),
             timeout=get(SECAGG_TIMEOUT_KEY, float, defaults.timeout),
             multi_round=get(SECAGG_MULTI_ROUND_KEY, bool, defaults.multi_round),
+            options={"max_colluders": colluders} if colluders >= 0 else {},
         )
 
 

@@ -563,11 +563,7 @@ class SecAggClient:
             entries[entry.node_id] = entry
         if own is None or entries.get(self.node_id) != RosterEntry.of(own):
             raise ProtocolError("this client's own advertisement is missing or altered")
-        if len(entries) < self.policy.min_cohort:
-            raise PolicyViolation(
-                f"only {len(entries)} clients advertised, this client's policy needs a "
-                f"cohort of at least {self.policy.min_cohort}"
-            )
+        self.policy.check_sum_size(len(entries), "clients that advertised: a cohort")
         if len(entries) - 1 < context.params.reconstruction_threshold:
             raise ProtocolError(
                 f"{len(entries)} clients advertised: fewer than reconstruction_threshold "
@@ -723,6 +719,8 @@ class SecAggClient:
         Raises:
             ProtocolError: the model differs from the announced one, U2 is not a subset
                 of the verified cohort, or too few neighbours shared.
+            PolicyViolation: U2 holds fewer than the policy's ``C + 1 + h`` (no sum it
+                could join would hide this client's input).
             ValueError: for an update of the wrong length, with NaN/Inf, or a weight
                 out of range.
         """
@@ -736,6 +734,8 @@ class SecAggClient:
         survivors = set(shared_ids)
         if not survivors <= set(self.roster) or self.node_id not in survivors:
             raise ProtocolError("the set of clients that shared keys is inconsistent")
+        # U3 is within U2: no masked input for a sum that could only be too small.
+        self.policy.check_sum_size(len(survivors), "clients that shared keys: a largest possible sum")
         active_neighbours = [v for v in self.neighbour_ids if v in survivors]
         if len(active_neighbours) < params.reconstruction_threshold:
             raise ProtocolError(
@@ -796,20 +796,20 @@ class SecAggClient:
         Raises:
             ProtocolError: U3 is not within U2, omits this client, is smaller than the
                 reconstruction threshold, or differs from a set signed before.
+            PolicyViolation: U3 holds fewer than ``C + 1 + h`` inputs (the policy's
+                :attr:`~flwr_guard.secagg.policy.SecAggPolicy.min_sum`).
         """
         context = self._require_context()
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.shared_ids) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the clients that shared keys")
+        # The server and up to C colluders read off the sum everything but the honest
+        # inputs: sign only a sum holding h honest others beyond them.
+        self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
         if len(u3) < context.params.reconstruction_threshold:
             raise ProtocolError(
                 f"{len(u3)} survivors is below the reconstruction threshold "
                 f"{context.params.reconstruction_threshold}"
-            )
-        if len(u3) < self.policy.min_cohort:
-            raise PolicyViolation(
-                f"{len(u3)} inputs in the sum, this client's policy needs at least "
-                f"{self.policy.min_cohort} (secagg-min-cohort)"
             )
         check_min_inputs(len(u3), self.min_inputs)
         if self.signed_survivors is not None and self.signed_survivors != u3:

@@ -49,18 +49,24 @@ def write_federation(
     administrator key when ``admin`` (its private key is not kept).
 
     Args:
-        min_cohort: written as each node's ``secagg-min-cohort`` when given (the
-            operator of a federation smaller than the default 3 says so explicitly).
+        min_cohort: when given, the smallest sum the operator of a small federation
+            (one operator: every node its own) accepts: written as each node's
+            ``secagg-min-cohort``, with ``secagg-max-colluders`` 0 and
+            ``secagg-min-honest-others`` ``min_cohort - 1`` (the roster-derived default,
+            C = ceil(0.05 x nodes) >= 1 with 2 honest others, needs sums of C + 3).
 
     Returns:
         each node's SecAgg+ node config: ``secagg-signing-key``, ``secagg-roster``,
-        (when signed) ``secagg-roster-admin-key`` and (when given) ``secagg-min-cohort``.
+        (when signed) ``secagg-roster-admin-key`` and (when ``min_cohort`` is given)
+        ``secagg-min-cohort``, ``secagg-max-colluders``, ``secagg-min-honest-others``.
 
     Raises:
         FileExistsError: a key file exists already in ``directory``.
     """
     from flwr_guard.secagg.policy import (
+        NODE_MAX_COLLUDERS,
         NODE_MIN_COHORT,
+        NODE_MIN_HONEST_OTHERS,
         NODE_ROSTER,
         NODE_ROSTER_ADMIN_KEY,
         NODE_SIGNING_KEY,
@@ -83,4 +89,6 @@ def write_federation(
         common[NODE_ROSTER_ADMIN_KEY] = admin_public.hex()
     if min_cohort is not None:
         common[NODE_MIN_COHORT] = int(min_cohort)
+        common[NODE_MAX_COLLUDERS] = 0
+        common[NODE_MIN_HONEST_OTHERS] = max(1, int(min_cohort) - 1)
     return [{NODE_SIGNING_KEY: str(path), **common} for path in paths]

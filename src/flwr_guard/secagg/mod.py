@@ -37,7 +37,9 @@ from its node config (``flower-supernode --node-config``; keys in docs/secagg.md
   simulation runtime, where it is ``true``.
 - ``secagg-min-cohort``, ``secagg-min-num-shares``,
   ``secagg-min-reconstruction-threshold``, ``secagg-corrupt-fraction``,
-  ``secagg-dropout-fraction``, ``secagg-security-bits``: the policy's bounds.
+  ``secagg-dropout-fraction``, ``secagg-security-bits``, ``secagg-max-colluders``,
+  ``secagg-min-honest-others``, ``secagg-max-session-rounds``,
+  ``secagg-max-session-seconds``: the policy's bounds (the colluder bound C is absolute).
 
 A round that asks for less, or a message that does not parse, is answered with an
 error reply naming the reason; the server counts this client as dropped.

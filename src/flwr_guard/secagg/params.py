@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,12 @@ _warned: set[tuple[int, int, int, int]] = set()
 
 # Defaults of the SecAgg+ threat model (docs/secagg.md, "Parameters from the theory").
 DEFAULT_CORRUPT_FRACTION = 0.05
-"""gamma: fraction of the cohort that may be corrupt (run by or colluding with the server)."""
+"""gamma: fraction of the *federation* (the roster) that may be corrupt (run by or colluding
+with the server). A client turns it into an absolute bound C = ceil(gamma x roster size)
+(:func:`colluders_for`), never into a fraction of the cohort the server picks."""
+DEFAULT_MIN_HONEST_OTHERS = 2
+"""h: the fewest honest members besides the client itself that every sum it joins must
+hold beyond the C colluders: a sum is unmasked only over at least C + 1 + h inputs."""
 DEFAULT_DROPOUT_FRACTION = 1 / 3
 """delta: fraction of the cohort that may drop out of a round (corrupt clients that stop
 answering count here too)."""
@@ -45,16 +51,38 @@ def _tail_exceeds(population: int, marked: int, draws: int, above: int) -> tuple
     return num, den
 
 
+def colluders_for(federation_size: int, corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION) -> int:
+    """C = ceil(gamma x federation size): the absolute number of members that may collude
+    with the server (gamma as written in decimal, so 0.05 x 40 is exactly 2).
+
+    Raises:
+        ValueError: a negative size or gamma outside [0, 1).
+    """
+    if federation_size < 0 or not 0 <= corrupt_fraction < 1:
+        raise ValueError(f"need a size >= 0 and gamma in [0, 1), got {federation_size}, {corrupt_fraction}")
+    return math.ceil(Fraction(repr(float(corrupt_fraction))) * int(federation_size))
+
+
+def min_sum_size(colluders: int, min_honest_others: int = DEFAULT_MIN_HONEST_OTHERS) -> int:
+    """The fewest inputs a sum may hold so that, with ``colluders`` of them corrupt, each
+    honest input is summed with at least ``min_honest_others`` other honest ones:
+    ``C + 1 + h``."""
+    return int(colluders) + 1 + int(min_honest_others)
+
+
 @functools.lru_cache(maxsize=1024)
 def tolerated_corrupt_neighbours(
     num_clients: int,
     num_shares: int,
     corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
     security_bits: int = DEFAULT_SECURITY_BITS,
+    colluders: int | None = None,
 ) -> int:
     """c: the number of corrupt neighbours each client must tolerate.
 
-    With ``C = floor(gamma n)`` corrupt clients and each client's k neighbours a uniform
+    With C corrupt clients in the cohort (``colluders``, the absolute bound; default
+    ``ceil(gamma n)``: the cohort taken as the whole federation), at most n - 1 of them
+    besides the client, and each client's k neighbours a uniform
     k-subset of the other n - 1 (the random graph of :mod:`~flwr_guard.secagg.graph`
     over an ordering no party can choose), the number of corrupt neighbours of one
     client is Hypergeometric(n - 1, C, k). ``c`` is the smallest integer with
@@ -62,17 +90,20 @@ def tolerated_corrupt_neighbours(
     arithmetic). For the complete graph (k = n - 1) it is C itself.
     Bell et al., CCS 2020, section 3.2 (Theorem 3.6's choice of k and t for corrupt
     fraction gamma and statistical security sigma), with the exact tail instead of
-    their Chernoff bound.
+    their Chernoff bound. The server may put all C colluders into a small cohort: the
+    tail is for C marked among the cohort's n - 1 others, whatever n it picks.
 
     Raises:
-        ValueError: for k outside [1, n - 1] or gamma outside [0, 1).
+        ValueError: for k outside [1, n - 1], gamma outside [0, 1) or C < 0.
     """
     n, k = int(num_clients), int(num_shares)
     if not 1 <= k <= n - 1:
         raise ValueError(f"num_shares must be in [1, n - 1 = {n - 1}], got {k}")
     if not 0 <= corrupt_fraction < 1:
         raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction}")
-    corrupt = math.floor(corrupt_fraction * n)
+    if colluders is not None and colluders < 0:
+        raise ValueError(f"colluders must be >= 0, got {colluders}")
+    corrupt = min(n - 1, colluders_for(n, corrupt_fraction) if colluders is None else int(colluders))
     bound = 2 ** int(security_bits)
     for c in range(min(corrupt, k) + 1):
         num, den = _tail_exceeds(n - 1, corrupt, k, c)
@@ -128,15 +159,17 @@ def failure_probabilities(
     reconstruction_threshold: int,
     corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
     dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
+    colluders: int | None = None,
 ) -> tuple[float, float]:
     """Union bounds ``(security, correctness)`` for (n, k, t), exact hypergeometric tails.
 
     security: P[some client has more than 2t - k - 1 corrupt neighbours] (then 2t > k + c
-    can fail for it). correctness: P[``floor(delta n)`` random dropouts leave some
-    client with more than k - t dropped neighbours]. Each is ``min(1, n * tail)``.
+    can fail for it), with ``colluders`` corrupt clients (default ``ceil(gamma n)``).
+    correctness: P[``floor(delta n)`` random dropouts leave some client with more than
+    k - t dropped neighbours]. Each is ``min(1, n * tail)``.
     """
     n, k, t = int(num_clients), int(num_shares), int(reconstruction_threshold)
-    corrupt = math.floor(corrupt_fraction * n)
+    corrupt = min(n - 1, colluders_for(n, corrupt_fraction) if colluders is None else int(colluders))
     num, den = _tail_exceeds(n - 1, corrupt, k, 2 * t - k - 1)
     security = min(1.0, n * num / den)
     dropped = math.floor(dropout_fraction * n)
@@ -151,9 +184,12 @@ def choose_parameters(
     dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
     security_bits: int = DEFAULT_SECURITY_BITS,
     correctness_failure: float = DEFAULT_CORRECTNESS_FAILURE,
+    colluders: int | None = None,
 ) -> ParameterChoice:
     """The smallest k (and its t) meeting both bounds, after Bell et al. (CCS 2020,
-    section 3.2, Theorem 3.6 and its parameter choice).
+    section 3.2, Theorem 3.6 and its parameter choice), for at most ``colluders``
+    corrupt clients (the absolute bound C; default ``ceil(gamma n)``, the cohort taken
+    as the whole federation).
 
     For each k from 2 up: c from :func:`tolerated_corrupt_neighbours` (security
     2^-sigma), t = :func:`minimum_threshold` (2t > k + c), and the first k whose
@@ -173,21 +209,23 @@ def choose_parameters(
     for k in range(min(2, n - 1), n):
         if max_degree(n, k) != k:
             continue  # odd k, odd n: some clients would get k + 1 neighbours
-        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits)
+        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits, colluders)
         t = minimum_threshold(k, c)
         if t > k or (t < 2 and n > 2):
             continue
         security, correctness = failure_probabilities(
-            n, k, t, corrupt_fraction, dropout_fraction
+            n, k, t, corrupt_fraction, dropout_fraction, colluders
         )
         best = ParameterChoice(k, t, c, security, correctness)
         if correctness <= correctness_failure:
             return best
     if best is None:  # n = 2 or 3 with corrupt clients: only the complete graph
         k = n - 1
-        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits)
+        c = tolerated_corrupt_neighbours(n, k, corrupt_fraction, security_bits, colluders)
         t = min(k, minimum_threshold(k, c))
-        security, correctness = failure_probabilities(n, k, t, corrupt_fraction, dropout_fraction)
+        security, correctness = failure_probabilities(
+            n, k, t, corrupt_fraction, dropout_fraction, colluders
+        )
         best = ParameterChoice(k, t, c, security, correctness)
     return best
 
@@ -200,7 +238,8 @@ def default_num_shares(num_clients: int) -> int:
 
 def default_threshold(num_shares: int, num_clients: int | None = None) -> int:
     """t for k = ``num_shares`` in a cohort of ``num_clients`` (default: k + 1, the
-    complete graph) with the default corrupt fraction: floor((k + c) / 2) + 1."""
+    complete graph) with the default corrupt fraction of a federation that is the
+    cohort (C = ceil(gamma n)): floor((k + c) / 2) + 1."""
     n = num_shares + 1 if num_clients is None else num_clients
     return min(num_shares, minimum_threshold(
         num_shares, tolerated_corrupt_neighbours(n, num_shares)
@@ -265,6 +304,8 @@ class SecAggParams:
         extra_headroom: int = 0,
         corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
         dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
+        max_colluders: int | None = None,
+        federation_size: int | None = None,
     ) -> SecAggParams:
         """Parameters for ``num_clients`` clients, with the smallest modulus that fits.
 
@@ -272,7 +313,9 @@ class SecAggParams:
         ``q_i <= L``: it fits in b bits if ``n * (W * L + extra_headroom) < 2^b``
         (``extra_headroom``: per-client bound of anything else added, e.g. DP noise).
         k and t not given come from :func:`choose_parameters` with ``corrupt_fraction``
-        and ``dropout_fraction`` (match the clients' policy: they refuse a lower t).
+        and ``dropout_fraction`` for at most C colluders: ``max_colluders``, else
+        ``ceil(gamma x federation_size)`` (default: the cohort is the federation). Match
+        the clients' policy (their C comes from the roster): they refuse a lower t.
         32 bits are used when that holds, else 64 bits, which doubles the masked vector
         (the upload): a warning (logger ``flwr_guard.secagg.params``, once per
         parameter set) then names the largest ``max_weight`` that keeps 32 bits.
@@ -282,14 +325,20 @@ class SecAggParams:
         """
         if num_clients < 2:
             raise ValueError(f"SecAgg+ needs at least 2 clients, got {num_clients}")
+        colluders = (
+            int(max_colluders) if max_colluders is not None
+            else colluders_for(max(num_clients, federation_size or 0), corrupt_fraction)
+        )
         if num_shares:
             k = min(num_shares, num_clients - 1)
             degree = max_degree(num_clients, k)
-            t = reconstruction_threshold or minimum_threshold(
-                degree, tolerated_corrupt_neighbours(num_clients, degree, corrupt_fraction)
-            )
+            t = reconstruction_threshold or minimum_threshold(degree, tolerated_corrupt_neighbours(
+                num_clients, degree, corrupt_fraction, colluders=colluders
+            ))
         else:
-            choice = choose_parameters(num_clients, corrupt_fraction, dropout_fraction)
+            choice = choose_parameters(
+                num_clients, corrupt_fraction, dropout_fraction, colluders=colluders
+            )
             k, t = choice.num_shares, reconstruction_threshold or choice.reconstruction_threshold
         t = min(t, k)
         bound = num_clients * (max_weight * quantization_range + extra_headroom)
@@ -360,3 +409,66 @@ class SecAggParams:
 
 MAX_NUM_SHARES = 2**16
 """Largest k any message may carry (bounds every per-neighbour allocation)."""
+
+
+ROSTER_TABLE_SIZES = (3, 4, 5, 6, 8, 10, 15, 20, 21, 30, 40, 41, 50, 60, 80, 100, 150, 200, 300, 500, 750, 1000)
+"""Roster sizes of the defaults table in docs/secagg.md (:func:`roster_defaults_table`)."""
+
+
+@dataclass(frozen=True)
+class RosterDefaults:
+    """What a client's default policy accepts in a federation of ``roster_size``, and the
+    server's default parameters for a cohort of the whole roster.
+
+    Attributes:
+        roster_size: R.
+        colluders: C = ceil(gamma R).
+        min_sum: C + 1 + h, the fewest inputs of a cohort or a signed survivor set.
+        choice: the default (k, t) for n = R (:func:`choose_parameters` for C), or
+            ``None`` where R < ``min_sum`` (every round is refused).
+    """
+
+    roster_size: int
+    colluders: int
+    min_sum: int
+    choice: ParameterChoice | None
+
+
+def roster_defaults(
+    roster_size: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    min_honest_others: int = DEFAULT_MIN_HONEST_OTHERS,
+) -> RosterDefaults:
+    """The defaults of :class:`RosterDefaults` for a roster of ``roster_size``."""
+    c = colluders_for(roster_size, corrupt_fraction)
+    floor = max(3, min_sum_size(c, min_honest_others))
+    choice = choose_parameters(roster_size, colluders=c) if roster_size >= floor else None
+    return RosterDefaults(roster_size, c, floor, choice)
+
+
+def _bound(value: float) -> str:
+    return "0" if value == 0 else "1" if value >= 1 else f"{value:.1e}"
+
+
+def roster_defaults_table(sizes: tuple[int, ...] = ROSTER_TABLE_SIZES) -> str:
+    """The Markdown table of docs/secagg.md ("Defaults by roster size"), one row per size:
+    C, the smallest sum, and for a cohort of the whole roster k, t, c, the losses the sum
+    floor allows (R - min sum), the losses per neighbourhood (k - t) and the failure
+    bounds of :func:`choose_parameters` (delta = 1/3 random dropouts)."""
+    rows = [
+        "| roster R | C = ceil(0.05 R) | smallest sum C + 3 | k | t | c | losses the sum floor allows | "
+        "losses per neighbourhood (k - t) | security bound | abort bound (R/3 drop) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size in sizes:
+        d = roster_defaults(size)
+        if d.choice is None:
+            rows.append(f"| {size} | {d.colluders} | {d.min_sum} | refused: R < C + 3 | | | | | | |")
+            continue
+        ch = d.choice
+        rows.append(
+            f"| {size} | {d.colluders} | {d.min_sum} | {ch.num_shares} | {ch.reconstruction_threshold} "
+            f"| {ch.corrupt_neighbours} | {size - d.min_sum} | {ch.num_shares - ch.reconstruction_threshold} "
+            f"| {_bound(ch.security_failure)} | {_bound(ch.correctness_failure)} |"
+        )
+    return "\n".join(rows)

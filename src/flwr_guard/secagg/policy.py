@@ -2,11 +2,23 @@
 
 The server proposes the cohort and the parameters of every round; the client checks
 them against a :class:`SecAggPolicy` it holds itself (built from its node config by
-:func:`policy_from_node_config`, or in code), and refuses a round that asks for less:
-a smaller cohort, a smaller k or t than the policy accepts, a t that does not satisfy
-``2t > k + c`` for the corrupt neighbours ``c`` its corrupt fraction implies
-(:func:`~flwr_guard.secagg.params.tolerated_corrupt_neighbours`), or a cohort member
-whose signing key is not on the federation roster.
+:func:`policy_from_node_config`, or in code), and refuses a round that asks for less.
+
+The policy assumes **at most C corrupt members of the federation** (colluding with the
+server), an absolute number: ``secagg-max-colluders``, or ``ceil(gamma x roster size)``
+(:func:`~flwr_guard.secagg.params.colluders_for`), never a fraction of the cohort the
+server picks (which could hold all C). From C it requires:
+
+- a cohort, and every survivor set it signs (the inputs of one unmasked sum), of at
+  least ``C + 1 + h`` members (``h``: ``secagg-min-honest-others``, default 2), so the
+  sum holds at least h honest inputs besides the client's own, whichever C collude;
+- a t that satisfies ``2t > k + c`` for the corrupt neighbours ``c`` the client can have
+  with C colluders in the cohort (:func:`~flwr_guard.secagg.params.tolerated_corrupt_neighbours`;
+  ``c = C`` for the complete graph), which implies ``t > c``;
+- every cohort member's signing key on the federation roster.
+
+It also bounds a multi-round session's length (``secagg-max-session-rounds``,
+``secagg-max-session-seconds``): a session past either asks for a re-key.
 
 The federation roster (:class:`Roster`) is the out-of-band list of the members'
 Ed25519 signing keys (optionally with their node ids), in a JSON or TOML file named
@@ -14,7 +26,11 @@ in node config, optionally signed by an administrator's Ed25519 key. Without a
 roster no guarantee holds against a server that fills the cohort with node ids it runs
 itself (Sybils): that is the known limit of single-server secure aggregation without a
 PKI. The client then refuses to run unless the user opted in to trust on first use
-(keys pinned the first time they are seen) or it runs in Flower's simulation.
+(keys pinned the first time they are seen) or it runs in Flower's simulation. Then no
+bound holds against a server that brings its own keys, whatever C: C and h apply only
+as set in node config (against a server that brings none); by default the sum floor
+is ``secagg-min-cohort`` alone and t is checked for ``floor(gamma n)`` colluders in the
+cohort of n, as before the absolute bound (nothing else is known, and nothing holds).
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +50,11 @@ from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
+    DEFAULT_MIN_HONEST_OTHERS,
     DEFAULT_SECURITY_BITS,
+    colluders_for,
     max_degree,
+    min_sum_size,
     minimum_threshold,
     tolerated_corrupt_neighbours,
 )
@@ -57,6 +77,17 @@ NODE_MIN_THRESHOLD = "secagg-min-reconstruction-threshold"
 NODE_CORRUPT_FRACTION = "secagg-corrupt-fraction"
 NODE_DROPOUT_FRACTION = "secagg-dropout-fraction"
 NODE_SECURITY_BITS = "secagg-security-bits"
+NODE_MAX_COLLUDERS = "secagg-max-colluders"
+NODE_MIN_HONEST_OTHERS = "secagg-min-honest-others"
+NODE_MAX_SESSION_ROUNDS = "secagg-max-session-rounds"
+NODE_MAX_SESSION_SECONDS = "secagg-max-session-seconds"
+
+DEFAULT_MAX_SESSION_ROUNDS = 100
+"""Most rounds one multi-round session may span (``server_round`` of an input minus that
+of the set-up, plus one); the server's ``SecAggPlus(max_session_rounds=100)`` re-keys at
+the same count."""
+DEFAULT_MAX_SESSION_SECONDS = 86_400.0
+"""Most seconds (wall clock, 24 h) between a session's opening on the client and an input."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +161,8 @@ def _hex_bytes(value: Any, size: int, what: str) -> bytes:
 
 
 MAX_ROSTER_BYTES = 16 * 2**20
+MAX_SESSION_ROUNDS_LIMIT = 10_000
+"""Largest ``secagg-max-session-rounds`` (the key chains advance one hash per round)."""
 
 
 def load_roster(path: str | Path, admin_key: bytes | None = None) -> Roster:
@@ -194,12 +227,19 @@ class SecAggPolicy:
     """What this client accepts in a SecAgg+ round, whatever the server says.
 
     Attributes:
-        min_cohort: smallest cohort n (default 3: with 2 the sum reveals the peer's input).
+        min_cohort: smallest cohort n (default 3: with 2 the sum reveals the peer's
+            input); the cohort must also hold :attr:`min_sum` members.
         min_num_shares: smallest k.
         min_reconstruction_threshold: smallest t.
-        corrupt_fraction: gamma, the fraction of the cohort that may collude with the
-            server; with ``security_bits`` it fixes the corrupt neighbours c the
-            client tolerates, and t must satisfy ``2t > k + c``.
+        corrupt_fraction: gamma, the fraction of the *federation* (the roster) that may
+            collude with the server: C = ceil(gamma x roster size) unless
+            ``max_colluders`` is set. Never applied to the cohort.
+        max_colluders: C, the absolute number of federation members that may collude
+            with the server (``None``: ``ceil(corrupt_fraction x roster size)``; without
+            a roster unknown, see the module docstring).
+        min_honest_others: h, the fewest honest inputs besides this client's own that
+            every sum it joins must hold beyond the C colluders (``None``: 2 when C is
+            known, 1 without a roster and without ``max_colluders``).
         dropout_fraction: delta, the dropouts the deployment plans for (informative
             for the client: a round that loses more aborts, which releases nothing).
         security_bits: sigma, see :func:`~flwr_guard.secagg.params.tolerated_corrupt_neighbours`.
@@ -209,6 +249,13 @@ class SecAggPolicy:
             protection against a Sybil cohort).
         max_cohort, max_vector_length: bounds on what a message may make this client
             allocate (ids, vector length).
+        max_session_rounds: most rounds a multi-round session may span (from its
+            set-up's round, inclusive); later inputs are refused with a re-key request.
+        max_session_seconds: most wall-clock seconds from a session's opening on this
+            client to an input; later inputs are refused with a re-key request.
+
+    Raises (constructor):
+        ValueError: a value outside its range.
     """
 
     min_cohort: int = 3
@@ -221,6 +268,10 @@ class SecAggPolicy:
     trust_on_first_use: bool = False
     max_cohort: int = 100_000
     max_vector_length: int = 2**28
+    max_colluders: int | None = None
+    min_honest_others: int | None = None
+    max_session_rounds: int = DEFAULT_MAX_SESSION_ROUNDS
+    max_session_seconds: float = DEFAULT_MAX_SESSION_SECONDS
 
     def __post_init__(self) -> None:
         if self.min_cohort < 2:
@@ -229,6 +280,79 @@ class SecAggPolicy:
             raise ValueError("corrupt_fraction and dropout_fraction must be in [0, 1)")
         if not 1 <= self.security_bits <= 256:
             raise ValueError(f"security_bits must be in [1, 256], got {self.security_bits}")
+        if self.max_colluders is not None and self.max_colluders < 0:
+            raise ValueError(f"max_colluders must be >= 0, got {self.max_colluders}")
+        if self.min_honest_others is not None and self.min_honest_others < 1:
+            raise ValueError(
+                f"min_honest_others must be >= 1, got {self.min_honest_others}: with none, "
+                "the server and the colluders read this client's input off the sum"
+            )
+        if not 1 <= self.max_session_rounds <= MAX_SESSION_ROUNDS_LIMIT:
+            raise ValueError(
+                f"max_session_rounds must be in [1, {MAX_SESSION_ROUNDS_LIMIT}], got {self.max_session_rounds}"
+            )
+        if not (math.isfinite(self.max_session_seconds) and self.max_session_seconds > 0):
+            raise ValueError(f"max_session_seconds must be finite and > 0, got {self.max_session_seconds}")
+
+    @property
+    def colluders(self) -> int | None:
+        """C: the federation members that may collude with the server (see the class);
+        ``None`` without a roster and without ``max_colluders``."""
+        if self.max_colluders is not None:
+            return self.max_colluders
+        if self.roster is not None:
+            return colluders_for(len(self.roster.members), self.corrupt_fraction)
+        return None
+
+    def threshold_colluders(self, cohort_size: int) -> int:
+        """The C that the t check uses for a cohort of ``cohort_size``: :attr:`colluders`,
+        or without one ``floor(gamma n)`` (trust on first use: the cohort is the only size
+        this client knows, and no bound holds against Sybils; the rule before the
+        absolute bound, unchanged)."""
+        c = self.colluders
+        if c is not None:
+            return c
+        return math.floor(Fraction(repr(float(self.corrupt_fraction))) * cohort_size)
+
+    @property
+    def honest_others(self) -> int:
+        """h: :attr:`min_honest_others`, else 2 when C is known and 1 when it is not."""
+        if self.min_honest_others is not None:
+            return self.min_honest_others
+        return DEFAULT_MIN_HONEST_OTHERS if self.colluders is not None else 1
+
+    def colluders_source(self) -> str:
+        """Where C comes from, for messages."""
+        if self.max_colluders is not None:
+            return f"{NODE_MAX_COLLUDERS}={self.max_colluders}"
+        if self.roster is not None:
+            return (f"ceil({NODE_CORRUPT_FRACTION} {self.corrupt_fraction} x roster of "
+                    f"{len(self.roster.members)})")
+        return f"floor({NODE_CORRUPT_FRACTION} {self.corrupt_fraction} x cohort): no roster"
+
+    @property
+    def min_sum(self) -> int:
+        """The fewest inputs of a sum this client joins: ``max(min_cohort, C + 1 + h)``."""
+        return max(self.min_cohort, min_sum_size(self.colluders or 0, self.honest_others))
+
+    def check_sum_size(self, size: int, what: str) -> None:
+        """Refuse a cohort or survivor set of ``size`` below :attr:`min_sum`.
+
+        Raises:
+            PolicyViolation: naming C, h, where C comes from and the keys that set them.
+        """
+        if size >= self.min_sum:
+            return
+        c, h = self.colluders or 0, self.honest_others
+        if c + 1 + h > self.min_cohort:
+            why = (
+                f"with up to C = {c} colluding members ({self.colluders_source()}) a sum must "
+                f"hold C + 1 + {h} = {c + 1 + h} inputs, so that this client's input is summed "
+                f"with at least {h} honest others ({NODE_MIN_HONEST_OTHERS})"
+            )
+        else:
+            why = f"this client's policy needs at least {self.min_cohort} ({NODE_MIN_COHORT})"
+        raise PolicyViolation(f"{what} of {size}: {why}")
 
     def check_context(self, context: RoundContext) -> None:
         """Refuse a round whose cohort or (k, t) is below this policy.
@@ -244,11 +368,7 @@ class SecAggPolicy:
             raise PolicyViolation(
                 f"vector length {context.vector_length} exceeds max_vector_length {self.max_vector_length}"
             )
-        if n < self.min_cohort:
-            raise PolicyViolation(
-                f"the server announced a cohort of {n}, this client's policy needs at least "
-                f"{self.min_cohort} ({NODE_MIN_COHORT})"
-            )
+        self.check_sum_size(n, "the server announced a cohort")
         if not 1 <= k <= n - 1:
             raise PolicyViolation(f"num_shares {k} is outside [1, n - 1 = {n - 1}]")
         if k < min(self.min_num_shares, n - 1):
@@ -263,14 +383,18 @@ class SecAggPolicy:
             )
         # Odd k over odd n gives some clients k + 1 neighbours (and share holders).
         degree = max_degree(n, k)
-        c = tolerated_corrupt_neighbours(n, degree, self.corrupt_fraction, self.security_bits)
+        colluders = self.threshold_colluders(n)
+        c = tolerated_corrupt_neighbours(
+            n, degree, self.corrupt_fraction, self.security_bits, colluders
+        )
         needed = minimum_threshold(degree, c)
         if t < needed or t > k:
             raise PolicyViolation(
                 f"the server asks for reconstruction_threshold {t} with num_shares {k} in a "
-                f"cohort of {n}; with corrupt_fraction {self.corrupt_fraction} and 2^-"
-                f"{self.security_bits} this client tolerates c = {c} corrupt neighbours and "
-                f"needs 2t > k + c{' (k + 1 neighbours for odd k and n)' if degree != k else ''}, "
+                f"cohort of {n}; with up to C = {colluders} colluding members "
+                f"({self.colluders_source()}) and 2^-{self.security_bits} this client "
+                f"tolerates c = {c} corrupt neighbours and needs 2t > k + c"
+                f"{' (k + 1 neighbours for odd k and n)' if degree != k else ''}, "
                 f"i.e. t >= {needed} (and t <= k)"
             )
 
@@ -326,7 +450,7 @@ def policy_from_node_config(node_config: Mapping[str, Any], simulation: bool = F
 
     Args:
         simulation: Flower's simulation runtime (one process tree, one operator, no
-            one to defend against): trust on first use is then the default, and the
+            one to defend against): trust on first use is then the default, the
             smallest cohort is 2 (3 otherwise).
 
     Raises:
@@ -350,6 +474,10 @@ def policy_from_node_config(node_config: Mapping[str, Any], simulation: bool = F
         (NODE_SECURITY_BITS, "security_bits", int),
         (NODE_CORRUPT_FRACTION, "corrupt_fraction", float),
         (NODE_DROPOUT_FRACTION, "dropout_fraction", float),
+        (NODE_MAX_COLLUDERS, "max_colluders", int),
+        (NODE_MIN_HONEST_OTHERS, "min_honest_others", int),
+        (NODE_MAX_SESSION_ROUNDS, "max_session_rounds", int),
+        (NODE_MAX_SESSION_SECONDS, "max_session_seconds", float),
     ):
         if key in node_config:
             try:

@@ -52,7 +52,9 @@ known only to the two of them); the round then releases nothing and the next one
 from __future__ import annotations
 
 import hmac
+import math
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +80,7 @@ from flwr_guard.secagg.client import (
 from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
-from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
+from flwr_guard.secagg.policy import SecAggPolicy
 from flwr_guard.secagg.server import (
     SecAggAborted,
     SecAggServer,
@@ -226,6 +228,7 @@ class SessionClient:
     chain_round: int = 0
     last_round: int = -1
     round: dict[str, Any] = field(default_factory=dict)
+    opened_at: float = 0.0
 
     @property
     def digest(self) -> bytes:
@@ -267,7 +270,7 @@ class SessionClient:
             node_id=setup.node_id, signing_secret=setup.signing_secret, policy=setup.policy,
             context=context, roster=dict(setup.roster), roster_hash=setup.roster_hash,
             seed=seed, neighbour_ids=list(neighbour_ids), share_keys=share_keys, pair_keys=pair_keys,
-            chain_round=context.server_round,
+            chain_round=context.server_round, opened_at=time.time(),
         )
 
     @property
@@ -280,19 +283,39 @@ class SessionClient:
         return self.round
 
     # -- input -------------------------------------------------------------------------
-    def check_input_round(self, server_round: int) -> None:
+    def check_input_round(self, server_round: int, now: float | None = None) -> None:
         """Raise unless this client may send an input for ``server_round`` (called before
         training, so a refused round costs no training).
 
+        Args:
+            now: the wall clock (``time.time()``, seconds) to check the session's age at.
+
         Raises:
             ProtocolError: a round not after the last one answered (replayed or rewound),
-                or more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain
-                (:data:`UNKNOWN_SESSION`: the server must re-key).
+                more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain, or past
+                the policy's cap on the session's length (``max_session_rounds`` from
+                the set-up's round, ``max_session_seconds`` from the opening): the last
+                two start with :data:`UNKNOWN_SESSION` and ask the server to re-key.
         """
         if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
             raise ProtocolError(
                 f"input for round {server_round} refused: this client already sent the input "
                 f"of round {self.last_round} of this session (replayed or rewound round)"
+            )
+        span = server_round - self.context.server_round + 1
+        if span > self.policy.max_session_rounds:
+            raise ProtocolError(
+                f"{UNKNOWN_SESSION}: round {server_round} would be round {span} of a session set "
+                f"up in round {self.context.server_round}, this client's policy caps a session at "
+                f"{self.policy.max_session_rounds} rounds (secagg-max-session-rounds); the server "
+                "must re-key"
+            )
+        age = (time.time() if now is None else now) - self.opened_at
+        if not math.isfinite(age) or age > self.policy.max_session_seconds:
+            raise ProtocolError(
+                f"{UNKNOWN_SESSION}: the session was opened {age:.0f} s ago, this client's policy "
+                f"caps a session at {self.policy.max_session_seconds:.0f} s "
+                "(secagg-max-session-seconds); the server must re-key"
             )
         if server_round - self.chain_round > MAX_ROUND_GAP:
             raise ProtocolError(
@@ -369,10 +392,7 @@ class SessionClient:
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.roster) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the session's cohort, or omits this client")
-        if len(u3) < self.policy.min_cohort:
-            raise PolicyViolation(
-                f"{len(u3)} inputs in the sum, this client's policy needs at least {self.policy.min_cohort}"
-            )
+        self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
         check_min_inputs(len(u3), int(state.get("min_inputs", 0)))
         active = [v for v in self.neighbour_ids if v in set(u3)]
         if len(active) < self.threshold:
@@ -477,6 +497,7 @@ class SessionClient:
             "chain_round": self.chain_round,
             "last_round": self.last_round,
             "round": self.round,
+            "opened_at": self.opened_at,
         }
 
     @classmethod
@@ -497,6 +518,8 @@ class SessionClient:
                 pair_keys={int(p): bytes(k) for p, k in state["pair_keys"]},
                 chain_round=int(state["chain_round"]),
                 last_round=int(state["last_round"]), round=dict(state["round"]),
+                # a state without the opening time is treated as expired (re-key)
+                opened_at=float(state.get("opened_at", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"the saved SecAgg+ session is unreadable: {err}") from err

@@ -214,6 +214,9 @@ class SecAggPlus(StrategyWrapper):
             (:func:`~flwr_guard.secagg.params.choose_parameters`); use the clients'
             ``secagg-corrupt-fraction`` (a client refuses a t below what its own gamma
             needs).
+        max_colluders: C, the absolute colluder bound the default t is chosen for; use
+            the clients' ``secagg-max-colluders``. ``None``: ``ceil(corrupt_fraction x
+            connected nodes)``, which matches clients whose roster lists those nodes.
         masked_metrics: integer client metrics (counts, bits in ``[0, max_weight]``)
             that travel masked; the wrapped strategy receives their sum over the
             survivors (e.g. ``("dp-weight", "dp-unclipped-count")`` for DP-FedAvg with
@@ -239,6 +242,7 @@ class SecAggPlus(StrategyWrapper):
         dropout_fraction: float = DEFAULT_DROPOUT_FRACTION,
         multi_round: bool = True,
         max_session_rounds: int = 100,
+        max_colluders: int | None = None,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -252,6 +256,7 @@ class SecAggPlus(StrategyWrapper):
         self.masked_metrics = tuple(masked_metrics)
         self.corrupt_fraction = corrupt_fraction
         self.dropout_fraction = dropout_fraction
+        self.max_colluders = max_colluders
         if max_session_rounds < 1:
             raise ValueError(f"max_session_rounds must be >= 1, got {max_session_rounds}")
         self.multi_round = multi_round
@@ -311,6 +316,7 @@ class SecAggPlus(StrategyWrapper):
             len(cohort), self.num_shares, self.reconstruction_threshold,
             self.clipping_range, self.quantization_range, self.max_weight,
             corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction,
+            max_colluders=self.max_colluders, federation_size=len(list(grid.get_node_ids())),
         )
         report.num_shares = params.num_shares
         report.reconstruction_threshold = params.reconstruction_threshold
