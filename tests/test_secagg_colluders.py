@@ -460,3 +460,82 @@ def test_per_round_no_masked_input_when_the_clients_that_shared_keys_are_too_few
     vector, bad, _ = clients[victim].masked_input(sorted(cohort), routed[victim], np.zeros(D_ROUND), 1,
                                                   ctx.model_hash)
     assert bad == [] and vector.shape == (D_ROUND + 1,)
+
+
+class _WithoutSparseSplitCheck(SecAggPolicy):
+    """The policy before the sparse-split check (the positive control's victim)."""
+
+    def check_sparse_split(self, n, k, t, degree, c):
+        return None
+
+
+def _split_survivor_attack(policy_cls):
+    """A server with a sparse graph (cohort 12, k = 3, t = 2) drops the honest neighbours
+    D of a small set S after their masked inputs and unmasks S's sum alone, while the
+    signed U3 stays above the sum floor. Nodes promise h = 4 honest others (C = 0).
+    Returns (|S|, whether the server read S's exact sum)."""
+    from secagg_harness import Round, setup
+
+    from flwr_guard.secagg.client import MASK_KEY, SELF_MASK, commit_self_mask, encode_input, pairwise_sign
+
+    n, k, t, d = 12, 3, 2, 20
+    ids, secrets, roster = _federation(40)
+    policy = policy_cls(roster=roster, max_colluders=0, min_honest_others=4)
+    cohort = ids[:n]
+    params = SecAggParams(num_shares=k, reconstruction_threshold=t)
+    ctx = RoundContext(7, 1, tuple(sorted(cohort)), params, d + 1, b"h" * 32)
+    clients = {i: SecAggClient(i, secrets[i], policy) for i in cohort}
+    rng = np.random.default_rng(1)
+    updates = {i: rng.normal(0, 0.3, d) for i in cohort}
+    weights = {i: int(rng.integers(1, 100)) for i in cohort}
+    r = Round(clients, SecAggServer(ctx), updates, weights)
+    routed = setup(r)
+    graph = r.server.graph
+    split = None
+    for size in (2, 3, 4):
+        for members in itertools.combinations(cohort, size):
+            s = set(members)
+            if not all(len(set(graph[u]) & s) >= t for u in s):
+                continue
+            dropped = {w for u in s for w in graph[u]} - s
+            if all(len(set(graph[x]) - dropped) >= t for x in dropped) and n - len(dropped) >= policy.min_sum:
+                split = (s, dropped)
+                break
+        if split:
+            break
+    assert split is not None
+    s, dropped = split
+    plain, replies = {}, {}
+    for c in cohort:
+        vec, bad, _ = clients[c].masked_input(list(routed), routed[c], updates[c], weights[c],
+                                              ctx.model_hash, rng=np.random.default_rng(c))
+        plain[c], _ = encode_input(ctx, updates[c], weights[c], rng=np.random.default_rng(c))
+        if c not in dropped:
+            replies[c] = (vec, bad)
+    u3 = r.server.receive_masked_inputs(replies)
+    active, lost, _ = r.server.receive_signatures({c: clients[c].consistency(u3) for c in u3})
+    r.server.receive_unmask({c: clients[c].unmask(active, lost, r.server.unmask_signatures(c))
+                             for c in active})
+    bits, length = params.modulus_bits, ctx.vector_length
+    acc = np.zeros(length, dtype=prg.mask_dtype(bits))
+    for u in s:
+        acc += replies[u][0]
+        adv = r.server.advertisements[u]
+        b = r.server._reconstruct(u, SELF_MASK, lambda x, c=adv.self_mask_commitment: commit_self_mask(x) == c)
+        acc -= prg.expand(b, length, bits)
+    for x in dropped:
+        key = r.server.advertisements[x].mask_key
+        sk = r.server._reconstruct(x, MASK_KEY, lambda y, p=key: crypto.x25519_public(y) == p)
+        for u in set(graph[x]) & s:
+            m = prg.expand(pairwise_seed(sk, r.server.advertisements[u].mask_key, r.server._digest), length, bits)
+            acc = acc - m if pairwise_sign(u, x) > 0 else acc + m
+    return len(s), bool(np.array_equal(acc, sum(plain[u] for u in s).astype(acc.dtype)))
+
+
+def test_a_sparse_graph_whose_t_allows_a_split_below_h_honest_others_is_refused():
+    # Positive control: without the check the server reads the sum of 4 honest inputs
+    # although each node promised h = 4 honest others (sums of at least 5).
+    size, exact = _split_survivor_attack(_WithoutSparseSplitCheck)
+    assert exact and size <= 4
+    with pytest.raises(PolicyViolation, match=r"t - c \+ 1 = 3 honest inputs, and this client needs h = 4"):
+        _split_survivor_attack(SecAggPolicy)

@@ -397,6 +397,32 @@ class SecAggPolicy:
                 f"{' (k + 1 neighbours for odd k and n)' if degree != k else ''}, "
                 f"i.e. t >= {needed} (and t <= k)"
             )
+        self.check_sparse_split(n, k, t, degree, c)
+
+    def check_sparse_split(self, n: int, k: int, t: int, degree: int, c: int) -> None:
+        """Refuse a sparse graph whose t lets a split survivor set hold fewer than h
+        honest others.
+
+        With a sparse graph the sum floor on the signed survivor set is not enough: a
+        server that drops the honest neighbours of a small set S after their masked
+        inputs can unmask S's sum alone while U3 stays large. Each member of S needs t
+        live neighbours in S, at most c of them colluders, so S holds at least t - c + 1
+        honest inputs: t - c >= h keeps h honest others besides this client's own. A
+        cohort no larger than the sum floor is exempt: no member can be dropped without
+        U3 falling below the floor, and the whole cohort's graph is connected.
+
+        Raises:
+            PolicyViolation: naming t, c, h and the two ways out.
+        """
+        h = self.honest_others
+        if degree < n - 1 and n > self.min_sum and t - c < h:
+            raise PolicyViolation(
+                f"the server asks for reconstruction_threshold {t} with num_shares {k} in a "
+                f"cohort of {n}: with a sparse graph a survivor set can be split so that a sum "
+                f"holds only t - c + 1 = {t - c + 1} honest inputs, and this client needs "
+                f"h = {h} honest others ({NODE_MIN_HONEST_OTHERS}): t >= {c + h}, or the "
+                f"complete graph (num_shares = n - 1 = {n - 1})"
+            )
 
     def check_member(self, node_id: int, signing_key: bytes, pinned: Mapping[int, bytes]) -> None:
         """Accept ``node_id`` signing with ``signing_key``, or raise.
