@@ -539,3 +539,24 @@ def test_a_sparse_graph_whose_t_allows_a_split_below_h_honest_others_is_refused(
     assert exact and size <= 4
     with pytest.raises(PolicyViolation, match=r"t - c \+ 1 = 3 honest inputs, and this client needs h = 4"):
         _split_survivor_attack(SecAggPolicy)
+
+
+def test_an_open_session_ends_when_the_roster_drops_a_member_or_c_rises():
+    from flwr_guard.secagg.errors import ProtocolError
+
+    s = Session(n=10, seed=3)
+    s.round(2)
+    member = s.ids[0]
+    client = s.clients[s.ids[1]]
+    client.check_policy({})  # control: the policy the session was set up under accepts it
+    revoked = Roster(tuple(x for x in s.policy.roster.members
+                           if x.signing_key != crypto.ed25519_public(s.secrets[member])))
+    reloaded = SessionClient.from_state(client.to_state(), s.secrets[s.ids[1]], SecAggPolicy(roster=revoked))
+    with pytest.raises(ProtocolError, match=rf"^{re.escape(UNKNOWN_SESSION)}: .*node {member} signs with a key that "
+                                            "is not on the federation roster"):
+        reloaded.check_policy({})
+    # C raised by node config (0 -> 3): the set-up's t no longer meets 2t > k + c.
+    stricter = SecAggPolicy(roster=s.policy.roster, max_colluders=3)
+    reloaded = SessionClient.from_state(client.to_state(), s.secrets[s.ids[1]], stricter)
+    with pytest.raises(ProtocolError, match=rf"^{re.escape(UNKNOWN_SESSION)}: .*C = 3 colluding members"):
+        reloaded.check_policy({})

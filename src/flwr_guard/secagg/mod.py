@@ -288,6 +288,7 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         _save_session(context, session)
     if session is None:
         raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
+    session.check_policy(_pinned(context))  # the roster or C may have changed since the set-up
     limit = policy.max_cohort
     if stage == "masked-input":
         return _session_input(msg, context, session, server_round, call_next)

@@ -80,7 +80,7 @@ from flwr_guard.secagg.client import (
 from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
-from flwr_guard.secagg.policy import SecAggPolicy
+from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.server import (
     SecAggAborted,
     SecAggServer,
@@ -281,6 +281,30 @@ class SessionClient:
         if self.round.get("server_round") != server_round:
             raise ProtocolError(f"{stage} for round {server_round}, which this client has no input for")
         return self.round
+
+    def check_policy(self, pinned: Mapping[int, bytes]) -> None:
+        """Re-check the session's set-up against the node's policy as it is now (called
+        at every session stage): a member since removed from the roster, or a C raised
+        since (a larger roster or node config) that the set-up's t no longer meets, ends
+        the session instead of counting for up to ``max_session_rounds`` more rounds.
+
+        Args:
+            pinned: keys pinned on first use (node id -> Ed25519 public key), for a
+                policy without a roster.
+
+        Raises:
+            ProtocolError: starting with :data:`UNKNOWN_SESSION` (the server re-keys),
+                naming the policy's reason.
+        """
+        try:
+            self.policy.check_context(self.context)
+            for entry in self.roster.values():
+                self.policy.check_member(entry.node_id, entry.signing_key, pinned)
+        except PolicyViolation as err:
+            raise ProtocolError(
+                f"{UNKNOWN_SESSION}: this node's SecAgg+ policy no longer accepts the session's "
+                f"set-up ({err}); the server must re-key"
+            ) from None
 
     # -- input -------------------------------------------------------------------------
     def check_input_round(self, server_round: int, now: float | None = None) -> None:
