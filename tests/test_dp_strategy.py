@@ -257,12 +257,64 @@ def test_client_refuses_a_server_asking_for_less_noise() -> None:
         with pytest.raises(ValueError, match=match):
             distributed_dp_noise({**CONFIG, **bad}, node, metrics=metrics, **ROUND)
         assert metrics[KEY_NOISED] == 0
-    # Without a node policy the cohort still bounds m, and no request means no noise.
-    with pytest.raises(ValueError, match="assumes at most 10"):
-        distributed_dp_noise({**CONFIG, "dp-min-contributors": 10**6}, {}, metrics={}, **ROUND)
+    # No request means no noise (the guard's policy mod refuses it if the node requires DP).
     assert distributed_dp_noise({}, {}, metrics={}, **ROUND) is None
-    with pytest.raises(ValueError, match="below this node's floor"):
-        distributed_dp_noise({}, node, metrics={}, **ROUND)
+    # A node that requires distributed DP refuses a round that asks for none.
+    with pytest.raises(ValueError, match="noise multiplier 0.0, below this node's floor"):
+        distributed_dp_noise({}, {**node, "guard-require-dp": "distributed"}, metrics={}, **ROUND)
+
+
+def test_a_node_with_empty_node_config_refuses_zero_noise_and_unbounded_contributors() -> None:
+    """Library defaults: z >= 0.5, at most 3 honest contributors (SecAgg+'s own default
+    cohort floor), whatever the server's run config asks for."""
+    from flwr_guard.dp.node_policy import DEFAULT_HONEST_CONTRIBUTORS
+    from flwr_guard.secagg.policy import SecAggPolicy
+
+    assert DEFAULT_HONEST_CONTRIBUTORS == SecAggPolicy().min_cohort
+    ok = {**CONFIG, "dp-noise-multiplier": 0.5, "dp-min-contributors": 3}
+    metrics: dict = {}
+    assert distributed_dp_noise(ok, {}, metrics=metrics, **ROUND) is not None
+    assert metrics[KEY_NOISED] == 1
+    for bad, match in (
+        ({"dp-noise-multiplier": 0.0}, "noise multiplier 0.0, below this node's floor "
+                                       "dp-min-noise-multiplier=0.5"),
+        ({"dp-noise-multiplier": 0.3}, "below this node's floor dp-min-noise-multiplier=0.5"),
+        ({"dp-noise-multiplier": "none"}, "without a numeric 'dp-noise-multiplier'"),
+        ({"dp-noise-multiplier": float("nan")}, "below this node's floor"),
+        ({"dp-min-contributors": 4}, "assumes at most 3 honest ones \\(dp-honest-contributors=3"),
+        ({"dp-min-contributors": 10**6}, "assumes at most 3 honest"),
+    ):
+        metrics = {}
+        with pytest.raises(ValueError, match=match):
+            distributed_dp_noise({**ok, **bad}, {}, metrics=metrics, **ROUND)
+        assert KEY_NOISED not in metrics
+    # A server that announces distributed DP but drops the noise multiplier gets 0: refused.
+    announced = {k: v for k, v in ok.items() if k != "dp-noise-multiplier"}
+    with pytest.raises(ValueError, match="noise multiplier 0.0, below"):
+        distributed_dp_noise({**announced, "dp-distributed": True}, {}, metrics={}, **ROUND)
+    # The operator may trust more honest clients, or accept less noise, explicitly.
+    node = {"dp-honest-contributors": 10, "dp-min-noise-multiplier": 0.3}
+    assert distributed_dp_noise({**ok, "dp-noise-multiplier": 0.3, "dp-min-contributors": 10},
+                                node, metrics={}, **ROUND) is not None
+
+
+def test_the_user_level_floor_has_one_key_and_a_deprecated_alias(caplog) -> None:
+    from flwr_guard.dp.node_policy import min_noise_multiplier
+    from flwr_guard.guard.policy import ClientPolicy
+
+    assert min_noise_multiplier({}) == 0.5
+    assert min_noise_multiplier({"dp-min-noise-multiplier": 0.8}) == 0.8
+    with caplog.at_level("WARNING"):
+        assert min_noise_multiplier({"guard-min-noise-multiplier": 0.9,
+                                     "dp-min-noise-multiplier": 0.8}) == 0.9
+    assert "guard-min-noise-multiplier is deprecated: use dp-min-noise-multiplier" in caplog.text
+    with pytest.raises(ValueError, match="node config dp-min-noise-multiplier must be a number"):
+        min_noise_multiplier({"dp-min-noise-multiplier": "lots"})
+    # The guard's policy reads the same key, with the same default.
+    assert ClientPolicy.from_node_config({"guard-require-dp": "central"}).min_noise_multiplier == 0.5
+    policy = ClientPolicy.from_node_config({"guard-require-dp": "central",
+                                            "dp-min-noise-multiplier": 1.5})
+    assert policy.min_noise_multiplier == 1.5
 
 
 def test_secure_central_noise_is_integer_skellam_on_a_lattice() -> None:

@@ -91,3 +91,60 @@ def epsilon(
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
+
+
+ledger_app = typer.Typer(
+    help="The node's record-level DP-SGD ledgers (created by the node operator).",
+    no_args_is_help=True,
+)
+
+
+def _ledger_dir(directory: str | None) -> str:
+    from flwr_guard.dp.record_ledger import default_ledger_dir
+
+    return directory or str(default_ledger_dir())
+
+
+@ledger_app.command("init")
+def ledger_init(
+    directory: Annotated[str | None, typer.Option(
+        "--dir", help="Ledger directory: the node config's dp-sgd-ledger "
+        "(default $FLWR_HOME/flwr-guard/dp-sgd-ledger).")] = None,
+    source: Annotated[str, typer.Option(
+        help="Data-source id: the node config's dp-sgd-data-source (default: "
+        "partition-<partition-id>, else 'default').")] = "default",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite an existing ledger (forgets the epsilon it holds).")] = False,
+) -> None:
+    """Create the empty record-level ledger of one data source (before DP-SGD can run)."""
+    from flwr_guard.dp.record_ledger import init_ledger
+
+    try:
+        path = init_ledger(_ledger_dir(directory), source, force=force)
+    except (FileExistsError, ValueError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"created the record-level ledger {path} (data source {source!r}, epsilon 0)")
+
+
+@ledger_app.command("show")
+def ledger_show(
+    directory: Annotated[str | None, typer.Option("--dir", help="Ledger directory.")] = None,
+    source: Annotated[str, typer.Option(help="Data-source id.")] = "default",
+    delta: Annotated[float | None, typer.Option(
+        help="Delta (default: the one the last round was checked with).")] = None,
+) -> None:
+    """Print a ledger's steps and the record-level epsilon spent."""
+    from flwr_guard.dp.dpsgd import epsilon_of_history
+    from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
+
+    try:
+        ledger = RecordLedger(_ledger_dir(directory), source)
+    except (LedgerMissing, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    at = delta if delta is not None else float(ledger.meta.get("delta", 1e-5))
+    accountant = str(ledger.meta.get("accountant", "rdp"))
+    eps = epsilon_of_history(ledger.history, at, accountant)
+    typer.echo(f"{ledger.path}: {ledger.steps} DP-SGD steps, epsilon {eps:.4f} at delta {at:g} "
+               f"({accountant} accountant; relation: add/remove one record)")
