@@ -38,7 +38,7 @@ class _Nodes(Grid):
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id,
                        group_id=group_id)
 
-    run = property(lambda self: None)  # type: ignore[assignment]
+    run = property(lambda self: getattr(self, "_run", None))  # type: ignore[assignment]
 
     def set_run(self, run_id):  # type: ignore[override]
         raise NotImplementedError
@@ -219,16 +219,35 @@ def test_adaptive_clipping_noises_centred_bits_with_the_norm_sent() -> None:
 
 def test_checkpoint_by_default_and_one_warning_where_it_cannot_write(tmp_path, monkeypatch,
                                                                      caplog) -> None:
+    from flwr.supercore.run import Run
+
+    def grid(federation: str, app: str) -> _Nodes:
+        nodes = _Nodes(4)
+        nodes._run = Run.create_empty(1)
+        nodes._run.federation_id, nodes._run.fab_id = federation, app
+        return nodes
+
     dp = _dp(checkpoint="auto")
-    _round(dp, 4, lambda ms: [_reply(m, 0.0) for m in ms])
+    with caplog.at_level(logging.INFO):
+        messages = list(dp.configure_train(1, _global(), ConfigRecord(), grid("fed-a", "pub/app-x")))
+    dp.aggregate_train(1, [_reply(m, 0.0) for m in messages])
+    path = tmp_path / "flwr-home" / "flwr-guard" / "dpfedavg" / "fed-a" / "pub__app-x" / "privacy.json"
+    assert path.exists() and f"user-level privacy ledger {path}" in caplog.text
     restarted = _dp(checkpoint="auto")
+    restarted.bind_checkpoint(grid("fed-a", "pub/app-x"))
     assert dp.epsilon > 0 and restarted.epsilon == pytest.approx(dp.epsilon)
-    assert (tmp_path / "flwr-home" / "flwr-guard" / "dpfedavg-privacy.json").exists()
+    # Another app, or another federation, in the same Flower home has its own budget.
+    for other in (grid("fed-a", "pub/app-y"), grid("fed-b", "pub/app-x")):
+        fresh = _dp(checkpoint="auto")
+        fresh.bind_checkpoint(other)
+        assert fresh.epsilon == 0.0
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     monkeypatch.setenv("FLWR_HOME", str(blocked))
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         memory = _dp(checkpoint="auto")
+        memory.bind_checkpoint(grid("fed-a", "pub/app-x"))
     assert memory.budget.checkpoint is None
     assert caplog.text.count("cannot write the privacy checkpoint") == 1
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -81,9 +82,27 @@ MASKED_METRICS = (KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED)
 AUTO = "auto"
 
 
-def default_checkpoint() -> Path:
-    """``$FLWR_HOME/flwr-guard/dpfedavg-privacy.json`` (``~/.flwr`` without FLWR_HOME)."""
-    return default_ledger_dir().parent / "dpfedavg-privacy.json"
+def _scope_part(value: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", value.strip()).strip("._") or "default"
+    return cleaned[:100]
+
+
+def default_checkpoint(federation: str = "", app: str = "") -> Path:
+    """``$FLWR_HOME/flwr-guard/dpfedavg/<federation>/<app>/privacy.json`` (``~/.flwr``
+    without FLWR_HOME): one user-level ledger per federation and app (the FAB id,
+    ``publisher/name``), so two apps in one Flower home never share a budget; empty
+    parts are ``default``."""
+    return (default_ledger_dir().parent / "dpfedavg" / _scope_part(federation)
+            / _scope_part(app.replace("/", "__")) / "privacy.json")
+
+
+def run_scope(grid: Grid) -> tuple[str, str]:
+    """``(federation, app)`` of the grid's run (``("", "")`` where the grid has none)."""
+    try:
+        run = grid.run
+        return str(run.federation_id or ""), str(run.fab_id or "")
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):  # no run info
+        return "", ""
 
 
 class DPConfigurationError(RuntimeError):
@@ -145,8 +164,10 @@ class DPFedAvg(StrategyWrapper):
         accountant: ``"rdp"`` or ``"pld"`` (central Gaussian only; Skellam is RDP).
         checkpoint: JSON file of the privacy ledger (and adaptive ``C``), loaded if
             present so a restarted ServerApp continues from the epsilon spent;
-            ``"auto"`` (default) = :func:`default_checkpoint`, falling back to memory
-            with one warning where it cannot be written; ``None`` = memory only.
+            ``"auto"`` (default) = :func:`default_checkpoint` of the run's federation
+            and app (bound at the first round, :meth:`bind_checkpoint`; the path is
+            logged), falling back to memory with one warning where it cannot be
+            written; ``None`` = memory only.
         distributed: the clients add Skellam noise through SecAgg+
             (:mod:`flwr_guard.dp.distributed`): this wrapper adds none, sends
             ``dp-noise-multiplier``, ``dp-min-contributors`` and
@@ -253,10 +274,14 @@ class DPFedAvg(StrategyWrapper):
         self.sampling: Sampling = sampling
         self.sample_rate = float(sample_rate) if sample_rate is not None else 1.0
         self.population = population
+        # "auto": the path depends on the run's federation and app, known from the grid
+        # at the first configure_train (bind_checkpoint); memory until then.
+        self._auto_checkpoint = checkpoint is not None and str(checkpoint) == AUTO
         self.budget = PrivacyBudget(max_epsilon, delta, accountant, sampling,
-                                    self._checkpoint_path(checkpoint))
-        if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
-            self.clipping_norm = float(self.budget.extra["clipping-norm"])
+                                    None if self._auto_checkpoint else self._checkpoint_path(checkpoint))
+        if self.budget.checkpoint is not None:
+            log(INFO, "DPFedAvg: user-level privacy ledger %s", self.budget.checkpoint)
+        self._restore_clipping_norm()
         self.weight_key: str | None = getattr(strategy, "weighted_by_key", None)
         self.distributed = distributed
         self.min_contributors = min_contributors
@@ -265,13 +290,48 @@ class DPFedAvg(StrategyWrapper):
         self.stopped_reason: str | None = None
         self._round: _Round | None = None
 
+    def _restore_clipping_norm(self) -> None:
+        if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
+            self.clipping_norm = float(self.budget.extra["clipping-norm"])
+
+    def bind_checkpoint(self, grid: Grid) -> Path | None:
+        """With ``checkpoint="auto"``: load the ledger of this run's federation and app
+        (:func:`default_checkpoint`) and keep writing there; logs the path. Called by
+        the first :meth:`configure_train`; idempotent. Returns the path (``None`` for
+        memory only).
+
+        Raises:
+            CheckpointMismatch: the scoped ledger was written with another delta,
+                accountant or sampling.
+        """
+        if not self._auto_checkpoint:
+            return self.budget.checkpoint
+        self._auto_checkpoint = False
+        federation, app = run_scope(grid)
+        path = self._checkpoint_path(AUTO, federation, app)
+        if path is None:
+            return None
+        spent = list(self.budget.ledger.steps)
+        self.budget = PrivacyBudget(self.budget.max_epsilon, self.budget.delta,
+                                    self.budget.accountant, self.budget.sampling, path)
+        for step in spent:  # steps recorded before binding (none in a normal run)
+            self.budget.ledger.add(step.noise_multiplier, step.sample_rate, step.count,
+                                   step.population, step.skellam)
+        self.budget.save()
+        self._restore_clipping_norm()
+        log(INFO, "DPFedAvg: user-level privacy ledger %s (federation %r, app %r): epsilon "
+            "%.4g spent of %.4g", path, federation or "default", app or "default",
+            self.budget.epsilon_spent, self.budget.max_epsilon)
+        return path
+
     @staticmethod
-    def _checkpoint_path(checkpoint: str | os.PathLike[str] | None) -> Path | None:
+    def _checkpoint_path(checkpoint: str | os.PathLike[str] | None, federation: str = "",
+                         app: str = "") -> Path | None:
         if checkpoint is None:
             return None
         if str(checkpoint) != AUTO:
             return Path(checkpoint)
-        path = default_checkpoint()
+        path = default_checkpoint(federation, app)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -369,6 +429,7 @@ class DPFedAvg(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round = None
+        self.bind_checkpoint(grid)
         if self.stopped_reason is not None:
             return []
         bad = [k for k, a in arrays.items() if not np.issubdtype(a.numpy().dtype, np.floating)]
