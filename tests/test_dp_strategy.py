@@ -189,7 +189,7 @@ def test_distributed_without_secagg_noise_fails_at_the_first_round() -> None:
 
 def test_distributed_round_is_accounted_with_skellams_own_rdp() -> None:
     step, m, n = 4 / 2**16, 2, 3
-    dp = _dp(distributed=True, min_contributors=m, quantization_step=step)
+    dp = _dp(distributed=True, min_contributors=m, quantization_step=step, relation="zero-out")
     arrays, metrics = _round(dp, 4, lambda ms: [_reply(ms[0], 0.0, **{
         "num-examples": float(n), KEY_CLIPPED: n, KEY_NOISED: n})])
     assert arrays is not None and metrics["dp-noise-std"] == 0.0  # the clients noised
