@@ -404,3 +404,24 @@ def test_importing_dpsgd_does_not_double_flowers_log_lines() -> None:
             "from flwr.common import log\nlog(logging.INFO, 'one line')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert (out.stdout + out.stderr).count("one line") == 1, out.stderr
+
+
+def test_the_node_shows_its_policy_digest_and_epsilon_spent_of_its_budget(ledger_dir) -> None:
+    from flwr_guard.dp.node_policy import enforced_policy, policy_digest
+    from flwr_guard.dp.node_status import node_dp_status
+
+    node = {"dp-sgd-ledger": str(ledger_dir)}
+    assert enforced_policy({}) == {
+        "dp-min-noise-multiplier": 0.5, "dp-honest-contributors": 3,
+        "dp-sgd-min-noise-multiplier": 0.5, "dp-sgd-max-epsilon": 10.0,
+        "dp-sgd-secure-mode": False, "dp-sgd-data-source": "default"}
+    assert policy_digest({}) == policy_digest({"dp-sgd-max-epsilon": 10.0})  # defaults explicit
+    assert policy_digest({}) != policy_digest({"dp-sgd-max-epsilon": 8.0})
+    before = node_dp_status(node)
+    assert before.epsilon == 0.0 and before.max_epsilon == 10.0
+    dpsgd = _round(_context(ledger_dir))
+    after = node_dp_status(node)
+    assert after.epsilon == pytest.approx(dpsgd.epsilon()) and after.delta == 1e-4
+    assert f"record-level epsilon {dpsgd.epsilon():.4g} of 10 at delta 0.0001" in after.line()
+    missing = node_dp_status({**node, "dp-sgd-data-source": "other"})
+    assert missing.epsilon is None and "flwr-guard ledger init" in missing.line()
