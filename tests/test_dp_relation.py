@@ -147,3 +147,25 @@ def test_fixed_size_equals_flowers_replace_one_event_at_half_the_noise_multiplie
     naive = FlowerRdp(config)
     naive.compose(GaussianPrivacyEvent(1.2, 10, 100), 30)
     assert naive.get_epsilon(DELTA) < ours  # z against C alone under-counts replace-one
+
+
+def test_cli_prints_both_relations_and_creates_ledgers_once(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from flwr_guard.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["epsilon", "--noise-multiplier", "1.2", "--sample-rate", "1",
+                              "--rounds", "2", "--contributors", "4"])
+    assert out.exit_code == 0, out.output
+    assert "epsilon = 11.3576  (add/remove one client, its noise share leaves" in out.output
+    assert "epsilon = 5.7166  (zero-out one client, its noise share stays" in out.output
+    args = ["ledger", "init", "--dir", str(tmp_path), "--source", "partition-0"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and (tmp_path / "partition-0.json").exists()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists: it keeps the epsilon already spent" in again.output
+    shown = runner.invoke(app, ["ledger", "show", "--dir", str(tmp_path), "--source", "partition-0"])
+    assert shown.exit_code == 0 and "0 DP-SGD steps, epsilon 0.0000" in shown.output
+    bad = runner.invoke(app, ["ledger", "init", "--dir", str(tmp_path), "--source", "../etc"])
+    assert bad.exit_code == 2 and "dp-sgd-data-source must be" in bad.output

@@ -49,8 +49,16 @@ def epsilon(
     ] = Sampling.poisson,
     population: Annotated[int | None, typer.Option(
         min=1, help="Population N, for --sampling fixed-size.")] = None,
+    contributors: Annotated[int | None, typer.Option(
+        min=1, help="Distributed DP: n clients each adding 1/n of the noise variance; "
+        "prints epsilon under add/remove of a client (its share leaves) and zero-out.")] = None,
+    dimension: Annotated[int, typer.Option(
+        min=1, help="With --contributors: noised coordinates d (the model's size).")] = 1,
 ) -> None:
     """Print epsilon for (z, q, T, delta), or with --target-epsilon the z that reaches it."""
+    if contributors is not None:
+        _distributed_epsilon(noise_multiplier, contributors, dimension, rounds, delta)
+        return
     from flwr_guard.dp.accounting import (
         CONVERSION,
         NEIGHBOURING,
@@ -91,6 +99,23 @@ def epsilon(
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
+
+
+def _distributed_epsilon(z: float | None, n: int, d: int, rounds: int, delta: float) -> None:
+    from flwr_guard.dp.accounting import compute_epsilon
+    from flwr_guard.dp.relation_accounting import ADD_REMOVE_ORDERS, add_remove_rdp
+    from flwr_guard.dp.skellam_accounting import epsilon_from_rdp
+
+    if z is None or not z > 0:
+        typer.echo("error: --contributors needs --noise-multiplier > 0", err=True)
+        raise typer.Exit(2)
+    rdp = rounds * add_remove_rdp(ADD_REMOVE_ORDERS, 1.0, z * z / n, n, d)
+    add_remove = epsilon_from_rdp(ADD_REMOVE_ORDERS, rdp, delta)
+    zero_out = compute_epsilon(z, 1.0, rounds, delta, "rdp", "none")
+    how = f"distributed DP, {n} contributors, d={d}, T={rounds}, delta={delta:g}, no amplification"
+    typer.echo(f"epsilon = {add_remove:.4f}  (add/remove one client, its noise share leaves; "
+               f"Gaussian analogue; {how})")
+    typer.echo(f"epsilon = {zero_out:.4f}  (zero-out one client, its noise share stays; {how})")
 
 
 ledger_app = typer.Typer(
