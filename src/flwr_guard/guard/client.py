@@ -272,9 +272,10 @@ class ClientGuard:
         record-level ledger is loaded (:func:`flwr_guard.dp.context_state.dpsgd_from_context`:
         node config ``dp-sgd-ledger``, ``dp-sgd-data-source``; created beforehand by
         ``flwr-guard ledger init``), the round's ``epochs * len(data_loader)`` steps are
-        checked against ``max_epsilon`` and reserved. On a clean exit the ledger is finished, ``run.epsilon`` is set, and
-        the policy mod is told that this update was trained privately (without that, a
-        policy that requires DP-SGD refuses to send it).
+        checked against ``max_epsilon`` and reserved. On a clean exit the ledger is
+        finished, ``run.epsilon`` is set, and the policy mod is told that this update
+        was trained privately (without that, a policy that requires DP-SGD refuses to
+        send it).
 
         Args:
             context: the ClientApp's context.
