@@ -7,6 +7,7 @@ SuperLink, no SuperNode and no Ray. The end-to-end tests run real simulations.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from uuid import uuid4
 
@@ -17,6 +18,8 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_guard.dp.record_ledger import init_ledger
 
 RUN_ID = 4242
 # In-process nodes are one operator's processes, as in Flower's simulation: trust on
@@ -37,12 +40,14 @@ class LoopbackGrid(Grid):
         # Flower 1.41's Message() reads the process's task identity (set by the ServerApp
         # process in a real run).
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
-        self.contexts = {
-            node: Context(RUN_ID, node,
-                          {**SIMULATION_NODE_CONFIG, **(node_config or {}).get(node, {})},
-                          RecordDict(), dict(run_config or {}))
-            for node in apps
-        }
+        ledgers = tempfile.mkdtemp(prefix="dp-sgd-ledger-")
+        configs = {node: {**SIMULATION_NODE_CONFIG, "dp-sgd-ledger": ledgers,
+                          "dp-sgd-data-source": f"node-{node}", **(node_config or {}).get(node, {})}
+                   for node in apps}
+        for config in configs.values():  # as the operator's `flwr-guard ledger init` would
+            init_ledger(config["dp-sgd-ledger"], config["dp-sgd-data-source"])
+        self.contexts = {node: Context(RUN_ID, node, configs[node], RecordDict(), dict(run_config or {}))
+                         for node in apps}
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []  # every message as the clients received it
         self.received: list[Message] = []  # every reply as the server received it

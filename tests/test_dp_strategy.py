@@ -38,7 +38,7 @@ class _Nodes(Grid):
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id,
                        group_id=group_id)
 
-    run = property(lambda self: None)  # type: ignore[assignment]
+    run = property(lambda self: getattr(self, "_run", None))  # type: ignore[assignment]
 
     def set_run(self, run_id):  # type: ignore[override]
         raise NotImplementedError
@@ -189,7 +189,7 @@ def test_distributed_without_secagg_noise_fails_at_the_first_round() -> None:
 
 def test_distributed_round_is_accounted_with_skellams_own_rdp() -> None:
     step, m, n = 4 / 2**16, 2, 3
-    dp = _dp(distributed=True, min_contributors=m, quantization_step=step)
+    dp = _dp(distributed=True, min_contributors=m, quantization_step=step, relation="zero-out")
     arrays, metrics = _round(dp, 4, lambda ms: [_reply(ms[0], 0.0, **{
         "num-examples": float(n), KEY_CLIPPED: n, KEY_NOISED: n})])
     assert arrays is not None and metrics["dp-noise-std"] == 0.0  # the clients noised
@@ -219,16 +219,35 @@ def test_adaptive_clipping_noises_centred_bits_with_the_norm_sent() -> None:
 
 def test_checkpoint_by_default_and_one_warning_where_it_cannot_write(tmp_path, monkeypatch,
                                                                      caplog) -> None:
+    from flwr.supercore.run import Run
+
+    def grid(federation: str, app: str) -> _Nodes:
+        nodes = _Nodes(4)
+        nodes._run = Run.create_empty(1)
+        nodes._run.federation_id, nodes._run.fab_id = federation, app
+        return nodes
+
     dp = _dp(checkpoint="auto")
-    _round(dp, 4, lambda ms: [_reply(m, 0.0) for m in ms])
+    with caplog.at_level(logging.INFO):
+        messages = list(dp.configure_train(1, _global(), ConfigRecord(), grid("fed-a", "pub/app-x")))
+    dp.aggregate_train(1, [_reply(m, 0.0) for m in messages])
+    path = tmp_path / "flwr-home" / "flwr-guard" / "dpfedavg" / "fed-a" / "pub__app-x" / "privacy.json"
+    assert path.exists() and f"user-level privacy ledger {path}" in caplog.text
     restarted = _dp(checkpoint="auto")
+    restarted.bind_checkpoint(grid("fed-a", "pub/app-x"))
     assert dp.epsilon > 0 and restarted.epsilon == pytest.approx(dp.epsilon)
-    assert (tmp_path / "flwr-home" / "flwr-guard" / "dpfedavg-privacy.json").exists()
+    # Another app, or another federation, in the same Flower home has its own budget.
+    for other in (grid("fed-a", "pub/app-y"), grid("fed-b", "pub/app-x")):
+        fresh = _dp(checkpoint="auto")
+        fresh.bind_checkpoint(other)
+        assert fresh.epsilon == 0.0
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     monkeypatch.setenv("FLWR_HOME", str(blocked))
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         memory = _dp(checkpoint="auto")
+        memory.bind_checkpoint(grid("fed-a", "pub/app-x"))
     assert memory.budget.checkpoint is None
     assert caplog.text.count("cannot write the privacy checkpoint") == 1
 
@@ -257,12 +276,64 @@ def test_client_refuses_a_server_asking_for_less_noise() -> None:
         with pytest.raises(ValueError, match=match):
             distributed_dp_noise({**CONFIG, **bad}, node, metrics=metrics, **ROUND)
         assert metrics[KEY_NOISED] == 0
-    # Without a node policy the cohort still bounds m, and no request means no noise.
-    with pytest.raises(ValueError, match="assumes at most 10"):
-        distributed_dp_noise({**CONFIG, "dp-min-contributors": 10**6}, {}, metrics={}, **ROUND)
+    # No request means no noise (the guard's policy mod refuses it if the node requires DP).
     assert distributed_dp_noise({}, {}, metrics={}, **ROUND) is None
-    with pytest.raises(ValueError, match="below this node's floor"):
-        distributed_dp_noise({}, node, metrics={}, **ROUND)
+    # A node that requires distributed DP refuses a round that asks for none.
+    with pytest.raises(ValueError, match="noise multiplier 0.0, below this node's floor"):
+        distributed_dp_noise({}, {**node, "guard-require-dp": "distributed"}, metrics={}, **ROUND)
+
+
+def test_a_node_with_empty_node_config_refuses_zero_noise_and_unbounded_contributors() -> None:
+    """Library defaults: z >= 0.5, at most 3 honest contributors (SecAgg+'s own default
+    cohort floor), whatever the server's run config asks for."""
+    from flwr_guard.dp.node_policy import DEFAULT_HONEST_CONTRIBUTORS
+    from flwr_guard.secagg.policy import SecAggPolicy
+
+    assert DEFAULT_HONEST_CONTRIBUTORS == SecAggPolicy().min_cohort
+    ok = {**CONFIG, "dp-noise-multiplier": 0.5, "dp-min-contributors": 3}
+    metrics: dict = {}
+    assert distributed_dp_noise(ok, {}, metrics=metrics, **ROUND) is not None
+    assert metrics[KEY_NOISED] == 1
+    for bad, match in (
+        ({"dp-noise-multiplier": 0.0}, "noise multiplier 0.0, below this node's floor "
+                                       "dp-min-noise-multiplier=0.5"),
+        ({"dp-noise-multiplier": 0.3}, "below this node's floor dp-min-noise-multiplier=0.5"),
+        ({"dp-noise-multiplier": "none"}, "without a numeric 'dp-noise-multiplier'"),
+        ({"dp-noise-multiplier": float("nan")}, "below this node's floor"),
+        ({"dp-min-contributors": 4}, "assumes at most 3 honest ones \\(dp-honest-contributors=3"),
+        ({"dp-min-contributors": 10**6}, "assumes at most 3 honest"),
+    ):
+        metrics = {}
+        with pytest.raises(ValueError, match=match):
+            distributed_dp_noise({**ok, **bad}, {}, metrics=metrics, **ROUND)
+        assert KEY_NOISED not in metrics
+    # A server that announces distributed DP but drops the noise multiplier gets 0: refused.
+    announced = {k: v for k, v in ok.items() if k != "dp-noise-multiplier"}
+    with pytest.raises(ValueError, match="noise multiplier 0.0, below"):
+        distributed_dp_noise({**announced, "dp-distributed": True}, {}, metrics={}, **ROUND)
+    # The operator may trust more honest clients, or accept less noise, explicitly.
+    node = {"dp-honest-contributors": 10, "dp-min-noise-multiplier": 0.3}
+    assert distributed_dp_noise({**ok, "dp-noise-multiplier": 0.3, "dp-min-contributors": 10},
+                                node, metrics={}, **ROUND) is not None
+
+
+def test_the_user_level_floor_has_one_key_and_a_deprecated_alias(caplog) -> None:
+    from flwr_guard.dp.node_policy import min_noise_multiplier
+    from flwr_guard.guard.policy import ClientPolicy
+
+    assert min_noise_multiplier({}) == 0.5
+    assert min_noise_multiplier({"dp-min-noise-multiplier": 0.8}) == 0.8
+    with caplog.at_level("WARNING"):
+        assert min_noise_multiplier({"guard-min-noise-multiplier": 0.9,
+                                     "dp-min-noise-multiplier": 0.8}) == 0.9
+    assert "guard-min-noise-multiplier is deprecated: use dp-min-noise-multiplier" in caplog.text
+    with pytest.raises(ValueError, match="node config dp-min-noise-multiplier must be a number"):
+        min_noise_multiplier({"dp-min-noise-multiplier": "lots"})
+    # The guard's policy reads the same key, with the same default.
+    assert ClientPolicy.from_node_config({"guard-require-dp": "central"}).min_noise_multiplier == 0.5
+    policy = ClientPolicy.from_node_config({"guard-require-dp": "central",
+                                            "dp-min-noise-multiplier": 1.5})
+    assert policy.min_noise_multiplier == 1.5
 
 
 def test_secure_central_noise_is_integer_skellam_on_a_lattice() -> None:

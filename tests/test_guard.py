@@ -128,6 +128,8 @@ def test_guarded_round_sums_under_secagg_with_the_manifest_and_nothing_in_the_cl
     n = 4
     guard = ClientGuard(ClientPolicy(secagg=True, dp="central", max_clipping_norm=10.0))
     grid = _grid(n, guard.train_mods)
+    for c in grid.contexts.values():  # the operators accept z = 1e-6 (exact sums), explicitly
+        c.node_config["dp-min-noise-multiplier"] = 1e-6
     strategy = GuardedStrategy(_fedavg(n), secagg=SecAgg(timeout=5),
                                dp=CentralDP(noise_multiplier=1e-6, clipping_norm=10.0,
                                            expected_contributors=n, options=NO_CHECKPOINT))

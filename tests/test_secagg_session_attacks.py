@@ -863,7 +863,8 @@ def test_mod_a_session_round_over_a_subset_is_not_unmasked_below_the_noise_contr
         KEY_QUANTIZATION_STEP,
     )
 
-    fed = ModFederation(6, tmp_path, node_config={"dp-min-noise-multiplier": "1.0"})
+    fed = ModFederation(6, tmp_path, node_config={"dp-min-noise-multiplier": "1.0",
+                                                  "dp-honest-contributors": 6})
     fed.weights = {i: 1 for i in fed.ids}  # one clipped update each, as DP requires
 
     def distributed_dp(asked):

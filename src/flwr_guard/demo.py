@@ -262,6 +262,17 @@ def run_demo(
         # The reference app's SuperNodes, as their operator would: no update leaves them
         # unless SecAgg+ masks it (flwr_guard.guard.policy, node config).
         node_config.setdefault("guard-require-secagg", True)
+    if not options.simulation:  # each operator's `flwr-guard ledger init` (docs/privacy.md)
+        from flwr_guard.dp.node_policy import data_source
+        from flwr_guard.dp.record_ledger import init_ledger, ledger_path
+
+        for key, value in (("dp-sgd-max-epsilon", 8.0), ("dp-sgd-min-noise-multiplier", 1.0),
+                           ("dp-min-noise-multiplier", 0.5), ("dp-honest-contributors", 2)):
+            node_config.setdefault(key, value)  # explicit floors, as an operator would set
+        ledgers = str(node_config.setdefault("dp-sgd-ledger", str(workdir / "dp-sgd-ledger")))
+        for source in {data_source({"partition-id": i, **node_config}) for i in range(options.nodes)}:
+            if not ledger_path(ledgers, source).exists():
+                init_ledger(ledgers, source)
     topology = Topology.on_free_ports(
         nodes=options.nodes,
         superlink_port=options.superlink_port,

@@ -39,7 +39,7 @@ def test_fit_with_frequent_empty_batches(kind):
 
     a = ClientApp()
     a.train(mods=guard.train_mods())(train)
-    grid = LoopbackGrid({1: a, 2: a})
+    grid = LoopbackGrid({1: a, 2: a}, node_config={n: {"dp-sgd-max-epsilon": 20.0} for n in (1, 2)})
     GuardedStrategy(fedavg(2)).start(grid, initial(), num_rounds=2)
     errors = [r.error.reason for r in grid.received if r.has_error()]
     assert not errors, errors

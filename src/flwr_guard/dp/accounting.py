@@ -45,6 +45,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from flwr_guard.dp.relation_accounting import ADD_REMOVE_ORDERS, add_remove_rdp
 from flwr_guard.dp.skellam_accounting import (
     SKELLAM_ORDERS,
     epsilon_from_rdp,
@@ -90,6 +91,11 @@ class Step:
             Skellam mechanism (integer domain; :mod:`flwr_guard.dp.skellam_accounting`),
             ``None`` for a Gaussian step. ``noise_multiplier`` is then informational
             (``sqrt(2 mu) / L2``).
+        leaving_shares: ``(n contributors, d coordinates)`` for a distributed-DP step
+            accounted under add/remove of one client, whose noise share leaves with it
+            (needs ``skellam``; :mod:`flwr_guard.dp.relation_accounting`); ``None``: the
+            noise of the sum is the same in both neighbours (central noise, or the
+            zero-out relation).
     """
 
     noise_multiplier: float
@@ -97,8 +103,14 @@ class Step:
     count: int = 1
     population: int | None = None
     skellam: tuple[float, float, float] | None = None
+    leaving_shares: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.leaving_shares is not None:
+            n, d = self.leaving_shares
+            if self.skellam is None or n < 1 or d < 1:
+                raise ValueError(f"leaving_shares (n >= 1, d >= 1) needs a Skellam step, got "
+                                 f"{self.leaving_shares}")
         if self.skellam is not None:
             l2, l1, mu = self.skellam
             if not (l2 > 0 and l1 > 0 and mu > 0 and all(map(math.isfinite, self.skellam))):
@@ -194,10 +206,14 @@ def epsilon_from_history(
 
 def _epsilon_with_skellam(steps: list[Step], delta: float, accountant: str,
                           sampling: str) -> float:
-    """Compose Gaussian and Skellam steps in RDP at integer orders; dp-accounting converts.
+    """Compose Gaussian, Skellam and add/remove (leaving-share) steps in RDP; dp-accounting
+    converts.
 
     Skellam has no PLD here and no tight subsampled bound: ``"poisson"`` uses the generic
-    bound of Zhu & Wang 2019 (Theorem 6), ``"fixed-size"`` is refused.
+    bound of Zhu & Wang 2019 (Theorem 6), ``"fixed-size"`` is refused. Skellam's RDP is
+    stated at integer orders; at a fractional order ``a`` it is bounded by its value at
+    ``ceil(a)`` (Rényi divergence grows with the order; van Erven & Harremoës 2014,
+    Theorem 3).
     """
     if accountant != "rdp":
         raise ValueError("the Skellam mechanism is accounted with its own RDP only "
@@ -205,7 +221,10 @@ def _epsilon_with_skellam(steps: list[Step], delta: float, accountant: str,
     if sampling == "fixed-size":
         raise ValueError("fixed-size sampling has no bound for Skellam here: use "
                          "sampling='none' (or 'poisson' with a trusted Poisson sampler)")
-    orders = list(SKELLAM_ORDERS)
+    integers = list(SKELLAM_ORDERS)
+    leaving = any(s.leaving_shares is not None for s in steps)
+    orders = list(ADD_REMOVE_ORDERS) if leaving else integers
+    at_ceiling = [int(math.ceil(a)) - integers[0] for a in orders]
     gaussian = [s for s in steps if s.skellam is None]
     total = np.zeros(len(orders))
     if gaussian:
@@ -218,10 +237,18 @@ def _epsilon_with_skellam(steps: list[Step], delta: float, accountant: str,
     for s in steps:
         if s.skellam is None:
             continue
-        rdp = skellam_rdp(orders, *s.skellam)
+        if s.leaving_shares is not None:
+            if sampling == "poisson" and s.sample_rate < 1:
+                raise ValueError("the add/remove accounting of distributed DP has no "
+                                 "subsampled bound here: use sampling='none'")
+            l2, _, mu = s.skellam
+            n, d = s.leaving_shares
+            total += s.count * add_remove_rdp(orders, l2, 2.0 * mu / n, n, d)
+            continue
+        rdp = skellam_rdp(integers, *s.skellam)
         if sampling == "poisson" and s.sample_rate < 1:
-            rdp = poisson_subsampled_rdp(orders, rdp, s.sample_rate)
-        total += s.count * rdp
+            rdp = poisson_subsampled_rdp(integers, rdp, s.sample_rate)
+        total += s.count * rdp[at_ceiling]
     return epsilon_from_rdp(orders, total, delta)
 
 
@@ -315,16 +342,18 @@ class Ledger:
 
     def add(self, noise_multiplier: float, sample_rate: float, count: int = 1,
             population: int | None = None,
-            skellam: tuple[float, float, float] | None = None) -> None:
+            skellam: tuple[float, float, float] | None = None,
+            leaving_shares: tuple[int, int] | None = None) -> None:
         """Append ``count`` steps (merged with the last entry when identical)."""
-        step = Step(noise_multiplier, sample_rate, count, population, skellam)
+        step = Step(noise_multiplier, sample_rate, count, population, skellam, leaving_shares)
         if self.steps:
             last = self.steps[-1]
-            if (last.noise_multiplier, last.sample_rate, last.population, last.skellam) == (
-                step.noise_multiplier, step.sample_rate, step.population, step.skellam
-            ):
+            if (last.noise_multiplier, last.sample_rate, last.population, last.skellam,
+                    last.leaving_shares) == (step.noise_multiplier, step.sample_rate,
+                                             step.population, step.skellam, step.leaving_shares):
                 self.steps[-1] = Step(last.noise_multiplier, last.sample_rate,
-                                      last.count + count, last.population, last.skellam)
+                                      last.count + count, last.population, last.skellam,
+                                      last.leaving_shares)
                 return
         self.steps.append(step)
 
@@ -343,6 +372,8 @@ class Ledger:
             "count": [s.count for s in self.steps],
             "population": [s.population or 0 for s in self.steps],
             "skellam": [list(s.skellam) if s.skellam else [] for s in self.steps],
+            "leaving-shares": [list(s.leaving_shares) if s.leaving_shares else []
+                               for s in self.steps],
         }
 
     @classmethod
@@ -359,12 +390,14 @@ class Ledger:
             raise ValueError(f"ledger misses the field {err.args[0]!r}") from None
         populations = list(data.get("population", [0] * len(columns[0])))
         skellams = list(data.get("skellam", [[]] * len(columns[0])))
-        if len({len(c) for c in columns} | {len(populations), len(skellams)}) != 1:
+        leaving = list(data.get("leaving-shares", [[]] * len(columns[0])))
+        if len({len(c) for c in columns} | {len(populations), len(skellams), len(leaving)}) != 1:
             raise ValueError("ledger fields have different lengths")
         ledger = cls()
-        for z, q, n, pop, sk in zip(*columns, populations, skellams, strict=True):
+        for z, q, n, pop, sk, ls in zip(*columns, populations, skellams, leaving, strict=True):
             skellam = tuple(float(v) for v in sk) if sk else None
             if skellam is not None and len(skellam) != 3:
                 raise ValueError(f"a Skellam step needs (L2, L1, mu), got {sk}")
-            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None, skellam))
+            shares = (int(ls[0]), int(ls[1])) if ls else None
+            ledger.steps.append(Step(float(z), float(q), int(n), int(pop) or None, skellam, shares))
         return ledger

@@ -106,12 +106,13 @@ class PrivacyBudget:
     def can_afford(
         self, noise_multiplier: float, sample_rate: float, count: int = 1,
         population: int | None = None, skellam: tuple[float, float, float] | None = None,
+        leaving_shares: tuple[int, int] | None = None,
     ) -> BudgetDecision:
         """Whether ``count`` more steps with these parameters stay within the budget
-        (``skellam``: see :class:`~flwr_guard.dp.accounting.Step`)."""
+        (``skellam``, ``leaving_shares``: see :class:`~flwr_guard.dp.accounting.Step`)."""
         spent = self.epsilon_spent
         trial = Ledger(list(self.ledger.steps))
-        trial.add(noise_multiplier, sample_rate, count, population, skellam)
+        trial.add(noise_multiplier, sample_rate, count, population, skellam, leaving_shares)
         after = trial.epsilon(self.delta, self.accountant, self.sampling)
         return BudgetDecision(
             allowed=after <= self.max_epsilon, epsilon_spent=spent,
@@ -122,16 +123,18 @@ class PrivacyBudget:
     def spend(
         self, noise_multiplier: float, sample_rate: float, count: int = 1,
         population: int | None = None, skellam: tuple[float, float, float] | None = None,
+        leaving_shares: tuple[int, int] | None = None,
     ) -> float:
         """Record ``count`` steps; checkpoint; return the epsilon spent after them.
 
         Raises:
             PrivacyBudgetExceeded: if the steps do not fit (nothing is recorded).
         """
-        decision = self.can_afford(noise_multiplier, sample_rate, count, population, skellam)
+        decision = self.can_afford(noise_multiplier, sample_rate, count, population, skellam,
+                                   leaving_shares)
         if not decision.allowed:
             raise PrivacyBudgetExceeded(decision.message("this step"))
-        self.ledger.add(noise_multiplier, sample_rate, count, population, skellam)
+        self.ledger.add(noise_multiplier, sample_rate, count, population, skellam, leaving_shares)
         self.save()
         return decision.epsilon_after
 

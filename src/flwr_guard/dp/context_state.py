@@ -1,12 +1,13 @@
 """Flower adapter: DP-SGD's ledger on the node's disk, mirrored in ``context.state``.
 
-The durable ledger is a :class:`~flwr_guard.dp.record_ledger.RecordLedger` in the
-directory of node config ``dp-sgd-ledger`` (default
-:func:`~flwr_guard.dp.record_ledger.default_ledger_dir`); node config
-``dp-sgd-ledger-required`` / ``dp-sgd-ledger-reset`` (bool) say whether a missing ledger
-is an error and whether to start a new one. The node's own policy in node config
-(``dp-sgd-max-epsilon``, ``dp-sgd-min-noise-multiplier``, ``dp-sgd-secure-mode``) bounds
-what the run config (the server's) asks for: see :meth:`DPSGDConfig.from_run_config`.
+The durable ledger is the :class:`~flwr_guard.dp.record_ledger.RecordLedger` of the
+node's data source (node config ``dp-sgd-data-source``, default
+``partition-<partition-id>`` or ``default``) in the directory of node config
+``dp-sgd-ledger`` (default :func:`~flwr_guard.dp.record_ledger.default_ledger_dir`),
+created beforehand by ``flwr-guard ledger init``; a missing or corrupt ledger refuses
+DP-SGD. The node's own policy in node config (``dp-sgd-max-epsilon``,
+``dp-sgd-min-noise-multiplier``, ``dp-sgd-secure-mode``; library defaults otherwise)
+bounds what the run config and the app ask for: :meth:`DPSGDConfig.bounded_by`.
 
 ``context.state`` is the per-node ``RecordDict`` that Flower keeps across the messages
 of a run (also when every message runs in a new ClientApp process). The accountant's
@@ -17,12 +18,14 @@ so the next round's :class:`~flwr_guard.dp.dpsgd.DPSGD` continues the same ledge
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig
-from flwr_guard.dp.record_ledger import RecordLedger, default_ledger_dir
+from flwr_guard.dp.node_policy import NODE_LEDGER_DIR, NODE_LEDGER_RESET, data_source
+from flwr_guard.dp.record_ledger import RecordLedger, default_ledger_dir, init_command
 
 STATE_KEY = "flwr-guard-dp-sgd-accountant"
 
@@ -60,10 +63,28 @@ def save_accountant_state(context: Context, state: dict[str, Any]) -> None:
     )
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def in_simulation() -> bool:
+    """Whether this ClientApp runs inside Flower's simulation runtime (a Ray actor)."""
+    return "flwr.simulation.ray_transport.ray_actor" in sys.modules
+
+
+def node_ledger(context: Context, expected: list | None = None) -> RecordLedger:
+    """The node's :class:`RecordLedger` (node config ``dp-sgd-ledger``,
+    ``dp-sgd-data-source``), checked against ``expected`` (the node's memory).
+
+    Raises:
+        LedgerMissing / LedgerCorrupt: naming ``flwr-guard ledger init``.
+        ValueError: the removed node config ``dp-sgd-ledger-reset``, or a bad source id.
+    """
+    node = context.node_config
+    directory = str(node.get(NODE_LEDGER_DIR, "") or "") or str(default_ledger_dir())
+    source = data_source(node)
+    if NODE_LEDGER_RESET in node:
+        raise ValueError(
+            f"node config {NODE_LEDGER_RESET} is no longer read: a ledger is started again "
+            f"only by `{init_command(directory, source)} --force` (forgets the epsilon spent)")
+    return RecordLedger(directory, source, node_id=context.node_id, expected_history=expected,
+                        create_missing=in_simulation())
 
 
 def dpsgd_from_context(context: Context, config: DPSGDConfig | None = None,
@@ -72,26 +93,25 @@ def dpsgd_from_context(context: Context, config: DPSGDConfig | None = None,
 
     Args:
         context: the ClientApp's context.
-        config: overrides :meth:`DPSGDConfig.from_run_config` (``dp-sgd-*`` keys of the
-            run config, bounded by the node config).
-        epochs: local epochs of this round (required when a budget is set).
-        kwargs: passed to :class:`DPSGD` (e.g. ``noise_generator``, ``fingerprint``).
+        config: the app's own config (else :meth:`DPSGDConfig.from_run_config`, the
+            ``dp-sgd-*`` keys of the run config); either way bounded by the node's policy
+            (:meth:`DPSGDConfig.bounded_by`: budget cap, noise floor, secure mode).
+        epochs: local epochs of this round (required: the budget is always finite).
+        kwargs: passed to :class:`DPSGD` (e.g. ``noise_generator``).
 
     Raises:
-        ValueError: a run config below the node's floors, or a malformed state record.
-        LedgerMissing: (from ``make_private``) the ledger is expected but missing.
+        ValueError: a run config or app config below the node's floors, or a malformed
+            state record.
+        LedgerMissing / LedgerCorrupt: the node's ledger is missing or unreadable (the
+            message names ``flwr-guard ledger init``); nothing is written.
     """
     node = context.node_config
-    config = config or DPSGDConfig.from_run_config(context.run_config, node_config=node)
-    directory = str(node.get("dp-sgd-ledger", "") or "") or str(default_ledger_dir())
-    required = _flag(node.get("dp-sgd-ledger-required", False))
-    reset = _flag(node.get("dp-sgd-ledger-reset", False))
+    if config is None:
+        config = DPSGDConfig.from_run_config(context.run_config, node_config=node)
+    else:
+        config = config.bounded_by(node)
     memory = load_accountant_state(context)
-
-    def ledger(fingerprint: str, expected: list) -> RecordLedger:
-        return RecordLedger(directory, fingerprint, node_id=context.node_id,
-                            expected_history=expected, required=required, reset=reset)
-
+    ledger = node_ledger(context, (memory or {}).get("history", []))
     return DPSGD(config, memory, ledger=ledger, epochs=epochs, **kwargs)
 
 

@@ -10,11 +10,19 @@ variance of ``1 / m`` of the target). A server that asks for ``z = 0`` or an ``m
 10^6 would receive updates with almost no noise. The client's own policy, from its node
 config, bounds both:
 
-- ``dp-min-noise-multiplier`` (float, default 0): refuse a ``z`` below it, and refuse a
-  round that asks for no distributed noise at all when it is > 0;
-- ``dp-honest-contributors`` (int, default: the round's cohort size): the number of
+- ``dp-min-noise-multiplier`` (float, default
+  :data:`~flwr_guard.dp.node_policy.DEFAULT_MIN_NOISE_MULTIPLIER` = 0.5): refuse a round
+  that announces distributed DP (``dp-distributed`` or ``dp-noise-multiplier`` in the
+  train config) with a ``z`` below it, 0 included (node config
+  ``guard-require-dp = "distributed"`` also refuses a round that asks for no distributed
+  noise at all);
+- ``dp-honest-contributors`` (int, default
+  :data:`~flwr_guard.dp.node_policy.DEFAULT_HONEST_CONTRIBUTORS` = 3): the number of
   honest clients whose noise this client assumes the sum will hold; refuse an ``m``
   above it (never above the cohort).
+
+A round that announces no distributed DP at all gets no noise here (the guard's
+policy mod refuses it when the node requires DP: ``guard-require-dp``).
 
 It also refuses a quantisation step different from SecAgg+'s own (the server accounts
 with it). A refusal raises ``ValueError``: the mod replies with an error and no update
@@ -34,6 +42,7 @@ import numpy as np
 from flwr_guard.dp.distributed import skellam_noise_for_secagg
 from flwr_guard.dp.keys import (
     KEY_CLIPPING_NORM,
+    KEY_DISTRIBUTED,
     KEY_MIN_CONTRIBUTORS,
     KEY_NOISE_MULTIPLIER,
     KEY_NOISED,
@@ -41,6 +50,7 @@ from flwr_guard.dp.keys import (
     NODE_HONEST_CONTRIBUTORS,
     NODE_MIN_NOISE_MULTIPLIER,
 )
+from flwr_guard.dp.node_policy import NODE_REQUIRE_DP, honest_contributors, min_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -76,30 +86,36 @@ def distributed_dp_noise(
             clipping norm, a step other than SecAgg+'s, or no room in the modulus.
     """
     config = config or {}
-    z = float(config.get(KEY_NOISE_MULTIPLIER, 0.0) or 0.0)
-    floor = float(node_config.get(NODE_MIN_NOISE_MULTIPLIER, 0.0) or 0.0)
-    if not math.isfinite(z) or z < 0:
-        raise ValueError(f"distributed DP: invalid noise multiplier {z}")
-    if z < floor or (floor > 0 and z <= 0):
+    announced = bool(config.get(KEY_DISTRIBUTED, False)) or KEY_NOISE_MULTIPLIER in config
+    # A node whose operator requires distributed DP refuses a round without its noise.
+    required = str(node_config.get(NODE_REQUIRE_DP, "") or "") == "distributed"
+    if not announced and not required:
+        return None
+    try:
+        z = float(config.get(KEY_NOISE_MULTIPLIER, 0.0))
+    except (TypeError, ValueError):
+        raise ValueError(f"distributed DP refused: the train config announces distributed "
+                         f"DP without a numeric {KEY_NOISE_MULTIPLIER!r}; no update is sent") from None
+    floor = min_noise_multiplier(node_config)
+    if not math.isfinite(z) or not z >= floor:
         raise ValueError(
             f"distributed DP refused: the server asks for noise multiplier {z}, below this "
-            f"node's floor {NODE_MIN_NOISE_MULTIPLIER}={floor} (node config); no update is sent"
+            f"node's floor {NODE_MIN_NOISE_MULTIPLIER}={floor} (node config; library default "
+            "0.5); no update is sent"
         )
-    if z <= 0:
-        return None
     if KEY_CLIPPING_NORM not in config:
         raise ValueError(f"distributed DP needs {KEY_CLIPPING_NORM!r} in the train config")
     clipping_norm = float(config[KEY_CLIPPING_NORM])
     if not (clipping_norm > 0 and math.isfinite(clipping_norm)):
         raise ValueError(f"distributed DP: invalid clipping norm {clipping_norm}")
     min_contributors = int(config.get(KEY_MIN_CONTRIBUTORS, cohort_size))
-    honest = int(node_config.get(NODE_HONEST_CONTRIBUTORS, 0) or 0) or cohort_size
+    honest = honest_contributors(node_config)
     if not 1 <= min_contributors <= min(honest, cohort_size):
         raise ValueError(
             f"distributed DP refused: the server scales each client's noise for "
             f"{min_contributors} contributors, but this node assumes at most "
             f"{min(honest, cohort_size)} honest ones ({NODE_HONEST_CONTRIBUTORS}={honest} in "
-            f"the node config, cohort {cohort_size}); no update is sent"
+            f"the node config, library default 3; cohort {cohort_size}); no update is sent"
         )
     if weight != 1:
         raise ValueError(

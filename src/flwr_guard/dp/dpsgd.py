@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -67,7 +67,14 @@ from torch.utils.data import DataLoader
 
 from flwr_guard.device import resolve_device  # noqa: F401 - re-exported for users
 from flwr_guard.dp.budget import PrivacyBudgetExceeded
-from flwr_guard.dp.record_ledger import RecordLedger, append_steps, dataset_fingerprint
+from flwr_guard.dp.node_policy import (
+    NODE_DPSGD_MIN_NOISE_MULTIPLIER,
+    NODE_DPSGD_SECURE_MODE,
+    dpsgd_max_epsilon,
+    dpsgd_min_noise_multiplier,
+    flag,
+)
+from flwr_guard.dp.record_ledger import RecordLedger, append_steps
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +136,9 @@ class DPSGDConfig:
         ``{prefix}secure-mode`` (bool), ``{prefix}max-epsilon`` (0 = no limit) from a
         Flower run config.
 
-        The run config is the server's. With ``node_config`` (the node's own policy),
-        ``{prefix}max-epsilon`` there caps the run config's (the smaller wins; a run
-        config without a budget gets the node's), ``{prefix}min-noise-multiplier`` is a
-        floor, and ``{prefix}secure-mode = true`` cannot be turned off by the server.
+        The run config is the server's: the result is always bounded by the node's
+        policy (:meth:`bounded_by` ``node_config``; an empty or absent node config gets
+        the library defaults: budget cap 10, noise floor 0.5).
 
         Raises:
             KeyError: naming the missing required key.
@@ -144,25 +150,41 @@ class DPSGDConfig:
                 f"DP-SGD needs {', '.join(prefix + k for k in missing)} in the run config "
                 "([tool.flwr.app.config] or `flwr run --run-config`)"
             )
-        node = node_config or {}
         max_epsilon = float(run_config.get(prefix + "max-epsilon", 0.0)) or math.inf
-        node_max = float(node.get(prefix + "max-epsilon", 0.0)) or math.inf
-        z = float(run_config[prefix + "noise-multiplier"])
-        floor = float(node.get(prefix + "min-noise-multiplier", 0.0))
-        if z < floor:
-            raise ValueError(
-                f"the run config asks for DP-SGD noise multiplier {z}, below this node's "
-                f"floor {prefix}min-noise-multiplier={floor} (node config): refusing to train"
-            )
-        return cls(
-            noise_multiplier=z,
+        config = cls(
+            noise_multiplier=float(run_config[prefix + "noise-multiplier"]),
             max_grad_norm=float(run_config[prefix + "max-grad-norm"]),
             delta=float(run_config.get(prefix + "delta", 1e-5)),
             grad_sample_mode="ghost" if bool(run_config.get(prefix + "ghost-clipping", False)) else "hooks",
             accountant=str(run_config.get(prefix + "accountant", "rdp")),
-            secure_mode=bool(run_config.get(prefix + "secure-mode", False))
-            or bool(node.get(prefix + "secure-mode", False)),
-            max_epsilon=min(max_epsilon, node_max),
+            secure_mode=bool(run_config.get(prefix + "secure-mode", False)),
+            max_epsilon=max_epsilon,
+        )
+        return config.bounded_by(node_config or {}, "the run config")
+
+    def bounded_by(self, node_config: Mapping[str, Any], who: str = "the app") -> DPSGDConfig:
+        """This config under the node operator's policy (node config, library defaults
+        for what it does not set; :mod:`flwr_guard.dp.node_policy`).
+
+        ``max_epsilon`` is capped by ``dp-sgd-max-epsilon`` (default 10: never
+        unbounded), ``secure_mode`` is forced on by ``dp-sgd-secure-mode``, and a noise
+        multiplier below ``dp-sgd-min-noise-multiplier`` (default 0.5), 0 included, is
+        refused. A config may be stricter than the node, never looser.
+
+        Raises:
+            ValueError: naming the node-config key of the floor that refused it.
+        """
+        floor = dpsgd_min_noise_multiplier(node_config)
+        if not self.noise_multiplier >= floor:
+            raise ValueError(
+                f"{who} asks for DP-SGD noise multiplier {self.noise_multiplier:g}, below this "
+                f"node's floor {NODE_DPSGD_MIN_NOISE_MULTIPLIER}={floor:g} (node config; "
+                "library default 0.5): refusing to train"
+            )
+        return replace(
+            self,
+            max_epsilon=min(self.max_epsilon, dpsgd_max_epsilon(node_config)),
+            secure_mode=self.secure_mode or flag(node_config.get(NODE_DPSGD_SECURE_MODE, False)),
         )
 
 
@@ -221,9 +243,9 @@ class DPSGD:
     """One client's DP-SGD: an Opacus ``PrivacyEngine`` with a ledger and a budget.
 
     The ledger is the Opacus history ``[(noise_multiplier, sample_rate, steps), ...]``
-    of every round this node trained on its data: from ``ledger`` (a durable
-    :class:`~flwr_guard.dp.record_ledger.RecordLedger`, or a callable that builds one
-    from the dataset fingerprint) when given, else from ``accountant_state``.
+    of every round this node trained on its data source: from ``ledger`` (the durable
+    :class:`~flwr_guard.dp.record_ledger.RecordLedger` of the source) when given, else
+    from ``accountant_state``.
     :meth:`make_private` projects the round (``epochs * len(loader)`` steps at sample
     rate ``1 / len(loader)``) onto it with the configured accountant, refuses the round
     if epsilon would exceed ``config.max_epsilon``, and otherwise *reserves* those steps
@@ -236,13 +258,9 @@ class DPSGD:
             the durable ledger is checked against.
         noise_generator: optional ``torch.Generator`` for the noise (tests only; never
             with ``secure_mode``).
-        ledger: ``RecordLedger``, or ``callable(fingerprint, expected_history) ->
-            RecordLedger`` (built in :meth:`make_private`, once the data is known).
+        ledger: the node's ``RecordLedger`` of this data source.
         epochs: local epochs of the round (needed for the budget check; may also be
             passed to :meth:`make_private`).
-        fingerprint: dataset fingerprint to key the ledger with; default
-            :func:`~flwr_guard.dp.record_ledger.dataset_fingerprint` of the loader's
-            dataset.
 
     Raises:
         ValueError: ``secure_mode`` without ``torchcsprng`` (message names the fix).
@@ -254,9 +272,8 @@ class DPSGD:
         accountant_state: Mapping[str, Any] | None = None,
         noise_generator: torch.Generator | None = None,
         *,
-        ledger: RecordLedger | Any | None = None,
+        ledger: RecordLedger | None = None,
         epochs: int | None = None,
-        fingerprint: str | None = None,
     ) -> None:
         self.config = config
         try:
@@ -269,10 +286,8 @@ class DPSGD:
         self._memory: list[tuple[float, float, int]] = [
             (float(z), float(q), int(n)) for z, q, n in (accountant_state or {}).get("history", [])
         ]
-        self._ledger_spec = ledger
-        self._ledger: RecordLedger | None = ledger if isinstance(ledger, RecordLedger) else None
+        self._ledger: RecordLedger | None = ledger
         self.epochs = epochs
-        self.fingerprint = fingerprint
         self._noise_generator = noise_generator
         self._private: PrivateTraining | None = None
         self._reserved = 0
@@ -314,7 +329,6 @@ class DPSGD:
             PrivacyBudgetExceeded: the round would take epsilon past ``max_epsilon``
                 (nothing is reserved, the data is not touched).
             ValueError: a finite budget without ``epochs``.
-            LedgerMissing: the durable ledger is expected but missing.
             DPSGDModelError: for layers Opacus cannot handle (see :func:`check_module`).
             RuntimeError: if called twice on the same :class:`DPSGD` (one per round).
         """
@@ -322,9 +336,6 @@ class DPSGD:
             raise RuntimeError("make_private was already called on this DPSGD; create one per round")
         check_module(model)
         epochs = epochs if epochs is not None else self.epochs
-        if self._ledger is None and callable(self._ledger_spec):
-            fingerprint = self.fingerprint or dataset_fingerprint(data_loader.dataset)
-            self._ledger = self._ledger_spec(fingerprint, self._memory)
         steps_per_epoch = len(data_loader)
         if steps_per_epoch < 1:
             raise ValueError("DP-SGD needs a non-empty data loader")
@@ -373,7 +384,7 @@ class DPSGD:
     def _reserve(self, sample_rate: float, steps: int) -> None:
         entry = (self.config.noise_multiplier, sample_rate, steps)
         if self._ledger is not None:
-            self._ledger.reserve(*entry)
+            self._ledger.reserve(*entry, delta=self.config.delta, accountant=self.config.accountant)
         else:
             append_steps(self._memory, entry)
         self._reserved += steps

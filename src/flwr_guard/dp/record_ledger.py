@@ -1,51 +1,66 @@
-"""A durable, node-local ledger of record-level DP-SGD steps (no Flower imports).
+"""The node's record-level DP-SGD ledger: one per declared data source (no Flower imports).
 
 Flower keeps ``context.state`` in the SuperNode's memory: a SuperNode restart (or a new
 run) starts it empty, so an accountant kept only there forgets the epsilon already spent
-on the node's data and lets it train again from zero. :class:`RecordLedger` keeps the
-Opacus accountant history ``[(noise_multiplier, sample_rate, steps), ...]`` in a JSON
-file on the node itself:
+on the node's data. :class:`RecordLedger` keeps the Opacus accountant history
+``[(noise_multiplier, sample_rate, steps), ...]`` in a JSON file on the node itself:
 
-- **where**: a directory chosen by the node (node config ``dp-sgd-ledger``; by default
-  ``$FLWR_HOME/flwr-guard/dp-sgd-ledger``, ``~/.flwr`` when ``FLWR_HOME`` is unset),
-  never by the server (the run config is the server's: a server that could choose the
-  path could point a node at a fresh ledger);
-- **keyed by dataset**: one file per fingerprint of the training data
-  (:func:`dataset_fingerprint`, SHA-256 of every example), named
-  ``dpsgd-<fingerprint[:32]>.json``; the file also records the node ids that trained on
-  it. The budget belongs to the records: Flower may give a restarted SuperNode a new node
-  id, so the node id is recorded, not used as the key;
-- **atomic**: written to a temporary file in the same directory, fsync'ed, then
-  ``os.replace``'d, so a crash leaves the old or the new ledger, never half of one;
-- **reserved before training**: :meth:`RecordLedger.reserve` writes a round's planned
-  steps *before* the data is touched; a crash mid-training, or empty Poisson batches
-  that the training loop skips, are still in the ledger (the data was sampled);
-- **missing when expected is an error**: :class:`LedgerMissing` when the file is absent
-  but the node has evidence that it trained before (a history in ``context.state``, or
-  the node config's ``dp-sgd-ledger-required``), or when the file holds fewer steps than
-  that evidence; only an explicit reset (``dp-sgd-ledger-reset``) starts a new one.
+- **keyed by what the operator declares**: one file per data source,
+  ``<dp-sgd-ledger>/<source>.json``, the source id from node config
+  ``dp-sgd-data-source`` (default ``partition-<partition-id>``, else ``default``: one
+  ledger per node; :func:`flwr_guard.dp.node_policy.data_source`). Never by anything the
+  run config can change: which records a run trains on (``seed``, ``test-fraction``,
+  partitioner, order) does not give the source a fresh budget;
+- **composition over subsets**: a round that trains on any subset ``S`` of the source
+  adds ``(z, q, steps)`` with ``q = batch / |S|`` (Opacus' Poisson rate over ``S``) to the
+  one ledger, and epsilon is Opacus' RDP (or PRV) accountant over the whole history.
+  For one record ``x`` of the source, a round whose subset holds ``x`` is a
+  Poisson-subsampled Gaussian at rate ``q`` (Mironov, Talwar & Zhang 2019), a round
+  whose subset does not hold it costs nothing; RDP composes additively (Mironov 2017,
+  Prop. 1), so charging every round to every record (the worst record is in every
+  subset) upper-bounds each record's RDP. Assumption: the subset is chosen without
+  looking at the records' values (index- or partition-based selection, as Flower's
+  partitioners do), so neighbouring sources differ in ``x`` only inside the rounds
+  that used it;
+- **created explicitly**: ``flwr-guard ledger init --dir DIR --source ID``
+  (:func:`init_ledger`) writes an empty ledger; a missing or unreadable ledger is refused
+  (:class:`LedgerMissing`, :class:`LedgerCorrupt`) with that command in the message,
+  never recreated (a deleted ledger would otherwise restart at epsilon 0). Only Flower's
+  simulation runtime (one process tree, one operator) creates a missing one itself;
+- **atomic, reserved before training, never rewritten by a refusal**: written to a
+  temporary file in the same directory, fsync'ed, then ``os.replace``'d; a round's
+  planned steps are written *before* the data is touched (a crash or skipped empty
+  Poisson batches still count); loading and refusing never write.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from flwr_guard.errors import FlwrGuardError
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 History = list[tuple[float, float, int]]
+INIT_COMMAND = "flwr-guard ledger init"
+_SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+logger = logging.getLogger(__name__)
 
 
 class LedgerMissing(FlwrGuardError, RuntimeError):
-    """The node's record-level ledger is expected but absent (or rolled back)."""
+    """The node's record-level ledger is absent (or older than the node's memory)."""
+
+
+class LedgerCorrupt(LedgerMissing):
+    """The node's record-level ledger exists but cannot be read."""
 
 
 def default_ledger_dir() -> Path:
@@ -54,43 +69,26 @@ def default_ledger_dir() -> Path:
     return Path(home) / "flwr-guard" / "dp-sgd-ledger"
 
 
-def _update_hash(h: Any, value: Any) -> None:
-    if hasattr(value, "detach"):  # torch tensor, without importing torch here
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        h.update(str(value.dtype).encode())
-        h.update(str(value.shape).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, (tuple, list)):
-        h.update(b"(")
-        for v in value:
-            _update_hash(h, v)
-        h.update(b")")
-    elif isinstance(value, (int, float, str, bool, np.generic)):
-        h.update(repr(value).encode())
-    else:
-        raise TypeError(f"cannot fingerprint a dataset item of type {type(value).__name__}")
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """SHA-256 hex digest of a dataset's examples, in order.
-
-    Args:
-        dataset: a ``torch.utils.data.TensorDataset`` (its tensors are hashed whole) or
-            any map-style dataset whose items are tensors, NumPy arrays, numbers, strings
-            or tuples of them.
+def check_source(source: str) -> str:
+    """Validate a data-source id (letters, digits, ``._-``, at most 128; a file name).
 
     Raises:
-        TypeError: for items it cannot hash (pass ``fingerprint=`` to :class:`DPSGD`).
+        ValueError: naming node config ``dp-sgd-data-source``.
     """
-    h = hashlib.sha256(b"flwr-guard-dataset-v1")
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None:
-        _update_hash(h, tuple(tensors))
-    else:
-        for i in range(len(dataset)):
-            _update_hash(h, dataset[i])
-    return h.hexdigest()
+    if not isinstance(source, str) or not _SOURCE.match(source):
+        raise ValueError(f"node config dp-sgd-data-source must be 1-128 letters, digits, "
+                         f"'.', '_' or '-' (starting with a letter or digit), got {source!r}")
+    return source
+
+
+def ledger_path(directory: str | os.PathLike[str], source: str) -> Path:
+    """``directory / f"{source}.json"``."""
+    return Path(directory) / f"{check_source(source)}.json"
+
+
+def init_command(directory: str | os.PathLike[str], source: str) -> str:
+    """The shell command that creates this ledger (named in every refusal)."""
+    return f"{INIT_COMMAND} --dir {directory} --source {source}"
 
 
 def _check_history(history: Iterable[Sequence[Any]]) -> History:
@@ -118,66 +116,94 @@ def _steps(history: Iterable[tuple[float, float, int]]) -> int:
     return sum(n for _, _, n in history)
 
 
-class RecordLedger:
-    """The record-level ledger of one dataset on one node, on disk.
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=".ledger-", suffix=".tmp", delete=False, encoding="utf-8",
+    ) as tmp:
+        json.dump(data, tmp)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def init_ledger(directory: str | os.PathLike[str], source: str, force: bool = False) -> Path:
+    """Create the empty ledger of ``source`` in ``directory``; return its path.
 
     Args:
-        directory: the node's ledger directory (created on first write).
-        fingerprint: :func:`dataset_fingerprint` of the training data.
-        node_id: recorded in the file (informational).
-        expected_history: what the node's memory (``context.state``) says it already
-            spent on this data; the file must hold at least as many steps.
-        required: the node declares that a ledger must exist (node config
-            ``dp-sgd-ledger-required``): a missing file is an error.
-        reset: start a new, empty ledger when the expected one is missing (node config
-            ``dp-sgd-ledger-reset``); never discards a ledger that exists.
+        directory: the node's ledger directory (node config ``dp-sgd-ledger``).
+        source: the data-source id (node config ``dp-sgd-data-source``).
+        force: overwrite an existing ledger (forgets the epsilon it holds: only for a
+            new data source, or a corrupt file whose records were never trained on).
 
     Raises:
-        LedgerMissing: the file is absent although expected, or holds fewer steps than
-            ``expected_history``, and ``reset`` is false.
-        ValueError: the file is unreadable or was written for another fingerprint.
+        FileExistsError: the ledger exists and ``force`` is false.
+        ValueError: an invalid source id.
+    """
+    path = ledger_path(directory, source)
+    if path.exists() and not force:
+        raise FileExistsError(
+            f"the record-level ledger {path} exists: it keeps the epsilon already spent on "
+            "this data source; pass --force only to start it again from 0 on purpose")
+    _write(path, {"version": LEDGER_VERSION, "source": source, "created": time.time(),
+                  "node-ids": [], "history": []})
+    return path
+
+
+class RecordLedger:
+    """The record-level ledger of one data source on one node, on disk.
+
+    Args:
+        directory: the node's ledger directory.
+        source: the data-source id (:func:`flwr_guard.dp.node_policy.data_source`).
+        node_id: recorded in the file on the next write (informational).
+        expected_history: what the node's memory (``context.state``) says it already
+            spent on this source; the file must hold at least as many steps.
+        create_missing: create a missing ledger (Flower's simulation runtime only).
+
+    Raises:
+        LedgerMissing: the file is absent, or holds fewer steps than
+            ``expected_history`` (restored from an older copy); the message names
+            ``flwr-guard ledger init``.
+        LedgerCorrupt: the file cannot be read (or belongs to another source).
     """
 
     def __init__(
         self,
         directory: str | os.PathLike[str],
-        fingerprint: str,
+        source: str,
         node_id: int | None = None,
         expected_history: Sequence[Sequence[Any]] | None = None,
-        required: bool = False,
-        reset: bool = False,
+        create_missing: bool = False,
     ) -> None:
-        if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
-            raise ValueError(f"fingerprint must be a hex digest, got {fingerprint!r}")
         self.directory = Path(directory)
-        self.fingerprint = fingerprint
-        self.path = self.directory / f"dpsgd-{fingerprint[:32]}.json"
+        self.source = check_source(source)
+        self.path = ledger_path(directory, source)
         self.node_ids: list[int] = []
         self.history: History = []
+        self.meta: dict[str, Any] = {}
         expected = _check_history(expected_history or [])
-        if self.path.exists():
-            self._load()
-            if _steps(self.history) < _steps(expected) and not reset:
+        if not self.path.exists():
+            if not create_missing:
                 raise LedgerMissing(
-                    f"the record-level ledger {self.path} holds {_steps(self.history)} "
-                    f"DP-SGD steps, but this node already ran {_steps(expected)} on this "
-                    "data (restored from an older copy?); refusing to train. Restore the "
-                    "latest ledger, or set node config dp-sgd-ledger-reset=true to accept "
-                    "the node's in-memory history"
+                    f"the record-level ledger {self.path} is missing: DP-SGD is refused until "
+                    f"the node operator creates it with `{init_command(self.directory, source)}` "
+                    "(or restores the deleted file; a new ledger starts the data source at "
+                    "epsilon 0)"
                 )
-            if _steps(self.history) < _steps(expected):
-                self.history = list(expected)
-        elif (expected or required) and not reset:
-            why = ("this node already trained on this data (context.state)" if expected
-                   else "the node config sets dp-sgd-ledger-required")
+            logger.warning("flwr-guard: creating the record-level ledger %s (Flower "
+                           "simulation; a deployed node needs `%s`)", self.path,
+                           init_command(self.directory, source))
+            init_ledger(self.directory, source)
+        self._load()
+        if _steps(self.history) < _steps(expected):
             raise LedgerMissing(
-                f"the record-level ledger {self.path} is missing but expected ({why}): "
-                "the epsilon already spent on this data would be forgotten; refusing to "
-                "train. Restore the ledger file, or reset it explicitly with node config "
-                "dp-sgd-ledger-reset=true"
+                f"the record-level ledger {self.path} holds {_steps(self.history)} DP-SGD "
+                f"steps, but this node already ran {_steps(expected)} on this data source "
+                "(restored from an older copy, or deleted and re-created?); refusing to "
+                "train. Restore the latest ledger file; re-creating it with "
+                f"`{init_command(self.directory, source)} --force` forgets the epsilon spent"
             )
-        else:
-            self.history = list(expected)
         if node_id is not None and int(node_id) not in self.node_ids:
             self.node_ids.append(int(node_id))
 
@@ -186,41 +212,45 @@ class RecordLedger:
         """Noised optimiser steps recorded, all rounds and runs together."""
         return _steps(self.history)
 
-    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        """Record ``steps`` steps *before* they run, and write the file."""
+    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int,
+                delta: float | None = None, accountant: str | None = None) -> None:
+        """Record ``steps`` steps *before* they run, and write the file (``delta`` and
+        ``accountant``: what the budget was checked with, kept for the node's log)."""
         append_steps(self.history, (noise_multiplier, sample_rate, steps))
+        if delta is not None:
+            self.meta["delta"] = float(delta)
+        if accountant is not None:
+            self.meta["accountant"] = str(accountant)
         self.save()
 
     def save(self) -> None:
         """Write the ledger atomically (tempfile in the same directory + ``os.replace``)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = {
+        _write(self.path, {
             "version": LEDGER_VERSION,
-            "fingerprint": self.fingerprint,
+            "source": self.source,
+            **self.meta,
             "node-ids": self.node_ids,
             "history": [list(e) for e in self.history],
-        }
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self.directory, prefix=".dpsgd-", suffix=".tmp", delete=False,
-            encoding="utf-8",
-        ) as tmp:
-            json.dump(data, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.path)
+        })
 
     def _load(self) -> None:
+        fix = (f"restore the file from a backup, or re-create it with "
+               f"`{init_command(self.directory, self.source)} --force` (forgets the epsilon "
+               "already spent)")
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {LEDGER_VERSION}")
             history = _check_history(data["history"])
             node_ids = [int(i) for i in data.get("node-ids", [])]
-            fingerprint = str(data["fingerprint"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"cannot read the record-level ledger {self.path}: {err}; refusing to train "
-                "(restore the file; deleting it forgets the epsilon already spent)"
-            ) from err
-        if fingerprint != self.fingerprint:
-            raise ValueError(f"ledger {self.path} was written for dataset {fingerprint[:16]}..., "
-                             f"not {self.fingerprint[:16]}...")
+            source = str(data["source"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as err:
+            raise LedgerCorrupt(
+                f"cannot read the record-level ledger {self.path} ({err}); DP-SGD is refused: "
+                f"{fix}") from err
+        if source != self.source:
+            raise LedgerCorrupt(f"the record-level ledger {self.path} belongs to data source "
+                                f"{source!r}, not {self.source!r}: {fix}")
         self.history, self.node_ids = history, node_ids
+        self.meta = {k: data[k] for k in ("created", "delta", "accountant") if k in data}

@@ -36,16 +36,23 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
-from flwr.serverapp import Grid
+from flwr.serverapp import (
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    PrivacySpent,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.dp.accounting import NEIGHBOURING, AccountantKind, Sampling
@@ -80,11 +87,36 @@ DP_METRIC_KEYS = (KEY_UNCLIPPED, KEY_CLIPPED, KEY_NOISED)
 # SecAggPlus(DPFedAvg(...), masked_metrics=DPFedAvg.MASKED_METRICS).
 MASKED_METRICS = (KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED)
 AUTO = "auto"
+Relation = Literal["add-remove", "zero-out"]
+RELATIONS: tuple[str, ...] = ("add-remove", "zero-out")
+#: What each relation means, named next to every epsilon DPFedAvg prints.
+RELATION_NAMES = {
+    "add-remove": "add/remove one client",
+    "zero-out": "zero-out one client (its noise share stays)",
+}
 
 
-def default_checkpoint() -> Path:
-    """``$FLWR_HOME/flwr-guard/dpfedavg-privacy.json`` (``~/.flwr`` without FLWR_HOME)."""
-    return default_ledger_dir().parent / "dpfedavg-privacy.json"
+def _scope_part(value: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", value.strip()).strip("._") or "default"
+    return cleaned[:100]
+
+
+def default_checkpoint(federation: str = "", app: str = "") -> Path:
+    """``$FLWR_HOME/flwr-guard/dpfedavg/<federation>/<app>/privacy.json`` (``~/.flwr``
+    without FLWR_HOME): one user-level ledger per federation and app (the FAB id,
+    ``publisher/name``), so two apps in one Flower home never share a budget; empty
+    parts are ``default``."""
+    return (default_ledger_dir().parent / "dpfedavg" / _scope_part(federation)
+            / _scope_part(app.replace("/", "__")) / "privacy.json")
+
+
+def run_scope(grid: Grid) -> tuple[str, str]:
+    """``(federation, app)`` of the grid's run (``("", "")`` where the grid has none)."""
+    try:
+        run = grid.run
+        return str(run.federation_id or ""), str(run.fab_id or "")
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):  # no run info
+        return "", ""
 
 
 class DPConfigurationError(FlwrGuardError, RuntimeError):
@@ -146,8 +178,10 @@ class DPFedAvg(StrategyWrapper):
         accountant: ``"rdp"`` or ``"pld"`` (central Gaussian only; Skellam is RDP).
         checkpoint: JSON file of the privacy ledger (and adaptive ``C``), loaded if
             present so a restarted ServerApp continues from the epsilon spent;
-            ``"auto"`` (default) = :func:`default_checkpoint`, falling back to memory
-            with one warning where it cannot be written; ``None`` = memory only.
+            ``"auto"`` (default) = :func:`default_checkpoint` of the run's federation
+            and app (bound at the first round, :meth:`bind_checkpoint`; the path is
+            logged), falling back to memory with one warning where it cannot be
+            written; ``None`` = memory only.
         distributed: the clients add Skellam noise through SecAgg+
             (:mod:`flwr_guard.dp.distributed`): this wrapper adds none, sends
             ``dp-noise-multiplier``, ``dp-min-contributors`` and
@@ -160,6 +194,12 @@ class DPFedAvg(StrategyWrapper):
         quantization_step: with ``distributed``, SecAgg+'s step ``2 r / L``
             (``clipping_range``, ``quantization_range``): the Skellam sensitivity is
             ``C / step + sqrt(d)``; clients refuse a step that differs from theirs.
+        relation: with ``distributed``, the neighbouring relation epsilon is accounted
+            under: ``"add-remove"`` (default; Flower's ``ADD_OR_REMOVE_ONE``: the removed
+            client takes its noise share with it;
+            :mod:`flwr_guard.dp.relation_accounting`, which grows with the model's
+            dimension) or ``"zero-out"`` (the client stays with a zero update and its
+            noise; Kairouz et al. 2021): every epsilon DPFedAvg logs names it.
         rng: NumPy generator for the noise; ``None`` = seeded from the OS. Never pass a
             fixed seed in production. Central noise is float64 Gaussian: see
             docs/privacy.md on the floating-point caveat (Mironov 2012).
@@ -189,6 +229,7 @@ class DPFedAvg(StrategyWrapper):
         distributed: bool = False,
         min_contributors: int | None = None,
         quantization_step: float | None = None,
+        relation: Relation = "add-remove",
         secure_noise: bool = False,
         rng: np.random.Generator | None = None,
     ) -> None:
@@ -246,6 +287,12 @@ class DPFedAvg(StrategyWrapper):
                 "fixed clipping, accountant='rdp' and sampling 'none' or 'poisson' "
                 "(distributed noise is integer already)"
             )
+        if relation not in RELATIONS:
+            raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+        if relation == "zero-out" and not distributed:
+            raise ValueError("relation='zero-out' is for distributed DP (the server's central "
+                             "noise does not leave with a client): use 'add-remove'")
+        self.relation: Relation = relation
         self.secure_noise = bool(secure_noise)
         self.noise_multiplier = float(noise_multiplier)
         self.clipping_norm = float(clipping_norm)
@@ -254,10 +301,14 @@ class DPFedAvg(StrategyWrapper):
         self.sampling: Sampling = sampling
         self.sample_rate = float(sample_rate) if sample_rate is not None else 1.0
         self.population = population
+        # "auto": the path depends on the run's federation and app, known from the grid
+        # at the first configure_train (bind_checkpoint); memory until then.
+        self._auto_checkpoint = checkpoint is not None and str(checkpoint) == AUTO
         self.budget = PrivacyBudget(max_epsilon, delta, accountant, sampling,
-                                    self._checkpoint_path(checkpoint))
-        if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
-            self.clipping_norm = float(self.budget.extra["clipping-norm"])
+                                    None if self._auto_checkpoint else self._checkpoint_path(checkpoint))
+        if self.budget.checkpoint is not None:
+            log(INFO, "DPFedAvg: user-level privacy ledger %s", self.budget.checkpoint)
+        self._restore_clipping_norm()
         self.weight_key: str | None = getattr(strategy, "weighted_by_key", None)
         self.distributed = distributed
         self.min_contributors = min_contributors
@@ -266,13 +317,48 @@ class DPFedAvg(StrategyWrapper):
         self.stopped_reason: str | None = None
         self._round: _Round | None = None
 
+    def _restore_clipping_norm(self) -> None:
+        if "clipping-norm" in self.budget.extra:  # restarted: continue the adapted norm
+            self.clipping_norm = float(self.budget.extra["clipping-norm"])
+
+    def bind_checkpoint(self, grid: Grid) -> Path | None:
+        """With ``checkpoint="auto"``: load the ledger of this run's federation and app
+        (:func:`default_checkpoint`) and keep writing there; logs the path. Called by
+        the first :meth:`configure_train`; idempotent. Returns the path (``None`` for
+        memory only).
+
+        Raises:
+            CheckpointMismatch: the scoped ledger was written with another delta,
+                accountant or sampling.
+        """
+        if not self._auto_checkpoint:
+            return self.budget.checkpoint
+        self._auto_checkpoint = False
+        federation, app = run_scope(grid)
+        path = self._checkpoint_path(AUTO, federation, app)
+        if path is None:
+            return None
+        spent = list(self.budget.ledger.steps)
+        self.budget = PrivacyBudget(self.budget.max_epsilon, self.budget.delta,
+                                    self.budget.accountant, self.budget.sampling, path)
+        for step in spent:  # steps recorded before binding (none in a normal run)
+            self.budget.ledger.add(step.noise_multiplier, step.sample_rate, step.count,
+                                   step.population, step.skellam, step.leaving_shares)
+        self.budget.save()
+        self._restore_clipping_norm()
+        log(INFO, "DPFedAvg: user-level privacy ledger %s (federation %r, app %r): epsilon "
+            "%.4g spent of %.4g", path, federation or "default", app or "default",
+            self.budget.epsilon_spent, self.budget.max_epsilon)
+        return path
+
     @staticmethod
-    def _checkpoint_path(checkpoint: str | os.PathLike[str] | None) -> Path | None:
+    def _checkpoint_path(checkpoint: str | os.PathLike[str] | None, federation: str = "",
+                         app: str = "") -> Path | None:
         if checkpoint is None:
             return None
         if str(checkpoint) != AUTO:
             return Path(checkpoint)
-        path = default_checkpoint()
+        path = default_checkpoint(federation, app)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -295,7 +381,8 @@ class DPFedAvg(StrategyWrapper):
         ``dp-population``, ``dp-accountant``, ``dp-checkpoint`` ("" = the default path,
         "none" = memory only), ``dp-adaptive-clipping`` (bool), ``dp-target-quantile``,
         ``dp-clip-learning-rate``, ``dp-clipped-count-stddev`` (0 = expected / 20),
-        ``dp-secure-noise`` (bool), ``dp-distributed`` (bool), ``dp-min-contributors``,
+        ``dp-secure-noise`` (bool), ``dp-distributed`` (bool), ``dp-relation``
+        (``add-remove`` or ``zero-out``), ``dp-min-contributors``,
         ``dp-quantization-step``
         (0 = ``2 * secagg-clipping-range / secagg-quantization-range`` when the run
         config has them).
@@ -336,14 +423,60 @@ class DPFedAvg(StrategyWrapper):
             min_contributors=int(get("min-contributors", 0)) or None,
             quantization_step=step,
             secure_noise=bool(get("secure-noise", False)),
+            relation=str(get("relation", "add-remove")),
             **kwargs,
         )
 
     # -- properties ------------------------------------------------------------------
     @property
+    def relation_text(self) -> str:
+        """The neighbouring relation (and sampling) epsilon is accounted under, in words."""
+        if self.distributed:
+            return f"{RELATION_NAMES[self.relation]}; no sampling amplification"
+        return NEIGHBOURING[self.sampling]
+
+    @property
     def epsilon(self) -> float:
         """Epsilon spent so far at the budget's delta."""
         return self.budget.epsilon_spent
+
+    def privacy_spent(self) -> PrivacySpent:
+        """The user-level spending as Flower's own :class:`flwr.serverapp.PrivacySpent`
+        (epsilon at the budget's delta, rounds accounted, and the method: accountant,
+        mechanism and neighbouring relation)."""
+        mechanism = ("Skellam (Agarwal et al. 2021)" if self.distributed or self.secure_noise
+                     else "Gaussian")
+        return PrivacySpent(
+            epsilon=float(self.epsilon), delta=self.budget.delta,
+            num_releases=self.budget.num_steps,
+            accounting_method=f"{self.budget.accountant}; {mechanism}; {self.relation_text}",
+        )
+
+    def privacy_config(self) -> PrivacyConfig | None:
+        """This accounting as Flower's :class:`flwr.serverapp.PrivacyConfig`, where
+        Flower's RDP accountant can express it (central Gaussian noise, RDP, and a
+        population for Poisson or fixed-size sampling); ``None`` otherwise (distributed
+        or integer noise, PLD). Flower's ``WITHOUT_REPLACEMENT`` events take ``z``
+        relative to the replace-one sensitivity: compose them with ``z / 2`` (a
+        replaced client moves the clipped sum by ``2 C``)."""
+        if self.distributed or self.secure_noise or self.budget.accountant != "rdp":
+            return None
+        if self.sampling == "none":
+            relation, method = NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION
+            population = self.population or self.expected_contributors
+        elif self.population is None:
+            return None
+        elif self.sampling == "poisson":
+            relation, method = NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.POISSON
+            population = self.population
+        else:
+            relation, method = NeighboringRelation.REPLACE_ONE, SamplingMethod.WITHOUT_REPLACEMENT
+            population = self.population
+        return PrivacyConfig(
+            target_delta=self.budget.delta, population_size=int(population),
+            neighboring_relation=relation, sampling_method=method,
+            max_epsilon=self.budget.max_epsilon if math.isfinite(self.budget.max_epsilon) else None,
+        )
 
     def _count_stddev(self) -> float:
         assert self.adaptive is not None
@@ -362,7 +495,7 @@ class DPFedAvg(StrategyWrapper):
             self.clipping_norm, "adaptive" if self.adaptive else "fixed")
         log(INFO, "\t│\t└── budget epsilon %s at delta %s (%s; %s), spent %.4g",
             self.budget.max_epsilon, self.budget.delta, self.budget.accountant,
-            NEIGHBOURING[self.sampling], self.epsilon)
+            self.relation_text, self.epsilon)
         super().summary()
 
     # -- training ----------------------------------------------------------------------
@@ -370,6 +503,7 @@ class DPFedAvg(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round = None
+        self.bind_checkpoint(grid)
         if self.stopped_reason is not None:
             return []
         bad = [k for k, a in arrays.items() if not np.issubdtype(a.numpy().dtype, np.floating)]
@@ -392,7 +526,8 @@ class DPFedAvg(StrategyWrapper):
         if not decision.allowed:
             self.stopped_reason = (
                 f"privacy budget exhausted: round {server_round} not started, "
-                f"{decision.message('it')}; training stops and the model of round "
+                f"{decision.message('it')} ({self.relation_text}); training stops and the "
+                f"model of round "
                 f"{server_round - 1} is kept"
             )
             log(WARNING, "DPFedAvg: %s", self.stopped_reason)
@@ -412,19 +547,21 @@ class DPFedAvg(StrategyWrapper):
         return l2, quantised_l1_bound(l2, dim), survivors * mu
 
     def _planned_step(self, arrays: ArrayRecord, survivors: int | None = None
-                      ) -> tuple[float, float, int, int | None, tuple[float, float, float] | None]:
+                      ) -> tuple[float, float, int, int | None, tuple[float, float, float] | None,
+                                 tuple[int, int] | None]:
         if not self.distributed:
             skellam = None
             if self.secure_noise:
                 dim = sum(int(a.numpy().size) for a in arrays.values())
                 _, skellam = central_skellam_parameters(self.noise_multiplier, self.clipping_norm, dim)
-            return self.noise_multiplier, self.sample_rate, 1, self.population, skellam
+            return self.noise_multiplier, self.sample_rate, 1, self.population, skellam, None
         assert self.min_contributors is not None
         n = self.min_contributors if survivors is None else survivors
         dim = sum(int(a.numpy().size) for a in arrays.values())
         skellam = self._skellam(dim, n)
         effective = self.noise_multiplier * math.sqrt(n / self.min_contributors)
-        return effective, 1.0, 1, None, skellam
+        leaving = (n, dim) if self.relation == "add-remove" else None
+        return effective, 1.0, 1, None, skellam, leaving
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -457,10 +594,12 @@ class DPFedAvg(StrategyWrapper):
 
         denominator = self.expected_contributors
         z_spent = self.noise_multiplier
-        skellam = None
+        skellam: tuple[float, float, float] | None = None
+        leaving: tuple[int, int] | None = None
         if self.distributed:  # the sum already carries the clients' Skellam noise
             std = 0.0
-            z_spent, _, _, _, skellam = self._planned_step(state.global_arrays, contributors)
+            z_spent, _, _, _, skellam, leaving = self._planned_step(state.global_arrays,
+                                                                    contributors)
             if contributors < int(self.min_contributors or 1):
                 log(WARNING, "DPFedAvg: only %d of the %d contributors the noise was scaled "
                     "for: accounted with noise multiplier %.4g", contributors,
@@ -485,7 +624,7 @@ class DPFedAvg(StrategyWrapper):
             self._rewrite(reply, new_arrays)
         _, metrics = self.strategy.aggregate_train(server_round, used)
 
-        epsilon = self._spend(z_spent, state, skellam)
+        epsilon = self._spend(z_spent, state, skellam, leaving)
         clipping_norm_used = state.clipping_norm
         if self.adaptive is not None:
             self.clipping_norm, _ = update_clipping_norm(
@@ -495,8 +634,8 @@ class DPFedAvg(StrategyWrapper):
             self.budget.extra["clipping-norm"] = self.clipping_norm
             self.budget.save()
         log(INFO, "DPFedAvg: round %d, %d contributors, mean over %d, noise std %.4g (C=%.4g), "
-            "epsilon %.4g of %.4g", server_round, contributors, denominator, std,
-            clipping_norm_used, epsilon, self.budget.max_epsilon)
+            "epsilon %.4g of %.4g (%s)", server_round, contributors, denominator, std,
+            clipping_norm_used, epsilon, self.budget.max_epsilon, self.relation_text)
         metrics = metrics if metrics is not None else MetricRecord()
         metrics["dp-epsilon"] = epsilon
         metrics["dp-clipping-norm"] = clipping_norm_used
@@ -512,17 +651,20 @@ class DPFedAvg(StrategyWrapper):
 
     # -- helpers -----------------------------------------------------------------------
     def _spend(self, noise_multiplier: float, state: _Round,
-               skellam: tuple[float, float, float] | None) -> float:
+               skellam: tuple[float, float, float] | None,
+               leaving: tuple[int, int] | None = None) -> float:
         """Record the round; a round released with less noise than planned is still
         recorded (it happened), even past the budget, and stops the run."""
         decision = self.budget.can_afford(noise_multiplier, state.sample_rate,
-                                          population=state.population, skellam=skellam)
+                                          population=state.population, skellam=skellam,
+                                          leaving_shares=leaving)
         self.budget.ledger.add(noise_multiplier, state.sample_rate, population=state.population,
-                               skellam=skellam)
+                               skellam=skellam, leaving_shares=leaving)
         self.budget.save()
         if not decision.allowed:
             self.stopped_reason = (f"privacy budget exceeded by round {state.number} "
-                                   f"({decision.message('it')}); training stops")
+                                   f"({decision.message('it')}; {self.relation_text}); "
+                                   "training stops")
             log(WARNING, "DPFedAvg: %s", self.stopped_reason)
         return decision.epsilon_after
 

@@ -267,13 +267,15 @@ class ClientGuard:
     ) -> Iterator[PrivateRun]:
         """Train ``epochs`` epochs under DP-SGD inside a guarded train call.
 
-        Before any data is touched, the node's durable record-level ledger is loaded
-        (:func:`flwr_guard.dp.context_state.dpsgd_from_context`: node config
-        ``dp-sgd-ledger``, ``dp-sgd-ledger-required``, ``dp-sgd-ledger-reset``), the
-        round's ``epochs * len(data_loader)`` steps are checked against ``max_epsilon``
-        and reserved. On a clean exit the ledger is finished, ``run.epsilon`` is set, and
-        the policy mod is told that this update was trained privately (without that, a
-        policy that requires DP-SGD refuses to send it).
+        Before any data is touched, this config is bounded by the node's policy (budget
+        cap, noise floor; library defaults without node config) and the node's durable
+        record-level ledger is loaded (:func:`flwr_guard.dp.context_state.dpsgd_from_context`:
+        node config ``dp-sgd-ledger``, ``dp-sgd-data-source``; created beforehand by
+        ``flwr-guard ledger init``), the round's ``epochs * len(data_loader)`` steps are
+        checked against ``max_epsilon`` and reserved. On a clean exit the ledger is
+        finished, ``run.epsilon`` is set, and the policy mod is told that this update
+        was trained privately (without that, a policy that requires DP-SGD refuses to
+        send it).
 
         Args:
             context: the ClientApp's context.
@@ -284,7 +286,8 @@ class ClientGuard:
 
         Raises:
             PrivacyBudgetExceeded: the round would exceed ``max_epsilon`` (nothing trained).
-            LedgerMissing: the node's ledger is expected but missing.
+            LedgerMissing: the node's ledger is missing or corrupt (names the command).
+            ValueError: the config asks for less noise than the node's floor.
             RuntimeError: without a :class:`DPSGDConfig`, outside the guard's mods, or
                 when no DP-SGD step was taken inside the block.
         """

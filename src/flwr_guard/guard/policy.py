@@ -19,6 +19,12 @@ from typing import Any, Literal
 from flwr_guard.dp.keys import KEY_ADAPTIVE as CONFIG_ADAPTIVE
 from flwr_guard.dp.keys import KEY_CLIPPING_NORM as CONFIG_CLIPPING_NORM
 from flwr_guard.dp.keys import KEY_NOISE_MULTIPLIER as CONFIG_NOISE_MULTIPLIER
+from flwr_guard.dp.node_policy import (
+    DEFAULT_MIN_NOISE_MULTIPLIER,
+    NODE_MIN_NOISE_MULTIPLIER_ALIAS,
+)
+from flwr_guard.dp.node_policy import NODE_MIN_NOISE_MULTIPLIER as NODE_DP_MIN_NOISE_MULTIPLIER
+from flwr_guard.dp.node_policy import min_noise_multiplier as node_min_noise_multiplier
 from flwr_guard.guard.manifest import ProtectionManifest
 
 RequiredDP = Literal["central", "distributed", "any"]
@@ -29,7 +35,11 @@ RequiredDP = Literal["central", "distributed", "any"]
 #: the two (:meth:`ClientPolicy.with_node_config`).
 NODE_REQUIRE_SECAGG = "guard-require-secagg"
 NODE_REQUIRE_DP = "guard-require-dp"
-NODE_MIN_NOISE_MULTIPLIER = "guard-min-noise-multiplier"
+#: The user-level noise floor has one key, shared with distributed DP's client side
+#: (``dp-min-noise-multiplier``, default 0.5); ``guard-min-noise-multiplier`` is its
+#: deprecated alias (the larger of the two wins).
+NODE_MIN_NOISE_MULTIPLIER = NODE_DP_MIN_NOISE_MULTIPLIER
+NODE_MIN_NOISE_MULTIPLIER_DEPRECATED = NODE_MIN_NOISE_MULTIPLIER_ALIAS
 NODE_MAX_CLIPPING_NORM = "guard-max-clipping-norm"
 NODE_REQUIRE_DPSGD = "guard-require-dp-sgd"
 
@@ -44,7 +54,9 @@ class ClientPolicy:
         dp: require user-level DP by the server: ``"central"`` (DPFedAvg's Gaussian
             noise; trusts the server to add it), ``"distributed"`` (clients add the noise
             under SecAgg+; does not trust it), ``"any"``, or ``None``.
-        min_noise_multiplier: with ``dp``, the smallest noise multiplier z accepted.
+        min_noise_multiplier: with ``dp``, the smallest noise multiplier z accepted
+            (``None``: the library default
+            :data:`~flwr_guard.dp.node_policy.DEFAULT_MIN_NOISE_MULTIPLIER`, 0.5).
         max_clipping_norm: with ``dp``, the largest clipping norm C accepted (the update
             clipping mod clips to the C in the config, so a larger C weakens the bound).
         dpsgd: require that the train function trained with DP-SGD
@@ -79,8 +91,11 @@ class ClientPolicy:
     def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:
         """The node operator's policy: ``guard-require-secagg`` (bool),
         ``guard-require-dp`` ("central", "distributed", "any" or ""),
-        ``guard-min-noise-multiplier`` and ``guard-max-clipping-norm`` (0 = no floor),
-        ``guard-require-dp-sgd`` (bool).
+        ``dp-min-noise-multiplier`` (default 0.5; ``guard-min-noise-multiplier`` is a
+        deprecated alias), ``guard-max-clipping-norm`` (0 = no limit),
+        ``guard-require-dp-sgd`` (bool). The noise floor applies when the node requires
+        DP (``guard-require-dp``); distributed DP's client side applies it whenever the
+        server announces distributed noise.
 
         Raises:
             ValueError: for a value of the wrong type or range, naming the key.
@@ -102,7 +117,7 @@ class ClientPolicy:
         dp = str(node_config.get(NODE_REQUIRE_DP, "") or "") or None
         secagg = flag(NODE_REQUIRE_SECAGG) or dp == "distributed"
         return cls(secagg=secagg, dp=dp,
-                   min_noise_multiplier=number(NODE_MIN_NOISE_MULTIPLIER),
+                   min_noise_multiplier=node_min_noise_multiplier(node_config) if dp else None,
                    max_clipping_norm=number(NODE_MAX_CLIPPING_NORM),
                    dpsgd=flag(NODE_REQUIRE_DPSGD))
 
@@ -119,9 +134,11 @@ class ClientPolicy:
         def most(a: float | None, b: float | None, pick: Any) -> float | None:
             return b if a is None else a if b is None else pick(a, b)
 
+        # The node's floor (explicit, or the library default) holds whatever the app says.
+        node_floor = node_min_noise_multiplier(node_config) if dp else None
         return ClientPolicy(
             secagg=self.secagg or node.secagg or dp == "distributed", dp=dp,
-            min_noise_multiplier=most(self.min_noise_multiplier, node.min_noise_multiplier, max),
+            min_noise_multiplier=most(self.min_noise_multiplier, node_floor, max),
             max_clipping_norm=most(self.max_clipping_norm, node.max_clipping_norm, min),
             dpsgd=self.dpsgd or node.dpsgd,
         )
@@ -200,10 +217,10 @@ class ClientPolicy:
                 f"the train config lacks {CONFIG_NOISE_MULTIPLIER!r} although the manifest "
                 "announces distributed DP"
             )
-        elif self.min_noise_multiplier is not None and not z >= self.min_noise_multiplier:
+        elif not z >= (floor := self.min_noise_multiplier or DEFAULT_MIN_NOISE_MULTIPLIER):
             problems.append(
-                f"noise multiplier {z:g} is below this client's floor {self.min_noise_multiplier:g}: "
-                "raise noise_multiplier on the server"
+                f"noise multiplier {z:g} is below this client's floor {floor:g} "
+                f"({NODE_MIN_NOISE_MULTIPLIER}): raise noise_multiplier on the server"
             )
         c = _number(config.get(CONFIG_CLIPPING_NORM), None)
         if c is None:
