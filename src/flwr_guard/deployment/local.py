@@ -275,10 +275,10 @@ class LocalDeployment:
                     for p in self.supernodes if p.name in missing)
                 raise DeploymentError(
                     f"{', '.join(missing)} did not connect to the SuperLink at "
-                    f"{self.topology.superlink_address} within {limit:.0f} s "
+                    f"{self.topology.superlink_address} within {limit:g} s "
                     f"({len(ids)} of {len(names)} connected):\n{tails}")
             if not announced:
-                logger.info("waiting up to %.0f s for %d SuperNode(s) to connect: %s",
+                logger.info("waiting up to %g s for %d SuperNode(s) to connect: %s",
                             limit, len(missing), ", ".join(missing))
                 announced = True
             time.sleep(0.25)
