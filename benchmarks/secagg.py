@@ -50,6 +50,8 @@ SuperExec, simulation, Ray's GCS, raylet and actors), sampled every 0.5 s.
 Usage: python benchmarks/secagg.py                 # the issue-14 suite
        python benchmarks/secagg.py --core-vs-n     # the core's cost against n only
        python benchmarks/secagg.py --report        # table of the JSON
+       python benchmarks/secagg.py --issue20 --label before|after [--reps 3]
+           # issue 20's round cost in process, n = 20 and 100 (secagg_issue20_cost.json)
        python benchmarks/secagg.py --suite matrix [--nodes 20 10 5] [--dims 100000 1000000]
            [--graphs sparse default] [--paths multi-round per-round] [--drop-nodes 20]
            [--rounds 4] [--resume]
@@ -860,6 +862,118 @@ def plot_cost_vs_n(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# -- issue 20: the round cost before and after the SecAgg+ hardening --------------------
+ISSUE20_JSON = REPO / "benchmarks/results/secagg_issue20_cost.json"
+ISSUE20_NODES = (20, 100)
+ISSUE20_DIMENSION = 100_000
+ISSUE20_TARGET = 1.10  # "after" may cost at most +10 % of "before"
+ISSUE20_MULTI_REPS = 10  # at least this many session rounds (a few ms each at n = 20)
+
+
+def issue20_cost(nodes: int, dimension: int, k: int, reps: int) -> dict[str, Any]:
+    """One SecAgg+ round at ``nodes`` clients, both paths, in process (the protocol core,
+    no Flower), no dropouts: server and per-client CPU ms per round, medians over
+    ``reps`` rounds (multi-round: ``max(reps, ISSUE20_MULTI_REPS)`` rounds of one session
+    after its set-up; per-round: ``reps`` whole protocols)."""
+    started = time.monotonic()
+    multi = multi_round_cost(nodes, dimension, k, max(reps, ISSUE20_MULTI_REPS))
+    multi_wall = time.monotonic() - started
+    started = time.monotonic()
+    per = per_round_cost(nodes, dimension, k, reps)
+    per_wall = time.monotonic() - started
+    return {
+        "multi-round": {"server_round_ms": multi["round_ms"], "server_round_ms_values": multi["round_ms_values"],
+                        "client_round_ms": multi["client_round_ms"], "server_setup_ms": multi["setup_ms"],
+                        "client_setup_ms": multi["client_setup_ms"], "wall_s": round(multi_wall, 1)},
+        "per-round": {"server_round_ms": per["round_ms"], "server_round_ms_values": per["round_ms_values"],
+                      "client_round_ms": per["client_round_ms"], "wall_s": round(per_wall, 1)},
+    }
+
+
+def run_issue20(path: Path, label: str, reps: int, dimension: int = ISSUE20_DIMENSION) -> dict[str, Any]:
+    """The round cost at n = 20 and n = 100 (issue 20's "before and after", target at most
+    +10 %), stored under ``label`` in ``path``; with both ``before`` and another label
+    there, the ratios ``label / before`` are stored and printed too.
+
+    Two graphs per n: ``default`` (k from :func:`default_num_shares` of this checkout, so
+    a change of the defaults shows) and ``fixed`` (the k recorded by ``before``, so the
+    implementation's own cost shows even if the defaults change)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    runs = data.setdefault("runs", {})
+    before = runs.get("before", {})
+    rows = []
+    started = time.monotonic()
+    for n in ISSUE20_NODES:
+        graphs = {"default": min(default_num_shares(n), n - 1)}
+        fixed = next((r["k"] for r in before.get("rows", []) if r["nodes"] == n and r["graph"] == "default"), None)
+        graphs["fixed"] = fixed if fixed is not None else graphs["default"]
+        measured: dict[int, dict[str, Any]] = {}
+        for graph, k in graphs.items():
+            if k not in measured:
+                Console().print(f"issue 20 cost: n = {n}, d = {dimension:.0e}, k = {k} ({graph}) ...")
+                measured[k] = issue20_cost(n, dimension, k, reps)
+            rows.append({"nodes": n, "dimension": dimension, "graph": graph, "k": k,
+                         "t": default_threshold(k, n), **measured[k]})
+    runs[label] = {"git_commit": _git_commit(), "secagg_source_sha256": _secagg_source_digest(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "loadavg": [round(x, 2) for x in os.getloadavg()], "reps": reps,
+                   "argv": sys.argv[1:], "wall_s": round(time.monotonic() - started, 1),
+                   "rows": rows}
+    data["meta"] = {
+        "what": "SecAgg+ round cost in process (protocol core, no Flower, no dropouts): CPU ms "
+                "(time.process_time of the benchmark process) per round of the server and of one "
+                "client, median over the reps; multi-round = a round of a session after its key "
+                "set-up, per-round = the whole protocol",
+        "command": "python benchmarks/secagg.py --issue20 --label LABEL",
+        "target": f"after / before <= {ISSUE20_TARGET} for every row (issue 20)",
+    }
+    if "before" in runs and label != "before":
+        data.setdefault("ratios", {})[label] = issue20_ratios(runs["before"], runs[label])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print_issue20(data)
+    return data
+
+
+def issue20_ratios(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """``after / before`` per (n, graph, path) of the server's and a client's CPU per round."""
+    out = []
+    old = {(r["nodes"], r["graph"]): r for r in before["rows"]}
+    for row in after["rows"]:
+        ref = old.get((row["nodes"], row["graph"]))
+        if ref is None:
+            continue
+        for path_name in ("multi-round", "per-round"):
+            server = _ratio(row[path_name]["server_round_ms"], ref[path_name]["server_round_ms"])
+            client = _ratio(row[path_name]["client_round_ms"], ref[path_name]["client_round_ms"])
+            out.append({"nodes": row["nodes"], "graph": row["graph"], "path": path_name,
+                        "k_before": ref["k"], "k_after": row["k"],
+                        "server_ratio": server, "client_ratio": client,
+                        "within_target": all(r is not None and r <= ISSUE20_TARGET
+                                             for r in (server, client))})
+    return out
+
+
+def print_issue20(data: dict[str, Any]) -> None:
+    table = Table(title="SecAgg+ round cost (issue 20), CPU ms per round, no dropouts")
+    for column in ("label", "n", "graph", "k / t", "path", "server ms", "client ms", "set-up ms"):
+        table.add_column(column, justify="right")
+    for label, run in data["runs"].items():
+        for row in run["rows"]:
+            for path_name in ("multi-round", "per-round"):
+                cell = row[path_name]
+                table.add_row(label, str(row["nodes"]), row["graph"], f"{row['k']} / {row['t']}",
+                              path_name, f"{cell['server_round_ms']:.1f}",
+                              f"{cell['client_round_ms']:.1f}",
+                              _fmt(cell.get("server_setup_ms"), ".1f"))
+    Console(width=max(140, shutil.get_terminal_size().columns)).print(table)
+    for label, ratios in data.get("ratios", {}).items():
+        for r in ratios:
+            Console().print(f"{label}/before n={r['nodes']} {r['graph']} {r['path']}: server "
+                            f"{_fmt(r['server_ratio'], '.3f')}, client {_fmt(r['client_ratio'], '.3f')}"
+                            f" ({'within' if r['within_target'] else 'OVER'} the +10 % target)")
+
+
 def _git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=False).stdout.strip()
@@ -918,7 +1032,18 @@ def main() -> None:
                              "`superseded_core_profiles`)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: print the table of --out, and its markdown")
+    parser.add_argument("--issue20", action="store_true",
+                        help="run only issue 20's round cost in process (n = 20 and 100, both "
+                             "paths, d = 1e5): benchmarks/results/secagg_issue20_cost.json under "
+                             "--label, with the ratios to the label 'before'")
+    parser.add_argument("--label", default="before",
+                        help="--issue20: the label of this measurement (before, after, ...)")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="--issue20: rounds measured per configuration (median)")
     args = parser.parse_args()
+    if args.issue20:
+        run_issue20(ISSUE20_JSON, args.label, args.reps)
+        return
     if args.out is None:
         name = "secagg_issue14.json" if args.suite == "issue14" and not args.core else "secagg.json"
         args.out = REPO / "benchmarks/results" / name

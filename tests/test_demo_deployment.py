@@ -88,3 +88,79 @@ def test_supernode_dying_mid_run_fails_clearly_without_orphans(tmp_path) -> None
     assert f"(pid {killed[0]}) exited with code -9" in result.error
     assert alive(result.processes) == []
     assert os.path.isdir(result.workdir)  # logs kept for a failed run
+
+
+def test_the_default_demo_goes_on_after_a_loss_and_stops_with_a_message_when_too_few_are_left(
+    tmp_path,
+) -> None:
+    """Without --min-nodes the run needs the nodes minus the losses SecAgg+ tolerates
+    (3 of 4): one lost SuperNode no longer hangs it ("Waiting for nodes to connect: 3
+    connected (minimum required: 4)"), and a second loss ends it with a message and the
+    status the SuperLink reports, instead of a wait for nodes that will not come."""
+    from node_killer import Kill, NodeKiller
+
+    workdir = tmp_path / "work"
+    # supernode-3 at its masked input of round 1 (advertise, roster, masked-input);
+    # supernode-2 on its first message of round 2.
+    first, second = Kill("supernode-3", 0, 3), Kill("supernode-2", 1, 1)
+    killer = NodeKiller(workdir, [first, second])
+    killer.start()
+    try:
+        result = run_demo(DemoOptions(
+            nodes=4, rounds=3, workdir=workdir, prometheus=False, status_interval_s=30.0,
+            run_config={"audit": False, "local-epochs": 1},
+        ))
+    finally:
+        killer.stop()
+    assert first.pid is not None and second.pid is not None
+    assert result.min_nodes == 3 and "k=3, t=2" in result.min_nodes_reason
+    # Round 1 completed with the three survivors, and round 2 had started, before the
+    # second kill: the run went on after the first loss.
+    assert first.rounds_before == 1 and second.rounds_before == 2
+    round_1 = result.rounds[1]["secagg"]
+    assert round_1["aborted"] is None and round_1["survivors"] == 3
+    assert round_1["dropouts"]["masked-input"] == 1
+    # The second loss leaves 2 of the 3 nodes the run needs: the launcher stopped the run,
+    # said why, and read the status the SuperLink gave the run's end.
+    assert result.lost_nodes == ["supernode-3", "supernode-2"]
+    assert not result.success
+    assert result.error is not None
+    assert result.error.startswith("2 of 4 SuperNodes left (supernode-2, supernode-3 lost), "
+                                   "fewer than the 3 the run needs"), result.error
+    assert f"run {result.run_id} ended as finished:stopped" in result.error
+    assert result.status == "finished:stopped" and result.status_final
+    assert [r["round"] for r in result.rounds][:2] == [0, 1]
+    assert alive(result.processes) == []
+
+
+def test_sigterm_stops_every_process_and_still_writes_the_summary(tmp_path) -> None:
+    summary = tmp_path / "summary.json"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "flwr_guard.cli", "demo", "--nodes", "2", "--rounds", "3",
+         "--no-audit", "--no-prometheus", "--summary", str(summary)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # the CLI prints one line per phase when not on a terminal
+            if line.startswith("demo: running"):
+                break
+        else:
+            raise AssertionError(f"the demo never ran: {demo.stderr.read() if demo.stderr else ''}")
+        demo.send_signal(signal.SIGTERM)
+        _, stderr = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, stderr[-3000:]
+    assert "interrupted: every process of the demo was stopped" in stderr
+    written = json.loads(summary.read_text())
+    assert written["interrupted"] == "SIGTERM" and written["success"] is False
+    assert written["run_id"] is not None
+    assert written["error"].startswith("interrupted by SIGTERM after ")
+    assert f"(run {written['run_id']}, last status read: " in written["error"]
+    names = {p["name"][:14] for p in written["processes"]}
+    assert {"flower-superli", "flower-superno"} <= names
+    assert alive(written["processes"]) == []

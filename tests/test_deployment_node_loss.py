@@ -1,5 +1,6 @@
 """Node loss: Flower's node-unavailable replies end a SecAgg+ stage early, and a real
-deployment goes on when a SuperNode is killed mid-round.
+deployment goes on when a SuperNode is killed at the roster stage, at masked input or
+at unmask (issue 20: each round completes with the survivors).
 
 The transport tests run Flower's own SuperLink state (``InMemoryLinkState``, the one
 ``flower-superlink`` runs, with its heartbeat bookkeeping) behind Flower's
@@ -10,15 +11,12 @@ Flower's own ``NODE_UNAVAILABLE`` error reply; nothing is faked.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
-import signal
 import threading
 import time
-from pathlib import Path
+from dataclasses import replace
 
-import psutil
 import pytest
 from conftest import alive
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -32,6 +30,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+from node_killer import Kill, NodeKiller
 
 from flwr_guard.secagg.transport import StageReceipt, send_and_receive
 
@@ -167,115 +166,138 @@ def test_a_message_the_superlink_refuses_is_not_waited_for(link):
 
 
 # -- a real local deployment ---------------------------------------------------------
-NODES, VICTIM = 4, "supernode-3"
-# Slack for the ServerApp's own work around the wait (pulls, a ClientApp start on a
-# loaded 2-core machine).
-SLACK_S = 15.0
+# One run of the demo (4 SuperNodes, 3 rounds, the default min-nodes, lost SuperNodes
+# restarted) in which one SuperNode is killed per round, each at another SecAgg+ stage.
+# Every restart brings a node with a new Flower id into the cohort, so each of the three
+# rounds sets keys up (advertise, roster, masked-input, consistency, unmask: 5 train
+# messages per node; node_killer.py counts them).
+NODES, ROUNDS = 4, 3
+ROSTER = Kill("supernode-3", evaluates=0, train=2, label="roster")
+MASKED = Kill("supernode-2", evaluates=1, train=3, label="masked-input")
+UNMASK = Kill("supernode-1", evaluates=2, train=5, label="unmask")
 
 
-class _KillInRound2(threading.Thread):
-    """Kill ``VICTIM`` by PID the moment it takes its first message of round 2.
-
-    Flower's SuperNode logs ``Receiving: <type> message`` when it pulls one. Round r's
-    client evaluation follows round r's training, so the first train message after the
-    first ``evaluate`` one is round 2's first SecAgg+ stage: the ServerApp is waiting for
-    this node's reply when it dies. Also stamps (on this clock) when each round's line
-    reaches the progress file.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(daemon=True)
-        self.log = workdir / "logs" / f"{VICTIM}.log"
-        self.progress = workdir / "progress.jsonl"
-        self.killed_at: float | None = None
-        self.pid: int | None = None
-        self.round_seen: dict[int, float] = {}
-        self.done = threading.Event()
-
-    def _victim(self) -> psutil.Process:
-        for child in psutil.Process().children():
-            cmd = " ".join(child.cmdline())
-            if "flower-supernode" in cmd and f"partition-id={VICTIM.rsplit('-', 1)[1]} " in cmd:
-                return child
-        raise AssertionError(f"no {VICTIM} process")
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            if self.killed_at is None and self.log.exists():
-                text = self.log.read_text(encoding="utf-8", errors="replace")
-                first_eval = text.find("Receiving: evaluate message")
-                if first_eval >= 0 and "Receiving: train message" in text[first_eval:]:
-                    victim = self._victim()
-                    self.pid = victim.pid
-                    victim.send_signal(signal.SIGKILL)
-                    self.killed_at = time.monotonic()
-            if self.progress.exists():
-                for line in self.progress.read_text(encoding="utf-8").splitlines():
-                    if line.strip() and (event := json.loads(line)).get("event") == "round":
-                        self.round_seen.setdefault(event["round"], time.monotonic())
-            time.sleep(0.1)
-
-
-@pytest.mark.deployment
-@pytest.mark.timeout(1200)  # 4-8 min on 2 idle cores; 10+ min when other runs share them
-def test_a_supernode_killed_mid_secagg_stage_is_a_bounded_dropout_and_comes_back(tmp_path):
+@pytest.fixture(scope="module")
+def node_loss_run(tmp_path_factory):
+    """The demo's summary, the kills (with the victims' node ids) and the ServerApp log."""
     from flwr_guard.demo import DemoOptions, run_demo
-    from flwr_guard.deployment.local import NODE_UNAVAILABLE_AFTER_S
 
-    workdir = tmp_path / "work"
-    watcher = _KillInRound2(workdir)
-    watcher.start()
+    workdir = tmp_path_factory.mktemp("node-loss") / "work"
+    plan = [replace(k) for k in (ROSTER, MASKED, UNMASK)]
+    killer = NodeKiller(workdir, plan)
+    killer.start()
     options = DemoOptions(
-        nodes=NODES, rounds=3, min_nodes=NODES - 1, restart_lost_nodes=True,
-        workdir=workdir, prometheus=False,
-        # audit off; one local epoch keeps the test short (DP-SGD stays on)
+        nodes=NODES, rounds=ROUNDS, restart_lost_nodes=True, workdir=workdir, prometheus=False,
+        # audit off; one local epoch keeps the run short (DP-SGD stays on)
         run_config={"audit": False, "local-epochs": 1},
         status_interval_s=30.0,
     )
     try:
         result = run_demo(options)
     finally:
-        watcher.done.set()
-        watcher.join()
-    assert watcher.killed_at is not None, "the SuperNode was never killed"
-    assert result.success, result.error
-    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
-    secagg = {r["round"]: r["secagg"] for r in result.rounds if r["round"] > 0}
-    assert secagg[1]["cohort"] == secagg[1]["survivors"] == NODES
-    # Round 2 completes with exactly the three survivors.
-    assert secagg[2]["cohort"] == NODES and secagg[2]["survivors"] == NODES - 1
-    assert result.rounds[2]["train-replies"] == NODES - 1
-    # The loss is reported: the lost node by name and Flower node id in the demo's
-    # summary; in the ServerApp's log, the stage's reply for it is Flower's
-    # NODE_UNAVAILABLE error (not a timeout: the stage timeout is 300 s).
-    assert result.lost_nodes == [VICTIM]
-    lost, restarted = result.node_events
-    assert lost["event"] == "lost" and lost["node"] == VICTIM and lost["exit-code"] == -9
-    assert isinstance(lost["node-id"], int)
+        killer.stop()
     server_log = (workdir / "serverapp.log").read_text(encoding="utf-8")
-    assert "Node Unavailable" in server_log, server_log[-3000:]
-    # Stages sent by flwr_guard's transport also log the node and the seconds waited.
-    waited = [float(s) for s in re.findall(
-        rf"node {lost['node-id']} unavailable after ([0-9.]+) s", server_log)]
-    # The restarted SuperNode (a new node id) joins round 3: four survivors again.
-    assert restarted["event"] == "restarted" and restarted["node-id"] not in (None, lost["node-id"])
-    assert secagg[3]["cohort"] == secagg[3]["survivors"] == NODES
-    # The time the loss costs is bounded by Flower's heartbeat rule: the node is
-    # reported unavailable at most 2 x 30 s after its last heartbeat, so at most 60 s
-    # after its death. The stage it was in waits at most that longer than the same
-    # stage without a loss (round 3's); the rest of round 2 is at most a round without
-    # loss (round 3, which also sets up new keys for the changed cohort).
-    (stage,) = [name for name, count in secagg[2]["dropouts"].items() if count]
-    stages_3 = secagg[3]["stage_seconds"]
-    assert secagg[2]["stage_seconds"][stage] <= (
-        NODE_UNAVAILABLE_AFTER_S + SLACK_S + stages_3.get(stage, max(stages_3.values())))
-    assert all(w <= NODE_UNAVAILABLE_AFTER_S + SLACK_S for w in waited)
-    round_3_s = watcher.round_seen[3] - watcher.round_seen[2]
-    after_kill_s = watcher.round_seen[2] - watcher.killed_at
-    assert after_kill_s <= NODE_UNAVAILABLE_AFTER_S + round_3_s + SLACK_S
-    round_2_s = watcher.round_seen[2] - watcher.round_seen[1]
-    print(f"\nnode loss: killed {VICTIM} (pid {watcher.pid}, node {lost['node-id']}) in "
-          f"round 2's {stage} stage; round 2 ended {after_kill_s:.1f} s after the kill; "
-          f"round 2 {round_2_s:.1f} s, round 3 {round_3_s:.1f} s; stages round 2 "
-          f"{secagg[2]['stage_seconds']}, round 3 {stages_3}; transport waits {waited}")
+    kills = {k.label: k for k in plan}
+    return result, kills, server_log
+
+
+def _secagg(result, server_round: int) -> dict:
+    (line,) = [r for r in result.rounds if r["round"] == server_round]
+    return line["secagg"]
+
+
+def _killed_in_round(kill: Kill, server_round: int) -> None:
+    """The kill happened during ``server_round``: after the previous round's progress
+    line (round 0 is the initial evaluation) and before this round's."""
+    assert kill.pid is not None, f"{kill.node} was never killed ({kill.label})"
+    assert kill.rounds_before == server_round, (kill.label, kill.rounds_before)
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1800)  # 6-10 min on 2 idle cores; more when other runs share them
+@pytest.mark.xfail(strict=True, reason=(
+    "a member silent at the roster stage aborts the key set-up on this branch (issue 20, "
+    "item 2: left out of the graph before any share is sent; branch secagg-robust)"))
+def test_a_supernode_killed_at_the_roster_stage_leaves_the_round_to_the_survivors(node_loss_run):
+    result, kills, _ = node_loss_run
+    _killed_in_round(kills["roster"], 1)
+    secagg = _secagg(result, 1)
+    assert secagg["aborted"] is None, secagg["aborted"]
+    assert secagg["key_setup"] and secagg["cohort"] == NODES
+    assert secagg["dropouts"].get("roster") == 1  # the kill preceded its roster reply
+    assert secagg["survivors"] == NODES - 1
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1800)
+def test_a_supernode_killed_at_masked_input_leaves_the_round_to_the_survivors(node_loss_run):
+    result, kills, _ = node_loss_run
+    _killed_in_round(kills["masked-input"], 2)
+    secagg = _secagg(result, 2)
+    # The restarted roster-stage victim (a new node id) made this round set keys up.
+    assert secagg["key_setup"] and secagg["cohort"] == NODES
+    assert secagg["aborted"] is None, secagg["aborted"]
+    assert {s: c for s, c in secagg["dropouts"].items() if c} == {"masked-input": 1}
+    assert secagg["survivors"] == NODES - 1
+    (line,) = [r for r in result.rounds if r["round"] == 2]
+    assert line["train-replies"] == NODES - 1 and "train-loss" in line["train"]
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1800)
+def test_a_supernode_killed_at_unmask_leaves_the_round_complete(node_loss_run):
+    result, kills, _ = node_loss_run
+    _killed_in_round(kills["unmask"], 3)
+    secagg = _secagg(result, 3)
+    assert secagg["key_setup"] and secagg["cohort"] == NODES
+    assert secagg["aborted"] is None, secagg["aborted"]
+    assert {s: c for s, c in secagg["dropouts"].items() if c} == {"unmask": 1}
+    # It sent its masked input before dying: its update is in the sum (the server
+    # reconstructs its self mask from its neighbours' shares).
+    assert secagg["survivors"] == NODES
+    (line,) = [r for r in result.rounds if r["round"] == 3]
+    assert line["train-replies"] == NODES
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(1800)
+def test_the_launcher_reports_each_loss_and_restart_and_the_runs_true_end(node_loss_run):
+    from flwr_guard.demo import default_min_nodes
+
+    result, kills, server_log = node_loss_run
+    assert result.success, result.error
+    assert result.status == "finished:completed" and result.status_final
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
+    # Without --min-nodes the run needs 3 of its 4 nodes: SecAgg+ (k = 3, t = 2 for a
+    # cohort of 4) completes a round after one loss.
+    assert (result.min_nodes, result.min_nodes_reason) == default_min_nodes(NODES, True)
+    assert result.min_nodes == NODES - 1 and "k=3, t=2" in result.min_nodes_reason
+    # Each loss in the order of the kills, by name and Flower node id, each followed by
+    # its restart under a new id.
+    victims = [kills[s] for s in ("roster", "masked-input", "unmask")]
+    assert result.lost_nodes == [k.node for k in victims]
+    lost = [e for e in result.node_events if e["event"] == "lost"]
+    assert [(e["node"], e["node-id"], e["exit-code"]) for e in lost] == [
+        (k.node, k.node_id, -9) for k in victims]
+    events = [(e["event"], e["node"]) for e in result.node_events if e["event"] != "not-connected"]
+    assert events == [x for k in victims for x in (("lost", k.node), ("restarted", k.node))]
+    restarted = [e for e in result.node_events if e["event"] == "restarted"]
+    for event in restarted[:2]:  # they joined the next round
+        assert event["node-id"] not in (None, event["previous-node-id"])
+    # The ServerApp saw each loss as Flower's NODE_UNAVAILABLE reply, not a stage timeout
+    # (300 s): flwr_guard's transport (roster, unmask) logs the node and the seconds it
+    # waited; the masked inputs come through Flower's loop, and the reply's error names it.
+    for kill in (kills["roster"], kills["unmask"]):
+        assert re.search(rf"node {kill.node_id} unavailable after [0-9.]+ s", server_log), (
+            kill, server_log[-3000:])
+    masked = kills["masked-input"]
+    assert re.search(rf"SecAgg\+ masked-input: node {masked.node_id} failed: .*Node Unavailable",
+                     server_log), server_log[-3000:]
     assert alive(result.processes) == []
+    for line in result.rounds[1:]:  # for docs/demo.md (pytest -s)
+        report = line["secagg"]
+        print(f"\nround {line['round']}: cohort {report['cohort']}, survivors "
+              f"{report['survivors']}, key set-up {report['key_setup']}, dropouts "
+              f"{ {s: c for s, c in report['dropouts'].items() if c} }, stages "
+              f"{report['stage_seconds']}, aborted {report['aborted']}, ended at "
+              f"{line['elapsed-s']:.0f} s")

@@ -129,3 +129,133 @@ def test_a_clientapp_process_for_a_control_stage_imports_neither_torch_nor_the_a
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+# -- the demo's view of its SuperNodes: how many a run needs, and when it cannot go on --
+def test_the_default_min_nodes_is_the_cohort_minus_the_losses_secagg_tolerates() -> None:
+    from flwr_guard.demo import default_min_nodes
+    from flwr_guard.secagg.params import SecAggParams
+
+    for nodes in range(2, 12):
+        params = SecAggParams.for_cohort(nodes)
+        tolerated = params.num_shares - params.reconstruction_threshold
+        needed, why = default_min_nodes(nodes, secagg=True)
+        assert needed == min(nodes, max(nodes - tolerated, 3)), nodes
+        assert why.startswith(f"SecAgg+ with k={params.num_shares}, "
+                              f"t={params.reconstruction_threshold} for a cohort of {nodes} ")
+    assert [default_min_nodes(n, True)[0] for n in (2, 3, 4, 5, 6, 10)] == [2, 3, 3, 4, 4, 7]
+    # What the run config sets: the complete graph of 4 (k = 3) with t = 3 loses nothing.
+    assert default_min_nodes(4, True, num_shares=3, reconstruction_threshold=3)[0] == 4
+    # The nodes' policy: a cohort of at least 5 of 6.
+    needed, why = default_min_nodes(6, True, node_config={"secagg-min-cohort": 5})
+    assert needed == 5 and why.endswith("the nodes' policy needs a cohort of at least 5")
+    assert default_min_nodes(5, secagg=False) == (
+        1, "without SecAgg+ a round aggregates whatever nodes are left")
+    import pytest
+
+    with pytest.raises(ValueError, match="nodes must be >= 1, got 0"):
+        default_min_nodes(0, True)
+
+
+def _sleepers(deployment, count: int) -> None:
+    """Stand-in SuperNodes (sleeping processes that print a SuperNode ID line)."""
+    say = ("import sys, time; print('SuperNode ID: %d' % (1000 + int(sys.argv[1])), flush=True); "
+           "time.sleep(120)")
+    deployment.superlink = deployment.supervisor.start(
+        "superlink", [sys.executable, "-c", "import time; time.sleep(120)"], os.environ)
+    for index in range(count):
+        deployment.supernodes.append(deployment.supervisor.start(
+            f"supernode-{index}", [sys.executable, "-c", say, str(index)], os.environ))
+    deployment.wait_for_nodes()
+
+
+class _SilentRestartTopology:
+    """A restarted SuperNode that runs but never registers (no SuperNode ID line)."""
+
+    def supernode_command(self, index: int) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(120)"]
+
+
+def test_the_run_is_blocked_once_fewer_supernodes_are_left_than_it_needs(tmp_path) -> None:
+    from flwr_guard.demo import DemoOptions, DemoState, _Nodes
+    from flwr_guard.deployment.local import LocalDeployment
+
+    deployment = LocalDeployment(_SleepTopology(), tmp_path)  # type: ignore[arg-type]
+    state = DemoState(min_nodes=3, min_nodes_reason="SecAgg+ with k=3, t=2 ...")
+    nodes = _Nodes(deployment, state, DemoOptions(nodes=4), min_nodes=3)
+    try:
+        _sleepers(deployment, 4)
+        assert deployment.wait_for_nodes() == {f"supernode-{i}": 1000 + i for i in range(4)}
+        for index, left in ((3, 3), (1, 2)):
+            deployment.supernodes[index].popen.kill()
+            deployment.supernodes[index].popen.wait(timeout=30)
+            nodes.check()
+            assert nodes.left == left
+        assert [(e["event"], e["node"], e["node-id"], e["exit-code"]) for e in state.node_events] == [
+            ("lost", "supernode-3", 1003, -9), ("lost", "supernode-1", 1001, -9)]
+        assert nodes.blocked() == (
+            "2 of 4 SuperNodes left (supernode-1, supernode-3 lost), fewer than the 3 the run "
+            "needs (min-nodes: SecAgg+ with k=3, t=2 ...); Flower would wait for them forever, "
+            "so the launcher stopped the run. Restart the demo, run with --restart-lost-nodes, "
+            "or with a smaller --min-nodes")
+    finally:
+        assert deployment.stop() == []
+
+
+def test_a_restarted_supernode_is_waited_for_a_bounded_time_then_counts_as_lost(tmp_path) -> None:
+    import time
+
+    from flwr_guard.demo import DemoOptions, DemoState, _Nodes
+    from flwr_guard.deployment.local import LocalDeployment
+
+    deployment = LocalDeployment(_SilentRestartTopology(), tmp_path)  # type: ignore[arg-type]
+    state = DemoState()
+    options = DemoOptions(nodes=3, restart_lost_nodes=True, startup_timeout_s=1.0)
+    nodes = _Nodes(deployment, state, options, min_nodes=3)
+    try:
+        _sleepers(deployment, 3)
+        deployment.supernodes[2].popen.kill()
+        deployment.supernodes[2].popen.wait(timeout=30)
+        nodes.check()
+        # Restarted at once: counted while it may still connect, and named as awaited.
+        assert [e["event"] for e in state.node_events] == ["lost", "restarted"]
+        assert nodes.left == 3 and nodes.blocked() is None
+        assert nodes.waiting_for().startswith("restarted SuperNode(s) to connect: supernode-2 (at most ")
+        assert deployment.node_id("supernode-2") is None  # the new process has no id yet
+        deadline = time.monotonic() + 60
+        while "not-connected" not in [e["event"] for e in state.node_events]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            nodes.check()
+        assert [e["event"] for e in state.node_events] == ["lost", "restarted", "not-connected"]
+        assert nodes.left == 2 and nodes.waiting_for() == ""
+        assert nodes.blocked() is not None and "(supernode-2 lost)" in str(nodes.blocked())
+    finally:
+        assert deployment.stop() == []
+
+
+def test_wait_for_nodes_names_the_supernodes_that_did_not_connect(tmp_path) -> None:
+    import pytest
+
+    from flwr_guard.deployment.local import DeploymentError, LocalDeployment
+    from flwr_guard.deployment.topology import Topology
+
+    topology = Topology.on_free_ports(nodes=2)
+    deployment = LocalDeployment(topology, tmp_path, startup_timeout=0.5)
+    try:
+        silent = [sys.executable, "-c", "print('connecting...', flush=True); import time; time.sleep(60)"]
+        deployment.supernodes = [
+            deployment.supervisor.start("supernode-0", [sys.executable, "-c",
+                                        "print('SuperNode ID: 5', flush=True); import time; time.sleep(60)"],
+                                        os.environ),
+            deployment.supervisor.start("supernode-1", silent, os.environ),
+        ]
+        assert deployment.wait_for_nodes(["supernode-0"], timeout=60) == {"supernode-0": 5}
+        with pytest.raises(DeploymentError) as err:
+            deployment.wait_for_nodes()
+        message = str(err.value)
+        assert message.startswith(f"supernode-1 did not connect to the SuperLink at "
+                                  f"{topology.superlink_address} within 0.5 s (1 of 2 connected):")
+        assert "connecting..." in message  # its log's last lines
+    finally:
+        assert deployment.stop() == []

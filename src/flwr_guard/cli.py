@@ -180,8 +180,8 @@ def demo(
         bool, typer.Option(help="The gradient-leakage audit on every node (the demo's default).")
     ] = True,
     min_nodes: Annotated[
-        int, typer.Option(min=0, help="Nodes connected before a round starts (0 = all); fewer "
-                          "lets the run go on after a node loss.")
+        int, typer.Option(min=0, help="Nodes the run needs (0 = the nodes minus the losses "
+                          "SecAgg+ tolerates); with fewer left the demo stops the run.")
     ] = 0,
     restart_lost_nodes: Annotated[
         bool, typer.Option("--restart-lost-nodes",
@@ -224,6 +224,7 @@ def demo(
         prometheus=prometheus,
         min_nodes=min_nodes or None,
         restart_lost_nodes=restart_lost_nodes,
+        summary_path=summary,  # written also when interrupted
     )
     try:
         if console.is_terminal:
@@ -239,7 +240,8 @@ def demo(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: every process of the demo was stopped[/yellow]")
+        console.print("[yellow]interrupted: every process of the demo was stopped[/yellow]; "
+                      f"summary in {summary}")
         raise typer.Exit(130) from None
     result.write(summary)
     if result.success:

@@ -27,13 +27,15 @@ from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.ports import ensure_port_free
 from flwr_guard.deployment.processes import ManagedProcess, ProcessRecord, ProcessSupervisor
 from flwr_guard.deployment.register import RegistrationError, register_supernode
+from flwr_guard.deployment.status import FINISHED_PREFIX, StatusReadError
 from flwr_guard.deployment.topology import Topology
 from flwr_guard.errors import FlwrGuardError
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "flwr-guard"
-FINISHED_PREFIX = "finished:"
+__all__ = ["CONNECTION", "FINISHED_PREFIX", "DeploymentError", "LocalDeployment", "RunFailed",
+           "StatusReadFailed"]
 
 
 # Flower 1.41's SuperExecs (the SuperLink's, which starts the ServerApp process, and each
@@ -59,6 +61,11 @@ class DeploymentError(FlwrGuardError, RuntimeError):
 
 class RunFailed(FlwrGuardError, RuntimeError):
     """A run ended in a state other than ``finished:completed``."""
+
+
+class StatusReadFailed(DeploymentError, StatusReadError):
+    """One ``flwr ls`` did not give the run's status (a timeout, an unreadable answer);
+    no verdict on the run (:class:`~flwr_guard.deployment.status.StatusTracker` retries)."""
 
 
 def _toml_value(value: Any) -> str:
@@ -92,9 +99,15 @@ class LocalDeployment:
     Every process goes into ``workdir/logs``; ``FLWR_HOME`` is ``workdir/flwr-home``
     with a connection named ``flwr-guard`` to the SuperLink.
 
+    :meth:`start` returns once every SuperNode has registered with the SuperLink, so a
+    run submitted then sees all of them (Flower samples whichever nodes are connected
+    when a round starts); every wait is bounded by ``startup_timeout`` seconds.
+
     Raises (from :meth:`start`):
         PortInUseError: a port of the topology is taken.
-        DeploymentError: a process exited during start-up (the message holds its log).
+        DeploymentError: a process exited during start-up, or the SuperLink or a
+            SuperNode was not ready within ``startup_timeout`` (the message holds the
+            logs).
     """
 
     def __init__(
@@ -103,6 +116,7 @@ class LocalDeployment:
         workdir: Path,
         startup_timeout: float = 60.0,
         superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S,
+        flwr_cli: str = "flwr",
     ) -> None:
         if superexec_poll_interval_s is not None and not (
             0.01 <= superexec_poll_interval_s <= 60.0
@@ -112,6 +126,7 @@ class LocalDeployment:
                 f"accepts for {SUPEREXEC_POLL_ENV}), got {superexec_poll_interval_s}"
             )
         self.superexec_poll_interval_s = superexec_poll_interval_s
+        self.flwr_cli = flwr_cli  # the `flwr` executable (a path, or a name on PATH)
         self.topology = topology
         self.workdir = Path(workdir)
         self.flwr_home = self.workdir / "flwr-home"
@@ -166,13 +181,8 @@ class LocalDeployment:
                 for index in range(topo.nodes):
                     self.register_supernode(topo.supernode_public_key(index))
             for index in range(topo.nodes):
-                self.supernodes.append(
-                    self.supervisor.start(
-                        f"supernode-{index}", topo.supernode_command(index), self.env
-                    )
-                )
-            time.sleep(0.5)
-            self.check_alive()
+                self.supernodes.append(self._start_supernode(index))
+            self.wait_for_nodes()
 
     def stop(self) -> list[ProcessRecord]:
         """Stop every process started (and all they spawned); return any survivor."""
@@ -221,9 +231,10 @@ class LocalDeployment:
         return [p.name for p in dead]
 
     def node_id(self, name: str) -> int | None:
-        """The Flower node id SuperNode ``name`` last registered with (read from its log:
-        ``SuperNode ID: N``); ``None`` before it has connected. A restarted SuperNode
-        gets a new id (without SuperNode authentication), so this is the newest.
+        """The Flower node id the current process of SuperNode ``name`` registered with
+        (read from what it wrote to its log: ``SuperNode ID: N``); ``None`` before it has
+        connected. A restarted SuperNode gets a new id (without SuperNode
+        authentication); until it connects this is ``None``, never the old id.
 
         Raises:
             ValueError: ``name`` is not a SuperNode of this deployment.
@@ -231,12 +242,47 @@ class LocalDeployment:
         proc = next((p for p in self.supernodes if p.name == name), None)
         if proc is None:
             raise ValueError(f"no SuperNode named {name!r}")
-        try:
-            text = proc.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-        found = _NODE_ID_LINE.findall(text)
+        found = _NODE_ID_LINE.findall(proc.own_log())
         return int(found[-1]) if found else None
+
+    def wait_for_nodes(self, names: list[str] | None = None, timeout: float | None = None) -> dict[str, int]:
+        """Wait until SuperNodes ``names`` (default: all not lost) have registered with
+        the SuperLink (``SuperNode ID`` in their logs), at most ``timeout`` seconds
+        (default: the start-up timeout). Says what it waits for (logger, INFO).
+
+        Returns:
+            Each name's Flower node id.
+
+        Raises:
+            DeploymentError: a process exited meanwhile, or some node did not connect in
+                time (the message names them and holds the last lines of their logs).
+        """
+        names = [p.name for p in self.supernodes if p.name not in self.lost] if names is None else names
+        limit = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        ids: dict[str, int] = {}
+        announced = False
+        while True:
+            for name in names:
+                if name not in ids and (node := self.node_id(name)) is not None:
+                    ids[name] = node
+            missing = [n for n in names if n not in ids]
+            if not missing:
+                return ids
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                tails = "\n".join(
+                    f"--- {p.name} ({p.log_path}):\n{p.log_tail(8)}"
+                    for p in self.supernodes if p.name in missing)
+                raise DeploymentError(
+                    f"{', '.join(missing)} did not connect to the SuperLink at "
+                    f"{self.topology.superlink_address} within {limit:g} s "
+                    f"({len(ids)} of {len(names)} connected):\n{tails}")
+            if not announced:
+                logger.info("waiting up to %g s for %d SuperNode(s) to connect: %s",
+                            limit, len(missing), ", ".join(missing))
+                announced = True
+            time.sleep(0.25)
 
     def restart_supernode(self, name: str) -> ManagedProcess:
         """Start a lost SuperNode again with its command line (it joins the next round
@@ -247,11 +293,18 @@ class LocalDeployment:
         """
         if name not in self.lost:
             raise ValueError(f"{name} is not a lost SuperNode (lost: {self.lost or 'none'})")
-        index = int(name.rsplit("-", 1)[1])
-        proc = self.supervisor.start(name, self.topology.supernode_command(index), self.env)
+        proc = self._start_supernode(int(name.rsplit("-", 1)[1]))
         self.supernodes = [proc if p.name == name else p for p in self.supernodes]
         self.lost.remove(name)
         return proc
+
+    def supernode_argv(self, index: int) -> list[str]:
+        """The command line that starts SuperNode ``index`` (at start and at a restart):
+        the one place to wrap it (e.g. to start SuperNodes under a node-side guard)."""
+        return self.topology.supernode_command(index)
+
+    def _start_supernode(self, index: int) -> ManagedProcess:
+        return self.supervisor.start(f"supernode-{index}", self.supernode_argv(index), self.env)
 
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -286,7 +339,7 @@ class LocalDeployment:
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's connection."""
         return subprocess.run(
-            ["flwr", *args],
+            [self.flwr_cli, *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -297,7 +350,11 @@ class LocalDeployment:
     def run_log(self, run_id: str, timeout: float = 60.0) -> str:
         """The run's ServerApp log as the SuperLink keeps it (``flwr log --show``);
         an empty string when the SuperLink has none."""
-        done = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=timeout)
+        try:
+            done = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("flwr log did not answer within %.0f s: no ServerApp log", timeout)
+            return ""
         return done.stdout if done.returncode == 0 else ""
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> str:
@@ -323,25 +380,40 @@ class LocalDeployment:
             raise DeploymentError(f"flwr run was refused (exit {done.returncode}): {why}")
         return str(reply["run-id"])
 
-    def run_info(self, run_id: str) -> dict[str, Any]:
+    def run_info(self, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """The run's record from ``flwr ls --run-id ... --format json``.
 
         Raises:
-            DeploymentError: if the SuperLink cannot be asked, or ``flwr ls`` takes more
-                than 60 s (seen with 20 SuperNodes starting on 2 loaded cores).
+            StatusReadFailed: (a :class:`DeploymentError`) if the SuperLink cannot be
+                asked, its answer holds no record of the run, or ``flwr ls`` takes more
+                than ``timeout`` seconds (more than 60 s was seen with 20 SuperNodes
+                starting on 2 loaded cores). No verdict on the run: ask again
+                (:class:`~flwr_guard.deployment.status.StatusTracker`).
         """
         try:
-            done = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
+            done = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json",
+                             timeout=timeout)
         except subprocess.TimeoutExpired as err:
-            raise DeploymentError(f"flwr ls did not answer within {err.timeout:.0f} s") from err
+            raise StatusReadFailed(f"flwr ls did not answer within {err.timeout:.0f} s") from err
         try:
             reply = json.loads(done.stdout)
             return dict(reply["runs"][0])
-        except (json.JSONDecodeError, KeyError, IndexError) as err:
-            raise DeploymentError(
-                f"cannot read the status of run {run_id}: {done.stdout or done.stderr}"
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as err:
+            answer = (done.stdout or done.stderr).strip()[-500:]
+            raise StatusReadFailed(
+                f"cannot read the status of run {run_id} (flwr ls exit {done.returncode}): {answer}"
             ) from err
 
-    def stop_run(self, run_id: str) -> None:
-        """Ask the SuperLink to stop a run (best effort)."""
-        self.flwr("stop", run_id, CONNECTION, timeout=60)
+    def stop_run(self, run_id: str, timeout: float = 60.0) -> bool:
+        """Ask the SuperLink to stop a run (best effort); ``True`` if ``flwr stop``
+        succeeded (the run's status then becomes ``finished:stopped`` unless it had
+        already finished)."""
+        try:
+            done = self.flwr("stop", run_id, CONNECTION, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("flwr stop %s did not answer within %.0f s", run_id, timeout)
+            return False
+        if done.returncode != 0:
+            logger.warning("flwr stop %s failed (exit %d): %s", run_id, done.returncode,
+                           (done.stdout or done.stderr).strip()[-300:])
+        return done.returncode == 0

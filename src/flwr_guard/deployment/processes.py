@@ -34,6 +34,9 @@ class ManagedProcess:
     argv: list[str]
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # Size of the log (shared with earlier processes of the same name) when this one
+    # started: what it wrote begins there.
+    log_offset: int = 0
 
     @property
     def pid(self) -> int:
@@ -49,6 +52,16 @@ class ManagedProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def own_log(self) -> str:
+        """What this process wrote to its log (not an earlier process of the same name);
+        empty when the log cannot be read."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.log_offset)
+                return handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class ProcessSupervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
+            offset = log.tell()
             popen = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -97,7 +111,7 @@ class ProcessSupervisor:
                 env={**env, TAG_ENV: self.tag},
                 start_new_session=True,  # a Ctrl-C in the terminal reaches only us
             )
-        managed = ManagedProcess(name, list(argv), popen, log_path)
+        managed = ManagedProcess(name, list(argv), popen, log_path, offset)
         self.processes.append(managed)
         self.refresh()
         logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
