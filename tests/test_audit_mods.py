@@ -30,6 +30,7 @@ from flwr_guard.audit.data import client_pool
 from flwr_guard.audit.inspection import inspect_reply
 from flwr_guard.audit.reply_mod import BLOCKED_REASON as INSPECTION_BLOCKED
 from flwr_guard.audit.report import neutral_metrics
+from flwr_guard.guard.client_mod import POLICY_REFUSAL
 
 IMAGES, LABELS = client_pool(image_size=8, size=60, seed=2)
 
@@ -110,14 +111,50 @@ def test_gate_blocks_a_leaking_update_and_lets_a_protected_one_through() -> None
     assert sent.content["metrics"]["audit-leaks"] == 0
 
 
-def test_a_failing_audit_never_blocks() -> None:
+def test_an_audit_that_cannot_run_refuses_by_default_and_sends_only_when_told() -> None:
     def broken(ctx):
-        return np.zeros((1, 8, 8)), np.zeros(1)  # too few samples
+        return np.zeros((1, 8, 8)), np.zeros(1)  # too few samples for an audit
 
-    reply = _audit_mod(Protections(), gate=True, data_fn=broken)(_train_message(), _context(), _train)
+    trained = []
+
+    def train(msg, context):
+        trained.append(True)
+        return _train(msg, context)
+
+    refused = _audit_mod(Protections(), gate=True, data_fn=broken)(_train_message(), _context(), train)
+    assert refused.has_error()
+    assert refused.error.reason.startswith(f"{POLICY_REFUSAL} leakage audit failed: round 3")
+    assert "needs at least 2" in refused.error.reason and "on_failure='send'" in refused.error.reason
+    config = LeakageAuditConfig(plan=AuditPlan(attacks=("idlg",), effort=0.1),
+                                sampling=AuditSampling(1.0, 1.0), on_failure="send", device="cpu")
+    reply = leakage_audit_mod(_model, broken, config)(_train_message(), _context(), _train)
     assert not reply.has_error()
     assert reply.content["metrics"]["audit-error"] == 1
     assert reply.content["metrics"]["audit-ran"] == 0
+    # The node operator can force a refusal, never a send.
+    forced = leakage_audit_mod(_model, broken, config)(
+        _train_message(), Context(1, 7, {"audit-on-failure": "refuse"}, RecordDict(), {}), _train)
+    assert forced.has_error() and "leakage audit failed" in forced.error.reason
+
+
+def test_an_unsupported_model_or_batch_is_refused_before_training_with_its_shape() -> None:
+    trained = []
+
+    def train(msg, context):
+        trained.append(True)
+        return _train(msg, context)
+
+    wrong = _audit_mod(Protections(), gate=False, fraction=0.0,
+                       data_fn=lambda ctx: {"pixels": IMAGES, "y": LABELS})
+    reply = wrong(_train_message(), _context(), train)
+    assert reply.has_error() and trained == []  # refused before training, round not sampled
+    assert "the audit cannot run on this app" in reply.error.reason
+    assert "keys ['pixels', 'y']" in reply.error.reason
+    flat = _audit_mod(Protections(), gate=False, fraction=0.0,
+                      data_fn=lambda ctx: (IMAGES.reshape(len(IMAGES), -1), LABELS))
+    reply = flat(_train_message(), _context(), train)
+    assert reply.has_error() and trained == []
+    assert "cannot run on the audit's inputs Tensor(torch.float32, (2, 64))" in reply.error.reason
 
 
 def test_evaluate_messages_are_left_alone() -> None:
