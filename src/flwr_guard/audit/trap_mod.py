@@ -48,7 +48,8 @@ def received_model(msg: Message, model_fn: Callable[[], nn.Module]) -> nn.Module
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        return f"the weights do not fit {type(model).__name__}: {str(err).strip()[:300]}"
+        detail = " ".join(str(err).split())  # one line for the server's log
+        return f"the weights do not fit {type(model).__name__}: {detail[:300]}"
     return model
 
 
@@ -79,11 +80,15 @@ def trap_check_mod(
         model = received_model(msg, model_fn)
         if isinstance(model, str):
             return refusal(msg, f"{TRAP_REASON} malformed model: {model}")
-        x, y = as_pair(data_fn(context), input_key, target_key)
-        data = prepare(x, y, modality)
         rnd = server_round(msg)
-        with torch.enable_grad():
-            finding = check_model(model, data, config, derived_seed(seed, rnd, context.node_id))
+        try:
+            x, y = as_pair(data_fn(context), input_key, target_key)
+            data = prepare(x, y, modality)
+            with torch.enable_grad():
+                finding = check_model(model, data, config, derived_seed(seed, rnd, context.node_id))
+        except Exception as err:  # a check that cannot run never lets the model through
+            return refusal(msg, f"{TRAP_REASON} the trap-model check cannot run on this app: "
+                           f"{type(err).__name__}: {str(err)[:300]}")
         logger.info("trap-model check round %d: %s (%.3f s)", rnd, finding.reason, finding.seconds)
         if finding.trapped:
             return refusal(msg, f"{TRAP_REASON} {finding.reason}")
