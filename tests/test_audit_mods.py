@@ -252,6 +252,26 @@ def test_audit_summary_reports_the_worst_case_and_the_blocked() -> None:
     assert arrays is None and metrics["audit-blocked"] == 1
 
 
+def test_no_audit_metrics_without_an_audit_and_errors_counted_with_one() -> None:
+    plain = [_train(_train_message(n), _context(n)) for n in (1, 2)]
+    summary = AuditSummary(FedAvg())
+    _, metrics = summary.aggregate_train(1, plain)
+    assert not [k for k in metrics if k.startswith("audit-")]  # no audit: no audit-* keys
+    assert summary.worst() is None
+
+    def broken(ctx):
+        return np.zeros((1, 8, 8)), np.zeros(1)
+
+    config = LeakageAuditConfig(plan=AuditPlan(attacks=("idlg",), effort=0.1),
+                                sampling=AuditSampling(1.0, 1.0), on_failure="send", device="cpu")
+    failed = leakage_audit_mod(_model, broken, config)(_train_message(3), _context(3), _train)
+    refused = _audit_mod(Protections(), gate=False, data_fn=broken)(
+        _train_message(4), _context(4), _train)
+    quiet = _audit_mod(Protections(), gate=False, fraction=0.0)(_train_message(5), _context(5), _train)
+    _, metrics = summary.aggregate_train(2, [quiet, failed, refused])
+    assert metrics["audit-error"] == 2 and metrics["audit-ran"] == 0
+
+
 def test_protections_announced_by_the_server_override_the_declared_ones() -> None:
     from flwr_guard.audit.audit_mod import protections_in_force
 
