@@ -164,3 +164,12 @@ def test_honest_models_are_not_flagged(seed: int) -> None:
     finding = check_model(tabular, wine, seed=seed)
     assert not finding.trapped, finding.reason
     assert np.isfinite(finding.seconds)
+
+
+def test_a_leakage_audit_that_cannot_be_built_fails_when_the_guard_is_built() -> None:
+    with pytest.raises(TypeError, match="model_fn must build the model .* got a Sequential instance"):
+        LeakageAudit(_mlp(), _client_data)
+    with pytest.raises(TypeError, match="LeakageAudit.data_fn must be callable, got dict"):
+        LeakageAudit(_mlp, {"x": IMAGES, "y": LABELS})
+    with pytest.raises(TypeError, match="trap_check must be True, False or a TrapCheckConfig"):
+        LeakageAudit(_mlp, _client_data, trap_check="yes")

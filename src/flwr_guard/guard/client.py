@@ -72,6 +72,29 @@ class LeakageAudit:
     config: LeakageAuditConfig | None = None
     trap_check: Any = True
 
+    def __post_init__(self) -> None:
+        """Checks that need no torch (the model and data are checked on the first train
+        message, see :mod:`flwr_guard.audit.audit_mod`).
+
+        Raises:
+            TypeError: ``model_fn`` or ``data_fn`` not callable, ``model_fn`` a model
+                instance instead of a builder, or ``trap_check`` not a
+                bool, ``None`` or a ``TrapCheckConfig``.
+        """
+        for name in ("model_fn", "data_fn"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"LeakageAudit.{name} must be callable, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if hasattr(self.model_fn, "state_dict") and hasattr(self.model_fn, "parameters"):
+            raise TypeError(
+                f"LeakageAudit.model_fn must build the model (e.g. lambda: MyNet()), got a "
+                f"{type(self.model_fn).__name__} instance: the audit loads each round's "
+                "weights into a fresh one")
+        if not (self.trap_check in (True, False, None)
+                or type(self.trap_check).__name__ == "TrapCheckConfig"):
+            raise TypeError("LeakageAudit.trap_check must be True, False or a TrapCheckConfig, "
+                            f"got {type(self.trap_check).__name__}")
+
     def trap_mod(self) -> Mod | None:
         """The trap-model check mod, or ``None`` when off (imports torch: call it on a
         train message)."""
