@@ -171,5 +171,6 @@ def test_a_leakage_audit_that_cannot_be_built_fails_when_the_guard_is_built() ->
         LeakageAudit(_mlp(), _client_data)
     with pytest.raises(TypeError, match="LeakageAudit.data_fn must be callable, got dict"):
         LeakageAudit(_mlp, {"x": IMAGES, "y": LABELS})
+    assert LeakageAudit(DigitsCNN, _client_data).model_fn is DigitsCNN  # a class builds models
     with pytest.raises(TypeError, match="trap_check must be True, False or a TrapCheckConfig"):
         LeakageAudit(_mlp, _client_data, trap_check="yes")

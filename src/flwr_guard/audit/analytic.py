@@ -102,9 +102,14 @@ def _direction_groups(weight: torch.Tensor) -> list[list[int]]:
     """Rows grouped by (almost) equal direction, groups of >= 2 rows only."""
     unit = weight.double() / weight.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
     cos = unit @ unit.T
-    free = torch.ones(weight.shape[0], dtype=torch.bool)
+    close = cos >= SAME_DIRECTION
+    close.fill_diagonal_(False)
+    partnered = close.any(dim=1)
+    if not partnered.any():  # honest weights: no two rows line up
+        return []
+    free = partnered.clone()
     groups = []
-    for i in range(weight.shape[0]):
+    for i in torch.nonzero(partnered).flatten().tolist():
         if not free[i]:
             continue
         members = torch.nonzero((cos[i] >= SAME_DIRECTION) & free).flatten()
@@ -193,14 +198,17 @@ class AnalyticAttack(Attack):
 
 
 def recover(model: nn.Module, params: dict[str, torch.Tensor], update: list[torch.Tensor],
-            sample_shape: tuple[int, ...]) -> torch.Tensor:
+            sample_shape: tuple[int, ...], layers: list[InputLayer] | None = None) -> torch.Tensor:
     """Every closed-form candidate of ``update`` (``(K, *sample_shape)``, audit units).
 
     A convenience for the trap-model check and benchmarks; see :class:`AnalyticAttack`.
+    ``layers``: the model's :func:`input_layers` when already known.
     """
     observed = dict(zip(params, update))
     found = []
-    for layer in input_layers(model, params, sample_shape):
+    if layers is None:
+        layers = input_layers(model, params, sample_shape)
+    for layer in layers:
         if layer.bias is None:
             continue
         raw = candidates(params[layer.weight], params[layer.bias], observed[layer.weight],

@@ -45,7 +45,6 @@ from torch import nn
 from flwr_guard.audit.analytic import imprint_groups, input_layers, recover
 from flwr_guard.audit.inputs import AuditData
 from flwr_guard.audit.update import LocalTraining, gradient_equivalent_update, trainable_params
-from flwr_guard.audit.vector_scores import relative_l2_error
 
 
 @dataclass(frozen=True)
@@ -155,14 +154,14 @@ def check_model(model: nn.Module, data: AuditData, config: TrapCheckConfig | Non
         total = grad if total is None else [a + g for a, g in zip(total, grad)]
     assert total is not None
     mean = [t / len(batches) for t in total]
-    found = recover(model, params, mean, shape)
+    found = recover(model, params, mean, shape, layers)
     revealed = 0
     if found.shape[0]:
-        records = data.original_units(data.inputs[chosen])
-        estimates = data.original_units(found)
-        errors = torch.stack([relative_l2_error(estimates, r.expand_as(estimates)).min()
-                              for r in records])
-        revealed = int((errors <= config.tolerance).sum())
+        records = data.original_units(data.inputs[chosen]).flatten(1).double()
+        estimates = data.original_units(found).flatten(1).double()
+        # relative L2 error of every (record, candidate) pair: ‖x̂ − x‖ / ‖x‖
+        errors = torch.cdist(records, estimates) / records.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        revealed = int((errors.min(dim=1).values <= config.tolerance).sum())
     seconds = time.monotonic() - started
     structural = config.structural and grouped >= config.min_group_rows
     too_many = revealed > config.max_revealed_fraction * count

@@ -85,7 +85,8 @@ class LeakageAudit:
             if not callable(getattr(self, name)):
                 raise TypeError(f"LeakageAudit.{name} must be callable, got "
                                 f"{type(getattr(self, name)).__name__}")
-        if hasattr(self.model_fn, "state_dict") and hasattr(self.model_fn, "parameters"):
+        if (not isinstance(self.model_fn, type) and hasattr(self.model_fn, "state_dict")
+                and hasattr(self.model_fn, "parameters")):  # a class is a fine builder
             raise TypeError(
                 f"LeakageAudit.model_fn must build the model (e.g. lambda: MyNet()), got a "
                 f"{type(self.model_fn).__name__} instance: the audit loads each round's "
