@@ -13,7 +13,7 @@ from guard_harness import LoopbackGrid
 from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.guard import ClientPolicy, GuardMismatch
 from flwr_guard.guard.client import ClientGuard
-from flwr_guard.guard.refusal_reasons import GENERIC_HINT, reason_from_text
+from flwr_guard.guard.refusal_reasons import GENERIC_HINT, reason_from_text, stops_run
 from flwr_guard.guard.strategy import GuardedStrategy, NoAggregate, SecAgg
 
 BUDGET = ("record-level privacy budget exhausted: this round (10 DP-SGD steps at sample "
@@ -33,6 +33,17 @@ def test_reason_extraction_from_flower_error_texts() -> None:
     assert reason_from_text("flwr-guard policy refused: trap model: x") == "trap model: x"
     assert reason_from_text("SecAgg+ refused: cohort 2 < 3") == "SecAgg+ refused: cohort 2 < 3"
     assert reason_from_text("<class 'ZeroDivisionError'>:<'division by zero'>") is None
+    # The audit gate and the reply inspector are not refusals of the server.
+    assert reason_from_text("flwr-guard audit: update blocked (round 2): ...") is None
+
+
+def test_which_refusals_stop_the_run() -> None:
+    assert stops_run("trap model: ...", "masked-input")  # a policy refusal, any stage
+    assert stops_run("PrivacyBudgetExceeded: ...", None)
+    assert stops_run("SecAgg+ refused: the server announced a cohort of 2 ...", "advertise")
+    # After the set-up a SecAgg+ error also wraps inner crashes and lost sessions.
+    assert not stops_run("SecAgg+ refused: unsupported operand", "masked-input")
+    assert not stops_run("SecAgg+ refused: no usable SecAgg+ session on this client", "roster")
 
 
 def test_a_cohort_below_the_floor_names_the_floor_on_the_server(caplog) -> None:

@@ -12,13 +12,21 @@ delegating wrapper) to keep the stage replies' reasons of the round, and
 | --- | --- |
 | ``flwr-guard policy refused: …`` (policy, trap model, audit failure) | the text after the prefix |
 | ``SecAgg+ refused: …`` (cohort floor, roster, parameters) | the whole text |
-| ``flwr-guard audit: …`` / reply inspection blocks | the whole text |
 | a ClientApp exception named in :data:`REFUSING_EXCEPTIONS` | ``Name: message`` |
 
 (A ClientApp exception arrives as Flower's ``<class '…'>:<'…'>`` or as ``Name: …``;
 ``PrivacyBudgetExceeded``'s message carries the epsilon spent, projected and allowed.)
 
-Anything else (a crash, a timeout) is not a refusal and keeps the generic hint.
+Anything else (a crash, a timeout, the audit gate's or the reply inspector's blocks,
+which their own summaries report) is not a refusal and keeps the generic hint.
+
+Which reasons stop the run (:meth:`RefusalLog.refusals`, ``GuardMismatch`` unless
+``tolerate_refusals``): policy refusals, the refusing exceptions (a node whose budget is
+spent will not train again: an operator's matter, not a dropout), and SecAgg+ refusals
+in the set-up stages (advertise, roster, share-keys: the server's parameters or cohort
+do not meet the node's floors). A SecAgg+ refusal at or after the masked input (which
+also wraps an inner mod's crash, or a lost session that the next round re-keys) is only
+explained (:attr:`RefusalLog.last`), never a reason to stop.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from flwr.serverapp import Grid
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 
 SECAGG_REFUSAL = "SecAgg+ refused:"
-GUARD_PREFIX = "flwr-guard"
+SECAGG_RECORD = "secagg"
+SETUP_STAGES = ("advertise", "roster", "share-keys")
+UNKNOWN_SESSION = "no usable SecAgg+ session"  # flwr_guard.secagg.session.UNKNOWN_SESSION
 #: Client-side exceptions that are a deliberate refusal, not a crash.
 REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
 #: What the server says when no client gave a reason.
@@ -44,7 +54,7 @@ def reason_from_text(text: str) -> str | None:
     text = str(text or "").strip()
     if text.startswith(POLICY_REFUSAL):
         return text[len(POLICY_REFUSAL):].strip()
-    if text.startswith(SECAGG_REFUSAL) or text.startswith(GUARD_PREFIX):
+    if text.startswith(SECAGG_REFUSAL):
         return text
     for name in REFUSING_EXCEPTIONS:
         at = text.find(name)
@@ -61,6 +71,14 @@ def reason_of(reply: Message) -> str | None:
     return reason_from_text(str(reply.error.reason))
 
 
+def stops_run(reason: str, stage: str | None) -> bool:
+    """Whether a refusal ``reason`` given at SecAgg+ ``stage`` (``None``: a plain train
+    message) stops the run (see the module docstring)."""
+    if reason.startswith(SECAGG_REFUSAL):
+        return stage in SETUP_STAGES and UNKNOWN_SESSION not in reason
+    return True
+
+
 class RefusalLog:
     """The round's refusal reasons by node, from train replies and SecAgg+ stages.
 
@@ -70,34 +88,41 @@ class RefusalLog:
     """
 
     def __init__(self) -> None:
-        self.pending: dict[int, str] = {}
+        self.pending: dict[int, tuple[str, bool]] = {}
+        #: ``{node: reason}`` of the last round, stopping or not (for the round's line).
+        self.last: dict[int, str] = {}
 
     def watch(self, grid: Grid) -> Grid:
         """``grid`` wrapped so that every error reply's reason is recorded."""
-        self.pending = {}
+        self.pending, self.last = {}, {}
         return grid if isinstance(grid, _WatchedGrid) else _WatchedGrid(grid, self)
 
-    def record(self, replies: Iterable[Message], destinations: dict[str, int]) -> None:
+    def record(self, replies: Iterable[Message], destinations: dict[str, int],
+               stages: dict[str, str]) -> None:
         for reply in replies:
             reason = reason_of(reply)
             if reason is not None:
-                node = destinations.get(reply.metadata.reply_to_message_id,
-                                        reply.metadata.src_node_id)
-                self.pending.setdefault(int(node), reason)
+                answered = reply.metadata.reply_to_message_id
+                node = destinations.get(answered, reply.metadata.src_node_id)
+                stage = stages.get(answered)
+                self.pending.setdefault(int(node), (reason, stops_run(reason, stage)))
 
     def refusals(self, replies: Iterable[Message]) -> dict[int, str]:
-        """``{node: reason}`` of this round: the replies' and the stages' (then forgotten)."""
-        out = dict(self.pending)
+        """``{node: reason}`` of this round's refusals that stop the run, from the
+        replies and the SecAgg+ stages (then forgotten); every reason of the round,
+        stopping or not, is kept in :attr:`last`."""
+        found = dict(self.pending)
         self.pending = {}
         for reply in replies:
             reason = reason_of(reply)
             if reason is not None:
-                out[int(reply.metadata.src_node_id)] = reason
-        return out
+                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, "masked-input"))
+        self.last = {node: reason for node, (reason, _) in found.items()}
+        return {node: reason for node, (reason, stops) in found.items() if stops}
 
 
 def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
-                     secagg: Any = None) -> str:
+                     secagg: Any = None, explained: dict[int, str] | None = None) -> str:
     """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
     the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
     reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
@@ -108,6 +133,9 @@ def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[
             "protections; the server's GuardedStrategy must meet the clients' policies (or "
             "pass tolerate_refusals=True to go on without them). Their reasons: "
             + " | ".join(sorted(set(refusals.values()))))
+    others = sorted(set(explained.values()) - set(refusals.values())) if explained else []
+    if others:
+        text += " (other clients said: " + " | ".join(others) + ")"
     if aborted:
         text += f" (SecAgg+: {aborted})"
     return text
@@ -127,6 +155,16 @@ class _WatchedGrid(Grid):
     def __init__(self, inner: Grid, log: RefusalLog) -> None:
         self._inner, self._log = inner, log
         self._destinations: dict[str, int] = {}
+        self._stages: dict[str, str] = {}
+
+    def _remember(self, messages: list[Message]) -> None:
+        for msg in messages:
+            if msg.metadata.message_id:
+                self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
+                record = msg.content.config_records.get(SECAGG_RECORD)
+                stage = record.get("stage") if record is not None else None
+                if isinstance(stage, str):
+                    self._stages[msg.metadata.message_id] = stage
 
     def __getattr__(self, name: str) -> Any:  # anything a Grid subclass adds
         return getattr(self._inner, name)
@@ -147,21 +185,18 @@ class _WatchedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         ids = list(self._inner.push_messages(messages))
-        for msg in messages:
-            if msg.metadata.message_id:
-                self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
+        self._remember(messages)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._inner.pull_messages(message_ids))
-        self._log.record(replies, self._destinations)
+        self._log.record(replies, self._destinations, self._stages)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._inner.send_and_receive(messages, timeout=timeout))
-        destinations = {m.metadata.message_id: m.metadata.dst_node_id
-                        for m in messages if m.metadata.message_id}
-        self._log.record(replies, destinations)
+        self._remember(messages)
+        self._log.record(replies, self._destinations, self._stages)
         return replies

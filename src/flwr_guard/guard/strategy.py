@@ -394,16 +394,18 @@ class GuardedStrategy(StrategyWrapper):
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
         if refusals and not self.tolerate_refusals:
-            raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg))
+            raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg,
+                                                 self.reasons.last))
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated_rounds += 1
         else:
             self.failures[server_round] = failure_reason(
-                server_round, replies, secagg=self.secagg, dp=self.dp, refusals=refusals)
+                server_round, replies, secagg=self.secagg, dp=self.dp, refusals=self.reasons.last)
         log(INFO if arrays is not None else WARNING, "flwr-guard round %s: %s", server_round,
             describe_round(server_round, replies, arrays is not None,
-                           secagg=self.secagg, dp=self.dp, audit=self.audit, refusals=refusals))
+                           secagg=self.secagg, dp=self.dp, audit=self.audit,
+                           refusals=self.reasons.last))
         if self.observer is not None:
             self.observer.train_aggregated(server_round, replies, metrics)
         return arrays, metrics
