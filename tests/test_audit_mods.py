@@ -4,6 +4,7 @@ server wrapper) and the server-side audit summary."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -284,3 +285,24 @@ def test_protections_announced_by_the_server_override_the_declared_ones() -> Non
     assert (found.clipping_norm, found.noise_multiplier, found.aggregate_size) == (0.5, 0.8, 4)
     plain = protections_in_force(_train_message(), Protections(clipping_norm=2.0))
     assert (plain.clipping_norm, plain.noise_multiplier) == (2.0, 0.0)
+
+
+def test_an_audit_refusal_counts_as_an_audit_error_in_telemetry() -> None:
+    from prometheus_client import generate_latest
+
+    from flwr_guard.telemetry.metrics import GuardMetrics
+    from flwr_guard.telemetry.recorder import ReplyView, TelemetryRecorder
+
+    metrics = GuardMetrics()
+    recorder = TelemetryRecorder(metrics, "7", "FedAvg")
+    recorder.replies([
+        ReplyView(1, False, {}, error=f"{POLICY_REFUSAL} leakage audit failed: round 2: "
+                                      "ValueError: ..."),
+        ReplyView(2, True, {"audit-ran": 1, "audit-psnr-db": math.nan, "audit-token-f1": 1.0}),
+    ])
+    text = generate_latest(metrics.registry).decode()
+    line = [x for x in text.splitlines() if x.startswith("flwr_guard_audit_errors_total")]
+    assert line and float(line[0].split()[-1]) == 1.0
+    counts = [float(x.split()[-1]) for x in text.splitlines()
+              if x.startswith("flwr_guard_audit_psnr_decibels_count")]
+    assert all(c == 0.0 for c in counts)  # NaN: not applicable, never observed
