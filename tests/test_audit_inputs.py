@@ -114,3 +114,13 @@ def test_vector_scores() -> None:
     assert relative_l2_error(b, a).tolist() == pytest.approx([0.0, math.sqrt(2)])
     assert cosine(b, a).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
     assert recovered_fraction(torch.tensor([[0.5, 0.9]]), torch.tensor([[0.52, 0.5]])).item() == 0.5
+
+
+def test_a_one_row_image_is_audited_with_psnr_and_no_ssim(wine) -> None:
+    x, y = wine
+    rows = ((x - x.min(0).values) / (x.max(0).values - x.min(0).values)).reshape(-1, 1, 1, 13)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 3))
+    report = run_audit(model, rows, y, _plan(attacks=("idlg", "ig")), seed=0)
+    assert report.setting["modality"] == "image"
+    assert all(math.isfinite(r.scores.mean_psnr_db) for r in report.attacks)  # TV of a row: 0
+    assert math.isnan(report.worst.mean_ssim) and report.leaks
