@@ -32,8 +32,9 @@ def relative_l2_error(estimates: torch.Tensor, references: torch.Tensor) -> torc
 
 def cosine(estimates: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per sample: ``(N, ...)`` → ``(N,)`` in ``[-1, 1]``."""
-    return cosine_similarity(estimates.double().flatten(1), references.double().flatten(1),
-                             reduction="none").float()
+    values = cosine_similarity(estimates.double().flatten(1), references.double().flatten(1),
+                               reduction="none")
+    return values.clamp(-1.0, 1.0).float()  # rounding can step past 1
 
 
 def recovered_fraction(estimates_unit: torch.Tensor, references_unit: torch.Tensor,
