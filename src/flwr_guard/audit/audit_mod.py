@@ -40,6 +40,7 @@ force ``"refuse"`` with node config ``audit-on-failure = "refuse"`` (never ``"se
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -233,7 +234,7 @@ def leakage_audit_mod(
     config = config or LeakageAuditConfig()
     checked: list[bool] = []
 
-    def failed(msg: Message, context: Context, what: str, err: Exception) -> str | None:
+    def failed(context: Context, what: str, err: Exception) -> str | None:
         """The refusal reason when the policy refuses, else ``None`` (logged either way)."""
         refuse = (config.on_failure == "refuse"
                   or context.node_config.get(NODE_ON_FAILURE) == "refuse")
@@ -247,15 +248,14 @@ def leakage_audit_mod(
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if message_kind(msg) != "train" or not msg.content.array_records:
             return call_next(msg, context)
-        preflight_error: str | None = None
         if not checked:
             try:
                 preflight(msg, context, model_fn, data_fn, config)
                 checked.append(True)
             except Exception as err:  # any failure: the audit cannot run on this app
-                preflight_error = failed(msg, context, "the audit cannot run on this app", err)
-                if preflight_error is not None:
-                    return refusal(msg, preflight_error)
+                why = failed(context, "the audit cannot run on this app", err)
+                if why is not None:
+                    return refusal(msg, why)
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
@@ -268,18 +268,17 @@ def leakage_audit_mod(
                 metrics = report.to_metrics()
                 logger.info("leakage audit round %d: %s", rnd, report.verdict[1])
             except Exception as err:  # an audit that fails is never silent
-                reason = failed(msg, context, f"round {rnd}", err)
+                reason = failed(context, f"round {rnd}", err)
                 if reason is not None:
                     return refusal(msg, reason)
                 metrics[f"{METRIC_PREFIX}error"] = 1
         elif not checked:
             metrics[f"{METRIC_PREFIX}error"] = 1
         if report is not None and config.gate and report.leaks:
-            reason = (
-                f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}; "
-                f"worst-case PSNR {report.worst.mean_psnr_db:.1f} dB, "
-                f"{report.psnr_gain_db:+.1f} dB vs the mean image"
-            )
+            reason = f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}"
+            if math.isfinite(report.psnr_gain_db):  # not for text
+                reason += (f"; worst-case PSNR {report.worst.mean_psnr_db:.1f} dB, "
+                           f"{report.psnr_gain_db:+.1f} dB vs the mean image")
             logger.warning(reason)
             error = Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason)
             return Message(error, reply_to=msg)
