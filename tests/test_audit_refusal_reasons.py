@@ -85,3 +85,19 @@ def test_the_generic_hint_only_without_a_reason() -> None:
     grid = LoopbackGrid({n: app([]) for n in (11, 12, 13)})  # no guard at all
     with pytest.raises(NoAggregate, match=r"do the clients run ClientGuard\(\.\.\.\)\.train_mods\(\)\?"):
         GuardedStrategy(fedavg(3), secagg=SecAgg(timeout=5)).start(grid, initial(), num_rounds=1)
+
+
+def test_the_round_line_shows_audit_errors_and_the_clients_reasons() -> None:
+    from types import SimpleNamespace
+
+    from flwr_guard.guard.round_log import describe_round
+
+    audit = SimpleNamespace(rounds={1: {"audit-ran": 0, "audit-error": 2, "audit-leaks": 0}})
+    line = describe_round(1, [], True, audit=audit)
+    assert "audit: 0 of 0 audited updates leak, 2 audit error(s)" in line
+    secagg = SimpleNamespace(history=[SimpleNamespace(server_round=1, aborted="aborted at advertise",
+                                                      cohort=2)])
+    line = describe_round(1, [], False, secagg=secagg,
+                          refusals={11: "SecAgg+ refused: cohort 2 < 3"})
+    assert "the clients said: SecAgg+ refused: cohort 2 < 3" in line and GENERIC_HINT not in line
+    assert GENERIC_HINT in describe_round(1, [], False, secagg=secagg, refusals={})
