@@ -23,7 +23,7 @@ from flwr_guard.audit.imprint import plant_imprint
 from flwr_guard.audit.inputs import prepare
 from flwr_guard.audit.sampling import AuditSampling
 from flwr_guard.audit.scores import psnr_db
-from flwr_guard.audit.trap_check import check_model
+from flwr_guard.audit.trap_check import check_model, structural_findings
 from flwr_guard.audit.update import trainable_params
 from flwr_guard.guard import ClientPolicy, GuardMismatch
 from flwr_guard.guard.client import ClientGuard, LeakageAudit
@@ -174,3 +174,16 @@ def test_a_leakage_audit_that_cannot_be_built_fails_when_the_guard_is_built() ->
     assert LeakageAudit(DigitsCNN, _client_data).model_fn is DigitsCNN  # a class builds models
     with pytest.raises(TypeError, match="trap_check must be True, False or a TrapCheckConfig"):
         LeakageAudit(_mlp, _client_data, trap_check="yes")
+
+
+def test_a_node_can_spot_an_imprint_layer_on_the_arrays_alone() -> None:
+    honest = {k: v.numpy() for k, v in _honest_state().items()}
+    assert structural_findings(honest) == []
+    trap = {k: v.numpy() for k, v in plant_imprint(_honest_state(), "1", "3", PUBLIC).items()}
+    found = structural_findings(trap)
+    assert "64 rows of '1.weight' (64, 64) share one direction (an imprint/binning layer)" in found
+    torch.manual_seed(0)
+    trained = {k: v.detach().numpy() for k, v in DigitsCNN().state_dict().items()}
+    assert structural_findings(trained) == []
+    honest["3.bias"][0] = np.inf
+    assert structural_findings(honest) == ["NaN or infinite values in '3.bias'"]

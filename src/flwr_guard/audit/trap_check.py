@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flwr_guard.audit.analytic import SAME_DIRECTION as SAME_DIRECTION_COSINE
 from flwr_guard.audit.analytic import imprint_groups, input_layers, recover
 from flwr_guard.audit.inputs import AuditData
 from flwr_guard.audit.update import LocalTraining, gradient_equivalent_update, trainable_params
@@ -181,3 +182,49 @@ def check_model(model: nn.Module, data: AuditData, config: TrapCheckConfig | Non
     return TrapFinding(False, f"{revealed} of {count} records revealed through {list(names)} "
                        f"(at most {config.max_revealed_fraction:.0%} allowed)",
                        revealed, count, grouped, names, seconds)
+
+
+def structural_findings(arrays: dict[str, object], min_group_rows: int = 3) -> list[str]:
+    """What a node can check on the received arrays alone, without the app's model or
+    data (NumPy only): NaN/infinite values, and 2-D float arrays with at least
+    ``min_group_rows`` rows of one direction (the binning signature, cosine >= 0.999).
+
+    Meant for a node-side guard that runs around any app (a FAB that leaves the app's
+    trap check out); it cannot tell which layer sees the input, so it looks at every
+    matrix, and it cannot see trap weights (random rows). Honest weights have no two
+    rows of one direction.
+
+    Args:
+        arrays: ``{name: array}`` as NumPy arrays (e.g. ``ArrayRecord.to_numpy_ndarrays``
+            zipped with its keys).
+        min_group_rows: rows of one direction that make a finding (>= 2).
+
+    Returns:
+        One sentence per finding (empty: nothing found).
+    """
+    import numpy as np
+
+    out = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        if not np.isfinite(array).all():
+            out.append(f"NaN or infinite values in {name!r}")
+            continue
+        if array.ndim != 2 or array.shape[0] < min_group_rows:
+            continue
+        rows = array.astype(np.float64)
+        norms = np.linalg.norm(rows, axis=1)
+        live = norms > 0
+        unit = rows[live] / norms[live, None]
+        if unit.shape[0] < min_group_rows:
+            continue
+        cos = unit @ unit.T
+        np.fill_diagonal(cos, 0.0)
+        partners = (cos >= SAME_DIRECTION_COSINE).sum(axis=1)
+        largest = int(partners.max()) + 1
+        if largest >= min_group_rows:
+            out.append(f"{largest} rows of {name!r} {tuple(array.shape)} share one direction "
+                       "(an imprint/binning layer)")
+    return out
