@@ -4,6 +4,7 @@ server wrapper) and the server-side audit summary."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from flwr_guard.audit.data import client_pool
 from flwr_guard.audit.inspection import inspect_reply
 from flwr_guard.audit.reply_mod import BLOCKED_REASON as INSPECTION_BLOCKED
 from flwr_guard.audit.report import neutral_metrics
+from flwr_guard.guard.client_mod import POLICY_REFUSAL
 
 IMAGES, LABELS = client_pool(image_size=8, size=60, seed=2)
 
@@ -110,14 +112,50 @@ def test_gate_blocks_a_leaking_update_and_lets_a_protected_one_through() -> None
     assert sent.content["metrics"]["audit-leaks"] == 0
 
 
-def test_a_failing_audit_never_blocks() -> None:
+def test_an_audit_that_cannot_run_refuses_by_default_and_sends_only_when_told() -> None:
     def broken(ctx):
-        return np.zeros((1, 8, 8)), np.zeros(1)  # too few samples
+        return np.zeros((1, 8, 8)), np.zeros(1)  # too few samples for an audit
 
-    reply = _audit_mod(Protections(), gate=True, data_fn=broken)(_train_message(), _context(), _train)
+    trained = []
+
+    def train(msg, context):
+        trained.append(True)
+        return _train(msg, context)
+
+    refused = _audit_mod(Protections(), gate=True, data_fn=broken)(_train_message(), _context(), train)
+    assert refused.has_error()
+    assert refused.error.reason.startswith(f"{POLICY_REFUSAL} leakage audit failed: round 3")
+    assert "needs at least 2" in refused.error.reason and "on_failure='send'" in refused.error.reason
+    config = LeakageAuditConfig(plan=AuditPlan(attacks=("idlg",), effort=0.1),
+                                sampling=AuditSampling(1.0, 1.0), on_failure="send", device="cpu")
+    reply = leakage_audit_mod(_model, broken, config)(_train_message(), _context(), _train)
     assert not reply.has_error()
     assert reply.content["metrics"]["audit-error"] == 1
     assert reply.content["metrics"]["audit-ran"] == 0
+    # The node operator can force a refusal, never a send.
+    forced = leakage_audit_mod(_model, broken, config)(
+        _train_message(), Context(1, 7, {"audit-on-failure": "refuse"}, RecordDict(), {}), _train)
+    assert forced.has_error() and "leakage audit failed" in forced.error.reason
+
+
+def test_an_unsupported_model_or_batch_is_refused_before_training_with_its_shape() -> None:
+    trained = []
+
+    def train(msg, context):
+        trained.append(True)
+        return _train(msg, context)
+
+    wrong = _audit_mod(Protections(), gate=False, fraction=0.0,
+                       data_fn=lambda ctx: {"pixels": IMAGES, "y": LABELS})
+    reply = wrong(_train_message(), _context(), train)
+    assert reply.has_error() and trained == []  # refused before training, round not sampled
+    assert "the audit cannot run on this app" in reply.error.reason
+    assert "keys ['pixels', 'y']" in reply.error.reason
+    flat = _audit_mod(Protections(), gate=False, fraction=0.0,
+                      data_fn=lambda ctx: (IMAGES.reshape(len(IMAGES), -1), LABELS))
+    reply = flat(_train_message(), _context(), train)
+    assert reply.has_error() and trained == []
+    assert "cannot run on the audit's inputs Tensor(torch.float32, (2, 64))" in reply.error.reason
 
 
 def test_evaluate_messages_are_left_alone() -> None:
@@ -217,6 +255,26 @@ def test_audit_summary_reports_the_worst_case_and_the_blocked() -> None:
     assert arrays is None and metrics["audit-blocked"] == 1
 
 
+def test_no_audit_metrics_without_an_audit_and_errors_counted_with_one() -> None:
+    plain = [_train(_train_message(n), _context(n)) for n in (1, 2)]
+    summary = AuditSummary(FedAvg())
+    _, metrics = summary.aggregate_train(1, plain)
+    assert not [k for k in metrics if k.startswith("audit-")]  # no audit: no audit-* keys
+    assert summary.worst() is None
+
+    def broken(ctx):
+        return np.zeros((1, 8, 8)), np.zeros(1)
+
+    config = LeakageAuditConfig(plan=AuditPlan(attacks=("idlg",), effort=0.1),
+                                sampling=AuditSampling(1.0, 1.0), on_failure="send", device="cpu")
+    failed = leakage_audit_mod(_model, broken, config)(_train_message(3), _context(3), _train)
+    refused = _audit_mod(Protections(), gate=False, data_fn=broken)(
+        _train_message(4), _context(4), _train)
+    quiet = _audit_mod(Protections(), gate=False, fraction=0.0)(_train_message(5), _context(5), _train)
+    _, metrics = summary.aggregate_train(2, [quiet, failed, refused])
+    assert metrics["audit-error"] == 2 and metrics["audit-ran"] == 0
+
+
 def test_protections_announced_by_the_server_override_the_declared_ones() -> None:
     from flwr_guard.audit.audit_mod import protections_in_force
 
@@ -229,3 +287,24 @@ def test_protections_announced_by_the_server_override_the_declared_ones() -> Non
     assert (found.clipping_norm, found.noise_multiplier, found.aggregate_size) == (0.5, 0.8, 4)
     plain = protections_in_force(_train_message(), Protections(clipping_norm=2.0))
     assert (plain.clipping_norm, plain.noise_multiplier) == (2.0, 0.0)
+
+
+def test_an_audit_refusal_counts_as_an_audit_error_in_telemetry() -> None:
+    from prometheus_client import generate_latest
+
+    from flwr_guard.telemetry.metrics import GuardMetrics
+    from flwr_guard.telemetry.recorder import ReplyView, TelemetryRecorder
+
+    metrics = GuardMetrics()
+    recorder = TelemetryRecorder(metrics, "7", "FedAvg")
+    recorder.replies([
+        ReplyView(1, False, {}, error=f"{POLICY_REFUSAL} leakage audit failed: round 2: "
+                                      "ValueError: ..."),
+        ReplyView(2, True, {"audit-ran": 1, "audit-psnr-db": math.nan, "audit-token-f1": 1.0}),
+    ])
+    text = generate_latest(metrics.registry).decode()
+    line = [x for x in text.splitlines() if x.startswith("flwr_guard_audit_errors_total")]
+    assert line and float(line[0].split()[-1]) == 1.0
+    counts = [float(x.split()[-1]) for x in text.splitlines()
+              if x.startswith("flwr_guard_audit_psnr_decibels_count")]
+    assert all(c == 0.0 for c in counts)  # NaN: not applicable, never observed

@@ -1,13 +1,16 @@
 """Gradient-leakage audit: attack what clients share, score it against their own data.
 
-Core (no Flower imports): the attacks (:mod:`dlg`, :mod:`inverting_gradients`, the
-registry in :mod:`suite`), the update model (:mod:`update`, :mod:`protections`), the
+Core (no Flower imports): the inputs it accepts (:mod:`inputs`: images, vectors,
+tokens, dict batches), the attacks (:mod:`dlg`, :mod:`inverting_gradients`, the
+closed-form :mod:`analytic`, the text :mod:`token_attack`, the registry in
+:mod:`suite`), the trap-model check (:mod:`trap_check`), the update model (:mod:`update`, :mod:`protections`), the
 scores (:mod:`scores`, :mod:`baselines`, :mod:`verdict`, :mod:`report`), one audit
 (:mod:`audit`), the reply inspector (:mod:`inspection`), the endpoint audit
 (:mod:`endpoints`) and the sweep behind ``flwr-guard audit`` (:mod:`sweep`).
 
 Flower adapters:
 :func:`leakage_audit_mod` and :class:`LeakageAuditConfig` (client mod),
+:func:`trap_check_mod` (client mod: refuses a malformed or trap model before training),
 :func:`reply_inspection_mod` (client mod), :class:`ReplyGuard` and
 :class:`AuditSummary` (strategy wrappers). See docs/audit.md.
 """
@@ -32,9 +35,14 @@ _EXPORTS = {
     "AuditSampling": "flwr_guard.audit.sampling",
     "LocalTraining": "flwr_guard.audit.update",
     "VerdictRule": "flwr_guard.audit.verdict",
+    "UnsupportedAuditInput": "flwr_guard.audit.inputs",
+    "AnalyticAttack": "flwr_guard.audit.analytic",
+    "TrapCheckConfig": "flwr_guard.audit.trap_check",
+    "check_model": "flwr_guard.audit.trap_check",
     # Flower adapters
     "leakage_audit_mod": "flwr_guard.audit.audit_mod",
     "LeakageAuditConfig": "flwr_guard.audit.audit_mod",
+    "trap_check_mod": "flwr_guard.audit.trap_mod",
     "reply_inspection_mod": "flwr_guard.audit.reply_mod",
     "ReplyGuard": "flwr_guard.audit.reply_guard",
     "AuditSummary": "flwr_guard.audit.summary",

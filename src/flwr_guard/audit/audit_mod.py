@@ -24,25 +24,35 @@ Flower error reply (``ErrorCode.MOD_FAILED_PRECONDITION``, reason starting with
 :data:`BLOCKED_REASON`). Flower's strategies skip error replies — FedAvg averages the
 others, and keeps the previous model if every reply of a round is an error — so the
 round goes on. (A zero update with ``num-examples = 0`` would also be ignored by the
-average, but FedAvg divides by zero when every reply weighs 0.) An audit that fails
-(an exception) never blocks: the reply goes out with ``audit-error = 1``.
+average, but FedAvg divides by zero when every reply weighs 0.)
+
+Loud failure. On the first train message of the process the mod checks that the audit
+can run at all — ``model_fn()`` loads the received weights, ``data_fn`` returns a
+supported form (:mod:`flwr_guard.audit.inputs`) and the model runs on two of its samples
+— whether or not the round is sampled. A check or an audit that fails is handled by
+``on_failure``: ``"refuse"`` (default) sends no update: the reply is an error whose
+reason starts with :data:`flwr_guard.guard.client_mod.POLICY_REFUSAL` and names the
+cause (type and shape of the offending input), so that the server's log shows it;
+``"send"`` sends the update unaudited with ``audit-error = 1``. The node operator may
+force ``"refuse"`` with node config ``audit-on-failure = "refuse"`` (never ``"send"``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from torch import nn
 
-from flwr_guard.audit.audit import AuditPlan, run_audit
+from flwr_guard.audit.audit import AuditPlan, _check_model, run_audit
+from flwr_guard.audit.inputs import as_pair, prepare
 from flwr_guard.audit.protections import Protections
 from flwr_guard.audit.records import (
     BLOCK_PREFIX,
@@ -53,11 +63,16 @@ from flwr_guard.audit.records import (
 )
 from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
 from flwr_guard.audit.sampling import AuditSampling, derived_seed
+from flwr_guard.guard.client_mod import refusal
 from flwr_guard.update import model_update, update_norm
 
 logger = logging.getLogger(__name__)
 
 BLOCKED_REASON = f"{BLOCK_PREFIX} audit: update blocked"
+#: A refusal of this mod (after the policy prefix) starts so.
+AUDIT_FAILED = "leakage audit failed:"
+ON_FAILURE = ("refuse", "send")
+NODE_ON_FAILURE = "audit-on-failure"
 
 DataFn = Callable[[Context], tuple[Any, Any]]
 
@@ -84,6 +99,16 @@ class LeakageAuditConfig:
             steps, each bounded, not one update clipped to the norm.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         seed: seeds victims, noise and attacks together with the round and node id.
+        on_failure: ``"refuse"`` (default: an update the audit could not check is not
+            sent) or ``"send"`` (sent with ``audit-error = 1``); see the module doc.
+        modality: ``"auto"``, ``"image"``, ``"vector"``, ``"tokens"``
+            (:mod:`flwr_guard.audit.inputs`).
+        input_key, target_key: keys of dict batches (default: the usual pairs,
+            ``"x"``/``"y"``, ``"img"``/``"label"``, ...).
+        max_samples: samples taken from an iterable ``data_fn`` (a DataLoader).
+
+    Raises:
+        ValueError: an unknown ``on_failure``.
     """
 
     plan: AuditPlan = field(default_factory=lambda: AuditPlan(effort=0.5, time_budget_s=10.0))
@@ -93,13 +118,42 @@ class LeakageAuditConfig:
     check_update_norm: bool = True
     device: str = "auto"
     seed: int = 0
+    on_failure: str = "refuse"
+    modality: str = "auto"
+    input_key: str | None = None
+    target_key: str | None = None
+    max_samples: int | None = 2048
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
+
+    def client_data(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)`` from what ``data_fn`` returned."""
+        return as_pair(data, self.input_key, self.target_key, self.max_samples)
 
 
-def _to_tensors(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x, torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+def _loaded_model(msg: Message, model_fn: Callable[[], nn.Module]) -> nn.Module:
+    arrays = first_array_record(msg.content)
+    if arrays is None:
+        raise ValueError("the train message carries no single ArrayRecord (global model)")
+    model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return a torch nn.Module, got {type(model).__name__}")
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def preflight(msg: Message, context: Context, model_fn: Callable[[], nn.Module],
+              data_fn: DataFn, config: LeakageAuditConfig) -> None:
+    """Check that the audit can run on this app's model and data (see module doc).
+
+    Raises:
+        UnsupportedAuditInput, TypeError, RuntimeError, ValueError: naming the cause.
+    """
+    model = _loaded_model(msg, model_fn)
+    data = prepare(*config.client_data(data_fn(context)), modality=config.modality)
+    _check_model(model, data)
 
 
 CONFIG_CLIPPING_NORM = "dp-clipping-norm"
@@ -137,12 +191,8 @@ def _audit(
     msg: Message, reply: Message, context: Context, model_fn: Callable[[], nn.Module],
     data_fn: DataFn, config: LeakageAuditConfig, rnd: int,
 ) -> AuditReport:
-    arrays = first_array_record(msg.content)
-    if arrays is None:
-        raise ValueError("the train message carries no single ArrayRecord (global model)")
-    model = model_fn()
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    images, labels = _to_tensors(*data_fn(context))
+    model = _loaded_model(msg, model_fn)
+    images, labels = config.client_data(data_fn(context))
     plan = config.plan
     if config.protections_from_config:
         plan = replace(plan, protections=protections_in_force(msg, plan.protections))
@@ -156,7 +206,8 @@ def _audit(
             measured, clip,
         )
     seed = derived_seed(config.seed, rnd, context.node_id)
-    return run_audit(model, images, labels, plan, seed=seed, device=config.device)
+    return run_audit(model, images, labels, plan, seed=seed, device=config.device,
+                     modality=config.modality)
 
 
 def leakage_audit_mod(
@@ -170,9 +221,10 @@ def leakage_audit_mod(
         model_fn: returns the model architecture (weights are loaded from the train
             message's ArrayRecord with ``load_state_dict(strict=True)``). Its last
             ``nn.Linear`` must be the classifier.
-        data_fn: ``data_fn(context) -> (images, labels)``: the client's own data,
-            images ``(M, C, H, W)`` or ``(M, H, W)`` in ``[0, 1]`` and labels ``(M,)``
-            (NumPy arrays or tensors). Called only on audited rounds.
+        data_fn: ``data_fn(context)``: the client's own data as ``(inputs, labels)``,
+            a dict batch or an iterable of batches; images in ``[0, 1]``, vectors of
+            any range, token ids (:mod:`flwr_guard.audit.inputs`). Called on the first
+            train message (the pre-flight check) and on audited rounds.
         config: sampling, plan, gate, device, seed.
 
     Returns:
@@ -180,28 +232,53 @@ def leakage_audit_mod(
         query messages alone and never changes the reply's arrays.
     """
     config = config or LeakageAuditConfig()
+    checked: list[bool] = []
+
+    def failed(context: Context, what: str, err: Exception) -> str | None:
+        """The refusal reason when the policy refuses, else ``None`` (logged either way)."""
+        refuse = (config.on_failure == "refuse"
+                  or context.node_config.get(NODE_ON_FAILURE) == "refuse")
+        text = f"{AUDIT_FAILED} {what}: {type(err).__name__}: {err}"
+        if refuse:
+            return text + " (the update is not sent: fix the audit's model_fn/data_fn, or "\
+                "set LeakageAuditConfig(on_failure='send'))"
+        logger.error("%s; reply sent unaudited (on_failure='send')", text)
+        return None
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if message_kind(msg) != "train" or not msg.content.array_records:
+            return call_next(msg, context)
+        if not checked:
+            try:
+                preflight(msg, context, model_fn, data_fn, config)
+                checked.append(True)
+            except Exception as err:  # any failure: the audit cannot run on this app
+                why = failed(context, "the audit cannot run on this app", err)
+                if why is not None:
+                    return refusal(msg, why)
         reply = call_next(msg, context)
-        if message_kind(msg) != "train" or reply.has_error():
+        if reply.has_error():
             return reply
         rnd = server_round(msg)
         metrics = neutral_metrics()
         report = None
-        if config.sampling.sampled(rnd, context.node_id):
+        if checked and config.sampling.sampled(rnd, context.node_id):
             try:
                 report = _audit(msg, reply, context, model_fn, data_fn, config, rnd)
                 metrics = report.to_metrics()
                 logger.info("leakage audit round %d: %s", rnd, report.verdict[1])
-            except Exception:
-                logger.exception("leakage audit failed in round %d; reply sent unaudited", rnd)
+            except Exception as err:  # an audit that fails is never silent
+                reason = failed(context, f"round {rnd}", err)
+                if reason is not None:
+                    return refusal(msg, reason)
                 metrics[f"{METRIC_PREFIX}error"] = 1
+        elif not checked:
+            metrics[f"{METRIC_PREFIX}error"] = 1
         if report is not None and config.gate and report.leaks:
-            reason = (
-                f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}; "
-                f"worst-case PSNR {report.worst.mean_psnr_db:.1f} dB, "
-                f"{report.psnr_gain_db:+.1f} dB vs the mean image"
-            )
+            reason = f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}"
+            if math.isfinite(report.psnr_gain_db):  # not for text
+                reason += (f"; worst-case PSNR {report.worst.mean_psnr_db:.1f} dB, "
+                           f"{report.psnr_gain_db:+.1f} dB vs the mean image")
             logger.warning(reason)
             error = Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason)
             return Message(error, reply_to=msg)

@@ -133,7 +133,7 @@ class InvertingGradients(Attack):
                 target.model, target.params, images, labels, training, create_graph=True
             )
             loss = cosine_distance(simulated, target.observed)
-            if self.tv > 0:
+            if self.tv > 0 and images.dim() == 4:  # TV is an image prior
                 loss = loss + self.tv * total_variation(images)
             if prior is not None:
                 loss = loss + self.prior_weight * ((images - prior) ** 2).mean()

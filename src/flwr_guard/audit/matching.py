@@ -30,7 +30,9 @@ def cosine_distance(
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation of ``(B, C, H, W)`` images (scalar, mean over pixels)."""
-    dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().mean()
-    dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean()
+    """Anisotropic total variation of ``(B, C, H, W)`` images (scalar, mean over pixels);
+    a direction of size 1 (a ``1 x W`` row) contributes 0."""
+    zero = images.new_zeros(())
+    dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().mean() if images.shape[-1] > 1 else zero
+    dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean() if images.shape[-2] > 1 else zero
     return dx + dy

@@ -20,14 +20,38 @@ def _mean(values: list[float] | list[bool]) -> float:
     return float(sum(float(v) for v in values) / len(values)) if values else 0.0
 
 
+def _opt_mean(values: list[float]) -> float:
+    """Mean, NaN for no values ("not applicable")."""
+    return _mean(values) if values else math.nan
+
+
+def _nan_max(values: tuple[float, ...]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def _nan_min(values: tuple[float, ...]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return min(finite) if finite else math.nan
+
+
 @dataclass
 class ScoreSet:
-    """Per-victim scores (one entry per victim, same order everywhere)."""
+    """Per-victim scores (one entry per victim, same order everywhere).
+
+    ``ssim`` entries are NaN where SSIM does not apply (vectors, tiny images); the
+    vector scores (:mod:`flwr_guard.audit.vector_scores`) and ``token_f1``
+    (:mod:`flwr_guard.audit.token_attack`) are empty where they do not apply.
+    """
 
     psnr_db: list[float]
     ssim: list[float]
     identified: list[bool] = field(default_factory=list)
     label_correct: list[bool] = field(default_factory=list)
+    rel_l2: list[float] = field(default_factory=list)
+    cosine: list[float] = field(default_factory=list)
+    recovered: list[float] = field(default_factory=list)
+    token_f1: list[float] = field(default_factory=list)
 
     @property
     def mean_psnr_db(self) -> float:
@@ -45,18 +69,46 @@ class ScoreSet:
     def label_accuracy(self) -> float:
         return _mean(self.label_correct)
 
+    @property
+    def mean_rel_l2(self) -> float:
+        return _opt_mean(self.rel_l2)
+
+    @property
+    def mean_cosine(self) -> float:
+        return _opt_mean(self.cosine)
+
+    @property
+    def mean_recovered(self) -> float:
+        return _opt_mean(self.recovered)
+
+    @property
+    def mean_token_f1(self) -> float:
+        return _opt_mean(self.token_f1)
+
     def extend(self, other: ScoreSet) -> None:
         self.psnr_db += other.psnr_db
         self.ssim += other.ssim
         self.identified += other.identified
         self.label_correct += other.label_correct
+        self.rel_l2 += other.rel_l2
+        self.cosine += other.cosine
+        self.recovered += other.recovered
+        self.token_f1 += other.token_f1
 
-    def summary(self) -> dict[str, float]:
-        out = {"psnr-db": round(self.mean_psnr_db, 3), "ssim": round(self.mean_ssim, 4)}
+    def summary(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        if self.psnr_db:
+            out["psnr-db"] = round(self.mean_psnr_db, 3)
+        if self.ssim and not math.isnan(self.mean_ssim):
+            out["ssim"] = round(self.mean_ssim, 4)
         if self.identified:
             out["identified-rate"] = round(self.identified_rate, 4)
         if self.label_correct:
             out["label-accuracy"] = round(self.label_accuracy, 4)
+        for key, values in (("rel-l2-error", self.rel_l2), ("cosine", self.cosine),
+                            ("recovered-fraction", self.recovered), ("token-f1", self.token_f1)):
+            if values:
+                out[key] = round(_mean(values), 4)
         return out
 
 
@@ -70,11 +122,20 @@ def worst_case(runs: list[AttackRun]) -> ScoreSet:
     if not runs:
         raise ValueError("no attack ran")
     sets = [r.scores for r in runs]
+
+    def per_victim(name: str, pick: Any) -> list[Any]:
+        columns = [getattr(s, name) for s in sets if getattr(s, name)]
+        return [pick(v) for v in zip(*columns)] if columns else []
+
     return ScoreSet(
-        psnr_db=[max(v) for v in zip(*(s.psnr_db for s in sets))],
-        ssim=[max(v) for v in zip(*(s.ssim for s in sets))],
-        identified=[any(v) for v in zip(*(s.identified for s in sets))],
-        label_correct=[any(v) for v in zip(*(s.label_correct for s in sets))],
+        psnr_db=per_victim("psnr_db", _nan_max),
+        ssim=per_victim("ssim", _nan_max),
+        identified=per_victim("identified", any),
+        label_correct=per_victim("label_correct", any),
+        rel_l2=per_victim("rel_l2", _nan_min),
+        cosine=per_victim("cosine", _nan_max),
+        recovered=per_victim("recovered", _nan_max),
+        token_f1=per_victim("token_f1", _nan_max),
     )
 
 
@@ -133,12 +194,28 @@ class AuditReport:
         return len(self.worst.psnr_db)
 
     @property
+    def modality(self) -> str:
+        return str(self.setting.get("modality", "image"))
+
+    @property
     def psnr_gain_db(self) -> float:
-        """Worst-case mean PSNR minus the mean-image baseline's (dB)."""
+        """Worst-case mean PSNR minus the mean-image baseline's (dB); NaN for tokens."""
+        if not self.worst.psnr_db:
+            return math.nan
         return self.worst.mean_psnr_db - self.baselines["mean-image"].mean_psnr_db
 
     @property
+    def token_f1_gain(self) -> float:
+        """Worst-case token F1 minus the frequent-tokens baseline's; NaN for non-text."""
+        base = self.baselines.get("frequent-tokens")
+        if not self.worst.token_f1 or base is None:
+            return math.nan
+        return self.worst.mean_token_f1 - base.mean_token_f1
+
+    @property
     def verdict(self) -> tuple[bool, str]:
+        if self.modality == "tokens":
+            return self.rule.judge_tokens(self.worst.mean_token_f1, self.token_f1_gain)
         return self.rule.judge(self.worst.identified_rate, self.psnr_gain_db)
 
     @property
@@ -147,7 +224,9 @@ class AuditReport:
 
     @property
     def strongest_attack(self) -> str:
-        """The attack with the highest mean PSNR."""
+        """The attack with the highest mean PSNR (token F1 for text)."""
+        if self.modality == "tokens":
+            return max(self.attacks, key=lambda r: r.scores.mean_token_f1).name
         return max(self.attacks, key=lambda r: r.scores.mean_psnr_db).name
 
     @classmethod
@@ -162,7 +241,7 @@ class AuditReport:
         names = [r.name for r in reports[0].attacks]
         if any([r.name for r in rep.attacks] != names for rep in reports):
             raise ValueError("reports ran different attacks")
-        empty = lambda: ScoreSet([], [], [], [])  # noqa: E731
+        empty = lambda: ScoreSet([], [], [], [], [], [], [], [])  # noqa: E731
         runs = [AttackRun(n, empty(), 0.0, 0, False, 0.0) for n in names]
         worst, baselines = empty(), {k: empty() for k in reports[0].baselines}
         for rep in reports:
@@ -199,7 +278,7 @@ class AuditReport:
             "leaks": leaks,
             "verdict": reason,
             "worst": {**self.worst.summary(), "strongest-attack": self.strongest_attack},
-            "psnr-gain-db": round(self.psnr_gain_db, 3),
+            "psnr-gain-db": None if math.isnan(self.psnr_gain_db) else round(self.psnr_gain_db, 3),
             "baselines": {k: v.summary() for k, v in self.baselines.items()},
             "chance-identification": round(self.chance_identification, 5),
             "attacks": [r.to_dict() for r in self.attacks],
@@ -214,16 +293,23 @@ class AuditReport:
     def to_metrics(self) -> dict[str, float | int]:
         """Flat scores for a Flower ``MetricRecord``: the keys of :func:`neutral_metrics`."""
         leaks, _ = self.verdict
+        base = self.baselines.get("mean-image")
+        nan = math.nan
         return {
             f"{METRIC_PREFIX}ran": 1,
             f"{METRIC_PREFIX}error": 0,
             f"{METRIC_PREFIX}leaks": int(leaks),
-            f"{METRIC_PREFIX}psnr-db": float(self.worst.mean_psnr_db),
+            f"{METRIC_PREFIX}psnr-db": float(self.worst.mean_psnr_db) if self.worst.psnr_db else nan,
             f"{METRIC_PREFIX}psnr-gain-db": float(self.psnr_gain_db),
-            f"{METRIC_PREFIX}ssim": float(self.worst.mean_ssim),
+            f"{METRIC_PREFIX}ssim": float(self.worst.mean_ssim) if self.worst.ssim else nan,
             f"{METRIC_PREFIX}identified-rate": float(self.worst.identified_rate),
             f"{METRIC_PREFIX}label-accuracy": float(self.worst.label_accuracy),
-            f"{METRIC_PREFIX}baseline-psnr-db": float(self.baselines["mean-image"].mean_psnr_db),
+            f"{METRIC_PREFIX}baseline-psnr-db": float(base.mean_psnr_db) if base is not None
+            and base.psnr_db else nan,
+            f"{METRIC_PREFIX}rel-l2-error": float(self.worst.mean_rel_l2),
+            f"{METRIC_PREFIX}cosine": float(self.worst.mean_cosine),
+            f"{METRIC_PREFIX}recovered-fraction": float(self.worst.mean_recovered),
+            f"{METRIC_PREFIX}token-f1": float(self.worst.mean_token_f1),
             f"{METRIC_PREFIX}seconds": float(self.seconds),
         }
 
@@ -231,7 +317,8 @@ class AuditReport:
 def neutral_metrics() -> dict[str, float | int]:
     """The audit's metric keys with neutral values, for replies that were not audited
     (FedAvg needs the same keys in every reply). ``audit-error`` is set to 1 by the mod
-    when an audit was due but failed."""
+    when an audit was due but failed. In an audited reply a score that does not apply to
+    the modality is NaN (SSIM of a vector, PSNR of tokens, token F1 of an image)."""
     return {
         f"{METRIC_PREFIX}ran": 0,
         f"{METRIC_PREFIX}error": 0,
@@ -242,5 +329,9 @@ def neutral_metrics() -> dict[str, float | int]:
         f"{METRIC_PREFIX}identified-rate": 0.0,
         f"{METRIC_PREFIX}label-accuracy": 0.0,
         f"{METRIC_PREFIX}baseline-psnr-db": 0.0,
+        f"{METRIC_PREFIX}rel-l2-error": 0.0,
+        f"{METRIC_PREFIX}cosine": 0.0,
+        f"{METRIC_PREFIX}recovered-fraction": 0.0,
+        f"{METRIC_PREFIX}token-f1": 0.0,
         f"{METRIC_PREFIX}seconds": 0.0,
     }

@@ -4,7 +4,10 @@
   ``structural_similarity_index_measure``) on images in ``[0, 1]`` (``data_range=1``).
   SSIM's Gaussian window is 11x11 with σ = 1.5 (Wang et al. 2004) when the image is
   large enough, and otherwise the largest odd size that fits, with σ scaled alike
-  (7x7, σ ≈ 0.95 on 8x8 digits).
+  (7x7, σ ≈ 0.95 on 8x8 digits). Rule for small inputs: SSIM is *skipped* (NaN, "not
+  applicable") for anything that is not ``(N, C, H, W)`` or whose smaller side is below
+  3 pixels (a 1xD row has no 2-D structure to compare); PSNR is defined for any shape.
+- Vectors (tabular rows, embeddings): :mod:`flwr_guard.audit.vector_scores`.
 - Matching: when an update comes from several images, each victim is paired with one
   reconstruction by the assignment of least total MSE (Hungarian algorithm,
   ``scipy.optimize.linear_sum_assignment``) — the most favourable pairing, as an audit
@@ -35,11 +38,17 @@ MAX_PSNR_DB = 100.0
 IDENTIFICATION_MARGIN_DB = 1.0
 
 
+def ssim_applies(shape: tuple[int, ...]) -> bool:
+    """Whether SSIM is computed for samples of ``shape`` ``(C, H, W)``: rank 3 and both
+    sides at least 3 (the rule of the module docstring)."""
+    return len(shape) == 3 and min(shape[-2:]) >= 3
+
+
 def ssim_window(height: int, width: int) -> tuple[int, float]:
     """``(kernel_size, sigma)`` of an SSIM Gaussian window that fits ``height x width``.
 
     Raises:
-        ValueError: for images smaller than 3x3.
+        ValueError: for images smaller than 3x3 (:func:`ssim` skips those instead).
     """
     side = min(height, width, 11)
     if side % 2 == 0:
@@ -50,18 +59,23 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
 
 
 def psnr_db(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each image against its reference: ``(N, C, H, W)`` → ``(N,)``.
+    """PSNR in dB of each sample against its reference: ``(N, ...)`` → ``(N,)``, values
+    in ``[0, 1]`` (pixels, or min-max scaled features).
 
     Capped at :data:`MAX_PSNR_DB` (identical images would give ``inf``).
     """
+    dims = tuple(range(1, images.dim()))
     values = peak_signal_noise_ratio(
-        images.float(), references.float(), data_range=1.0, reduction="none", dim=(1, 2, 3)
+        images.float(), references.float(), data_range=1.0, reduction="none", dim=dims
     )
     return values.reshape(-1).clamp(max=MAX_PSNR_DB)
 
 
 def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """SSIM of each image against its reference: ``(N, C, H, W)`` → ``(N,)`` in [-1, 1]."""
+    """SSIM of each image against its reference: ``(N, C, H, W)`` → ``(N,)`` in [-1, 1];
+    NaN ``(N,)`` where SSIM does not apply (:func:`ssim_applies`)."""
+    if not ssim_applies(tuple(images.shape[1:])):
+        return torch.full((images.shape[0],), float("nan"))
     kernel, sigma = ssim_window(images.shape[-2], images.shape[-1])
     values = structural_similarity_index_measure(
         images.float(), references.float(), data_range=1.0, kernel_size=kernel,
@@ -120,7 +134,8 @@ def score(
     mean_image: torch.Tensor,
     margin_db: float = IDENTIFICATION_MARGIN_DB,
 ) -> VictimScores:
-    """Score ``reconstructions`` ``(N, C, H, W)`` against ``victims`` ``(V, C, H, W)``.
+    """Score ``reconstructions`` ``(N, ...)`` against ``victims`` ``(V, ...)`` (images
+    ``(C, H, W)`` or ``[0, 1]``-scaled vectors).
 
     Args:
         reconstructions, reconstructed_labels: an attack's output (``N >= V``).

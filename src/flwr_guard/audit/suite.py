@@ -9,6 +9,11 @@
 | ``ig-tv0`` | Inverting Gradients without TV | the same on tiny images, where TV blurs |
 | ``ig-prior`` | Inverting Gradients with a mean-image prior | a MAP attacker who knows the population mean |
 | ``ig-fedavg`` | Inverting Gradients through the local steps | updates after several local steps |
+| ``analytic`` | closed form: fc-row (Phong 2017), imprint bins (Fowl 2022) | trap / imprint weights |
+
+``analytic`` is added by the audit on its own whenever a linear layer of the model sees
+the input (:mod:`flwr_guard.audit.analytic`); it needs no iterations. The TV prior of
+the ``ig`` variants applies to images only (vectors: TV is skipped).
 
 Every attack works on a batch of ``N >= 1`` images with the inferred label multiset
 (the batch-aware attack, which is also the view of an aggregate of a few clients).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from flwr_guard.audit.analytic import AnalyticAttack
 from flwr_guard.audit.attack import Attack
 from flwr_guard.audit.dlg import DLG, IDLG
 from flwr_guard.audit.inverting_gradients import InvertingGradients
@@ -42,6 +48,7 @@ ATTACKS: dict[str, Callable[[float], Attack]] = {
     "ig-prior": lambda e: InvertingGradients(
         iterations=_scaled(300, e), restarts=1, tv=0.0, prior_weight=1.0, name="ig-prior"
     ),
+    "analytic": lambda e: AnalyticAttack(),
     "ig-fedavg": lambda e: InvertingGradients(
         iterations=_scaled(600, e), restarts=2, tv=1e-2, simulate_local_steps=True,
         name="ig-fedavg",

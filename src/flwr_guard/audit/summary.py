@@ -12,7 +12,16 @@ keys of the aggregated MetricRecord with the round's worst case:
 | ``audit-blocked`` | replies blocked by the audit gate (error replies) |
 | ``audit-error`` | audits that failed on the client |
 | ``audit-psnr-db``, ``audit-psnr-gain-db``, ``audit-ssim``, ``audit-identified-rate``, ``audit-label-accuracy``, ``audit-seconds`` | maximum over the audits |
+| ``audit-cosine``, ``audit-recovered-fraction``, ``audit-token-f1`` | maximum over the audits |
+| ``audit-rel-l2-error`` | minimum over the audits (the closest reconstruction) |
 | ``audit-baseline-psnr-db`` | mean over the audits |
+
+Scores that do not apply to the app's inputs (NaN in the replies: SSIM of a vector,
+PSNR of tokens) are left out of the maximum; with no value at all the key is NaN.
+
+The keys appear only when an audit is configured: when no reply of the round carries
+``audit-ran`` and none was blocked by the gate, the aggregated metrics get no
+``audit-*`` key at all (a strategy without clients' audits exports no audit metrics).
 
 Usage: ``AuditSummary(FedAvg(...))``; :meth:`AuditSummary.worst` gives the worst round
 of the run (for a demo summary or a dashboard).
@@ -20,46 +29,66 @@ of the run (for a demo summary or a dashboard).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from flwr_guard.audit.audit_mod import BLOCKED_REASON
+from flwr_guard.audit.audit_mod import AUDIT_FAILED, BLOCKED_REASON
 from flwr_guard.audit.records import find_metric_record
 from flwr_guard.audit.report import METRIC_PREFIX
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
-_MAX_KEYS = ("psnr-db", "psnr-gain-db", "ssim", "identified-rate", "label-accuracy", "seconds")
+_MAX_KEYS = ("psnr-db", "psnr-gain-db", "ssim", "identified-rate", "label-accuracy", "seconds",
+             "cosine", "recovered-fraction", "token-f1")
+_MIN_KEYS = ("rel-l2-error",)
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
 
 
 def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
-    """The round's audit summary (the keys of the module's table) from its replies."""
+    """The round's audit summary (the keys of the module's table) from its replies;
+    ``{}`` when no reply carries an audit key and none was blocked or refused by one
+    (no audit configured)."""
     audited: list[dict[str, Any]] = []
     blocked = errors = 0
+    configured = False
     for reply in replies:
         if reply.has_error():
-            blocked += (reply.error.reason or "").startswith(BLOCKED_REASON)
+            reason = reply.error.reason or ""
+            blocked += reason.startswith(BLOCKED_REASON)
+            failed = AUDIT_FAILED in reason
+            errors += failed
+            configured = configured or failed or reason.startswith(BLOCKED_REASON)
             continue
         record = find_metric_record(reply.content)
         if record is None:
             continue
+        if f"{METRIC_PREFIX}ran" in record:
+            configured = True
         errors += int(record.get(f"{METRIC_PREFIX}error", 0) or 0)
         if record.get(f"{METRIC_PREFIX}ran", 0):
             audited.append(dict(record.items()))
+    if not configured:
+        return {}
     out: dict[str, float | int] = {
         f"{METRIC_PREFIX}ran": len(audited),
         f"{METRIC_PREFIX}leaks": sum(int(a.get(f"{METRIC_PREFIX}leaks", 0)) for a in audited),
         f"{METRIC_PREFIX}blocked": blocked,
         f"{METRIC_PREFIX}error": errors,
     }
-    for key in _MAX_KEYS:
-        name = f"{METRIC_PREFIX}{key}"
-        values = [float(a[name]) for a in audited if name in a]
-        out[name] = max(values) if values else 0.0
-    base = [float(a[f"{METRIC_PREFIX}baseline-psnr-db"]) for a in audited
-            if f"{METRIC_PREFIX}baseline-psnr-db" in a]
-    out[f"{METRIC_PREFIX}baseline-psnr-db"] = sum(base) / len(base) if base else 0.0
+    for keys, pick in ((_MAX_KEYS, max), (_MIN_KEYS, min)):
+        for key in keys:
+            name = f"{METRIC_PREFIX}{key}"
+            values = _finite([float(a[name]) for a in audited if name in a])
+            out[name] = pick(values) if values else (math.nan if audited else 0.0)
+    base = _finite([float(a[f"{METRIC_PREFIX}baseline-psnr-db"]) for a in audited
+                    if f"{METRIC_PREFIX}baseline-psnr-db" in a])
+    out[f"{METRIC_PREFIX}baseline-psnr-db"] = sum(base) / len(base) if base else (
+        math.nan if audited else 0.0)
     return out
 
 
@@ -81,6 +110,8 @@ class AuditSummary(StrategyWrapper):
         summary = summarise_replies(replies)
         self.rounds[server_round] = summary
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if not summary:
+            return arrays, metrics
         metrics = MetricRecord() if metrics is None else metrics
         for key in [k for k in metrics if k.startswith(METRIC_PREFIX)]:
             del metrics[key]
@@ -91,8 +122,12 @@ class AuditSummary(StrategyWrapper):
     def worst(self) -> dict[str, Any] | None:
         """The round with the highest ``audit-psnr-gain-db`` among audited rounds, as
         ``{"round": r, **summary}``; ``None`` if no audit ran."""
-        audited = {r: s for r, s in self.rounds.items() if s[f"{METRIC_PREFIX}ran"]}
+        audited = {r: s for r, s in self.rounds.items() if s.get(f"{METRIC_PREFIX}ran")}
         if not audited:
             return None
-        rnd = max(audited, key=lambda r: audited[r][f"{METRIC_PREFIX}psnr-gain-db"])
+        def gain(r: int) -> float:
+            value = float(audited[r][f"{METRIC_PREFIX}psnr-gain-db"])
+            return value if math.isfinite(value) else float(audited[r][f"{METRIC_PREFIX}leaks"])
+
+        rnd = max(audited, key=gain)
         return {"round": rnd, **audited[rnd]}

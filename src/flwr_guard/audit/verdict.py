@@ -13,6 +13,11 @@ catches partial reconstructions (a blurred digit whose class and shape show) tha
 not yet nearest to the victim. Label recovery alone is not a leak under this rule: the
 label of a single sample follows from the last layer's gradient in any unprotected
 update (iDLG), and is reported separately.
+
+For vectors (tabular rows, embeddings) the same two rules apply to the features scaled
+to ``[0, 1]`` by the client's per-feature range. For text (token ids) an update leaks
+when the token-recovery F1 beats the baseline that guesses the client's most frequent
+tokens by more than ``token_f1_margin`` (default 0.2).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class VerdictRule:
 
     psnr_margin_db: float = 3.0
     max_identified_rate: float = 0.0
+    token_f1_margin: float = 0.2
 
     def __post_init__(self) -> None:
         if self.psnr_margin_db < 0:
@@ -44,6 +50,15 @@ class VerdictRule:
             raise ValueError(
                 f"max_identified_rate must be in [0, 1), got {self.max_identified_rate}"
             )
+
+    def judge_tokens(self, f1: float, f1_gain: float) -> tuple[bool, str]:
+        """``(leaks, reason)`` for text: the worst-case token F1 and its gain over the
+        baseline that guesses the client's most frequent tokens."""
+        if f1_gain > self.token_f1_margin:
+            return True, (f"token F1 {f1:.2f}, {f1_gain:+.2f} above the frequent-tokens "
+                          f"baseline (margin {self.token_f1_margin:g})")
+        return False, (f"token F1 {f1:.2f}, {f1_gain:+.2f} vs the frequent-tokens baseline "
+                       f"(margin {self.token_f1_margin:g})")
 
     def judge(self, identified_rate: float, psnr_gain_db: float) -> tuple[bool, str]:
         """Return ``(leaks, reason)`` for the worst-case scores of an audit."""

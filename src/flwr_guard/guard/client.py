@@ -57,15 +57,64 @@ class LeakageAudit:
             The audit attacks and scores pixels in ``[0, 1]``: the images are mapped back
             with ``x * std + mean`` and the model gets ``(x - mean) / std`` in front (a
             forward pre-hook: no parameter or state-dict key changes).
-        config: sampling, plan, gate, device (:class:`LeakageAuditConfig`). With DP-SGD
-            the guard turns ``check_update_norm`` off (the update is many clipped steps,
-            not one update clipped to the norm).
+        config: sampling, plan, gate, device, ``on_failure``, ``modality``, dict-batch
+            keys (:class:`LeakageAuditConfig`). With DP-SGD the guard turns
+            ``check_update_norm`` off (the update is many clipped steps, not one update
+            clipped to the norm).
+        trap_check: the trap-model check before training
+            (:class:`flwr_guard.audit.trap_check.TrapCheckConfig`; ``True``: defaults,
+            ``False``: off). See docs/audit.md.
     """
 
     model_fn: Callable[[], Any]
-    data_fn: Callable[[Context], tuple[Any, Any]]
+    data_fn: Callable[[Context], Any]
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     config: LeakageAuditConfig | None = None
+    trap_check: Any = True
+
+    def __post_init__(self) -> None:
+        """Checks that need no torch (the model and data are checked on the first train
+        message, see :mod:`flwr_guard.audit.audit_mod`).
+
+        Raises:
+            TypeError: ``model_fn`` or ``data_fn`` not callable, ``model_fn`` a model
+                instance instead of a builder, or ``trap_check`` not a
+                bool, ``None`` or a ``TrapCheckConfig``.
+        """
+        for name in ("model_fn", "data_fn"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"LeakageAudit.{name} must be callable, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if (not isinstance(self.model_fn, type) and hasattr(self.model_fn, "state_dict")
+                and hasattr(self.model_fn, "parameters")):  # a class is a fine builder
+            raise TypeError(
+                f"LeakageAudit.model_fn must build the model (e.g. lambda: MyNet()), got a "
+                f"{type(self.model_fn).__name__} instance: the audit loads each round's "
+                "weights into a fresh one")
+        if not (self.trap_check in (True, False, None)
+                or type(self.trap_check).__name__ == "TrapCheckConfig"):
+            raise TypeError("LeakageAudit.trap_check must be True, False or a TrapCheckConfig, "
+                            f"got {type(self.trap_check).__name__}")
+
+    def trap_mod(self) -> Mod | None:
+        """The trap-model check mod, or ``None`` when off (imports torch: call it on a
+        train message)."""
+        if self.trap_check is False or self.trap_check is None:
+            return None
+        from flwr_guard.audit.audit_mod import LeakageAuditConfig
+        from flwr_guard.audit.trap_check import TrapCheckConfig
+        from flwr_guard.audit.trap_mod import trap_check_mod
+
+        check = TrapCheckConfig() if self.trap_check is True else self.trap_check
+        config = self.config or LeakageAuditConfig()
+        model_fn, data_fn = self.model_fn, self.data_fn
+        if self.normalization is not None:
+            mean, std = self.normalization
+            model_fn = _normalised_model(model_fn, mean, std)
+            data_fn = _unit_range_data(data_fn, mean, std)
+        return trap_check_mod(model_fn, data_fn, check, input_key=config.input_key,
+                              target_key=config.target_key, modality=config.modality,
+                              seed=config.seed)
 
     def mod(self, dpsgd: bool) -> Mod:
         """The audit mod for these settings (imports torch: call it on a train message)."""
@@ -232,6 +281,8 @@ class ClientGuard:
         from flwr_guard.secagg.mod import secaggplus_mod
 
         mods: list[Mod] = [policy_mod(self.policy), secaggplus_mod]
+        if isinstance(self.audit, LeakageAudit) and self.audit.trap_check not in (False, None):
+            mods.append(_lazy_trap_mod(self.audit))
         if self.inspect_replies:
             from flwr_guard.audit.reply_mod import reply_inspection_mod
 
@@ -349,6 +400,20 @@ def _clip_when_announced(msg: Any, context: Context, call_next: Any) -> Any:
     if config is not None and KEY_CLIPPING_NORM in config:
         return update_clipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def _lazy_trap_mod(audit: LeakageAudit) -> Mod:
+    built: list[Mod] = []
+
+    def mod(msg: Any, context: Context, call_next: Any) -> Any:
+        if not msg.content.array_records:  # a SecAgg+ control stage: no model
+            return call_next(msg, context)
+        if not built:
+            trap = audit.trap_mod()
+            built.append(trap if trap is not None else (lambda m, c, n: n(m, c)))
+        return built[0](msg, context, call_next)
+
+    return mod
 
 
 def _lazy_audit_mod(audit: LeakageAudit, dpsgd: bool) -> Mod:

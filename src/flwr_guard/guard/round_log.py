@@ -16,6 +16,7 @@ from flwr.app import Message
 
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
+from flwr_guard.guard.refusal_reasons import abort_reason
 
 
 class GuardMismatch(FlwrGuardError, RuntimeError):
@@ -40,12 +41,12 @@ def secagg_report(secagg: Any, server_round: int) -> Any:
 
 
 def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = None,
-                   dp: Any = None) -> str:
-    """Why ``server_round`` produced no aggregate, in one sentence."""
+                   dp: Any = None, refusals: dict[int, str] | None = None) -> str:
+    """Why ``server_round`` produced no aggregate, in one sentence (with the clients'
+    own reasons when they gave any: :mod:`flwr_guard.guard.refusal_reasons`)."""
     report = secagg_report(secagg, server_round)
     if report is not None and report.aborted:
-        return (f"SecAgg+ aborted: {report.aborted} (do the clients run "
-                "ClientGuard(...).train_mods()?)")
+        return abort_reason(report.aborted, refusals or {})
     if dp is not None and getattr(dp, "stopped_reason", None):
         return str(dp.stopped_reason)
     if not replies:
@@ -57,7 +58,8 @@ def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = N
 
 
 def describe_round(server_round: int, replies: list[Message], aggregated: bool, *,
-                   secagg: Any = None, dp: Any = None, audit: Any = None) -> str:
+                   secagg: Any = None, dp: Any = None, audit: Any = None,
+                   refusals: dict[int, str] | None = None) -> str:
     """The round's line for Flower's log (see the module docstring)."""
     parts = []
     report = secagg_report(secagg, server_round)
@@ -76,13 +78,16 @@ def describe_round(server_round: int, replies: list[Message], aggregated: bool, 
         parts.append(f"user-level epsilon {budget.epsilon_spent:.3g}{limit} at delta {budget.delta:g}")
     if audit is not None:
         summary = audit.rounds.get(server_round) or {}
-        if summary.get("audit-ran"):
+        errors = int(summary.get("audit-error", 0) or 0)
+        if summary.get("audit-ran") or errors:
             parts.append(f"audit: {int(summary.get('audit-leaks', 0))} of "
-                         f"{int(summary['audit-ran'])} audited updates leak")
-    refused = policy_refusals(replies)
+                         f"{int(summary.get('audit-ran', 0))} audited updates leak"
+                         + (f", {errors} audit error(s)" if errors else ""))
+    refused = refusals if refusals is not None else policy_refusals(replies)
     if refused:
         parts.append(f"{len(refused)} client(s) refused by their policy")
     if not aggregated:
         parts.append("no aggregate, the model is unchanged: "
-                     + failure_reason(server_round, replies, secagg=secagg, dp=dp))
+                     + failure_reason(server_round, replies, secagg=secagg, dp=dp,
+                                      refusals=refusals))
     return "; ".join(parts)

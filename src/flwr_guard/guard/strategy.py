@@ -51,11 +51,11 @@ from flwr_guard.guard.manifest import (
     ProtectionManifest,
     SecAggTerms,
 )
+from flwr_guard.guard.refusal_reasons import RefusalLog, mismatch_message
 from flwr_guard.guard.round_log import (
     GuardMismatch,
     describe_round,
     failure_reason,
-    policy_refusals,
 )
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
@@ -397,6 +397,7 @@ class GuardedStrategy(StrategyWrapper):
         super().__init__(chain)
         self.aggregated_rounds = 0
         self.failures: dict[int, str] = {}
+        self.reasons = RefusalLog()  # the clients' own reasons, stages included
 
     def summary(self) -> None:
         log(INFO, "flwr-guard protections (sent to every client as the protection manifest):")
@@ -430,6 +431,7 @@ class GuardedStrategy(StrategyWrapper):
             raise GuardConfigError(f"{MANIFEST_KEY!r} is reserved for the protection manifest")
         train_config[MANIFEST_KEY] = self.manifest.to_json()
         self.aggregated_rounds, self.failures = 0, {}
+        grid = self.reasons.watch(grid)
         session = (self.telemetry.session(grid, num_rounds, evaluate_fn)
                    if self.telemetry is not None else nullcontext(evaluate_fn))
         with session as evaluate:
@@ -452,25 +454,22 @@ class GuardedStrategy(StrategyWrapper):
             GuardMismatch: every reply of the round is a client's policy refusal.
         """
         replies = list(replies)
-        refusals = policy_refusals(replies)
+        refusals = self.reasons.refusals(replies)
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
         if refusals and not self.tolerate_refusals:
-            raise GuardMismatch(
-                f"round {server_round}: {len(refusals)} of {len(replies)} clients refused the "
-                "server's protections; the server's GuardedStrategy must meet the clients' "
-                "policies (or pass tolerate_refusals=True to go on without them). Their "
-                "reasons: " + " | ".join(sorted(set(refusals.values())))
-            )
+            raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg,
+                                                 self.reasons.last))
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated_rounds += 1
         else:
             self.failures[server_round] = failure_reason(
-                server_round, replies, secagg=self.secagg, dp=self.dp)
+                server_round, replies, secagg=self.secagg, dp=self.dp, refusals=self.reasons.last)
         log(INFO if arrays is not None else WARNING, "flwr-guard round %s: %s", server_round,
             describe_round(server_round, replies, arrays is not None,
-                           secagg=self.secagg, dp=self.dp, audit=self.audit))
+                           secagg=self.secagg, dp=self.dp, audit=self.audit,
+                           refusals=self.reasons.last))
         if self.observer is not None:
             self.observer.train_aggregated(server_round, replies, metrics)
         return arrays, metrics

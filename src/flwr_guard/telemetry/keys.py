@@ -50,6 +50,9 @@ LEAK = ("audit-leaks",)
 # The audit gate turns a leaking update into an error reply whose reason starts so
 # (flwr_guard.audit.audit_mod.BLOCKED_REASON).
 BLOCKED_REASON_PREFIX = "flwr-guard audit: update blocked"
+# An audit that could not run refuses the update (on_failure="refuse"): the error reply's
+# reason holds this (flwr_guard.audit.audit_mod.AUDIT_FAILED); it counts as an audit error.
+AUDIT_FAILED_MARK = "leakage audit failed:"
 
 # Reply inspector: a reply the client-side inspection blocked arrives as an error reply
 # whose reason starts so (flwr_guard.audit.reply_mod.BLOCKED_REASON); the server-side

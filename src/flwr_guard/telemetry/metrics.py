@@ -129,7 +129,7 @@ FAMILIES: tuple[Family, ...] = (
     _f("audit_blocked_updates_total", "counter", "updates", (),
        "Updates that the audit gate dropped because they leaked (error replies)."),
     _f("audit_errors_total", "counter", "audits", (),
-       "Audits that were due but failed on the client (the reply went out unaudited)."),
+       "Audits that could not run or failed on the client (refused, or sent unaudited)."),
     _f("inspector_violations_total", "counter", "violations", (),
        "Reply-inspection findings (extra arrays, per-example data in metrics, ...): the "
        "server-side ReplyGuard's findings, plus one per reply a client's inspection blocked."),

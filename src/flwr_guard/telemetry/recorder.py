@@ -220,6 +220,9 @@ class TelemetryRecorder:
         blocked = sum(r.error.startswith(keys.BLOCKED_REASON_PREFIX) for r in replies)
         if blocked:
             self._labels("audit_blocked_updates").inc(blocked)
+        failed = sum(keys.AUDIT_FAILED_MARK in r.error for r in replies)
+        if failed:  # an audit that could not run and refused the update
+            self._labels("audit_errors").inc(failed)
         violations = [lookup(r.metrics, keys.INSPECTOR_VIOLATIONS) for r in ok]
         refused = sum(r.error.startswith(keys.INSPECTOR_REASON_PREFIX) for r in replies)
         if refused or any(v is not None for v in violations):

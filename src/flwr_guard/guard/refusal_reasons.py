@@ -1,0 +1,205 @@
+"""The clients' own reasons for a refusal, as the server sees them.
+
+A guarded client that will not send its update replies with an error. Its reason may
+come back in a train reply (the policy mod, the trap-model check, a failed audit, a
+budget the train function found exhausted) or in a SecAgg+ protocol stage before any
+model is sent (a cohort below the node's floor, no federation roster): the latter never
+reaches the strategy's ``aggregate_train``. :class:`RefusalLog` watches the Grid (a thin
+delegating wrapper) to keep the stage replies' reasons of the round, and
+:func:`reason_of` turns an error reply into the client's sentence:
+
+| reply error | reason kept |
+| --- | --- |
+| ``flwr-guard policy refused: …`` (policy, trap model, audit failure) | the text after the prefix |
+| ``SecAgg+ refused: …`` (cohort floor, roster, parameters) | the whole text |
+| a ClientApp exception named in :data:`REFUSING_EXCEPTIONS` | ``Name: message`` |
+
+(A ClientApp exception arrives as Flower's ``<class '…'>:<'…'>`` or as ``Name: …``;
+``PrivacyBudgetExceeded``'s message carries the epsilon spent, projected and allowed.)
+
+Anything else (a crash, a timeout, the audit gate's or the reply inspector's blocks,
+which their own summaries report) is not a refusal and keeps the generic hint.
+
+Which reasons stop the run (:meth:`RefusalLog.refusals`, ``GuardMismatch`` unless
+``tolerate_refusals``): policy refusals, the refusing exceptions (a node whose budget is
+spent will not train again: an operator's matter, not a dropout), and SecAgg+ refusals
+in the set-up stages (advertise, roster, share-keys: the server's parameters or cohort
+do not meet the node's floors). A SecAgg+ refusal at or after the masked input (which
+also wraps an inner mod's crash, or a lost session that the next round re-keys) is only
+explained (:attr:`RefusalLog.last`), never a reason to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from flwr_guard.guard.client_mod import POLICY_REFUSAL
+
+SECAGG_REFUSAL = "SecAgg+ refused:"
+SECAGG_RECORD = "secagg"
+SETUP_STAGES = ("advertise", "roster", "share-keys")
+UNKNOWN_SESSION = "no usable SecAgg+ session"  # flwr_guard.secagg.session.UNKNOWN_SESSION
+#: Client-side exceptions that are a deliberate refusal, not a crash.
+REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
+#: What the server says when no client gave a reason.
+GENERIC_HINT = "do the clients run ClientGuard(...).train_mods()?"
+
+
+def reason_from_text(text: str) -> str | None:
+    """The client's reason in an error reply's text, or ``None`` (see the table)."""
+    text = str(text or "").strip()
+    if text.startswith(POLICY_REFUSAL):
+        return text[len(POLICY_REFUSAL):].strip()
+    if text.startswith(SECAGG_REFUSAL):
+        return text
+    for name in REFUSING_EXCEPTIONS:
+        at = text.find(name)
+        if at >= 0:
+            rest = text[at + len(name):].lstrip("'>:< ").rstrip("'> ")
+            return f"{name}: {rest}"
+    return None
+
+
+def reason_of(reply: Message) -> str | None:
+    """The client's reason if ``reply`` is a refusal, else ``None``."""
+    if not reply.has_error():
+        return None
+    return reason_from_text(str(reply.error.reason))
+
+
+def stops_run(reason: str, stage: str | None) -> bool:
+    """Whether a refusal ``reason`` given at SecAgg+ ``stage`` (``None``: a plain train
+    message) stops the run (see the module docstring)."""
+    if reason.startswith(SECAGG_REFUSAL):
+        return stage in SETUP_STAGES and UNKNOWN_SESSION not in reason
+    return True
+
+
+class RefusalLog:
+    """The round's refusal reasons by node, from train replies and SecAgg+ stages.
+
+    Usage (in :class:`~flwr_guard.guard.strategy.GuardedStrategy`): ``grid =
+    log.watch(grid)`` at the start of a run, ``log.refusals(replies)`` in each
+    ``aggregate_train`` (it returns and forgets what the round's stages recorded).
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[str, bool]] = {}
+        #: ``{node: reason}`` of the last round, stopping or not (for the round's line).
+        self.last: dict[int, str] = {}
+
+    def watch(self, grid: Grid) -> Grid:
+        """``grid`` wrapped so that every error reply's reason is recorded."""
+        self.pending, self.last = {}, {}
+        return grid if isinstance(grid, _WatchedGrid) else _WatchedGrid(grid, self)
+
+    def record(self, replies: Iterable[Message], destinations: dict[str, int],
+               stages: dict[str, str]) -> None:
+        for reply in replies:
+            reason = reason_of(reply)
+            if reason is not None:
+                answered = reply.metadata.reply_to_message_id
+                node = destinations.get(answered, reply.metadata.src_node_id)
+                stage = stages.get(answered)
+                self.pending.setdefault(int(node), (reason, stops_run(reason, stage)))
+
+    def refusals(self, replies: Iterable[Message]) -> dict[int, str]:
+        """``{node: reason}`` of this round's refusals that stop the run, from the
+        replies and the SecAgg+ stages (then forgotten); every reason of the round,
+        stopping or not, is kept in :attr:`last`."""
+        found = dict(self.pending)
+        self.pending = {}
+        for reply in replies:
+            reason = reason_of(reply)
+            if reason is not None:
+                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, "masked-input"))
+        self.last = {node: reason for node, (reason, _) in found.items()}
+        return {node: reason for node, (reason, stops) in found.items() if stops}
+
+
+def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
+                     secagg: Any = None, explained: dict[int, str] | None = None) -> str:
+    """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
+    the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
+    reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
+    cohort = reports[-1].cohort if reports else 0
+    aborted = reports[-1].aborted if reports else None
+    total = max(len(replies), cohort or 0, len(refusals))
+    text = (f"round {server_round}: {len(refusals)} of {total} clients refused the server's "
+            "protections; the server's GuardedStrategy must meet the clients' policies (or "
+            "pass tolerate_refusals=True to go on without them). Their reasons: "
+            + " | ".join(sorted(set(refusals.values()))))
+    others = sorted(set(explained.values()) - set(refusals.values())) if explained else []
+    if others:
+        text += " (other clients said: " + " | ".join(others) + ")"
+    if aborted:
+        text += f" (SecAgg+: {aborted})"
+    return text
+
+
+def abort_reason(aborted: str, refusals: dict[int, str]) -> str:
+    """A SecAgg+ abort with the clients' reasons, or with the generic hint if none."""
+    if refusals:
+        return f"SecAgg+ aborted: {aborted}; the clients said: " + " | ".join(
+            sorted(set(refusals.values())))
+    return f"SecAgg+ aborted: {aborted} ({GENERIC_HINT})"
+
+
+class _WatchedGrid(Grid):
+    """Delegates everything to ``inner``; records the reasons of error replies."""
+
+    def __init__(self, inner: Grid, log: RefusalLog) -> None:
+        self._inner, self._log = inner, log
+        self._destinations: dict[str, int] = {}
+        self._stages: dict[str, str] = {}
+
+    def _remember(self, messages: list[Message]) -> None:
+        for msg in messages:
+            if msg.metadata.message_id:
+                self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
+                record = msg.content.config_records.get(SECAGG_RECORD)
+                stage = record.get("stage") if record is not None else None
+                if isinstance(stage, str):
+                    self._stages[msg.metadata.message_id] = stage
+
+    def __getattr__(self, name: str) -> Any:  # anything a Grid subclass adds
+        return getattr(self._inner, name)
+
+    @property
+    def run(self) -> Any:
+        return self._inner.run
+
+    def set_run(self, run: Any) -> None:
+        self._inner.set_run(run)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def get_nodes(self) -> Any:  # a real Grid may say more than the base class's ids
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self._inner.push_messages(messages))
+        self._remember(messages)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._inner.pull_messages(message_ids))
+        self._log.record(replies, self._destinations, self._stages)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        self._remember(messages)
+        self._log.record(replies, self._destinations, self._stages)
+        return replies
