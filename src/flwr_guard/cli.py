@@ -17,6 +17,7 @@ from flwr_guard.audit.cli import audit_command, audit_endpoints_command
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
+from flwr_guard.node.cli import node_app
 from flwr_guard.robust.cli import robustness_command
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("epsilon")(dp_epsilon_command)
 app.command("audit")(audit_command)
 app.command("audit-endpoints")(audit_endpoints_command)
 app.command("robustness")(robustness_command)
+app.add_typer(node_app, name="node")
 
 
 class Partition(str, Enum):

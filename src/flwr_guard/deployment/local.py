@@ -102,6 +102,7 @@ class LocalDeployment:
         workdir: Path,
         startup_timeout: float = 60.0,
         superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S,
+        node_guard: bool = False,
     ) -> None:
         if superexec_poll_interval_s is not None and not (
             0.01 <= superexec_poll_interval_s <= 60.0
@@ -119,6 +120,9 @@ class LocalDeployment:
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
         self.lost: list[str] = []  # SuperNodes that exited while a run went on
+        # node_guard: every SuperNode runs its ClientApps under flwr-guard's node guard
+        # (flwr_guard.node: --isolation process + the guard's SuperExec, docs/deploy.md).
+        self.node_guard = node_guard
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -165,11 +169,7 @@ class LocalDeployment:
                 for index in range(topo.nodes):
                     self.register_supernode(topo.supernode_public_key(index))
             for index in range(topo.nodes):
-                self.supernodes.append(
-                    self.supervisor.start(
-                        f"supernode-{index}", topo.supernode_command(index), self.env
-                    )
-                )
+                self.supernodes.append(self._start_supernode(index))
             time.sleep(0.5)
             self.check_alive()
 
@@ -247,9 +247,25 @@ class LocalDeployment:
         if name not in self.lost:
             raise ValueError(f"{name} is not a lost SuperNode (lost: {self.lost or 'none'})")
         index = int(name.rsplit("-", 1)[1])
-        proc = self.supervisor.start(name, self.topology.supernode_command(index), self.env)
+        proc = self._start_supernode(index)
         self.supernodes = [proc if p.name == name else p for p in self.supernodes]
         self.lost.remove(name)
+        return proc
+
+    def _start_supernode(self, index: int) -> ManagedProcess:
+        """Start SuperNode ``index`` (with ``node_guard``: and the guard's SuperExec)."""
+        argv = self.topology.supernode_command(index)
+        if not self.node_guard:
+            return self.supervisor.start(f"supernode-{index}", argv, self.env)
+        from flwr_guard.node.launch import guarded_commands, write_secret
+
+        secret_dir = self.workdir / f"node-guard-{index}"
+        secret_dir.mkdir(parents=True, exist_ok=True)
+        (secret_dir / "superexec-auth-secret").unlink(missing_ok=True)
+        supernode, superexec = guarded_commands(argv[1:], write_secret(secret_dir))
+        proc = self.supervisor.start(f"supernode-{index}", supernode, self.env)
+        self.supervisor.start(f"node-guard-{index}", [*superexec, "--parent-pid", str(proc.pid)],
+                              self.env)
         return proc
 
     def _write_flower_config(self) -> None:
