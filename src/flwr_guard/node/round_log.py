@@ -54,6 +54,15 @@ def _config(msg: Message) -> ConfigRecord:
     return ConfigRecord()
 
 
+def _round(msg: Message) -> str:
+    """The server round: Flower's ``group_id``, else the train config's ``server-round``
+    (Flower's Message API strategies send it), else ``-``."""
+    if msg.metadata.group_id:
+        return msg.metadata.group_id
+    value = _config(msg).get("server-round") if msg.has_content() else None
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
 def _noise(config: ConfigRecord) -> str:
     z, c = config.get(KEY_NOISE_MULTIPLIER), config.get(KEY_CLIPPING_NORM)
     c = c if isinstance(c, (int, float)) else None
@@ -63,15 +72,26 @@ def _noise(config: ConfigRecord) -> str:
     return f"{mode} z={z:g}" + ("" if c is None else f" C={c:g}")
 
 
-def _survivors(msg: Message) -> int | None:
+def _survivors(msg: Message, context: Context) -> int | None:
+    """The round's survivors from its unmask stage: the ``active`` set (one-round
+    SecAgg+), or the session's cohort minus the ``absent`` set (multi-round sessions:
+    the cohort from the node's own session state)."""
     from flwr_guard.secagg import codec
 
-    record = msg.content.config_records.get(SECAGG_RECORD)
     try:
-        active = codec.decode(bytes(record["payload"])).get("active")
-    except Exception:
+        payload = codec.decode(bytes(msg.content.config_records[SECAGG_RECORD]["payload"]))  # type: ignore[arg-type]
+        if isinstance(payload.get("active"), list):
+            return len(payload["active"])
+        state = context.state.config_records["flwr-guard.secagg"]  # flwr_guard.secagg.mod.STATE_RECORD
+        cohort = codec.decode(bytes(state["session"]))["context"]["cohort"]  # type: ignore[arg-type]
+        return len(set(cohort) - set(payload.get("absent", [])))
+    except Exception:  # the SecAgg+ mod itself judges the payload
         return None
-    return len(active) if isinstance(active, list) else None
+
+
+def _forget(context: Context) -> None:
+    if STATE_RECORD in context.state:
+        del context.state[STATE_RECORD]
 
 
 def format_line(round_: str, run_id: int, values: dict[str, Any]) -> str:
@@ -114,20 +134,24 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
     def _observe(msg: Message, context: Context, reply: Message) -> None:
         if msg.metadata.message_type.split(".", 1)[0] != "train":
             if reply.has_error():
-                _emit(format_line(msg.metadata.group_id or "-", msg.metadata.run_id, {
+                _emit(format_line(_round(msg), msg.metadata.run_id, {
                     "policy": policy_digest, "verdict": f"refused: {reply.error.reason}"}),
                     {"verdict": "refused"}, msg.metadata.run_id)
             return
         stage = _stage(msg)
-        round_, run_id = msg.metadata.group_id or "-", msg.metadata.run_id
+        run_id = msg.metadata.run_id
         record = context.state.config_records.get(STATE_RECORD)
-        values: dict[str, Any] = dict(record) if record is not None and record.get("round") == round_ else {}
+        # A round's masked input opens its record; the later stages (consistency,
+        # unmask) may carry no round number of their own.
+        values: dict[str, Any] = {} if stage in (None, "masked-input") or record is None else dict(record)
+        round_ = _round(msg)
+        round_ = str(values.get("round", "-")) if round_ == "-" else round_
         values.update(policy=policy_digest, round=round_)
         if reply.has_error():
             values["verdict"] = f"refused: {reply.error.reason}"
             values["refused"] = 1
             _emit(format_line(round_, run_id, values), values, run_id)
-            context.state.config_records.pop(STATE_RECORD, None)
+            _forget(context)
             return
         if stage in (None, "masked-input"):
             config = _config(msg)
@@ -144,9 +168,9 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
                 _emit(format_line(round_, run_id, values), values, run_id)
                 return
         if stage == "unmask":
-            values["survivors"] = _survivors(msg)
+            values["survivors"] = _survivors(msg, context)
             _emit(format_line(round_, run_id, values), values, run_id)
-            context.state.config_records.pop(STATE_RECORD, None)
+            _forget(context)
             return
         context.state[STATE_RECORD] = ConfigRecord(
             {k: v for k, v in values.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})

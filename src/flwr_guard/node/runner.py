@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("flwr_guard").addHandler(handler)
+    logging.getLogger("flwr_guard").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description="flwr-guard's ClientApp process (node guard)")
     parser.add_argument("--runtime-api-address", default=SUPERNODE_DEFAULT_CLIENT_ADDRESS)
     add_args_flwr_app_common(parser=parser, include_token_stdin=True)
