@@ -79,11 +79,11 @@ def _survivors(msg: Message, context: Context) -> int | None:
     from flwr_guard.secagg import codec
 
     try:
-        payload = codec.decode(bytes(msg.content.config_records[SECAGG_RECORD]["payload"]))  # type: ignore[arg-type]
+        payload = codec.decode(bytes(msg.content.config_records[SECAGG_RECORD]["payload"]))
         if isinstance(payload.get("active"), list):
             return len(payload["active"])
         state = context.state.config_records["flwr-guard.secagg"]  # flwr_guard.secagg.mod.STATE_RECORD
-        cohort = codec.decode(bytes(state["session"]))["context"]["cohort"]  # type: ignore[arg-type]
+        cohort = codec.decode(bytes(state["session"]))["context"]["cohort"]
         return len(set(cohort) - set(payload.get("absent", [])))
     except Exception:  # the SecAgg+ mod itself judges the payload
         return None
