@@ -103,7 +103,9 @@ def test_the_plain_client_reaches_the_server_only_masked_and_noised(guarded) -> 
     log = deployment.run_log(run_id)
     assert f"flwr-guard round 1: SecAgg+ summed {NODES} of {NODES} sampled clients" in log, log[-3000:]
     assert "refused" not in log
+    digest = fab_hash(build_fab_from_disk(signed))
     for text in _guard_logs(deployment):
+        assert f"the app of FAB {digest} runs in a child process" in text
         line = next(line for line in text.splitlines()
                     if f"(run {run_id})" in line and "flwr-guard node round 1" in line)
         assert "sent masked" in line and f"SecAgg+ survivors {NODES}" in line, line
@@ -115,8 +117,12 @@ def test_an_app_that_adds_raw_data_to_its_reply_is_blocked(guarded) -> None:
     run_id = deployment.submit(LEAKY, {"num-server-rounds": 1})
     _wait(deployment, run_id)
     log = deployment.run_log(run_id)
-    assert "SecAgg+ summed" not in log, log[-3000:]
-    assert "raw-data" in log or "more than one ArrayRecord" in log, log[-3000:]
+    # Nothing reached the server: every node's masked input is missing (a dropout to the
+    # server), and each node's round line says why it sent nothing.
+    assert "SecAgg+ summed" not in log and "masked-input: 0 clients left" in log, log[-3000:]
+    for text in _guard_logs(deployment):
+        line = next(line for line in text.splitlines() if f"node round 1 (run {run_id})" in line)
+        assert "refused: the reply must hold one ArrayRecord" in line, line
 
 
 def test_an_app_on_no_allow_list_is_refused_before_it_is_installed(guarded) -> None:
@@ -126,8 +132,9 @@ def test_an_app_on_no_allow_list_is_refused_before_it_is_installed(guarded) -> N
     log = deployment.run_log(run_id)
     digest = fab_hash(build_fab_from_disk(UNLISTED))
     assert f"flwr-guard node refused the app: FAB {digest} is not on this node's allow-list" in log, log[-3000:]
-    home = deployment.flwr_home / "apps"
-    assert not any("quickstart.1.0.0." + digest[:8] in p.name for p in home.glob("*")) if home.exists() else True
+    for text in _guard_logs(deployment):  # no app process ran (it would install the FAB)
+        assert f"node refused the app: FAB {digest}" in text
+        assert f"the app of FAB {digest} runs" not in text
 
 
 def test_without_the_guard_the_same_plain_app_runs_as_before(tmp_path: Path) -> None:

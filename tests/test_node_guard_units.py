@@ -259,3 +259,31 @@ def test_the_guards_superexec_launches_the_runner_with_the_token_on_stdin_only()
     assert executor.get_eligible_capacity(set(TaskType)) == ({TaskType.CLIENT_APP}, set())
     other = ExecutionSpec(**{**spec.__dict__, "task_type": TaskType.AGENT_APP})
     assert executor.launch(other).status == "failed"
+
+
+def test_the_round_line_says_what_the_node_enforced_once_per_round() -> None:
+    from flwr_guard.node.round_log import round_log_mod
+    from flwr_guard.secagg import codec
+
+    lines: list[str] = []
+    mod = round_log_mod("abcd", emit=lines.append)
+    context = _context()
+
+    def stage(name: str, payload: dict, config: dict | None = None) -> Message:
+        content = RecordDict({"secagg": ConfigRecord({"stage": name, "payload": codec.encode(payload)})})
+        if config is not None:
+            content["config"] = ConfigRecord(config)
+        msg = Message(content=content, dst_node_id=5, message_type="train", group_id="4")
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        return msg
+
+    def ok(msg: Message, ctx: Context) -> Message:
+        return Message(content=RecordDict({"metrics": MetricRecord({"dp-sgd-epsilon": 0.5})}), reply_to=msg)
+
+    mod(stage("masked-input", {}, {"dp-noise-multiplier": 1.1, "dp-clipping-norm": 1.0,
+                                    "dp-distributed": True}), context, ok)
+    assert lines == []  # the round is not over for this node yet
+    mod(stage("consistency", {}), context, ok)
+    mod(stage("unmask", {"active": [1, 2, 3]}), context, ok)
+    assert lines == ["flwr-guard node round 4 (run 7): policy abcd; sent masked; SecAgg+ survivors 3; "
+                     "noise distributed z=1.1 C=1; epsilon record-level 0.5; audit not run"]

@@ -91,6 +91,7 @@ def handle(message: Message, context: Context, run: Any, fab: Any,
         from flwr_guard.node.app_process import run_app
 
         def app(msg: Message, ctx: Context) -> Message:
+            logger.info("flwr-guard node: the app of FAB %s runs in a child process", fab.hash_str)
             return run_app(without_protocol(msg), ctx, run, fab).reply
 
     mods = policy.train_mods() if kind == "train" else policy.other_mods()
