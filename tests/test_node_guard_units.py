@@ -287,3 +287,23 @@ def test_the_round_line_says_what_the_node_enforced_once_per_round() -> None:
     mod(stage("unmask", {"active": [1, 2, 3]}), context, ok)
     assert lines == ["flwr-guard node round 4 (run 7): policy abcd; sent masked; SecAgg+ survivors 3; "
                      "noise distributed z=1.1 C=1; epsilon record-level 0.5; audit not run"]
+
+
+def test_the_node_exporter_carries_the_round_line(tmp_path) -> None:
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    script = ("from flwr_guard.telemetry.node import record_guard_round\n"
+              "record_guard_round('7', {'verdict': 'sent masked', 'policy': 'abcd', 'survivors': 3,"
+              " 'noise': 'distributed z=1.1 C=1', 'epsilon': 0.5})\n")
+    env = {**__import__("os").environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert 'flwr_guard_node_guard_rounds_total{policy="abcd",run="7",verdict="sent-masked"} 1.0' in text
+    assert 'flwr_guard_node_guard_secagg_survivors{run="7"} 3.0' in text
+    assert 'flwr_guard_node_guard_noise_multiplier{run="7"} 1.1' in text
+    assert 'flwr_guard_clientapp_dp_record_epsilon{run="7"} 0.5' in text

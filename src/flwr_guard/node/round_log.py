@@ -133,11 +133,7 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
 
     def _observe(msg: Message, context: Context, reply: Message) -> None:
         if msg.metadata.message_type.split(".", 1)[0] != "train":
-            if reply.has_error():
-                _emit(format_line(_round(msg), msg.metadata.run_id, {
-                    "policy": policy_digest, "verdict": f"refused: {reply.error.reason}"}),
-                    {"verdict": "refused"}, msg.metadata.run_id)
-            return
+            return  # one line per round: the train side (a refused evaluate logs its refusal)
         stage = _stage(msg)
         run_id = msg.metadata.run_id
         record = context.state.config_records.get(STATE_RECORD)
