@@ -307,3 +307,18 @@ def test_the_node_exporter_carries_the_round_line(tmp_path) -> None:
     assert 'flwr_guard_node_guard_secagg_survivors{run="7"} 3.0' in text
     assert 'flwr_guard_node_guard_noise_multiplier{run="7"} 1.1' in text
     assert 'flwr_guard_clientapp_dp_record_epsilon{run="7"} 0.5' in text
+
+
+def test_node_start_pairs_a_process_isolated_supernode_with_the_guards_superexec(tmp_path) -> None:
+    from flwr_guard.node.launch import guarded_commands, write_secret
+
+    secret = write_secret(tmp_path)
+    assert secret.stat().st_mode & 0o077 == 0  # readable by its owner only
+    supernode, superexec = guarded_commands(
+        ["--insecure", "--superlink", "127.0.0.1:8000", "--port", "9999"], secret)
+    assert supernode[0] == "flower-supernode"
+    assert supernode[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    assert superexec[1:3] == ["-m", "flwr_guard.node.superexec"]
+    assert "127.0.0.1:9999" in superexec and str(secret) in superexec
+    with pytest.raises(ValueError, match="sets --isolation process itself"):
+        guarded_commands(["--isolation", "subprocess"], secret)
