@@ -16,7 +16,15 @@ from ``flwr run`` to ``finished:`` as ``flwr ls`` reports it (polled every 0.5 s
 start-up (ServerApp process, data partitioning) cancels out. Also: the lines a user
 changes (server side only) between the plain and the guarded quickstart.
 
-Usage: python benchmarks/node_guard.py [--rounds 3] [--out PATH]
+Second, because round times on a shared machine drift with its load, the extra
+process per message is also timed directly, interleaved (A, B, C, A, B, C, ...; median
+of ``--reps``): A = the imports ``flwr-clientapp`` does before it loads an app; B = the
+guard's process (the same Flower imports plus the policy, SecAgg+, DP and inspection
+mods it builds); C = the quickstart app's own imports (torch, flwr-datasets), paid by
+``flwr-clientapp`` and by the guard's child alike. Per message the guard adds about B
+(its process) on top of A + C (the child does what ``flwr-clientapp`` did).
+
+Usage: python benchmarks/node_guard.py [--rounds 3] [--reps 5] [--skip-deployment] [--out PATH]
 """
 
 from __future__ import annotations
@@ -73,13 +81,49 @@ def server_lines_changed() -> dict[str, int]:
     return {"added": len(added), "removed": len(removed), "client_lines_changed": 0}
 
 
+STARTUP = {
+    "A_flwr_clientapp_imports": "import flwr.supernode.runtime.run_clientapp, flwr.clientapp.utils, flwr.cli.install",
+    "B_guard_process": ("import flwr.supernode.runtime.run_clientapp\n"
+                        "from flwr_guard.node.policy import NodePolicy\n"
+                        "from flwr_guard.node.runner import handle\n"
+                        "import flwr_guard.node.app_process, flwr_guard.node.round_log\n"
+                        "NodePolicy.from_node_config({'guard-fab-allow-any': True}).train_mods()"),
+    "C_quickstart_app_imports": "import torch, flwr_datasets",
+}
+
+
+def startup_times(reps: int) -> dict[str, float]:
+    """Median wall time (s) of a fresh interpreter running each snippet (interleaved)."""
+    import statistics
+    import subprocess
+
+    times: dict[str, list[float]] = {name: [] for name in STARTUP}
+    for _ in range(reps):
+        for name, code in STARTUP.items():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--skip-deployment", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/node_guard.json")
     args = parser.parse_args()
     results: dict[str, object] = {"nodes": NODES, "rounds": args.rounds,
                                   "machine": platform.platform(), "lines": server_lines_changed()}
+    startup = startup_times(args.reps)
+    a, b, c = startup.values()
+    results["per_message_startup_s"] = {**startup, "guard_extra_over_flwr_clientapp": b / (a + c)}
+    print("startup", results["per_message_startup_s"], flush=True)
+    if args.skip_deployment:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="node-guard-bench-") as tmp:
         with LocalDeployment(Topology.on_free_ports(nodes=NODES), Path(tmp) / "plain") as dep:
             results["plain"] = _round_time(dep, PLAIN, args.rounds)
