@@ -88,7 +88,7 @@ STARTUP = {
                         "from flwr_guard.node.runner import handle\n"
                         "import flwr_guard.node.app_process, flwr_guard.node.round_log\n"
                         "NodePolicy.from_node_config({'guard-fab-allow-any': True}).train_mods()"),
-    "C_quickstart_app_imports": "import torch, flwr_datasets",
+    "C_quickstart_app_imports": "import torch, datasets, flwr_datasets.partitioner, sklearn.datasets",
 }
 
 
