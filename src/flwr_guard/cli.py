@@ -18,6 +18,7 @@ from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
 from flwr_guard.dp.cli import ledger_app
+from flwr_guard.node.cli import node_app
 from flwr_guard.robust.cli import robustness_command
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app.command("audit")(audit_command)
 app.command("audit-endpoints")(audit_endpoints_command)
 app.command("robustness")(robustness_command)
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(node_app, name="node")
 
 
 class Partition(str, Enum):

@@ -117,6 +117,7 @@ class LocalDeployment:
         startup_timeout: float = 60.0,
         superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S,
         flwr_cli: str = "flwr",
+        node_guard: bool = False,
     ) -> None:
         if superexec_poll_interval_s is not None and not (
             0.01 <= superexec_poll_interval_s <= 60.0
@@ -135,6 +136,9 @@ class LocalDeployment:
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
         self.lost: list[str] = []  # SuperNodes that exited while a run went on
+        # node_guard: every SuperNode runs its ClientApps under flwr-guard's node guard
+        # (flwr_guard.node: --isolation process + the guard's SuperExec, docs/deploy.md).
+        self.node_guard = node_guard
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -304,7 +308,20 @@ class LocalDeployment:
         return self.topology.supernode_command(index)
 
     def _start_supernode(self, index: int) -> ManagedProcess:
-        return self.supervisor.start(f"supernode-{index}", self.supernode_argv(index), self.env)
+        """Start SuperNode ``index`` (with ``node_guard``: and the guard's SuperExec)."""
+        argv = self.supernode_argv(index)
+        if not self.node_guard:
+            return self.supervisor.start(f"supernode-{index}", argv, self.env)
+        from flwr_guard.node.launch import guarded_commands, write_secret
+
+        secret_dir = self.workdir / f"node-guard-{index}"
+        secret_dir.mkdir(parents=True, exist_ok=True)
+        (secret_dir / "superexec-auth-secret").unlink(missing_ok=True)
+        supernode, superexec = guarded_commands(argv[1:], write_secret(secret_dir))
+        proc = self.supervisor.start(f"supernode-{index}", supernode, self.env)
+        self.supervisor.start(f"node-guard-{index}", [*superexec, "--parent-pid", str(proc.pid)],
+                              self.env)
+        return proc
 
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)

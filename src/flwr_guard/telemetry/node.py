@@ -71,6 +71,19 @@ class _NodeMetrics:
         self.leaks = Counter(
             "flwr_guard_clientapp_audit_leak_verdicts",
             "Audits on this node whose verdict was 'leaks'.", ("run",), registry=registry)
+        # The node guard (flwr_guard.node): what it enforced, one update per round.
+        self.guard_rounds = Counter(
+            "flwr_guard_node_guard_rounds",
+            "Rounds the node guard closed, by verdict (sent-masked, sent-clear, refused).",
+            ("run", "verdict", "policy"), registry=registry)
+        self.guard_survivors = Gauge(
+            "flwr_guard_node_guard_secagg_survivors",
+            "SecAgg+ survivors of the last round this node's guard took part in.",
+            ("run",), registry=registry, multiprocess_mode="mostrecent")
+        self.guard_noise = Gauge(
+            "flwr_guard_node_guard_noise_multiplier",
+            "Noise multiplier the node guard let into its last update (0: none).",
+            ("run",), registry=registry, multiprocess_mode="mostrecent")
 
 
 _metrics: _NodeMetrics | None = None
@@ -125,6 +138,36 @@ def node_metrics_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     except Exception:
         logger.exception("node_metrics_mod: could not record metrics")
     return reply
+
+
+def record_guard_round(run: str, values: dict[str, object]) -> None:
+    """Export one round of the node guard's line (:mod:`flwr_guard.node.round_log`).
+
+    ``values``: ``verdict`` (text starting with ``sent masked``, ``sent in the clear``
+    or ``refused``), ``policy`` (digest), ``survivors`` (int or ``None``), ``noise``
+    (text with ``z=<float>`` when noise was added), ``epsilon`` (float or ``None``). A
+    no-op without ``PROMETHEUS_MULTIPROC_DIR``.
+    """
+    import re
+
+    metrics = _node_metrics()
+    if metrics is None:
+        return
+    verdict = str(values.get("verdict", ""))
+    kind = ("refused" if verdict.startswith("refused") else
+            "sent-masked" if verdict.startswith("sent masked") else "sent-clear")
+    metrics.guard_rounds.labels(run, kind, str(values.get("policy", ""))).inc()
+    survivors = values.get("survivors")
+    if isinstance(survivors, int):
+        metrics.guard_survivors.labels(run).set(survivors)
+    found = re.search(r"z=([0-9.eE+-]+)", str(values.get("noise", "")))
+    if kind != "refused":
+        metrics.guard_noise.labels(run).set(float(found.group(1)) if found else 0.0)
+    epsilon = values.get("epsilon")
+    if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
+        metrics.record_epsilon.labels(run).set(float(epsilon))
+    if str(values.get("audit", "")) == "leaks":
+        metrics.leaks.labels(run).inc()
 
 
 def wipe(directory: str | os.PathLike[str]) -> int:

@@ -1,0 +1,169 @@
+"""The boundary between the node's guard and the app's code: the app in a child process.
+
+The guard process (:mod:`flwr_guard.node.runner`) holds the node's policy, its SecAgg+
+keys and round state, and the DP state; the app's ClientApp never runs in it. For each
+message that needs the app, :func:`run_app` starts ``python -m
+flwr_guard.node.app_child`` and hands it, over a pipe, only
+
+- the message (as Flower serialises it),
+- a context whose node config lacks every key the guard reads (:func:`app_node_config`:
+  ``guard-*`` and ``secagg-*``: the policy, the allow-list, the SecAgg+ key and roster
+  files) and whose state holds only the app's own records (:data:`APP_STATE_PREFIX`),
+- the run and the FAB, which the child installs and loads with Flower's own loader.
+
+The child answers with its reply and its state over a second pipe (its stdout and stderr
+stay the app's log). The guard rebuilds the reply itself: the metadata comes from the
+message it answers (the app cannot address it elsewhere), and the content is what the
+policy mods then check before anything is sent. A child that crashes, exits without an
+answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply.
+
+What a process boundary does not do: the child runs as the same OS user on the same
+host, so it can read files that user can read and open network connections. Against
+that, run the SuperNode's guard as a dedicated user with the key files readable only by
+it, and the app without network (docs/threat-model.md says which row needs what).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import (
+    context_to_proto,
+    fab_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    run_to_proto,
+)
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+
+from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
+
+__all__ = ["MAX_RESULT_BYTES", "run_app"]
+
+#: The app's records in ``context.state`` are kept under this prefix; the app sees them
+#: without it and never sees the guard's own records (SecAgg+ keys, round state).
+APP_STATE_PREFIX = "app:"
+#: Node-config keys that the app never sees (they belong to the guard).
+PRIVATE_NODE_CONFIG_PREFIXES = ("guard-", "secagg-")
+APP_FAILED = "flwr-guard node: the app's process failed:"
+
+def app_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node config the app sees: without the guard's keys (``guard-*``, ``secagg-*``)."""
+    return {k: v for k, v in node_config.items() if not k.startswith(PRIVATE_NODE_CONFIG_PREFIXES)}
+
+
+def app_state(state: RecordDict) -> RecordDict:
+    """The app's records of ``state``, without :data:`APP_STATE_PREFIX`."""
+    out = RecordDict()
+    for name, record in state.items():
+        if name.startswith(APP_STATE_PREFIX):
+            out[name[len(APP_STATE_PREFIX):]] = record
+    return out
+
+
+def merge_app_state(state: RecordDict, returned: RecordDict) -> None:
+    """Replace the app's records in ``state`` by ``returned`` (the guard's stay as they are)."""
+    for name in [n for n in state if n.startswith(APP_STATE_PREFIX)]:
+        del state[name]
+    for name, record in returned.items():
+        state[APP_STATE_PREFIX + name] = record
+
+
+@dataclass(frozen=True)
+class AppResult:
+    """What the app's process returned.
+
+    Attributes:
+        reply: the reply, its metadata rebuilt from the message it answers.
+        exit_code: the child's exit code.
+    """
+
+    reply: Message
+    exit_code: int
+
+
+def _failed(message: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{APP_FAILED} {reason}"),
+                   reply_to=message)
+
+
+def run_app(message: Message, context: Context, run: Run, fab: Fab,
+            command: Sequence[str] | None = None) -> AppResult:
+    """Run the app's ClientApp on ``message`` in a child process (see the module docstring).
+
+    Args:
+        message: the message to answer (its content is the app's input).
+        context: the guard's context; its app records are updated in place from the
+            child's answer, its other records are never shown to the child.
+        run, fab: the run and the FAB (already checked against the allow-list).
+        command: the child's argv without the result fd (default: this interpreter,
+            ``-m flwr_guard.node.app_child``).
+
+    Returns:
+        The reply (an error reply when the app raised or its process failed).
+    """
+    child_context = Context(
+        run_id=context.run_id, node_id=context.node_id,
+        node_config=app_node_config(context.node_config), state=app_state(context.state),
+        run_config=dict(context.run_config), series_id=context.series_id,
+    )
+    frames = [
+        message.metadata.message_id.encode(),
+        message_to_proto(message).SerializeToString(),
+        context_to_proto(child_context).SerializeToString(),
+        run_to_proto(run).SerializeToString(),
+        fab_to_proto(fab).SerializeToString(),
+    ]
+    read_fd, write_fd = os.pipe()
+    argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"]) + [str(write_fd)]
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,))
+    except OSError as err:
+        os.close(read_fd)
+        os.close(write_fd)
+        return AppResult(_failed(message, f"cannot start {argv[0]}: {err}"), -1)
+    os.close(write_fd)
+    assert child.stdin is not None
+    with os.fdopen(read_fd, "rb") as results:
+        try:
+            write_frames(child.stdin, frames)
+            child.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            status, reply_bytes, state_bytes = read_frames(results, 3)
+        except (EOFError, ValueError) as err:
+            status = b""
+            reason = str(err)
+        exit_code = child.wait()
+    if status != b"ok":
+        if status == b"error":
+            reason = reply_bytes.decode("utf-8", "replace")[:2000]
+        return AppResult(_failed(message, f"{reason} (exit code {exit_code})"), exit_code)
+    try:
+        from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+
+        proto = ProtoMessage()
+        proto.ParseFromString(reply_bytes)
+        raw = message_from_proto(proto)
+        state = ProtoRecordDict()
+        state.ParseFromString(state_bytes)
+        returned_state = recorddict_from_proto(state)
+    except Exception as err:
+        return AppResult(_failed(message, f"its answer does not parse: {err}"), exit_code)
+    if raw.has_error():
+        reply = Message(raw.error, reply_to=message)
+    else:
+        reply = Message(raw.content, reply_to=message)
+    merge_app_state(context.state, returned_state)
+    return AppResult(reply, exit_code)

@@ -1,0 +1,324 @@
+"""The node guard without a deployment: allow-list, FAB signatures, the app's process
+boundary, the guard's chain around an app, Flower's pinned internals."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.cli.build import build_fab_from_disk
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+
+from flwr_guard.guard.client_mod import POLICY_REFUSAL
+from flwr_guard.node.allowlist import FAB_REFUSAL, AllowList, AllowListError, fab_hash
+from flwr_guard.node.app_process import APP_FAILED, app_node_config, run_app
+from flwr_guard.node.fab_signature import (
+    SIGNATURE_FILE,
+    FabSignatureError,
+    load_private_key,
+    sign_app_dir,
+    verify_fab,
+    write_private_key,
+)
+from flwr_guard.node.flower_pins import check_flower
+from flwr_guard.node.round_log import LINE_PREFIX
+from flwr_guard.node.runner import handle
+from flwr_guard.node.superexec import GuardedExecutor
+
+PLAIN = FIXTURES / "quickstart" / "plain"
+PROBE = FIXTURES / "node_guard" / "probe"
+
+
+def test_flower_internals_the_guard_relies_on_are_as_pinned() -> None:
+    assert check_flower().startswith("1.41.")
+
+
+# -- allow-list and signatures --------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_fab() -> bytes:
+    return build_fab_from_disk(PLAIN)
+
+
+def test_a_pinned_fab_is_allowed_and_any_other_is_refused_with_the_fix(plain_fab) -> None:
+    digest = fab_hash(plain_fab)
+    assert AllowList.from_node_config({"guard-fab-hashes": digest}).check(plain_fab) is None
+    other = AllowList.from_node_config({"guard-fab-hashes": "0" * 64})
+    reason = other.check(plain_fab)
+    assert reason is not None and digest in reason and "guard-fab-hashes" in reason
+
+
+def test_no_allow_list_refuses_every_app_unless_the_operator_allows_any(plain_fab) -> None:
+    reason = AllowList.from_node_config({}).check(plain_fab)
+    assert reason is not None and "has no FAB allow-list" in reason and "guard-fab-allow-any" in reason
+    assert AllowList.from_node_config({"guard-fab-allow-any": True}).check(plain_fab) is None
+
+
+def test_allow_list_file_and_bad_values_name_the_key(tmp_path, plain_fab) -> None:
+    path = tmp_path / "allow.toml"
+    path.write_text(f'fab-hashes = ["{fab_hash(plain_fab)}"]\n')
+    assert AllowList.from_node_config({"guard-fab-allowlist": str(path)}).check(plain_fab) is None
+    with pytest.raises(AllowListError, match="guard-fab-hashes: 'abc' is not 64 hex digits"):
+        AllowList.from_node_config({"guard-fab-hashes": "abc"})
+    path.write_text("fab-hashes = [")
+    with pytest.raises(AllowListError, match="guard-fab-allowlist=.* cannot be read"):
+        AllowList.from_node_config({"guard-fab-allowlist": str(path)})
+    path.write_text('pins = ["x"]\n')
+    with pytest.raises(AllowListError, match=r"unknown keys \['pins'\]"):
+        AllowList.from_node_config({"guard-fab-allowlist": str(path)})
+
+
+@pytest.fixture()
+def signed_app(tmp_path):
+    import shutil
+
+    app = tmp_path / "app"
+    shutil.copytree(PLAIN, app, ignore=shutil.ignore_patterns("__pycache__"))
+    key = tmp_path / "publisher.key"
+    public = write_private_key(key)
+    sign_app_dir(app, load_private_key(key))
+    return app, public
+
+
+def test_a_signed_fab_verifies_under_its_trusted_key_only(signed_app, tmp_path) -> None:
+    app, public = signed_app
+    fab = build_fab_from_disk(app)  # what `flwr run APP` sends: the signature inside
+    assert SIGNATURE_FILE in zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert verify_fab(fab, frozenset({public})).public_key == public
+    allow = AllowList.from_node_config({"guard-fab-trusted-keys": public})
+    assert allow.check(fab) is None
+    stranger = write_private_key(tmp_path / "stranger.key")
+    reason = AllowList.from_node_config({"guard-fab-trusted-keys": stranger}).check(fab)
+    assert reason is not None and "a key this node does not trust" in reason
+
+
+def test_a_signed_app_changed_after_signing_is_refused(signed_app) -> None:
+    app, public = signed_app
+    client = app / "quickstart" / "client_app.py"
+    client.write_text(client.read_text() + "\nLEAK = True\n")
+    with pytest.raises(FabSignatureError, match="does not verify"):
+        verify_fab(build_fab_from_disk(app), frozenset({public}))
+
+
+def test_a_fab_with_a_file_its_manifest_omits_is_refused(signed_app) -> None:
+    app, public = signed_app
+    fab = build_fab_from_disk(app)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(buffer, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item))
+        dst.writestr("quickstart/sitecustomize.py", "print('unlisted')")
+    with pytest.raises(FabSignatureError, match="files its manifest does not list"):
+        verify_fab(buffer.getvalue(), frozenset({public}))
+    unsigned = build_fab_from_disk(PLAIN)
+    with pytest.raises(FabSignatureError, match=f"carries no {SIGNATURE_FILE}"):
+        verify_fab(unsigned, frozenset({public}))
+
+
+# -- the app's process boundary ---------------------------------------------------------
+def _probe_fab() -> tuple[Fab, Run]:
+    content = build_fab_from_disk(PROBE)
+    fab = Fab(fab_hash(content), content, {})
+    run = Run.create_empty(run_id=7)
+    run.fab_id, run.fab_version, run.fab_hash = "flwr-guard-tests/probe", "1.0.0", fab.hash_str
+    return fab, run
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+
+
+def _train_message(arrays: ArrayRecord, config: dict | None = None) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config or {})})
+    msg = Message(content=content, dst_node_id=5, message_type="train", group_id="1")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    msg.metadata.__dict__["_run_id"] = 7
+    return msg
+
+
+def _context(state: RecordDict | None = None, **node_config) -> Context:
+    return Context(run_id=7, node_id=5, node_config={"partition-id": 0, **node_config},
+                   state=state or RecordDict(), run_config={"mode": "echo"})
+
+
+def test_the_app_runs_in_another_process_and_never_sees_the_guards_records_or_keys(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab, run = _probe_fab()
+    state = RecordDict({"flwr-guard.secagg": ConfigRecord({"signing-secret": b"\x01" * 32}),
+                        "app:counter": ConfigRecord({"n": 1})})
+    context = _context(state, **{"secagg-signing-key": "/keys/node.key", "guard-require-dp": "distributed"})
+    msg = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    result = run_app(msg, context, run, fab)
+    assert result.exit_code == 0 and not result.reply.has_error(), result.reply
+    seen = json.loads(result.reply.content.config_records["seen"]["json"])
+    # What the app saw: its own record (without the prefix), a node config without the
+    # guard's keys, and a process that is not the guard's.
+    assert seen["state"] == ["counter"]
+    assert seen["node_config"] == ["partition-id"]
+    assert seen["pid"] != __import__("os").getpid()
+    assert seen["guard_modules"] == []  # nothing of the guard's policy or SecAgg+ imported
+    # The app's state came back under the prefix; the guard's record is untouched.
+    assert context.state.config_records["app:counter"]["n"] == 2
+    assert bytes(context.state.config_records["flwr-guard.secagg"]["signing-secret"]) == b"\x01" * 32
+    # The reply answers the message (metadata rebuilt by the guard, not the app).
+    assert result.reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert result.reply.metadata.dst_node_id == msg.metadata.src_node_id
+
+
+def test_an_app_process_that_dies_yields_an_error_reply_not_a_crash(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab, run = _probe_fab()
+    context = _context()
+    context.run_config["mode"] = "exit"
+    result = run_app(_train_message(ArrayRecord([np.ones(3, dtype=np.float32)])), context, run, fab)
+    assert result.exit_code == 3
+    assert result.reply.has_error() and result.reply.error.reason.startswith(APP_FAILED)
+    assert "exit code 3" in result.reply.error.reason
+
+
+def test_app_node_config_drops_the_guards_keys() -> None:
+    assert app_node_config({"partition-id": 1, "guard-fab-hashes": "x", "secagg-roster": "r",
+                            "dp-sgd-ledger": "l"}) == {"partition-id": 1, "dp-sgd-ledger": "l"}
+
+
+# -- the guard's chain around an app (the app here is in-process, a stand-in) -------------
+def _echo_app(extra: RecordDict | None = None):
+    def app(msg: Message, context: Context) -> Message:
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 10})})
+        for name, record in (extra or RecordDict()).items():
+            content[name] = record
+        return Message(content=content, reply_to=msg)
+    return app
+
+
+def test_a_plain_train_message_is_refused_by_the_default_node_policy(caplog) -> None:
+    fab, run = Fab("0" * 64, b"", {}), Run.create_empty(7)
+    msg = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    called = []
+
+    def app(m: Message, c: Context) -> Message:
+        called.append(m)
+        return _echo_app()(m, c)
+
+    caplog.set_level("INFO", logger="flwr_guard.node")
+    reply = handle(msg, _context(**{"guard-fab-allow-any": True}), run, fab, app=app)
+    assert reply.has_error() and reply.error.reason.startswith(POLICY_REFUSAL)
+    assert "requires SecAgg+" in reply.error.reason or "no protection manifest" in reply.error.reason
+    assert called == []  # the app never ran: nothing to send
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(LINE_PREFIX)]
+    assert len(lines) == 1 and "refused: " in lines[0] and "policy " in lines[0]
+
+
+def test_with_secagg_off_by_the_operator_a_reply_with_an_extra_record_is_blocked() -> None:
+    fab, run = Fab("0" * 64, b"", {}), Run.create_empty(7)
+    msg = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    ctx = _context(**{"guard-fab-allow-any": True, "guard-require-secagg": False})
+    assert not handle(msg, ctx, run, fab, app=_echo_app()).has_error()  # positive control
+    leaky = _echo_app(RecordDict({"raw-data": ArrayRecord([np.arange(64, dtype=np.float32)])}))
+    reply = handle(msg, _context(**{"guard-fab-allow-any": True, "guard-require-secagg": False}),
+                   run, fab, app=leaky)
+    assert reply.has_error()
+    assert "raw-data" in reply.error.reason or "more than one ArrayRecord" in reply.error.reason
+
+
+def test_a_fab_off_the_allow_list_and_a_query_are_refused_before_the_app_runs() -> None:
+    fab, run = Fab(fab_hash(b"x"), b"x", {}), Run.create_empty(7)
+    msg = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    reply = handle(msg, _context(), run, fab, app=lambda m, c: pytest.fail("the app ran"))
+    assert reply.has_error() and FAB_REFUSAL in reply.error.reason
+    query = Message(content=RecordDict(), dst_node_id=5, message_type="query")
+    query.metadata.__dict__["_message_id"] = query.object_id
+    reply = handle(query, _context(**{"guard-fab-allow-any": True}), run, fab,
+                   app=lambda m, c: pytest.fail("the app ran"))
+    assert reply.has_error() and "answers only train and evaluate" in reply.error.reason
+
+
+def test_the_guards_superexec_launches_the_runner_with_the_token_on_stdin_only() -> None:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1",
+                         token="secret-token", insecure=True, root_certificates_path=None,
+                         runtime_dependency_install=False, parent_pid=42, suppress_output=False,
+                         task_id=1)
+    executor = GuardedExecutor()
+    argv = executor.command(spec)
+    assert argv[:3] == [sys.executable, "-m", "flwr_guard.node.runner"]
+    assert "--token-stdin" in argv and "secret-token" not in " ".join(argv)
+    assert executor.get_eligible_capacity(set(TaskType)) == ({TaskType.CLIENT_APP}, set())
+    other = ExecutionSpec(**{**spec.__dict__, "task_type": TaskType.AGENT_APP})
+    assert executor.launch(other).status == "failed"
+
+
+def test_the_round_line_says_what_the_node_enforced_once_per_round() -> None:
+    from flwr_guard.node.round_log import round_log_mod
+    from flwr_guard.secagg import codec
+
+    lines: list[str] = []
+    mod = round_log_mod("abcd", emit=lines.append)
+    context = _context()
+
+    def stage(name: str, payload: dict, config: dict | None = None) -> Message:
+        content = RecordDict({"secagg": ConfigRecord({"stage": name, "payload": codec.encode(payload)})})
+        if config is not None:
+            content["config"] = ConfigRecord(config)
+        msg = Message(content=content, dst_node_id=5, message_type="train", group_id="4")
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        return msg
+
+    def ok(msg: Message, ctx: Context) -> Message:
+        return Message(content=RecordDict({"metrics": MetricRecord({"dp-sgd-epsilon": 0.5})}), reply_to=msg)
+
+    mod(stage("masked-input", {}, {"dp-noise-multiplier": 1.1, "dp-clipping-norm": 1.0,
+                                    "dp-distributed": True}), context, ok)
+    assert lines == []  # the round is not over for this node yet
+    mod(stage("consistency", {}), context, ok)
+    mod(stage("unmask", {"active": [1, 2, 3]}), context, ok)
+    assert lines == ["flwr-guard node round 4 (run 7): policy abcd; sent masked; SecAgg+ survivors 3; "
+                     "noise distributed z=1.1 C=1; epsilon record-level 0.5; audit not run"]
+
+
+def test_the_node_exporter_carries_the_round_line(tmp_path) -> None:
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    script = ("from flwr_guard.telemetry.node import record_guard_round\n"
+              "record_guard_round('7', {'verdict': 'sent masked', 'policy': 'abcd', 'survivors': 3,"
+              " 'noise': 'distributed z=1.1 C=1', 'epsilon': 0.5})\n")
+    env = {**__import__("os").environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert 'flwr_guard_node_guard_rounds_total{policy="abcd",run="7",verdict="sent-masked"} 1.0' in text
+    assert 'flwr_guard_node_guard_secagg_survivors{run="7"} 3.0' in text
+    assert 'flwr_guard_node_guard_noise_multiplier{run="7"} 1.1' in text
+    assert 'flwr_guard_clientapp_dp_record_epsilon{run="7"} 0.5' in text
+
+
+def test_node_start_pairs_a_process_isolated_supernode_with_the_guards_superexec(tmp_path) -> None:
+    from flwr_guard.node.launch import guarded_commands, write_secret
+
+    secret = write_secret(tmp_path)
+    assert secret.stat().st_mode & 0o077 == 0  # readable by its owner only
+    supernode, superexec = guarded_commands(
+        ["--insecure", "--superlink", "127.0.0.1:8000", "--port", "9999"], secret)
+    assert supernode[0] == "flower-supernode"
+    assert supernode[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    assert superexec[1:3] == ["-m", "flwr_guard.node.superexec"]
+    assert "127.0.0.1:9999" in superexec and str(secret) in superexec
+    with pytest.raises(ValueError, match="sets --isolation process itself"):
+        guarded_commands(["--isolation", "subprocess"], secret)
