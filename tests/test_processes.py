@@ -137,18 +137,21 @@ def test_the_default_min_nodes_is_the_cohort_minus_the_losses_secagg_tolerates()
     from flwr_guard.secagg.params import SecAggParams
 
     for nodes in range(2, 12):
-        params = SecAggParams.for_cohort(nodes)
+        params = SecAggParams.for_cohort(nodes)  # C = ceil(0.05 n), as the server's default
         tolerated = params.num_shares - params.reconstruction_threshold
         needed, why = default_min_nodes(nodes, secagg=True)
         assert needed == min(nodes, max(nodes - tolerated, 3)), nodes
         assert why.startswith(f"SecAgg+ with k={params.num_shares}, "
                               f"t={params.reconstruction_threshold} for a cohort of {nodes} ")
-    assert [default_min_nodes(n, True)[0] for n in (2, 3, 4, 5, 6, 10)] == [2, 3, 3, 4, 4, 7]
+    assert [default_min_nodes(n, True)[0] for n in (2, 3, 4, 5, 6, 10)] == [2, 3, 4, 4, 5, 7]
+    # The demo's nodes below 5: C = 0 (secagg-max-colluders), sums of 3: 4 nodes lose one.
+    assert default_min_nodes(4, True, node_config={"secagg-max-colluders": 0,
+                                                   "secagg-min-honest-others": 2})[0] == 3
     # What the run config sets: the complete graph of 4 (k = 3) with t = 3 loses nothing.
     assert default_min_nodes(4, True, num_shares=3, reconstruction_threshold=3)[0] == 4
-    # The nodes' policy: a cohort of at least 5 of 6.
-    needed, why = default_min_nodes(6, True, node_config={"secagg-min-cohort": 5})
-    assert needed == 5 and why.endswith("the nodes' policy needs a cohort of at least 5")
+    # The nodes' policy: a cohort of all 6 (k = 5, t = 4 alone would lose one).
+    needed, why = default_min_nodes(6, True, node_config={"secagg-min-cohort": 6})
+    assert needed == 6 and why.endswith("the nodes' policy needs a cohort of at least 6")
     assert default_min_nodes(5, secagg=False) == (
         1, "without SecAgg+ a round aggregates whatever nodes are left")
     import pytest

@@ -272,9 +272,10 @@ def default_min_nodes(
     With SecAgg+ (``secagg``): a round of a cohort of ``nodes`` completes after any
     ``k - t`` losses (every survivor keeps at least t of its k neighbours; k and t as
     the strategy picks them, :meth:`~flwr_guard.secagg.params.SecAggParams.for_cohort`,
-    or as given), and no client accepts a cohort below its policy's ``min_cohort``
-    (:func:`~flwr_guard.secagg.policy.policy_from_node_config` of ``node_config``). So
-    the minimum is ``max(nodes - (k - t), min_cohort)``, at most ``nodes``. Without
+    or as given, for the nodes' colluder bound C), and no client accepts a cohort below
+    its policy's smallest sum (``secagg-min-cohort``, and C + 1 + h with a colluder
+    bound: :func:`~flwr_guard.secagg.policy.policy_from_node_config` of ``node_config``).
+    So the minimum is ``max(nodes - (k - t), smallest sum)``, at most ``nodes``. Without
     SecAgg+ the aggregation needs one node.
 
     Returns:
@@ -292,10 +293,13 @@ def default_min_nodes(
     from flwr_guard.secagg.params import SecAggParams
     from flwr_guard.secagg.policy import policy_from_node_config
 
-    params = SecAggParams.for_cohort(nodes, num_shares or None, reconstruction_threshold or None)
+    policy = policy_from_node_config(node_config or {})
+    # The nodes' C (roster or secagg-max-colluders), as the server picks k and t for it.
+    params = SecAggParams.for_cohort(nodes, num_shares or None, reconstruction_threshold or None,
+                                     max_colluders=policy.colluders)
     k, t = params.num_shares, params.reconstruction_threshold
     tolerated = max(0, k - t)
-    min_cohort = policy_from_node_config(node_config or {}).min_cohort
+    min_cohort = policy.min_sum  # secagg-min-cohort, and C + 1 + h with a colluder bound
     needed = min(nodes, max(nodes - tolerated, min_cohort))
     why = (f"SecAgg+ with k={k}, t={t} for a cohort of {nodes} completes a round after up to "
            f"{tolerated} lost node(s)")
