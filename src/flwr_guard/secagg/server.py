@@ -57,6 +57,23 @@ class SecAggAborted(RuntimeError):
     """The round cannot complete (too many dropouts); no aggregate is released."""
 
 
+class NonceWithheld(SecAggAborted):
+    """Members of U1 did not reveal the graph nonce they committed to (silent or
+    malformed at the roster stage). No share exists yet: the strategy runs a fresh
+    set-up (new keys, new nonces) with the members that did reveal
+    (:attr:`revealed`), leaving the others out of the graph.
+
+    Attributes:
+        withheld: ids that did not reveal a matching nonce.
+        revealed: ids that did.
+    """
+
+    def __init__(self, message: str, withheld: list[int], revealed: list[int]) -> None:
+        super().__init__(message)
+        self.withheld = withheld
+        self.revealed = revealed
+
+
 @dataclass
 class StageStats:
     """Who took part in each stage, and who was excluded for what."""
@@ -165,24 +182,27 @@ class SecAggServer:
             node id -> nonce, for all of U1 (every client gets all of them).
 
         Raises:
-            SecAggAborted: a member of U1 did not reveal, or revealed another nonce.
+            NonceWithheld: a member of U1 did not reveal, or revealed another nonce.
                 The graph would otherwise depend on whose reveal the server keeps,
-                which is a choice the server must not have; the round is aborted
-                before any share exists.
+                which is a choice the server must not have; this set-up ends before
+                any share exists (the strategy starts a fresh one without them).
         """
         bad: list[int] = []
         for node in self.stats.advertised:
             nonce = replies.get(node)
             if not isinstance(nonce, bytes) or commit_nonce(nonce) != self.advertisements[node].nonce_commitment:
                 bad.append(node)
+                self._exclude(node, "did not reveal the graph nonce it committed to "
+                              f"({'no reply' if node not in replies else 'another nonce'})")
             else:
                 self.nonces[node] = nonce
         self.stats.revealed = sorted(self.nonces)
         if bad:
-            raise SecAggAborted(
-                f"SecAgg+ round aborted at the roster stage: nodes {bad[:5]} did not reveal "
+            raise NonceWithheld(
+                f"SecAgg+ set-up stopped at the roster stage: nodes {bad[:5]} did not reveal "
                 "the graph nonce they committed to; the graph must hash every member's "
-                "nonce. No share was sent, nothing is released"
+                "nonce. No share was sent, nothing is released",
+                bad, list(self.stats.revealed),
             )
         self.seed = graph_seed(self._digest, self.roster_hash, self.nonces)
         self.graph = neighbours(list(self.advertisements), self.context.params.num_shares, self.seed)
@@ -567,4 +587,4 @@ def reconstruct_secret(
         f"its advertised {checked_against} (wrong shares); no aggregate released"
     )
 
-__all__ = ["ProtocolError", "SecAggAborted", "SecAggServer", "StageStats", "reconstruct_secret"]
+__all__ = ["NonceWithheld", "ProtocolError", "SecAggAborted", "SecAggServer", "StageStats", "reconstruct_secret"]
