@@ -269,11 +269,12 @@ def test_an_input_the_server_leaves_out_of_the_sum_stays_hidden_by_its_self_mask
     np.testing.assert_array_equal(_strip_pair_masks(s, v, y, seeds), plain[v])
 
 
-def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothing():
+def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_names_it():
     """A revealer next to an early dropout hands in a well-formed but wrong pair seed:
-    only the two ends ever knew the seed, so the server cannot check it before use; the
-    masks then do not cancel and the round aborts with a named error (no wrong
-    aggregate is released). The honest round before and after gives exact sums."""
+    only the two ends ever knew the seed, but the revealer's own input committed to it
+    (``commit_pair_seed``), so the server names the revealer; the mask cannot be
+    removed, so the round aborts (no wrong aggregate is released). The honest round
+    before and after gives exact sums."""
     from flwr_guard.secagg.server import SecAggAborted
 
     s = Session(n=10)
@@ -291,8 +292,9 @@ def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothi
         reveals[c] = s.clients[c].unmask(2, u3, signatures, cts)
     reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds={gone: crypto.random_secret()})
     s.server.receive_unmask(reveals)
-    with pytest.raises(SecAggAborted, match="masks did not cancel"):
+    with pytest.raises(SecAggAborted, match=f"node {liar} revealed a pair seed for node {gone}"):
         s.server.aggregate()
+    assert set(s.server.culprits) == {liar}
     total, _, u3, plain = s.round(3, others)
     np.testing.assert_array_equal(total, expected(plain, u3)[0])
 

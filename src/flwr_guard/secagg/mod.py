@@ -407,7 +407,8 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     return _reply(
         msg,
         {"commitment": out.self_mask_commitment, "clipped": out.clipped,
-         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()}},
+         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()},
+         "pair_commitments": {str(p): c for p, c in out.pair_commitments.items()}},
         _masked_content(out.vector, metrics, secret_keys),
     )
 

@@ -74,6 +74,37 @@ class NonceWithheld(SecAggAborted):
         self.revealed = revealed
 
 
+MAX_ZERO_COORDINATES = 8
+"""A masked vector is uniform modulo 2^b (b >= 32): more than this many zero
+coordinates (probability below C(L, 9) 2^-288 for an honest vector of length L) is no
+masked vector (e.g. an all-zero one); its sender is excluded before the sum."""
+
+
+def implausible_masked_vectors(vectors: Mapping[int, np.ndarray]) -> dict[int, str]:
+    """Senders whose masked vector cannot be an honest one, with the reason: too many
+    zero coordinates (:data:`MAX_ZERO_COORDINATES`), or the same bytes as another
+    sender's vector (a replay; both are left out, as which one copied is unknowable).
+
+    A well-formed but otherwise wrong vector (uniform garbage) is not detectable without
+    the clients' secrets: the masks then do not cancel and the round releases nothing
+    (the total-weight check of ``aggregate``)."""
+    out: dict[int, str] = {}
+    seen: dict[bytes, int] = {}
+    for node, vector in vectors.items():
+        zeros = int(np.count_nonzero(vector == 0))
+        if zeros > MAX_ZERO_COORDINATES:
+            out[node] = (f"masked vector with {zeros} zero coordinates (a masked vector is "
+                         "uniform): not masked")
+            continue
+        digest = crypto.transcript(b"masked-vector", vector.tobytes())
+        if digest in seen:
+            out[node] = f"masked vector identical to node {seen[digest]}'s (a replay)"
+            out.setdefault(seen[digest], f"masked vector identical to node {node}'s (a replay)")
+        else:
+            seen[digest] = node
+    return out
+
+
 @dataclass
 class StageStats:
     """Who took part in each stage, and who was excluded for what."""
@@ -307,6 +338,9 @@ class SecAggServer:
                 self.reported.setdefault(bad, set()).add(node)
                 edges.add((node, bad))
             candidates[node] = vector
+        for node, reason in implausible_masked_vectors(candidates).items():
+            self._exclude(node, reason)
+            candidates.pop(node, None)
         # Reports about a node out of the sum only discount the reporter as a holder
         # of its shares (``_holders``); a dispute between two nodes in the sum needs a
         # decision.

@@ -502,7 +502,12 @@ class SecAggPlus(StrategyWrapper):
             # Too many losses for this session's graph: the next round sets keys up
             # again with whoever answers (the survivors), instead of excluding them
             # round after round under the same graph.
-            self._rekey = f"round {server_round} aborted ({err})"
+            if session.culprits:
+                # Named culprits (their own commitments contradict their reveals) are
+                # left out of the session's next rounds; the graph itself is fine.
+                self._lost.update(session.culprits)
+            else:
+                self._rekey = f"round {server_round} aborted ({err})"
             return None, None
         finally:
             _add_dropouts(report, session.stats.dropouts())
@@ -531,10 +536,14 @@ class SecAggPlus(StrategyWrapper):
                 (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
                 meta = self._decoded(reply)
                 raw = codec.field(meta, "ciphertexts", dict)
+                pairs = meta.get("pair_commitments", {})
+                if not isinstance(pairs, dict):
+                    raise ValueError("pair_commitments must map node ids to bytes")
                 inputs[node] = RoundInput(
                     vector, codec.field(meta, "commitment", bytes),
                     {_node_id(k): v for k, v in raw.items()},
                     _clipped(meta, session.context.update_length),
+                    {_node_id(k): v for k, v in pairs.items()},
                 )
                 size += _payload_bytes(reply)
             except Exception as err:
