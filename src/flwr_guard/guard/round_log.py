@@ -43,8 +43,10 @@ def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = N
     """Why ``server_round`` produced no aggregate, in one sentence."""
     report = secagg_report(secagg, server_round)
     if report is not None and report.aborted:
-        return (f"SecAgg+ aborted: {report.aborted} (do the clients run "
-                "ClientGuard(...).train_mods()?)")
+        if "aborted at advertise" in report.aborted:  # no client took part at all
+            return (f"SecAgg+ aborted: {report.aborted} (do the clients run "
+                    "ClientGuard(...).train_mods()?)")
+        return f"SecAgg+ aborted: {report.aborted} (clients lost or excluded during the round)"
     if dp is not None and getattr(dp, "stopped_reason", None):
         return str(dp.stopped_reason)
     if not replies:

@@ -280,6 +280,7 @@ class SecAggPlus(StrategyWrapper):
         self._items = _reply_items(2)
         self._rekey: str | None = None  # why the next round must set keys up again
         self._lost: set[int] = set()  # session members that lost their session
+        self._setup_silent: set[int] = set()  # sampled, but not in the last set-up's U1
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
         self._session: SessionServer | None = None
@@ -372,7 +373,7 @@ class SecAggPlus(StrategyWrapper):
                     report.excluded[str(node)] = "did not reveal the graph nonce it committed to"
                 _add_dropouts(report, {"advertise": len(context.cohort) - len(err.withheld)
                                        - len(err.revealed), "roster": len(err.withheld)})
-                if attempt == self.max_setup_attempts:
+                if attempt == self.max_setup_attempts or len(err.revealed) < 2:
                     raise SecAggAborted(
                         f"{err} ({attempt} set-ups tried, max_setup_attempts={self.max_setup_attempts})"
                     ) from None
@@ -397,6 +398,14 @@ class SecAggPlus(StrategyWrapper):
         # The roster of U1 (168 bytes per client) fixes who is in; then each client
         # reveals the graph nonce it committed to, and the graph follows from all.
         roster = server.receive_advertisements(ads)
+        threshold = context.params.reconstruction_threshold
+        if len(roster) - 1 < threshold:
+            # Every member would refuse this roster (fewer than t peers): set up again
+            # for U1 alone (k and t chosen for its size) instead of sending it.
+            raise NonceWithheld(
+                f"only {len(roster)} of {len(cohort)} clients advertised, too few for "
+                f"reconstruction threshold {threshold}",
+                [], [e.node_id for e in roster])
         packed = pack_roster(roster)
         replies = self._exchange(
             grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
@@ -411,8 +420,12 @@ class SecAggPlus(StrategyWrapper):
         session = self._session
         if session is None:
             return "no session yet"
-        if not set(cohort) <= set(session.cohort):
-            return f"{len(set(cohort) - set(session.cohort))} sampled nodes are not in the session"
+        outside = set(cohort) - set(session.cohort)
+        if outside - self._setup_silent:
+            # (Nodes that were sampled but silent at the set-up are not waited for: a
+            # node lost for good would otherwise force a set-up every round. They
+            # rejoin at the next one.)
+            return f"{len(outside - self._setup_silent)} sampled nodes are not in the session"
         if session.rounds >= self.max_session_rounds:
             return f"the session ran its {self.max_session_rounds} rounds"
         if self._rekey is not None:
@@ -438,6 +451,7 @@ class SecAggPlus(StrategyWrapper):
                 lost = setup.stats.dropouts()
                 _add_dropouts(report, {stage: lost[stage] for stage in ("advertise", "roster")})
                 self._session = SessionServer(setup)
+                self._setup_silent = set(cohort) - set(self._session.cohort)
             session = self._session
             assert session is not None
             params = session.context.params
