@@ -8,9 +8,9 @@ raw bytes (regular expressions of the standard library, C speed, no copy) counts
 nesting depth and the structural tokens (``[ { , :``) outside strings and refuses a blob
 over ``max_depth`` or ``max_items`` before ``json.loads`` runs. So a hostile blob can
 neither recurse (``RecursionError``) nor make the decoder build more Python objects than
-``max_items``; base64 fields are decoded after the JSON parse has released its copy of
-the document, which keeps the peak at about twice the blob's size (measured in
-``benchmarks/secagg_decode.py``).
+``max_items``. Long base64 fields are decoded straight from the blob before the JSON
+parse (which then sees a short reference), short ones after the parse has released its
+copy of the document; measured in ``benchmarks/secagg_decode.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ class MalformedMessage(ValueError):
     """A control message could not be decoded, is too deep or too large, or lacks a field."""
 
 
+# A base64 field as :func:`encode` writes it, long enough to be worth decoding straight
+# from the blob (``{"__b64":"`` cannot occur inside a JSON string: its quotes would
+# have to be escaped).
+_BIG_FIELD = re.compile(rb'\{"__b64":"([A-Za-z0-9+/]{4096,}={0,2})"\}')
+_REF = "__b64ref"
+
+
 class _Bytes(str):
     """A base64 field, decoded after the JSON parse (see :func:`decode`)."""
 
@@ -59,8 +66,35 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
-def _unwrap(value: Any) -> Any:
-    """Replace every :class:`_Bytes` by its decoded bytes, in place (depth <= MAX_DEPTH)."""
+def _extract_big_fields(blob: bytes) -> tuple[bytes, list[bytes]]:
+    """``blob`` with each long base64 field replaced by ``{"__b64ref": i}``, and the
+    fields decoded straight from the blob (a memoryview: no copy of the text), so the
+    JSON parse never holds a second and third copy of a large field."""
+    fields: list[bytes] = []
+    pieces: list[bytes] = []
+    view, pos = memoryview(blob), 0
+    for match in _BIG_FIELD.finditer(blob):
+        try:
+            # (binascii reads the memoryview in place; base64.b64decode would copy it)
+            fields.append(binascii.a2b_base64(view[match.start(1):match.end(1)], strict_mode=True))
+        except (binascii.Error, ValueError) as err:
+            raise MalformedMessage(f"undecodable base64 field: {err}") from None
+        pieces += [blob[pos:match.start()], b'{"%s":%d}' % (_REF.encode(), len(fields) - 1)]
+        pos = match.end()
+    if not fields:
+        return blob, fields
+    pieces.append(blob[pos:])
+    return b"".join(pieces), fields
+
+
+def _unwrap(value: Any, big: list[bytes]) -> Any:
+    """Replace every :class:`_Bytes` by its decoded bytes and every reference to a large
+    field by that field, in place (depth <= MAX_DEPTH)."""
+    if isinstance(value, dict) and len(value) == 1 and _REF in value and big:
+        index = value[_REF]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(big):
+            raise MalformedMessage("a reference to a bytes field that does not exist")
+        return big[index]
     if isinstance(value, _Bytes):
         try:
             return base64.b64decode(value, validate=True)
@@ -68,10 +102,10 @@ def _unwrap(value: Any) -> Any:
             raise MalformedMessage(f"undecodable base64 field: {err}") from None
     if isinstance(value, dict):
         for key in value:
-            value[key] = _unwrap(value[key])
+            value[key] = _unwrap(value[key], big)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            value[i] = _unwrap(item)
+            value[i] = _unwrap(item, big)
     return value
 
 
@@ -121,9 +155,11 @@ def decode(blob: bytes, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) 
     """
     if not isinstance(blob, (bytes, bytearray)):
         raise MalformedMessage(f"SecAgg+ message of type {type(blob).__name__}, not bytes")
-    check_bounds(bytes(blob), max_depth, max_items)
+    blob = bytes(blob)
+    check_bounds(blob, max_depth, max_items)
+    blob, big = _extract_big_fields(blob)
     try:
-        message = _unwrap(json.loads(blob, object_hook=_hook))
+        message = _unwrap(json.loads(blob, object_hook=_hook), big)
     except MalformedMessage:
         raise
     except (ValueError, TypeError, RecursionError, UnicodeError) as err:
