@@ -94,7 +94,6 @@ class RoundReport:
     key_setup: bool = True
     setup_attempts: int = 1
 
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
