@@ -240,6 +240,8 @@ def test_codec_bounds_hold_before_parsing():
     """Depth and item bounds refuse before ``json.loads`` allocates; encodings of every
     legitimate shape round-trip."""
     with pytest.raises(codec.MalformedMessage, match="deeper than 16"):
+        codec.decode(_nested(1000))
+    with pytest.raises(codec.MalformedMessage, match="more than 65536 items"):
         codec.decode(_nested(10**6))
     with pytest.raises(codec.MalformedMessage, match="more than 100 items"):
         codec.decode(b"[" + b"1," * 200 + b"1]", max_items=100)

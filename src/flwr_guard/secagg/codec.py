@@ -3,14 +3,14 @@
 Control messages are small (keys, signatures, encrypted shares, node-id lists); the
 masked vector itself travels as a NumPy array in an ArrayRecord.
 
-Decoding is bounded before anything is allocated (:func:`decode`): a linear scan of the
-raw bytes (regular expressions of the standard library, C speed, no copy) counts the
-nesting depth and the structural tokens (``[ { , :``) outside strings and refuses a blob
-over ``max_depth`` or ``max_items`` before ``json.loads`` runs. So a hostile blob can
+Decoding is bounded before the parse (:func:`decode`, :func:`check_bounds`): C-speed
+passes over the raw bytes count the nesting depth and the structural tokens
+(``[ { , :``) outside strings and refuse a blob over ``max_depth`` or ``max_items``
+before ``json.loads`` runs. So a hostile blob can
 neither recurse (``RecursionError``) nor make the decoder build more Python objects than
 ``max_items``. Long base64 fields are decoded straight from the blob before the JSON
-parse (which then sees a short reference), short ones after the parse has released its
-copy of the document; measured in ``benchmarks/secagg_decode.py``.
+parse (which then sees a short reference), so the parser never holds extra copies of
+them; measured in ``benchmarks/secagg_decode.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 _BYTES = "__b64"
 
@@ -30,8 +33,9 @@ MAX_ITEMS = 2**16
 """Default bound on the structural tokens (``[ { , :`` outside strings) of one blob."""
 
 # A JSON string (the grammar's escapes; unrolled so that a long base64 string is one
-# character-class run), or one structural character.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)
+# character-class run).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class MalformedMessage(ValueError):
@@ -45,25 +49,35 @@ _BIG_FIELD = re.compile(rb'\{"__b64":"([A-Za-z0-9+/]{4096,}={0,2})"\}')
 _REF = "__b64ref"
 
 
-class _Bytes(str):
-    """A base64 field, decoded after the JSON parse (see :func:`decode`)."""
-
-    __slots__ = ()
-
-
 def _default(value: Any) -> Any:
     if isinstance(value, bytes):
         return {_BYTES: base64.b64encode(value).decode("ascii")}
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def _hook(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1 and _BYTES in obj:
-        text = obj[_BYTES]
-        if not isinstance(text, str):
-            raise MalformedMessage("a bytes field is not a base64 string")
-        return _Bytes(text)
-    return obj
+def _hook(big: list[bytes]) -> Callable[[dict[str, Any]], Any]:
+    """The object hook of one decode: a bytes field (short: decoded here; long: taken
+    out of the blob before the parse, see :func:`_extract_big_fields`)."""
+
+    def hook(obj: dict[str, Any]) -> Any:
+        if len(obj) != 1:
+            return obj
+        if _BYTES in obj:
+            text = obj[_BYTES]
+            if not isinstance(text, str):
+                raise MalformedMessage("a bytes field is not a base64 string")
+            try:
+                return base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise MalformedMessage(f"undecodable base64 field: {err}") from None
+        if _REF in obj and big:
+            index = obj[_REF]
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(big):
+                raise MalformedMessage("a reference to a bytes field that does not exist")
+            return big[index]
+        return obj
+
+    return hook
 
 
 def _extract_big_fields(blob: bytes) -> tuple[bytes, list[bytes]]:
@@ -87,53 +101,30 @@ def _extract_big_fields(blob: bytes) -> tuple[bytes, list[bytes]]:
     return b"".join(pieces), fields
 
 
-def _unwrap(value: Any, big: list[bytes]) -> Any:
-    """Replace every :class:`_Bytes` by its decoded bytes and every reference to a large
-    field by that field, in place (depth <= MAX_DEPTH)."""
-    if isinstance(value, dict) and len(value) == 1 and _REF in value and big:
-        index = value[_REF]
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(big):
-            raise MalformedMessage("a reference to a bytes field that does not exist")
-        return big[index]
-    if isinstance(value, _Bytes):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise MalformedMessage(f"undecodable base64 field: {err}") from None
-    if isinstance(value, dict):
-        for key in value:
-            value[key] = _unwrap(value[key], big)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            value[i] = _unwrap(item, big)
-    return value
-
-
 def check_bounds(blob: bytes, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> None:
     """Refuse ``blob`` if its JSON nesting exceeds ``max_depth`` or it holds more than
     ``max_items`` structural tokens (``[ { , :`` outside strings), before any parse.
 
-    One pass over the bytes, stopped at the first excess; allocates nothing of the
-    blob's size. Over-counts (never under-counts) what ``json.loads`` would build.
+    C-speed passes: ``bytes.count`` counts the tokens (inside strings too: an
+    over-count), then a regular expression blanks the strings and NumPy takes the
+    depth over the brackets alone; the copies are freed before the parse. Over-counts
+    (never under-counts) what ``json.loads`` would build.
 
     Raises:
         MalformedMessage: too deep or too many items.
     """
-    depth = items = 0
-    for match in _TOKEN.finditer(blob):
-        token = match.group()
-        if token[:1] == b'"':
-            continue
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                raise MalformedMessage(f"SecAgg+ message nested deeper than {max_depth}")
-        elif token in (b"]", b"}"):
-            depth -= 1
-            continue
-        items += 1
-        if items > max_items:
-            raise MalformedMessage(f"SecAgg+ message holds more than {max_items} items")
+    # Tokens inside strings counted too: an over-count (no legitimate string holds
+    # them), and no copy of the blob before the count is known to be small.
+    items = sum(blob.count(token) for token in (b",", b":", b"[", b"{"))
+    if items > max_items:
+        raise MalformedMessage(f"SecAgg+ message holds more than {max_items} items")
+    bare = _STRING.sub(b'""', blob)
+    brackets = np.frombuffer(bare.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    del bare
+    if brackets.size:
+        steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1).astype(np.int32)
+        if int(np.cumsum(steps, dtype=np.int32).max()) > max_depth:
+            raise MalformedMessage(f"SecAgg+ message nested deeper than {max_depth}")
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -159,7 +150,7 @@ def decode(blob: bytes, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) 
     check_bounds(blob, max_depth, max_items)
     blob, big = _extract_big_fields(blob)
     try:
-        message = _unwrap(json.loads(blob, object_hook=_hook), big)
+        message = json.loads(blob, object_hook=_hook(big))
     except MalformedMessage:
         raise
     except (ValueError, TypeError, RecursionError, UnicodeError) as err:
