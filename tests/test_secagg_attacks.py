@@ -456,11 +456,20 @@ def _after(stage: str, dropped_at: str) -> bool:
     return order.index(stage) > order.index(dropped_at)
 
 
-def test_mod_dropout_at_the_roster_stage_aborts_before_any_share(tmp_path) -> None:
+def test_mod_dropout_at_the_roster_stage_is_left_out_before_any_share(tmp_path) -> None:
+    # Silent at the roster stage: a fresh set-up without it (no share was ever sent),
+    # and the round gives the exact mean of the other five.
     fed = ModFederation(6, tmp_path)
-    fed.tamper = lambda s, node, msg: None if s in ("roster", "share-keys") and node == fed.ids[0] else msg
-    agg, report = run_strategy_round(fed)
-    assert agg is None and "did not reveal the graph nonce" in report.aborted
+    gone = fed.ids[0]
+    fed.tamper = lambda s, node, msg: None if s != "advertise" and node == gone else msg
+    for multi_round in (False, True):
+        agg, report = run_strategy_round(fed, multi_round=multi_round)
+        assert report.aborted is None and report.survivors == 5, report
+        assert report.setup_attempts == 2 and report.dropouts["roster"] == 1
+        assert "graph nonce" in report.excluded[str(gone)]
+        assert np.abs(agg - fed.expected_mean(fed.ids[1:])).max() < SecAggParams(5, 3).step
+        assert not any(m.metadata.dst_node_id == gone for m in fed.pushed
+                       if "share-keys" in str(m.content.config_records.get("secagg", {}).get("stage")))
 
 
 def test_mod_decoy_first_array_record_is_refused(tmp_path) -> None:

@@ -367,7 +367,10 @@ def test_strategy_per_round_mode_sets_keys_up_every_round(tmp_path):
     assert len(fed.per_round[2]) == 6 * 5
 
 
-def test_a_node_that_lost_its_session_is_left_out_then_the_server_re_keys(tmp_path):
+def test_a_node_that_lost_its_session_is_left_out_without_re_keying_the_cohort(tmp_path):
+    """Its error reply ("no usable SecAgg+ session") leaves that one node out of the
+    session's next rounds (it rejoins at the next set-up); the others go on under
+    their keys."""
     from flwr.app import RecordDict
     from secagg_harness import ModFederation, run_strategy_rounds
 
@@ -383,7 +386,9 @@ def test_a_node_that_lost_its_session_is_left_out_then_the_server_re_keys(tmp_pa
     (_, r1), (agg2, r2), (agg3, r3) = results
     assert r2.survivors == 5 and not r2.key_setup
     assert np.abs(agg2 - fed.expected_mean(fed.ids[1:])).max() < SecAggParams(5, 3).step
-    assert r3.key_setup and r3.survivors == 6
+    assert not r3.key_setup and r3.survivors == 5
+    assert victim not in {m.metadata.dst_node_id for m in fed.per_round[3]}
+    assert np.abs(agg3 - fed.expected_mean(fed.ids[1:])).max() < SecAggParams(5, 3).step
 
 
 def test_a_replayed_round_number_is_refused_by_every_client(tmp_path):

@@ -269,11 +269,12 @@ def test_an_input_the_server_leaves_out_of_the_sum_stays_hidden_by_its_self_mask
     np.testing.assert_array_equal(_strip_pair_masks(s, v, y, seeds), plain[v])
 
 
-def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothing():
+def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_names_it():
     """A revealer next to an early dropout hands in a well-formed but wrong pair seed:
-    only the two ends ever knew the seed, so the server cannot check it before use; the
-    masks then do not cancel and the round aborts with a named error (no wrong
-    aggregate is released). The honest round before and after gives exact sums."""
+    only the two ends ever knew the seed, but the revealer's own input committed to it
+    (``commit_pair_seed``), so the server names the revealer; the mask cannot be
+    removed, so the round aborts (no wrong aggregate is released). The honest round
+    before and after gives exact sums."""
     from flwr_guard.secagg.server import SecAggAborted
 
     s = Session(n=10)
@@ -291,8 +292,9 @@ def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_releases_nothi
         reveals[c] = s.clients[c].unmask(2, u3, signatures, cts)
     reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds={gone: crypto.random_secret()})
     s.server.receive_unmask(reveals)
-    with pytest.raises(SecAggAborted, match="masks did not cancel"):
+    with pytest.raises(SecAggAborted, match=f"node {liar} revealed a pair seed for node {gone}"):
         s.server.aggregate()
+    assert set(s.server.culprits) == {liar}
     total, _, u3, plain = s.round(3, others)
     np.testing.assert_array_equal(total, expected(plain, u3)[0])
 
@@ -398,7 +400,8 @@ def test_survivor_sets_below_the_threshold_or_outside_the_cohort_are_not_signed(
 def test_mod_min_cohort_of_the_node_config_holds_when_the_server_asks_a_subset(tmp_path):
     """secagg-min-cohort = 5 in every node's config (and C = 0, so that the cohort floor
     alone binds): a session round whose sum would hold 4 inputs is never signed (nothing
-    revealed: no unmask stage runs); one with 5 runs and gives the exact mean of the 5."""
+    revealed: no unmask stage runs); the next round sets keys up again (after an abort)
+    and gives the exact mean of its 5."""
     fed = ModFederation(6, tmp_path, node_config={"secagg-min-cohort": "5", "secagg-max-colluders": "0"})
     two, one = set(fed.ids[:2]), {fed.ids[0]}
 
@@ -409,7 +412,7 @@ def test_mod_min_cohort_of_the_node_config_holds_when_the_server_asks_a_subset(t
     (_, r1), (agg2, r2), (agg3, r3) = results
     assert r1.aborted is None
     assert agg2 is None and "aborted at consistency" in r2.aborted and "unmask" not in r2.stage_seconds
-    assert r3.aborted is None and r3.survivors == 5 and not r3.key_setup
+    assert r3.aborted is None and r3.survivors == 5 and r3.key_setup
     np.testing.assert_allclose(agg3, fed.expected_mean(fed.ids[1:]), atol=SecAggParams(5, 3).step)
 
 

@@ -142,11 +142,14 @@ def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[
 
 
 def abort_reason(aborted: str, refusals: dict[int, str]) -> str:
-    """A SecAgg+ abort with the clients' reasons, or with the generic hint if none."""
+    """A SecAgg+ abort with the clients' reasons; without any, the generic hint only when
+    no client took part at all (an abort at advertise), else "lost or excluded"."""
     if refusals:
         return f"SecAgg+ aborted: {aborted}; the clients said: " + " | ".join(
             sorted(set(refusals.values())))
-    return f"SecAgg+ aborted: {aborted} ({GENERIC_HINT})"
+    if "aborted at advertise" in aborted:
+        return f"SecAgg+ aborted: {aborted} ({GENERIC_HINT})"
+    return f"SecAgg+ aborted: {aborted} (clients lost or excluded during the round)"
 
 
 class _WatchedGrid(Grid):

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_guard.errors import FlwrGuardError
@@ -52,6 +53,7 @@ from flwr_guard.guard.manifest import (
     SecAggTerms,
 )
 from flwr_guard.guard.refusal_reasons import RefusalLog, mismatch_message
+from flwr_guard.guard.reply_consistency import consistent_replies
 from flwr_guard.guard.round_log import (
     GuardMismatch,
     describe_round,
@@ -453,14 +455,14 @@ class GuardedStrategy(StrategyWrapper):
         Raises:
             GuardMismatch: every reply of the round is a client's policy refusal.
         """
-        replies = list(replies)
+        replies = self._aggregatable(server_round, list(replies), train=True)
         refusals = self.reasons.refusals(replies)
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
         if refusals and not self.tolerate_refusals:
             raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg,
                                                  self.reasons.last))
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays, metrics = self._inner_aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated_rounds += 1
         else:
@@ -475,7 +477,40 @@ class GuardedStrategy(StrategyWrapper):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        replies = self._aggregatable(server_round, list(replies), train=False)
+        try:
+            metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        except InconsistentMessageReplies as err:
+            log(ERROR, "flwr-guard round %s: evaluate replies not aggregated: %s", server_round,
+                err)
+            metrics = None
         if self.observer is not None:
             self.observer.evaluate_aggregated(server_round, metrics)
         return metrics
+
+    # -- one client's odd reply never ends the run (issue 20) ---------------------------
+    def _aggregatable(self, server_round: int, replies: list[Message], train: bool) -> list[Message]:
+        """The replies the wrapped chain can aggregate together: Flower's per-reply
+        consistency checks applied first (:func:`~flwr_guard.guard.reply_consistency.
+        consistent_replies`), each odd reply left out with a logged reason. Under SecAgg+
+        train replies go to :class:`~flwr_guard.secagg.SecAggPlus` as they are (it parses
+        and excludes each client itself and hands Flower one synthetic reply)."""
+        if train and self.secagg is not None:
+            return replies
+        kept, excluded = consistent_replies(
+            replies, getattr(self.strategy, "weighted_by_key", "num-examples"), check_arrays=train)
+        for node, reason in sorted(excluded.items()):
+            log(WARNING, "flwr-guard round %s: %s reply of node %s left out: %s", server_round,
+                "train" if train else "evaluate", node, reason)
+        return kept
+
+    def _inner_aggregate_train(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The chain's ``aggregate_train``; Flower's ``InconsistentMessageReplies`` (which
+        :meth:`_aggregatable` should have prevented) fails this round, not the run."""
+        try:
+            return self.strategy.aggregate_train(server_round, replies)
+        except InconsistentMessageReplies as err:
+            log(ERROR, "flwr-guard round %s: replies not aggregated: %s", server_round, err)
+            return None, None

@@ -160,7 +160,7 @@ def _load_client(context: Context, policy: SecAggPolicy) -> SecAggClient:
     saved = _state(context).get("round")
     if saved is None:
         raise ProtocolError("no SecAgg+ round in progress on this client")
-    return SecAggClient.from_state(codec.decode(bytes(saved)), signing, policy)
+    return SecAggClient.from_state(_decode_state(saved), signing, policy)
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
@@ -171,7 +171,51 @@ def _pinned(context: Context) -> dict[int, bytes]:
     saved = _state(context).get("round")
     if saved is None:
         return {}
-    return {int(p): bytes(k) for p, k in codec.decode(bytes(saved)).get("pinned_keys", [])}
+    return {int(p): bytes(k) for p, k in _decode_state(saved).get("pinned_keys", [])}
+
+
+def _decode_state(saved: object) -> dict:
+    """The node's own saved SecAgg+ state (written by this mod; bounded all the same).
+
+    Raises:
+        ProtocolError: not bytes or not decodable.
+    """
+    if not isinstance(saved, bytes):
+        raise ProtocolError("the saved SecAgg+ state is not bytes")
+    try:
+        return codec.decode(saved, max_items=MAX_STATE_ITEMS)
+    except codec.MalformedMessage as err:
+        raise ProtocolError(f"the saved SecAgg+ state is unreadable: {err}") from err
+
+
+def control_items(policy: SecAggPolicy) -> int:
+    """Most structural JSON tokens a client decodes in one control message: the longest
+    legitimate message is a list of ``max_cohort`` node ids (a cohort, survivor or
+    absent set) next to O(k) fields, so 4 tokens per cohort member suffice."""
+    return 4 * policy.max_cohort + 4096
+
+
+MAX_STATE_ITEMS = 2**24
+"""Bound on the tokens of the node's own saved state (it holds O(k) entries)."""
+
+
+_APP_RAISED = "_flwr_guard_app_raised"
+
+
+def _guarded(call_next: ClientAppCallable) -> ClientAppCallable:
+    """``call_next`` whose exceptions are marked as the wrapped ClientApp's own."""
+
+    def call(msg: Message, context: Context) -> Message:
+        try:
+            return call_next(msg, context)
+        except Exception as err:
+            try:
+                setattr(err, _APP_RAISED, True)
+            except AttributeError:  # pragma: no cover - exceptions without a __dict__
+                pass
+            raise
+
+    return call
 
 
 def _ids(payload: dict, name: str, limit: int) -> list[int]:
@@ -203,8 +247,12 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
     Messages without a ``secagg`` ConfigRecord, and non-train messages, pass through
     untouched. A stage that the client refuses (:class:`ProtocolError`) or cannot
-    handle (malformed message, wrong shapes, NaN/Inf update) is answered with an
-    error reply; the server then counts this client as dropped.
+    handle (malformed message, wrong shapes, NaN/Inf update, a model array that does
+    not deserialise, any other exception raised while handling the message) is
+    answered with an error reply; the server then counts this client as dropped. The
+    payload is bounded before it is decoded (``MAX_CONTROL_BYTES``, nesting depth,
+    :func:`control_items` tokens). An exception of the wrapped ClientApp itself
+    propagates unchanged (Flower turns it into its own error reply).
     """
     # "train" and named train actions ("train.default", "train.<name>") alike
     if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN or SECAGG_RECORD not in msg.content:
@@ -218,7 +266,8 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
             raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")
         if len(blob) > MAX_CONTROL_BYTES:
             raise ValueError(f"SecAgg+ {stage} payload of {len(blob)} bytes exceeds {MAX_CONTROL_BYTES}")
-        payload = codec.decode(blob)
+        payload = codec.decode(blob, max_items=control_items(policy))
+        call_next = _guarded(call_next)
         if stage == "advertise":
             return _advertise(msg, context, payload, policy)
         limit = policy.max_cohort
@@ -255,6 +304,11 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _error(msg, f"unknown SecAgg+ stage {stage!r}")
     except (ProtocolError, ValueError, KeyError, TypeError, OverflowError, struct.error) as err:
         return _error(msg, f"SecAgg+ refused: {err}")
+    except Exception as err:
+        if getattr(err, _APP_RAISED, False):
+            raise  # the app's own failure, as without this mod
+        # EOFError (a model array without data), RecursionError, MemoryError, ...
+        return _error(msg, f"SecAgg+ refused: malformed message ({type(err).__name__}: {err})")
 
 
 SESSION_STAGES = ("masked-input", "consistency", "unmask")
@@ -329,7 +383,7 @@ def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
     saved = _state(context).get(SESSION_STATE)
     if saved is None:
         return None
-    session = SessionClient.from_state(codec.decode(bytes(saved)), signing, policy)
+    session = SessionClient.from_state(_decode_state(saved), signing, policy)
     return session if session.digest == digest else None
 
 
@@ -356,7 +410,8 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     return _reply(
         msg,
         {"commitment": out.self_mask_commitment, "clipped": out.clipped,
-         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()}},
+         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()},
+         "pair_commitments": {str(p): c for p, c in out.pair_commitments.items()}},
         _masked_content(out.vector, metrics, secret_keys),
     )
 

@@ -58,6 +58,54 @@ class SecAggAborted(FlwrGuardError, RuntimeError):
     """The round cannot complete (too many dropouts); no aggregate is released."""
 
 
+class NonceWithheld(SecAggAborted):
+    """Members of U1 did not reveal the graph nonce they committed to (silent or
+    malformed at the roster stage). No share exists yet: the strategy runs a fresh
+    set-up (new keys, new nonces) with the members that did reveal
+    (:attr:`revealed`), leaving the others out of the graph.
+
+    Attributes:
+        withheld: ids that did not reveal a matching nonce.
+        revealed: ids that did.
+    """
+
+    def __init__(self, message: str, withheld: list[int], revealed: list[int]) -> None:
+        super().__init__(message)
+        self.withheld = withheld
+        self.revealed = revealed
+
+
+MAX_ZERO_COORDINATES = 8
+"""A masked vector is uniform modulo 2^b (b >= 32): more than this many zero
+coordinates (probability below C(L, 9) 2^-288 for an honest vector of length L) is no
+masked vector (e.g. an all-zero one); its sender is excluded before the sum."""
+
+
+def implausible_masked_vectors(vectors: Mapping[int, np.ndarray]) -> dict[int, str]:
+    """Senders whose masked vector cannot be an honest one, with the reason: too many
+    zero coordinates (:data:`MAX_ZERO_COORDINATES`), or the same bytes as another
+    sender's vector (a replay; both are left out, as which one copied is unknowable).
+
+    A well-formed but otherwise wrong vector (uniform garbage) is not detectable without
+    the clients' secrets: the masks then do not cancel and the round releases nothing
+    (the total-weight check of ``aggregate``)."""
+    out: dict[int, str] = {}
+    seen: dict[bytes, list[int]] = {}  # first values -> senders (honest ones never collide)
+    for node, vector in vectors.items():
+        zeros = int(np.count_nonzero(vector == 0))
+        if zeros > MAX_ZERO_COORDINATES:
+            out[node] = (f"masked vector with {zeros} zero coordinates (a masked vector is "
+                         "uniform): not masked")
+            continue
+        prefix = vector[:16].tobytes()
+        for other in seen.get(prefix, []):
+            if np.array_equal(vectors[other], vector):
+                out[node] = f"masked vector identical to node {other}'s (a replay)"
+                out.setdefault(other, f"masked vector identical to node {node}'s (a replay)")
+        seen.setdefault(prefix, []).append(node)
+    return out
+
+
 @dataclass
 class StageStats:
     """Who took part in each stage, and who was excluded for what."""
@@ -166,24 +214,27 @@ class SecAggServer:
             node id -> nonce, for all of U1 (every client gets all of them).
 
         Raises:
-            SecAggAborted: a member of U1 did not reveal, or revealed another nonce.
+            NonceWithheld: a member of U1 did not reveal, or revealed another nonce.
                 The graph would otherwise depend on whose reveal the server keeps,
-                which is a choice the server must not have; the round is aborted
-                before any share exists.
+                which is a choice the server must not have; this set-up ends before
+                any share exists (the strategy starts a fresh one without them).
         """
         bad: list[int] = []
         for node in self.stats.advertised:
             nonce = replies.get(node)
             if not isinstance(nonce, bytes) or commit_nonce(nonce) != self.advertisements[node].nonce_commitment:
                 bad.append(node)
+                self._exclude(node, "did not reveal the graph nonce it committed to "
+                              f"({'no reply' if node not in replies else 'another nonce'})")
             else:
                 self.nonces[node] = nonce
         self.stats.revealed = sorted(self.nonces)
         if bad:
-            raise SecAggAborted(
-                f"SecAgg+ round aborted at the roster stage: nodes {bad[:5]} did not reveal "
+            raise NonceWithheld(
+                f"SecAgg+ set-up stopped at the roster stage: nodes {bad[:5]} did not reveal "
                 "the graph nonce they committed to; the graph must hash every member's "
-                "nonce. No share was sent, nothing is released"
+                "nonce. No share was sent, nothing is released",
+                bad, list(self.stats.revealed),
             )
         self.seed = graph_seed(self._digest, self.roster_hash, self.nonces)
         self.graph = neighbours(list(self.advertisements), self.context.params.num_shares, self.seed)
@@ -288,6 +339,9 @@ class SecAggServer:
                 self.reported.setdefault(bad, set()).add(node)
                 edges.add((node, bad))
             candidates[node] = vector
+        for node, reason in implausible_masked_vectors(candidates).items():
+            self._exclude(node, reason)
+            candidates.pop(node, None)
         # Reports about a node out of the sum only discount the reporter as a holder
         # of its shares (``_holders``); a dispute between two nodes in the sum needs a
         # decision.
@@ -568,4 +622,4 @@ def reconstruct_secret(
         f"its advertised {checked_against} (wrong shares); no aggregate released"
     )
 
-__all__ = ["ProtocolError", "SecAggAborted", "SecAggServer", "StageStats", "reconstruct_secret"]
+__all__ = ["NonceWithheld", "ProtocolError", "SecAggAborted", "SecAggServer", "StageStats", "reconstruct_secret"]

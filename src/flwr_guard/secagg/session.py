@@ -85,6 +85,7 @@ from flwr_guard.secagg.server import (
     SecAggAborted,
     SecAggServer,
     StageStats,
+    implausible_masked_vectors,
     reconstruct_secret,
     verified_signatures,
 )
@@ -165,6 +166,14 @@ def is_connected(graph: Mapping[int, Sequence[int]], members: Sequence[int]) -> 
     return seen == inside
 
 
+def commit_pair_seed(seed: bytes) -> bytes:
+    """Commitment to a pair's mask seed of one round (SHA-256 of a 256-bit pseudorandom
+    value: hiding, binding), sent with the input so the server can check a pair seed
+    revealed later for a dropped neighbour and name a client that reveals a wrong one.
+    The client relies on no check of it."""
+    return crypto.transcript(b"session-pair-seed-commitment", seed)
+
+
 def round_share_aad(round_digest: bytes, sender: int, recipient: int) -> bytes:
     return crypto.transcript(b"session-share", round_digest, struct.pack(">QQ", sender, recipient))
 
@@ -183,12 +192,15 @@ class RoundInput:
         self_mask_commitment: SHA-256 commitment to this round's self-mask seed.
         ciphertexts: neighbour id -> the encrypted share of the self-mask seed it holds.
         clipped: coordinates clipped to ``[-r, r]``.
+        pair_commitments: neighbour id -> :func:`commit_pair_seed` of the pair's seed
+            of this round (empty: the server checks no revealed pair seed of it).
     """
 
     vector: np.ndarray
     self_mask_commitment: bytes
     ciphertexts: dict[int, bytes]
     clipped: int
+    pair_commitments: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -390,8 +402,11 @@ class SessionClient:
         }
         length = self.context.vector_length
         vector += prg.expand(self_mask_seed, length, params.modulus_bits)
+        pair_commitments = {}
         for peer in self.neighbour_ids:
-            mask = prg.expand(round_pair_seed(self.pair_keys[peer], digest), length, params.modulus_bits)
+            pair_seed = round_pair_seed(self.pair_keys[peer], digest)
+            pair_commitments[peer] = commit_pair_seed(pair_seed)
+            mask = prg.expand(pair_seed, length, params.modulus_bits)
             if pairwise_sign(self.node_id, peer) > 0:
                 vector += mask
             else:
@@ -400,7 +415,7 @@ class SessionClient:
         self.round = {"server_round": server_round, "digest": digest,
                       "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
                       "min_inputs": int(min_inputs)}
-        return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped)
+        return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped, pair_commitments)
 
     # -- consistency ------------------------------------------------------------------
     def consistency(self, server_round: int, survivors: Sequence[int]) -> bytes:
@@ -596,6 +611,8 @@ class SessionServer:
         self.round_digest = SessionRound(self.digest, server_round, model_hash).digest()
         self.stats = RoundStats(sampled=len(asked))
         self.commitments: dict[int, bytes] = {}
+        self.pair_commitments: dict[int, dict[int, bytes]] = {}
+        self.culprits: dict[int, str] = {}  # provably misbehaved this round
         self.ciphertexts: dict[int, dict[int, bytes]] = {}
         self.masked_sum: np.ndarray | None = None
         self.vectors: dict[int, np.ndarray] = {}
@@ -641,9 +658,19 @@ class SessionServer:
             ):
                 self._exclude(node, "malformed session input")
                 continue
+            if not isinstance(reply.pair_commitments, Mapping) or (reply.pair_commitments and (
+                    sorted(reply.pair_commitments) != self.graph[node]
+                    or not all(isinstance(c, bytes) and len(c) == 32
+                               for c in reply.pair_commitments.values()))):
+                self._exclude(node, "malformed pair-seed commitments")
+                continue
+            self.pair_commitments[node] = dict(reply.pair_commitments)
             self.vectors[node] = reply.vector
             self.commitments[node] = reply.self_mask_commitment
             self.ciphertexts[node] = dict(reply.ciphertexts)
+        for node, reason in implausible_masked_vectors(self.vectors).items():
+            self._exclude(node, reason)
+            del self.vectors[node]
         members = set(self.vectors)
         while True:
             short = {u for u in members if sum(v in members for v in self.graph[u]) < self._threshold}
@@ -707,6 +734,16 @@ class SessionServer:
             if not ok:
                 self._exclude(node, "revealed an unexpected or malformed share or seed")
                 continue
+            committed = self.pair_commitments.get(node) or {}
+            wrong = sorted(v for v, seed in reveal.pair_seeds.items()
+                           if v in committed and commit_pair_seed(seed) != committed[v])
+            if wrong:
+                # Its own input committed to other seeds: it is the culprit, and the
+                # pair mask with ``wrong`` is known to nobody else in the sum.
+                self.culprits[node] = (f"revealed a pair seed for node {wrong[0]} that does not "
+                                       "match its own commitment of this round")
+                self._exclude(node, self.culprits[node])
+                continue
             self.reveals[node] = reveal
         self.stats.unmasked = sorted(self.reveals)
         self._require(len(self.reveals), "unmask")
@@ -731,12 +768,17 @@ class SessionServer:
             if reveal is not None and commit_self_mask(reveal.self_mask_seed) == commitment:
                 seed = reveal.self_mask_seed
             else:
+                claimed = reveal.self_mask_seed if reveal is not None else None
                 if reveal is not None:
                     self._exclude(node, "revealed a self-mask seed that does not match its commitment")
                 held = [(i, s, r) for r, rv in self.reveals.items()
                         for p, (i, s) in rv.shares.items() if p == node]
+                # A seed is right if it matches the commitment, or if t shares held by
+                # its neighbours give the very seed its owner revealed (then only the
+                # owner's commitment was wrong: named above, the round goes on).
                 seed = reconstruct_secret(
-                    held, self._threshold, lambda s, c=commitment: commit_self_mask(s) == c,
+                    held, self._threshold,
+                    lambda s, c=commitment, o=claimed: commit_self_mask(s) == c or s == o,
                     lambda r, n=node: self._exclude(r, f"revealed a wrong self-mask share of node {n}"),
                     f"the self-mask of node {node}", "commitment",
                     self.max_reconstruction_attempts, node,
@@ -748,6 +790,12 @@ class SessionServer:
                 if gone in active_set:
                     continue
                 reveal = self.reveals.get(node)
+                if reveal is None and node in self.culprits:
+                    raise SecAggAborted(
+                        f"SecAgg+ session round aborted: node {node} {self.culprits[node]}; "
+                        f"the pair mask with node {gone} cannot be removed. No aggregate "
+                        "released; the node is named as the culprit"
+                    )
                 if reveal is None:
                     raise SecAggAborted(
                         f"SecAgg+ session round aborted: node {node} is in the sum but did not "

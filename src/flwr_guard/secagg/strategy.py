@@ -51,7 +51,6 @@ from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
 from flwr_guard.secagg.client import (
     Advertisement,
-    ProtocolError,
     pack_advertisements,
     pack_nonces,
     pack_roster,
@@ -65,7 +64,7 @@ from flwr_guard.secagg.params import (
     SecAggParams,
 )
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
-from flwr_guard.secagg.server import SecAggAborted, SecAggServer
+from flwr_guard.secagg.server import NonceWithheld, SecAggAborted, SecAggServer
 from flwr_guard.secagg.session import RoundInput, RoundReveal, SessionServer, pack_open
 from flwr_guard.secagg.transport import send_and_receive
 from flwr_guard.strategy_wrapper import StrategyWrapper
@@ -93,9 +92,22 @@ class RoundReport:
     aborted: str | None = None
     multi_round: bool = False
     key_setup: bool = True
+    setup_attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _add_dropouts(report: RoundReport, lost: dict[str, int]) -> None:
+    """Add ``lost`` (stage -> clients) to the report's dropouts (set-ups may repeat)."""
+    for stage, count in lost.items():
+        report.dropouts[stage] = report.dropouts.get(stage, 0) + count
+
+
+def _reply_items(cohort: int) -> int:
+    """Most structural JSON tokens the server decodes in one client's control reply:
+    a reply holds O(k) entries of at most 4 values each (k < cohort)."""
+    return 16 * cohort + 256
 
 
 MAX_REPLY_BYTES = 4 * 2**20
@@ -223,6 +235,10 @@ class SecAggPlus(StrategyWrapper):
             adaptive clipping). The other metrics travel in the clear and reach the
             wrapped strategy as their unweighted mean over the survivors.
 
+        max_setup_attempts: key set-ups per round when members withhold their graph
+            nonce at the roster stage (each new set-up leaves them out; see
+            :meth:`_key_setup`).
+
     Clients must run :func:`~flwr_guard.secagg.mod.secaggplus_mod` on their train
     messages. A round that cannot complete (too many dropouts) leaves the model
     unchanged and is logged; the run goes on.
@@ -243,6 +259,7 @@ class SecAggPlus(StrategyWrapper):
         multi_round: bool = True,
         max_session_rounds: int = 100,
         max_colluders: int | None = None,
+        max_setup_attempts: int = 3,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -259,8 +276,15 @@ class SecAggPlus(StrategyWrapper):
         self.max_colluders = max_colluders
         if max_session_rounds < 1:
             raise ValueError(f"max_session_rounds must be >= 1, got {max_session_rounds}")
+        if max_setup_attempts < 1:
+            raise ValueError(f"max_setup_attempts must be >= 1, got {max_setup_attempts}")
         self.multi_round = multi_round
         self.max_session_rounds = max_session_rounds
+        self.max_setup_attempts = max_setup_attempts
+        self._items = _reply_items(2)
+        self._rekey: str | None = None  # why the next round must set keys up again
+        self._lost: set[int] = set()  # session members that lost their session
+        self._setup_silent: set[int] = set()  # sampled, but not in the last set-up's U1
         self.history: list[RoundReport] = []
         self._round: dict[str, Any] | None = None
         self._session: SessionServer | None = None
@@ -327,14 +351,50 @@ class SecAggPlus(StrategyWrapper):
             model_hash(global_arrays), self.masked_metrics, multi_round=multi_round,
         )
 
-    def _key_setup(self, grid: Grid, report: RoundReport, context: RoundContext, server_round: int) -> SecAggServer:
+    def _key_setup(self, grid: Grid, report: RoundReport, context: RoundContext, server_round: int,
+                   global_arrays: dict[str, np.ndarray]) -> SecAggServer:
         """Advertise and roster stages: U1's signed keys, then every member's graph nonce.
 
+        A member silent or malformed at the roster stage (no nonce, or one that does
+        not match its commitment) is left out *before any share exists*: the set-up
+        starts again, fresh keys and nonces, with the members that revealed (at most
+        ``max_setup_attempts`` set-ups per round, each without at least one more
+        member). Security: nothing of a stopped set-up is secret any more or ever
+        shared (the nonces are revealed, no share was sent), and a fresh one gives the
+        server no choice it lacks otherwise (it can always abort a round and run
+        another); the graph of the new set-up hashes fresh nonces committed before the
+        server knew any of them.
+
         Raises:
-            SecAggAborted: too few clients, or a member that did not reveal its nonce.
+            SecAggAborted: too few clients, or still nonces withheld after
+                ``max_setup_attempts`` set-ups.
         """
+        for attempt in range(1, self.max_setup_attempts + 1):
+            try:
+                return self._one_setup(grid, report, context, server_round)
+            except NonceWithheld as err:
+                report.setup_attempts = attempt + 1
+                for node in err.withheld:
+                    report.excluded[str(node)] = "did not reveal the graph nonce it committed to"
+                _add_dropouts(report, {"advertise": len(context.cohort) - len(err.withheld)
+                                       - len(err.revealed), "roster": len(err.withheld)})
+                if attempt == self.max_setup_attempts or len(err.revealed) < 2:
+                    raise SecAggAborted(
+                        f"{err} ({attempt} set-ups tried, max_setup_attempts={self.max_setup_attempts})"
+                    ) from None
+                logger.warning(
+                    "SecAgg+ round %d: nodes %s did not reveal their graph nonce; new set-up "
+                    "(fresh keys and nonces) with the %d members that did",
+                    server_round, err.withheld, len(err.revealed))
+                context = self._context(grid, server_round, err.revealed, global_arrays, report,
+                                        multi_round=context.multi_round)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _one_setup(self, grid: Grid, report: RoundReport, context: RoundContext, server_round: int) -> SecAggServer:
+        """One advertise + roster exchange under ``context`` (see :meth:`_key_setup`)."""
         cohort = list(context.cohort)
         server = SecAggServer(context)
+        self._items = _reply_items(len(cohort))
         replies = self._exchange(
             grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
         )
@@ -343,6 +403,14 @@ class SecAggPlus(StrategyWrapper):
         # The roster of U1 (168 bytes per client) fixes who is in; then each client
         # reveals the graph nonce it committed to, and the graph follows from all.
         roster = server.receive_advertisements(ads)
+        threshold = context.params.reconstruction_threshold
+        if len(roster) - 1 < threshold:
+            # Every member would refuse this roster (fewer than t peers): set up again
+            # for U1 alone (k and t chosen for its size) instead of sending it.
+            raise NonceWithheld(
+                f"only {len(roster)} of {len(cohort)} clients advertised, too few for "
+                f"reconstruction threshold {threshold}",
+                [], [e.node_id for e in roster])
         packed = pack_roster(roster)
         replies = self._exchange(
             grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
@@ -357,10 +425,16 @@ class SecAggPlus(StrategyWrapper):
         session = self._session
         if session is None:
             return "no session yet"
-        if not set(cohort) <= set(session.cohort):
-            return f"{len(set(cohort) - set(session.cohort))} sampled nodes are not in the session"
+        outside = set(cohort) - set(session.cohort)
+        if outside - self._setup_silent:
+            # (Nodes that were sampled but silent at the set-up are not waited for: a
+            # node lost for good would otherwise force a set-up every round. They
+            # rejoin at the next one.)
+            return f"{len(outside - self._setup_silent)} sampled nodes are not in the session"
         if session.rounds >= self.max_session_rounds:
             return f"the session ran its {self.max_session_rounds} rounds"
+        if self._rekey is not None:
+            return self._rekey
         if session.context.vector_length != vector_length:
             return "the model size changed"
         return None
@@ -376,19 +450,22 @@ class SecAggPlus(StrategyWrapper):
         try:
             if why is not None:
                 logger.info("SecAgg+ round %d: setting keys up (%s)", server_round, why)
-                self._session = None
+                self._session, self._rekey, self._lost = None, None, set()
                 context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=True)
-                setup = self._key_setup(grid, report, context, server_round)
+                setup = self._key_setup(grid, report, context, server_round, global_arrays)
                 lost = setup.stats.dropouts()
-                report.dropouts = {stage: lost[stage] for stage in ("advertise", "roster")}
+                _add_dropouts(report, {stage: lost[stage] for stage in ("advertise", "roster")})
                 self._session = SessionServer(setup)
+                self._setup_silent = set(cohort) - set(self._session.cohort)
             session = self._session
             assert session is not None
             params = session.context.params
             report.num_shares = params.num_shares
             report.reconstruction_threshold = params.reconstruction_threshold
             report.modulus_bits = params.modulus_bits
-            asked = [n for n in cohort if n in session.graph]
+            # Members that lost their session (UNKNOWN_SESSION) are not asked until the
+            # next set-up: they would refuse before training; the others go on.
+            asked = [n for n in cohort if n in session.graph and n not in self._lost]
             session.start_round(server_round, model_hash(global_arrays), asked)
         except SecAggAborted as err:
             self._abort(report, err)
@@ -441,10 +518,19 @@ class SecAggPlus(StrategyWrapper):
             report.stage_seconds["unmask-compute"] = round(time.monotonic() - started, 4)
         except SecAggAborted as err:
             self._abort(report, err)
+            # Too many losses for this session's graph: the next round sets keys up
+            # again with whoever answers (the survivors), instead of excluding them
+            # round after round under the same graph.
+            if session.culprits:
+                # Named culprits (their own commitments contradict their reveals) are
+                # left out of the session's next rounds; the graph itself is fine.
+                self._lost.update(session.culprits)
+            else:
+                self._rekey = f"round {server_round} aborted ({err})"
             return None, None
         finally:
-            report.dropouts = {**report.dropouts, **session.stats.dropouts()}
-            report.excluded = {str(k): v for k, v in session.stats.excluded.items()}
+            _add_dropouts(report, session.stats.dropouts())
+            report.excluded.update({str(k): v for k, v in session.stats.excluded.items()})
         return self._release(server_round, state["arrays"], report, session.context, total, weight,
                              survivors, metrics)
 
@@ -459,21 +545,29 @@ class SecAggPlus(StrategyWrapper):
             node = _reply_node(reply, destinations)
             if reply.has_error():
                 logger.warning("SecAgg+ masked-input: node %s failed: %s", node, reply.error.reason)
-                if UNKNOWN_SESSION in reply.error.reason:
-                    session.rounds = self.max_session_rounds  # re-key next round
+                if UNKNOWN_SESSION in str(reply.error.reason):
+                    # That client lost its session: leave it out of the session's next
+                    # rounds (not the cohort's re-key); it rejoins at the next set-up.
+                    self._lost.add(node)
+                    session.stats.excluded.setdefault(node, "no usable SecAgg+ session")
                 continue
             try:
                 (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
                 meta = self._decoded(reply)
                 raw = codec.field(meta, "ciphertexts", dict)
+                pairs = meta.get("pair_commitments", {})
+                if not isinstance(pairs, dict):
+                    raise ValueError("pair_commitments must map node ids to bytes")
                 inputs[node] = RoundInput(
                     vector, codec.field(meta, "commitment", bytes),
                     {_node_id(k): v for k, v in raw.items()},
                     _clipped(meta, session.context.update_length),
+                    {_node_id(k): v for k, v in pairs.items()},
                 )
                 size += _payload_bytes(reply)
-            except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
-                logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
+            except Exception as err:
+                logger.warning("SecAgg+: malformed masked input from %s, excluded: %s: %s",
+                               node, type(err).__name__, err)
                 continue
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
         report.bytes_from_clients["masked-input"] = size
@@ -486,22 +580,24 @@ class SecAggPlus(StrategyWrapper):
         for node, reply in replies.items():
             try:
                 out[node] = parse(self._decoded(reply))
-            except (ProtocolError, ValueError, KeyError, TypeError) as err:
-                logger.warning("SecAgg+: malformed %s from %s: %s", what, node, err)
+            except Exception as err:
+                logger.warning("SecAgg+: malformed %s from %s, excluded: %s: %s",
+                               what, node, type(err).__name__, err)
         return out
 
-    @staticmethod
-    def _decoded(reply: Message) -> dict:
-        """The reply's control payload; checked to be bytes of bounded size before
-        decoding (a client's message never makes the server allocate more).
+    def _decoded(self, reply: Message) -> dict:
+        """The reply's control payload; checked to be bytes of bounded size, nesting
+        and item count before decoding (:func:`flwr_guard.secagg.codec.decode`), so a
+        client's message never makes the server allocate much more than it.
 
         Raises:
-            ValueError: no such record or payload, not bytes, or too large.
+            ValueError: no such record or payload, not bytes, too large, too deep or
+                too many items (:class:`~flwr_guard.secagg.codec.MalformedMessage`).
         """
         blob = reply.content.config_records[SECAGG_RECORD].get("payload")
         if not isinstance(blob, bytes) or len(blob) > MAX_REPLY_BYTES:
             raise ValueError("SecAgg+ reply payload missing, not bytes, or too large")
-        return codec.decode(blob)
+        return codec.decode(blob, max_items=self._items)
 
     # -- train ---------------------------------------------------------------------
     def configure_train(
@@ -522,7 +618,7 @@ class SecAggPlus(StrategyWrapper):
             return self._configure_session(server_round, messages, cohort, global_arrays, grid, report)
         try:
             context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=False)
-            server = self._key_setup(grid, report, context, server_round)
+            server = self._key_setup(grid, report, context, server_round, global_arrays)
             packed_nonces = pack_nonces(server.nonces)
             # O(k) part per client (its neighbours' advertisements) + U1's nonces.
             replies = self._exchange(
@@ -601,8 +697,8 @@ class SecAggPlus(StrategyWrapper):
             self._abort(report, err)
             return None, None
         finally:
-            report.dropouts = server.stats.dropouts()
-            report.excluded = {str(k): v for k, v in server.stats.excluded.items()}
+            _add_dropouts(report, server.stats.dropouts())
+            report.excluded.update({str(k): v for k, v in server.stats.excluded.items()})
         return self._release(server_round, state["arrays"], report, server.context, total, weight,
                              active, metrics)
 
@@ -661,8 +757,9 @@ class SecAggPlus(StrategyWrapper):
                     raise ValueError("bad_senders must be a short list of node ids")
                 clipped[node] = _clipped(meta, server.context.update_length)
                 size += _payload_bytes(reply)
-            except (KeyError, ValueError, TypeError, codec.MalformedMessage) as err:
-                logger.warning("SecAgg+: malformed masked input from %s: %s", node, err)
+            except Exception as err:
+                logger.warning("SecAgg+: malformed masked input from %s, excluded: %s: %s",
+                               node, type(err).__name__, err)
                 continue
             # A vector of another dtype or length is excluded by the server core.
             masked[node] = (vector, bad)
