@@ -120,15 +120,14 @@ def _cpu_settings(device: torch.device, threads: int | None) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    previous = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with torch.backends.mkldnn.flags(enabled=False):  # restores oneDNN's state after
+            yield
     finally:
-        torch.set_num_threads(previous[0])
-        torch.backends.mkldnn.enabled = previous[1]
+        torch.set_num_threads(previous)
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,15 @@ from flwr_guard.audit.update import gradient_equivalent_update
 
 _DISTANCES = {"l2": l2_distance, "cosine": cosine_distance}
 
+
+
+@dataclass
+class _Best:
+    """The lowest-loss point the optimiser evaluated so far."""
+
+    loss: float
+    images: torch.Tensor
+    labels: torch.Tensor
 
 class DLG(Attack):
     """Deep Leakage from Gradients (L-BFGS, L2, soft labels).
@@ -94,8 +104,7 @@ class DLG(Attack):
         def soft_targets() -> torch.Tensor:
             return fixed_targets if logits is None else torch.softmax(logits, dim=1)
 
-        best: dict[str, object] = {"loss": math.inf, "images": images.detach().clone(),
-                                   "labels": soft_targets().detach().argmax(dim=1)}
+        best = _Best(math.inf, images.detach().clone(), soft_targets().detach().argmax(dim=1))
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -105,9 +114,9 @@ class DLG(Attack):
             )
             loss = _DISTANCES[self.distance](simulated, target.observed)
             value = float(loss.detach())
-            if value < best["loss"]:  # every evaluated point counts, line search included
-                best.update(loss=value, images=images.detach().clone(),
-                            labels=soft_targets().detach().argmax(dim=1))
+            if value < best.loss:  # every evaluated point counts, line search included
+                best.loss, best.images = value, images.detach().clone()
+                best.labels = soft_targets().detach().argmax(dim=1)
             loss.backward()
             return loss
 
@@ -118,12 +127,11 @@ class DLG(Attack):
                 break
             optimizer.step(closure)
             iterations = int(optimizer.state[images].get("n_iter", iterations + 1))
-            current = float(best["loss"])
+            current = best.loss
             if not math.isfinite(current) or current >= previous * (1 - 1e-7):
                 break  # converged or stalled
             previous = current
-        loss = float(best["loss"])
-        return best["images"], best["labels"], loss, iterations, stopped
+        return best.images, best.labels, best.loss, iterations, stopped
 
 
 class IDLG(DLG):

@@ -114,6 +114,8 @@ class InvertingGradients(Attack):
     ) -> tuple[torch.Tensor, float, int, bool]:
         prior = None
         if self.prior_weight > 0:
+            if target.prior_mean is None:
+                raise ValueError("prior_weight > 0 needs the target's prior_mean (a mean image)")
             prior = target.prior_mean.to(target.device).expand(
                 target.num_images, *target.image_shape
             )

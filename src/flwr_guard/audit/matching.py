@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
 def l2_distance(simulated: list[torch.Tensor], observed: list[torch.Tensor]) -> torch.Tensor:
     """``Σ ‖s − o‖²`` over paired tensors (scalar)."""
-    return sum(((s - o) ** 2).sum() for s, o in zip(simulated, observed, strict=True))
+    return cast(torch.Tensor, sum(((s - o) ** 2).sum() for s, o in zip(simulated, observed, strict=True)))
 
 
 def cosine_distance(

@@ -42,7 +42,7 @@ def reply_metric_record(reply: Message) -> MetricRecord:
         return found
     if not reply.content.metric_records:
         reply.content["metrics"] = MetricRecord()
-        return reply.content["metrics"]
+        return reply.content.metric_records["metrics"]
     raise ValueError(f"reply holds {len(reply.content.metric_records)} MetricRecords; cannot pick one")
 
 

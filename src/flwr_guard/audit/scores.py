@@ -81,6 +81,7 @@ def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         images.float(), references.float(), data_range=1.0, kernel_size=kernel,
         sigma=sigma, reduction="none",
     )
+    assert isinstance(values, torch.Tensor)  # torchmetrics returns a tuple only with full=True
     return values.reshape(-1)
 
 

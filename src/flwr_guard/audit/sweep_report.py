@@ -79,6 +79,7 @@ def write_grid(results: Results, path: Path, batch_size: int, max_victims: int =
         first = next(r for (m, s, _), r in by_key.items() if (m, s) == (model, size))
         for v in range(victims):
             col = b * victims + v
+            assert first.originals is not None  # cells hold only results with originals
             axes[0][col].imshow(first.originals[v, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             if v == 0:
                 axes[0][col].set_title(f"{model} {size}px", fontsize=7, loc="left")

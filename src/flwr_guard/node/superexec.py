@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     check_flower()
     run_superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
-    run_superexec.get_executor = guarded_get_executor
+    vars(run_superexec)["get_executor"] = guarded_get_executor  # this process only
     sys.argv = ["flwr-guard node superexec", *(sys.argv[1:] if argv is None else argv)]
     flower_superexec()
 

@@ -326,7 +326,7 @@ def encode_input(
     context: RoundContext,
     update: np.ndarray,
     weight: int,
-    metric_values: Sequence[int] = (),
+    metric_values: Sequence[int | float] = (),
     noise: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -689,7 +689,7 @@ class SecAggClient:
         weight: int,
         received_model_hash: bytes,
         rng: np.random.Generator | None = None,
-        metric_values: Sequence[int] = (),
+        metric_values: Sequence[int | float] = (),
         noise: np.ndarray | None = None,
         min_inputs: int = 0,
     ) -> tuple[np.ndarray, list[int], int]:

@@ -403,7 +403,7 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     noise = _distributed_dp_noise(msg, session.context, weight, context.node_config, metrics)
     out = session.masked_input(
         server_round, received_hash, flat_update(local, global_arrays), weight,
-        metric_values=[metrics[k] for k in secret_keys], noise=noise,
+        metric_values=_masked_metric_values(metrics, secret_keys), noise=noise,
         min_inputs=_min_inputs(msg, session.context, noise),
     )
     _save_session(context, session)
@@ -447,6 +447,22 @@ def _train_reply(
     if missing:
         raise ValueError(f"the train reply's MetricRecord lacks masked metrics {missing}")
     return local, metrics, weight, secret_keys
+
+
+def _masked_metric_values(metrics: MetricRecord, keys: tuple[str, ...]) -> list[int | float]:
+    """The values of the masked metrics, in order (the core checks that each is an integer
+    in range).
+
+    Raises:
+        ValueError: a masked metric that is a list, not one number.
+    """
+    values: list[int | float] = []
+    for key in keys:
+        value = metrics[key]
+        if isinstance(value, list):
+            raise ValueError(f"masked metric {key!r} must be one integer, got a list")
+        values.append(value)
+    return values
 
 
 def _masked_content(vector: np.ndarray, metrics: MetricRecord, secret_keys: tuple[str, ...]) -> RecordDict:
@@ -496,7 +512,7 @@ def _masked_input(
         flat_update(local, global_arrays),
         weight,
         received_hash,
-        metric_values=[metrics[k] for k in secret_keys],
+        metric_values=_masked_metric_values(metrics, secret_keys),
         noise=noise,
         min_inputs=_min_inputs(msg, client.context, noise),
     )

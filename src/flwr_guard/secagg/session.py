@@ -366,7 +366,7 @@ class SessionClient:
         update: np.ndarray,
         weight: int,
         rng: np.random.Generator | None = None,
-        metric_values: Sequence[int] = (),
+        metric_values: Sequence[int | float] = (),
         noise: np.ndarray | None = None,
         min_inputs: int = 0,
     ) -> RoundInput:
@@ -776,10 +776,15 @@ class SessionServer:
                 # A seed is right if it matches the commitment, or if t shares held by
                 # its neighbours give the very seed its owner revealed (then only the
                 # owner's commitment was wrong: named above, the round goes on).
+
+                def accept(s: bytes, c: bytes = commitment, o: bytes | None = claimed) -> bool:
+                    return commit_self_mask(s) == c or s == o
+
+                def blame(r: int, n: int = node) -> None:
+                    self._exclude(r, f"revealed a wrong self-mask share of node {n}")
+
                 seed = reconstruct_secret(
-                    held, self._threshold,
-                    lambda s, c=commitment, o=claimed: commit_self_mask(s) == c or s == o,
-                    lambda r, n=node: self._exclude(r, f"revealed a wrong self-mask share of node {n}"),
+                    held, self._threshold, accept, blame,
                     f"the self-mask of node {node}", "commitment",
                     self.max_reconstruction_attempts, node,
                 )
