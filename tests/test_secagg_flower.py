@@ -19,6 +19,7 @@ def _run(tmp_path, nodes: int, simulation: bool = True, **config) -> tuple[dict,
     result = run_demo(
         DemoOptions(
             nodes=nodes,
+            min_nodes=nodes,  # the fixture reads min-nodes as its node count
             rounds=1,
             simulation=simulation,
             app_dir=APP,

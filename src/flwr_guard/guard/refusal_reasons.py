@@ -21,10 +21,13 @@ Anything else (a crash, a timeout, the audit gate's or the reply inspector's blo
 which their own summaries report) is not a refusal and keeps the generic hint.
 
 Which reasons stop the run (:meth:`RefusalLog.refusals`, ``GuardMismatch`` unless
-``tolerate_refusals``): policy refusals, the refusing exceptions (a node whose budget is
-spent will not train again: an operator's matter, not a dropout), and SecAgg+ refusals
-in the set-up stages (advertise, roster, share-keys: the server's parameters or cohort
-do not meet the node's floors). A SecAgg+ refusal at or after the masked input (which
+``tolerate_refusals``): policy refusals, a missing or mismatched ledger (an operator's
+matter: the node cannot train until it is fixed), and SecAgg+ refusals in the set-up
+stages (advertise, roster, share-keys: the server's parameters or cohort do not meet
+the node's floors). An exhausted budget does not stop the run: it is the budget doing
+its job (the node will not train again), as Flower's own DP wrappers end training at
+``max_epsilon``; the reason, with its numbers, is on the round's line and in
+``NoAggregate`` when no round aggregated. A SecAgg+ refusal at or after the masked input (which
 also wraps an inner mod's crash, or a lost session that the next round re-keys) is only
 explained (:attr:`RefusalLog.last`), never a reason to stop.
 """
@@ -45,6 +48,8 @@ SETUP_STAGES = ("advertise", "roster", "share-keys")
 UNKNOWN_SESSION = "no usable SecAgg+ session"  # flwr_guard.secagg.session.UNKNOWN_SESSION
 #: Client-side exceptions that are a deliberate refusal, not a crash.
 REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
+#: The refusal that ends a node's training without stopping the run.
+BUDGET_EXHAUSTED = "PrivacyBudgetExceeded"
 #: What the server says when no client gave a reason.
 GENERIC_HINT = "do the clients run ClientGuard(...).train_mods()?"
 
@@ -76,7 +81,7 @@ def stops_run(reason: str, stage: str | None) -> bool:
     message) stops the run (see the module docstring)."""
     if reason.startswith(SECAGG_REFUSAL):
         return stage in SETUP_STAGES and UNKNOWN_SESSION not in reason
-    return True
+    return not reason.startswith(BUDGET_EXHAUSTED)
 
 
 class RefusalLog:
