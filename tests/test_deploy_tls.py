@@ -84,7 +84,9 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
             log = intruder.log_path.read_text(errors="replace")
         finally:
             assert intruders.stop_all() == []
-        assert exit_code != 0
+        # Flower's SUPERNODE_CONNECTION_ERROR, with the SuperLink's reason after it
+        assert exit_code == 305, log[-2000:]
+        assert "Failed to initialize the connection to the SuperLink" in log, log[-2000:]
         assert "Failed to activate SuperNode" in log, log[-2000:]
 
         status, deadline = "", time.monotonic() + 480
