@@ -226,3 +226,23 @@ def test_local_launcher_and_compose_use_the_same_flags(tmp_path) -> None:
     for i in range(3):
         assert flags(local.supernode_command(i)) == flags(container.supernode_command(i))
         assert local.supernode_node_config(i) == container.supernode_node_config(i)
+
+
+def test_every_image_build_takes_the_mirror_and_proxy_settings(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {"FLWR_GUARD_PIP_INDEX_URL": "https://mirror.example/simple",
+           "FLWR_GUARD_TORCH_INDEX_URL": "https://mirror.example/torch",
+           "FLWR_GUARD_BUILD_CA_BUNDLE": str(ca), "GRAFANA_ADMIN_PASSWORD": "x"}
+    for variant in COMPOSE_VARIANTS.values():
+        for settings, index, bundle in (({}, "", "/dev/null"), (env, env["FLWR_GUARD_PIP_INDEX_URL"], str(ca))):
+            done = _compose_config(*variant, env=settings)
+            assert done.returncode == 0, done.stderr
+            config = json.loads(done.stdout)
+            builds = [s["build"] for s in config["services"].values() if "build" in s]
+            assert len(builds) >= 5
+            for build in builds:
+                assert build["args"]["PIP_INDEX_URL"] == index
+                assert {s["source"] for s in build["secrets"]} == {"ca_bundle", "pip_conf"}
+            assert config["secrets"]["ca_bundle"]["file"] == bundle
+            assert config["secrets"]["pip_conf"]["file"] == "/dev/null"
