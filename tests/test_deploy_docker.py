@@ -177,7 +177,7 @@ def test_images_build_behind_a_mirror_or_proxy_without_simulation_extras(tmp_pat
         assert "--mount=type=secret,id=ca_bundle" in run and "--mount=type=secret,id=pip_conf" in run
         assert "PIP_CERT=/run/secrets/ca_bundle" in run and "PIP_CONFIG_FILE=/run/secrets/pip_conf" in run
         assert "-r /src/requirements-deploy.txt" in run and "--no-deps ." in run
-        assert '"$SP/torch/test"' in run and "python -c \"import flwr_guard.apps.digits.client_app" in run
+        assert '"$SP/torch/test"' in run and "! -name torch_shm_manager" in run and "python -c \"import flwr_guard.apps.digits.client_app" in run
     assert "TORCH_INDEX_URL" in {a.split("=")[0] for i, a in stages["venv-cpu"] if i == "ARG"}
     (cpu_run,) = [a for i, a in stages["venv-cpu"] if i == "RUN"]
     assert '--no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in cpu_run
