@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -242,7 +243,10 @@ def _prometheus(query: str) -> list[dict]:
 
 
 def test_the_protected_run_completes_and_secagg_sums_every_node_each_round(cluster) -> None:
-    assert cluster["wait"].stdout.strip() == "0", cluster["logs"][-5000:]
+    # `compose wait` prints the exit code (Docker) or 'container "ID" exited with status
+    # code N' (podman's API)
+    status = re.search(r"(-?\d+)\s*$", cluster["wait"].stdout)
+    assert status is not None and status.group(1) == "0", cluster["wait"].stdout + cluster["logs"][-5000:]
     assert "finished:completed" in cluster["logs"]
     rounds = [json.loads(line) for line in cluster["progress"].splitlines() if '"round"' in line]
     rounds = [r for r in rounds if r.get("event") == "round" and r["round"] > 0]
