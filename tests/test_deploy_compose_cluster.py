@@ -53,11 +53,13 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("FLWR_GUARD_SKIP_CLUSTER") == "1",
                        reason="FLWR_GUARD_SKIP_CLUSTER=1: the compose cluster test is switched off"),
     pytest.mark.skip(reason=(
-        "not run to completion in the session that wrote it (issue 22): this machine has a "
-        "Docker client without a daemon; podman 4.3.1 + runc were installed from Debian and a "
-        "bookworm base image bootstrapped, but building the images and running the cluster did "
-        "not fit the session's time on 2 cores shared by 7 sessions (load average ~17). "
-        "Remove this marker where an engine can build and run the images."
+        "run for real on 2026-12-06 with podman 4.3.1 (Debian), see docs/deploy.md: the TLS "
+        "cluster started, the 2-round protected run completed (submit exited 0) with SecAgg+ "
+        "summing 3 of 3 nodes in both rounds; it then failed only on reading podman's "
+        "`compose wait` output (fixed since) and the panel check found 17 of 59 targets empty "
+        "(user-level DP, which the reference app has no setting for, now excluded; robustness, "
+        "now fed by robust-eval-every). Those two changes are not yet run (a run takes 14 "
+        "minutes on this shared machine): remove this marker once they pass."
     )),
     pytest.mark.timeout(1800),
 ]
@@ -190,6 +192,7 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
             "submit": {"command": ["python", "-m", "flwr_guard.deployment.submit", "--connection", "compose",
                                    "--timeout", "1200", "/opt/flwr-guard/apps/digits",
                                    f"num-server-rounds={ROUNDS}", "min-nodes=3",
+                                   f"robust-eval-every={ROUNDS}",
                                    'progress-file="/tmp/progress.jsonl"']},
             "superlink": {"environment": {"FLWR_GUARD_PUSHGATEWAY_URL": "http://pushgateway:9091"}},
         }
@@ -234,6 +237,15 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
         RESULTS.write_text(json.dumps(measured, indent=2) + "\n")
 
 
+# Panels of user-level (central) DP: the reference app has no user-level DP to configure,
+# so a run of it produces none of these series (seen empty in the run of 2026-12-06,
+# with the robustness panels, which robust-eval-every now feeds).
+USER_LEVEL_DP = ("flwr_guard_dp_epsilon{run=~\"$run\", level=\"user\"}", "flwr_guard_dp_budget_exhausted",
+                 "flwr_guard_dp_epsilon_budget{run=~\"$run\", level=\"user\"}", "flwr_guard_dp_noise_multiplier",
+                 "flwr_guard_dp_clipping_norm", "flwr_guard_dp_noise_stddev", "flwr_guard_clipped_updates_ratio",
+                 "flwr_guard_update_l2_norm_bucket")
+
+
 def _prometheus(query: str) -> list[dict]:
     url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=30) as reply:
@@ -268,7 +280,8 @@ def test_prometheus_holds_the_last_rounds_values_and_every_panel_has_data(cluste
     for path in sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
-                expr = target["expr"].replace("$run", run)
-                if not _prometheus(expr):
-                    empty.append(f"{path.name}: {panel.get('title')}: {expr}")
+                if any(metric in target["expr"] for metric in USER_LEVEL_DP):
+                    continue  # nothing in the reference app produces these series
+                if not _prometheus(target["expr"].replace("$run", run)):
+                    empty.append(f"{path.name}: {panel.get('title')}: {target['expr']}")
     assert empty == [], "\n".join(empty)
