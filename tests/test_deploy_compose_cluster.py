@@ -53,13 +53,13 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("FLWR_GUARD_SKIP_CLUSTER") == "1",
                        reason="FLWR_GUARD_SKIP_CLUSTER=1: the compose cluster test is switched off"),
     pytest.mark.skip(reason=(
-        "run for real on 2026-12-06 with podman 4.3.1 (Debian), see docs/deploy.md: the TLS "
-        "cluster started, the 2-round protected run completed (submit exited 0) with SecAgg+ "
-        "summing 3 of 3 nodes in both rounds; it then failed only on reading podman's "
-        "`compose wait` output (fixed since) and the panel check found 17 of 59 targets empty "
-        "(user-level DP, which the reference app has no setting for, now excluded; robustness, "
-        "now fed by robust-eval-every). Those two changes are not yet run (a run takes 14 "
-        "minutes on this shared machine): remove this marker once they pass."
+        "run for real twice on 2026-12-06 with podman 4.3.1 (Debian), see docs/deploy.md: the "
+        "TLS cluster started, the 2-round protected run completed (submit exited 0), SecAgg+ "
+        "summed 3 of 3 nodes in both rounds and Prometheus held round 2's values (passed); the "
+        "panel check found 17 of 59 targets empty: user-level DP (the reference app has no "
+        "setting for it, now excluded) and robustness (now fed by robust-eval-every). That "
+        "last version has not run yet (a run takes 15 minutes on this shared machine): remove "
+        "this marker once it passes."
     )),
     pytest.mark.timeout(1800),
 ]
