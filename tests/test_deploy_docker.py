@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,39 @@ def test_container_healthcheck_exit_status(health_server: str, tmp_path) -> None
     assert nothing.returncode == 1
     bad_ca = _healthcheck("https://127.0.0.1:9/health", str(tmp_path / "no-such-ca.crt"))
     assert bad_ca.returncode == 1 and "cannot read the CA certificate" in bad_ca.stderr
+
+
+def test_images_build_behind_a_mirror_or_proxy_without_simulation_extras(tmp_path) -> None:
+    """Index URLs are build arguments, the CA bundle and pip.conf are build secrets (never
+    in a layer), and the image's requirements are pyproject's with flwr[simulation]
+    replaced by flwr (no Ray), as the Dockerfile's own command computes them."""
+    stages = _stages(REPO / "docker" / "Dockerfile")
+    for venv in ("venv-cpu", "venv-cuda"):
+        args = {a.split("=")[0] for i, a in stages[venv] if i == "ARG"}
+        assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_VERSION"} <= args, venv
+        (run,) = [a for i, a in stages[venv] if i == "RUN"]
+        assert "--mount=type=secret,id=ca_bundle" in run and "--mount=type=secret,id=pip_conf" in run
+        assert "PIP_CERT=/run/secrets/ca_bundle" in run and "PIP_CONFIG_FILE=/run/secrets/pip_conf" in run
+        assert "-r /src/requirements-deploy.txt" in run and "--no-deps ." in run
+        assert '"$SP/torch/test"' in run and "! -name torch_shm_manager" in run and "python -c \"import flwr_guard.apps.digits.client_app" in run
+    assert "TORCH_INDEX_URL" in {a.split("=")[0] for i, a in stages["venv-cpu"] if i == "ARG"}
+    (cpu_run,) = [a for i, a in stages["venv-cpu"] if i == "RUN"]
+    assert '--no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in cpu_run
+    # the requirements step, run here on this repository's pyproject.toml
+    (generate,) = [a for i, a in stages["venv-base"] if i == "RUN" and "tomllib" in a]
+    command = generate.split(" > ")[0]
+    assert command.startswith("python -c ")
+    code = command[len("python -c "):].strip().strip('"')  # the shell passes it as is
+    (tmp_path / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(declared)
+    assert not any("simulation" in line for line in lines)
+    assert [x for x in lines if x.startswith("flwr>=")] == [
+        d.replace("flwr[simulation]", "flwr") for d in declared if d.startswith("flwr[simulation]")
+    ]
+    assert sorted(set(declared) - {d for d in declared if d.startswith("flwr[")}) == sorted(
+        x for x in lines if not x.startswith("flwr>=")
+    )

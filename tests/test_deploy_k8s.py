@@ -20,20 +20,29 @@ import helm_python as helm
 import pytest
 import yaml
 from conftest import REPO
+from flwr.common.config import parse_config_args
 
 from flwr_guard.deployment.manifests import (
     K8S_CONNECTION,
     POD_INDEX,
+    SECAGG_DIR,
     check_command_line,
     container_topology,
     k8s_drift,
 )
-from flwr_guard.deployment.tls import make_credentials
+from flwr_guard.deployment.provision import provision
+from flwr_guard.secagg.keys import load_signing_key
+from flwr_guard.secagg.policy import policy_from_node_config
 
 CHART = REPO / "deploy" / "k8s" / "flwr-guard"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 RELEASE, NAMESPACE = "demo", "fl"
-SECRETS = {"tls": {"existingSecret": "fl-tls"}, "supernodeAuth": {"existingSecret": "fl-keys"}}
+SECRETS = {
+    "tls": {"existingSecret": "fl-tls"},
+    "supernodeAuth": {"existingSecret": "fl-keys"},
+    "secagg": {"existingSecret": "fl-secagg"},
+}
+ADMIN_KEY = "ab" * 32
 
 helm.disable_logging()
 
@@ -65,8 +74,16 @@ def _configmap(manifests: list[dict], name: str) -> dict:
 
 CASES = {
     "insecure": (
-        {"tls": {"enabled": False}, "supernodeAuth": {"enabled": False}},
+        {"tls": {"enabled": False}, "supernodeAuth": {"enabled": False}, "secagg": {"existingSecret": "s"}},
         dict(nodes=3, secure=False),
+    ),
+    "secagg-roster-signature-checked": (
+        {**SECRETS, "secagg": {"existingSecret": "s", "rosterAdminKey": ADMIN_KEY}},
+        dict(nodes=3, secure=True, roster_admin_key=ADMIN_KEY),
+    ),
+    "no-secagg-credentials": (
+        {**SECRETS, "secagg": {"enabled": False}},
+        dict(nodes=3, secure=True, secagg=False),
     ),
     "tls-auth-existing-secrets": (SECRETS, dict(nodes=3, secure=True)),
     "gpu-5-nodes": (
@@ -119,29 +136,56 @@ def test_rendered_chart_is_valid_and_runs_the_topology(case: str, tmp_path) -> N
         assert tomllib.loads(config) == tomllib.loads(topology.flwr_config_toml(K8S_CONNECTION))
 
 
-def test_secrets_from_files_carry_the_generated_credentials(tmp_path) -> None:
-    tls, keys = make_credentials(tmp_path, nodes=3, hosts=[f"{RELEASE}-superlink", "127.0.0.1"])
+def test_secrets_from_files_carry_the_provisioned_credentials(tmp_path) -> None:
+    """`flwr-guard provision` output, passed with --set-file, becomes the three Secrets;
+    pod i mounts the SecAgg+ secret and reads its own key by index."""
+    fed = provision(tmp_path / "credentials", 3, hosts=[f"{RELEASE}-superlink", "127.0.0.1"])
+    out = fed.out
     values = {
         "tls": {
-            "ca": Path(tls.ca_certfile).read_text(),
-            "cert": Path(tls.certfile).read_text(),
-            "key": Path(tls.keyfile).read_text(),
+            "ca": (out / "ca.crt").read_text(),
+            "cert": (out / "server.crt").read_text(),
+            "key": (out / "server.key").read_text(),
         },
         "supernodeAuth": {
-            "privateKeys": [Path(k).read_text() for k in keys],
-            "publicKeys": [Path(f"{k}.pub").read_text() for k in keys],
+            "privateKeys": [fed.auth_key(i).read_text() for i in range(3)],
+            "publicKeys": [(out / f"supernode-{i}.pub").read_text() for i in range(3)],
+        },
+        "secagg": {
+            "signingKeys": [fed.signing_key(i).read_text() for i in range(3)],
+            "roster": fed.roster.read_text(),
+            "rosterAdminKey": fed.admin_public_key.hex(),
         },
     }
     manifests = _render(values)
     _validate(manifests, tmp_path)
     secrets = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Secret"}
     data = secrets[f"{RELEASE}-tls"]["data"]
-    assert base64.b64decode(data["server.crt"]).decode() == Path(tls.certfile).read_text()
+    assert base64.b64decode(data["server.crt"]).decode() == (out / "server.crt").read_text()
     data = secrets[f"{RELEASE}-supernode-keys"]["data"]
     assert sorted(data) == sorted([f"supernode-{i}" for i in range(3)] + [
         f"supernode-{i}.pub" for i in range(3)
     ])
-    assert base64.b64decode(data["supernode-2"]).decode() == Path(keys[2]).read_text()
+    assert base64.b64decode(data["supernode-2"]).decode() == fed.auth_key(2).read_text()
+    data = secrets[f"{RELEASE}-secagg"]["data"]
+    assert sorted(data) == ["roster.json", "secagg-0.key", "secagg-1.key", "secagg-2.key"]
+    # what a pod reads from the mounted Secret is what each node's policy loads and checks
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for name, value in data.items():
+        (mounted / name).write_bytes(base64.b64decode(value))
+    (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
+    pod = statefulset["spec"]["template"]["spec"]
+    (node,) = [c for c in pod["containers"] if c["name"] == "supernode"]
+    assert {"name": "secagg", "mountPath": SECAGG_DIR, "readOnly": True} in node["volumeMounts"]
+    node_config = node["args"][node["args"].index("--node-config") + 1]
+    for index in range(3):
+        config = parse_config_args([node_config.replace(POD_INDEX, str(index))])
+        config = {k: str(v).replace(SECAGG_DIR, str(mounted)) for k, v in config.items()}
+        policy = policy_from_node_config(config)
+        own = load_signing_key(mounted / f"secagg-{index}.key")
+        assert own == load_signing_key(fed.signing_key(index))
+        assert policy.roster is not None and len(policy.roster.members) == 3
 
 
 @pytest.mark.parametrize(
@@ -155,6 +199,11 @@ def test_secrets_from_files_carry_the_generated_credentials(tmp_path) -> None:
         (
             {"tls": {"existingSecret": "t"}, "supernodeAuth": {"privateKeys": ["a"]}},
             "set existingSecret, or 3 privateKeys and 3 publicKeys",
+        ),
+        (
+            {"tls": {"existingSecret": "t"}, "supernodeAuth": {"existingSecret": "k"},
+             "secagg": {"signingKeys": ["a", "b", "c"]}},
+            "secagg: set existingSecret, or 3 signingKeys and roster",
         ),
     ],
 )
@@ -177,6 +226,7 @@ def test_helm_lint_strict_has_no_warnings() -> None:
         ({"supernodes": {"replicas": 0}}, "/supernodes/replicas"),
         ({"supernodes": {"nodeConfig": {"partition-id": 3}}}, "propertyName 'partition-id'"),
         ({"superlink": {"prot": 8000}}, "additional properties 'prot' not allowed"),
+        ({"secagg": {"rosterAdminKey": "xyz"}}, "/secagg/rosterAdminKey"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict, message: str) -> None:
@@ -226,4 +276,4 @@ def test_rendered_prometheus_configuration_passes_promtool(tmp_path) -> None:
         f"{RELEASE}-superlink.{NAMESPACE}.svc:9464"
     ]
     assert jobs["pushgateway"]["static_configs"][0]["targets"] == ["pushgateway.monitoring:9091"]
-    assert jobs["pushgateway"]["honor_labels"] is True
+    assert jobs["pushgateway"]["honor_labels"] is False  # each series stored under its source (prometheus.yml)

@@ -82,7 +82,8 @@ def test_scrape_targets_are_the_compose_services() -> None:
     exporter = jobs["flwr-guard"]["static_configs"][0]["targets"]
     assert exporter == ["superlink:9464"]
     assert services["superlink"]["environment"]["FLWR_GUARD_METRICS_ADDRESS"] == "0.0.0.0:9464"
-    assert jobs["pushgateway"]["honor_labels"] is True
+    # the Pushgateway's copies keep a job of their own (exported_job = the pusher's)
+    assert jobs["pushgateway"]["honor_labels"] is False
     assert jobs["pushgateway"]["static_configs"][0]["targets"] == ["pushgateway:9091"]
     assert "pushgateway" in services and "prometheus" in services
 

@@ -29,9 +29,9 @@ from flwr_guard.apps.digits import app_dir
 from flwr_guard.deployment import DeploymentError, LocalDeployment, Topology, free_port
 from flwr_guard.deployment.healthcheck import superlink_healthy
 from flwr_guard.deployment.processes import ProcessSupervisor
-from flwr_guard.deployment.tls import make_credentials
+from flwr_guard.deployment.provision import provision
+from flwr_guard.deployment.tls import LOCAL_HOSTS, make_credentials
 from flwr_guard.deployment.topology import TlsConfig
-from flwr_guard.secagg.keys import write_federation
 
 pytestmark = pytest.mark.deployment
 
@@ -41,9 +41,13 @@ COMPLETED = "finished:completed"
 def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
     tmp_path,
 ) -> None:
-    tls, keys = make_credentials(tmp_path / "credentials", nodes=3)
-    # A federation roster for SecAgg+ (docs/secagg.md): the nodes refuse rounds without one.
-    federation = write_federation(tmp_path / "federation", 2, min_cohort=2)
+    # Every credential from `flwr-guard provision` (TLS, SuperNode keys, SecAgg+ keys and
+    # the administrator-signed roster, whose signature each node checks): the nodes
+    # refuse SecAgg+ rounds without a roster (docs/secagg.md).
+    fed = provision(tmp_path / "credentials", 3, hosts=LOCAL_HOSTS)
+    tls = TlsConfig(str(fed.out / "ca.crt"), str(fed.out / "server.crt"), str(fed.out / "server.key"))
+    keys = tuple(str(fed.auth_key(i)) for i in range(3))
+    federation = [{**fed.node_config(i), "secagg-min-cohort": 2} for i in range(2)]
     topo = Topology.on_free_ports(nodes=2, tls=tls, supernode_auth_keys=keys[:2],
                                   per_node_config=tuple(federation))
     assert "--insecure" not in topo.superlink_command() + topo.supernode_command(0)
@@ -84,7 +88,11 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
             log = intruder.log_path.read_text(errors="replace")
         finally:
             assert intruders.stop_all() == []
+        # Flower's SUPERNODE_CONNECTION_ERROR (305) in the log, with the SuperLink's reason
+        # after it; the process itself exits 1 in Flower 1.41 (uvicorn's shutdown)
         assert exit_code != 0
+        assert "Exit Code: 305" in log, log[-2000:]
+        assert "Failed to initialize the connection to the SuperLink" in log, log[-2000:]
         assert "Failed to activate SuperNode" in log, log[-2000:]
 
         status, deadline = "", time.monotonic() + 480

@@ -16,6 +16,11 @@ from rich.text import Text
 from flwr_guard.audit.cli import audit_command, audit_endpoints_command
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
+from flwr_guard.deployment.provision_cli import (
+    provision_command,
+    provision_device_command,
+    signing_key_command,
+)
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
 from flwr_guard.dp.cli import ledger_app
 from flwr_guard.node.cli import node_app
@@ -35,6 +40,9 @@ app.command("audit-endpoints")(audit_endpoints_command)
 app.command("robustness")(robustness_command)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(node_app, name="node")
+app.command("provision")(provision_command)
+app.command("provision-device")(provision_device_command)
+app.command("signing-key")(signing_key_command)
 
 
 class Partition(str, Enum):

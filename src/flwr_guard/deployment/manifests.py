@@ -26,6 +26,9 @@ SUPERLINK_PORT = 8000
 SUPERNODE_PORT = 9094
 TLS_DIR = "/etc/flwr-guard/tls"
 KEY_DIR = "/etc/flwr-guard/keys"
+# Each SuperNode's SecAgg+ signing key and the federation roster
+# (`flwr-guard provision`, flwr_guard.deployment.provision).
+SECAGG_DIR = "/etc/flwr-guard/secagg"
 COMPOSE_NODES = 3
 COMPOSE_CONNECTION = "compose"
 K8S_CONNECTION = "k8s"
@@ -39,6 +42,8 @@ def container_topology(
     superlink_host: str,
     secure: bool = False,
     node_config: NodeConfig | None = None,
+    secagg: bool = True,
+    roster_admin_key: str | None = None,
 ) -> Topology:
     """The topology of a container deployment.
 
@@ -48,7 +53,23 @@ def container_topology(
         secure: TLS (material in ``/etc/flwr-guard/tls``) and SuperNode
             authentication (``/etc/flwr-guard/keys/supernode-<i>``).
         node_config: extra node config of every SuperNode (e.g. ``device="cuda"``).
+        secagg: give each SuperNode its SecAgg+ signing key
+            (``/etc/flwr-guard/secagg/secagg-<i>.key``) and the federation roster
+            (``/etc/flwr-guard/secagg/roster.json``), the files ``flwr-guard provision``
+            writes.
+        roster_admin_key: the roster administrator's public key (64 hex) every node
+            checks the roster's signature with (``None``: not checked).
     """
+    per_node: tuple[NodeConfig, ...] = ()
+    if secagg:
+        per_node = tuple(
+            {
+                "secagg-signing-key": f"{SECAGG_DIR}/secagg-{i}.key",
+                "secagg-roster": f"{SECAGG_DIR}/roster.json",
+                **({"secagg-roster-admin-key": roster_admin_key} if roster_admin_key else {}),
+            }
+            for i in range(nodes)
+        )
     return Topology(
         nodes=nodes,
         superlink_port=SUPERLINK_PORT,
@@ -57,6 +78,7 @@ def container_topology(
         superlink_host=superlink_host,
         supernode_host="127.0.0.1",
         node_config=dict(node_config or {}),
+        per_node_config=per_node,
         tls=(
             TlsConfig(f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/server.crt", f"{TLS_DIR}/server.key")
             if secure
@@ -301,6 +323,13 @@ def check_command_line(argv: Sequence[str]) -> None:
         from flwr_guard.deployment.register import build_parser
 
         _argparse_check(build_parser(), "python -m flwr_guard.deployment.register", args[2:])
+    elif program == "python" and args[:2] == ["-m", "flwr_guard.deployment.submit"]:
+        from flwr_guard.deployment.submit import build_parser as submit_parser
+
+        parsed = _argparse_check(submit_parser(), "python -m flwr_guard.deployment.submit", args[2:])
+        if parsed is not None:
+            for entry in parsed.run_config:
+                _config_check("--run-config", entry)
     elif program == "python" and args == ["-m", "flwr_guard.deployment.healthcheck"]:
         return
     else:

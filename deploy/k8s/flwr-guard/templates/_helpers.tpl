@@ -28,6 +28,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.supernodeAuth.existingSecret | default (printf "%s-supernode-keys" (include "flwr-guard.name" .)) -}}
 {{- end -}}
 
+{{- define "flwr-guard.secaggSecret" -}}
+{{- .Values.secagg.existingSecret | default (printf "%s-secagg" (include "flwr-guard.name" .)) -}}
+{{- end -}}
+
 {{- define "flwr-guard.auth" -}}
 {{- if and .Values.supernodeAuth.enabled (not .Values.tls.enabled) -}}
 {{- fail "supernodeAuth.enabled needs tls.enabled: Flower refuses SuperNode authentication without TLS" -}}
