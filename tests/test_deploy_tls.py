@@ -47,7 +47,16 @@ def test_tls_and_supernode_auth_run_completes_and_unregistered_node_is_refused(
     fed = provision(tmp_path / "credentials", 3, hosts=LOCAL_HOSTS)
     tls = TlsConfig(str(fed.out / "ca.crt"), str(fed.out / "server.crt"), str(fed.out / "server.key"))
     keys = tuple(str(fed.auth_key(i)) for i in range(3))
-    federation = [{**fed.node_config(i), "secagg-min-cohort": 2} for i in range(2)]
+    # A cohort of 2 of a roster of 3: C = 0 and h = 1 (sums of 2), set by the operator,
+    # who also creates each node's record-level ledger (`flwr-guard ledger init`).
+    from flwr_guard.dp.node_policy import data_source
+    from flwr_guard.dp.record_ledger import init_ledger
+
+    ledgers = tmp_path / "dp-sgd-ledger"
+    federation = [{**fed.node_config(i), "secagg-min-cohort": 2, "secagg-max-colluders": 0,
+                   "secagg-min-honest-others": 1, "dp-sgd-ledger": str(ledgers)} for i in range(2)]
+    for i in range(2):
+        init_ledger(str(ledgers), data_source({"partition-id": i}))
     topo = Topology.on_free_ports(nodes=2, tls=tls, supernode_auth_keys=keys[:2],
                                   per_node_config=tuple(federation))
     assert "--insecure" not in topo.superlink_command() + topo.supernode_command(0)
