@@ -86,7 +86,7 @@ def test_every_alert_has_a_unit_test_where_it_fires() -> None:
 
 @needs_promtool
 @pytest.mark.parametrize("old,new", [("> 0.8", "> 0.9"), ("0.5 * (", "0.8 * ("),
-                                     ("leak_verdicts_total > 0", "leak_verdicts_total > 2")])
+                                     ("leak_verdicts_total) > 0", "leak_verdicts_total) > 2")])
 def test_rule_unit_tests_fail_when_a_threshold_changes(tmp_path, old: str, new: str) -> None:
     (tmp_path / "rules").mkdir()
     (tmp_path / "tests").mkdir()
