@@ -41,11 +41,11 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
+from flwr_guard.secagg.mod import SECAGG_RECORD
+from flwr_guard.secagg.session import UNKNOWN_SESSION
 
 SECAGG_REFUSAL = "SecAgg+ refused:"
-SECAGG_RECORD = "secagg"
 SETUP_STAGES = ("advertise", "roster", "share-keys")
-UNKNOWN_SESSION = "no usable SecAgg+ session"  # flwr_guard.secagg.session.UNKNOWN_SESSION
 #: Client-side exceptions that are a deliberate refusal, not a crash.
 REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
 #: The refusal that ends a node's training without stopping the run.
