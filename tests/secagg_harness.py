@@ -34,6 +34,14 @@ class Round:
     masked: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+UNIFORM_P_FLOOR = 1e-6
+"""p-value floor of the uniformity checks of masked vectors. The masks come from fresh
+keys each run, so those checks are random: at 1e-6 per check the suite fails by chance
+about once in 10^5 runs (10 checks per run), while a real bias at d >= 1000 gives
+p-values far below it (test_server_view_masked_vectors_are_uniform_and_uncorrelated
+has the positive controls)."""
+
+
 def make_round(n: int, d: int, seed: int = 0, params: SecAggParams | None = None, **kw) -> Round:
     rng = np.random.default_rng(seed)
     ids = sorted({int(i) for i in rng.integers(1, 2**63 - 1, size=n)})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, alive
 from scipy import stats
+from secagg_harness import UNIFORM_P_FLOOR
 
 from flwr_guard.demo import DemoOptions, run_demo
 
@@ -55,7 +56,7 @@ def test_simulation_a_third_dropping_gives_the_survivors_weighted_average(tmp_pa
     assert len(big) == 4 and all(v.dtype == np.uint32 for v in big)
     for vector in big:
         u = vector[:-1].astype(np.float64) / 2.0**32
-        assert stats.kstest(u, "uniform").pvalue > 1e-3
+        assert stats.kstest(u, "uniform").pvalue > UNIFORM_P_FLOOR
         assert max(abs(np.corrcoef(u, t)[0, 1]) for t in truth) < 0.15
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
-from secagg_harness import expected_mean, make_round, mean_of, run
+from secagg_harness import UNIFORM_P_FLOOR, expected_mean, make_round, mean_of, run
 
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.client import Advertisement, ProtocolError
@@ -62,13 +62,23 @@ def test_server_view_masked_vectors_are_uniform_and_uncorrelated() -> None:
     bits = r.server.context.params.modulus_bits
     for node, vector in r.masked.items():
         u = vector[:-1].astype(np.float64) / 2.0**bits
-        assert stats.kstest(u, "uniform").pvalue > 1e-3
+        assert stats.kstest(u, "uniform").pvalue > UNIFORM_P_FLOOR
         assert abs(np.corrcoef(u, r.updates[node])[0, 1]) < 0.05
     # Knowing every other client's masked vector does not help either: the
     # difference of two masked vectors is still uniform.
     a, b = list(r.masked.values())[:2]
     diff = (a - b)[:-1].astype(np.float64) / 2.0**bits
-    assert stats.kstest(diff, "uniform").pvalue > 1e-3
+    assert stats.kstest(diff, "uniform").pvalue > UNIFORM_P_FLOOR
+    # Positive controls: the same checks see an unmasked quantised update, and a
+    # mask whose top bit is set 55 % of the time instead of 50 %.
+    p = r.server.context.params
+    node = sorted(r.updates)[0]
+    rng = np.random.default_rng(0)
+    q, _ = quantize(r.updates[node], p.clipping_range, p.quantization_range, rng)
+    plain = q.astype(np.float64) / p.quantization_range
+    assert stats.kstest(plain, "uniform").pvalue < UNIFORM_P_FLOOR
+    biased = rng.random(20_000) * 0.5 + 0.5 * (rng.random(20_000) < 0.55)
+    assert stats.kstest(biased, "uniform").pvalue < UNIFORM_P_FLOOR
 
 
 def test_model_inconsistency_is_refused_by_the_client() -> None:

@@ -110,7 +110,7 @@ def send_and_receive(
             pending.discard(reply.metadata.reply_to_message_id)
             if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 node = destination[reply.metadata.reply_to_message_id]
-                after = round(time.monotonic() - started, 3)
+                after = time.monotonic() - started
                 receipt.unavailable[node] = after
                 log(WARNING, "SecAgg+ transport: node %s unavailable after %.1f s "
                     "(Flower: no heartbeat within 2 x its interval); it counts as a "
@@ -121,5 +121,5 @@ def send_and_receive(
         time.sleep(min(interval, remaining))
         interval = min(interval * 2, max_interval_s)
     receipt.timed_out = sorted(destination[i] for i in pending)
-    receipt.seconds = round(time.monotonic() - started, 3)
+    receipt.seconds = time.monotonic() - started
     return replies
