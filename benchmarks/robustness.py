@@ -205,7 +205,7 @@ def main() -> None:
     p.add_argument("--cure-lambda", type=float, default=4.0)
     p.add_argument("--scorpio-lambda", type=float, default=1.0)
     args = p.parse_args()
-    torch.set_num_threads(1)  # fastest for 8x8 convolutions on a shared CPU (robust/cpu.py)
+    torch.set_num_threads(1)  # fastest for 8x8 convolutions on a shared CPU (flwr_guard.device.cpu_settings)
     torch.backends.mkldnn.enabled = False
     seeds = tuple(int(s) for s in args.seeds.split(","))
     x_tr, y_tr, x_te, y_te = digits_split()

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flwr_guard.device import cpu_settings
 from flwr_guard.robust.attributions import (
     METHODS,
     gradcam_pp,
     integrated_gradients,
     pgca_cells,
 )
-from flwr_guard.robust.cpu import cpu_settings
 
 
 class ConvSumHead(nn.Module):

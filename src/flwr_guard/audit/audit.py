@@ -19,11 +19,9 @@ update, training schedule, the population mean image); scores use the real batch
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +50,7 @@ from flwr_guard.audit.update import (
 )
 from flwr_guard.audit.vector_scores import cosine, recovered_fraction, relative_l2_error
 from flwr_guard.audit.verdict import VerdictRule
-from flwr_guard.device import resolve_device
+from flwr_guard.device import cpu_settings, resolve_device
 
 
 @dataclass(frozen=True)
@@ -113,21 +111,6 @@ class AuditPlan:
             "learning-rate": self.training.learning_rate,
             "attacks": self.attack_names,
         }
-
-
-@contextlib.contextmanager
-def _cpu_settings(device: torch.device, threads: int | None) -> Iterator[None]:
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):  # restores oneDNN's state after
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -199,7 +182,7 @@ def run_audit(
     if data.low is not None:
         model = data.wrap_model(copy.deepcopy(model))
 
-    with _cpu_settings(dev, plan.cpu_threads):
+    with cpu_settings(dev, plan.cpu_threads):
         model = model.to(dev)
         params = {k: v.to(dev) for k, v in trainable_params(model).items()}
         scale = plan.training.learning_rate * plan.training.local_steps

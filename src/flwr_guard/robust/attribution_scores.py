@@ -37,8 +37,8 @@ from captum.metrics import infidelity, sensitivity_max
 from scipy.stats import spearmanr
 from torch import nn
 
+from flwr_guard.device import cpu_settings
 from flwr_guard.robust.attributions import METHODS, Attribution
-from flwr_guard.robust.cpu import cpu_settings
 
 SCORES = ("deletion_auc", "insertion_auc", "infidelity", "max_sensitivity", "topk_intersection",
           "randomisation_spearman")
@@ -143,8 +143,8 @@ def score_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                        methods: Mapping[str, Attribution] = METHODS, seed: int = 0,
                        cpu_threads: int | None = 1) -> dict[str, dict[str, float]]:
     """Every score of :data:`SCORES` for every method, averaged over the examples:
-    ``{method: {score: value}}`` (``cpu_threads``: :func:`flwr_guard.robust.cpu.cpu_settings`)."""
-    with cpu_settings(x.device, cpu_threads):
+    ``{method: {score: value}}`` (``cpu_threads``: :func:`flwr_guard.device.cpu_settings`)."""
+    with cpu_settings(x.device, cpu_threads, disable_onednn=cpu_threads is not None):
         return _score_all(model, x, target, methods, seed)
 
 

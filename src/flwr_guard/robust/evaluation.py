@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flwr_guard.device import cpu_settings
 from flwr_guard.robust.attacks import fgsm, pgd, spsa, square
-from flwr_guard.robust.cpu import cpu_settings
 from flwr_guard.robust.masking import UNBOUNDED_EPS, MaskingVerdict, detect_masking
 
 DEFAULT_EPS = (0.05, 0.1, 0.2)
@@ -33,7 +33,7 @@ class AttackSettings:
     """Strength of each attack (defaults: PGD-40 with 2 restarts, SPSA 40 x 32 probe pairs,
     Square 500 queries), the subsample for the zeroth-order attacks, and the torch
     threads on CPU (``cpu_threads``, oneDNN off; ``None`` = leave as is; see
-    :mod:`flwr_guard.robust.cpu`).
+    :func:`flwr_guard.device.cpu_settings`).
 
     Raises:
         ValueError: for an unknown attack name or a non-positive count.
@@ -133,7 +133,8 @@ def evaluate_robustness(
         ValueError: for empty or mismatched inputs, NaN/Inf pixels or eps outside (0, 1).
     """
     settings = settings or AttackSettings()
-    with cpu_settings(x.device, settings.cpu_threads):
+    with cpu_settings(x.device, settings.cpu_threads,
+                      disable_onednn=settings.cpu_threads is not None):
         return _evaluate(model, x, y, eps, settings, gradient_model, alpha)
 
 

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flwr_guard.device import cpu_settings
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.robust.attacks import pgd
-from flwr_guard.robust.cpu import cpu_settings
 from flwr_guard.robust.hvp import input_grad
 
 OBJECTIVES = ("plain", "cure", "scorpio", "pgd-at")
@@ -169,12 +169,12 @@ def train_robust_epochs(
 ) -> TrainingCost:
     """Train ``model`` in place with SGD on ``objective``; the last epoch's mean loss,
     the steps taken and the seconds they took (all epochs). ``cpu_threads``: see
-    :func:`flwr_guard.robust.cpu.cpu_settings` (``None`` = leave torch's settings).
+    :func:`flwr_guard.device.cpu_settings` (``None`` = leave torch's settings).
 
     Raises:
         FloatingPointError: if the loss becomes NaN or Inf (lower lambda or the rate).
     """
-    with cpu_settings(device, cpu_threads):
+    with cpu_settings(device, cpu_threads, disable_onednn=cpu_threads is not None):
         return _train(model, loader, objective, epochs, learning_rate, momentum, device)
 
 
