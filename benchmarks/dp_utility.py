@@ -50,7 +50,7 @@ from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.dp.accounting import (
     Step,
     compute_epsilon,
-    epsilon_from_history,
+    epsilon_of_steps,
     noise_multiplier_for_epsilon,
 )
 from flwr_guard.dp.central import add_gaussian_noise, central_noise_std
@@ -186,7 +186,7 @@ def skellam_epsilon(z: float, args: argparse.Namespace) -> float:
     mu = noise.num_clients * noise.mu
     step = Step(noise.effective_noise_multiplier, 1.0, args.rounds,
                 skellam=(l2, quantised_l1_bound(l2, padded), mu))
-    return epsilon_from_history([step], DELTA, "rdp", "none")
+    return epsilon_of_steps([step], DELTA, "rdp", "none")
 
 
 def skellam_noise_multiplier(z_gaussian: float, target: float, args: argparse.Namespace) -> float:

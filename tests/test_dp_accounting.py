@@ -11,10 +11,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from flwr_guard.dp.accounting import (
-    Ledger,
     Step,
+    StepLedger,
     compute_epsilon,
-    epsilon_from_history,
+    epsilon_of_steps,
     noise_multiplier_for_epsilon,
 )
 from flwr_guard.dp.budget import CheckpointMismatch, PrivacyBudget, PrivacyBudgetExceeded
@@ -61,14 +61,14 @@ def test_pld_is_tighter_than_rdp_and_composition_is_additive_in_the_ledger() -> 
     rdp = compute_epsilon(1.5, 0.04, 2250, 1e-5, "rdp")
     pld = compute_epsilon(1.5, 0.04, 2250, 1e-5, "pld")
     assert pld < rdp
-    ledger = Ledger()
+    ledger = StepLedger()
     for _ in range(10):
         ledger.add(1.2, 0.1)
     ledger.add(0.9, 0.1, 5)
     assert [s.count for s in ledger.steps] == [10, 5]  # identical steps are merged
-    split = epsilon_from_history([Step(1.2, 0.1, 10), Step(0.9, 0.1, 5)], 1e-5)
+    split = epsilon_of_steps([Step(1.2, 0.1, 10), Step(0.9, 0.1, 5)], 1e-5)
     assert ledger.epsilon(1e-5) == pytest.approx(split)
-    assert Ledger.from_dict(json.loads(json.dumps(ledger.to_dict()))) == ledger
+    assert StepLedger.from_dict(json.loads(json.dumps(ledger.to_dict()))) == ledger
 
 
 def test_fixed_size_sampling_is_accounted_with_replace_one_and_costs_more() -> None:
@@ -188,14 +188,14 @@ def test_skellam_is_accounted_with_its_own_rdp_and_a_generic_subsampling_bound()
     l2 = 1e5
     step = Step(z, 0.3, 25, skellam=(l2, quantised_l1_bound(l2, d), (z * l2) ** 2 / 2))
     assert compute_epsilon(z, 0.3, 25, 1e-5) == pytest.approx(8.00, abs=0.01)
-    assert epsilon_from_history([step], 1e-5, "rdp", "poisson") == pytest.approx(10.99, abs=0.01)
-    assert epsilon_from_history([step], 1e-5, "rdp", "none") == pytest.approx(25.43, abs=0.01)
+    assert epsilon_of_steps([step], 1e-5, "rdp", "poisson") == pytest.approx(10.99, abs=0.01)
+    assert epsilon_of_steps([step], 1e-5, "rdp", "none") == pytest.approx(25.43, abs=0.01)
     assert compute_epsilon(z, 1.0, 25, 1e-5, sampling="none") == pytest.approx(25.17, abs=0.01)
     with pytest.raises(ValueError, match="its own RDP only"):
-        epsilon_from_history([step], 1e-5, "pld", "poisson")
+        epsilon_of_steps([step], 1e-5, "pld", "poisson")
     with pytest.raises(ValueError, match="no bound for Skellam"):
-        epsilon_from_history([Step(z, 0.3, 1, 10, skellam=step.skellam)], 1e-5, "rdp", "fixed-size")
+        epsilon_of_steps([Step(z, 0.3, 1, 10, skellam=step.skellam)], 1e-5, "rdp", "fixed-size")
     # The ledger round-trips Skellam steps (the DPFedAvg checkpoint).
-    ledger = Ledger([step, Step(1.0, 0.5, 3)])
-    again = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    ledger = StepLedger([step, Step(1.0, 0.5, 3)])
+    again = StepLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
     assert again.steps == ledger.steps

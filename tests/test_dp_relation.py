@@ -14,7 +14,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant as FlowerRdp
 from scipy import integrate, stats
 
-from flwr_guard.dp.accounting import Ledger, Step, compute_epsilon, epsilon_from_history
+from flwr_guard.dp.accounting import Step, StepLedger, compute_epsilon, epsilon_of_steps
 from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
 from flwr_guard.dp.relation_accounting import (
     ADD_REMOVE_ORDERS,
@@ -83,20 +83,20 @@ def test_dpfedavg_distributed_accounts_add_remove_by_default_and_names_the_relat
     mu = n * skellam_mu(1.0, 1.0, step, d, m)
     assert planned[4] == pytest.approx((l2, quantised_l1_bound(l2, d), mu))
     assert planned[5] == (n, d) and zero_out._planned_step(arrays, n)[5] is None
-    add_remove = epsilon_from_history([Step(*planned[:4], skellam=planned[4],
+    add_remove = epsilon_of_steps([Step(*planned[:4], skellam=planned[4],
                                             leaving_shares=planned[5])], DELTA, "rdp", "none")
     expected = epsilon_from_rdp(ADD_REMOVE_ORDERS, add_remove_rdp(ADD_REMOVE_ORDERS, l2, 2 * mu / n,
                                                                   n, d), DELTA)
     assert add_remove == pytest.approx(expected, rel=1e-9)
-    zero = epsilon_from_history([Step(*planned[:4], skellam=planned[4])], DELTA, "rdp", "none")
+    zero = epsilon_of_steps([Step(*planned[:4], skellam=planned[4])], DELTA, "rdp", "none")
     assert zero < add_remove
     assert default.relation_text.startswith("add/remove one client")
     assert zero_out.relation_text.startswith("zero-out one client")
     assert "add/remove one client" in default.privacy_spent().accounting_method
     # The ledger round-trips the relation (DPFedAvg's checkpoint).
-    ledger = Ledger()
+    ledger = StepLedger()
     ledger.add(*planned)
-    assert Ledger.from_dict(ledger.to_dict()).steps == ledger.steps
+    assert StepLedger.from_dict(ledger.to_dict()).steps == ledger.steps
     with pytest.raises(ValueError, match="relation must be one of"):
         _distributed("replace")
     with pytest.raises(ValueError, match="zero-out' is for distributed DP"):
@@ -116,7 +116,7 @@ def test_gaussian_accounting_equals_flowers_accountant(sampling, method) -> None
     flower = FlowerRdp(config)
     for z, count in rounds:
         flower.compose(GaussianPrivacyEvent(z, 10, 100), count)
-    ours = epsilon_from_history([Step(z, 0.1, count) for z, count in rounds], DELTA, "rdp", sampling)
+    ours = epsilon_of_steps([Step(z, 0.1, count) for z, count in rounds], DELTA, "rdp", sampling)
     assert ours == pytest.approx(flower.get_epsilon(DELTA), rel=1e-12)
     # DPFedAvg reports through Flower's types.
     dp = DPFedAvg(FedAvg(), noise_multiplier=1.1, clipping_norm=1.0, expected_contributors=10,
@@ -142,7 +142,7 @@ def test_fixed_size_equals_flowers_replace_one_event_at_half_the_noise_multiplie
                            SamplingMethod.WITHOUT_REPLACEMENT)
     flower = FlowerRdp(config)
     flower.compose(GaussianPrivacyEvent(1.2 / 2, 10, 100), 30)
-    ours = epsilon_from_history([Step(1.2, 0.1, 30, population=100)], DELTA, "rdp", "fixed-size")
+    ours = epsilon_of_steps([Step(1.2, 0.1, 30, population=100)], DELTA, "rdp", "fixed-size")
     assert ours == pytest.approx(flower.get_epsilon(DELTA), rel=1e-12)
     naive = FlowerRdp(config)
     naive.compose(GaussianPrivacyEvent(1.2, 10, 100), 30)

@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_guard.dp.accounting import Step, compute_epsilon, epsilon_from_history
+from flwr_guard.dp.accounting import Step, compute_epsilon, epsilon_of_steps
 from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
 from flwr_guard.dp.distributed_client import distributed_dp_noise
 from flwr_guard.dp.keys import KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED
@@ -195,7 +195,7 @@ def test_distributed_round_is_accounted_with_skellams_own_rdp() -> None:
     assert arrays is not None and metrics["dp-noise-std"] == 0.0  # the clients noised
     l2 = quantised_l2_bound(C, step, D)
     mu = n * skellam_mu(Z, C, step, D, m)
-    expected = epsilon_from_history(
+    expected = epsilon_of_steps(
         [Step(Z * math.sqrt(n / m), 1.0, 1, skellam=(l2, quantised_l1_bound(l2, D), mu))],
         DELTA, "rdp", "none")
     assert dp.epsilon == pytest.approx(expected, rel=1e-9)
@@ -347,7 +347,7 @@ def test_secure_central_noise_is_integer_skellam_on_a_lattice() -> None:
     assert np.abs(released - np.round(released)).max() < 1e-7 * np.abs(released).max() + 1e-3
     assert _std(arrays) == pytest.approx(Z * C * 1.001 / 4, rel=0.01)
     assert metrics["dp-noise-std"] == pytest.approx(Z * C * 1.001 / 4, rel=1e-6)
-    expected = epsilon_from_history([Step(Z, 1.0, 1, skellam=skellam)], DELTA, "rdp", "none")
+    expected = epsilon_of_steps([Step(Z, 1.0, 1, skellam=skellam)], DELTA, "rdp", "none")
     assert dp.epsilon == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="secure_noise"):
         _dp(secure_noise=True, accountant="pld")

@@ -30,10 +30,10 @@ from typing import Any
 # (dp-accounting, which imports scipy.stats) cost ~1.5 s of each such process
 # (benchmarks/deployment.py, docs/demo.md).
 _LAZY = {
-    "Ledger": "flwr_guard.dp.accounting",
+    "StepLedger": "flwr_guard.dp.accounting",
     "Step": "flwr_guard.dp.accounting",
     "compute_epsilon": "flwr_guard.dp.accounting",
-    "epsilon_from_history": "flwr_guard.dp.accounting",
+    "epsilon_of_steps": "flwr_guard.dp.accounting",
     "noise_multiplier_for_epsilon": "flwr_guard.dp.accounting",
     "BudgetDecision": "flwr_guard.dp.budget",
     "PrivacyBudget": "flwr_guard.dp.budget",

@@ -6,7 +6,7 @@ One accountant serves both levels of privacy in flwr-guard:
   probability that a client takes part in a round; the noise multiplier is the noise
   standard deviation on the sum of clipped updates divided by the clipping norm;
 - **record level** (DP-SGD): one step is one optimiser step; Opacus keeps that ledger
-  (see :mod:`flwr_guard.dp.dpsgd`), and :func:`epsilon_from_history` reads it.
+  (see :mod:`flwr_guard.dp.dpsgd`), and :func:`epsilon_of_steps` reads it.
 
 The arithmetic is Google's ``dp-accounting`` library (RDP: Mironov 2017, Mironov, Talwar
 & Zhang 2019; PLD: Koskela et al. 2020, Doroshenko et al. 2022). Nothing is hand-rolled:
@@ -169,7 +169,7 @@ def _fresh(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
     )
 
 
-def epsilon_from_history(
+def epsilon_of_steps(
     steps: Iterable[Step],
     delta: float,
     accountant: AccountantKind = "rdp",
@@ -268,13 +268,13 @@ def compute_epsilon(
         sample_rate: ``q`` in ``(0, 1]``.
         steps: ``T >= 0`` (rounds for user-level DP, optimiser steps for DP-SGD).
         delta: target delta.
-        accountant, sampling: see :func:`epsilon_from_history`.
+        accountant, sampling: see :func:`epsilon_of_steps`.
         population: ``N``, required for ``sampling="fixed-size"``.
 
     Example: ``compute_epsilon(1.5, 0.04, 2250, 1e-5)`` is about 7.33 (Opacus' RDP
     reference value 7.3291).
     """
-    return epsilon_from_history(
+    return epsilon_of_steps(
         [Step(noise_multiplier, sample_rate, steps, population)], delta, accountant, sampling
     )
 
@@ -296,7 +296,7 @@ def noise_multiplier_for_epsilon(
 
     Raises:
         ValueError: for ``target_epsilon <= 0``, ``steps < 1`` or the errors of
-            :func:`epsilon_from_history`.
+            :func:`epsilon_of_steps`.
     """
     _check(accountant, sampling, delta)
     if not target_epsilon > 0:
@@ -323,14 +323,14 @@ def noise_multiplier_for_epsilon(
     # PLD is never looser than RDP, so z_pld <= z_rdp; PLD at tiny z is very slow, so
     # bracket from the RDP answer instead of searching up from 0.01.
     low = z_rdp / 2
-    while epsilon_from_history([Step(low, sample_rate, steps, population)], delta,
+    while epsilon_of_steps([Step(low, sample_rate, steps, population)], delta,
                                accountant, sampling) < target_epsilon:
         low /= 2
     return calibrate(accountant, dp_accounting.ExplicitBracketInterval(low, z_rdp))
 
 
 @dataclass
-class Ledger:
+class StepLedger:
     """The steps a mechanism has run so far, mergeable and serialisable.
 
     Consecutive steps with the same parameters are merged into one :class:`Step`
@@ -363,7 +363,7 @@ class Ledger:
 
     def epsilon(self, delta: float, accountant: AccountantKind = "rdp",
                 sampling: Sampling = "poisson") -> float:
-        return epsilon_from_history(self.steps, delta, accountant, sampling)
+        return epsilon_of_steps(self.steps, delta, accountant, sampling)
 
     def to_dict(self) -> dict[str, list]:
         return {
@@ -377,7 +377,7 @@ class Ledger:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Sequence]) -> Ledger:
+    def from_dict(cls, data: dict[str, Sequence]) -> StepLedger:
         """Rebuild from :meth:`to_dict` output.
 
         Raises:

@@ -1,6 +1,6 @@
 """A privacy budget that refuses steps it cannot afford, checkpointed to disk (no Flower).
 
-:class:`PrivacyBudget` holds a :class:`~flwr_guard.dp.accounting.Ledger` of the steps
+:class:`PrivacyBudget` holds a :class:`~flwr_guard.dp.accounting.StepLedger` of the steps
 already run, the maximum epsilon at a fixed delta, and the accountant that turns the
 ledger into epsilon. Before a step (a federated round), :meth:`PrivacyBudget.can_afford`
 answers whether running it would keep epsilon within the maximum; :meth:`spend`
@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr_guard.dp.accounting import AccountantKind, Ledger, Sampling, epsilon_from_history
+from flwr_guard.dp.accounting import AccountantKind, Sampling, StepLedger, epsilon_of_steps
+from flwr_guard.dp.json_file import read_json, write_json_atomically
 from flwr_guard.errors import FlwrGuardError
 
 CHECKPOINT_VERSION = 1
@@ -83,13 +83,13 @@ class PrivacyBudget:
     ) -> None:
         if not max_epsilon > 0:
             raise ValueError(f"max epsilon must be > 0, got {max_epsilon}")
-        epsilon_from_history([], delta, accountant, sampling)  # validates the rest
+        epsilon_of_steps([], delta, accountant, sampling)  # validates the rest
         self.max_epsilon = float(max_epsilon)
         self.delta = float(delta)
         self.accountant: AccountantKind = accountant
         self.sampling: Sampling = sampling
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.ledger = Ledger()
+        self.ledger = StepLedger()
         self.extra: dict[str, Any] = {}
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load(self.checkpoint)
@@ -111,7 +111,7 @@ class PrivacyBudget:
         """Whether ``count`` more steps with these parameters stay within the budget
         (``skellam``, ``leaving_shares``: see :class:`~flwr_guard.dp.accounting.Step`)."""
         spent = self.epsilon_spent
-        trial = Ledger(list(self.ledger.steps))
+        trial = StepLedger(list(self.ledger.steps))
         trial.add(noise_multiplier, sample_rate, count, population, skellam, leaving_shares)
         after = trial.epsilon(self.delta, self.accountant, self.sampling)
         return BudgetDecision(
@@ -152,19 +152,12 @@ class PrivacyBudget:
             "ledger": self.ledger.to_dict(),
             "extra": self.extra,
         }
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self.checkpoint.parent, suffix=".tmp", delete=False, encoding="utf-8"
-        ) as tmp:
-            json.dump(data, tmp, indent=1)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.checkpoint)
+        write_json_atomically(self.checkpoint, data, indent=1)
 
     def _load(self, path: Path) -> None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            ledger = Ledger.from_dict(data["ledger"])
+            data = read_json(path)
+            ledger = StepLedger.from_dict(data["ledger"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cannot read the privacy checkpoint {path}: {err}") from err
         found = (data.get("delta"), data.get("accountant"), data.get("sampling"))

@@ -160,7 +160,7 @@ def ledger_show(
         help="Delta (default: the one the last round was checked with).")] = None,
 ) -> None:
     """Print a ledger's steps and the record-level epsilon spent."""
-    from flwr_guard.dp.dpsgd import epsilon_of_history
+    from flwr_guard.dp.dpsgd import opacus_epsilon
     from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
 
     try:
@@ -170,6 +170,6 @@ def ledger_show(
         raise typer.Exit(2) from err
     at = delta if delta is not None else float(ledger.meta.get("delta", 1e-5))
     accountant = str(ledger.meta.get("accountant", "rdp"))
-    eps = epsilon_of_history(ledger.history, at, accountant)
+    eps = opacus_epsilon(ledger.history, at, accountant)
     typer.echo(f"{ledger.path}: {ledger.steps} DP-SGD steps, epsilon {eps:.4f} at delta {at:g} "
                f"({accountant} accountant; relation: add/remove one record)")

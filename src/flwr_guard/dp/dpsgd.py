@@ -188,7 +188,7 @@ class DPSGDConfig:
         )
 
 
-def epsilon_of_history(history: Sequence[tuple[float, float, int]], delta: float,
+def opacus_epsilon(history: Sequence[tuple[float, float, int]], delta: float,
                        accountant: str = "rdp") -> float:
     """Epsilon of an Opacus history ``[(noise_multiplier, sample_rate, steps), ...]``.
 
@@ -304,7 +304,7 @@ class DPSGD:
 
     def projected_epsilon(self, sample_rate: float, steps: int) -> float:
         """Epsilon at ``config.delta`` if ``steps`` more steps at ``sample_rate`` ran."""
-        return epsilon_of_history(
+        return opacus_epsilon(
             [*self.history, (self.config.noise_multiplier, sample_rate, steps)],
             self.config.delta, self.config.accountant,
         )
@@ -352,7 +352,7 @@ class DPSGD:
             steps = epochs * steps_per_epoch
             after = self.projected_epsilon(sample_rate, steps)
             if after > self.config.max_epsilon:
-                spent = epsilon_of_history(self.history, self.config.delta, self.config.accountant)
+                spent = opacus_epsilon(self.history, self.config.delta, self.config.accountant)
                 raise PrivacyBudgetExceeded(
                     f"record-level privacy budget exhausted: this round ({steps} DP-SGD steps "
                     f"at sample rate {sample_rate:.4g}) would bring epsilon from {spent:.4g} "
@@ -411,7 +411,7 @@ class DPSGD:
     def epsilon(self, delta: float | None = None) -> float:
         """Record-level epsilon spent so far at ``delta`` (the config's by default),
         by the configured accountant."""
-        return epsilon_of_history(self.history, delta or self.config.delta, self.config.accountant)
+        return opacus_epsilon(self.history, delta or self.config.delta, self.config.accountant)
 
     def accountant_state(self) -> dict[str, Any]:
         """``{"history": ledger, "mechanism": accountant}``: the node's in-memory copy."""

@@ -66,7 +66,7 @@ def node_dp_status(node_config: Mapping[str, Any]) -> NodeDPStatus:
     Never writes and never raises for a missing or corrupt ledger (``error`` says so);
     a malformed node-config value raises ``ValueError`` naming the key.
     """
-    from flwr_guard.dp.dpsgd import epsilon_of_history  # Opacus: only when asked
+    from flwr_guard.dp.dpsgd import opacus_epsilon  # Opacus: only when asked
 
     directory = str(node_config.get(NODE_LEDGER_DIR, "") or "") or str(default_ledger_dir())
     source = data_source(node_config)
@@ -79,5 +79,5 @@ def node_dp_status(node_config: Mapping[str, Any]) -> NodeDPStatus:
     delta = float(ledger.meta.get("delta", DEFAULT_DELTA))
     accountant = str(ledger.meta.get("accountant", "rdp"))
     return NodeDPStatus(digest, source, str(ledger.path), ledger.steps,
-                        epsilon_of_history(ledger.history, delta, accountant), budget, delta,
+                        opacus_epsilon(ledger.history, delta, accountant), budget, delta,
                         accountant)

@@ -39,12 +39,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr_guard.dp.json_file import read_json, write_json_atomically
 from flwr_guard.errors import FlwrGuardError
 
 LEDGER_VERSION = 2
@@ -116,17 +116,6 @@ def _steps(history: Iterable[tuple[float, float, int]]) -> int:
     return sum(n for _, _, n in history)
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=".ledger-", suffix=".tmp", delete=False, encoding="utf-8",
-    ) as tmp:
-        json.dump(data, tmp)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
 def init_ledger(directory: str | os.PathLike[str], source: str, force: bool = False) -> Path:
     """Create the empty ledger of ``source`` in ``directory``; return its path.
 
@@ -145,8 +134,9 @@ def init_ledger(directory: str | os.PathLike[str], source: str, force: bool = Fa
         raise FileExistsError(
             f"the record-level ledger {path} exists: it keeps the epsilon already spent on "
             "this data source; pass --force only to start it again from 0 on purpose")
-    _write(path, {"version": LEDGER_VERSION, "source": source, "created": time.time(),
-                  "node-ids": [], "history": []})
+    write_json_atomically(path, prefix=".ledger-", data={
+        "version": LEDGER_VERSION, "source": source, "created": time.time(),
+        "node-ids": [], "history": []})
     return path
 
 
@@ -225,7 +215,7 @@ class RecordLedger:
 
     def save(self) -> None:
         """Write the ledger atomically (tempfile in the same directory + ``os.replace``)."""
-        _write(self.path, {
+        write_json_atomically(self.path, prefix=".ledger-", data={
             "version": LEDGER_VERSION,
             "source": self.source,
             **self.meta,
@@ -238,7 +228,7 @@ class RecordLedger:
                f"`{init_command(self.directory, self.source)} --force` (forgets the epsilon "
                "already spent)")
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = read_json(self.path)
             if data.get("version") != LEDGER_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {LEDGER_VERSION}")
             history = _check_history(data["history"])
