@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from typer.testing import CliRunner
 
-from flwr_guard.audit.endpoints import audit_endpoints, check_exporter_text
 from flwr_guard.cli import app
+from flwr_guard.inspection.endpoints import audit_endpoints, check_exporter_text
 
 LEAKY_METRICS = "\n".join(
     ["# TYPE client_sample_loss gauge"]
@@ -76,7 +76,7 @@ def test_unreachable_and_plaintext_are_findings() -> None:
     assert text_found == []
     import httpx
 
-    from flwr_guard.audit.endpoints import check_service
+    from flwr_guard.inspection.endpoints import check_service
 
     with httpx.Client(timeout=0.5) as client:
         kinds = [f.kind for f in check_service("http://10.255.255.1:8000", client, paths=())]

@@ -21,17 +21,16 @@ from flwr_guard.audit import (
     LeakageAuditConfig,
     LocalTraining,
     Protections,
-    ReplyGuard,
     SigmoidLeNet,
     leakage_audit_mod,
-    reply_inspection_mod,
 )
 from flwr_guard.audit.audit_mod import BLOCKED_REASON
 from flwr_guard.audit.data import client_pool
-from flwr_guard.audit.inspection import inspect_reply
-from flwr_guard.audit.reply_mod import BLOCKED_REASON as INSPECTION_BLOCKED
 from flwr_guard.audit.report import neutral_metrics
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
+from flwr_guard.inspection import ReplyGuard, reply_inspection_mod
+from flwr_guard.inspection.reply import inspect_reply
+from flwr_guard.inspection.reply_mod import BLOCKED_REASON as INSPECTION_BLOCKED
 
 IMAGES, LABELS = client_pool(image_size=8, size=60, seed=2)
 

@@ -228,7 +228,7 @@ def test_exporter_serves_the_registry_and_promtool_accepts_it(tmp_path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     # the leakage audit's endpoint check finds no gradient, per-example or high-cardinality
     # family in what the exporter serves (per-node families included)
-    from flwr_guard.audit.endpoints import check_exporter_text
+    from flwr_guard.inspection.endpoints import check_exporter_text
 
     assert check_exporter_text(exporter.url, text) == []
 
@@ -335,8 +335,8 @@ def test_docs_list_every_metric_with_its_type() -> None:
 def test_adapter_finds_the_protections_in_the_strategy_chain() -> None:
     from flwr.serverapp.strategy import FedAvg
 
-    from flwr_guard.audit.reply_guard import ReplyGuard
     from flwr_guard.dp.strategy import DPFedAvg
+    from flwr_guard.inspection.reply_guard import ReplyGuard
     from flwr_guard.secagg.strategy import SecAggPlus
     from flwr_guard.telemetry.strategy import TelemetryStrategy
 

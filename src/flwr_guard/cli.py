@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from flwr_guard.audit.cli import audit_command, audit_endpoints_command
+from flwr_guard.audit.cli import audit_command
 from flwr_guard.demo import DemoOptions, DemoState, run_demo
 from flwr_guard.deployment import PortInUseError
 from flwr_guard.deployment.provision_cli import (
@@ -23,6 +23,7 @@ from flwr_guard.deployment.provision_cli import (
 )
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
 from flwr_guard.dp.cli import ledger_app
+from flwr_guard.inspection.cli import audit_endpoints_command
 from flwr_guard.node.cli import node_app
 from flwr_guard.robust.cli import robustness_command
 

@@ -5,14 +5,13 @@ tokens, dict batches), the attacks (:mod:`dlg`, :mod:`inverting_gradients`, the
 closed-form :mod:`analytic`, the text :mod:`token_attack`, the registry in
 :mod:`suite`), the trap-model check (:mod:`trap_check`), the update model (:mod:`update`, :mod:`protections`), the
 scores (:mod:`scores`, :mod:`baselines`, :mod:`verdict`, :mod:`report`), one audit
-(:mod:`audit`), the reply inspector (:mod:`inspection`), the endpoint audit
-(:mod:`endpoints`) and the sweep behind ``flwr-guard audit`` (:mod:`sweep`).
+(:mod:`audit`) and the sweep behind ``flwr-guard audit`` (:mod:`sweep`). Reply and
+endpoint inspection, a protection of its own, is :mod:`flwr_guard.inspection`.
 
 Flower adapters:
 :func:`leakage_audit_mod` and :class:`LeakageAuditConfig` (client mod),
 :func:`trap_check_mod` (client mod: refuses a malformed or trap model before training),
-:func:`reply_inspection_mod` (client mod), :class:`ReplyGuard` and
-:class:`AuditSummary` (strategy wrappers). See docs/audit.md.
+:class:`AuditSummary` (strategy wrapper). See docs/audit.md.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from typing import Any
 _EXPORTS = {
     "AuditPlan": "flwr_guard.audit.audit",
     "run_audit": "flwr_guard.audit.audit",
-    "Finding": "flwr_guard.audit.inspection",
-    "ReplyLimits": "flwr_guard.audit.inspection",
-    "inspect_reply": "flwr_guard.audit.inspection",
     "SigmoidLeNet": "flwr_guard.audit.lenet",
     "Protections": "flwr_guard.audit.protections",
     "AuditReport": "flwr_guard.audit.report",
@@ -43,8 +39,6 @@ _EXPORTS = {
     "leakage_audit_mod": "flwr_guard.audit.audit_mod",
     "LeakageAuditConfig": "flwr_guard.audit.audit_mod",
     "trap_check_mod": "flwr_guard.audit.trap_mod",
-    "reply_inspection_mod": "flwr_guard.audit.reply_mod",
-    "ReplyGuard": "flwr_guard.audit.reply_guard",
     "AuditSummary": "flwr_guard.audit.summary",
 }
 

@@ -54,16 +54,16 @@ from torch import nn
 from flwr_guard.audit.audit import AuditPlan, _check_model, run_audit
 from flwr_guard.audit.inputs import as_pair, prepare
 from flwr_guard.audit.protections import Protections
-from flwr_guard.audit.records import (
+from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
+from flwr_guard.audit.sampling import AuditSampling, derived_seed
+from flwr_guard.guard.client_mod import refusal
+from flwr_guard.records import (
     BLOCK_PREFIX,
     first_array_record,
     message_kind,
     reply_metric_record,
     server_round,
 )
-from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
-from flwr_guard.audit.sampling import AuditSampling, derived_seed
-from flwr_guard.guard.client_mod import refusal
 from flwr_guard.update import model_update, update_norm
 
 logger = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flwr_guard.audit.audit_mod import AUDIT_FAILED, BLOCKED_REASON
-from flwr_guard.audit.records import find_metric_record
 from flwr_guard.audit.report import METRIC_PREFIX
+from flwr_guard.records import find_metric_record
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
 _MAX_KEYS = ("psnr-db", "psnr-gain-db", "ssim", "identified-rate", "label-accuracy", "seconds",

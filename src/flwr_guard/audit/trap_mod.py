@@ -21,10 +21,10 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from torch import nn
 
 from flwr_guard.audit.inputs import as_pair, prepare
-from flwr_guard.audit.records import first_array_record, message_kind, server_round
 from flwr_guard.audit.sampling import derived_seed
 from flwr_guard.audit.trap_check import TrapCheckConfig, check_model, nonfinite_weights
 from flwr_guard.guard.client_mod import refusal
+from flwr_guard.records import first_array_record, message_kind, server_round
 
 logger = logging.getLogger(__name__)
 

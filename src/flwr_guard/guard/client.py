@@ -284,7 +284,7 @@ class ClientGuard:
         if isinstance(self.audit, LeakageAudit) and self.audit.trap_check not in (False, None):
             mods.append(_lazy_trap_mod(self.audit))
         if self.inspect_replies:
-            from flwr_guard.audit.reply_mod import reply_inspection_mod
+            from flwr_guard.inspection.reply_mod import reply_inspection_mod
 
             mods.append(reply_inspection_mod())
         if isinstance(self.audit, LeakageAudit):

@@ -327,7 +327,7 @@ class GuardedStrategy(StrategyWrapper):
         chain: Strategy = strategy
         self.reply_guard = None
         if reply_guard:
-            from flwr_guard.audit.reply_guard import ReplyGuard
+            from flwr_guard.inspection.reply_guard import ReplyGuard
 
             chain = self.reply_guard = ReplyGuard(chain)
         self.dp = None

@@ -71,7 +71,7 @@ class NodePolicy:
 
     def other_mods(self) -> list[Any]:
         """The mods for an evaluate message: reply inspection only (no model leaves)."""
-        from flwr_guard.audit.reply_mod import reply_inspection_mod
+        from flwr_guard.inspection.reply_mod import reply_inspection_mod
 
         return [reply_inspection_mod()]
 

@@ -14,7 +14,7 @@ without any of them simply does not update that family. Key owners:
 - leakage audit mod (:mod:`flwr_guard.audit.audit_mod`): PSNR, PSNR gain over the
   mean-image baseline, SSIM, identification rate, verdict, whether this reply was
   audited or the audit failed; a blocked update arrives as an error reply;
-- reply inspection (:mod:`flwr_guard.audit.reply_mod`, ``ReplyGuard``): an error reply
+- reply inspection (:mod:`flwr_guard.inspection.reply_mod`, ``ReplyGuard``): an error reply
   for a blocked reply; the server-side guard's findings.
 
 A key that is present but holds a non-finite value (NaN: "not audited this round") is
@@ -55,7 +55,7 @@ BLOCKED_REASON_PREFIX = "flwr-guard audit: update blocked"
 AUDIT_FAILED_MARK = "leakage audit failed:"
 
 # Reply inspector: a reply the client-side inspection blocked arrives as an error reply
-# whose reason starts so (flwr_guard.audit.reply_mod.BLOCKED_REASON); the server-side
+# whose reason starts so (flwr_guard.inspection.reply_mod.BLOCKED_REASON); the server-side
 # ReplyGuard keeps its findings per round (read by the adapter). A count a client puts in
 # its own reply is read too.
 INSPECTOR_VIOLATIONS = ("inspector-violations",)

@@ -24,7 +24,7 @@ The SecAgg+, DP and reply-inspection wrappers are passed in (``secagg=``, ``dp=`
 ``reply_guard=``; :class:`~flwr_guard.guard.strategy.GuardedStrategy` passes the ones it
 built) or, when not passed, found by walking ``.strategy`` down the chain and matching
 their classes (:class:`~flwr_guard.secagg.strategy.SecAggPlus`,
-:class:`~flwr_guard.dp.strategy.DPFedAvg`, :class:`~flwr_guard.audit.reply_guard.ReplyGuard`).
+:class:`~flwr_guard.dp.strategy.DPFedAvg`, :class:`~flwr_guard.inspection.reply_guard.ReplyGuard`).
 Their fields are read with their declared types, so renaming one is a type error, not
 an empty dashboard. A failure inside telemetry is logged and never reaches the round:
 monitoring must not stop training.
@@ -53,8 +53,8 @@ from flwr_guard.telemetry.recorder import DPState, ReplyView, TelemetryRecorder
 from flwr_guard.update import model_update, update_norm
 
 if TYPE_CHECKING:
-    from flwr_guard.audit.reply_guard import ReplyGuard
     from flwr_guard.dp.strategy import DPFedAvg
+    from flwr_guard.inspection.reply_guard import ReplyGuard
     from flwr_guard.secagg.strategy import SecAggPlus
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class TelemetryStrategy(StrategyWrapper):
         dp: DPFedAvg | None = None,
         reply_guard: ReplyGuard | None = None,
     ) -> None:
-        from flwr_guard.audit.reply_guard import ReplyGuard
         from flwr_guard.dp.strategy import DPFedAvg
+        from flwr_guard.inspection.reply_guard import ReplyGuard
         from flwr_guard.secagg.strategy import SecAggPlus
 
         super().__init__(strategy)

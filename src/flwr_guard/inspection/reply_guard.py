@@ -8,7 +8,7 @@ Usage::
 
 In ``configure_train`` it records the keys, shapes and dtypes of the arrays sent; in
 ``aggregate_train`` / ``aggregate_evaluate`` it inspects every reply
-(:func:`flwr_guard.audit.inspection.inspect_reply`) and, with ``policy="block"``, hands
+(:func:`flwr_guard.inspection.reply.inspect_reply`) and, with ``policy="block"``, hands
 only the clean ones to the wrapped strategy (with ``"flag"`` it logs and passes all).
 A misbehaving client therefore cannot crash FedAvg's consistency check with an extra
 array or record, and what it leaked in metrics never reaches the aggregated metrics.
@@ -27,8 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flwr_guard.audit.inspection import Finding, ReplyLimits, inspect_reply
-from flwr_guard.audit.records import array_shapes, plain_content
+from flwr_guard.inspection.reply import Finding, ReplyLimits, inspect_reply
+from flwr_guard.records import array_shapes, plain_content
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
 logger = logging.getLogger(__name__)

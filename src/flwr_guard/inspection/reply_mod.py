@@ -7,7 +7,7 @@ Usage::
 
 It compares the reply with the message it answers (the global model's keys, shapes and
 dtypes for train; no arrays for evaluate) using
-:func:`flwr_guard.audit.inspection.inspect_reply`. Policy ``"block"`` (default)
+:func:`flwr_guard.inspection.reply.inspect_reply`. Policy ``"block"`` (default)
 replaces an offending reply by an error reply (``ErrorCode.MOD_FAILED_PRECONDITION``,
 reason starting with :data:`BLOCKED_REASON` and listing the findings without their
 values), which Flower's strategies skip; ``"flag"`` logs the findings and sends the
@@ -23,8 +23,8 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from flwr_guard.audit.inspection import Finding, ReplyLimits, inspect_reply
-from flwr_guard.audit.records import (
+from flwr_guard.inspection.reply import Finding, ReplyLimits, inspect_reply
+from flwr_guard.records import (
     BLOCK_PREFIX,
     array_shapes,
     first_array_record,

@@ -28,7 +28,7 @@ from urllib.parse import urljoin, urlparse
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from flwr_guard.audit.inspection import GRADIENT_PATTERN, PER_EXAMPLE_PATTERN
+from flwr_guard.inspection.reply import GRADIENT_PATTERN, PER_EXAMPLE_PATTERN
 
 DEBUG_PATHS: tuple[str, ...] = (
     "/debug/pprof/",

@@ -24,7 +24,7 @@ Checks (``declared`` = what the server sent: the global model's arrays):
 | ``config-record`` | a ConfigRecord in the reply (free-form strings / bytes) |
 
 The inputs are plain Python (no Flower types), so this module is testable alone; see
-:func:`flwr_guard.audit.records.plain_content` for the conversion.
+:func:`flwr_guard.records.plain_content` for the conversion.
 """
 
 from __future__ import annotations
