@@ -16,8 +16,7 @@ Flower adapters:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flwr_guard.lazy import lazy_getattr
 
 # Every name loads on first use (PEP 562): the core pulls in torch and torchmetrics
 # (seconds of imports), which a ClientApp process that only inspects a reply, or runs a
@@ -45,7 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

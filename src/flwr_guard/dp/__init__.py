@@ -22,8 +22,7 @@ See docs/privacy.md for how to wire them into a ClientApp and a ServerApp.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flwr_guard.lazy import lazy_getattr
 
 # Every name is imported on first use: a deployed ClientApp process lives for one
 # message, and the SecAgg+ control stages only need flwr_guard.dp.keys; the accountant
@@ -59,7 +58,4 @@ _LAZY = {
 __all__ = [*_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -13,8 +13,7 @@ endpoint inspection".
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flwr_guard.lazy import lazy_getattr
 
 # Every name loads on first use (PEP 562), as in flwr_guard.audit: a ClientApp process
 # that only inspects a reply does not import the rest.
@@ -31,7 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -15,8 +15,7 @@ Every name loads on first use (torch and Captum take seconds to import).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flwr_guard.lazy import lazy_getattr
 
 _EXPORTS = {
     "fgsm": "flwr_guard.robust.attacks",
@@ -43,7 +42,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

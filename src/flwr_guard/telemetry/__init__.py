@@ -16,9 +16,7 @@ lazily. docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from flwr_guard.lazy import lazy_getattr
 from flwr_guard.telemetry.config import TelemetryConfig
 from flwr_guard.telemetry.exporter import Address, MetricsExporter
 from flwr_guard.telemetry.metrics import FAMILIES, NODE_FAMILIES, GuardMetrics
@@ -46,7 +44,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
