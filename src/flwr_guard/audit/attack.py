@@ -30,7 +30,8 @@ class AttackTarget:
             entry of ``params`` (see :mod:`flwr_guard.audit.update`).
         training: local steps and learning rate of the clients.
         num_images: images behind the update (batch size × aggregate size).
-        image_shape: ``(C, H, W)``.
+        image_shape: the shape of one input without the batch dimension: ``(C, H, W)``
+            for images, ``(features,)`` for vectors.
         num_classes: classes of the model's output.
         prior_mean: the population's mean image ``(C, H, W)`` in ``[0, 1]`` if the
             attacker knows it (public data), else ``None``.
@@ -41,7 +42,7 @@ class AttackTarget:
     observed: list[torch.Tensor]
     training: LocalTraining
     num_images: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     num_classes: int
     prior_mean: torch.Tensor | None = None
 

@@ -26,8 +26,8 @@ def cosine_distance(
 ) -> torch.Tensor:
     """``1 − cos(s, o)`` of the concatenated tensors (scalar in ``[0, 2]``)."""
     dot = sum((s * o).sum() for s, o in zip(simulated, observed, strict=True))
-    s_norm = torch.sqrt(sum((s * s).sum() for s in simulated))
-    o_norm = torch.sqrt(sum((o * o).sum() for o in observed))
+    s_norm = torch.sqrt(torch.stack([(s * s).sum() for s in simulated]).sum())
+    o_norm = torch.sqrt(torch.stack([(o * o).sum() for o in observed]).sum())
     return 1.0 - dot / (s_norm * o_norm + eps)
 
 

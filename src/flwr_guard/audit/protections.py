@@ -120,6 +120,8 @@ def observed_update(
         for acc, part in zip(total, clip_update(update, protections.clipping_norm)):
             acc += part
     if protections.noise_multiplier > 0:
+        if protections.clipping_norm is None:  # Protections refuses noise without clipping
+            raise ValueError("noise_multiplier > 0 needs a clipping_norm")
         clip = float(protections.clipping_norm)
         std = protections.noise_multiplier * clip
         for acc in total:

@@ -109,4 +109,4 @@ def gradient_equivalent_update(
 
 def update_norm(update: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm over every tensor of ``update`` (scalar tensor)."""
-    return torch.sqrt(sum((u.double() ** 2).sum() for u in update)).to(update[0].dtype)
+    return torch.sqrt(torch.stack([(u.double() ** 2).sum() for u in update]).sum()).to(update[0].dtype)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
+from numpy.typing import ArrayLike
 from scipy.special import gammaln, logsumexp
 
 # Integer orders (Theorem 3.5 and the generic subsampling bound hold at integer alpha).
@@ -73,7 +74,7 @@ def _log_comb(n: float, k: np.ndarray) -> np.ndarray:
     return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 
-def poisson_subsampled_rdp(orders: Sequence[int], rdp: Sequence[float], q: float) -> np.ndarray:
+def poisson_subsampled_rdp(orders: Sequence[int], rdp: ArrayLike, q: float) -> np.ndarray:
     """Zhu & Wang 2019, Theorem 6: RDP of any mechanism under Poisson sampling rate ``q``.
 
     ``eps'(alpha) <= log((1-q)^(alpha-1) (alpha q - q + 1) + C(alpha, 2) q^2 (1-q)^(alpha-2)
@@ -114,7 +115,8 @@ def poisson_subsampled_rdp(orders: Sequence[int], rdp: Sequence[float], q: float
     return np.minimum(out, eps)  # subsampling never costs more than the mechanism itself
 
 
-def epsilon_from_rdp(orders: Sequence[float], rdp: Sequence[float], delta: float) -> float:
+def epsilon_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float) -> float:
     """``(epsilon, delta)`` from an RDP curve, by dp-accounting's ``compute_epsilon``."""
-    eps, _ = rdp_privacy_accountant.compute_epsilon(list(orders), list(rdp), delta)
+    curve = np.asarray(rdp, dtype=np.float64).tolist()
+    eps, _ = rdp_privacy_accountant.compute_epsilon(list(orders), curve, delta)
     return float(eps)
