@@ -31,15 +31,15 @@ RequiredDP = Literal["central", "distributed", "any"]
 #: The app's code, ClientGuard included, travels in the FAB that the run's submitter
 #: sends; the node config is the operator's own: the policy in force is the stricter of
 #: the two (:meth:`ClientPolicy.with_node_config`).
-NODE_REQUIRE_SECAGG = "guard-require-secagg"
-NODE_REQUIRE_DP = "guard-require-dp"
+NODE_REQUIRE_SECAGG = NodeConfig.GUARD_REQUIRE_SECAGG
+NODE_REQUIRE_DP = NodeConfig.GUARD_REQUIRE_DP
 #: The user-level noise floor has one key, shared with distributed DP's client side
 #: (``dp-min-noise-multiplier``, default 0.5); ``guard-min-noise-multiplier`` is its
 #: deprecated alias (the larger of the two wins).
 NODE_MIN_NOISE_MULTIPLIER = NodeConfig.DP_MIN_NOISE_MULTIPLIER
 NODE_MIN_NOISE_MULTIPLIER_DEPRECATED = NodeConfig.GUARD_MIN_NOISE_MULTIPLIER
-NODE_MAX_CLIPPING_NORM = "guard-max-clipping-norm"
-NODE_REQUIRE_DPSGD = "guard-require-dp-sgd"
+NODE_MAX_CLIPPING_NORM = NodeConfig.GUARD_MAX_CLIPPING_NORM
+NODE_REQUIRE_DPSGD = NodeConfig.GUARD_REQUIRE_DP_SGD
 
 
 @dataclass(frozen=True)
