@@ -17,9 +17,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr_guard.dp.accounting import Step, compute_epsilon, epsilon_of_steps
 from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
 from flwr_guard.dp.distributed_client import distributed_dp_noise
-from flwr_guard.dp.keys import KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED
 from flwr_guard.dp.skellam_accounting import quantised_l1_bound
 from flwr_guard.dp.strategy import AdaptiveClipping, DPConfigurationError, DPFedAvg
+from flwr_guard.keys import ReplyMetrics
 
 D = 200_000  # values in the model: the noise std is measured to ~0.3 %
 Z, C, DELTA = 1.3, 0.5, 1e-5
@@ -76,7 +76,7 @@ def _global() -> ArrayRecord:
 def _reply(msg: Message, update: np.ndarray, **metrics: float) -> Message:
     arrays = ArrayRecord({"w": Array((np.zeros(D) + update).astype(np.float32))})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
-        {"num-examples": 1.0, KEY_CLIPPED: 1, KEY_NOISED: 0, KEY_UNCLIPPED: 0, **metrics})})
+        {"num-examples": 1.0, ReplyMetrics.DP_CLIPPED_COUNT: 1, ReplyMetrics.DP_NOISED_COUNT: 0, ReplyMetrics.DP_UNCLIPPED_COUNT: 0, **metrics})})
     return Message(content=content, reply_to=msg)
 
 
@@ -115,7 +115,7 @@ def test_a_single_reply_never_sets_the_denominator() -> None:
     # masked clipped count proves 1000 clipped contributors gets z C / 4 all the same.
     dp = _dp()
     arrays, _ = _round(dp, 4, lambda ms: [_reply(ms[0], 0.0, **{"num-examples": 1000.0,
-                                                                KEY_CLIPPED: 1000})])
+                                                                ReplyMetrics.DP_CLIPPED_COUNT: 1000})])
     assert _std(arrays) == pytest.approx(Z * C / 4, rel=0.01)
 
 
@@ -124,9 +124,9 @@ def test_clipped_count_must_match_the_contributors_or_the_round_is_refused(caplo
         def make(ms):
             r = _reply(ms[0], 0.0, **{"num-examples": 1000.0})
             if clipped is None:
-                del r.content["metrics"][KEY_CLIPPED]
+                del r.content["metrics"][ReplyMetrics.DP_CLIPPED_COUNT]
             else:
-                r.content["metrics"][KEY_CLIPPED] = clipped
+                r.content["metrics"][ReplyMetrics.DP_CLIPPED_COUNT] = clipped
             return [r]
         return make
 
@@ -171,14 +171,14 @@ def test_distributed_without_secagg_noise_fails_at_the_first_round() -> None:
 
     def aggregate(ms):
         r = _reply(ms[0], 0.0, **{"num-examples": 4.0})
-        del r.content["metrics"][KEY_NOISED]
+        del r.content["metrics"][ReplyMetrics.DP_NOISED_COUNT]
         return [r]
     with pytest.raises(DPConfigurationError, match="MASKED_METRICS"):
         _round(dp, 4, aggregate)
     # Noised count short of the contributors (a client added no noise): refused.
     dp = _dp(distributed=True, min_contributors=2, quantization_step=4 / 2**16)
     arrays, _ = _round(dp, 4, lambda ms: [_reply(ms[0], 0.0, **{
-        "num-examples": 4.0, KEY_CLIPPED: 4, KEY_NOISED: 3})])
+        "num-examples": 4.0, ReplyMetrics.DP_CLIPPED_COUNT: 4, ReplyMetrics.DP_NOISED_COUNT: 3})])
     assert arrays is None and dp.epsilon == 0.0
     for bad in ({"sampling": "poisson", "sample_rate": 0.3},
                 {"adaptive": AdaptiveClipping()}, {"quantization_step": None}):
@@ -191,7 +191,7 @@ def test_distributed_round_is_accounted_with_skellams_own_rdp() -> None:
     step, m, n = 4 / 2**16, 2, 3
     dp = _dp(distributed=True, min_contributors=m, quantization_step=step, relation="zero-out")
     arrays, metrics = _round(dp, 4, lambda ms: [_reply(ms[0], 0.0, **{
-        "num-examples": float(n), KEY_CLIPPED: n, KEY_NOISED: n})])
+        "num-examples": float(n), ReplyMetrics.DP_CLIPPED_COUNT: n, ReplyMetrics.DP_NOISED_COUNT: n})])
     assert arrays is not None and metrics["dp-noise-std"] == 0.0  # the clients noised
     l2 = quantised_l2_bound(C, step, D)
     mu = n * skellam_mu(Z, C, step, D, m)
@@ -262,20 +262,20 @@ CONFIG = {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0, "dp-min-contribut
 
 def test_client_refuses_a_server_asking_for_less_noise() -> None:
     node = {"dp-min-noise-multiplier": 0.8, "dp-honest-contributors": 5}
-    metrics: dict = {KEY_NOISED: 0}
+    metrics: dict = {ReplyMetrics.DP_NOISED_COUNT: 0}
     noise = distributed_dp_noise(CONFIG, node, metrics=metrics, **ROUND)
     mu = skellam_mu(1.0, 1.0, 4 / 2**16, 1000, 5)
-    assert noise.dtype == np.int64 and metrics[KEY_NOISED] == 1
+    assert noise.dtype == np.int64 and metrics[ReplyMetrics.DP_NOISED_COUNT] == 1
     assert noise.var() == pytest.approx(2 * mu, rel=0.15)
     for bad, match in (({"dp-noise-multiplier": 0.0}, "below this node's floor"),
                        ({"dp-noise-multiplier": 0.5}, "below this node's floor"),
                        ({"dp-min-contributors": 10**6}, "assumes at most 5 honest"),
                        ({"dp-min-contributors": 6}, "assumes at most 5 honest"),
                        ({"dp-quantization-step": 1e-3}, "quantisation step")):
-        metrics = {KEY_NOISED: 0}
+        metrics = {ReplyMetrics.DP_NOISED_COUNT: 0}
         with pytest.raises(ValueError, match=match):
             distributed_dp_noise({**CONFIG, **bad}, node, metrics=metrics, **ROUND)
-        assert metrics[KEY_NOISED] == 0
+        assert metrics[ReplyMetrics.DP_NOISED_COUNT] == 0
     # No request means no noise (the guard's policy mod refuses it if the node requires DP).
     assert distributed_dp_noise({}, {}, metrics={}, **ROUND) is None
     # A node that requires distributed DP refuses a round that asks for none.
@@ -293,7 +293,7 @@ def test_a_node_with_empty_node_config_refuses_zero_noise_and_unbounded_contribu
     ok = {**CONFIG, "dp-noise-multiplier": 0.5, "dp-min-contributors": 3}
     metrics: dict = {}
     assert distributed_dp_noise(ok, {}, metrics=metrics, **ROUND) is not None
-    assert metrics[KEY_NOISED] == 1
+    assert metrics[ReplyMetrics.DP_NOISED_COUNT] == 1
     for bad, match in (
         ({"dp-noise-multiplier": 0.0}, "noise multiplier 0.0, below this node's floor "
                                        "dp-min-noise-multiplier=0.5"),
@@ -306,7 +306,7 @@ def test_a_node_with_empty_node_config_refuses_zero_noise_and_unbounded_contribu
         metrics = {}
         with pytest.raises(ValueError, match=match):
             distributed_dp_noise({**ok, **bad}, {}, metrics=metrics, **ROUND)
-        assert KEY_NOISED not in metrics
+        assert ReplyMetrics.DP_NOISED_COUNT not in metrics
     # A server that announces distributed DP but drops the noise multiplier gets 0: refused.
     announced = {k: v for k, v in ok.items() if k != "dp-noise-multiplier"}
     with pytest.raises(ValueError, match="noise multiplier 0.0, below"):

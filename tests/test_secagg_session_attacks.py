@@ -859,12 +859,7 @@ def test_strategy_a_clients_clipped_count_is_bounded_by_the_update_length(tmp_pa
 
 
 def test_mod_a_session_round_over_a_subset_is_not_unmasked_below_the_noise_contributors(tmp_path):
-    from flwr_guard.dp.keys import (
-        KEY_CLIPPING_NORM,
-        KEY_MIN_CONTRIBUTORS,
-        KEY_NOISE_MULTIPLIER,
-        KEY_QUANTIZATION_STEP,
-    )
+    from flwr_guard.keys import TrainConfig
 
     fed = ModFederation(6, tmp_path, node_config={"dp-min-noise-multiplier": "1.0",
                                                   "dp-honest-contributors": 6})
@@ -877,10 +872,10 @@ def test_mod_a_session_round_over_a_subset_is_not_unmasked_below_the_noise_contr
             if node not in asked:
                 return None
             config = msg.content.config_records["config"]
-            config[KEY_NOISE_MULTIPLIER] = 1.0
-            config[KEY_CLIPPING_NORM] = 1.0
-            config[KEY_MIN_CONTRIBUTORS] = 6
-            config[KEY_QUANTIZATION_STEP] = 2 * 2.0 / 2**16
+            config[TrainConfig.DP_NOISE_MULTIPLIER] = 1.0
+            config[TrainConfig.DP_CLIPPING_NORM] = 1.0
+            config[TrainConfig.DP_MIN_CONTRIBUTORS] = 6
+            config[TrainConfig.DP_QUANTIZATION_STEP] = 2 * 2.0 / 2**16
             return msg
 
         return tamper

@@ -24,6 +24,7 @@ from flwr_guard.deployment.provision_cli import (
 from flwr_guard.dp.cli import epsilon as dp_epsilon_command
 from flwr_guard.dp.cli import ledger_app
 from flwr_guard.inspection.cli import audit_endpoints_command
+from flwr_guard.keys import ReplyMetrics, RunConfig, ServerMetrics
 from flwr_guard.node.cli import node_app
 from flwr_guard.robust.cli import robustness_command
 
@@ -56,18 +57,19 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def _audit_cell(train: dict) -> str:
-    ran = train.get("audit-ran")
+    ran = train.get(ReplyMetrics.AUDIT_RAN)
     if not ran:
         return "-"
-    return f"{int(train.get('audit-leaks', 0))}/{int(ran)}, {train.get('audit-psnr-gain-db', 0):+.1f} dB"
+    leaks, gain = train.get(ReplyMetrics.AUDIT_LEAKS, 0), train.get(ReplyMetrics.AUDIT_PSNR_GAIN_DB, 0)
+    return f"{int(leaks)}/{int(ran)}, {gain:+.1f} dB"
 
 
 def _robust_cell(server: dict) -> str:
     """The server's robustness evaluation of the round (docs/robustness.md), if it ran."""
-    acc = server.get("robust-acc-pgd-0.1")
+    acc = server.get(ServerMetrics.robust_accuracy("pgd", 0.1))
     if acc is None:
         return "-"
-    return f"{acc:.3f} ({'yes' if server.get('robust-masking-suspected') else 'no'})"
+    return f"{acc:.3f} ({'yes' if server.get(ServerMetrics.ROBUST_MASKING_SUSPECTED) else 'no'})"
 
 
 COLUMNS = ("round", "train\nloss", "test\nloss", "test\nacc.", "ε record\n/ budget",
@@ -76,8 +78,8 @@ COLUMNS = ("round", "train\nloss", "test\nloss", "test\nacc.", "ε record\n/ bud
 
 
 def _round_cells(line: dict, rounds: int) -> list[str]:
-    eps = line.get("train", {}).get("dp-sgd-epsilon")
-    budget = line.get("privacy", {}).get("dp-sgd-max-epsilon")
+    eps = line.get("train", {}).get(ReplyMetrics.DP_SGD_EPSILON)
+    budget = line.get("privacy", {}).get(RunConfig.DP_SGD_MAX_EPSILON)
     secagg = line.get("secagg") or {}
     return [
         f"{line['round']}/{rounds}",
@@ -213,13 +215,13 @@ def demo(
     # Only what the user changed: another app (--app) need not declare these keys.
     run_config: dict = {}
     if robust_objective != "plain":
-        run_config["robust-objective"] = robust_objective
+        run_config[RunConfig.ROBUST_OBJECTIVE] = robust_objective
     if robust_eval_every:
-        run_config["robust-eval-every"] = robust_eval_every
+        run_config[RunConfig.ROBUST_EVAL_EVERY] = robust_eval_every
     if not dp_sgd:
-        run_config["dp-sgd"] = False
+        run_config[RunConfig.DP_SGD] = False
     if not audit:
-        run_config["audit"] = False
+        run_config[RunConfig.AUDIT] = False
     options = DemoOptions(
         nodes=nodes,
         rounds=rounds,
@@ -261,19 +263,21 @@ def demo(
             f"{_fmt(result.final_test_accuracy, '.3f')} after {result.num_rounds} rounds "
             f"in {result.elapsed_s:.0f} s; summary in {summary}"
         )
-        eps, budget = result.privacy.get("dp-sgd-epsilon"), result.privacy.get("dp-sgd-max-epsilon")
+        eps = result.privacy.get(ReplyMetrics.DP_SGD_EPSILON)
+        budget = result.privacy.get(RunConfig.DP_SGD_MAX_EPSILON)
         if eps is not None:
             console.print(
                 f"record-level DP: epsilon {eps:.2f} of {_fmt(budget or None, '.1f')} at delta "
-                f"{_fmt(result.privacy.get('dp-sgd-delta'), 'g')}"
+                f"{_fmt(result.privacy.get(RunConfig.DP_SGD_DELTA), 'g')}"
             )
         if result.audit:
             worst = result.audit
             console.print(
                 f"leakage audit, worst round {worst['round']}: "
-                f"{int(worst['audit-leaks'])} of {int(worst['audit-ran'])} audits leak; "
-                f"PSNR {worst['audit-psnr-db']:.1f} dB ({worst['audit-psnr-gain-db']:+.1f} dB "
-                f"vs the mean image), label accuracy {worst['audit-label-accuracy']:.2f}"
+                f"{int(worst[ReplyMetrics.AUDIT_LEAKS])} of {int(worst[ReplyMetrics.AUDIT_RAN])} audits leak; "
+                f"PSNR {worst[ReplyMetrics.AUDIT_PSNR_DB]:.1f} dB "
+                f"({worst[ReplyMetrics.AUDIT_PSNR_GAIN_DB]:+.1f} dB vs the mean image), "
+                f"label accuracy {worst[ReplyMetrics.AUDIT_LABEL_ACCURACY]:.2f}"
             )
         return
     console.print(f"[red]demo failed[/red]: {result.error or result.status}")

@@ -46,6 +46,7 @@ from flwr_guard.deployment.local import (
     SUPEREXEC_POLL_INTERVAL_S,
 )
 from flwr_guard.deployment.status import UNKNOWN, StatusPolicy, StatusTracker, StatusUnknown
+from flwr_guard.keys import NodeConfig, ReplyMetrics, RunConfig
 from flwr_guard.secagg.keys import write_federation
 from flwr_guard.telemetry.exporter import preferred_port
 from flwr_guard.telemetry.prometheus_server import (
@@ -462,19 +463,19 @@ def run_demo(
         min_cohort=min(options.nodes, 3) if 2 <= options.nodes < 5 else None,
     ))
     node_config = dict(options.node_config)
-    if options.app_dir is None and not options.simulation and options.run_config.get("secagg", True):
+    if options.app_dir is None and not options.simulation and options.run_config.get(RunConfig.SECAGG, True):
         # The reference app's SuperNodes, as their operator would: no update leaves them
         # unless SecAgg+ masks it (flwr_guard.guard.policy, node config).
-        node_config.setdefault("guard-require-secagg", True)
+        node_config.setdefault(NodeConfig.GUARD_REQUIRE_SECAGG, True)
     if not options.simulation:  # each operator's `flwr-guard ledger init` (docs/privacy.md)
         from flwr_guard.dp.node_policy import data_source
         from flwr_guard.dp.record_ledger import init_ledger, ledger_path
 
-        for key, value in (("dp-sgd-max-epsilon", 8.0), ("dp-sgd-min-noise-multiplier", 1.0),
-                           ("dp-min-noise-multiplier", 0.5), ("dp-honest-contributors", 2)):
+        for key, value in ((NodeConfig.DP_SGD_MAX_EPSILON, 8.0), (NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER, 1.0),
+                           (NodeConfig.DP_MIN_NOISE_MULTIPLIER, 0.5), (NodeConfig.DP_HONEST_CONTRIBUTORS, 2)):
             node_config.setdefault(key, value)  # explicit floors, as an operator would set
-        ledgers = str(node_config.setdefault("dp-sgd-ledger", str(workdir / "dp-sgd-ledger")))
-        for source in {data_source({"partition-id": i, **node_config}) for i in range(options.nodes)}:
+        ledgers = str(node_config.setdefault(NodeConfig.DP_SGD_LEDGER, str(workdir / "dp-sgd-ledger")))
+        for source in {data_source({NodeConfig.PARTITION_ID: i, **node_config}) for i in range(options.nodes)}:
             if not ledger_path(ledgers, source).exists():
                 init_ledger(ledgers, source)
     topology = Topology.on_free_ports(
@@ -498,18 +499,18 @@ def run_demo(
         min_nodes, min_reason = options.nodes, "a simulation loses no node"
     else:
         min_nodes, min_reason = default_min_nodes(
-            options.nodes, bool(setting("secagg", False)),
-            int(setting("secagg-num-shares", 0)), int(setting("secagg-reconstruction-threshold", 0)),
+            options.nodes, bool(setting(RunConfig.SECAGG, False)),
+            int(setting(RunConfig.SECAGG_NUM_SHARES, 0)), int(setting(RunConfig.SECAGG_RECONSTRUCTION_THRESHOLD, 0)),
             {**node_config, **(per_node[0] if per_node else {})},
         )
     optional = {
-        "metrics-port": metrics_port,
-        "metrics-linger": 2.0,  # one more scrape after the last round
+        RunConfig.METRICS_PORT: metrics_port,
+        RunConfig.METRICS_LINGER: 2.0,  # one more scrape after the last round
         # Every node audits every round, 5 s each (the app's default: 20 % of the rounds,
         # half the nodes, 10 s).
-        "audit-round-fraction": 1.0,
-        "audit-client-fraction": 1.0,
-        "audit-time-budget": 5.0,
+        RunConfig.AUDIT_ROUND_FRACTION: 1.0,
+        RunConfig.AUDIT_CLIENT_FRACTION: 1.0,
+        RunConfig.AUDIT_TIME_BUDGET: 5.0,
     }
     # Flower refuses a run config with keys the app does not declare (`--app` may be a
     # user's own app, e.g. Flower's quickstart): the demo's keys go only to apps that
@@ -522,14 +523,14 @@ def run_demo(
         "seed": options.seed,
         "progress-file": str(progress_path),
         # the nodes' secagg-max-colluders=0 below 5 nodes (write_federation above)
-        **({"secagg-max-colluders": 0} if per_node and options.nodes < 5 else {}),
+        **({RunConfig.SECAGG_MAX_COLLUDERS: 0} if per_node and options.nodes < 5 else {}),
         **optional,
     }
     run_config: dict[str, Any] = {
         **{key: value for key, value in demo_keys.items() if key in declared},
         **options.run_config,
     }
-    serves_metrics = "metrics-port" in declared
+    serves_metrics = RunConfig.METRICS_PORT in declared
     state = DemoState(
         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics" if serves_metrics else None,
         min_nodes=min_nodes, min_nodes_reason=min_reason,
@@ -718,9 +719,9 @@ def _result(
     last = server_rounds[-1] if server_rounds else {}
     # Epsilon spent: that of the last round that trained (a round the budget refused
     # has no train metrics).
-    spent = [r["train"]["dp-sgd-epsilon"] for r in server_rounds
-             if "dp-sgd-epsilon" in r.get("train", {})]
-    privacy = {**last.get("privacy", {}), "dp-sgd-epsilon": spent[-1] if spent else None}
+    spent = [r["train"][ReplyMetrics.DP_SGD_EPSILON] for r in server_rounds
+             if ReplyMetrics.DP_SGD_EPSILON in r.get("train", {})]
+    privacy = {**last.get("privacy", {}), ReplyMetrics.DP_SGD_EPSILON: spent[-1] if spent else None}
     keep = options.keep_workdir or not success or options.workdir is not None
     return DemoResult(
         success=success,

@@ -54,9 +54,10 @@ from torch import nn
 from flwr_guard.audit.audit import AuditPlan, _check_model, run_audit
 from flwr_guard.audit.inputs import as_pair, prepare
 from flwr_guard.audit.protections import Protections
-from flwr_guard.audit.report import METRIC_PREFIX, AuditReport, neutral_metrics
+from flwr_guard.audit.report import AuditReport, neutral_metrics
 from flwr_guard.audit.sampling import AuditSampling, derived_seed
 from flwr_guard.guard.client_mod import refusal
+from flwr_guard.keys import NodeConfig, ReplyMetrics, TrainConfig
 from flwr_guard.records import (
     BLOCK_PREFIX,
     first_array_record,
@@ -72,7 +73,6 @@ BLOCKED_REASON = f"{BLOCK_PREFIX} audit: update blocked"
 #: A refusal of this mod (after the policy prefix) starts so.
 AUDIT_FAILED = "leakage audit failed:"
 ON_FAILURE = ("refuse", "send")
-NODE_ON_FAILURE = "audit-on-failure"
 
 DataFn = Callable[[Context], tuple[Any, Any]]
 
@@ -156,19 +156,15 @@ def preflight(msg: Message, context: Context, model_fn: Callable[[], nn.Module],
     _check_model(model, data)
 
 
-CONFIG_CLIPPING_NORM = "dp-clipping-norm"
-CONFIG_NOISE_MULTIPLIER = "dp-noise-multiplier"
-
-
 def protections_in_force(msg: Message, declared: Protections) -> Protections:
     """``declared``, with the clipping norm and (distributed) noise multiplier that the
     server announced in the train message's ConfigRecord, when present and valid."""
     clip, noise = declared.clipping_norm, declared.noise_multiplier
     for record in msg.content.config_records.values():
-        value = record.get(CONFIG_CLIPPING_NORM)
+        value = record.get(TrainConfig.DP_CLIPPING_NORM)
         if isinstance(value, (int, float)) and value > 0:
             clip = float(value)
-        value = record.get(CONFIG_NOISE_MULTIPLIER)
+        value = record.get(TrainConfig.DP_NOISE_MULTIPLIER)
         if isinstance(value, (int, float)) and value >= 0:
             noise = float(value)
     if noise > 0 and clip is None:
@@ -237,7 +233,7 @@ def leakage_audit_mod(
     def failed(context: Context, what: str, err: Exception) -> str | None:
         """The refusal reason when the policy refuses, else ``None`` (logged either way)."""
         refuse = (config.on_failure == "refuse"
-                  or context.node_config.get(NODE_ON_FAILURE) == "refuse")
+                  or context.node_config.get(NodeConfig.AUDIT_ON_FAILURE) == "refuse")
         text = f"{AUDIT_FAILED} {what}: {type(err).__name__}: {err}"
         if refuse:
             return text + " (the update is not sent: fix the audit's model_fn/data_fn, or "\
@@ -271,9 +267,9 @@ def leakage_audit_mod(
                 reason = failed(context, f"round {rnd}", err)
                 if reason is not None:
                     return refusal(msg, reason)
-                metrics[f"{METRIC_PREFIX}error"] = 1
+                metrics[ReplyMetrics.AUDIT_ERROR] = 1
         elif not checked:
-            metrics[f"{METRIC_PREFIX}error"] = 1
+            metrics[ReplyMetrics.AUDIT_ERROR] = 1
         if report is not None and config.gate and report.leaks:
             reason = f"{BLOCKED_REASON} (round {rnd}): {report.verdict[1]}"
             if math.isfinite(report.psnr_gain_db):  # not for text

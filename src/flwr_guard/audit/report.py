@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from flwr_guard.audit.verdict import VerdictRule
-
-METRIC_PREFIX = "audit-"
+from flwr_guard.keys import ReplyMetrics
 
 
 def _mean(values: list[float] | list[bool]) -> float:
@@ -296,21 +295,21 @@ class AuditReport:
         base = self.baselines.get("mean-image")
         nan = math.nan
         return {
-            f"{METRIC_PREFIX}ran": 1,
-            f"{METRIC_PREFIX}error": 0,
-            f"{METRIC_PREFIX}leaks": int(leaks),
-            f"{METRIC_PREFIX}psnr-db": float(self.worst.mean_psnr_db) if self.worst.psnr_db else nan,
-            f"{METRIC_PREFIX}psnr-gain-db": float(self.psnr_gain_db),
-            f"{METRIC_PREFIX}ssim": float(self.worst.mean_ssim) if self.worst.ssim else nan,
-            f"{METRIC_PREFIX}identified-rate": float(self.worst.identified_rate),
-            f"{METRIC_PREFIX}label-accuracy": float(self.worst.label_accuracy),
-            f"{METRIC_PREFIX}baseline-psnr-db": float(base.mean_psnr_db) if base is not None
+            ReplyMetrics.AUDIT_RAN: 1,
+            ReplyMetrics.AUDIT_ERROR: 0,
+            ReplyMetrics.AUDIT_LEAKS: int(leaks),
+            ReplyMetrics.AUDIT_PSNR_DB: float(self.worst.mean_psnr_db) if self.worst.psnr_db else nan,
+            ReplyMetrics.AUDIT_PSNR_GAIN_DB: float(self.psnr_gain_db),
+            ReplyMetrics.AUDIT_SSIM: float(self.worst.mean_ssim) if self.worst.ssim else nan,
+            ReplyMetrics.AUDIT_IDENTIFIED_RATE: float(self.worst.identified_rate),
+            ReplyMetrics.AUDIT_LABEL_ACCURACY: float(self.worst.label_accuracy),
+            ReplyMetrics.AUDIT_BASELINE_PSNR_DB: float(base.mean_psnr_db) if base is not None
             and base.psnr_db else nan,
-            f"{METRIC_PREFIX}rel-l2-error": float(self.worst.mean_rel_l2),
-            f"{METRIC_PREFIX}cosine": float(self.worst.mean_cosine),
-            f"{METRIC_PREFIX}recovered-fraction": float(self.worst.mean_recovered),
-            f"{METRIC_PREFIX}token-f1": float(self.worst.mean_token_f1),
-            f"{METRIC_PREFIX}seconds": float(self.seconds),
+            ReplyMetrics.AUDIT_REL_L2_ERROR: float(self.worst.mean_rel_l2),
+            ReplyMetrics.AUDIT_COSINE: float(self.worst.mean_cosine),
+            ReplyMetrics.AUDIT_RECOVERED_FRACTION: float(self.worst.mean_recovered),
+            ReplyMetrics.AUDIT_TOKEN_F1: float(self.worst.mean_token_f1),
+            ReplyMetrics.AUDIT_SECONDS: float(self.seconds),
         }
 
 
@@ -320,18 +319,18 @@ def neutral_metrics() -> dict[str, float | int]:
     when an audit was due but failed. In an audited reply a score that does not apply to
     the modality is NaN (SSIM of a vector, PSNR of tokens, token F1 of an image)."""
     return {
-        f"{METRIC_PREFIX}ran": 0,
-        f"{METRIC_PREFIX}error": 0,
-        f"{METRIC_PREFIX}leaks": 0,
-        f"{METRIC_PREFIX}psnr-db": 0.0,
-        f"{METRIC_PREFIX}psnr-gain-db": 0.0,
-        f"{METRIC_PREFIX}ssim": 0.0,
-        f"{METRIC_PREFIX}identified-rate": 0.0,
-        f"{METRIC_PREFIX}label-accuracy": 0.0,
-        f"{METRIC_PREFIX}baseline-psnr-db": 0.0,
-        f"{METRIC_PREFIX}rel-l2-error": 0.0,
-        f"{METRIC_PREFIX}cosine": 0.0,
-        f"{METRIC_PREFIX}recovered-fraction": 0.0,
-        f"{METRIC_PREFIX}token-f1": 0.0,
-        f"{METRIC_PREFIX}seconds": 0.0,
+        ReplyMetrics.AUDIT_RAN: 0,
+        ReplyMetrics.AUDIT_ERROR: 0,
+        ReplyMetrics.AUDIT_LEAKS: 0,
+        ReplyMetrics.AUDIT_PSNR_DB: 0.0,
+        ReplyMetrics.AUDIT_PSNR_GAIN_DB: 0.0,
+        ReplyMetrics.AUDIT_SSIM: 0.0,
+        ReplyMetrics.AUDIT_IDENTIFIED_RATE: 0.0,
+        ReplyMetrics.AUDIT_LABEL_ACCURACY: 0.0,
+        ReplyMetrics.AUDIT_BASELINE_PSNR_DB: 0.0,
+        ReplyMetrics.AUDIT_REL_L2_ERROR: 0.0,
+        ReplyMetrics.AUDIT_COSINE: 0.0,
+        ReplyMetrics.AUDIT_RECOVERED_FRACTION: 0.0,
+        ReplyMetrics.AUDIT_TOKEN_F1: 0.0,
+        ReplyMetrics.AUDIT_SECONDS: 0.0,
     }

@@ -36,13 +36,15 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flwr_guard.audit.audit_mod import AUDIT_FAILED, BLOCKED_REASON
-from flwr_guard.audit.report import METRIC_PREFIX
+from flwr_guard.keys import ReplyMetrics, ServerMetrics
 from flwr_guard.records import find_metric_record
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
-_MAX_KEYS = ("psnr-db", "psnr-gain-db", "ssim", "identified-rate", "label-accuracy", "seconds",
-             "cosine", "recovered-fraction", "token-f1")
-_MIN_KEYS = ("rel-l2-error",)
+_MAX_KEYS = (ReplyMetrics.AUDIT_PSNR_DB, ReplyMetrics.AUDIT_PSNR_GAIN_DB, ReplyMetrics.AUDIT_SSIM,
+             ReplyMetrics.AUDIT_IDENTIFIED_RATE, ReplyMetrics.AUDIT_LABEL_ACCURACY,
+             ReplyMetrics.AUDIT_SECONDS, ReplyMetrics.AUDIT_COSINE,
+             ReplyMetrics.AUDIT_RECOVERED_FRACTION, ReplyMetrics.AUDIT_TOKEN_F1)
+_MIN_KEYS = (ReplyMetrics.AUDIT_REL_L2_ERROR,)
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -67,27 +69,26 @@ def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
         record = find_metric_record(reply.content)
         if record is None:
             continue
-        if f"{METRIC_PREFIX}ran" in record:
+        if ReplyMetrics.AUDIT_RAN in record:
             configured = True
-        errors += int(record.get(f"{METRIC_PREFIX}error", 0) or 0)
-        if record.get(f"{METRIC_PREFIX}ran", 0):
+        errors += int(record.get(ReplyMetrics.AUDIT_ERROR, 0) or 0)
+        if record.get(ReplyMetrics.AUDIT_RAN, 0):
             audited.append(dict(record.items()))
     if not configured:
         return {}
     out: dict[str, float | int] = {
-        f"{METRIC_PREFIX}ran": len(audited),
-        f"{METRIC_PREFIX}leaks": sum(int(a.get(f"{METRIC_PREFIX}leaks", 0)) for a in audited),
-        f"{METRIC_PREFIX}blocked": blocked,
-        f"{METRIC_PREFIX}error": errors,
+        ReplyMetrics.AUDIT_RAN: len(audited),
+        ReplyMetrics.AUDIT_LEAKS: sum(int(a.get(ReplyMetrics.AUDIT_LEAKS, 0)) for a in audited),
+        ServerMetrics.AUDIT_BLOCKED: blocked,
+        ReplyMetrics.AUDIT_ERROR: errors,
     }
     for keys, pick in ((_MAX_KEYS, max), (_MIN_KEYS, min)):
-        for key in keys:
-            name = f"{METRIC_PREFIX}{key}"
+        for name in keys:
             values = _finite([float(a[name]) for a in audited if name in a])
             out[name] = pick(values) if values else (math.nan if audited else 0.0)
-    base = _finite([float(a[f"{METRIC_PREFIX}baseline-psnr-db"]) for a in audited
-                    if f"{METRIC_PREFIX}baseline-psnr-db" in a])
-    out[f"{METRIC_PREFIX}baseline-psnr-db"] = sum(base) / len(base) if base else (
+    base = _finite([float(a[ReplyMetrics.AUDIT_BASELINE_PSNR_DB]) for a in audited
+                    if ReplyMetrics.AUDIT_BASELINE_PSNR_DB in a])
+    out[ReplyMetrics.AUDIT_BASELINE_PSNR_DB] = sum(base) / len(base) if base else (
         math.nan if audited else 0.0)
     return out
 
@@ -113,7 +114,7 @@ class AuditSummary(StrategyWrapper):
         if not summary:
             return arrays, metrics
         metrics = MetricRecord() if metrics is None else metrics
-        for key in [k for k in metrics if k.startswith(METRIC_PREFIX)]:
+        for key in [k for k in metrics if k.startswith(ReplyMetrics.AUDIT_PREFIX)]:
             del metrics[key]
         for key, value in summary.items():
             metrics[key] = value
@@ -122,12 +123,12 @@ class AuditSummary(StrategyWrapper):
     def worst(self) -> dict[str, Any] | None:
         """The round with the highest ``audit-psnr-gain-db`` among audited rounds, as
         ``{"round": r, **summary}``; ``None`` if no audit ran."""
-        audited = {r: s for r, s in self.rounds.items() if s.get(f"{METRIC_PREFIX}ran")}
+        audited = {r: s for r, s in self.rounds.items() if s.get(ReplyMetrics.AUDIT_RAN)}
         if not audited:
             return None
         def gain(r: int) -> float:
-            value = float(audited[r][f"{METRIC_PREFIX}psnr-gain-db"])
-            return value if math.isfinite(value) else float(audited[r][f"{METRIC_PREFIX}leaks"])
+            value = float(audited[r][ReplyMetrics.AUDIT_PSNR_GAIN_DB])
+            return value if math.isfinite(value) else float(audited[r][ReplyMetrics.AUDIT_LEAKS])
 
         rnd = max(audited, key=gain)
         return {"round": rnd, **audited[rnd]}

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from flwr_guard import keys
 from flwr_guard.deployment.topology import NodeConfig, TlsConfig, Topology
 
 SUPERLINK_PORT = 8000
@@ -64,9 +65,9 @@ def container_topology(
     if secagg:
         per_node = tuple(
             {
-                "secagg-signing-key": f"{SECAGG_DIR}/secagg-{i}.key",
-                "secagg-roster": f"{SECAGG_DIR}/roster.json",
-                **({"secagg-roster-admin-key": roster_admin_key} if roster_admin_key else {}),
+                keys.NodeConfig.SECAGG_SIGNING_KEY: f"{SECAGG_DIR}/secagg-{i}.key",
+                keys.NodeConfig.SECAGG_ROSTER: f"{SECAGG_DIR}/roster.json",
+                **({keys.NodeConfig.SECAGG_ROSTER_ADMIN_KEY: roster_admin_key} if roster_admin_key else {}),
             }
             for i in range(nodes)
         )

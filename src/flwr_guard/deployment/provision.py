@@ -37,15 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr_guard.deployment.tls import LOCAL_HOSTS, make_ca_and_server_cert, make_supernode_keys
+from flwr_guard.keys import NodeConfig
 from flwr_guard.secagg.keys import load_signing_key, write_signing_key
-from flwr_guard.secagg.policy import (
-    NODE_ROSTER,
-    NODE_ROSTER_ADMIN_KEY,
-    NODE_SIGNING_KEY,
-    Roster,
-    RosterMember,
-    load_roster,
-)
+from flwr_guard.secagg.policy import Roster, RosterMember, load_roster
 
 ROSTER = "roster.json"
 ROSTER_ADMIN_PUB = "roster-admin.pub"
@@ -91,9 +85,9 @@ class Federation:
         (default: this folder; e.g. the path a container mounts it at)."""
         base = Path(directory) if directory is not None else self.out
         return {
-            NODE_SIGNING_KEY: str(base / signing_key_name(index)),
-            NODE_ROSTER: str(base / ROSTER),
-            NODE_ROSTER_ADMIN_KEY: self.admin_public_key.hex(),
+            NodeConfig.SECAGG_SIGNING_KEY: str(base / signing_key_name(index)),
+            NodeConfig.SECAGG_ROSTER: str(base / ROSTER),
+            NodeConfig.SECAGG_ROSTER_ADMIN_KEY: self.admin_public_key.hex(),
         }
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from flwr_guard.lazy import lazy_getattr
 
 # Every name is imported on first use: a deployed ClientApp process lives for one
-# message, and the SecAgg+ control stages only need flwr_guard.dp.keys; the accountant
+# message, and the SecAgg+ control stages only need flwr_guard.keys; the accountant
 # (dp-accounting, which imports scipy.stats) cost ~1.5 s of each such process
 # (benchmarks/deployment.py, docs/demo.md).
 _LAZY = {

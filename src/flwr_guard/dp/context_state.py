@@ -24,8 +24,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig
-from flwr_guard.dp.node_policy import NODE_LEDGER_DIR, NODE_LEDGER_RESET, data_source
+from flwr_guard.dp.node_policy import data_source
 from flwr_guard.dp.record_ledger import RecordLedger, default_ledger_dir, init_command
+from flwr_guard.keys import NodeConfig
 
 STATE_KEY = "flwr-guard-dp-sgd-accountant"
 
@@ -77,11 +78,11 @@ def node_ledger(context: Context, expected: list | None = None) -> RecordLedger:
         ValueError: the removed node config ``dp-sgd-ledger-reset``, or a bad source id.
     """
     node = context.node_config
-    directory = str(node.get(NODE_LEDGER_DIR, "") or "") or str(default_ledger_dir())
+    directory = str(node.get(NodeConfig.DP_SGD_LEDGER, "") or "") or str(default_ledger_dir())
     source = data_source(node)
-    if NODE_LEDGER_RESET in node:
+    if NodeConfig.DP_SGD_LEDGER_RESET in node:
         raise ValueError(
-            f"node config {NODE_LEDGER_RESET} is no longer read: a ledger is started again "
+            f"node config {NodeConfig.DP_SGD_LEDGER_RESET} is no longer read: a ledger is started again "
             f"only by `{init_command(directory, source)} --force` (forgets the epsilon spent)")
     return RecordLedger(directory, source, node_id=context.node_id, expected_history=expected,
                         create_missing=in_simulation())

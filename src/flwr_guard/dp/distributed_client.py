@@ -40,17 +40,8 @@ from typing import Any
 import numpy as np
 
 from flwr_guard.dp.distributed import skellam_noise_for_secagg
-from flwr_guard.dp.keys import (
-    KEY_CLIPPING_NORM,
-    KEY_DISTRIBUTED,
-    KEY_MIN_CONTRIBUTORS,
-    KEY_NOISE_MULTIPLIER,
-    KEY_NOISED,
-    KEY_QUANTIZATION_STEP,
-    NODE_HONEST_CONTRIBUTORS,
-    NODE_MIN_NOISE_MULTIPLIER,
-)
-from flwr_guard.dp.node_policy import NODE_REQUIRE_DP, honest_contributors, min_noise_multiplier
+from flwr_guard.dp.node_policy import honest_contributors, min_noise_multiplier
+from flwr_guard.keys import NodeConfig, ReplyMetrics, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,35 +77,35 @@ def distributed_dp_noise(
             clipping norm, a step other than SecAgg+'s, or no room in the modulus.
     """
     config = config or {}
-    announced = bool(config.get(KEY_DISTRIBUTED, False)) or KEY_NOISE_MULTIPLIER in config
+    announced = bool(config.get(TrainConfig.DP_DISTRIBUTED, False)) or TrainConfig.DP_NOISE_MULTIPLIER in config
     # A node whose operator requires distributed DP refuses a round without its noise.
-    required = str(node_config.get(NODE_REQUIRE_DP, "") or "") == "distributed"
+    required = str(node_config.get(NodeConfig.GUARD_REQUIRE_DP, "") or "") == "distributed"
     if not announced and not required:
         return None
     try:
-        z = float(config.get(KEY_NOISE_MULTIPLIER, 0.0))
+        z = float(config.get(TrainConfig.DP_NOISE_MULTIPLIER, 0.0))
     except (TypeError, ValueError):
         raise ValueError(f"distributed DP refused: the train config announces distributed "
-                         f"DP without a numeric {KEY_NOISE_MULTIPLIER!r}; no update is sent") from None
+                         f"DP without a numeric {TrainConfig.DP_NOISE_MULTIPLIER!r}; no update is sent") from None
     floor = min_noise_multiplier(node_config)
     if not math.isfinite(z) or not z >= floor:
         raise ValueError(
             f"distributed DP refused: the server asks for noise multiplier {z}, below this "
-            f"node's floor {NODE_MIN_NOISE_MULTIPLIER}={floor} (node config; library default "
+            f"node's floor {NodeConfig.DP_MIN_NOISE_MULTIPLIER}={floor} (node config; library default "
             "0.5); no update is sent"
         )
-    if KEY_CLIPPING_NORM not in config:
-        raise ValueError(f"distributed DP needs {KEY_CLIPPING_NORM!r} in the train config")
-    clipping_norm = float(config[KEY_CLIPPING_NORM])
+    if TrainConfig.DP_CLIPPING_NORM not in config:
+        raise ValueError(f"distributed DP needs {TrainConfig.DP_CLIPPING_NORM!r} in the train config")
+    clipping_norm = float(config[TrainConfig.DP_CLIPPING_NORM])
     if not (clipping_norm > 0 and math.isfinite(clipping_norm)):
         raise ValueError(f"distributed DP: invalid clipping norm {clipping_norm}")
-    min_contributors = int(config.get(KEY_MIN_CONTRIBUTORS, cohort_size))
+    min_contributors = int(config.get(TrainConfig.DP_MIN_CONTRIBUTORS, cohort_size))
     honest = honest_contributors(node_config)
     if not 1 <= min_contributors <= min(honest, cohort_size):
         raise ValueError(
             f"distributed DP refused: the server scales each client's noise for "
             f"{min_contributors} contributors, but this node assumes at most "
-            f"{min(honest, cohort_size)} honest ones ({NODE_HONEST_CONTRIBUTORS}={honest} in "
+            f"{min(honest, cohort_size)} honest ones ({NodeConfig.DP_HONEST_CONTRIBUTORS}={honest} in "
             f"the node config, library default 3; cohort {cohort_size}); no update is sent"
         )
     if weight != 1:
@@ -126,7 +117,7 @@ def distributed_dp_noise(
         logger.warning("SecAgg+ clipping range %g < DP clipping norm %g: coordinates may be "
                        "clipped", clipping_range, clipping_norm)
     step = 2.0 * clipping_range / quantization_range
-    sent_step = config.get(KEY_QUANTIZATION_STEP)
+    sent_step = config.get(TrainConfig.DP_QUANTIZATION_STEP)
     if sent_step is not None and not math.isclose(float(sent_step), step, rel_tol=1e-9):
         raise ValueError(
             f"distributed DP refused: the server accounts with quantisation step {sent_step}, "
@@ -143,5 +134,5 @@ def distributed_dp_noise(
             f"the {modulus_bits}-bit modulus has no room for the noise of {cohort_size} "
             "clients: lower the quantisation range"
         )
-    metrics[KEY_NOISED] = 1
+    metrics[ReplyMetrics.DP_NOISED_COUNT] = 1
     return noise

@@ -35,7 +35,7 @@ Typical use inside a ClientApp's ``train``::
             private.optimizer.zero_grad()
             private.criterion(private.module(x.to(device)), y.to(device)).backward()
             private.optimizer.step()
-    metrics["dp-sgd-epsilon"] = save_dpsgd(context, dpsgd)
+    metrics[ReplyMetrics.DP_SGD_EPSILON] = save_dpsgd(context, dpsgd)  # flwr_guard.keys
 """
 
 from __future__ import annotations
@@ -68,18 +68,16 @@ from torch.utils.data import DataLoader
 from flwr_guard.device import resolve_device  # noqa: F401 - re-exported for users
 from flwr_guard.dp.budget import PrivacyBudgetExceeded
 from flwr_guard.dp.node_policy import (
-    NODE_DPSGD_MIN_NOISE_MULTIPLIER,
-    NODE_DPSGD_SECURE_MODE,
     dpsgd_max_epsilon,
     dpsgd_min_noise_multiplier,
     flag,
 )
 from flwr_guard.dp.record_ledger import RecordLedger, append_steps
+from flwr_guard.keys import NodeConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
 GradSampleMode = Literal["hooks", "ghost"]
-RUN_CONFIG_PREFIX = "dp-sgd-"
 
 
 class DPSGDModelError(FlwrGuardError, ValueError):
@@ -129,12 +127,12 @@ class DPSGDConfig:
             raise ValueError(f"max epsilon must be > 0 (inf = no limit), got {self.max_epsilon}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], prefix: str = RUN_CONFIG_PREFIX,
+    def from_run_config(cls, run_config: Mapping[str, Any], *,
                         node_config: Mapping[str, Any] | None = None) -> DPSGDConfig:
-        """Read ``{prefix}noise-multiplier``, ``{prefix}max-grad-norm`` (required) and
-        ``{prefix}delta``, ``{prefix}ghost-clipping`` (bool), ``{prefix}accountant``,
-        ``{prefix}secure-mode`` (bool), ``{prefix}max-epsilon`` (0 = no limit) from a
-        Flower run config.
+        """Read ``dp-sgd-noise-multiplier``, ``dp-sgd-max-grad-norm`` (required) and
+        ``dp-sgd-delta``, ``dp-sgd-ghost-clipping`` (bool), ``dp-sgd-accountant``,
+        ``dp-sgd-secure-mode`` (bool), ``dp-sgd-max-epsilon`` (0 = no limit) from a
+        Flower run config (:class:`flwr_guard.keys.RunConfig`).
 
         The run config is the server's: the result is always bounded by the node's
         policy (:meth:`bounded_by` ``node_config``; an empty or absent node config gets
@@ -144,20 +142,22 @@ class DPSGDConfig:
             KeyError: naming the missing required key.
             ValueError: for invalid values, or a noise multiplier below the node's floor.
         """
-        missing = [k for k in ("noise-multiplier", "max-grad-norm") if prefix + k not in run_config]
+        required = (RunConfig.DP_SGD_NOISE_MULTIPLIER, RunConfig.DP_SGD_MAX_GRAD_NORM)
+        missing = [k for k in required if k not in run_config]
         if missing:
             raise KeyError(
-                f"DP-SGD needs {', '.join(prefix + k for k in missing)} in the run config "
+                f"DP-SGD needs {', '.join(missing)} in the run config "
                 "([tool.flwr.app.config] or `flwr run --run-config`)"
             )
-        max_epsilon = float(run_config.get(prefix + "max-epsilon", 0.0)) or math.inf
+        max_epsilon = float(run_config.get(RunConfig.DP_SGD_MAX_EPSILON, 0.0)) or math.inf
+        ghost = bool(run_config.get(RunConfig.DP_SGD_GHOST_CLIPPING, False))
         config = cls(
-            noise_multiplier=float(run_config[prefix + "noise-multiplier"]),
-            max_grad_norm=float(run_config[prefix + "max-grad-norm"]),
-            delta=float(run_config.get(prefix + "delta", 1e-5)),
-            grad_sample_mode="ghost" if bool(run_config.get(prefix + "ghost-clipping", False)) else "hooks",
-            accountant=str(run_config.get(prefix + "accountant", "rdp")),
-            secure_mode=bool(run_config.get(prefix + "secure-mode", False)),
+            noise_multiplier=float(run_config[RunConfig.DP_SGD_NOISE_MULTIPLIER]),
+            max_grad_norm=float(run_config[RunConfig.DP_SGD_MAX_GRAD_NORM]),
+            delta=float(run_config.get(RunConfig.DP_SGD_DELTA, 1e-5)),
+            grad_sample_mode="ghost" if ghost else "hooks",
+            accountant=str(run_config.get(RunConfig.DP_SGD_ACCOUNTANT, "rdp")),
+            secure_mode=bool(run_config.get(RunConfig.DP_SGD_SECURE_MODE, False)),
             max_epsilon=max_epsilon,
         )
         return config.bounded_by(node_config or {}, "the run config")
@@ -178,13 +178,13 @@ class DPSGDConfig:
         if not self.noise_multiplier >= floor:
             raise ValueError(
                 f"{who} asks for DP-SGD noise multiplier {self.noise_multiplier:g}, below this "
-                f"node's floor {NODE_DPSGD_MIN_NOISE_MULTIPLIER}={floor:g} (node config; "
+                f"node's floor {NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER}={floor:g} (node config; "
                 "library default 0.5): refusing to train"
             )
         return replace(
             self,
             max_epsilon=min(self.max_epsilon, dpsgd_max_epsilon(node_config)),
-            secure_mode=self.secure_mode or flag(node_config.get(NODE_DPSGD_SECURE_MODE, False)),
+            secure_mode=self.secure_mode or flag(node_config.get(NodeConfig.DP_SGD_SECURE_MODE, False)),
         )
 
 

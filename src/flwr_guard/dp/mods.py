@@ -41,18 +41,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.clipping import clip_update
-from flwr_guard.dp.keys import (  # noqa: F401 (re-exported)
-    KEY_ADAPTIVE,
-    KEY_CLIPPED,
-    KEY_CLIPPING_NORM,
-    KEY_DISTRIBUTED,
-    KEY_MIN_CONTRIBUTORS,
-    KEY_NOISE_MULTIPLIER,
-    KEY_NOISED,
-    KEY_QUANTIZATION_STEP,
-    KEY_UNCLIPPED,
-    KEY_WEIGHT_KEY,
-)
+from flwr_guard.keys import ReplyMetrics, TrainConfig
 from flwr_guard.update import model_update
 
 
@@ -73,19 +62,19 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
         return call_next(msg, context)
     # Other mods may add ConfigRecords of their own (SecAgg+ does): use the one that
     # carries the clipping norm.
-    configs = [c for c in msg.content.config_records.values() if KEY_CLIPPING_NORM in c]
+    configs = [c for c in msg.content.config_records.values() if TrainConfig.DP_CLIPPING_NORM in c]
     if not configs:
         return _error(
             msg,
-            f"the train config has no '{KEY_CLIPPING_NORM}': wrap the server strategy "
+            f"the train config has no '{TrainConfig.DP_CLIPPING_NORM}': wrap the server strategy "
             "with flwr_guard.dp.DPFedAvg",
         )
     if len(msg.content.array_records) != 1 or len(configs) != 1:
         return _error(msg, "the train message must hold one ArrayRecord and one DP config")
     config = configs[0]
-    clipping_norm = float(config[KEY_CLIPPING_NORM])
-    adaptive = bool(config.get(KEY_ADAPTIVE, False))
-    weight_key = str(config.get(KEY_WEIGHT_KEY, ""))
+    clipping_norm = float(config[TrainConfig.DP_CLIPPING_NORM])
+    adaptive = bool(config.get(TrainConfig.DP_ADAPTIVE_CLIPPING, False))
+    weight_key = str(config.get(TrainConfig.DP_WEIGHT_KEY, ""))
     incoming = next(iter(msg.content.array_records.values()))
     keys = list(incoming.keys())
     global_arrays = [np.array(a, copy=True) for a in incoming.to_numpy_ndarrays()]
@@ -115,11 +104,11 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
         metrics_name, metrics = "metrics", MetricRecord()
     if weight_key:
         metrics[weight_key] = 1.0
-    metrics[KEY_CLIPPED] = 1  # summed masked by SecAgg+: must equal the contributors
+    metrics[ReplyMetrics.DP_CLIPPED_COUNT] = 1  # summed masked by SecAgg+: must equal the contributors
     # Placeholder: SecAgg+'s mod sets it to 1 when it adds the distributed-DP noise.
-    metrics[KEY_NOISED] = 0
+    metrics[ReplyMetrics.DP_NOISED_COUNT] = 0
     # Andrew et al.'s bit (an integer, so SecAgg+ can sum it masked); the server
     # centres the sum (b - 1/2 each) before noising it.
-    metrics[KEY_UNCLIPPED] = 1 if (adaptive and unclipped) else 0
+    metrics[ReplyMetrics.DP_UNCLIPPED_COUNT] = 1 if (adaptive and unclipped) else 0
     reply.content[metrics_name] = metrics
     return reply

@@ -6,7 +6,7 @@ empty node config is safe; the node config may set any of them, the run config a
 app's own ``ClientGuard`` may only ask for more (a larger noise multiplier, a smaller
 budget), never for less. docs/privacy.md ("Defaults") lists each value and why.
 
-One node-config key per meaning (default in brackets):
+One node-config key per meaning (:class:`flwr_guard.keys.NodeConfig`; default in brackets):
 
 - ``dp-min-noise-multiplier`` [0.5]: user-level floor on ``z``, central and distributed
   DP (``guard-min-noise-multiplier`` is a deprecated alias; the larger of the two wins);
@@ -27,6 +27,8 @@ import logging
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from flwr_guard.keys import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +52,6 @@ DEFAULT_DPSGD_MIN_NOISE_MULTIPLIER = 0.5
 DEFAULT_HONEST_CONTRIBUTORS = 3
 #: The ledger of a node whose node config declares no data source (and no partition).
 DEFAULT_DATA_SOURCE = "default"
-
-# Node-config keys (one per meaning; see the module docstring).
-NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"
-NODE_MIN_NOISE_MULTIPLIER_ALIAS = "guard-min-noise-multiplier"  # deprecated alias
-NODE_HONEST_CONTRIBUTORS = "dp-honest-contributors"
-NODE_DPSGD_MIN_NOISE_MULTIPLIER = "dp-sgd-min-noise-multiplier"
-NODE_DPSGD_MAX_EPSILON = "dp-sgd-max-epsilon"
-NODE_DPSGD_SECURE_MODE = "dp-sgd-secure-mode"
-NODE_LEDGER_DIR = "dp-sgd-ledger"
-NODE_DATA_SOURCE = "dp-sgd-data-source"
-NODE_PARTITION_ID = "partition-id"
-NODE_REQUIRE_DP = "guard-require-dp"  # read here only to require distributed noise
-# Removed: a ledger is created by `flwr-guard ledger init` only (refused if set).
-NODE_LEDGER_RESET = "dp-sgd-ledger-reset"
 
 
 def _number(node_config: Mapping[str, Any], key: str) -> float | None:
@@ -93,37 +81,37 @@ def min_noise_multiplier(node_config: Mapping[str, Any]) -> float:
     Raises:
         ValueError: a value that is not a number >= 0, naming the key.
     """
-    value = _number(node_config, NODE_MIN_NOISE_MULTIPLIER)
-    alias = _number(node_config, NODE_MIN_NOISE_MULTIPLIER_ALIAS)
+    value = _number(node_config, NodeConfig.DP_MIN_NOISE_MULTIPLIER)
+    alias = _number(node_config, NodeConfig.GUARD_MIN_NOISE_MULTIPLIER)
     if alias is not None:
         logger.warning("node config %s is deprecated: use %s (the larger of the two is "
-                       "enforced)", NODE_MIN_NOISE_MULTIPLIER_ALIAS, NODE_MIN_NOISE_MULTIPLIER)
+                       "enforced)", NodeConfig.GUARD_MIN_NOISE_MULTIPLIER, NodeConfig.DP_MIN_NOISE_MULTIPLIER)
         value = alias if value is None else max(value, alias)
     return DEFAULT_MIN_NOISE_MULTIPLIER if value is None else value
 
 
 def dpsgd_min_noise_multiplier(node_config: Mapping[str, Any]) -> float:
     """``dp-sgd-min-noise-multiplier``, else :data:`DEFAULT_DPSGD_MIN_NOISE_MULTIPLIER`."""
-    value = _number(node_config, NODE_DPSGD_MIN_NOISE_MULTIPLIER)
+    value = _number(node_config, NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER)
     return DEFAULT_DPSGD_MIN_NOISE_MULTIPLIER if value is None else value
 
 
 def dpsgd_max_epsilon(node_config: Mapping[str, Any]) -> float:
     """``dp-sgd-max-epsilon``, else :data:`DEFAULT_MAX_EPSILON` (always finite: an
     unbounded record-level budget cannot be configured)."""
-    value = _number(node_config, NODE_DPSGD_MAX_EPSILON)
+    value = _number(node_config, NodeConfig.DP_SGD_MAX_EPSILON)
     if value is not None and not math.isfinite(value):
-        raise ValueError(f"node config {NODE_DPSGD_MAX_EPSILON} must be finite, got {value}")
+        raise ValueError(f"node config {NodeConfig.DP_SGD_MAX_EPSILON} must be finite, got {value}")
     return DEFAULT_MAX_EPSILON if value is None else value
 
 
 def honest_contributors(node_config: Mapping[str, Any]) -> int:
     """``dp-honest-contributors``, else :data:`DEFAULT_HONEST_CONTRIBUTORS`."""
-    value = _number(node_config, NODE_HONEST_CONTRIBUTORS)
+    value = _number(node_config, NodeConfig.DP_HONEST_CONTRIBUTORS)
     if value is None:
         return DEFAULT_HONEST_CONTRIBUTORS
     if value != int(value):
-        raise ValueError(f"node config {NODE_HONEST_CONTRIBUTORS} must be an integer, got {value}")
+        raise ValueError(f"node config {NodeConfig.DP_HONEST_CONTRIBUTORS} must be an integer, got {value}")
     return int(value)
 
 
@@ -132,11 +120,11 @@ def data_source(node_config: Mapping[str, Any]) -> str:
     ``partition-<partition-id>`` when the node config names its partition, else
     :data:`DEFAULT_DATA_SOURCE`. Only node config counts: nothing the run config sets
     (seed, partitioner, fractions...) changes which ledger the node's records spend."""
-    source = str(node_config.get(NODE_DATA_SOURCE, "") or "")
+    source = str(node_config.get(NodeConfig.DP_SGD_DATA_SOURCE, "") or "")
     if source:
         return source
-    if NODE_PARTITION_ID in node_config:
-        return f"partition-{node_config[NODE_PARTITION_ID]}"
+    if NodeConfig.PARTITION_ID in node_config:
+        return f"partition-{node_config[NodeConfig.PARTITION_ID]}"
     return DEFAULT_DATA_SOURCE
 
 
@@ -147,12 +135,12 @@ def enforced_policy(node_config: Mapping[str, Any]) -> dict[str, Any]:
         ValueError: a malformed node-config value, naming the key.
     """
     return {
-        NODE_MIN_NOISE_MULTIPLIER: min_noise_multiplier(node_config),
-        NODE_HONEST_CONTRIBUTORS: honest_contributors(node_config),
-        NODE_DPSGD_MIN_NOISE_MULTIPLIER: dpsgd_min_noise_multiplier(node_config),
-        NODE_DPSGD_MAX_EPSILON: dpsgd_max_epsilon(node_config),
-        NODE_DPSGD_SECURE_MODE: flag(node_config.get(NODE_DPSGD_SECURE_MODE, False)),
-        NODE_DATA_SOURCE: data_source(node_config),
+        NodeConfig.DP_MIN_NOISE_MULTIPLIER: min_noise_multiplier(node_config),
+        NodeConfig.DP_HONEST_CONTRIBUTORS: honest_contributors(node_config),
+        NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER: dpsgd_min_noise_multiplier(node_config),
+        NodeConfig.DP_SGD_MAX_EPSILON: dpsgd_max_epsilon(node_config),
+        NodeConfig.DP_SGD_SECURE_MODE: flag(node_config.get(NodeConfig.DP_SGD_SECURE_MODE, False)),
+        NodeConfig.DP_SGD_DATA_SOURCE: data_source(node_config),
     }
 
 

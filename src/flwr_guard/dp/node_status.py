@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr_guard.dp.node_policy import (
-    NODE_LEDGER_DIR,
     data_source,
     dpsgd_max_epsilon,
     policy_digest,
 )
 from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger, default_ledger_dir
+from flwr_guard.keys import NodeConfig
 
 DEFAULT_DELTA = 1e-5
 
@@ -68,7 +68,7 @@ def node_dp_status(node_config: Mapping[str, Any]) -> NodeDPStatus:
     """
     from flwr_guard.dp.dpsgd import opacus_epsilon  # Opacus: only when asked
 
-    directory = str(node_config.get(NODE_LEDGER_DIR, "") or "") or str(default_ledger_dir())
+    directory = str(node_config.get(NodeConfig.DP_SGD_LEDGER, "") or "") or str(default_ledger_dir())
     source = data_source(node_config)
     digest, budget = policy_digest(node_config), dpsgd_max_epsilon(node_config)
     try:

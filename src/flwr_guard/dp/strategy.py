@@ -65,27 +65,16 @@ from flwr_guard.dp.central import (
 )
 from flwr_guard.dp.clipping import clip_update, split_noise_multiplier, update_clipping_norm
 from flwr_guard.dp.distributed import quantised_l2_bound, skellam_mu
-from flwr_guard.dp.mods import (
-    KEY_ADAPTIVE,
-    KEY_CLIPPED,
-    KEY_CLIPPING_NORM,
-    KEY_DISTRIBUTED,
-    KEY_MIN_CONTRIBUTORS,
-    KEY_NOISE_MULTIPLIER,
-    KEY_NOISED,
-    KEY_QUANTIZATION_STEP,
-    KEY_UNCLIPPED,
-    KEY_WEIGHT_KEY,
-)
 from flwr_guard.dp.record_ledger import default_ledger_dir
 from flwr_guard.dp.skellam_accounting import quantised_l1_bound
 from flwr_guard.errors import FlwrGuardError
+from flwr_guard.keys import ReplyMetrics, RunConfig, ServerMetrics, TrainConfig
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
-DP_METRIC_KEYS = (KEY_UNCLIPPED, KEY_CLIPPED, KEY_NOISED)
+DP_METRIC_KEYS = (ReplyMetrics.DP_UNCLIPPED_COUNT, ReplyMetrics.DP_CLIPPED_COUNT, ReplyMetrics.DP_NOISED_COUNT)
 # The metrics SecAgg+ must sum masked for DPFedAvg:
 # SecAggPlus(DPFedAvg(...), masked_metrics=DPFedAvg.MASKED_METRICS).
-MASKED_METRICS = (KEY_CLIPPED, KEY_NOISED, KEY_UNCLIPPED)
+MASKED_METRICS = (ReplyMetrics.DP_CLIPPED_COUNT, ReplyMetrics.DP_NOISED_COUNT, ReplyMetrics.DP_UNCLIPPED_COUNT)
 AUTO = "auto"
 Relation = Literal["add-remove", "zero-out"]
 RELATIONS: tuple[str, ...] = ("add-remove", "zero-out")
@@ -387,43 +376,42 @@ class DPFedAvg(StrategyWrapper):
         (0 = ``2 * secagg-clipping-range / secagg-quantization-range`` when the run
         config has them).
         """
-        def get(key: str, default: Any) -> Any:
-            return run_config.get(f"dp-{key}", default)
-
-        missing = [k for k in ("dp-noise-multiplier", "dp-clipping-norm",
-                               "dp-expected-contributors") if k not in run_config]
+        get = run_config.get
+        missing = [k for k in (RunConfig.DP_NOISE_MULTIPLIER, RunConfig.DP_CLIPPING_NORM,
+                               RunConfig.DP_EXPECTED_CONTRIBUTORS) if k not in run_config]
         if missing:
             raise KeyError(f"DPFedAvg needs {', '.join(missing)} in the run config")
         adaptive = None
-        if bool(get("adaptive-clipping", False)):
+        if bool(get(RunConfig.DP_ADAPTIVE_CLIPPING, False)):
             adaptive = AdaptiveClipping(
-                float(get("target-quantile", 0.5)),
-                float(get("clip-learning-rate", 0.2)),
-                float(get("clipped-count-stddev", 0.0)) or None,
+                float(get(RunConfig.DP_TARGET_QUANTILE, 0.5)),
+                float(get(RunConfig.DP_CLIP_LEARNING_RATE, 0.2)),
+                float(get(RunConfig.DP_CLIPPED_COUNT_STDDEV, 0.0)) or None,
             )
-        step = float(get("quantization-step", 0.0)) or None
-        if step is None and {"secagg-clipping-range", "secagg-quantization-range"} <= set(run_config):
-            step = 2 * float(run_config["secagg-clipping-range"]) / float(
-                run_config["secagg-quantization-range"])
-        checkpoint = str(get("checkpoint", ""))
+        step = float(get(RunConfig.DP_QUANTIZATION_STEP, 0.0)) or None
+        if step is None and {RunConfig.SECAGG_CLIPPING_RANGE,
+                             RunConfig.SECAGG_QUANTIZATION_RANGE} <= set(run_config):
+            step = 2 * float(run_config[RunConfig.SECAGG_CLIPPING_RANGE]) / float(
+                run_config[RunConfig.SECAGG_QUANTIZATION_RANGE])
+        checkpoint = str(get(RunConfig.DP_CHECKPOINT, ""))
         return cls(
             strategy,
-            noise_multiplier=float(run_config["dp-noise-multiplier"]),
-            clipping_norm=float(run_config["dp-clipping-norm"]),
-            expected_contributors=int(run_config["dp-expected-contributors"]),
+            noise_multiplier=float(run_config[RunConfig.DP_NOISE_MULTIPLIER]),
+            clipping_norm=float(run_config[RunConfig.DP_CLIPPING_NORM]),
+            expected_contributors=int(run_config[RunConfig.DP_EXPECTED_CONTRIBUTORS]),
             adaptive=adaptive,
-            max_epsilon=float(get("max-epsilon", 0.0)) or math.inf,
-            delta=float(get("delta", 1e-5)),
-            sample_rate=float(get("sample-rate", 0.0)) or None,
-            population=int(get("population", 0)) or None,
-            accountant=str(get("accountant", "rdp")),
-            sampling=str(get("sampling", "none")),
+            max_epsilon=float(get(RunConfig.DP_MAX_EPSILON, 0.0)) or math.inf,
+            delta=float(get(RunConfig.DP_DELTA, 1e-5)),
+            sample_rate=float(get(RunConfig.DP_SAMPLE_RATE, 0.0)) or None,
+            population=int(get(RunConfig.DP_POPULATION, 0)) or None,
+            accountant=str(get(RunConfig.DP_ACCOUNTANT, "rdp")),
+            sampling=str(get(RunConfig.DP_SAMPLING, "none")),
             checkpoint=None if checkpoint == "none" else (checkpoint or AUTO),
-            distributed=bool(get("distributed", False)),
-            min_contributors=int(get("min-contributors", 0)) or None,
+            distributed=bool(get(RunConfig.DP_DISTRIBUTED, False)),
+            min_contributors=int(get(RunConfig.DP_MIN_CONTRIBUTORS, 0)) or None,
             quantization_step=step,
-            secure_noise=bool(get("secure-noise", False)),
-            relation=str(get("relation", "add-remove")),
+            secure_noise=bool(get(RunConfig.DP_SECURE_NOISE, False)),
+            relation=str(get(RunConfig.DP_RELATION, "add-remove")),
             **kwargs,
         )
 
@@ -509,16 +497,16 @@ class DPFedAvg(StrategyWrapper):
         bad = [k for k, a in arrays.items() if not np.issubdtype(a.numpy().dtype, np.floating)]
         if bad:
             raise ValueError(f"DPFedAvg averages floating-point arrays only; not {bad}")
-        config[KEY_CLIPPING_NORM] = self.clipping_norm
-        config[KEY_ADAPTIVE] = self.adaptive is not None
-        config[KEY_DISTRIBUTED] = self.distributed
+        config[TrainConfig.DP_CLIPPING_NORM] = self.clipping_norm
+        config[TrainConfig.DP_ADAPTIVE_CLIPPING] = self.adaptive is not None
+        config[TrainConfig.DP_DISTRIBUTED] = self.distributed
         if self.weight_key:
-            config[KEY_WEIGHT_KEY] = self.weight_key
+            config[TrainConfig.DP_WEIGHT_KEY] = self.weight_key
         if self.distributed:
             assert self.min_contributors is not None and self.quantization_step is not None
-            config[KEY_NOISE_MULTIPLIER] = self.noise_multiplier
-            config[KEY_MIN_CONTRIBUTORS] = int(self.min_contributors)
-            config[KEY_QUANTIZATION_STEP] = float(self.quantization_step)
+            config[TrainConfig.DP_NOISE_MULTIPLIER] = self.noise_multiplier
+            config[TrainConfig.DP_MIN_CONTRIBUTORS] = int(self.min_contributors)
+            config[TrainConfig.DP_QUANTIZATION_STEP] = float(self.quantization_step)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
@@ -637,9 +625,9 @@ class DPFedAvg(StrategyWrapper):
             "epsilon %.4g of %.4g (%s)", server_round, contributors, denominator, std,
             clipping_norm_used, epsilon, self.budget.max_epsilon, self.relation_text)
         metrics = metrics if metrics is not None else MetricRecord()
-        metrics["dp-epsilon"] = epsilon
-        metrics["dp-clipping-norm"] = clipping_norm_used
-        metrics["dp-noise-std"] = std
+        metrics[ServerMetrics.DP_EPSILON] = epsilon
+        metrics[ServerMetrics.DP_CLIPPING_NORM] = clipping_norm_used
+        metrics[ServerMetrics.DP_NOISE_STD] = std
         return new_arrays, metrics
 
     def configure_evaluate(
@@ -705,13 +693,14 @@ class DPFedAvg(StrategyWrapper):
             return []
         reply = valid[0]
         metrics = self._metrics(reply)
-        if KEY_CLIPPED not in metrics or KEY_NOISED not in metrics:
+        if ReplyMetrics.DP_CLIPPED_COUNT not in metrics or ReplyMetrics.DP_NOISED_COUNT not in metrics:
             raise DPConfigurationError(
                 f"DPFedAvg(distributed=True): the aggregate of round {server_round} carries no "
-                f"masked {KEY_CLIPPED!r} / {KEY_NOISED!r} counts, so nothing proves the "
+                f"masked {ReplyMetrics.DP_CLIPPED_COUNT!r} / {ReplyMetrics.DP_NOISED_COUNT!r} counts, "
+                "so nothing proves the "
                 f"clients clipped and noised; {fix}")
         weight = self._weight(metrics)
-        clipped, noised = float(metrics[KEY_CLIPPED]), float(metrics[KEY_NOISED])
+        clipped, noised = float(metrics[ReplyMetrics.DP_CLIPPED_COUNT]), float(metrics[ReplyMetrics.DP_NOISED_COUNT])
         if not (weight >= 1 and weight == clipped == noised and weight == int(weight)):
             log(WARNING, "DPFedAvg: round %d refused: %s contributors, %s clipped, %s noised "
                 "(a client without update_clipping_mod or without the noise); model unchanged",
@@ -746,14 +735,14 @@ class DPFedAvg(StrategyWrapper):
         diff = self._arrays_diff(reply, keys, global_nd)
         if diff is None:
             return None
-        clipped = metrics.get(KEY_CLIPPED)
+        clipped = metrics.get(ReplyMetrics.DP_CLIPPED_COUNT)
         if alone and weight > 1:
             if clipped is None:
                 log(ERROR, "DPFedAvg: round refused: one reply of weight %s and no masked "
                     "%r. If it is SecAgg+'s aggregate, pass SecAggPlus(DPFedAvg(...), "
                     "masked_metrics=DPFedAvg.MASKED_METRICS) and put update_clipping_mod on "
                     "the clients; a client's own reply must weigh 1 (update_clipping_mod)",
-                    weight, KEY_CLIPPED)
+                    weight, ReplyMetrics.DP_CLIPPED_COUNT)
                 return None
             if float(clipped) != weight or weight != int(weight):
                 log(WARNING, "DPFedAvg: aggregate refused: weight %s but %s contributors "
@@ -763,7 +752,7 @@ class DPFedAvg(StrategyWrapper):
                 log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round dropped")
                 return None
             count = int(weight)
-            bits = float(metrics.get(KEY_UNCLIPPED, 0.0))
+            bits = float(metrics.get(ReplyMetrics.DP_UNCLIPPED_COUNT, 0.0))
             return reply, [u * count for u in diff], count, min(max(bits, 0.0), count) - count / 2
         if weight != 1:
             log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "

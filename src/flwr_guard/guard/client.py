@@ -394,10 +394,11 @@ def _pairs(loader: Any, input_key: str | None, target_key: str | None) -> Any:
 def _clip_when_announced(msg: Any, context: Context, call_next: Any) -> Any:
     """Clip the update whenever the server's train config sets a clipping norm, whether or
     not this client's policy requires DP: the server's accounting assumes it."""
-    from flwr_guard.dp.mods import KEY_CLIPPING_NORM, update_clipping_mod
+    from flwr_guard.dp.mods import update_clipping_mod
+    from flwr_guard.keys import TrainConfig
 
     config = msg.content.config_records.get("config")
-    if config is not None and KEY_CLIPPING_NORM in config:
+    if config is not None and TrainConfig.DP_CLIPPING_NORM in config:
         return update_clipping_mod(msg, context, call_next)
     return call_next(msg, context)
 

@@ -16,16 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flwr_guard.dp.keys import KEY_ADAPTIVE as CONFIG_ADAPTIVE
-from flwr_guard.dp.keys import KEY_CLIPPING_NORM as CONFIG_CLIPPING_NORM
-from flwr_guard.dp.keys import KEY_NOISE_MULTIPLIER as CONFIG_NOISE_MULTIPLIER
-from flwr_guard.dp.node_policy import (
-    DEFAULT_MIN_NOISE_MULTIPLIER,
-    NODE_MIN_NOISE_MULTIPLIER_ALIAS,
-)
-from flwr_guard.dp.node_policy import NODE_MIN_NOISE_MULTIPLIER as NODE_DP_MIN_NOISE_MULTIPLIER
+from flwr_guard.dp.node_policy import DEFAULT_MIN_NOISE_MULTIPLIER
 from flwr_guard.dp.node_policy import min_noise_multiplier as node_min_noise_multiplier
 from flwr_guard.guard.manifest import ProtectionManifest
+from flwr_guard.keys import NodeConfig, TrainConfig
+
+CONFIG_ADAPTIVE = TrainConfig.DP_ADAPTIVE_CLIPPING
+CONFIG_CLIPPING_NORM = TrainConfig.DP_CLIPPING_NORM
+CONFIG_NOISE_MULTIPLIER = TrainConfig.DP_NOISE_MULTIPLIER
 
 RequiredDP = Literal["central", "distributed", "any"]
 
@@ -33,15 +31,15 @@ RequiredDP = Literal["central", "distributed", "any"]
 #: The app's code, ClientGuard included, travels in the FAB that the run's submitter
 #: sends; the node config is the operator's own: the policy in force is the stricter of
 #: the two (:meth:`ClientPolicy.with_node_config`).
-NODE_REQUIRE_SECAGG = "guard-require-secagg"
-NODE_REQUIRE_DP = "guard-require-dp"
+NODE_REQUIRE_SECAGG = NodeConfig.GUARD_REQUIRE_SECAGG
+NODE_REQUIRE_DP = NodeConfig.GUARD_REQUIRE_DP
 #: The user-level noise floor has one key, shared with distributed DP's client side
 #: (``dp-min-noise-multiplier``, default 0.5); ``guard-min-noise-multiplier`` is its
 #: deprecated alias (the larger of the two wins).
-NODE_MIN_NOISE_MULTIPLIER = NODE_DP_MIN_NOISE_MULTIPLIER
-NODE_MIN_NOISE_MULTIPLIER_DEPRECATED = NODE_MIN_NOISE_MULTIPLIER_ALIAS
-NODE_MAX_CLIPPING_NORM = "guard-max-clipping-norm"
-NODE_REQUIRE_DPSGD = "guard-require-dp-sgd"
+NODE_MIN_NOISE_MULTIPLIER = NodeConfig.DP_MIN_NOISE_MULTIPLIER
+NODE_MIN_NOISE_MULTIPLIER_DEPRECATED = NodeConfig.GUARD_MIN_NOISE_MULTIPLIER
+NODE_MAX_CLIPPING_NORM = NodeConfig.GUARD_MAX_CLIPPING_NORM
+NODE_REQUIRE_DPSGD = NodeConfig.GUARD_REQUIRE_DP_SGD
 
 
 @dataclass(frozen=True)

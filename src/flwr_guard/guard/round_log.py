@@ -17,6 +17,7 @@ from flwr.app import Message
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 from flwr_guard.guard.refusal_reasons import abort_reason
+from flwr_guard.keys import ReplyMetrics
 
 
 class GuardMismatch(FlwrGuardError, RuntimeError):
@@ -78,10 +79,10 @@ def describe_round(server_round: int, replies: list[Message], aggregated: bool, 
         parts.append(f"user-level epsilon {budget.epsilon_spent:.3g}{limit} at delta {budget.delta:g}")
     if audit is not None:
         summary = audit.rounds.get(server_round) or {}
-        errors = int(summary.get("audit-error", 0) or 0)
-        if summary.get("audit-ran") or errors:
-            parts.append(f"audit: {int(summary.get('audit-leaks', 0))} of "
-                         f"{int(summary.get('audit-ran', 0))} audited updates leak"
+        errors = int(summary.get(ReplyMetrics.AUDIT_ERROR, 0) or 0)
+        if summary.get(ReplyMetrics.AUDIT_RAN) or errors:
+            parts.append(f"audit: {int(summary.get(ReplyMetrics.AUDIT_LEAKS, 0))} of "
+                         f"{int(summary.get(ReplyMetrics.AUDIT_RAN, 0))} audited updates leak"
                          + (f", {errors} audit error(s)" if errors else ""))
     refused = refusals if refusals is not None else policy_refusals(replies)
     if refused:

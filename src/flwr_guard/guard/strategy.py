@@ -59,6 +59,7 @@ from flwr_guard.guard.round_log import (
     describe_round,
     failure_reason,
 )
+from flwr_guard.keys import RunConfig
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
 
@@ -80,14 +81,14 @@ class NoAggregate(FlwrGuardError, RuntimeError):
 
 
 # Run-config keys read by SecAgg.from_run_config.
-SECAGG_KEY = "secagg"
-SECAGG_NUM_SHARES_KEY = "secagg-num-shares"
-SECAGG_THRESHOLD_KEY = "secagg-reconstruction-threshold"
-SECAGG_CLIPPING_RANGE_KEY = "secagg-clipping-range"
-SECAGG_QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
-SECAGG_TIMEOUT_KEY = "secagg-timeout"
-SECAGG_MULTI_ROUND_KEY = "secagg-multi-round"
-SECAGG_MAX_COLLUDERS_KEY = "secagg-max-colluders"
+SECAGG_KEY = RunConfig.SECAGG
+SECAGG_NUM_SHARES_KEY = RunConfig.SECAGG_NUM_SHARES
+SECAGG_THRESHOLD_KEY = RunConfig.SECAGG_RECONSTRUCTION_THRESHOLD
+SECAGG_CLIPPING_RANGE_KEY = RunConfig.SECAGG_CLIPPING_RANGE
+SECAGG_QUANTIZATION_RANGE_KEY = RunConfig.SECAGG_QUANTIZATION_RANGE
+SECAGG_TIMEOUT_KEY = RunConfig.SECAGG_TIMEOUT
+SECAGG_MULTI_ROUND_KEY = RunConfig.SECAGG_MULTI_ROUND
+SECAGG_MAX_COLLUDERS_KEY = RunConfig.SECAGG_MAX_COLLUDERS
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flwr_guard.keys import NodeConfig
 from flwr_guard.node.fab_signature import FabSignatureError, verify_fab
 
-NODE_ALLOWLIST = "guard-fab-allowlist"
-NODE_HASHES = "guard-fab-hashes"
-NODE_TRUSTED_KEYS = "guard-fab-trusted-keys"
-NODE_ALLOW_ANY = "guard-fab-allow-any"
+NODE_ALLOWLIST = NodeConfig.GUARD_FAB_ALLOWLIST
+NODE_HASHES = NodeConfig.GUARD_FAB_HASHES
+NODE_TRUSTED_KEYS = NodeConfig.GUARD_FAB_TRUSTED_KEYS
+NODE_ALLOW_ANY = NodeConfig.GUARD_FAB_ALLOW_ANY
 FAB_REFUSAL = "flwr-guard node refused the app:"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -31,7 +31,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 
-from flwr_guard.dp.keys import KEY_CLIPPING_NORM, KEY_DISTRIBUTED, KEY_NOISE_MULTIPLIER
+from flwr_guard.keys import TrainConfig
 from flwr_guard.telemetry import keys
 
 logger = logging.getLogger("flwr_guard.node")
@@ -64,11 +64,11 @@ def _round(msg: Message) -> str:
 
 
 def _noise(config: ConfigRecord) -> str:
-    z, c = config.get(KEY_NOISE_MULTIPLIER), config.get(KEY_CLIPPING_NORM)
+    z, c = config.get(TrainConfig.DP_NOISE_MULTIPLIER), config.get(TrainConfig.DP_CLIPPING_NORM)
     c = c if isinstance(c, (int, float)) else None
     if not isinstance(z, (int, float)):
         return "none" if c is None else f"none (clipped to C={c:g})"
-    mode = "distributed" if config.get(KEY_DISTRIBUTED) is True else "central (added by the server)"
+    mode = "distributed" if config.get(TrainConfig.DP_DISTRIBUTED) is True else "central (added by the server)"
     return f"{mode} z={z:g}" + ("" if c is None else f" C={c:g}")
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from flwr_guard.device import cpu_settings
+from flwr_guard.keys import ServerMetrics
 from flwr_guard.robust.attacks import fgsm, pgd, spsa, square
 from flwr_guard.robust.masking import UNBOUNDED_EPS, MaskingVerdict, detect_masking
 
@@ -91,11 +92,11 @@ class RobustnessResult:
         """``{"robust-acc-<attack>-<eps>": acc, "robust-acc-none-0": clean acc,
         "robust-masking-suspected": 0/1}`` (the keys a Flower MetricRecord carries and
         :mod:`flwr_guard.telemetry.robustness` reads; see docs/robustness.md)."""
-        out = {"robust-acc-none-0": self.clean_accuracy,
-               "robust-masking-suspected": float(self.verdict.suspected)}
+        out = {ServerMetrics.ROBUST_ACCURACY_CLEAN: self.clean_accuracy,
+               ServerMetrics.ROBUST_MASKING_SUSPECTED: float(self.verdict.suspected)}
         for attack, by_eps in self.robust_accuracy.items():
             for eps, acc in by_eps.items():
-                out[f"robust-acc-{attack}-{eps:g}"] = acc
+                out[ServerMetrics.robust_accuracy(attack, eps)] = acc
         return out
 
 

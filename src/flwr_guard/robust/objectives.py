@@ -40,11 +40,11 @@ from torch.utils.data import DataLoader
 
 from flwr_guard.device import cpu_settings
 from flwr_guard.errors import FlwrGuardError
+from flwr_guard.keys import RunConfig
 from flwr_guard.robust.attacks import pgd
 from flwr_guard.robust.hvp import input_grad
 
 OBJECTIVES = ("plain", "cure", "scorpio", "pgd-at")
-RUN_CONFIG_PREFIX = "robust-"
 
 
 class RobustTrainingError(FlwrGuardError, ValueError):
@@ -80,19 +80,19 @@ class RobustObjective:
             raise RobustTrainingError(f"need lambda >= 0 and steps >= 1, got {self.lam}, {self.steps}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], prefix: str = RUN_CONFIG_PREFIX
-                        ) -> RobustObjective:
-        """Read ``{prefix}objective`` ("plain" if absent), ``{prefix}eps``,
-        ``{prefix}lambda``, ``{prefix}steps`` from a Flower run config.
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RobustObjective:
+        """Read ``robust-objective`` ("plain" if absent), ``robust-eps``,
+        ``robust-lambda``, ``robust-steps`` from a Flower run config
+        (:class:`flwr_guard.keys.RunConfig`).
 
         Raises:
             RobustTrainingError: for invalid values.
         """
         return cls(
-            objective=str(run_config.get(prefix + "objective", "plain")),
-            eps=float(run_config.get(prefix + "eps", 0.1)),
-            lam=float(run_config.get(prefix + "lambda", 1.0)),
-            steps=int(run_config.get(prefix + "steps", 1)),
+            objective=str(run_config.get(RunConfig.ROBUST_OBJECTIVE, "plain")),
+            eps=float(run_config.get(RunConfig.ROBUST_EPS, 0.1)),
+            lam=float(run_config.get(RunConfig.ROBUST_LAMBDA, 1.0)),
+            steps=int(run_config.get(RunConfig.ROBUST_STEPS, 1)),
         )
 
     @property

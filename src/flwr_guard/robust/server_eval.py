@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flwr_guard.keys import RunConfig, ServerMetrics
 from flwr_guard.robust.attribution_scores import score_attributions
 from flwr_guard.robust.evaluation import AttackSettings, evaluate_robustness
 
@@ -55,14 +56,15 @@ class RobustnessEvaluator:
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RobustnessEvaluator:
-        eps = tuple(float(e) for e in str(cfg.get("robust-eval-eps", "0.05,0.1,0.2")).split(",") if e.strip())
+        eps_text = str(cfg.get(RunConfig.ROBUST_EVAL_EPS, "0.05,0.1,0.2"))
+        eps = tuple(float(e) for e in eps_text.split(",") if e.strip())
         return cls(
-            every=int(cfg.get("robust-eval-every", 0)),
-            examples=int(cfg.get("robust-eval-examples", 100)),
+            every=int(cfg.get(RunConfig.ROBUST_EVAL_EVERY, 0)),
+            examples=int(cfg.get(RunConfig.ROBUST_EVAL_EXAMPLES, 100)),
             eps=eps,
-            settings=AttackSettings(pgd_steps=int(cfg.get("robust-eval-pgd-steps", 40)),
-                                    zeroth_order_examples=int(cfg.get("robust-eval-zo-examples", 50))),
-            attribution_examples=int(cfg.get("robust-eval-attribution-examples", 0)),
+            settings=AttackSettings(pgd_steps=int(cfg.get(RunConfig.ROBUST_EVAL_PGD_STEPS, 40)),
+                                    zeroth_order_examples=int(cfg.get(RunConfig.ROBUST_EVAL_ZO_EXAMPLES, 50))),
+            attribution_examples=int(cfg.get(RunConfig.ROBUST_EVAL_ATTRIBUTION_EXAMPLES, 0)),
         )
 
     def due(self, server_round: int) -> bool:
@@ -81,6 +83,6 @@ class RobustnessEvaluator:
             m = min(self.attribution_examples, n)
             for method, scores in score_attributions(model, x[:m], y[:m]).items():
                 for score, value in scores.items():
-                    out[f"robust-attr-{method}-{score}"] = value
-        out["robust-eval-seconds"] = time.perf_counter() - start
+                    out[ServerMetrics.robust_attribution(method, score)] = value
+        out[ServerMetrics.ROBUST_EVAL_SECONDS] = time.perf_counter() - start
         return out

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flwr_guard.keys import RunConfig
 from flwr_guard.telemetry.exporter import DEFAULT_HOST, DEFAULT_PORT, Address
 
 ADDRESS_ENV = "FLWR_GUARD_METRICS_ADDRESS"
@@ -87,31 +88,31 @@ class TelemetryConfig:
         """
         env = os.environ if environ is None else environ
         try:
-            text = str(run_config.get("metrics-address", "") or env.get(ADDRESS_ENV, "")
+            text = str(run_config.get(RunConfig.METRICS_ADDRESS, "") or env.get(ADDRESS_ENV, "")
                        or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
             address = Address.parse(text)
-            port = int(run_config.get("metrics-port", 0) or 0)
+            port = int(run_config.get(RunConfig.METRICS_PORT, 0) or 0)
             if not 0 <= port <= 65535:
-                raise ValueError(f"metrics-port must be in 0..65535, got {port}")
+                raise ValueError(f"{RunConfig.METRICS_PORT} must be in 0..65535, got {port}")
             if port:
                 address = Address(address.host, port)
-            linger = float(run_config.get("metrics-linger", 0.0))
+            linger = float(run_config.get(RunConfig.METRICS_LINGER, 0.0))
             if not (linger >= 0 and linger < 3600):
-                raise ValueError(f"metrics-linger must be in [0, 3600) seconds, got {linger}")
-            mode = str(run_config.get("metrics-client-statistics", "auto")).strip().lower()
+                raise ValueError(f"{RunConfig.METRICS_LINGER} must be in [0, 3600) seconds, got {linger}")
+            mode = str(run_config.get(RunConfig.METRICS_CLIENT_STATISTICS, "auto")).strip().lower()
             if mode not in CLIENT_STATISTICS:
                 raise ValueError(
-                    f"metrics-client-statistics must be one of {CLIENT_STATISTICS}, got {mode!r}"
+                    f"{RunConfig.METRICS_CLIENT_STATISTICS} must be one of {CLIENT_STATISTICS}, got {mode!r}"
                 )
-            budget = run_config.get("dp-sgd-max-epsilon")
-            delta = run_config.get("dp-sgd-delta")
-            url = str(run_config.get("pushgateway-url", "") or env.get(PUSHGATEWAY_ENV, "")).strip()
+            budget = run_config.get(RunConfig.DP_SGD_MAX_EPSILON)
+            delta = run_config.get(RunConfig.DP_SGD_DELTA)
+            url = str(run_config.get(RunConfig.PUSHGATEWAY_URL, "") or env.get(PUSHGATEWAY_ENV, "")).strip()
             return cls(
-                enabled=_bool(run_config.get("metrics", True)),
+                enabled=_bool(run_config.get(RunConfig.METRICS, True)),
                 address=address,
                 pushgateway_url=url or None,
                 linger_s=linger,
-                per_node=_bool(run_config.get("metrics-per-node", False)),
+                per_node=_bool(run_config.get(RunConfig.METRICS_PER_NODE, False)),
                 client_statistics=None if mode == "auto" else mode == "on",
                 record_epsilon_budget=None if budget in ("", 0, 0.0) else _optional_float(budget),
                 record_delta=None if delta == "" else _optional_float(delta),

@@ -1,5 +1,8 @@
 """Which MetricRecord keys telemetry reads, and how (no Flower).
 
+The key strings are :mod:`flwr_guard.keys`' (``ReplyMetrics``, ``ServerMetrics``); this
+module holds only telemetry's lookup logic: the keys accepted for each quantity, in order.
+
 Client-side protections run in ClientApp processes that live for one message, so what
 they measure travels back in the reply's MetricRecord (a flat ``str -> int | float``
 mapping, the same keys on every reply for FedAvg) and the server exports it. Each
@@ -27,26 +30,28 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from flwr_guard.keys import ReplyMetrics, ServerMetrics
+
 # DP
-RECORD_EPSILON = ("dp-sgd-epsilon",)
-RECORD_DELTA = ("dp-sgd-delta",)
-UNCLIPPED_BIT = ("dp-unclipped-count",)
-USER_EPSILON = ("dp-epsilon",)
-CLIPPING_NORM = ("dp-clipping-norm",)
-NOISE_STD = ("dp-noise-std",)
+RECORD_EPSILON = (ReplyMetrics.DP_SGD_EPSILON,)
+RECORD_DELTA = (ReplyMetrics.DP_SGD_DELTA,)
+UNCLIPPED_BIT = (ReplyMetrics.DP_UNCLIPPED_COUNT,)
+USER_EPSILON = (ServerMetrics.DP_EPSILON,)
+CLIPPING_NORM = (ServerMetrics.DP_CLIPPING_NORM,)
+NOISE_STD = (ServerMetrics.DP_NOISE_STD,)
 # The DP-noised unclipped fraction, if the DP wrapper reports it (safe to export).
-NOISED_UNCLIPPED_FRACTION = ("dp-unclipped-fraction",)
-WRAPAROUNDS = ("dp-wraparounds", "secagg-wraparounds")
+NOISED_UNCLIPPED_FRACTION = (ServerMetrics.DP_UNCLIPPED_FRACTION,)
+WRAPAROUNDS = (ServerMetrics.DP_WRAPAROUNDS, ServerMetrics.SECAGG_WRAPAROUNDS)
 
 # Leakage audit (flwr_guard.audit.report.AuditReport.to_metrics / neutral_metrics):
 # every train reply carries the keys; audit-ran = 0 marks a reply that was not audited.
-AUDITED = ("audit-ran",)
-AUDIT_ERROR = ("audit-error",)
-PSNR = ("audit-psnr-db",)
-PSNR_GAIN = ("audit-psnr-gain-db",)
-SSIM = ("audit-ssim",)
-IDENTIFICATION = ("audit-identified-rate",)
-LEAK = ("audit-leaks",)
+AUDITED = (ReplyMetrics.AUDIT_RAN,)
+AUDIT_ERROR = (ReplyMetrics.AUDIT_ERROR,)
+PSNR = (ReplyMetrics.AUDIT_PSNR_DB,)
+PSNR_GAIN = (ReplyMetrics.AUDIT_PSNR_GAIN_DB,)
+SSIM = (ReplyMetrics.AUDIT_SSIM,)
+IDENTIFICATION = (ReplyMetrics.AUDIT_IDENTIFIED_RATE,)
+LEAK = (ReplyMetrics.AUDIT_LEAKS,)
 # The audit gate turns a leaking update into an error reply whose reason starts so
 # (flwr_guard.audit.audit_mod.BLOCKED_REASON).
 BLOCKED_REASON_PREFIX = "flwr-guard audit: update blocked"
@@ -58,7 +63,7 @@ AUDIT_FAILED_MARK = "leakage audit failed:"
 # whose reason starts so (flwr_guard.inspection.reply_mod.BLOCKED_REASON); the server-side
 # ReplyGuard keeps its findings per round (read by the adapter). A count a client puts in
 # its own reply is read too.
-INSPECTOR_VIOLATIONS = ("inspector-violations",)
+INSPECTOR_VIOLATIONS = (ReplyMetrics.INSPECTOR_VIOLATIONS,)
 INSPECTOR_REASON_PREFIX = "flwr-guard reply inspection"
 
 # Training progress, by phase (aggregated train / evaluate metrics, server evaluation).

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from flwr_guard.keys import ReplyMetrics, ServerMetrics
 from flwr_guard.telemetry.family import Family, family
 
 if TYPE_CHECKING:
@@ -51,8 +52,8 @@ ROBUST_FAMILIES: tuple[Family, ...] = (
        "(weighted by examples, last round)."),
 )
 
-_ACC = re.compile(r"^robust-acc-(none|fgsm|pgd|spsa|square)-([0-9.]+)$")
-_ATTR = re.compile(r"^robust-attr-([a-z+]+)-([a-z_]+)$")
+_ACC = re.compile(rf"^{re.escape(ServerMetrics.ROBUST_ACCURACY_PREFIX)}(none|fgsm|pgd|spsa|square)-([0-9.]+)$")
+_ATTR = re.compile(rf"^{re.escape(ServerMetrics.ROBUST_ATTRIBUTION_PREFIX)}([a-z+]+)-([a-z_]+)$")
 
 
 def record_robustness(recorder: TelemetryRecorder, phase: str, record: Mapping[str, Any] | None) -> None:
@@ -63,18 +64,18 @@ def record_robustness(recorder: TelemetryRecorder, phase: str, record: Mapping[s
     values = {k: float(v) for k, v in record.items()
               if isinstance(v, (int, float)) and math.isfinite(float(v))}
     if phase == "train":
-        if "robust-train-seconds-per-step" in values:
-            recorder._labels("robust_training_step_seconds").set(values["robust-train-seconds-per-step"])
+        if ReplyMetrics.ROBUST_TRAIN_SECONDS_PER_STEP in values:
+            recorder._labels("robust_training_step_seconds").set(values[ReplyMetrics.ROBUST_TRAIN_SECONDS_PER_STEP])
         return
-    if phase != "server" or not any(k.startswith("robust-acc-") for k in values):
+    if phase != "server" or not any(k.startswith(ServerMetrics.ROBUST_ACCURACY_PREFIX) for k in values):
         return
     for key, value in values.items():
         if m := _ACC.match(key):
             recorder._labels("robust_accuracy_ratio", attack=m[1], eps=f"{float(m[2]):g}").set(value)
         elif m := _ATTR.match(key):
             recorder._labels("robust_attribution_score", method=m[1], score=m[2]).set(value)
-    if "robust-masking-suspected" in values:
-        recorder._labels("robust_masking_suspected").set(values["robust-masking-suspected"])
-    if "robust-eval-seconds" in values:
-        recorder._labels("robust_evaluation_seconds").set(values["robust-eval-seconds"])
+    if ServerMetrics.ROBUST_MASKING_SUSPECTED in values:
+        recorder._labels("robust_masking_suspected").set(values[ServerMetrics.ROBUST_MASKING_SUSPECTED])
+    if ServerMetrics.ROBUST_EVAL_SECONDS in values:
+        recorder._labels("robust_evaluation_seconds").set(values[ServerMetrics.ROBUST_EVAL_SECONDS])
     recorder._labels("robust_evaluations").inc()

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr_guard.apps.digits.data import node_partition_arrays, to_tensor_dataset
 from flwr_guard.apps.digits.leakage_audit import digits_audit_mod
 from flwr_guard.guard import ClientGuard, ClientPolicy
+from flwr_guard.keys import ReplyMetrics, RunConfig
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -96,22 +97,22 @@ def train(msg: Message, context: Context) -> Message:
     from flwr_guard.robust.objectives import RobustObjective, check_dpsgd_compatible
 
     robust = RobustObjective.from_run_config(cfg)  # robust-objective "plain" = off
-    check_dpsgd_compatible(robust, bool(cfg["dp-sgd"]))  # refused, naming the fix
+    check_dpsgd_compatible(robust, bool(cfg[RunConfig.DP_SGD]))  # refused, naming the fix
     if robust.enabled:
         # CURE / SCORPIO-style / PGD-AT (flwr_guard.robust, docs/robustness.md)
         from flwr_guard.robust.objectives import train_robust_epochs
 
         cost = train_robust_epochs(model, trainloader, robust, **common)
         metrics["train-loss"] = cost.loss
-        metrics["robust-train-seconds-per-step"] = cost.seconds_per_step
-    elif bool(cfg["dp-sgd"]):
+        metrics[ReplyMetrics.ROBUST_TRAIN_SECONDS_PER_STEP] = cost.seconds_per_step
+    elif bool(cfg[RunConfig.DP_SGD]):
         # Record-level DP: the library checks dp-sgd-max-epsilon (capped by the node
         # config's) before training and keeps the ledger on the node's disk.
         from flwr_guard.dp.context_state import dpsgd_from_context, save_dpsgd
 
         dpsgd = dpsgd_from_context(context, epochs=int(cfg["local-epochs"]))
         metrics["train-loss"] = train_dpsgd_epochs(model, trainloader, dpsgd=dpsgd, **common)
-        metrics["dp-sgd-epsilon"] = save_dpsgd(context, dpsgd)
+        metrics[ReplyMetrics.DP_SGD_EPSILON] = save_dpsgd(context, dpsgd)
     else:
         metrics["train-loss"] = train_epochs(model, trainloader, **common)
     content = RecordDict(

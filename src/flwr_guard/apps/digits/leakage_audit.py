@@ -25,6 +25,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from flwr_guard.apps.digits.data import node_partition_arrays
+from flwr_guard.keys import RunConfig
 
 if TYPE_CHECKING:
     from flwr_guard.audit import LeakageAuditConfig, Protections
@@ -40,11 +41,11 @@ def protections_for(run_config: Mapping[str, Any]) -> Protections:
     """What the server can see of one client's update under this run config."""
     from flwr_guard.audit import Protections
 
-    cohort = int(run_config["min-nodes"]) if bool(run_config["secagg"]) else 1
-    if bool(run_config["dp-sgd"]):
+    cohort = int(run_config["min-nodes"]) if bool(run_config[RunConfig.SECAGG]) else 1
+    if bool(run_config[RunConfig.DP_SGD]):
         return Protections.from_dpsgd(
-            max_grad_norm=float(run_config["dp-sgd-max-grad-norm"]),
-            noise_multiplier=float(run_config["dp-sgd-noise-multiplier"]),
+            max_grad_norm=float(run_config[RunConfig.DP_SGD_MAX_GRAD_NORM]),
+            noise_multiplier=float(run_config[RunConfig.DP_SGD_NOISE_MULTIPLIER]),
             learning_rate=float(run_config["learning-rate"]),
             aggregate_size=max(cohort, 1),
         )
@@ -59,25 +60,25 @@ def audit_config(run_config: Mapping[str, Any]) -> LeakageAuditConfig:
         plan=AuditPlan(
             training=LocalTraining(local_steps=1, learning_rate=float(run_config["learning-rate"])),
             protections=protections_for(run_config),
-            effort=float(run_config["audit-effort"]),
-            time_budget_s=float(run_config["audit-time-budget"]),
+            effort=float(run_config[RunConfig.AUDIT_EFFORT]),
+            time_budget_s=float(run_config[RunConfig.AUDIT_TIME_BUDGET]),
         ),
         sampling=AuditSampling(
-            round_fraction=float(run_config["audit-round-fraction"]),
-            client_fraction=float(run_config["audit-client-fraction"]),
+            round_fraction=float(run_config[RunConfig.AUDIT_ROUND_FRACTION]),
+            client_fraction=float(run_config[RunConfig.AUDIT_CLIENT_FRACTION]),
             seed=int(run_config["seed"]),
         ),
-        gate=bool(run_config["audit-gate"]),
+        gate=bool(run_config[RunConfig.AUDIT_GATE]),
         # DP-SGD clips each example's gradient inside the optimiser: the reply is a whole
         # epoch of steps, not an update clipped to one step's norm.
-        check_update_norm=not bool(run_config["dp-sgd"]),
+        check_update_norm=not bool(run_config[RunConfig.DP_SGD]),
         device="cpu",
     )
 
 
 def digits_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: the leakage audit of :mod:`flwr_guard.audit` as the run config says."""
-    if not bool(context.run_config.get("audit", False)):
+    if not bool(context.run_config.get(RunConfig.AUDIT, False)):
         return call_next(msg, context)
     from flwr_guard.apps.digits.model import DigitsCNN
     from flwr_guard.audit import leakage_audit_mod

@@ -21,6 +21,7 @@ from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
 from flwr_guard.guard import GuardedStrategy, SecAgg
+from flwr_guard.keys import RunConfig
 from flwr_guard.robust.server_eval import RobustnessEvaluator
 
 app = ServerApp()
@@ -45,9 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     secagg = SecAgg.from_run_config(cfg)
     budget = {
-        "dp-sgd": bool(cfg["dp-sgd"]),
-        "dp-sgd-max-epsilon": float(cfg["dp-sgd-max-epsilon"]),
-        "dp-sgd-delta": float(cfg["dp-sgd-delta"]),
+        RunConfig.DP_SGD: bool(cfg[RunConfig.DP_SGD]),
+        RunConfig.DP_SGD_MAX_EPSILON: float(cfg[RunConfig.DP_SGD_MAX_EPSILON]),
+        RunConfig.DP_SGD_DELTA: float(cfg[RunConfig.DP_SGD_DELTA]),
     }
 
     def extras(server_round: int) -> dict:
