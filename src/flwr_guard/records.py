@@ -6,6 +6,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from flwr_guard.config_values import number
+
 BLOCK_PREFIX = "flwr-guard"
 
 
@@ -51,7 +53,7 @@ def server_round(msg: Message) -> int:
     message's group id when numeric, else 0."""
     for record in msg.content.config_records.values():
         if "server-round" in record:
-            return int(record["server-round"])
+            return int(number(record["server-round"], "server-round"))
     group = msg.metadata.group_id
     return int(group) if group.isdigit() else 0
 

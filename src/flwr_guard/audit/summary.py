@@ -36,6 +36,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flwr_guard.audit.audit_mod import AUDIT_FAILED, BLOCKED_REASON
+from flwr_guard.config_values import number
 from flwr_guard.keys import ReplyMetrics, ServerMetrics
 from flwr_guard.records import find_metric_record
 from flwr_guard.strategy_wrapper import StrategyWrapper
@@ -71,7 +72,7 @@ def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
             continue
         if ReplyMetrics.AUDIT_RAN in record:
             configured = True
-        errors += int(record.get(ReplyMetrics.AUDIT_ERROR, 0) or 0)
+        errors += int(number(record.get(ReplyMetrics.AUDIT_ERROR, 0) or 0, ReplyMetrics.AUDIT_ERROR))
         if record.get(ReplyMetrics.AUDIT_RAN, 0):
             audited.append(dict(record.items()))
     if not configured:

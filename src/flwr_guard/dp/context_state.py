@@ -23,6 +23,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
+from flwr_guard.config_values import sequence
 from flwr_guard.dp.dpsgd import DPSGD, DPSGDConfig
 from flwr_guard.dp.node_policy import data_source
 from flwr_guard.dp.record_ledger import RecordLedger, default_ledger_dir, init_command
@@ -41,7 +42,7 @@ def load_accountant_state(context: Context) -> dict[str, Any] | None:
         return None
     record = context.state.config_records[STATE_KEY]
     try:
-        columns = [list(record[k]) for k in ("noise-multiplier", "sample-rate", "steps")]
+        columns = [sequence(record[k], k) for k in ("noise-multiplier", "sample-rate", "steps")]
         mechanism = str(record["mechanism"])
     except KeyError as err:
         raise ValueError(f"context.state[{STATE_KEY!r}] misses {err.args[0]!r}") from None

@@ -48,6 +48,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from flwr_guard.config_values import choice
 from flwr_guard.errors import FlwrGuardError
 
 # Opacus calls logging.basicConfig() when imported (opacus/utils/module_utils.py): a root
@@ -156,7 +157,8 @@ class DPSGDConfig:
             max_grad_norm=float(run_config[RunConfig.DP_SGD_MAX_GRAD_NORM]),
             delta=float(run_config.get(RunConfig.DP_SGD_DELTA, 1e-5)),
             grad_sample_mode="ghost" if ghost else "hooks",
-            accountant=str(run_config.get(RunConfig.DP_SGD_ACCOUNTANT, "rdp")),
+            accountant=choice(run_config.get(RunConfig.DP_SGD_ACCOUNTANT, "rdp"), ("rdp", "prv"),
+                              RunConfig.DP_SGD_ACCOUNTANT),
             secure_mode=bool(run_config.get(RunConfig.DP_SGD_SECURE_MODE, False)),
             max_epsilon=max_epsilon,
         )

@@ -40,6 +40,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
+from flwr_guard.config_values import number
 from flwr_guard.dp.clipping import clip_update
 from flwr_guard.keys import ReplyMetrics, TrainConfig
 from flwr_guard.update import model_update
@@ -72,7 +73,7 @@ def update_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     if len(msg.content.array_records) != 1 or len(configs) != 1:
         return _error(msg, "the train message must hold one ArrayRecord and one DP config")
     config = configs[0]
-    clipping_norm = float(config[TrainConfig.DP_CLIPPING_NORM])
+    clipping_norm = number(config[TrainConfig.DP_CLIPPING_NORM], TrainConfig.DP_CLIPPING_NORM)
     adaptive = bool(config.get(TrainConfig.DP_ADAPTIVE_CLIPPING, False))
     weight_key = str(config.get(TrainConfig.DP_WEIGHT_KEY, ""))
     incoming = next(iter(msg.content.array_records.values()))

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -55,6 +55,7 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import Strategy
 
+from flwr_guard.config_values import choice, number
 from flwr_guard.dp.accounting import NEIGHBOURING, AccountantKind, Sampling
 from flwr_guard.dp.budget import PrivacyBudget
 from flwr_guard.dp.central import (
@@ -77,7 +78,7 @@ DP_METRIC_KEYS = (ReplyMetrics.DP_UNCLIPPED_COUNT, ReplyMetrics.DP_CLIPPED_COUNT
 MASKED_METRICS = (ReplyMetrics.DP_CLIPPED_COUNT, ReplyMetrics.DP_NOISED_COUNT, ReplyMetrics.DP_UNCLIPPED_COUNT)
 AUTO = "auto"
 Relation = Literal["add-remove", "zero-out"]
-RELATIONS: tuple[str, ...] = ("add-remove", "zero-out")
+RELATIONS: tuple[Relation, ...] = get_args(Relation)
 #: What each relation means, named next to every epsilon DPFedAvg prints.
 RELATION_NAMES = {
     "add-remove": "add/remove one client",
@@ -404,14 +405,15 @@ class DPFedAvg(StrategyWrapper):
             delta=float(get(RunConfig.DP_DELTA, 1e-5)),
             sample_rate=float(get(RunConfig.DP_SAMPLE_RATE, 0.0)) or None,
             population=int(get(RunConfig.DP_POPULATION, 0)) or None,
-            accountant=str(get(RunConfig.DP_ACCOUNTANT, "rdp")),
-            sampling=str(get(RunConfig.DP_SAMPLING, "none")),
+            accountant=choice(get(RunConfig.DP_ACCOUNTANT, "rdp"), get_args(AccountantKind),
+                              RunConfig.DP_ACCOUNTANT),
+            sampling=choice(get(RunConfig.DP_SAMPLING, "none"), get_args(Sampling), RunConfig.DP_SAMPLING),
             checkpoint=None if checkpoint == "none" else (checkpoint or AUTO),
             distributed=bool(get(RunConfig.DP_DISTRIBUTED, False)),
             min_contributors=int(get(RunConfig.DP_MIN_CONTRIBUTORS, 0)) or None,
             quantization_step=step,
             secure_noise=bool(get(RunConfig.DP_SECURE_NOISE, False)),
-            relation=str(get(RunConfig.DP_RELATION, "add-remove")),
+            relation=choice(get(RunConfig.DP_RELATION, "add-remove"), RELATIONS, RunConfig.DP_RELATION),
             **kwargs,
         )
 
@@ -675,7 +677,7 @@ class DPFedAvg(StrategyWrapper):
         return [a.astype(np.float64) - g for a, g in zip(local, global_nd, strict=True)]
 
     def _weight(self, metrics: MetricRecord) -> float:
-        return float(metrics.get(self.weight_key, 1.0)) if self.weight_key else 1.0
+        return number(metrics.get(self.weight_key, 1.0), self.weight_key) if self.weight_key else 1.0
 
     def _parse_distributed(
         self, server_round: int, valid: list[Message], keys: list[str], global_nd: list[np.ndarray]
@@ -700,7 +702,8 @@ class DPFedAvg(StrategyWrapper):
                 "so nothing proves the "
                 f"clients clipped and noised; {fix}")
         weight = self._weight(metrics)
-        clipped, noised = float(metrics[ReplyMetrics.DP_CLIPPED_COUNT]), float(metrics[ReplyMetrics.DP_NOISED_COUNT])
+        clipped = number(metrics[ReplyMetrics.DP_CLIPPED_COUNT], ReplyMetrics.DP_CLIPPED_COUNT)
+        noised = number(metrics[ReplyMetrics.DP_NOISED_COUNT], ReplyMetrics.DP_NOISED_COUNT)
         if not (weight >= 1 and weight == clipped == noised and weight == int(weight)):
             log(WARNING, "DPFedAvg: round %d refused: %s contributors, %s clipped, %s noised "
                 "(a client without update_clipping_mod or without the noise); model unchanged",
@@ -744,7 +747,7 @@ class DPFedAvg(StrategyWrapper):
                     "the clients; a client's own reply must weigh 1 (update_clipping_mod)",
                     weight, ReplyMetrics.DP_CLIPPED_COUNT)
                 return None
-            if float(clipped) != weight or weight != int(weight):
+            if number(clipped, ReplyMetrics.DP_CLIPPED_COUNT) != weight or weight != int(weight):
                 log(WARNING, "DPFedAvg: aggregate refused: weight %s but %s contributors "
                     "proved their clipping; model unchanged", weight, clipped)
                 return None
@@ -752,7 +755,7 @@ class DPFedAvg(StrategyWrapper):
                 log(WARNING, "DPFedAvg: the aggregate holds NaN/Inf; round dropped")
                 return None
             count = int(weight)
-            bits = float(metrics.get(ReplyMetrics.DP_UNCLIPPED_COUNT, 0.0))
+            bits = number(metrics.get(ReplyMetrics.DP_UNCLIPPED_COUNT, 0.0), ReplyMetrics.DP_UNCLIPPED_COUNT)
             return reply, [u * count for u in diff], count, min(max(bits, 0.0), count) - count / 2
         if weight != 1:
             log(WARNING, "DPFedAvg: node %s weighs %s, not 1 (no update_clipping_mod?): "
