@@ -499,7 +499,7 @@ def _instruct(fed: ModFederation, node: int, stage: str, payload: dict):
     from flwr.app.metadata import Metadata
 
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     content = RecordDict({SECAGG_RECORD: ConfigRecord(
         {"stage": stage, "server-round": 1, "payload": codec.encode(payload)})})
@@ -510,7 +510,7 @@ def _instruct(fed: ModFederation, node: int, stage: str, payload: dict):
 
 def _payload(reply) -> dict:
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     assert not reply.has_error(), reply.error.reason
     return codec.decode(bytes(reply.content.config_records[SECAGG_RECORD]["payload"]))

@@ -46,11 +46,12 @@ from flwr_guard.secagg.client import (
     pairwise_sign,
     unpack_roster,
 )
+from flwr_guard.secagg.constants import UNKNOWN_SESSION
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams, choose_parameters, colluders_for
 from flwr_guard.secagg.policy import PolicyViolation, Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import UNKNOWN_SESSION, SessionClient, SessionServer
+from flwr_guard.secagg.session import SessionClient, SessionServer
 
 ROSTER = 40  # C = ceil(0.05 x 40) = 2 colluders at the default gamma
 D_ROUND = 20

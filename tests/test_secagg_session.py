@@ -311,13 +311,13 @@ def test_a_second_reveal_of_a_round_is_refused():
 
 # -- through the real mod and strategy (in-process Grid of secagg_harness) -------------
 def _round_payload(msg) -> dict:
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     return codec.decode(msg.content.config_records[SECAGG_RECORD]["payload"])
 
 
 def _stage(msg) -> str:
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     return str(msg.content.config_records[SECAGG_RECORD]["stage"])
 
@@ -394,7 +394,7 @@ def test_a_node_that_lost_its_session_is_left_out_without_re_keying_the_cohort(t
 def test_a_replayed_round_number_is_refused_by_every_client(tmp_path):
     from secagg_harness import ModFederation, run_strategy_rounds
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     fed = ModFederation(5, tmp_path)
 

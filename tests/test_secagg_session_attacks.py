@@ -694,7 +694,7 @@ def _message(node: int, stage: str, payload: dict, model=None):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.app.metadata import Metadata
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     content = RecordDict({SECAGG_RECORD: ConfigRecord(
         {"stage": stage, "server-round": 2, "payload": codec.encode(payload)})})
@@ -711,7 +711,8 @@ def test_mod_hostile_session_messages_get_named_refusals_and_lose_nothing(tmp_pa
     malformed maps). Each gets an error reply naming the problem; none changes its state:
     it then takes part in rounds 2 and 3 (whose real input also carries a junk 'open',
     ignored by a node that holds the session) and the sums are exact."""
-    from flwr_guard.secagg.mod import SECAGG_RECORD, UNKNOWN_SESSION, secaggplus_mod
+    from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION
+    from flwr_guard.secagg.mod import secaggplus_mod
 
     fed = ModFederation(5, tmp_path)
     node = fed.ids[1]
@@ -773,7 +774,7 @@ class ReplyTamperFederation(ModFederation):
     reply_tamper = None
 
     def deliver(self, msg):
-        from flwr_guard.secagg.mod import SECAGG_RECORD
+        from flwr_guard.secagg.constants import SECAGG_RECORD
 
         stage = str(msg.content.config_records[SECAGG_RECORD]["stage"])
         reply = super().deliver(msg)
@@ -785,7 +786,7 @@ class ReplyTamperFederation(ModFederation):
 def _set_payload(reply, payload=None, raw=None):
     from flwr.app import ConfigRecord
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     reply.content[SECAGG_RECORD] = ConfigRecord({"payload": raw if raw is not None else codec.encode(payload)})
 
@@ -797,7 +798,7 @@ def test_strategy_one_client_with_hostile_replies_at_each_session_stage_is_exclu
     completes with the exact mean of the sum's members."""
     from flwr.app import ArrayRecord
 
-    from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD
+    from flwr_guard.secagg.constants import MASKED_ARRAYS, SECAGG_RECORD
 
     fed = ReplyTamperFederation(6, tmp_path)
     bad = fed.ids[4]
@@ -843,7 +844,7 @@ def test_strategy_one_client_with_hostile_replies_at_each_session_stage_is_exclu
 
 
 def test_strategy_a_clients_clipped_count_is_bounded_by_the_update_length(tmp_path):
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     fed = ReplyTamperFederation(5, tmp_path)
     bad = fed.ids[0]

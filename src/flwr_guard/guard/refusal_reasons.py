@@ -41,11 +41,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
-from flwr_guard.secagg.mod import SECAGG_RECORD
-from flwr_guard.secagg.session import UNKNOWN_SESSION
+from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION, Key, Stage
 
 SECAGG_REFUSAL = "SecAgg+ refused:"
-SETUP_STAGES = ("advertise", "roster", "share-keys")
 #: Client-side exceptions that are a deliberate refusal, not a crash.
 REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
 #: The refusal that ends a node's training without stopping the run.
@@ -80,7 +78,7 @@ def stops_run(reason: str, stage: str | None) -> bool:
     """Whether a refusal ``reason`` given at SecAgg+ ``stage`` (``None``: a plain train
     message) stops the run (see the module docstring)."""
     if reason.startswith(SECAGG_REFUSAL):
-        return stage in SETUP_STAGES and UNKNOWN_SESSION not in reason
+        return stage in Stage.SETUP and UNKNOWN_SESSION not in reason
     return not reason.startswith(BUDGET_EXHAUSTED)
 
 
@@ -121,7 +119,7 @@ class RefusalLog:
         for reply in replies:
             reason = reason_of(reply)
             if reason is not None:
-                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, "masked-input"))
+                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, Stage.MASKED_INPUT))
         self.last = {node: reason for node, (reason, _) in found.items()}
         return {node: reason for node, (reason, stops) in found.items() if stops}
 
@@ -170,7 +168,7 @@ class _WatchedGrid(Grid):
             if msg.metadata.message_id:
                 self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
                 record = msg.content.config_records.get(SECAGG_RECORD)
-                stage = record.get("stage") if record is not None else None
+                stage = record.get(Key.STAGE) if record is not None else None
                 if isinstance(stage, str):
                     self._stages[msg.metadata.message_id] = stage
 

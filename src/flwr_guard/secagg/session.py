@@ -77,6 +77,7 @@ from flwr_guard.secagg.client import (
     roster_digest,
     unpack_roster,
 )
+from flwr_guard.secagg.constants import UNKNOWN_SESSION, Stage
 from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
@@ -93,11 +94,6 @@ from flwr_guard.secagg.server import (
 ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
 ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
 
-
-UNKNOWN_SESSION = "no usable SecAgg+ session on this client"
-"""Start of a client's refusal that only a new set-up can cure (it holds no such session,
-its storage was lost, or the round is too far ahead of its key chain): the strategy
-re-keys on the next round."""
 
 MAX_ROUND_GAP = 10_000
 """Most rounds a client's pair-key chains advance in one step (a hash per round per
@@ -427,7 +423,7 @@ class SessionClient:
                 neighbours in U3, U3 smaller than the policy's ``min_cohort``, or a
                 second, different U3 for the round.
         """
-        state = self._round(server_round, "consistency")
+        state = self._round(server_round, Stage.CONSISTENCY)
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.roster) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the session's cohort, or omits this client")
@@ -477,7 +473,7 @@ class SessionClient:
                 from a node that is not active or that does not verify, fewer than t
                 valid neighbours' signatures, or a second reveal for the round.
         """
-        state = self._round(server_round, "unmask")
+        state = self._round(server_round, Stage.UNMASK)
         active_set = set(active)
         if state["signed"] is None or sorted(active_set) != state["signed"]:
             raise ProtocolError("the active set differs from the survivor set this client signed")
@@ -571,9 +567,9 @@ class RoundStats(StageStats):
 
     def dropouts(self) -> dict[str, int]:
         return {
-            "masked-input": self.sampled - len(self.masked),
-            "consistency": len(self.masked) - len(self.signed),
-            "unmask": len(self.signed) - len(self.unmasked),
+            Stage.MASKED_INPUT: self.sampled - len(self.masked),
+            Stage.CONSISTENCY: len(self.masked) - len(self.signed),
+            Stage.UNMASK: len(self.signed) - len(self.unmasked),
         }
 
 
@@ -681,7 +677,7 @@ class SessionServer:
             members -= short
         self.stats.masked = sorted(members)
         self.opened.update(members)
-        self._require(len(members), "masked-input")
+        self._require(len(members), Stage.MASKED_INPUT)
         total = np.zeros(self.context.vector_length, dtype=dtype)
         for node in members:
             total += self.vectors[node]
@@ -694,7 +690,7 @@ class SessionServer:
         self.signatures.update(verified_signatures(
             replies, self.stats.masked, self.advertisements, payload, self._exclude))
         self.stats.signed = sorted(self.signatures)
-        self._require(len(self.signatures), "consistency")
+        self._require(len(self.signatures), Stage.CONSISTENCY)
         return self.stats.signed
 
     def unmask_request(self, node: int) -> tuple[dict[int, bytes], dict[int, bytes]]:
@@ -746,7 +742,7 @@ class SessionServer:
                 continue
             self.reveals[node] = reveal
         self.stats.unmasked = sorted(self.reveals)
-        self._require(len(self.reveals), "unmask")
+        self._require(len(self.reveals), Stage.UNMASK)
 
     def aggregate(self) -> tuple[np.ndarray, int]:
         """Remove the masks: ``(sums, sum of w_i)`` as
