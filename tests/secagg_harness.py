@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flwr_guard.secagg import codec, crypto
-from flwr_guard.secagg.client import (
-    SecAggClient,
+from flwr_guard.secagg.client import SecAggClient
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.messages import (
     pack_advertisements,
     pack_nonces,
     pack_roster,
@@ -16,7 +17,6 @@ from flwr_guard.secagg.client import (
     unpack_nonces,
     unpack_roster,
 )
-from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.policy import Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.quantization import dequantize_mean

@@ -11,16 +11,10 @@ import pytest
 from secagg_harness import federation_policy
 
 from flwr_guard.secagg import codec, crypto, prg
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    encode_input,
-    pack_roster,
-    unpack_advertisements,
-    unpack_nonces,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient, encode_input
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.policy import PolicyViolation
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer

@@ -24,18 +24,10 @@ from secagg_harness import ModFederation, federation_policy, run_strategy_rounds
 from test_secagg_session import D, Session, expected
 
 from flwr_guard.secagg import codec, crypto, prg
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    commit_self_mask,
-    encode_input,
-    pack_roster,
-    pairwise_sign,
-    unpack_advertisements,
-    unpack_nonces,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient, encode_input
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.server import SecAggServer
 from flwr_guard.secagg.session import (
@@ -46,6 +38,7 @@ from flwr_guard.secagg.session import (
     round_pair_seed,
     session_consistency_payload,
 )
+from flwr_guard.secagg.transcripts import commit_self_mask, pairwise_sign
 
 MODEL = b"m" * 32
 

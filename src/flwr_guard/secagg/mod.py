@@ -73,13 +73,7 @@ from flwr_guard.dp.distributed_client import distributed_dp_noise
 from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    unpack_advertisements,
-    unpack_nonces,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient
 from flwr_guard.secagg.constants import (
     MASKED_ARRAYS,
     SECAGG_RECORD,
@@ -90,7 +84,9 @@ from flwr_guard.secagg.constants import (
     Stage,
 )
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
+from flwr_guard.secagg.messages import unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.policy import (
     NODE_SIGNING_KEY,
     SecAggPolicy,

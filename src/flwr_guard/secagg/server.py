@@ -33,13 +33,12 @@ import numpy as np
 
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.client import (
-    MASK_KEY,
-    MAX_SHARE_CIPHERTEXT_BYTES,
-    SELF_MASK,
-    Advertisement,
-    ProtocolError,
-    RosterEntry,
+from flwr_guard.secagg.constants import Stage
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.messages import MASK_KEY, MAX_SHARE_CIPHERTEXT_BYTES, SELF_MASK, Advertisement, RosterEntry
+from flwr_guard.secagg.transcripts import (
     commit_nonce,
     commit_self_mask,
     consistency_payload,
@@ -48,9 +47,6 @@ from flwr_guard.secagg.client import (
     pairwise_sign,
     roster_digest,
 )
-from flwr_guard.secagg.constants import Stage
-from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.graph import neighbours
 
 logger = logging.getLogger(__name__)
 

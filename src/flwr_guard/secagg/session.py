@@ -62,25 +62,19 @@ from typing import Any
 import numpy as np
 
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.client import (
-    Advertisement,
-    RosterEntry,
-    SecAggClient,
-    check_min_inputs,
-    commit_self_mask,
-    count_neighbour_signatures,
-    encode_input,
-    pack_advertisements,
-    pack_nonces,
-    pack_roster,
-    pairwise_sign,
-    roster_digest,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient, check_min_inputs, count_neighbour_signatures, encode_input
 from flwr_guard.secagg.constants import UNKNOWN_SESSION, Stage
 from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.messages import (
+    Advertisement,
+    RosterEntry,
+    pack_advertisements,
+    pack_nonces,
+    pack_roster,
+    unpack_roster,
+)
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.server import (
     SecAggAborted,
@@ -90,6 +84,7 @@ from flwr_guard.secagg.server import (
     reconstruct_secret,
     verified_signatures,
 )
+from flwr_guard.secagg.transcripts import commit_self_mask, pairwise_sign, roster_digest
 
 ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
 ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES

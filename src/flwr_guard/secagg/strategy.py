@@ -49,12 +49,6 @@ from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
-from flwr_guard.secagg.client import (
-    Advertisement,
-    pack_advertisements,
-    pack_nonces,
-    pack_roster,
-)
 from flwr_guard.secagg.constants import (
     MASKED_ARRAYS,
     SECAGG_RECORD,
@@ -64,6 +58,7 @@ from flwr_guard.secagg.constants import (
     Stage,
 )
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.messages import Advertisement, pack_advertisements, pack_nonces, pack_roster
 from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
