@@ -42,7 +42,8 @@ from flwr_guard.secagg.messages import MASK_KEY, SELF_MASK, pack_roster, unpack_
 from flwr_guard.secagg.params import SecAggParams, choose_parameters, colluders_for
 from flwr_guard.secagg.policy import PolicyViolation, Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import SessionClient, SessionServer
+from flwr_guard.secagg.session_client import SessionClient
+from flwr_guard.secagg.session_server import SessionServer
 from flwr_guard.secagg.transcripts import consistency_payload, pairwise_seed, pairwise_sign
 
 ROSTER = 40  # C = ceil(0.05 x 40) = 2 colluders at the default gamma

@@ -1,8 +1,8 @@
 """Multi-round SecAgg+ sessions against a malicious server (with colluding clients where
 the attack needs them), a careless operator and hostile messages.
 
-Each test implements one attack on :mod:`flwr_guard.secagg.session` (and its mod and
-strategy adapters) and asserts it is refused or recovers nothing; where meaningful a
+Each test implements one attack on the sessions (:mod:`flwr_guard.secagg.session_client`,
+:mod:`flwr_guard.secagg.session_server`, and their mod and strategy adapters) and asserts it is refused or recovers nothing; where meaningful a
 positive control shows the same computation succeeds once the protection's assumption
 is broken. Attacks that succeed today are marked ``xfail(strict=True)`` with the reason
 (the fixes are the coordinator's; this file does not change ``src/``).
@@ -27,18 +27,12 @@ from flwr_guard.secagg import codec, crypto, prg
 from flwr_guard.secagg.client import SecAggClient, encode_input
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
-from flwr_guard.secagg.messages import pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
+from flwr_guard.secagg.messages import pack_open, pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import (
-    SessionClient,
-    SessionRound,
-    SessionServer,
-    pack_open,
-    round_pair_seed,
-    session_consistency_payload,
-)
-from flwr_guard.secagg.transcripts import commit_self_mask, pairwise_sign
+from flwr_guard.secagg.session_client import SessionClient, round_pair_seed
+from flwr_guard.secagg.session_server import SessionServer
+from flwr_guard.secagg.transcripts import SessionRound, commit_self_mask, pairwise_sign, session_consistency_payload
 
 MODEL = b"m" * 32
 
@@ -155,7 +149,7 @@ def test_round_1_share_ciphertexts_do_not_open_in_round_2():
     self-mask seed. The shares are encrypted with the round digest as associated data:
     none opens, u is reported as a bad sender, no share leaves. Positive control: under
     round 1's associated data they open and would give the seed, hence u's input."""
-    from flwr_guard.secagg.session import round_share_aad
+    from flwr_guard.secagg.session_client import round_share_aad
 
     s = Session(n=10)
     u = s.ids[0]

@@ -396,7 +396,7 @@ class SecAggClient:
         if context.multi_round:
             raise ProtocolError(
                 "share-keys for a multi-round set-up: its keys open a session "
-                "(flwr_guard.secagg.session), they are never Shamir-shared"
+                "(flwr_guard.secagg.session_client), they are never Shamir-shared"
             )
         if not self.roster:
             raise ProtocolError("share-keys before the roster stage")

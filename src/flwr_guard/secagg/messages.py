@@ -1,10 +1,13 @@
 """The SecAgg+ messages and their wire formats (no Flower imports).
 
 What the client and the server state machines (:mod:`flwr_guard.secagg.client`,
-:mod:`flwr_guard.secagg.server`) exchange: a client's signed :class:`Advertisement` and
-the :class:`RosterEntry` every client receives of every other, fixed-width packings of
-rosters, revealed graph nonces and advertisements, the sizes of encrypted shares and
-the two kinds of revealed share. Unpacking checks lengths and ranges before use and raises
+:mod:`flwr_guard.secagg.server`, and for multi-round sessions
+:mod:`flwr_guard.secagg.session_client`, :mod:`flwr_guard.secagg.session_server`)
+exchange: a client's signed :class:`Advertisement` and the :class:`RosterEntry` every
+client receives of every other, fixed-width packings of rosters, revealed graph nonces
+and advertisements, the sizes of encrypted shares and the two kinds of revealed share,
+and a session round's replies (:class:`RoundInput`, :class:`RoundReveal`). Unpacking
+checks lengths and ranges before use and raises
 :class:`~flwr_guard.secagg.errors.ProtocolError`.
 """
 
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.errors import ProtocolError
@@ -239,3 +244,48 @@ def unpack_advertisements(blob: bytes) -> list[Advertisement]:
         raise ProtocolError("advertisements are not whole records")
     return [Advertisement.from_bytes(blob[p : p + ADVERTISEMENT_BYTES])
             for p in range(0, len(blob), ADVERTISEMENT_BYTES)]
+
+
+# -- multi-round sessions (flwr_guard.secagg.session_client / session_server) ----------
+# A session round's share: 2-byte index, the 32-byte share of the round's self-mask seed.
+ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
+ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
+
+
+@dataclass
+class RoundInput:
+    """A client's reply to a session round's input message.
+
+    Attributes:
+        vector: the masked vector, uint32/uint64 of length ``vector_length``.
+        self_mask_commitment: SHA-256 commitment to this round's self-mask seed.
+        ciphertexts: neighbour id -> the encrypted share of the self-mask seed it holds.
+        clipped: coordinates clipped to ``[-r, r]``.
+        pair_commitments: neighbour id -> :func:`commit_pair_seed` of the pair's seed
+            of this round (empty: the server checks no revealed pair seed of it).
+    """
+
+    vector: np.ndarray
+    self_mask_commitment: bytes
+    ciphertexts: dict[int, bytes]
+    clipped: int
+    pair_commitments: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReveal:
+    """A client's unmask reply: its own self-mask seed, the shares it holds of its
+    active neighbours' seeds (``peer -> (index, 32 bytes)``), the round's pair seeds
+    with its neighbours out of U3, and the active neighbours whose share did not open."""
+
+    self_mask_seed: bytes
+    shares: dict[int, tuple[int, bytes]]
+    pair_seeds: dict[int, bytes]
+    bad_senders: list[int]
+
+
+def pack_open(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Wire form of :meth:`SessionServer.open_payload
+    <flwr_guard.secagg.session_server.SessionServer.open_payload>`."""
+    return {"nonces": pack_nonces(payload["nonces"]),
+            "advertisements": pack_advertisements(payload["advertisements"])}

@@ -86,17 +86,14 @@ from flwr_guard.secagg.constants import (
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
-from flwr_guard.secagg.messages import unpack_advertisements, unpack_nonces, unpack_roster
+from flwr_guard.secagg.messages import ROUND_SHARE_CIPHERTEXT_BYTES, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.policy import (
     NODE_SIGNING_KEY,
     SecAggPolicy,
     policy_from_node_config,
 )
-from flwr_guard.secagg.session import (
-    ROUND_SHARE_CIPHERTEXT_BYTES,
-    SessionClient,
-    session_digest,
-)
+from flwr_guard.secagg.session_client import SessionClient
+from flwr_guard.secagg.transcripts import session_digest
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +312,7 @@ SESSION_STATE = "session"
 
 def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: str,
                    payload: dict, call_next: ClientAppCallable) -> Message:
-    """A round of a multi-round session (:mod:`flwr_guard.secagg.session`)."""
+    """A round of a multi-round session (:mod:`flwr_guard.secagg.session_client`)."""
     digest = codec.field(payload, Key.SESSION, bytes)
     server_round = codec.field(payload, Key.ROUND, int)
     if not 0 <= server_round < 2**63:

@@ -12,7 +12,7 @@ The wrapped strategy samples the cohort and builds the train messages as usual
 once for a cohort (advertise, roster) and, while each round's sampled cohort stays
 within it, sends each round only the train message (the ``masked-input`` stage),
 then, in ``aggregate_train``, the consistency and unmask stages
-(:mod:`flwr_guard.secagg.session`: three messages per client per round). With
+(:mod:`flwr_guard.secagg.session_client`: three messages per client per round). With
 ``multi_round=False`` every round runs the per-round protocol: advertise, roster
 (the clients check every roster entry and reveal their graph nonces), share-keys, the
 train messages with the routed encrypted shares, consistency and unmask. Either way
@@ -58,7 +58,15 @@ from flwr_guard.secagg.constants import (
     Stage,
 )
 from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.messages import Advertisement, pack_advertisements, pack_nonces, pack_roster
+from flwr_guard.secagg.messages import (
+    Advertisement,
+    RoundInput,
+    RoundReveal,
+    pack_advertisements,
+    pack_nonces,
+    pack_open,
+    pack_roster,
+)
 from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
@@ -67,7 +75,7 @@ from flwr_guard.secagg.params import (
 )
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import NonceWithheld, SecAggAborted, SecAggServer
-from flwr_guard.secagg.session import RoundInput, RoundReveal, SessionServer, pack_open
+from flwr_guard.secagg.session_server import SessionServer
 from flwr_guard.secagg.transport import send_and_receive
 from flwr_guard.strategy_wrapper import StrategyWrapper
 

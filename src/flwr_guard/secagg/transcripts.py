@@ -10,10 +10,11 @@ check or to unmask. Every digest is a :func:`~flwr_guard.secagg.crypto.transcrip
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from flwr_guard.secagg import crypto
-from flwr_guard.secagg.context import ids_bytes
+from flwr_guard.secagg.context import RoundContext, ids_bytes
 from flwr_guard.secagg.messages import RosterEntry, pack_roster
 
 
@@ -63,3 +64,45 @@ def pairwise_seed(own_mask_secret: bytes, peer_mask_public: bytes, context_diges
 def pairwise_sign(own: int, peer: int) -> int:
     """+1 if ``own < peer`` else -1: the pair's masks cancel in the sum."""
     return 1 if own < peer else -1
+
+
+def session_digest(context: RoundContext, roster_hash: bytes) -> bytes:
+    """The digest every per-round value of a session is bound to: the set-up context and
+    the set-up's roster digest (fresh nonce commitments and keys), so two set-ups under
+    one context never share a digest."""
+    return crypto.transcript(b"session", context.digest(), roster_hash)
+
+
+@dataclass(frozen=True)
+class SessionRound:
+    """One round of a session, as a client sees it.
+
+    Attributes:
+        session: :func:`session_digest` of the set-up context.
+        server_round: the round number (strictly increasing within a session).
+        model_hash: SHA-256 of the global model this client received
+            (:func:`flwr_guard.secagg.model_hash`); clients shown different models
+            derive different digests, so their signatures do not verify for each other.
+    """
+
+    session: bytes
+    server_round: int
+    model_hash: bytes
+
+    def digest(self) -> bytes:
+        return crypto.transcript(
+            b"session-round", self.session, struct.pack(">Q", self.server_round), self.model_hash
+        )
+
+
+def commit_pair_seed(seed: bytes) -> bytes:
+    """Commitment to a pair's mask seed of one round (SHA-256 of a 256-bit pseudorandom
+    value: hiding, binding), sent with the input so the server can check a pair seed
+    revealed later for a dropped neighbour and name a client that reveals a wrong one.
+    The client relies on no check of it."""
+    return crypto.transcript(b"session-pair-seed-commitment", seed)
+
+
+def session_consistency_payload(round_digest: bytes, roster: bytes, seed: bytes, survivors: Sequence[int]) -> bytes:
+    """What a client signs in a session round's consistency stage."""
+    return crypto.transcript(b"session-consistency", round_digest, roster, seed, ids_bytes(survivors))
