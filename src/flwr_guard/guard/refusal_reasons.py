@@ -35,13 +35,16 @@ explained (:attr:`RefusalLog.last`), never a reason to stop.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION, Key, Stage
+
+if TYPE_CHECKING:  # the SecAgg+ wrapper imports Flower's server side: only for the type
+    from flwr_guard.secagg.strategy import SecAggPlus
 
 SECAGG_REFUSAL = "SecAgg+ refused:"
 #: Client-side exceptions that are a deliberate refusal, not a crash.
@@ -125,7 +128,7 @@ class RefusalLog:
 
 
 def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
-                     secagg: Any = None, explained: dict[int, str] | None = None) -> str:
+                     secagg: SecAggPlus | None = None, explained: dict[int, str] | None = None) -> str:
     """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
     the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
     reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
