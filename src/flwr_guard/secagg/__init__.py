@@ -3,8 +3,13 @@
 Core (no Flower imports): :mod:`~flwr_guard.secagg.crypto` (pycryptodome primitives),
 :mod:`~flwr_guard.secagg.prg` (mask expansion), :mod:`~flwr_guard.secagg.quantization`,
 :mod:`~flwr_guard.secagg.graph` (neighbour graph), :mod:`~flwr_guard.secagg.params`,
-:mod:`~flwr_guard.secagg.context`, :mod:`~flwr_guard.secagg.client` and
-:mod:`~flwr_guard.secagg.server` (the two state machines).
+:mod:`~flwr_guard.secagg.context`; the vocabulary both sides share:
+:mod:`~flwr_guard.secagg.constants` (stage, record and key names),
+:mod:`~flwr_guard.secagg.messages` (wire formats), :mod:`~flwr_guard.secagg.transcripts`
+(commitments, digests, seeds), :mod:`~flwr_guard.secagg.errors`; the state machines by
+role: :mod:`~flwr_guard.secagg.client` and :mod:`~flwr_guard.secagg.server` (one round),
+:mod:`~flwr_guard.secagg.session_client` and :mod:`~flwr_guard.secagg.session_server`
+(multi-round sessions).
 
 Flower adapters: :func:`~flwr_guard.secagg.mod.secaggplus_mod` (client mod) and
 :class:`~flwr_guard.secagg.strategy.SecAggPlus` (strategy wrapper).
