@@ -90,7 +90,7 @@ from flwr_guard.secagg.transcripts import (
 
 MAX_ROUND_GAP = 10_000
 """Most rounds a client's pair-key chains advance in one step (a hash per round per
-neighbour): a round further ahead is refused with :data:`UNKNOWN_SESSION`."""
+neighbour): a round further ahead is refused with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION`."""
 
 
 def ratchet(chain_key: bytes, steps: int) -> bytes:
@@ -220,7 +220,7 @@ class SessionClient:
                 policy without a roster.
 
         Raises:
-            ProtocolError: starting with :data:`UNKNOWN_SESSION` (the server re-keys),
+            ProtocolError: starting with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` (the server re-keys),
                 naming the policy's reason.
         """
         try:
@@ -246,7 +246,7 @@ class SessionClient:
                 more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain, or past
                 the policy's cap on the session's length (``max_session_rounds`` from
                 the set-up's round, ``max_session_seconds`` from the opening): the last
-                two start with :data:`UNKNOWN_SESSION` and ask the server to re-key.
+                two start with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` and ask the server to re-key.
         """
         if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
             raise ProtocolError(
