@@ -688,7 +688,7 @@ def per_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[str,
 
 
 def multi_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[str, Any]:
-    """The multi-round path (:mod:`flwr_guard.secagg.session`): the key set-up once
+    """The multi-round path (:mod:`flwr_guard.secagg.session_client`): the key set-up once
     (advertise, roster, the session opened by the first input message), then ``rounds``
     session rounds (masked input, consistency, unmask with the survivors' own self-mask
     seeds), all clients in every round. Server CPU ms: ``setup_ms`` (the set-up stages
@@ -702,7 +702,8 @@ def multi_round_cost(nodes: int, dimension: int, k: int, rounds: int) -> dict[st
     from flwr_guard.secagg.params import SecAggParams
     from flwr_guard.secagg.policy import SecAggPolicy
     from flwr_guard.secagg.server import SecAggServer
-    from flwr_guard.secagg.session import SessionClient, SessionServer
+    from flwr_guard.secagg.session_client import SessionClient
+    from flwr_guard.secagg.session_server import SessionServer
 
     params = SecAggParams.for_cohort(nodes, k, None, 1.0, 2**16, 1000)
     ids = list(range(1, nodes + 1))

@@ -33,7 +33,8 @@ from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams, choose_parameters, colluders_for, tolerated_corrupt_neighbours
 from flwr_guard.secagg.policy import Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import SessionClient, SessionServer
+from flwr_guard.secagg.session_client import SessionClient
+from flwr_guard.secagg.session_server import SessionServer
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ((20, 20), (100, 100), (20, 200), (100, 1000))

@@ -72,7 +72,7 @@ def _bad_cases():
     from flwr.common.constant import ErrorCode
 
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD
+    from flwr_guard.secagg.constants import MASKED_ARRAYS, SECAGG_RECORD
 
     def payload(stage_wanted, change):
         def edit(stage, reply):
@@ -149,7 +149,7 @@ def bad_cell(name: str, multi_round: bool, trials: int, n: int, rounds: int = 3)
             reply = original(msg)
             if reply is None or reply.has_error() or msg.metadata.dst_node_id != bad:
                 return reply
-            from flwr_guard.secagg.mod import SECAGG_RECORD
+            from flwr_guard.secagg.constants import SECAGG_RECORD
             return edit(str(msg.content.config_records[SECAGG_RECORD]["stage"]), reply)
 
         fed.deliver = deliver

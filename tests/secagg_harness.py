@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flwr_guard.secagg import codec, crypto
-from flwr_guard.secagg.client import (
-    SecAggClient,
+from flwr_guard.secagg.client import SecAggClient
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.messages import (
     pack_advertisements,
     pack_nonces,
     pack_roster,
@@ -16,13 +17,10 @@ from flwr_guard.secagg.client import (
     unpack_nonces,
     unpack_roster,
 )
-from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.policy import Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.quantization import dequantize_mean
 from flwr_guard.secagg.server import SecAggServer
-
-STAGES = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
 
 
 @dataclass
@@ -216,7 +214,8 @@ class ModFederation:
         from flwr.app import Message
         from flwr.app.metadata import Metadata
 
-        from flwr_guard.secagg.mod import SECAGG_RECORD, secaggplus_mod
+        from flwr_guard.secagg.constants import SECAGG_RECORD
+        from flwr_guard.secagg.mod import secaggplus_mod
 
         node = msg.metadata.dst_node_id
         meta = Metadata(run_id=1, message_id=self._uuid.uuid4().hex, src_node_id=0,

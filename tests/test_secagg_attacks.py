@@ -26,18 +26,10 @@ from secagg_harness import (
 )
 
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.client import (
-    MASK_KEY,
-    SELF_MASK,
-    Advertisement,
-    ProtocolError,
-    RosterEntry,
-    SecAggClient,
-    consistency_payload,
-    pairwise_seed,
-    pairwise_sign,
-)
+from flwr_guard.secagg.client import SecAggClient
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import MASK_KEY, SELF_MASK, Advertisement, RosterEntry
 from flwr_guard.secagg.params import (
     SecAggParams,
     choose_parameters,
@@ -46,6 +38,7 @@ from flwr_guard.secagg.params import (
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.quantization import quantize
 from flwr_guard.secagg.server import SecAggServer
+from flwr_guard.secagg.transcripts import consistency_payload, pairwise_seed, pairwise_sign
 
 
 def _context(ids, k, t, d=20):
@@ -252,7 +245,7 @@ def test_clients_shown_different_rosters_refuse_at_unmask() -> None:
     # client then derives another roster digest, which is in every consistency
     # signature: its neighbours' signatures do not verify for it (and its own would not
     # verify for them, nor for the honest server core).
-    from flwr_guard.secagg.client import roster_digest
+    from flwr_guard.secagg.transcripts import roster_digest
 
     r = make_round(n=6, d=10, seed=5)
     ctx = r.server.context
@@ -499,7 +492,7 @@ def _instruct(fed: ModFederation, node: int, stage: str, payload: dict):
     from flwr.app.metadata import Metadata
 
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     content = RecordDict({SECAGG_RECORD: ConfigRecord(
         {"stage": stage, "server-round": 1, "payload": codec.encode(payload)})})
@@ -510,14 +503,14 @@ def _instruct(fed: ModFederation, node: int, stage: str, payload: dict):
 
 def _payload(reply) -> dict:
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     assert not reply.has_error(), reply.error.reason
     return codec.decode(bytes(reply.content.config_records[SECAGG_RECORD]["payload"]))
 
 
 def test_mod_refuses_a_sybil_cohort_and_a_round_below_its_policy(tmp_path) -> None:
-    from flwr_guard.secagg.client import pack_roster
+    from flwr_guard.secagg.messages import pack_roster
 
     fed = ModFederation(4, tmp_path)
     sybils = {i: SecAggClient(i, crypto.ed25519_keypair()[0], SecAggPolicy(trust_on_first_use=True))

@@ -34,23 +34,17 @@ from secagg_harness import (
 from test_secagg_session import D, Session
 
 from flwr_guard.secagg import codec, crypto, prg
-from flwr_guard.secagg.client import (
-    MASK_KEY,
-    SELF_MASK,
-    ProtocolError,
-    SecAggClient,
-    consistency_payload,
-    encode_input,
-    pack_roster,
-    pairwise_seed,
-    pairwise_sign,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient, encode_input
+from flwr_guard.secagg.constants import UNKNOWN_SESSION
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import MASK_KEY, SELF_MASK, pack_roster, unpack_roster
 from flwr_guard.secagg.params import SecAggParams, choose_parameters, colluders_for
 from flwr_guard.secagg.policy import PolicyViolation, Roster, RosterMember, SecAggPolicy
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import UNKNOWN_SESSION, SessionClient, SessionServer
+from flwr_guard.secagg.session_client import SessionClient
+from flwr_guard.secagg.session_server import SessionServer
+from flwr_guard.secagg.transcripts import consistency_payload, pairwise_seed, pairwise_sign
 
 ROSTER = 40  # C = ceil(0.05 x 40) = 2 colluders at the default gamma
 D_ROUND = 20
@@ -476,7 +470,9 @@ def _split_survivor_attack(policy_cls):
     Returns (|S|, whether the server read S's exact sum)."""
     from secagg_harness import Round, setup
 
-    from flwr_guard.secagg.client import MASK_KEY, SELF_MASK, commit_self_mask, encode_input, pairwise_sign
+    from flwr_guard.secagg.client import encode_input
+    from flwr_guard.secagg.messages import MASK_KEY, SELF_MASK
+    from flwr_guard.secagg.transcripts import commit_self_mask, pairwise_sign
 
     n, k, t, d = 12, 3, 2, 20
     ids, secrets, roster = _federation(40)

@@ -24,7 +24,8 @@ from flwr.common.constant import ErrorCode
 from secagg_harness import ModFederation, run_strategy_rounds
 
 from flwr_guard.secagg import codec
-from flwr_guard.secagg.mod import MASKED_ARRAYS, MAX_CONTROL_BYTES, SECAGG_RECORD
+from flwr_guard.secagg.constants import MASKED_ARRAYS, SECAGG_RECORD
+from flwr_guard.secagg.mod import MAX_CONTROL_BYTES
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.strategy import MAX_REPLY_BYTES
 

@@ -8,7 +8,8 @@ from scipy import stats
 from secagg_harness import UNIFORM_P_FLOOR, expected_mean, make_round, mean_of, run
 
 from flwr_guard.secagg import crypto
-from flwr_guard.secagg.client import Advertisement, ProtocolError
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import Advertisement
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.quantization import quantize
 from flwr_guard.secagg.server import SecAggAborted
@@ -94,7 +95,7 @@ def test_different_round_context_per_client_is_refused() -> None:
     ids = sorted(r.clients)
     import dataclasses
 
-    from flwr_guard.secagg.client import RosterEntry
+    from flwr_guard.secagg.messages import RosterEntry
 
     other = dataclasses.replace(ctx, model_hash=b"y" * 32)  # server lies to one client
     ads = [r.clients[i].advertise(other if i == ids[0] else ctx) for i in ids]
@@ -103,7 +104,7 @@ def test_different_round_context_per_client_is_refused() -> None:
 
 
 def test_substituted_signing_key_is_refused_with_trusted_keys() -> None:
-    from flwr_guard.secagg.client import RosterEntry
+    from flwr_guard.secagg.messages import RosterEntry
     from flwr_guard.secagg.policy import SecAggPolicy
 
     r = make_round(n=4, d=10)
@@ -386,7 +387,7 @@ def test_share_keys_message_is_the_nonces_plus_k_advertisements() -> None:
     from secagg_harness import share_keys_payload
 
     from flwr_guard.secagg import codec
-    from flwr_guard.secagg.client import ADVERTISEMENT_BYTES, NONCE_ENTRY_BYTES
+    from flwr_guard.secagg.messages import ADVERTISEMENT_BYTES, NONCE_ENTRY_BYTES
 
     r = make_round(n=40, d=20, seed=5, num_shares=6)
     total, weight, survivors = run(r)  # drives every stage through the wire payloads
@@ -432,12 +433,7 @@ def test_missing_neighbour_advertisement_or_nonce_is_refused() -> None:
 
 
 def test_malformed_payloads_are_refused() -> None:
-    from flwr_guard.secagg.client import (
-        ROSTER_ENTRY_BYTES,
-        unpack_advertisements,
-        unpack_nonces,
-        unpack_roster,
-    )
+    from flwr_guard.secagg.messages import ROSTER_ENTRY_BYTES, unpack_advertisements, unpack_nonces, unpack_roster
 
     with pytest.raises(ProtocolError):
         unpack_roster(bytes(ROSTER_ENTRY_BYTES - 1))

@@ -1,5 +1,5 @@
-"""Multi-round SecAgg+ sessions (flwr_guard.secagg.session): exact sums over many
-rounds with dropouts and returns, and the attacks a malicious server can try on keys
+"""Multi-round SecAgg+ sessions (flwr_guard.secagg.session_client and session_server):
+exact sums over many rounds with dropouts and returns, and the attacks a malicious server can try on keys
 that live longer than one round."""
 
 from __future__ import annotations
@@ -11,28 +11,24 @@ import pytest
 from secagg_harness import federation_policy
 
 from flwr_guard.secagg import codec, crypto, prg
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    encode_input,
+from flwr_guard.secagg.client import SecAggClient, encode_input
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import (
+    RoundInput,
+    RoundReveal,
+    pack_open,
     pack_roster,
     unpack_advertisements,
     unpack_nonces,
     unpack_roster,
 )
-from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.policy import PolicyViolation
 from flwr_guard.secagg.server import SecAggAborted, SecAggServer
-from flwr_guard.secagg.session import (
-    RoundInput,
-    RoundReveal,
-    SessionClient,
-    SessionRound,
-    SessionServer,
-    pack_open,
-    round_pair_seed,
-)
+from flwr_guard.secagg.session_client import SessionClient, round_pair_seed
+from flwr_guard.secagg.session_server import SessionServer
+from flwr_guard.secagg.transcripts import SessionRound
 
 D = 40
 
@@ -311,13 +307,13 @@ def test_a_second_reveal_of_a_round_is_refused():
 
 # -- through the real mod and strategy (in-process Grid of secagg_harness) -------------
 def _round_payload(msg) -> dict:
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     return codec.decode(msg.content.config_records[SECAGG_RECORD]["payload"])
 
 
 def _stage(msg) -> str:
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     return str(msg.content.config_records[SECAGG_RECORD]["stage"])
 
@@ -394,7 +390,7 @@ def test_a_node_that_lost_its_session_is_left_out_without_re_keying_the_cohort(t
 def test_a_replayed_round_number_is_refused_by_every_client(tmp_path):
     from secagg_harness import ModFederation, run_strategy_rounds
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     fed = ModFederation(5, tmp_path)
 
@@ -430,7 +426,7 @@ def test_strategy_one_dropout_at_each_stage_of_a_session_round(tmp_path, stage):
 
 
 def test_survivor_sets_must_be_connected_in_the_graph():
-    from flwr_guard.secagg.session import is_connected
+    from flwr_guard.secagg.session_client import is_connected
 
     ring = {i: [(i - 1) % 8, (i + 1) % 8] for i in range(8)}
     assert is_connected(ring, range(8)) and is_connected(ring, [0, 1, 2])

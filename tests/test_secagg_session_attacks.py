@@ -1,8 +1,8 @@
 """Multi-round SecAgg+ sessions against a malicious server (with colluding clients where
 the attack needs them), a careless operator and hostile messages.
 
-Each test implements one attack on :mod:`flwr_guard.secagg.session` (and its mod and
-strategy adapters) and asserts it is refused or recovers nothing; where meaningful a
+Each test implements one attack on the sessions (:mod:`flwr_guard.secagg.session_client`,
+:mod:`flwr_guard.secagg.session_server`, and their mod and strategy adapters) and asserts it is refused or recovers nothing; where meaningful a
 positive control shows the same computation succeeds once the protection's assumption
 is broken. Attacks that succeed today are marked ``xfail(strict=True)`` with the reason
 (the fixes are the coordinator's; this file does not change ``src/``).
@@ -24,28 +24,15 @@ from secagg_harness import ModFederation, federation_policy, run_strategy_rounds
 from test_secagg_session import D, Session, expected
 
 from flwr_guard.secagg import codec, crypto, prg
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    commit_self_mask,
-    encode_input,
-    pack_roster,
-    pairwise_sign,
-    unpack_advertisements,
-    unpack_nonces,
-    unpack_roster,
-)
+from flwr_guard.secagg.client import SecAggClient, encode_input
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.messages import pack_open, pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.server import SecAggServer
-from flwr_guard.secagg.session import (
-    SessionClient,
-    SessionRound,
-    SessionServer,
-    pack_open,
-    round_pair_seed,
-    session_consistency_payload,
-)
+from flwr_guard.secagg.session_client import SessionClient, round_pair_seed
+from flwr_guard.secagg.session_server import SessionServer
+from flwr_guard.secagg.transcripts import SessionRound, commit_self_mask, pairwise_sign, session_consistency_payload
 
 MODEL = b"m" * 32
 
@@ -162,7 +149,7 @@ def test_round_1_share_ciphertexts_do_not_open_in_round_2():
     self-mask seed. The shares are encrypted with the round digest as associated data:
     none opens, u is reported as a bad sender, no share leaves. Positive control: under
     round 1's associated data they open and would give the seed, hence u's input."""
-    from flwr_guard.secagg.session import round_share_aad
+    from flwr_guard.secagg.session_client import round_share_aad
 
     s = Session(n=10)
     u = s.ids[0]
@@ -694,7 +681,7 @@ def _message(node: int, stage: str, payload: dict, model=None):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.app.metadata import Metadata
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     content = RecordDict({SECAGG_RECORD: ConfigRecord(
         {"stage": stage, "server-round": 2, "payload": codec.encode(payload)})})
@@ -711,7 +698,8 @@ def test_mod_hostile_session_messages_get_named_refusals_and_lose_nothing(tmp_pa
     malformed maps). Each gets an error reply naming the problem; none changes its state:
     it then takes part in rounds 2 and 3 (whose real input also carries a junk 'open',
     ignored by a node that holds the session) and the sums are exact."""
-    from flwr_guard.secagg.mod import SECAGG_RECORD, UNKNOWN_SESSION, secaggplus_mod
+    from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION
+    from flwr_guard.secagg.mod import secaggplus_mod
 
     fed = ModFederation(5, tmp_path)
     node = fed.ids[1]
@@ -773,7 +761,7 @@ class ReplyTamperFederation(ModFederation):
     reply_tamper = None
 
     def deliver(self, msg):
-        from flwr_guard.secagg.mod import SECAGG_RECORD
+        from flwr_guard.secagg.constants import SECAGG_RECORD
 
         stage = str(msg.content.config_records[SECAGG_RECORD]["stage"])
         reply = super().deliver(msg)
@@ -785,7 +773,7 @@ class ReplyTamperFederation(ModFederation):
 def _set_payload(reply, payload=None, raw=None):
     from flwr.app import ConfigRecord
 
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     reply.content[SECAGG_RECORD] = ConfigRecord({"payload": raw if raw is not None else codec.encode(payload)})
 
@@ -797,7 +785,7 @@ def test_strategy_one_client_with_hostile_replies_at_each_session_stage_is_exclu
     completes with the exact mean of the sum's members."""
     from flwr.app import ArrayRecord
 
-    from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD
+    from flwr_guard.secagg.constants import MASKED_ARRAYS, SECAGG_RECORD
 
     fed = ReplyTamperFederation(6, tmp_path)
     bad = fed.ids[4]
@@ -843,7 +831,7 @@ def test_strategy_one_client_with_hostile_replies_at_each_session_stage_is_exclu
 
 
 def test_strategy_a_clients_clipped_count_is_bounded_by_the_update_length(tmp_path):
-    from flwr_guard.secagg.mod import SECAGG_RECORD
+    from flwr_guard.secagg.constants import SECAGG_RECORD
 
     fed = ReplyTamperFederation(5, tmp_path)
     bad = fed.ids[0]

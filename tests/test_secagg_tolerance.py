@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord
 from secagg_harness import ModFederation, run_strategy_rounds
 
 from flwr_guard.secagg import codec
-from flwr_guard.secagg.mod import SECAGG_RECORD
+from flwr_guard.secagg.constants import SECAGG_RECORD
 from flwr_guard.secagg.params import SecAggParams
 
 N = 7  # defaults for 7: k = 5, t = 3 (k - t = 2 losses tolerated per neighbourhood)
@@ -111,7 +111,7 @@ def random_first(name: str):
 def _zero_vector(stage, reply):
     from flwr.app import ArrayRecord
 
-    from flwr_guard.secagg.mod import MASKED_ARRAYS
+    from flwr_guard.secagg.constants import MASKED_ARRAYS
 
     if stage == "masked-input":
         (v,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()

@@ -32,14 +32,13 @@ from flwr.common.constant import ErrorCode
 
 from flwr_guard.guard.manifest import MANIFEST_KEY, ManifestError, ProtectionManifest
 from flwr_guard.guard.policy import ClientPolicy
+from flwr_guard.secagg.constants import MASKED_ARRAYS, SECAGG_RECORD, Stage  # light: no NumPy, no crypto
 
 #: Every refusal's reason starts with this (the server's GuardedStrategy looks for it).
 POLICY_REFUSAL = "flwr-guard policy refused:"
 #: Where the mod and :meth:`ClientGuard.private_training` meet in ``context.state``.
 STATE_RECORD = "flwr-guard.guard"
-SECAGG_RECORD = "secagg"  # flwr_guard.secagg.mod.SECAGG_RECORD (no import: keep this light)
-MASKED_ARRAYS = "masked"  # flwr_guard.secagg.mod.MASKED_ARRAYS
-MASKED_INPUT_STAGE = "masked-input"
+MASKED_INPUT_STAGE = Stage.MASKED_INPUT
 
 
 def refusal(msg: Message, reason: str) -> Message:

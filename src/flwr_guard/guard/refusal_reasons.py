@@ -35,17 +35,18 @@ explained (:attr:`RefusalLog.last`), never a reason to stop.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
-from flwr_guard.secagg.mod import SECAGG_RECORD
-from flwr_guard.secagg.session import UNKNOWN_SESSION
+from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION, Key, Stage
+
+if TYPE_CHECKING:  # the SecAgg+ wrapper imports Flower's server side: only for the type
+    from flwr_guard.secagg.strategy import SecAggPlus
 
 SECAGG_REFUSAL = "SecAgg+ refused:"
-SETUP_STAGES = ("advertise", "roster", "share-keys")
 #: Client-side exceptions that are a deliberate refusal, not a crash.
 REFUSING_EXCEPTIONS = ("PrivacyBudgetExceeded", "LedgerMissing", "CheckpointMismatch")
 #: The refusal that ends a node's training without stopping the run.
@@ -80,7 +81,7 @@ def stops_run(reason: str, stage: str | None) -> bool:
     """Whether a refusal ``reason`` given at SecAgg+ ``stage`` (``None``: a plain train
     message) stops the run (see the module docstring)."""
     if reason.startswith(SECAGG_REFUSAL):
-        return stage in SETUP_STAGES and UNKNOWN_SESSION not in reason
+        return stage in Stage.SETUP and UNKNOWN_SESSION not in reason
     return not reason.startswith(BUDGET_EXHAUSTED)
 
 
@@ -121,13 +122,13 @@ class RefusalLog:
         for reply in replies:
             reason = reason_of(reply)
             if reason is not None:
-                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, "masked-input"))
+                found[int(reply.metadata.src_node_id)] = (reason, stops_run(reason, Stage.MASKED_INPUT))
         self.last = {node: reason for node, (reason, _) in found.items()}
         return {node: reason for node, (reason, stops) in found.items() if stops}
 
 
 def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
-                     secagg: Any = None, explained: dict[int, str] | None = None) -> str:
+                     secagg: SecAggPlus | None = None, explained: dict[int, str] | None = None) -> str:
     """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
     the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
     reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
@@ -170,7 +171,7 @@ class _WatchedGrid(Grid):
             if msg.metadata.message_id:
                 self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
                 record = msg.content.config_records.get(SECAGG_RECORD)
-                stage = record.get("stage") if record is not None else None
+                stage = record.get(Key.STAGE) if record is not None else None
                 if isinstance(stage, str):
                     self._stages[msg.metadata.message_id] = stage
 

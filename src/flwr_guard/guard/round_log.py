@@ -10,7 +10,7 @@ refusals are recognised by their reason's prefix
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 
@@ -18,6 +18,9 @@ from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.client_mod import POLICY_REFUSAL
 from flwr_guard.guard.refusal_reasons import abort_reason
 from flwr_guard.keys import ReplyMetrics
+
+if TYPE_CHECKING:  # the SecAgg+ wrapper imports Flower's server side: only for the types
+    from flwr_guard.secagg.strategy import RoundReport, SecAggPlus
 
 
 class GuardMismatch(FlwrGuardError, RuntimeError):
@@ -33,15 +36,16 @@ def policy_refusals(replies: list[Message]) -> dict[int, str]:
     }
 
 
-def secagg_report(secagg: Any, server_round: int) -> Any:
-    """The SecAgg+ wrapper's :class:`RoundReport` of ``server_round``, or ``None``."""
+def secagg_report(secagg: SecAggPlus | None, server_round: int) -> RoundReport | None:
+    """The SecAgg+ wrapper's :class:`~flwr_guard.secagg.strategy.RoundReport` of
+    ``server_round``, or ``None``."""
     if secagg is None:
         return None
     reports = [r for r in secagg.history if r.server_round == server_round]
     return reports[-1] if reports else None
 
 
-def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = None,
+def failure_reason(server_round: int, replies: list[Message], *, secagg: SecAggPlus | None = None,
                    dp: Any = None, refusals: dict[int, str] | None = None) -> str:
     """Why ``server_round`` produced no aggregate, in one sentence (with the clients'
     own reasons when they gave any: :mod:`flwr_guard.guard.refusal_reasons`)."""
@@ -59,7 +63,7 @@ def failure_reason(server_round: int, replies: list[Message], *, secagg: Any = N
 
 
 def describe_round(server_round: int, replies: list[Message], aggregated: bool, *,
-                   secagg: Any = None, dp: Any = None, audit: Any = None,
+                   secagg: SecAggPlus | None = None, dp: Any = None, audit: Any = None,
                    refusals: dict[int, str] | None = None) -> str:
     """The round's line for Flower's log (see the module docstring)."""
     parts = []

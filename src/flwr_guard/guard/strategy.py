@@ -98,7 +98,7 @@ class SecAgg:
     ``num_shares`` and ``reconstruction_threshold`` ``None`` = chosen for each round's
     cohort. Clients enforce their own floors on both. ``multi_round`` (default): keys
     set up once while the cohort stays within the set-up's, three messages per round
-    (:mod:`flwr_guard.secagg.session`); ``False``: fresh keys every round.
+    (:mod:`flwr_guard.secagg.session_client`); ``False``: fresh keys every round.
     """
 
     num_shares: int | None = None

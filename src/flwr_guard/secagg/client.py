@@ -38,288 +38,38 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.context import RoundContext, ids_bytes
+from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.messages import (
+    MASK_KEY,
+    MAX_SHARE_CIPHERTEXT_BYTES,
+    SELF_MASK,
+    SHARE_PLAINTEXT_BYTES,
+    Advertisement,
+    RosterEntry,
+    pack_roster,
+    unpack_roster,
+)
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
 from flwr_guard.secagg.quantization import quantize
-
-SELF_MASK = "self-mask"
-SHARE_PLAINTEXT_BYTES = 2 + 2 * crypto.SECRET_BYTES
-MAX_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
-MASK_KEY = "mask-key"
-
-
-
-
-@dataclass(frozen=True)
-class Advertisement:
-    """A client's signed public keys for one round (stage 1 reply).
-
-    The signature covers the round context, the id, the signing key, the commitment
-    to the graph nonce and a digest of the round keys (:meth:`keys_digest`), so the
-    104-byte-plus :class:`RosterEntry` that every client receives of every other is
-    verifiable on its own.
-    """
-
-    node_id: int
-    encryption_key: bytes
-    mask_key: bytes
-    signing_key: bytes
-    self_mask_commitment: bytes
-    nonce_commitment: bytes
-    signature: bytes
-
-    def keys_digest(self) -> bytes:
-        return crypto.transcript(
-            b"round-keys", self.encryption_key, self.mask_key, self.self_mask_commitment
-        )
-
-    def signed_payload(self, context_digest: bytes) -> bytes:
-        return RosterEntry.of(self).signed_payload(context_digest)
-
-    def verify(self, context_digest: bytes) -> None:
-        """Raises :class:`crypto.CryptoError` if the signature does not verify."""
-        RosterEntry.of(self).verify(context_digest)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "encryption_key": self.encryption_key,
-            "mask_key": self.mask_key,
-            "signing_key": self.signing_key,
-            "self_mask_commitment": self.self_mask_commitment,
-            "nonce_commitment": self.nonce_commitment,
-            "signature": self.signature,
-        }
-
-    def to_bytes(self) -> bytes:
-        """Fixed-width binary form (:data:`ADVERTISEMENT_BYTES` bytes: big-endian id,
-        then the keys, commitments and signature).
-
-        Raises:
-            ProtocolError: a field has another length than X25519 / Ed25519 / SHA-256 give.
-        """
-        fields = (self.encryption_key, self.mask_key, self.signing_key,
-                  self.self_mask_commitment, self.nonce_commitment, self.signature)
-        if (not all(isinstance(f, bytes) for f in fields)
-                or tuple(map(len, fields)) != _AD_FIELD_BYTES or not _is_id(self.node_id)):
-            raise ProtocolError(f"advertisement of node {self.node_id!r} has malformed fields")
-        return struct.pack(">Q", self.node_id) + b"".join(fields)
-
-    @classmethod
-    def from_bytes(cls, blob: bytes) -> Advertisement:
-        """Inverse of :meth:`to_bytes`.
-
-        Raises:
-            ProtocolError: ``blob`` is not :data:`ADVERTISEMENT_BYTES` long.
-        """
-        if len(blob) != ADVERTISEMENT_BYTES:
-            raise ProtocolError(f"advertisement of {len(blob)} bytes, {ADVERTISEMENT_BYTES} expected")
-        (node_id,) = struct.unpack(">Q", blob[:8])
-        parts, pos = [], 8
-        for size in _AD_FIELD_BYTES:
-            parts.append(bytes(blob[pos : pos + size]))
-            pos += size
-        return cls(node_id, *parts)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Advertisement:
-        """Parse a (possibly hostile) advertisement: every field is type- and
-        length-checked before use (no ``bytes(int)`` allocation).
-
-        Raises:
-            ProtocolError: a missing field, another type or length, an id outside uint64.
-        """
-        if not isinstance(data, dict):
-            raise ProtocolError("malformed advertisement: not a mapping")
-        node_id = data.get("node_id")
-        if not _is_id(node_id):
-            raise ProtocolError(f"malformed advertisement: node id {node_id!r} is not a uint64")
-        names = ("encryption_key", "mask_key", "signing_key", "self_mask_commitment",
-                 "nonce_commitment", "signature")
-        values = []
-        for name, size in zip(names, _AD_FIELD_BYTES, strict=True):
-            value = data.get(name)
-            if not isinstance(value, bytes) or len(value) != size:
-                raise ProtocolError(f"malformed advertisement: {name} must be {size} bytes")
-            values.append(value)
-        return cls(node_id, *values)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
-
-
-# encryption key, mask key, signing key, self-mask commitment, nonce commitment, signature
-_AD_FIELD_BYTES = (32, 32, 32, 32, 32, 64)
-ADVERTISEMENT_BYTES = 8 + sum(_AD_FIELD_BYTES)  # 232
-
-
-@dataclass(frozen=True)
-class RosterEntry:
-    """What every client learns of every advertiser: id, signing key, the commitment
-    to its graph nonce, the digest of its round keys and its signature over them, all
-    verifiable without the full advertisement (:meth:`verify`)."""
-
-    node_id: int
-    signing_key: bytes
-    nonce_commitment: bytes
-    keys_digest: bytes
-    signature: bytes
-
-    @classmethod
-    def of(cls, ad: Advertisement) -> RosterEntry:
-        return cls(ad.node_id, ad.signing_key, ad.nonce_commitment, ad.keys_digest(), ad.signature)
-
-    def signed_payload(self, context_digest: bytes) -> bytes:
-        return crypto.transcript(
-            b"advertise", context_digest, struct.pack(">Q", self.node_id),
-            self.signing_key, self.nonce_commitment, self.keys_digest,
-        )
-
-    def verify(self, context_digest: bytes) -> None:
-        """Raises :class:`crypto.CryptoError` if the signature does not verify."""
-        crypto.verify(self.signing_key, self.signed_payload(context_digest), self.signature)
-
-
-ROSTER_ENTRY_BYTES = 8 + 32 + 32 + 32 + 64  # 168: id, key, nonce commitment, keys digest, signature
-NONCE_ENTRY_BYTES = 8 + crypto.SECRET_BYTES  # id, revealed nonce
-
-
-def pack_roster(entries: Iterable[RosterEntry]) -> bytes:
-    """Concatenation of :data:`ROSTER_ENTRY_BYTES`-byte records, in the given order.
-
-    Raises:
-        ProtocolError: an id outside uint64, or a field of another length.
-    """
-    out = []
-    for e in entries:
-        fields = (e.signing_key, e.nonce_commitment, e.keys_digest, e.signature)
-        if tuple(map(len, fields)) != (32, 32, 32, 64) or not _is_id(e.node_id):
-            raise ProtocolError(f"roster entry of node {e.node_id!r} has malformed fields")
-        out.append(struct.pack(">Q", e.node_id) + b"".join(fields))
-    return b"".join(out)
-
-
-def unpack_roster(blob: bytes) -> list[RosterEntry]:
-    """Inverse of :func:`pack_roster`.
-
-    Raises:
-        ProtocolError: the length is not a multiple of :data:`ROSTER_ENTRY_BYTES`.
-    """
-    if not isinstance(blob, bytes) or len(blob) % ROSTER_ENTRY_BYTES:
-        raise ProtocolError("roster is not whole entries")
-    entries = []
-    for pos in range(0, len(blob), ROSTER_ENTRY_BYTES):
-        (node_id,) = struct.unpack(">Q", blob[pos : pos + 8])
-        p = pos + 8
-        entries.append(RosterEntry(node_id, blob[p : p + 32], blob[p + 32 : p + 64],
-                                   blob[p + 64 : p + 96], blob[p + 96 : p + 160]))
-    return entries
-
-
-def pack_nonces(nonces: Mapping[int, bytes]) -> bytes:
-    """Revealed graph nonces as sorted (id, 32-byte nonce) records.
-
-    Raises:
-        ProtocolError: an id outside uint64 or a nonce of another length.
-    """
-    out = []
-    for node in sorted(nonces):
-        if not _is_id(node) or len(nonces[node]) != crypto.SECRET_BYTES:
-            raise ProtocolError(f"graph nonce of node {node!r} is malformed")
-        out.append(struct.pack(">Q", node) + nonces[node])
-    return b"".join(out)
-
-
-def unpack_nonces(blob: bytes) -> dict[int, bytes]:
-    """Inverse of :func:`pack_nonces`.
-
-    Raises:
-        ProtocolError: not whole records, or an id repeated.
-    """
-    if not isinstance(blob, bytes) or len(blob) % NONCE_ENTRY_BYTES:
-        raise ProtocolError("graph nonces are not whole records")
-    out: dict[int, bytes] = {}
-    for pos in range(0, len(blob), NONCE_ENTRY_BYTES):
-        (node,) = struct.unpack(">Q", blob[pos : pos + 8])
-        if node in out:
-            raise ProtocolError(f"graph nonce of node {node} given twice")
-        out[node] = blob[pos + 8 : pos + NONCE_ENTRY_BYTES]
-    return out
-
-
-def pack_advertisements(ads: Iterable[Advertisement]) -> bytes:
-    """Concatenation of :meth:`Advertisement.to_bytes` (raises as it does)."""
-    return b"".join(a.to_bytes() for a in ads)
-
-
-def unpack_advertisements(blob: bytes) -> list[Advertisement]:
-    """Inverse of :func:`pack_advertisements`.
-
-    Raises:
-        ProtocolError: the length is not a multiple of :data:`ADVERTISEMENT_BYTES`.
-    """
-    if not isinstance(blob, bytes) or len(blob) % ADVERTISEMENT_BYTES:
-        raise ProtocolError("advertisements are not whole records")
-    return [Advertisement.from_bytes(blob[p : p + ADVERTISEMENT_BYTES])
-            for p in range(0, len(blob), ADVERTISEMENT_BYTES)]
-
-
-def commit_nonce(nonce: bytes) -> bytes:
-    """Commitment to a graph nonce (SHA-256: hiding for a 256-bit random nonce, binding)."""
-    return crypto.transcript(b"graph-nonce", nonce)
-
-
-def roster_digest(entries: Iterable[RosterEntry]) -> bytes:
-    """Digest of U1's roster in id order: bound into the graph seed and into every
-    consistency signature, so clients shown different rosters never agree."""
-    return crypto.transcript(b"roster", pack_roster(sorted(entries, key=lambda e: e.node_id)))
-
-
-def commit_self_mask(seed: bytes) -> bytes:
-    """Binding commitment to a self-mask seed (SHA-256 of a 256-bit random value), so
-    the server can check a reconstruction without learning anything before it."""
-    return crypto.transcript(b"self-mask-commitment", seed)
-
-
-def graph_seed(context_digest: bytes, roster: bytes, nonces: Mapping[int, bytes]) -> bytes:
-    """Seed of the neighbour graph: a hash of the context, the roster digest and the
-    nonces every member of U1 committed to in its advertisement and revealed only
-    after the roster was fixed. One honest member's nonce makes it uniform and
-    unknown to the server until the roster is fixed (commit-then-reveal), so the
-    server cannot re-draw the graph by choosing or re-signing roster entries."""
-    return crypto.transcript(
-        b"graph", context_digest, roster, *(nonces[i] for i in sorted(nonces))
-    )
-
-
-def share_aad(context_digest: bytes, sender: int, recipient: int) -> bytes:
-    return crypto.transcript(b"share", context_digest, struct.pack(">QQ", sender, recipient))
-
-
-def consistency_payload(context_digest: bytes, roster: bytes, seed: bytes, survivors: list[int]) -> bytes:
-    """What a client signs in the consistency stage: the survivor set, bound to the
-    round context, the roster digest and the graph seed."""
-    return crypto.transcript(b"consistency", context_digest, roster, seed, ids_bytes(survivors))
-
-
-def pairwise_seed(own_mask_secret: bytes, peer_mask_public: bytes, context_digest: bytes) -> bytes:
-    """Seed of the pairwise mask of two clients (the same from both ends)."""
-    return crypto.agree(own_mask_secret, peer_mask_public, context_digest, b"pairwise-mask")
-
-
-def pairwise_sign(own: int, peer: int) -> int:
-    """+1 if ``own < peer`` else -1: the pair's masks cancel in the sum."""
-    return 1 if own < peer else -1
+from flwr_guard.secagg.transcripts import (
+    commit_nonce,
+    commit_self_mask,
+    consistency_payload,
+    graph_seed,
+    pairwise_seed,
+    pairwise_sign,
+    roster_digest,
+    share_aad,
+)
 
 
 def encode_input(
@@ -646,7 +396,7 @@ class SecAggClient:
         if context.multi_round:
             raise ProtocolError(
                 "share-keys for a multi-round set-up: its keys open a session "
-                "(flwr_guard.secagg.session), they are never Shamir-shared"
+                "(flwr_guard.secagg.session_client), they are never Shamir-shared"
             )
         if not self.roster:
             raise ProtocolError("share-keys before the roster stage")

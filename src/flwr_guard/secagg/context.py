@@ -40,7 +40,7 @@ class RoundContext:
             masked and are revealed only as their sum over the survivors, e.g. the
             clipped-count bit of adaptive clipping.
         multi_round: the context of a multi-round session's set-up
-            (:mod:`flwr_guard.secagg.session`): keys set up once, masks per round. Bound
+            (:mod:`flwr_guard.secagg.session_client`): keys set up once, masks per round. Bound
             into the digest, so a set-up for one protocol never verifies for the other.
     """
 

@@ -7,9 +7,10 @@ Usage::
     @app.train(mods=[secaggplus_mod])
     def train(msg, context): ...
 
-The server side (:class:`~flwr_guard.secagg.strategy.SecAggPlus`) sends five kinds of
-train message, told apart by the ``secagg`` ConfigRecord. Four are protocol stages that
-this mod answers itself; the ``masked-input`` one carries the global model, is passed
+The server side (:class:`~flwr_guard.secagg.strategy.SecAggPlus`) sends six kinds of
+train message, told apart by the ``secagg`` ConfigRecord
+(:class:`~flwr_guard.secagg.constants.Stage`). Five are protocol stages that this mod
+answers itself; the ``masked-input`` one carries the global model, is passed
 to the user's function, and its reply is turned into a masked integer vector: the
 update ``reply arrays - global arrays``, quantised, weighted by ``num-examples`` and
 masked. Only masked integers leave the device for the model. ``num-examples`` and the
@@ -72,34 +73,29 @@ from flwr_guard.dp.distributed_client import distributed_dp_noise
 from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
-from flwr_guard.secagg.client import (
-    ProtocolError,
-    SecAggClient,
-    unpack_advertisements,
-    unpack_nonces,
-    unpack_roster,
+from flwr_guard.secagg.client import SecAggClient
+from flwr_guard.secagg.constants import (
+    MASKED_ARRAYS,
+    SECAGG_RECORD,
+    STATE_RECORD,
+    UNKNOWN_SESSION,
+    WEIGHT_KEY,
+    Key,
+    Stage,
 )
 from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
+from flwr_guard.secagg.messages import ROUND_SHARE_CIPHERTEXT_BYTES, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.policy import (
     NODE_SIGNING_KEY,
     SecAggPolicy,
     policy_from_node_config,
 )
-from flwr_guard.secagg.session import (
-    ROUND_SHARE_CIPHERTEXT_BYTES,
-    UNKNOWN_SESSION,
-    SessionClient,
-    session_digest,
-)
+from flwr_guard.secagg.session_client import SessionClient
+from flwr_guard.secagg.transcripts import session_digest
 
 logger = logging.getLogger(__name__)
-
-SECAGG_RECORD = "secagg"
-STATE_RECORD = "flwr-guard.secagg"
-MASKED_ARRAYS = "masked"
-WEIGHT_KEY = "num-examples"
-STAGES = ("advertise", "roster", "share-keys", "masked-input", "consistency", "unmask")
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -109,7 +105,7 @@ def _error(msg: Message, reason: str) -> Message:
 
 def _reply(msg: Message, payload: dict, extra: RecordDict | None = None) -> Message:
     content = extra if extra is not None else RecordDict()
-    content[SECAGG_RECORD] = ConfigRecord({"payload": codec.encode(payload)})
+    content[SECAGG_RECORD] = ConfigRecord({Key.PAYLOAD: codec.encode(payload)})
     return Message(content=content, reply_to=msg)
 
 
@@ -260,46 +256,46 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     try:
         policy = node_policy(context)
         record = msg.content.config_records[SECAGG_RECORD]
-        stage = record.get("stage")
-        blob = record.get("payload")
+        stage = record.get(Key.STAGE)
+        blob = record.get(Key.PAYLOAD)
         if not isinstance(stage, str) or not isinstance(blob, bytes):
             raise ValueError("the secagg record needs a string 'stage' and a bytes 'payload'")
         if len(blob) > MAX_CONTROL_BYTES:
             raise ValueError(f"SecAgg+ {stage} payload of {len(blob)} bytes exceeds {MAX_CONTROL_BYTES}")
         payload = codec.decode(blob, max_items=control_items(policy))
         call_next = _guarded(call_next)
-        if stage == "advertise":
+        if stage == Stage.ADVERTISE:
             return _advertise(msg, context, payload, policy)
         limit = policy.max_cohort
-        if "session" in payload and stage in SESSION_STAGES:
+        if Key.SESSION in payload and stage in Stage.SESSION:
             return _session_stage(msg, context, policy, stage, payload, call_next)
         client = _load_client(context, policy)
-        if stage == "roster":
-            nonce = client.receive_roster(unpack_roster(codec.field(payload, "roster", bytes)))
+        if stage == Stage.ROSTER:
+            nonce = client.receive_roster(unpack_roster(codec.field(payload, Key.ROSTER, bytes)))
             _save_client(context, client)
-            return _reply(msg, {"nonce": nonce})
-        if stage == "share-keys":
+            return _reply(msg, {Key.NONCE: nonce})
+        if stage == Stage.SHARE_KEYS:
             # Every member's revealed nonce (graph) + the neighbours' advertisements.
-            nonces = unpack_nonces(codec.field(payload, "nonces", bytes))
-            ads = unpack_advertisements(codec.field(payload, "advertisements", bytes))
+            nonces = unpack_nonces(codec.field(payload, Key.NONCES, bytes))
+            ads = unpack_advertisements(codec.field(payload, Key.ADVERTISEMENTS, bytes))
             out = client.share_keys(ads, nonces)
             _save_client(context, client)
-            return _reply(msg, {"ciphertexts": {str(k): v for k, v in out.items()}})
-        if stage == "masked-input":
+            return _reply(msg, {Key.CIPHERTEXTS: {str(k): v for k, v in out.items()}})
+        if stage == Stage.MASKED_INPUT:
             return _masked_input(msg, context, client, payload, call_next)
-        if stage == "consistency":
-            signature = client.consistency(_ids(payload, "survivors", limit))
+        if stage == Stage.CONSISTENCY:
+            signature = client.consistency(_ids(payload, Key.SURVIVORS, limit))
             _save_client(context, client)
-            return _reply(msg, {"signature": signature})
-        if stage == "unmask":
+            return _reply(msg, {Key.SIGNATURE: signature})
+        if stage == Stage.UNMASK:
             shares = client.unmask(
-                _ids(payload, "active", limit),
-                _ids(payload, "dropped", limit),
-                _id_map(payload, "signatures", limit, 64),
+                _ids(payload, Key.ACTIVE, limit),
+                _ids(payload, Key.DROPPED, limit),
+                _id_map(payload, Key.SIGNATURES, limit, 64),
             )
             _save_client(context, client)
             return _reply(
-                msg, {"shares": {str(p): [kind, i, s] for p, (kind, i, s) in shares.items()}}
+                msg, {Key.SHARES: {str(p): [kind, i, s] for p, (kind, i, s) in shares.items()}}
             )
         return _error(msg, f"unknown SecAgg+ stage {stage!r}")
     except (ProtocolError, ValueError, KeyError, TypeError, OverflowError, struct.error) as err:
@@ -311,30 +307,29 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _error(msg, f"SecAgg+ refused: malformed message ({type(err).__name__}: {err})")
 
 
-SESSION_STAGES = ("masked-input", "consistency", "unmask")
 SESSION_STATE = "session"
 
 
 def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: str,
                    payload: dict, call_next: ClientAppCallable) -> Message:
-    """A round of a multi-round session (:mod:`flwr_guard.secagg.session`)."""
-    digest = codec.field(payload, "session", bytes)
-    server_round = codec.field(payload, "round", int)
+    """A round of a multi-round session (:mod:`flwr_guard.secagg.session_client`)."""
+    digest = codec.field(payload, Key.SESSION, bytes)
+    server_round = codec.field(payload, Key.ROUND, int)
     if not 0 <= server_round < 2**63:
         raise ValueError(f"SecAgg+ round {server_round} outside [0, 2^63)")
     signing = _signing_secret(context, policy)
     session = _load_session(context, signing, policy, digest)
-    if session is None and stage == "masked-input" and "open" in payload:
+    if session is None and stage == Stage.MASKED_INPUT and Key.OPEN in payload:
         setup = _load_client(context, policy)
         if setup.context is None or session_digest(setup.context, setup.roster_hash) != digest:
             raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up is not the one announced")
         if not setup.encryption_secret:
             raise ProtocolError(f"{UNKNOWN_SESSION}: its set-up was used up; the server must re-key")
-        opening = codec.field(payload, "open", dict)
+        opening = codec.field(payload, Key.OPEN, dict)
         session = SessionClient.open(
             setup,
-            unpack_advertisements(codec.field(opening, "advertisements", bytes)),
-            unpack_nonces(codec.field(opening, "nonces", bytes)),
+            unpack_advertisements(codec.field(opening, Key.ADVERTISEMENTS, bytes)),
+            unpack_nonces(codec.field(opening, Key.NONCES, bytes)),
         )
         # Save both now: the set-up's X25519 secrets are erased, and a failed training
         # below must not lose the session it opened.
@@ -344,24 +339,24 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
     session.check_policy(_pinned(context))  # the roster or C may have changed since the set-up
     limit = policy.max_cohort
-    if stage == "masked-input":
+    if stage == Stage.MASKED_INPUT:
         return _session_input(msg, context, session, server_round, call_next)
-    if stage == "consistency":
+    if stage == Stage.CONSISTENCY:
         signature = session.consistency(server_round, _in_sum(session, payload, limit))
         _save_session(context, session)
-        return _reply(msg, {"signature": signature})
+        return _reply(msg, {Key.SIGNATURE: signature})
     reveal = session.unmask(
         server_round,
         _in_sum(session, payload, limit),
-        _id_map(payload, "signatures", limit, 64),
-        _id_map(payload, "ciphertexts", limit, ROUND_SHARE_CIPHERTEXT_BYTES),
+        _id_map(payload, Key.SIGNATURES, limit, 64),
+        _id_map(payload, Key.CIPHERTEXTS, limit, ROUND_SHARE_CIPHERTEXT_BYTES),
     )
     _save_session(context, session)
     return _reply(msg, {
-        "seed": reveal.self_mask_seed,
-        "shares": {str(p): [i, b] for p, (i, b) in reveal.shares.items()},
-        "pair_seeds": {str(p): b for p, b in reveal.pair_seeds.items()},
-        "bad_senders": reveal.bad_senders,
+        Key.SEED: reveal.self_mask_seed,
+        Key.SHARES: {str(p): [i, b] for p, (i, b) in reveal.shares.items()},
+        Key.PAIR_SEEDS: {str(p): b for p, b in reveal.pair_seeds.items()},
+        Key.BAD_SENDERS: reveal.bad_senders,
     })
 
 
@@ -372,7 +367,7 @@ def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
     Raises:
         ValueError: an absent id that is not a session member.
     """
-    absent = set(_ids(payload, "absent", limit))
+    absent = set(_ids(payload, Key.ABSENT, limit))
     if not absent <= set(session.roster):
         raise ValueError("the absent set names nodes outside the session")
     return sorted(set(session.roster) - absent)
@@ -409,9 +404,9 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
     _save_session(context, session)
     return _reply(
         msg,
-        {"commitment": out.self_mask_commitment, "clipped": out.clipped,
-         "ciphertexts": {str(p): c for p, c in out.ciphertexts.items()},
-         "pair_commitments": {str(p): c for p, c in out.pair_commitments.items()}},
+        {Key.COMMITMENT: out.self_mask_commitment, Key.CLIPPED: out.clipped,
+         Key.CIPHERTEXTS: {str(p): c for p, c in out.ciphertexts.items()},
+         Key.PAIR_COMMITMENTS: {str(p): c for p, c in out.pair_commitments.items()}},
         _masked_content(out.vector, metrics, secret_keys),
     )
 
@@ -478,7 +473,7 @@ MAX_CONTROL_BYTES = 64 * 2**20
 
 def _advertise(msg: Message, context: Context, payload: dict, policy: SecAggPolicy) -> Message:
     round_context = RoundContext.from_dict(
-        codec.field(payload, "context", dict), policy.max_cohort, policy.max_vector_length
+        codec.field(payload, Key.CONTEXT, dict), policy.max_cohort, policy.max_vector_length
     )
     if round_context.run_id != msg.metadata.run_id:
         raise ProtocolError("round context names another run")
@@ -487,7 +482,7 @@ def _advertise(msg: Message, context: Context, payload: dict, policy: SecAggPoli
     )
     ad = client.advertise(round_context)
     _save_client(context, client)
-    return _reply(msg, {"advertisement": ad.to_dict()})
+    return _reply(msg, {Key.ADVERTISEMENT: ad.to_dict()})
 
 
 def _masked_input(
@@ -507,8 +502,8 @@ def _masked_input(
     noise = _distributed_dp_noise(msg, client.context, weight, context.node_config, metrics)
     limit = client.policy.max_cohort
     masked, bad, clipped = client.masked_input(
-        _ids(payload, "shared", limit),
-        _id_map(payload, "ciphertexts", limit),
+        _ids(payload, Key.SHARED, limit),
+        _id_map(payload, Key.CIPHERTEXTS, limit),
         flat_update(local, global_arrays),
         weight,
         received_hash,
@@ -517,7 +512,7 @@ def _masked_input(
         min_inputs=_min_inputs(msg, client.context, noise),
     )
     _save_client(context, client)
-    return _reply(msg, {"bad_senders": bad, "clipped": clipped},
+    return _reply(msg, {Key.BAD_SENDERS: bad, Key.CLIPPED: clipped},
                   _masked_content(masked, metrics, secret_keys))
 
 
@@ -551,4 +546,4 @@ def _distributed_dp_noise(msg: Message, context: RoundContext, weight: int,
     )
 
 
-__all__ = ["SECAGG_RECORD", "STAGES", "secaggplus_mod"]
+__all__ = ["secaggplus_mod"]

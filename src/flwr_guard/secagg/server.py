@@ -33,13 +33,12 @@ import numpy as np
 
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.client import (
-    MASK_KEY,
-    MAX_SHARE_CIPHERTEXT_BYTES,
-    SELF_MASK,
-    Advertisement,
-    ProtocolError,
-    RosterEntry,
+from flwr_guard.secagg.constants import Stage
+from flwr_guard.secagg.context import RoundContext
+from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.graph import neighbours
+from flwr_guard.secagg.messages import MASK_KEY, MAX_SHARE_CIPHERTEXT_BYTES, SELF_MASK, Advertisement, RosterEntry
+from flwr_guard.secagg.transcripts import (
     commit_nonce,
     commit_self_mask,
     consistency_payload,
@@ -48,8 +47,6 @@ from flwr_guard.secagg.client import (
     pairwise_sign,
     roster_digest,
 )
-from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.graph import neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +119,12 @@ class StageStats:
     def dropouts(self) -> dict[str, int]:
         """Clients lost at each stage (dropped or excluded)."""
         return {
-            "advertise": self.sampled - len(self.advertised),
-            "roster": len(self.advertised) - len(self.revealed or self.advertised),
-            "share-keys": len(self.revealed) - len(self.shared) if self.revealed else 0,
-            "masked-input": len(self.shared) - len(self.masked),
-            "consistency": len(self.masked) - len(self.signed),
-            "unmask": len(self.signed) - len(self.unmasked),
+            Stage.ADVERTISE: self.sampled - len(self.advertised),
+            Stage.ROSTER: len(self.advertised) - len(self.revealed or self.advertised),
+            Stage.SHARE_KEYS: len(self.revealed) - len(self.shared) if self.revealed else 0,
+            Stage.MASKED_INPUT: len(self.shared) - len(self.masked),
+            Stage.CONSISTENCY: len(self.masked) - len(self.signed),
+            Stage.UNMASK: len(self.signed) - len(self.unmasked),
         }
 
 
@@ -197,7 +194,7 @@ class SecAggServer:
             by_key[ad.signing_key] = node
             self.advertisements[node] = ad
         self.stats.advertised = sorted(self.advertisements)
-        self._require(len(self.advertisements), "advertise")
+        self._require(len(self.advertisements), Stage.ADVERTISE)
         self.roster_hash = roster_digest(self.roster())
         return self.roster()
 
@@ -271,7 +268,7 @@ class SecAggServer:
                 continue
             shared.append(sender)
         self.stats.shared = sorted(shared)
-        self._require(len(shared), "share-keys")
+        self._require(len(shared), Stage.SHARE_KEYS)
         self.routed = {
             recipient: {
                 sender: replies[sender][recipient]
@@ -350,7 +347,7 @@ class SecAggServer:
             self._exclude(node, reason)
             candidates.pop(node, None)
         self.stats.masked = sorted(candidates)
-        self._require(len(candidates), "masked-input")
+        self._require(len(candidates), Stage.MASKED_INPUT)
         self._require_share_holders()
         total = np.zeros(self.context.vector_length, dtype=dtype)
         for vector in candidates.values():
@@ -426,7 +423,7 @@ class SecAggServer:
         self.signatures.update(verified_signatures(
             replies, self.stats.masked, self.advertisements, payload, self._exclude))
         self.stats.signed = sorted(self.signatures)
-        self._require(len(self.signatures), "consistency")
+        self._require(len(self.signatures), Stage.CONSISTENCY)
         dropped = sorted(set(self.stats.shared) - set(self.stats.masked))
         return self.stats.masked, dropped, dict(self.signatures)
 
@@ -477,7 +474,7 @@ class SecAggServer:
             for peer, kind, index, share in accepted:
                 self.revealed.setdefault(peer, {}).setdefault(kind, []).append((index, share, node))
         self.stats.unmasked = sorted(responders)
-        self._require(len(responders), "unmask")
+        self._require(len(responders), Stage.UNMASK)
 
     def aggregate(self) -> tuple[np.ndarray, int]:
         """Remove the masks and return ``(sums, sum of w_i)``.

@@ -12,7 +12,7 @@ The wrapped strategy samples the cohort and builds the train messages as usual
 once for a cohort (advertise, roster) and, while each round's sampled cohort stays
 within it, sends each round only the train message (the ``masked-input`` stage),
 then, in ``aggregate_train``, the consistency and unmask stages
-(:mod:`flwr_guard.secagg.session`: three messages per client per round). With
+(:mod:`flwr_guard.secagg.session_client`: three messages per client per round). With
 ``multi_round=False`` every round runs the per-round protocol: advertise, roster
 (the clients check every roster entry and reveal their graph nonces), share-keys, the
 train messages with the routed encrypted shares, consistency and unmask. Either way
@@ -49,14 +49,24 @@ from flwr.serverapp.strategy import Strategy
 
 from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
-from flwr_guard.secagg.client import (
-    Advertisement,
-    pack_advertisements,
-    pack_nonces,
-    pack_roster,
+from flwr_guard.secagg.constants import (
+    MASKED_ARRAYS,
+    SECAGG_RECORD,
+    UNKNOWN_SESSION,
+    WEIGHT_KEY,
+    Key,
+    Stage,
 )
 from flwr_guard.secagg.context import RoundContext
-from flwr_guard.secagg.mod import MASKED_ARRAYS, SECAGG_RECORD, UNKNOWN_SESSION, WEIGHT_KEY
+from flwr_guard.secagg.messages import (
+    Advertisement,
+    RoundInput,
+    RoundReveal,
+    pack_advertisements,
+    pack_nonces,
+    pack_open,
+    pack_roster,
+)
 from flwr_guard.secagg.params import (
     DEFAULT_CORRUPT_FRACTION,
     DEFAULT_DROPOUT_FRACTION,
@@ -65,7 +75,7 @@ from flwr_guard.secagg.params import (
 )
 from flwr_guard.secagg.quantization import centered_lift, dequantize_mean
 from flwr_guard.secagg.server import NonceWithheld, SecAggAborted, SecAggServer
-from flwr_guard.secagg.session import RoundInput, RoundReveal, SessionServer, pack_open
+from flwr_guard.secagg.session_server import SessionServer
 from flwr_guard.secagg.transport import send_and_receive
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
@@ -144,13 +154,13 @@ def _reply_node(reply: Message, destinations: dict[str, int]) -> int:
 
 
 def _signature(payload: dict) -> bytes:
-    return codec.field(payload, "signature", bytes)
+    return codec.field(payload, Key.SIGNATURE, bytes)
 
 
 def _clipped(meta: dict, update_length: int) -> int:
     """A client's count of clipped coordinates, if it is one (0 otherwise): an integer
     in ``[0, update_length]``; counted only for inputs that end up in the sum."""
-    value = meta.get("clipped", 0)
+    value = meta.get(Key.CLIPPED, 0)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= update_length:
         return value
     return 0
@@ -163,14 +173,14 @@ def _reveal(payload: dict) -> RoundReveal:
         ValueError: another shape or type (the server core checks sizes and relations).
     """
     shares = {}
-    for key, item in codec.field(payload, "shares", dict).items():
+    for key, item in codec.field(payload, Key.SHARES, dict).items():
         if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
                 or isinstance(item[0], bool) or not isinstance(item[1], bytes)):
             raise ValueError("a revealed share must be [index, bytes]")
         shares[_node_id(key)] = (item[0], item[1])
-    pair_seeds = {_node_id(k): v for k, v in codec.field(payload, "pair_seeds", dict).items()}
-    bad = codec.field(payload, "bad_senders", list)
-    return RoundReveal(codec.field(payload, "seed", bytes), shares, pair_seeds,
+    pair_seeds = {_node_id(k): v for k, v in codec.field(payload, Key.PAIR_SEEDS, dict).items()}
+    bad = codec.field(payload, Key.BAD_SENDERS, list)
+    return RoundReveal(codec.field(payload, Key.SEED, bytes), shares, pair_seeds,
                        [b for b in bad if isinstance(b, int) and not isinstance(b, bool)][:1000])
 
 
@@ -191,6 +201,10 @@ def _share(item: object) -> tuple[str, int, bytes]:
 
 # Coordinates of the unmasked sum that wrapped around the modulus (see centered_lift).
 WRAPAROUNDS_KEY = "secagg-wraparounds"
+
+UNMASK_COMPUTE = "unmask-compute"
+"""Key of :attr:`RoundReport.stage_seconds` for the server's own work of removing the
+masks (not a stage: no message is sent)."""
 
 
 def _payload_bytes(message: Message) -> int:
@@ -311,7 +325,7 @@ class SecAggPlus(StrategyWrapper):
         for node, payload in payloads.items():
             content = contents[node] if contents else RecordDict()
             content[SECAGG_RECORD] = ConfigRecord(
-                {"stage": stage, "server-round": server_round, "payload": codec.encode(payload)}
+                {Key.STAGE: stage, Key.SERVER_ROUND: server_round, Key.PAYLOAD: codec.encode(payload)}
             )
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         report.bytes_to_clients[stage] = sum(_payload_bytes(m) for m in messages)
@@ -376,8 +390,8 @@ class SecAggPlus(StrategyWrapper):
                 report.setup_attempts = attempt + 1
                 for node in err.withheld:
                     report.excluded[str(node)] = "did not reveal the graph nonce it committed to"
-                _add_dropouts(report, {"advertise": len(context.cohort) - len(err.withheld)
-                                       - len(err.revealed), "roster": len(err.withheld)})
+                _add_dropouts(report, {Stage.ADVERTISE: len(context.cohort) - len(err.withheld)
+                                       - len(err.revealed), Stage.ROSTER: len(err.withheld)})
                 if attempt == self.max_setup_attempts or len(err.revealed) < 2:
                     raise SecAggAborted(
                         f"{err} ({attempt} set-ups tried, max_setup_attempts={self.max_setup_attempts})"
@@ -396,10 +410,10 @@ class SecAggPlus(StrategyWrapper):
         server = SecAggServer(context)
         self._items = _reply_items(len(cohort))
         replies = self._exchange(
-            grid, report, "advertise", {n: {"context": context.to_dict()} for n in cohort}, server_round
+            grid, report, Stage.ADVERTISE, {n: {Key.CONTEXT: context.to_dict()} for n in cohort}, server_round
         )
         ads = self._parse(replies, "advertisement", lambda p: Advertisement.from_dict(
-            codec.field(p, "advertisement", dict)))
+            codec.field(p, Key.ADVERTISEMENT, dict)))
         # The roster of U1 (168 bytes per client) fixes who is in; then each client
         # reveals the graph nonce it committed to, and the graph follows from all.
         roster = server.receive_advertisements(ads)
@@ -413,9 +427,9 @@ class SecAggPlus(StrategyWrapper):
                 [], [e.node_id for e in roster])
         packed = pack_roster(roster)
         replies = self._exchange(
-            grid, report, "roster", {e.node_id: {"roster": packed} for e in roster}, server_round
+            grid, report, Stage.ROSTER, {e.node_id: {Key.ROSTER: packed} for e in roster}, server_round
         )
-        nonces = self._parse(replies, "nonce", lambda p: codec.field(p, "nonce", bytes))
+        nonces = self._parse(replies, "nonce", lambda p: codec.field(p, Key.NONCE, bytes))
         server.receive_nonces(nonces)
         return server
 
@@ -454,7 +468,7 @@ class SecAggPlus(StrategyWrapper):
                 context = self._context(grid, server_round, cohort, global_arrays, report, multi_round=True)
                 setup = self._key_setup(grid, report, context, server_round, global_arrays)
                 lost = setup.stats.dropouts()
-                _add_dropouts(report, {stage: lost[stage] for stage in ("advertise", "roster")})
+                _add_dropouts(report, {stage: lost[stage] for stage in (Stage.ADVERTISE, Stage.ROSTER)})
                 self._session = SessionServer(setup)
                 self._setup_silent = set(cohort) - set(self._session.cohort)
             session = self._session
@@ -474,14 +488,14 @@ class SecAggPlus(StrategyWrapper):
         out = []
         for node in asked:
             content = RecordDict(dict(by_node[node].content.items()))
-            payload: dict[str, Any] = {"session": session.digest, "round": server_round}
+            payload: dict[str, Any] = {Key.SESSION: session.digest, Key.ROUND: server_round}
             if node not in session.opened:
-                payload["open"] = pack_open(session.open_payload(node))
+                payload[Key.OPEN] = pack_open(session.open_payload(node))
             content[SECAGG_RECORD] = ConfigRecord(
-                {"stage": "masked-input", "server-round": server_round, "payload": codec.encode(payload)}
+                {Key.STAGE: Stage.MASKED_INPUT, Key.SERVER_ROUND: server_round, Key.PAYLOAD: codec.encode(payload)}
             )
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
+        report.bytes_to_clients[Stage.MASKED_INPUT] = sum(_payload_bytes(m) for m in out)
         self._round = {"session": session, "grid": grid, "arrays": global_arrays, "report": report,
                        "started": time.monotonic(), "messages": out}
         return out
@@ -492,30 +506,30 @@ class SecAggPlus(StrategyWrapper):
         session: SessionServer = state["session"]
         report: RoundReport = state["report"]
         grid: Grid = state["grid"]
-        report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
-        base: dict[str, Any] = {"session": session.digest, "round": server_round}
+        report.stage_seconds[Stage.MASKED_INPUT] = round(time.monotonic() - state["started"], 4)
+        base: dict[str, Any] = {Key.SESSION: session.digest, Key.ROUND: server_round}
         try:
             inputs, metrics = self._collect_session_inputs(session, report, replies, state["messages"])
             survivors = session.receive_masked_inputs(inputs)
             report.clipped_values = sum(inputs[n].clipped for n in survivors)
             # U3 travels as the session members not in it: O(dropouts) bytes, not O(n)
-            base["absent"] = sorted(set(session.cohort) - set(survivors))
+            base[Key.ABSENT] = sorted(set(session.cohort) - set(survivors))
             replies4 = self._exchange(
-                grid, report, "consistency", {n: base for n in survivors}, server_round,
+                grid, report, Stage.CONSISTENCY, {n: base for n in survivors}, server_round,
             )
             signatures = self._parse(replies4, "signature", _signature)
             requests = {}
             for node in session.receive_signatures(signatures):
                 sigs, cts = session.unmask_request(node)
                 requests[node] = {**base,
-                                  "signatures": {str(k): v for k, v in sigs.items()},
-                                  "ciphertexts": {str(k): v for k, v in cts.items()}}
-            replies5 = self._exchange(grid, report, "unmask", requests, server_round)
+                                  Key.SIGNATURES: {str(k): v for k, v in sigs.items()},
+                                  Key.CIPHERTEXTS: {str(k): v for k, v in cts.items()}}
+            replies5 = self._exchange(grid, report, Stage.UNMASK, requests, server_round)
             reveals = self._parse(replies5, "unmask reply", _reveal)
             session.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = session.aggregate()
-            report.stage_seconds["unmask-compute"] = round(time.monotonic() - started, 4)
+            report.stage_seconds[UNMASK_COMPUTE] = round(time.monotonic() - started, 4)
         except SecAggAborted as err:
             self._abort(report, err)
             # Too many losses for this session's graph: the next round sets keys up
@@ -554,12 +568,12 @@ class SecAggPlus(StrategyWrapper):
             try:
                 (vector,) = reply.content.array_records[MASKED_ARRAYS].to_numpy_ndarrays()
                 meta = self._decoded(reply)
-                raw = codec.field(meta, "ciphertexts", dict)
-                pairs = meta.get("pair_commitments", {})
+                raw = codec.field(meta, Key.CIPHERTEXTS, dict)
+                pairs = meta.get(Key.PAIR_COMMITMENTS, {})
                 if not isinstance(pairs, dict):
                     raise ValueError("pair_commitments must map node ids to bytes")
                 inputs[node] = RoundInput(
-                    vector, codec.field(meta, "commitment", bytes),
+                    vector, codec.field(meta, Key.COMMITMENT, bytes),
                     {_node_id(k): v for k, v in raw.items()},
                     _clipped(meta, session.context.update_length),
                     {_node_id(k): v for k, v in pairs.items()},
@@ -570,7 +584,7 @@ class SecAggPlus(StrategyWrapper):
                                node, type(err).__name__, err)
                 continue
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
-        report.bytes_from_clients["masked-input"] = size
+        report.bytes_from_clients[Stage.MASKED_INPUT] = size
         return inputs, metrics
 
     def _parse(self, replies: dict[int, Message], what: str, parse: Callable[[dict], _T]) -> dict[int, _T]:
@@ -594,7 +608,7 @@ class SecAggPlus(StrategyWrapper):
             ValueError: no such record or payload, not bytes, too large, too deep or
                 too many items (:class:`~flwr_guard.secagg.codec.MalformedMessage`).
         """
-        blob = reply.content.config_records[SECAGG_RECORD].get("payload")
+        blob = reply.content.config_records[SECAGG_RECORD].get(Key.PAYLOAD)
         if not isinstance(blob, bytes) or len(blob) > MAX_REPLY_BYTES:
             raise ValueError("SecAgg+ reply payload missing, not bytes, or too large")
         return codec.decode(blob, max_items=self._items)
@@ -622,16 +636,16 @@ class SecAggPlus(StrategyWrapper):
             packed_nonces = pack_nonces(server.nonces)
             # O(k) part per client (its neighbours' advertisements) + U1's nonces.
             replies = self._exchange(
-                grid, report, "share-keys",
+                grid, report, Stage.SHARE_KEYS,
                 {
-                    n: {"nonces": packed_nonces,
-                        "advertisements": pack_advertisements(server.neighbour_advertisements(n))}
+                    n: {Key.NONCES: packed_nonces,
+                        Key.ADVERTISEMENTS: pack_advertisements(server.neighbour_advertisements(n))}
                     for n in server.stats.advertised
                 },
                 server_round,
             )
             shares = self._parse(replies, "shares", lambda p: {
-                _node_id(k): v for k, v in codec.field(p, "ciphertexts", dict).items()})
+                _node_id(k): v for k, v in codec.field(p, Key.CIPHERTEXTS, dict).items()})
             routed = server.receive_shares(shares)
         except SecAggAborted as err:
             self._abort(report, err)
@@ -644,15 +658,15 @@ class SecAggPlus(StrategyWrapper):
             content = RecordDict(dict(by_node[node].content.items()))
             content[SECAGG_RECORD] = ConfigRecord(
                 {
-                    "stage": "masked-input",
-                    "server-round": server_round,
-                    "payload": codec.encode(
-                        {"shared": shared, "ciphertexts": {str(s): c for s, c in routed[node].items()}}
+                    Key.STAGE: Stage.MASKED_INPUT,
+                    Key.SERVER_ROUND: server_round,
+                    Key.PAYLOAD: codec.encode(
+                        {Key.SHARED: shared, Key.CIPHERTEXTS: {str(s): c for s, c in routed[node].items()}}
                     ),
                 }
             )
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        report.bytes_to_clients["masked-input"] = sum(_payload_bytes(m) for m in out)
+        report.bytes_to_clients[Stage.MASKED_INPUT] = sum(_payload_bytes(m) for m in out)
         self._round = {"server": server, "grid": grid, "arrays": global_arrays, "report": report,
                        "started": time.monotonic(), "messages": out}
         return out
@@ -670,29 +684,29 @@ class SecAggPlus(StrategyWrapper):
         server: SecAggServer = state["server"]
         report: RoundReport = state["report"]
         grid: Grid = state["grid"]
-        report.stage_seconds["masked-input"] = round(time.monotonic() - state["started"], 4)
+        report.stage_seconds[Stage.MASKED_INPUT] = round(time.monotonic() - state["started"], 4)
         try:
             masked, metrics, clipped = self._collect_masked(server, report, replies, state["messages"])
             survivors = server.receive_masked_inputs(masked)
             report.clipped_values = sum(clipped.get(n, 0) for n in survivors)
             replies4 = self._exchange(
-                grid, report, "consistency", {n: {"survivors": survivors} for n in survivors}, server_round
+                grid, report, Stage.CONSISTENCY, {n: {Key.SURVIVORS: survivors} for n in survivors}, server_round
             )
             signatures = self._parse(replies4, "signature", _signature)
             active, dropped, sigs = server.receive_signatures(signatures)
             # Each client gets the signatures it checks (its neighbours'): O(k), not O(n).
             requests = {
-                n: {"active": active, "dropped": dropped,
-                    "signatures": {str(k): v for k, v in server.unmask_signatures(n).items()}}
+                n: {Key.ACTIVE: active, Key.DROPPED: dropped,
+                    Key.SIGNATURES: {str(k): v for k, v in server.unmask_signatures(n).items()}}
                 for n in sigs
             }
-            replies5 = self._exchange(grid, report, "unmask", requests, server_round)
+            replies5 = self._exchange(grid, report, Stage.UNMASK, requests, server_round)
             reveals = self._parse(replies5, "unmask reply", lambda p: {
-                _node_id(k): _share(v) for k, v in codec.field(p, "shares", dict).items()})
+                _node_id(k): _share(v) for k, v in codec.field(p, Key.SHARES, dict).items()})
             server.receive_unmask(reveals)
             started = time.monotonic()
             total, weight = server.aggregate()
-            report.stage_seconds["unmask-compute"] = round(time.monotonic() - started, 4)
+            report.stage_seconds[UNMASK_COMPUTE] = round(time.monotonic() - started, 4)
         except SecAggAborted as err:
             self._abort(report, err)
             return None, None
@@ -750,7 +764,7 @@ class SecAggPlus(StrategyWrapper):
                 record = reply.content.array_records[MASKED_ARRAYS]
                 (vector,) = record.to_numpy_ndarrays()
                 meta = self._decoded(reply)
-                bad = codec.field(meta, "bad_senders", list)
+                bad = codec.field(meta, Key.BAD_SENDERS, list)
                 if len(bad) > len(server.context.cohort) or not all(
                     isinstance(b, int) and not isinstance(b, bool) for b in bad
                 ):
@@ -764,7 +778,7 @@ class SecAggPlus(StrategyWrapper):
             # A vector of another dtype or length is excluded by the server core.
             masked[node] = (vector, bad)
             metrics[node] = next(iter(reply.content.metric_records.values()), MetricRecord())
-        report.bytes_from_clients["masked-input"] = size
+        report.bytes_from_clients[Stage.MASKED_INPUT] = size
         return masked, metrics, clipped
 
     @staticmethod

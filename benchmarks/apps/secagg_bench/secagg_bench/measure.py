@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import recorddict_to_proto
 
-from flwr_guard.secagg.mod import SECAGG_RECORD
+from flwr_guard.secagg.constants import SECAGG_RECORD
 
 # Canonical drop stage -> the stage name each implementation uses for it.
 DROP_STAGES = {

@@ -1,4 +1,5 @@
-"""Multi-round SecAgg+: keys set up once per cohort, three messages per round (no Flower imports).
+"""Multi-round SecAgg+, the client side: keys set up once per cohort, three messages per
+round (no Flower imports).
 
 For a stable cohort (the cross-silo case: the same nodes every round) the key set-up of
 SecAgg+ is the same work every round. A *session* runs it once and then aggregates
@@ -17,13 +18,13 @@ Set-up (once; the stages of :mod:`flwr_guard.secagg.client`, under a round conte
 3. the first round's input message carries the nonces and the neighbours'
    advertisements: :meth:`SessionClient.open` checks them, derives the graph (nobody
    chooses it) and, per neighbour ``v``, a share-encryption key and a **pair key**
-   ``K_uv`` (X25519 + HKDF, salted with :func:`session_digest`: the set-up context and
+   ``K_uv`` (X25519 + HKDF, salted with :func:`~flwr_guard.secagg.transcripts.session_digest`: the set-up context and
    its roster digest). The X25519 private keys are then erased: nothing of the set-up
    is ever revealed, so dropouts never force a re-key. Pair keys are hash chains
    ratcheted to the round of each input (:func:`ratchet`), so a state read at round R
    unmasks no earlier round.
 
-Each round ``r`` of the session (:class:`SessionRound`, bound to the session digest,
+Each round ``r`` of the session (:class:`~flwr_guard.secagg.transcripts.SessionRound`, bound to the session digest,
 the round number and the hash of the model the client received):
 
 4. input: the client masks ``w * q(update)`` with a **fresh** self mask ``PRG(b_u^r)``
@@ -62,53 +63,34 @@ from typing import Any
 import numpy as np
 
 from flwr_guard.secagg import crypto, prg
-from flwr_guard.secagg.client import (
-    Advertisement,
-    RosterEntry,
-    SecAggClient,
-    check_min_inputs,
-    commit_self_mask,
-    count_neighbour_signatures,
-    encode_input,
-    pack_advertisements,
-    pack_nonces,
-    pack_roster,
-    pairwise_sign,
-    roster_digest,
-    unpack_roster,
-)
-from flwr_guard.secagg.context import RoundContext, ids_bytes
+from flwr_guard.secagg.client import SecAggClient, check_min_inputs, count_neighbour_signatures, encode_input
+from flwr_guard.secagg.constants import UNKNOWN_SESSION, Stage
+from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.graph import neighbours
-from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
-from flwr_guard.secagg.server import (
-    SecAggAborted,
-    SecAggServer,
-    StageStats,
-    implausible_masked_vectors,
-    reconstruct_secret,
-    verified_signatures,
+from flwr_guard.secagg.messages import (
+    ROUND_SHARE_CIPHERTEXT_BYTES,
+    Advertisement,
+    RosterEntry,
+    RoundInput,
+    RoundReveal,
+    pack_roster,
+    unpack_roster,
 )
-
-ROUND_SHARE_PLAINTEXT_BYTES = 2 + crypto.SECRET_BYTES
-ROUND_SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + ROUND_SHARE_PLAINTEXT_BYTES + crypto.TAG_BYTES
-
-
-UNKNOWN_SESSION = "no usable SecAgg+ session on this client"
-"""Start of a client's refusal that only a new set-up can cure (it holds no such session,
-its storage was lost, or the round is too far ahead of its key chain): the strategy
-re-keys on the next round."""
+from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
+from flwr_guard.secagg.transcripts import (
+    SessionRound,
+    commit_pair_seed,
+    commit_self_mask,
+    pairwise_sign,
+    roster_digest,
+    session_consistency_payload,
+    session_digest,
+)
 
 MAX_ROUND_GAP = 10_000
 """Most rounds a client's pair-key chains advance in one step (a hash per round per
-neighbour): a round further ahead is refused with :data:`UNKNOWN_SESSION`."""
-
-
-def session_digest(context: RoundContext, roster_hash: bytes) -> bytes:
-    """The digest every per-round value of a session is bound to: the set-up context and
-    the set-up's roster digest (fresh nonce commitments and keys), so two set-ups under
-    one context never share a digest."""
-    return crypto.transcript(b"session", context.digest(), roster_hash)
+neighbour): a round further ahead is refused with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION`."""
 
 
 def ratchet(chain_key: bytes, steps: int) -> bytes:
@@ -118,28 +100,6 @@ def ratchet(chain_key: bytes, steps: int) -> bytes:
     for _ in range(steps):
         chain_key = hmac.digest(chain_key, b"\x02", "sha256")
     return chain_key
-
-
-@dataclass(frozen=True)
-class SessionRound:
-    """One round of a session, as a client sees it.
-
-    Attributes:
-        session: :func:`session_digest` of the set-up context.
-        server_round: the round number (strictly increasing within a session).
-        model_hash: SHA-256 of the global model this client received
-            (:func:`flwr_guard.secagg.model_hash`); clients shown different models
-            derive different digests, so their signatures do not verify for each other.
-    """
-
-    session: bytes
-    server_round: int
-    model_hash: bytes
-
-    def digest(self) -> bytes:
-        return crypto.transcript(
-            b"session-round", self.session, struct.pack(">Q", self.server_round), self.model_hash
-        )
 
 
 def round_pair_seed(chain_key: bytes, round_digest: bytes) -> bytes:
@@ -166,53 +126,8 @@ def is_connected(graph: Mapping[int, Sequence[int]], members: Sequence[int]) -> 
     return seen == inside
 
 
-def commit_pair_seed(seed: bytes) -> bytes:
-    """Commitment to a pair's mask seed of one round (SHA-256 of a 256-bit pseudorandom
-    value: hiding, binding), sent with the input so the server can check a pair seed
-    revealed later for a dropped neighbour and name a client that reveals a wrong one.
-    The client relies on no check of it."""
-    return crypto.transcript(b"session-pair-seed-commitment", seed)
-
-
 def round_share_aad(round_digest: bytes, sender: int, recipient: int) -> bytes:
     return crypto.transcript(b"session-share", round_digest, struct.pack(">QQ", sender, recipient))
-
-
-def session_consistency_payload(round_digest: bytes, roster: bytes, seed: bytes, survivors: Sequence[int]) -> bytes:
-    """What a client signs in a session round's consistency stage."""
-    return crypto.transcript(b"session-consistency", round_digest, roster, seed, ids_bytes(survivors))
-
-
-@dataclass
-class RoundInput:
-    """A client's reply to a session round's input message.
-
-    Attributes:
-        vector: the masked vector, uint32/uint64 of length ``vector_length``.
-        self_mask_commitment: SHA-256 commitment to this round's self-mask seed.
-        ciphertexts: neighbour id -> the encrypted share of the self-mask seed it holds.
-        clipped: coordinates clipped to ``[-r, r]``.
-        pair_commitments: neighbour id -> :func:`commit_pair_seed` of the pair's seed
-            of this round (empty: the server checks no revealed pair seed of it).
-    """
-
-    vector: np.ndarray
-    self_mask_commitment: bytes
-    ciphertexts: dict[int, bytes]
-    clipped: int
-    pair_commitments: dict[int, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class RoundReveal:
-    """A client's unmask reply: its own self-mask seed, the shares it holds of its
-    active neighbours' seeds (``peer -> (index, 32 bytes)``), the round's pair seeds
-    with its neighbours out of U3, and the active neighbours whose share did not open."""
-
-    self_mask_seed: bytes
-    shares: dict[int, tuple[int, bytes]]
-    pair_seeds: dict[int, bytes]
-    bad_senders: list[int]
 
 
 @dataclass
@@ -305,7 +220,7 @@ class SessionClient:
                 policy without a roster.
 
         Raises:
-            ProtocolError: starting with :data:`UNKNOWN_SESSION` (the server re-keys),
+            ProtocolError: starting with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` (the server re-keys),
                 naming the policy's reason.
         """
         try:
@@ -331,7 +246,7 @@ class SessionClient:
                 more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain, or past
                 the policy's cap on the session's length (``max_session_rounds`` from
                 the set-up's round, ``max_session_seconds`` from the opening): the last
-                two start with :data:`UNKNOWN_SESSION` and ask the server to re-key.
+                two start with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` and ask the server to re-key.
         """
         if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
             raise ProtocolError(
@@ -427,7 +342,7 @@ class SessionClient:
                 neighbours in U3, U3 smaller than the policy's ``min_cohort``, or a
                 second, different U3 for the round.
         """
-        state = self._round(server_round, "consistency")
+        state = self._round(server_round, Stage.CONSISTENCY)
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.roster) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the session's cohort, or omits this client")
@@ -477,7 +392,7 @@ class SessionClient:
                 from a node that is not active or that does not verify, fewer than t
                 valid neighbours' signatures, or a second reveal for the round.
         """
-        state = self._round(server_round, "unmask")
+        state = self._round(server_round, Stage.UNMASK)
         active_set = set(active)
         if state["signed"] is None or sorted(active_set) != state["signed"]:
             raise ProtocolError("the active set differs from the survivor set this client signed")
@@ -564,274 +479,10 @@ class SessionClient:
             raise ProtocolError(f"the saved SecAgg+ session is unreadable: {err}") from err
 
 
-@dataclass
-class RoundStats(StageStats):
-    """Who took part in a session round: ``sampled`` asked, ``masked`` in the sum,
-    ``signed``, ``unmasked``; ``excluded`` with reasons."""
-
-    def dropouts(self) -> dict[str, int]:
-        return {
-            "masked-input": self.sampled - len(self.masked),
-            "consistency": len(self.masked) - len(self.signed),
-            "unmask": len(self.signed) - len(self.unmasked),
-        }
-
-
-class SessionServer:
-    """Server state of a multi-round session, opened from a set-up's
-    :class:`~flwr_guard.secagg.server.SecAggServer` after :meth:`receive_nonces`.
-
-    The session's cohort is U1 of the set-up (every member that revealed its nonce);
-    a round may ask any subset of it (the others count as dropped for that round).
-    """
-
-    def __init__(self, setup: SecAggServer) -> None:
-        if not setup.context.multi_round or not setup.graph:
-            raise ValueError("a session opens from a multi-round set-up past its roster stage")
-        self.context = setup.context
-        self.advertisements = dict(setup.advertisements)
-        self.nonces = dict(setup.nonces)
-        self.roster_hash, self.seed, self.graph = setup.roster_hash, setup.seed, dict(setup.graph)
-        self.cohort = sorted(self.advertisements)
-        self.digest = session_digest(self.context, self.roster_hash)
-        self.opened: set[int] = set()  # nodes that took part in a round (session open there)
-        self.rounds = 0
-        self._threshold = self.context.params.reconstruction_threshold
-        self.max_reconstruction_attempts = 64
-        self.start_round(0, b"\0" * 32, [])
-
-    def open_payload(self, node: int) -> dict[str, Any]:
-        """What ``node`` needs to open the session: every nonce, its neighbours' ads."""
-        return {"nonces": self.nonces, "advertisements": [self.advertisements[v] for v in self.graph[node]]}
-
-    # -- one round --------------------------------------------------------------------
-    def start_round(self, server_round: int, model_hash: bytes, asked: Sequence[int]) -> None:
-        """Reset the per-round state for ``server_round`` (the model sent to all)."""
-        self.server_round = server_round
-        self.round_digest = SessionRound(self.digest, server_round, model_hash).digest()
-        self.stats = RoundStats(sampled=len(asked))
-        self.commitments: dict[int, bytes] = {}
-        self.pair_commitments: dict[int, dict[int, bytes]] = {}
-        self.culprits: dict[int, str] = {}  # provably misbehaved this round
-        self.ciphertexts: dict[int, dict[int, bytes]] = {}
-        self.masked_sum: np.ndarray | None = None
-        self.vectors: dict[int, np.ndarray] = {}
-        self.signatures: dict[int, bytes] = {}
-        self.reveals: dict[int, RoundReveal] = {}
-
-    def _exclude(self, node: int, reason: str) -> None:
-        SecAggServer._exclude(self, node, reason)  # same log, same stats
-
-    def _require(self, count: int, stage: str) -> None:
-        SecAggServer._require(self, count, stage)
-
-    def receive_masked_inputs(self, replies: Mapping[int, Any]) -> list[int]:
-        """Check and sum the round's inputs; return U3.
-
-        A reply must be a :class:`RoundInput` from a session member with a vector of
-        the session's dtype and length, a 32-byte commitment and one ciphertext of the
-        one valid size per neighbour. Members with fewer than t neighbours in the sum
-        are dropped from it (they could not check the consistency signatures), until
-        every member of U3 has t.
-
-        Raises:
-            SecAggAborted: fewer than t inputs left.
-        """
-        self.rounds += 1
-        dtype = prg.mask_dtype(self.context.params.modulus_bits)
-        for node, reply in replies.items():
-            if node not in self.graph:
-                self._exclude(node, "input from a node outside the session")
-                continue
-            if (
-                not isinstance(reply, RoundInput)
-                or not isinstance(reply.vector, np.ndarray)
-                or reply.vector.dtype != dtype
-                or reply.vector.shape != (self.context.vector_length,)
-                or not isinstance(reply.self_mask_commitment, bytes)
-                or len(reply.self_mask_commitment) != 32
-                or not isinstance(reply.ciphertexts, Mapping)
-                or not all(isinstance(p, int) and not isinstance(p, bool) for p in reply.ciphertexts)
-                or sorted(reply.ciphertexts) != self.graph[node]
-                or not all(isinstance(c, bytes) and len(c) == ROUND_SHARE_CIPHERTEXT_BYTES
-                           for c in reply.ciphertexts.values())
-            ):
-                self._exclude(node, "malformed session input")
-                continue
-            if not isinstance(reply.pair_commitments, Mapping) or (reply.pair_commitments and (
-                    sorted(reply.pair_commitments) != self.graph[node]
-                    or not all(isinstance(c, bytes) and len(c) == 32
-                               for c in reply.pair_commitments.values()))):
-                self._exclude(node, "malformed pair-seed commitments")
-                continue
-            self.pair_commitments[node] = dict(reply.pair_commitments)
-            self.vectors[node] = reply.vector
-            self.commitments[node] = reply.self_mask_commitment
-            self.ciphertexts[node] = dict(reply.ciphertexts)
-        for node, reason in implausible_masked_vectors(self.vectors).items():
-            self._exclude(node, reason)
-            del self.vectors[node]
-        members = set(self.vectors)
-        while True:
-            short = {u for u in members if sum(v in members for v in self.graph[u]) < self._threshold}
-            if not short:
-                break
-            for u in short:
-                self._exclude(u, "fewer than t of its neighbours sent an input this round")
-            members -= short
-        self.stats.masked = sorted(members)
-        self.opened.update(members)
-        self._require(len(members), "masked-input")
-        total = np.zeros(self.context.vector_length, dtype=dtype)
-        for node in members:
-            total += self.vectors[node]
-        self.masked_sum = total
-        return self.stats.masked
-
-    def receive_signatures(self, replies: Mapping[int, bytes]) -> list[int]:
-        """Keep the consistency signatures of U3 that verify; return the signers."""
-        payload = session_consistency_payload(self.round_digest, self.roster_hash, self.seed, self.stats.masked)
-        self.signatures.update(verified_signatures(
-            replies, self.stats.masked, self.advertisements, payload, self._exclude))
-        self.stats.signed = sorted(self.signatures)
-        self._require(len(self.signatures), "consistency")
-        return self.stats.signed
-
-    def unmask_request(self, node: int) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """For ``node``: the signatures it checks (its own and its neighbours') and the
-        shares of its active neighbours' seeds encrypted for it."""
-        wanted = {node, *self.graph[node]}
-        signatures = {s: sig for s, sig in self.signatures.items() if s in wanted}
-        active = set(self.stats.masked)
-        routed = {s: self.ciphertexts[s][node] for s in self.graph[node] if s in active}
-        return signatures, routed
-
-    def receive_unmask(self, replies: Mapping[int, Any]) -> None:
-        """Keep the reveals that have exactly the expected shape: a 32-byte seed, shares
-        only of active neighbours at their graph index, pair seeds for exactly the
-        neighbours out of U3. Any other reply is dropped whole, its sender excluded."""
-        active = set(self.stats.masked)
-        for node, reveal in replies.items():
-            if node not in self.signatures:
-                continue
-            out_of_sum = {v for v in self.graph[node] if v not in active}
-            ok = (
-                isinstance(reveal, RoundReveal)
-                and isinstance(reveal.self_mask_seed, bytes)
-                and len(reveal.self_mask_seed) == crypto.SECRET_BYTES
-                and isinstance(reveal.pair_seeds, Mapping)
-                and set(reveal.pair_seeds) == out_of_sum
-                and all(isinstance(s, bytes) and len(s) == crypto.SECRET_BYTES for s in reveal.pair_seeds.values())
-                and isinstance(reveal.shares, Mapping)
-                and all(
-                    peer in active and node in self.graph[peer]
-                    and isinstance(item, tuple) and len(item) == 2
-                    and item[0] == self.graph[peer].index(node) + 1
-                    and isinstance(item[1], bytes) and len(item[1]) == crypto.SECRET_BYTES
-                    for peer, item in reveal.shares.items()
-                )
-            )
-            if not ok:
-                self._exclude(node, "revealed an unexpected or malformed share or seed")
-                continue
-            committed = self.pair_commitments.get(node) or {}
-            wrong = sorted(v for v, seed in reveal.pair_seeds.items()
-                           if v in committed and commit_pair_seed(seed) != committed[v])
-            if wrong:
-                # Its own input committed to other seeds: it is the culprit, and the
-                # pair mask with ``wrong`` is known to nobody else in the sum.
-                self.culprits[node] = (f"revealed a pair seed for node {wrong[0]} that does not "
-                                       "match its own commitment of this round")
-                self._exclude(node, self.culprits[node])
-                continue
-            self.reveals[node] = reveal
-        self.stats.unmasked = sorted(self.reveals)
-        self._require(len(self.reveals), "unmask")
-
-    def aggregate(self) -> tuple[np.ndarray, int]:
-        """Remove the masks: ``(sums, sum of w_i)`` as
-        :meth:`SecAggServer.aggregate <flwr_guard.secagg.server.SecAggServer.aggregate>`.
-
-        Raises:
-            SecAggAborted: a self-mask seed that is neither revealed by its owner nor
-                reconstructible from t shares, a pair seed that only a client which
-                dropped after its input knew, or a total weight that is impossible.
-        """
-        if self.masked_sum is None:
-            raise SecAggAborted("no masked inputs")
-        params, length = self.context.params, self.context.vector_length
-        total = self.masked_sum.copy()
-        active = self.stats.masked
-        for node in active:
-            commitment = self.commitments[node]
-            reveal = self.reveals.get(node)
-            if reveal is not None and commit_self_mask(reveal.self_mask_seed) == commitment:
-                seed = reveal.self_mask_seed
-            else:
-                claimed = reveal.self_mask_seed if reveal is not None else None
-                if reveal is not None:
-                    self._exclude(node, "revealed a self-mask seed that does not match its commitment")
-                held = [(i, s, r) for r, rv in self.reveals.items()
-                        for p, (i, s) in rv.shares.items() if p == node]
-                # A seed is right if it matches the commitment, or if t shares held by
-                # its neighbours give the very seed its owner revealed (then only the
-                # owner's commitment was wrong: named above, the round goes on).
-
-                def accept(s: bytes, c: bytes = commitment, o: bytes | None = claimed) -> bool:
-                    return commit_self_mask(s) == c or s == o
-
-                def blame(r: int, n: int = node) -> None:
-                    self._exclude(r, f"revealed a wrong self-mask share of node {n}")
-
-                seed = reconstruct_secret(
-                    held, self._threshold, accept, blame,
-                    f"the self-mask of node {node}", "commitment",
-                    self.max_reconstruction_attempts, node,
-                )
-            total -= prg.expand(seed, length, params.modulus_bits)
-        active_set = set(active)
-        for node in active:
-            for gone in self.graph[node]:
-                if gone in active_set:
-                    continue
-                reveal = self.reveals.get(node)
-                if reveal is None and node in self.culprits:
-                    raise SecAggAborted(
-                        f"SecAgg+ session round aborted: node {node} {self.culprits[node]}; "
-                        f"the pair mask with node {gone} cannot be removed. No aggregate "
-                        "released; the node is named as the culprit"
-                    )
-                if reveal is None:
-                    raise SecAggAborted(
-                        f"SecAgg+ session round aborted: node {node} is in the sum but did not "
-                        f"unmask, and its neighbour {gone} is not in the sum; their pair mask of "
-                        "this round is known only to the two of them. No aggregate released"
-                    )
-                mask = prg.expand(reveal.pair_seeds[gone], length, params.modulus_bits)
-                # ``node`` added sign(node, gone) * mask: take it out.
-                if pairwise_sign(node, gone) > 0:
-                    total -= mask
-                else:
-                    total += mask
-        weights = int(total[-1])
-        if weights == 0 or weights > len(active) * params.max_weight:
-            raise SecAggAborted(f"unmasked total weight {weights} is impossible: masks did not cancel")
-        return total[:-1].astype(np.int64), weights
-
-
-def pack_open(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Wire form of :meth:`SessionServer.open_payload`."""
-    return {"nonces": pack_nonces(payload["nonces"]),
-            "advertisements": pack_advertisements(payload["advertisements"])}
-
-
 __all__ = [
-    "RoundInput",
-    "RoundReveal",
+    "MAX_ROUND_GAP",
     "SessionClient",
-    "SessionRound",
-    "SessionServer",
+    "is_connected",
     "ratchet",
     "round_pair_seed",
-    "session_digest",
 ]
