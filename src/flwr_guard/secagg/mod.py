@@ -70,7 +70,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from flwr_guard.dp.distributed_client import distributed_dp_noise
-from flwr_guard.dp.keys import KEY_MIN_CONTRIBUTORS
+from flwr_guard.keys import TrainConfig
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.arrays import flat_update, model_hash
 from flwr_guard.secagg.client import SecAggClient
@@ -524,7 +524,7 @@ def _min_inputs(msg: Message, context: RoundContext, noise: np.ndarray | None) -
     config = next(
         (r for name, r in msg.content.config_records.items() if name != SECAGG_RECORD), None
     )
-    value = config.get(KEY_MIN_CONTRIBUTORS) if config is not None else None
+    value = config.get(TrainConfig.DP_MIN_CONTRIBUTORS) if config is not None else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else len(context.cohort)
 
 

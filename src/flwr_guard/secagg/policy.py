@@ -44,6 +44,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from flwr_guard.keys import NodeConfig
 from flwr_guard.secagg import crypto
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
@@ -67,20 +68,20 @@ class PolicyViolation(ProtocolError):
 ROSTER_LABEL = b"flwr-guard/secagg+/roster/v1"
 
 # Node-config keys read by :func:`policy_from_node_config` (docs/secagg.md).
-NODE_ROSTER = "secagg-roster"
-NODE_ROSTER_ADMIN_KEY = "secagg-roster-admin-key"
-NODE_TOFU = "secagg-trust-on-first-use"
-NODE_SIGNING_KEY = "secagg-signing-key"
-NODE_MIN_COHORT = "secagg-min-cohort"
-NODE_MIN_NUM_SHARES = "secagg-min-num-shares"
-NODE_MIN_THRESHOLD = "secagg-min-reconstruction-threshold"
-NODE_CORRUPT_FRACTION = "secagg-corrupt-fraction"
-NODE_DROPOUT_FRACTION = "secagg-dropout-fraction"
-NODE_SECURITY_BITS = "secagg-security-bits"
-NODE_MAX_COLLUDERS = "secagg-max-colluders"
-NODE_MIN_HONEST_OTHERS = "secagg-min-honest-others"
-NODE_MAX_SESSION_ROUNDS = "secagg-max-session-rounds"
-NODE_MAX_SESSION_SECONDS = "secagg-max-session-seconds"
+NODE_ROSTER = NodeConfig.SECAGG_ROSTER
+NODE_ROSTER_ADMIN_KEY = NodeConfig.SECAGG_ROSTER_ADMIN_KEY
+NODE_TOFU = NodeConfig.SECAGG_TRUST_ON_FIRST_USE
+NODE_SIGNING_KEY = NodeConfig.SECAGG_SIGNING_KEY
+NODE_MIN_COHORT = NodeConfig.SECAGG_MIN_COHORT
+NODE_MIN_NUM_SHARES = NodeConfig.SECAGG_MIN_NUM_SHARES
+NODE_MIN_THRESHOLD = NodeConfig.SECAGG_MIN_RECONSTRUCTION_THRESHOLD
+NODE_CORRUPT_FRACTION = NodeConfig.SECAGG_CORRUPT_FRACTION
+NODE_DROPOUT_FRACTION = NodeConfig.SECAGG_DROPOUT_FRACTION
+NODE_SECURITY_BITS = NodeConfig.SECAGG_SECURITY_BITS
+NODE_MAX_COLLUDERS = NodeConfig.SECAGG_MAX_COLLUDERS
+NODE_MIN_HONEST_OTHERS = NodeConfig.SECAGG_MIN_HONEST_OTHERS
+NODE_MAX_SESSION_ROUNDS = NodeConfig.SECAGG_MAX_SESSION_ROUNDS
+NODE_MAX_SESSION_SECONDS = NodeConfig.SECAGG_MAX_SESSION_SECONDS
 
 DEFAULT_MAX_SESSION_ROUNDS = 100
 """Most rounds one multi-round session may span (``server_round`` of an input minus that

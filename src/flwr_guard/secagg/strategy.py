@@ -47,6 +47,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flwr_guard.keys import ServerMetrics
 from flwr_guard.secagg import codec
 from flwr_guard.secagg.arrays import apply_flat_update, model_hash, num_values
 from flwr_guard.secagg.constants import (
@@ -200,7 +201,7 @@ def _share(item: object) -> tuple[str, int, bytes]:
 
 
 # Coordinates of the unmasked sum that wrapped around the modulus (see centered_lift).
-WRAPAROUNDS_KEY = "secagg-wraparounds"
+WRAPAROUNDS_KEY = ServerMetrics.SECAGG_WRAPAROUNDS
 
 UNMASK_COMPUTE = "unmask-compute"
 """Key of :attr:`RoundReport.stage_seconds` for the server's own work of removing the
