@@ -69,6 +69,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from flwr_guard.config_values import number, raw_bytes
 from flwr_guard.dp.distributed_client import distributed_dp_noise
 from flwr_guard.keys import TrainConfig
 from flwr_guard.secagg import codec, crypto
@@ -142,7 +143,7 @@ def _signing_secret(context: Context, policy: SecAggPolicy) -> bytes:
             record["round"] = state["round"]
         context.state[STATE_RECORD] = record
         return secret
-    return bytes(state["signing-secret"])
+    return raw_bytes(state["signing-secret"], "signing-secret")
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -436,7 +437,7 @@ def _train_reply(
     metrics = next(iter(reply.content.metric_records.values()))
     if WEIGHT_KEY not in metrics:
         raise ValueError(f"the train reply's MetricRecord lacks {WEIGHT_KEY!r}")
-    weight = int(metrics[WEIGHT_KEY])
+    weight = int(number(metrics[WEIGHT_KEY], WEIGHT_KEY))
     secret_keys = round_context.masked_metrics
     missing = [k for k in secret_keys if k not in metrics]
     if missing:

@@ -377,7 +377,7 @@ class SecAggParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, int | float]) -> SecAggParams:
+    def from_dict(cls, data: object) -> SecAggParams:
         """Parse parameters from a (possibly hostile) message: exact types and bounded
         ranges are checked before anything is allocated.
 

@@ -128,6 +128,25 @@ class StageStats:
         }
 
 
+def exclude(stats: StageStats, node: int, reason: str) -> None:
+    """Log that ``node`` leaves the round and keep its first reason in ``stats``."""
+    logger.warning("SecAgg+: excluding node %s: %s", node, reason)
+    stats.excluded.setdefault(node, reason)
+
+
+def require_survivors(count: int, threshold: int, stage: str) -> None:
+    """Raise unless ``count`` clients, at least ``threshold`` and 2, remain at ``stage``.
+
+    Raises:
+        SecAggAborted: too few left; no aggregate is released.
+    """
+    if count < threshold or count < 2:
+        raise SecAggAborted(
+            f"SecAgg+ round aborted at {stage}: {count} clients left, reconstruction "
+            f"threshold {threshold}; no aggregate released"
+        )
+
+
 @dataclass
 class SecAggServer:
     """Server state of one SecAgg+ round over ``context``."""
@@ -153,15 +172,10 @@ class SecAggServer:
         self._threshold = self.context.params.reconstruction_threshold
 
     def _exclude(self, node: int, reason: str) -> None:
-        logger.warning("SecAgg+: excluding node %s: %s", node, reason)
-        self.stats.excluded.setdefault(node, reason)
+        exclude(self.stats, node, reason)
 
     def _require(self, count: int, stage: str) -> None:
-        if count < self._threshold or count < 2:
-            raise SecAggAborted(
-                f"SecAgg+ round aborted at {stage}: {count} clients left, reconstruction "
-                f"threshold {self._threshold}; no aggregate released"
-            )
+        require_survivors(count, self._threshold, stage)
 
     # stage 1 -> 2
     def receive_advertisements(self, replies: Mapping[int, Advertisement]) -> list[RosterEntry]:

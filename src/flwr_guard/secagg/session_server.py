@@ -31,8 +31,10 @@ from flwr_guard.secagg.server import (
     SecAggAborted,
     SecAggServer,
     StageStats,
+    exclude,
     implausible_masked_vectors,
     reconstruct_secret,
+    require_survivors,
     verified_signatures,
 )
 from flwr_guard.secagg.transcripts import (
@@ -101,10 +103,10 @@ class SessionServer:
         self.reveals: dict[int, RoundReveal] = {}
 
     def _exclude(self, node: int, reason: str) -> None:
-        SecAggServer._exclude(self, node, reason)  # same log, same stats
+        exclude(self.stats, node, reason)  # the same log and stats as SecAggServer
 
     def _require(self, count: int, stage: str) -> None:
-        SecAggServer._require(self, count, stage)
+        require_survivors(count, self._threshold, stage)
 
     def receive_masked_inputs(self, replies: Mapping[int, Any]) -> list[int]:
         """Check and sum the round's inputs; return U3.

@@ -783,12 +783,12 @@ class SecAggPlus(StrategyWrapper):
         return masked, metrics, clipped
 
     @staticmethod
-    def _plain_metrics(records: list[MetricRecord]) -> dict[str, float]:
+    def _plain_metrics(records: list[MetricRecord]) -> dict[str, int | float | list[int] | list[float]]:
         """Unweighted mean of the metrics that every survivor sent in the clear."""
         if not records:
             return {}
         keys = set(records[0]).intersection(*map(set, records[1:]))
-        out = {}
+        out: dict[str, int | float | list[int] | list[float]] = {}
         for key in sorted(keys):
             values = [r[key] for r in records]
             if all(isinstance(v, (int, float)) for v in values):
