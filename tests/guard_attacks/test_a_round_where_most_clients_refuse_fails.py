@@ -31,3 +31,18 @@ def test_the_same_run_completes_when_no_client_requires_what_the_server_lacks():
     strategy = GuardedStrategy(fedavg(3))
     strategy.start(grid, initial(), num_rounds=2)
     assert strategy.aggregated_rounds == 2
+
+
+def test_one_client_of_four_refusing_is_left_out_and_cannot_end_the_run(caplog):
+    # A minority refusal (real here; a malicious client could claim one falsely) is an
+    # ERROR line per round and that client's reply is left out; the others' rounds go on.
+    import logging
+
+    strict, lax = ClientGuard(ClientPolicy(secagg=True)), ClientGuard(ClientPolicy())
+    grid = LoopbackGrid({11: app(strict.train_mods()), **{n: app(lax.train_mods()) for n in (12, 13, 14)}})
+    strategy = GuardedStrategy(fedavg(4))
+    with caplog.at_level(logging.ERROR):
+        strategy.start(grid, initial(), num_rounds=2)
+    assert strategy.aggregated_rounds == 2
+    refused = [r.getMessage() for r in caplog.records if "node 11 refused" in r.getMessage()]
+    assert len(refused) == 2 and "requires SecAgg+" in refused[0]

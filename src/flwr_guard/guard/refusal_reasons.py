@@ -21,8 +21,10 @@ Anything else (a crash, a timeout, the audit gate's or the reply inspector's blo
 which their own summaries report) is not a refusal and keeps the generic hint.
 
 Which reasons stop the run (:meth:`RefusalLog.refusals`, ``GuardMismatch`` unless
-``tolerate_refusals``): policy refusals, a missing or mismatched ledger (an operator's
-matter: the node cannot train until it is fixed), and SecAgg+ refusals in the set-up
+``tolerate_refusals``, when they are at least half of the round's clients:
+:func:`refusals_stop_run`; fewer are left out, each with an ERROR line): policy
+refusals, a missing or mismatched ledger (an operator's matter: the node cannot train
+until it is fixed), and SecAgg+ refusals in the set-up
 stages (advertise, roster, share-keys: the server's parameters or cohort do not meet
 the node's floors). An exhausted budget does not stop the run: it is the budget doing
 its job (the node will not train again), as Flower's own DP wrappers end training at
@@ -127,14 +129,31 @@ class RefusalLog:
         return {node: reason for node, (reason, stops) in found.items() if stops}
 
 
+def _round_size(server_round: int, refusals: dict[int, str], replies: list[Message],
+                secagg: SecAggPlus | None) -> tuple[int, str | None]:
+    """The number of clients asked this round (the SecAgg+ cohort when larger than the
+    replies) and the round's SecAgg+ abort reason, if any."""
+    reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
+    cohort = reports[-1].cohort if reports else 0
+    aborted = reports[-1].aborted if reports else None
+    return max(len(replies), cohort or 0, len(refusals)), aborted
+
+
+def refusals_stop_run(server_round: int, refusals: dict[int, str], replies: list[Message],
+                      secagg: SecAggPlus | None = None) -> bool:
+    """Whether the round's run-stopping refusals are at least half the clients asked: a
+    server that most of its federation refuses is misconfigured (:class:`GuardMismatch`).
+    Fewer are left out with an ERROR line each: a client that refuses (or falsely claims
+    to) cannot end the run for the others."""
+    total, _ = _round_size(server_round, refusals, replies, secagg)
+    return 2 * len(refusals) >= total > 0
+
+
 def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
                      secagg: SecAggPlus | None = None, explained: dict[int, str] | None = None) -> str:
     """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
     the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
-    reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
-    cohort = reports[-1].cohort if reports else 0
-    aborted = reports[-1].aborted if reports else None
-    total = max(len(replies), cohort or 0, len(refusals))
+    total, aborted = _round_size(server_round, refusals, replies, secagg)
     text = (f"round {server_round}: {len(refusals)} of {total} clients refused the server's "
             "protections; the server's GuardedStrategy must meet the clients' policies (or "
             "pass tolerate_refusals=True to go on without them). Their reasons: "

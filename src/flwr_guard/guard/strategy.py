@@ -52,7 +52,7 @@ from flwr_guard.guard.manifest import (
     ProtectionManifest,
     SecAggTerms,
 )
-from flwr_guard.guard.refusal_reasons import RefusalLog, mismatch_message
+from flwr_guard.guard.refusal_reasons import RefusalLog, mismatch_message, refusals_stop_run
 from flwr_guard.guard.reply_consistency import consistent_replies
 from flwr_guard.guard.round_log import (
     GuardMismatch,
@@ -275,10 +275,12 @@ class GuardedStrategy(StrategyWrapper):
             ``None``.
         observer: told each round's aggregated train and evaluate metrics as the chain
             returns them (:class:`RoundObserver`; e.g. a progress file for a dashboard).
-        tolerate_refusals: go on when some clients refuse the server's protections
-            (their replies are dropped, logged as errors). By default one refusal stops
-            the run with :class:`GuardMismatch`: a client whose policy the server does not
-            meet is a configuration error to fix, not a dropout.
+        tolerate_refusals: go on however many clients refuse the server's protections
+            (their replies are dropped, logged as errors). By default a round that half
+            or more of its clients refuse stops the run with :class:`GuardMismatch`: a
+            server most of its federation refuses is a configuration error to fix, not a
+            dropout; fewer refusals are left out with an ERROR line each, so that one
+            client claiming a refusal cannot end the run for the others.
 
     Attributes:
         manifest: the :class:`ProtectionManifest` sent with every train message.
@@ -451,16 +453,19 @@ class GuardedStrategy(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Delegate, then log the round; stop the run when every client refused it.
+        """Delegate, then log the round; stop the run when at least half of the round's
+        clients refused the server's protections.
 
         Raises:
-            GuardMismatch: every reply of the round is a client's policy refusal.
+            GuardMismatch: half or more of the round's clients refused (a policy refusal, a
+                missing ledger, a SecAgg+ set-up refusal), unless ``tolerate_refusals``.
         """
         replies = self._aggregatable(server_round, list(replies), train=True)
         refusals = self.reasons.refusals(replies)
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
-        if refusals and not self.tolerate_refusals:
+        if refusals and not self.tolerate_refusals and refusals_stop_run(
+                server_round, refusals, replies, self.secagg):
             raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg,
                                                  self.reasons.last))
         arrays, metrics = self._inner_aggregate_train(server_round, replies)
