@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from guard_harness import LoopbackGrid
 
 from flwr_guard.secagg import codec, crypto
 from flwr_guard.secagg.client import SecAggClient
@@ -149,51 +150,49 @@ def mean_of(r: Round, total: np.ndarray, weight: int) -> np.ndarray:
 # the instructions of one stage before they are delivered.
 
 
-class ModFederation:
+FEDERATION_RUN_ID = 1  # the run the tests' own RoundContexts name
+
+
+class ModFederation(LoopbackGrid):
     """``n`` SuperNodes running ``secaggplus_mod`` around a train function that adds a
-    known update (node j: ``0.01 * (j + 1)`` on every value), over a signed roster."""
+    known update (node j: ``0.01 * (j + 1)`` on every value), over a signed roster.
+
+    The one in-process grid of the tests (:class:`guard_harness.LoopbackGrid`: messages
+    stamped and copied through Flower's wire format both ways), with each node's reply
+    coming from its real ``secaggplus_mod`` instead of a whole ClientApp, and a
+    ``tamper(stage, node, instruction)`` hook for a deviating server."""
 
     def __init__(self, n: int, tmp_path, d: int = 50, roster: bool = True, admin: bool = True,
                  node_config: dict | None = None, seed: int = 0) -> None:
-        import time
-        import uuid
-
         from flwr.app import Context, RecordDict
 
         from flwr_guard.secagg.keys import write_signing_key
         from flwr_guard.secagg.policy import Roster, RosterMember
 
-        self._uuid, self._time = uuid, time
         rng = np.random.default_rng(seed)
         self.ids = sorted({int(i) for i in rng.integers(1, 2**62, size=n)})
         self.d = d
         self.updates = {i: np.full(d, 0.01 * (j + 1), dtype=np.float32) for j, i in enumerate(self.ids)}
         self.weights = {i: 10 * (j + 1) for j, i in enumerate(self.ids)}
         self.admin_secret, self.admin_public = crypto.ed25519_keypair()
-        members, self.contexts = [], {}
+        members, contexts = [], {}
         for j, i in enumerate(self.ids):
             key_file = tmp_path / f"node{j}.key"
             members.append(RosterMember(write_signing_key(key_file), f"node{j}"))
             config = {"secagg-signing-key": str(key_file), **(node_config or {})}
-            self.contexts[i] = Context(run_id=1, node_id=i, node_config=config,
-                                       state=RecordDict(), run_config={})
+            contexts[i] = Context(run_id=FEDERATION_RUN_ID, node_id=i, node_config=config,
+                                  state=RecordDict(), run_config={})
         self.roster_path = tmp_path / "roster.json"
         Roster(tuple(members)).to_file(self.roster_path, self.admin_secret if admin else None)
         if roster:
-            for c in self.contexts.values():
+            for c in contexts.values():
                 c.node_config["secagg-roster"] = str(self.roster_path)
                 if admin:
                     c.node_config["secagg-roster-admin-key"] = self.admin_public.hex()
+        super().__init__(dict.fromkeys(self.ids), contexts=contexts, run_id=FEDERATION_RUN_ID)
         self.seen: dict[int, list[str]] = {}  # node -> names of the ArrayRecords train saw
         self.trained_on: dict[int, dict[str, np.ndarray]] = {}
         self.tamper = None  # (stage, node, Message) -> Message | None
-        self.replies: dict = {}
-        self.pushed: list = []
-        self.run = type("Run", (), {"run_id": 1})()
-
-    # Grid API used by SecAggPlus and FedAvg
-    def get_node_ids(self):
-        return list(self.ids)
 
     def _train(self, msg, context):
         from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -209,47 +208,17 @@ class ModFederation:
             "metrics": MetricRecord({"num-examples": self.weights[node], "train-loss": 0.5}),
         }), reply_to=msg)
 
-    def deliver(self, msg):
-        """Give one instruction to its node's mod (as a SuperNode would); return the reply."""
-        from flwr.app import Message
-        from flwr.app.metadata import Metadata
-
+    def answer(self, node, incoming):
+        """The instruction, after ``tamper``, into the node's real mod (as a SuperNode would)."""
         from flwr_guard.secagg.constants import SECAGG_RECORD
         from flwr_guard.secagg.mod import secaggplus_mod
 
-        node = msg.metadata.dst_node_id
-        meta = Metadata(run_id=1, message_id=self._uuid.uuid4().hex, src_node_id=0,
-                        dst_node_id=node, reply_to_message_id="", group_id="1",
-                        created_at=self._time.time(), ttl=600.0,
-                        message_type=msg.metadata.message_type)
-        instruction = Message(content=msg.content, metadata=meta)
         if self.tamper is not None:
-            stage = str(instruction.content.config_records[SECAGG_RECORD]["stage"])
-            instruction = self.tamper(stage, node, instruction)
-            if instruction is None:
+            stage = str(incoming.content.config_records[SECAGG_RECORD]["stage"])
+            incoming = self.tamper(stage, node, incoming)
+            if incoming is None:
                 return None
-        return secaggplus_mod(instruction, self.contexts[node], self._train)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            reply = self.deliver(msg)
-            key = self._uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = key  # as Flower's Grids do on push
-            ids.append(key)
-            self.pushed.append(msg)
-            if reply is not None:
-                self.replies[key] = reply
-        return ids
-
-    def pull_messages(self, message_ids):
-        out = []
-        for key in message_ids:
-            if key in self.replies:
-                reply = self.replies.pop(key)
-                reply.metadata.__dict__["_reply_to_message_id"] = key
-                out.append(reply)
-        return out
+        return secaggplus_mod(incoming, self.contexts[node], self._train)
 
     def global_arrays(self):
         from flwr.app import ArrayRecord
@@ -282,7 +251,7 @@ def run_strategy_rounds(fed: ModFederation, rounds: int, tampers: dict | None = 
                           timeout=0.2, **kwargs)  # replies are synchronous here
     arrays = fed.global_arrays()
     # What Flower's ServerApp runtime sets before a strategy creates Messages.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, FEDERATION_RUN_ID, 0
     out, fed.per_round = [], {}
     base = fed.tamper
     try:
