@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from flwr_guard.config_values import choice
 from flwr_guard.dp.node_policy import DEFAULT_MIN_NOISE_MULTIPLIER
 from flwr_guard.dp.node_policy import min_noise_multiplier as node_min_noise_multiplier
 from flwr_guard.guard.manifest import ProtectionManifest
@@ -112,7 +113,8 @@ class ClientPolicy:
                 raise ValueError(f"node config {key} must be a number, got {value!r}")
             return float(value) or None
 
-        dp = str(node_config.get(NODE_REQUIRE_DP, "") or "") or None
+        required = node_config.get(NODE_REQUIRE_DP, "") or ""
+        dp = None if required == "" else choice(required, get_args(RequiredDP), NODE_REQUIRE_DP)
         secagg = flag(NODE_REQUIRE_SECAGG) or dp == "distributed"
         return cls(secagg=secagg, dp=dp,
                    min_noise_multiplier=node_min_noise_multiplier(node_config) if dp else None,

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr_guard.errors import FlwrGuardError
 from flwr_guard.guard.manifest import (
     MANIFEST_KEY,
+    DPMode,
     DPTerms,
     ManifestError,
     ProtectionManifest,
@@ -186,7 +187,7 @@ class CentralDP:
     adaptive: Any = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    mode = "central"
+    mode: ClassVar[DPMode] = "central"
 
     def kwargs(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
@@ -213,7 +214,7 @@ class DistributedDP(CentralDP):
 
     min_contributors: int = 0
 
-    mode = "distributed"
+    mode: ClassVar[DPMode] = "distributed"
 
     def kwargs(self) -> dict[str, Any]:
         return {**super().kwargs(), "distributed": True, "min_contributors": self.min_contributors}
