@@ -17,16 +17,23 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from flwr.common.config import parse_config_args
 
 from flwr_guard.deployment import Topology
 from flwr_guard.deployment.manifests import (
     COMPOSE_CONNECTION,
     COMPOSE_VARIANTS,
+    CONTAINER_NODE_POLICY,
+    LEDGER_DIR,
+    SECAGG_DIR,
     check_command_line,
     compose_drift,
     compose_topology,
 )
+from flwr_guard.deployment.provision import provision
 from flwr_guard.deployment.tls import make_credentials
+from flwr_guard.dp import node_policy
+from flwr_guard.secagg.policy import policy_from_node_config
 
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE = Path(sys.executable).parent / "docker-compose"
@@ -217,6 +224,7 @@ def test_local_launcher_and_compose_use_the_same_flags(tmp_path) -> None:
     tls, keys = make_credentials(tmp_path, nodes=3)
     container = compose_topology("tls")
     local = Topology.on_free_ports(nodes=3, tls=tls, supernode_auth_keys=keys,
+                                   node_config=container.node_config,
                                    per_node_config=container.per_node_config)
 
     def flags(argv: list[str]) -> list[str]:
@@ -246,3 +254,63 @@ def test_every_image_build_takes_the_mirror_and_proxy_settings(tmp_path) -> None
                 assert {s["source"] for s in build["secrets"]} == {"ca_bundle", "pip_conf"}
             assert config["secrets"]["ca_bundle"]["file"] == bundle
             assert config["secrets"]["pip_conf"]["file"] == "/dev/null"
+
+
+def test_every_supernode_sets_the_operators_policy_and_a_sum_of_three_is_accepted(
+    variant, tmp_path
+) -> None:
+    """The colluder bound and the DP floors are explicit in every SuperNode's node
+    config, the SecAgg+ policy they give accepts sums of 3 (the whole federation), and
+    the roster-derived default would not: without secagg-max-colluders a roster of 3
+    gives C = 1 and sums of at least 4, and every round is refused."""
+    _, config, _ = variant
+    fed = provision(tmp_path / "credentials", 3)
+    submit = config["services"]["submit"]["command"]
+    run_config = parse_config_args([a for a in submit if "=" in a and not a.startswith("-")])
+    for i in range(3):
+        node = parse_config_args([config["services"][f"supernode-{i}"]["command"][-1]])
+        assert {key: node[key] for key in CONTAINER_NODE_POLICY} == CONTAINER_NODE_POLICY
+        assert node["dp-sgd-ledger"] == LEDGER_DIR
+        enforced = node_policy.enforced_policy(node)
+        # at or above the library's defaults (stricter), never weaker
+        assert enforced["dp-sgd-max-epsilon"] == 8 <= node_policy.DEFAULT_MAX_EPSILON
+        assert enforced["dp-sgd-min-noise-multiplier"] == 1 >= node_policy.DEFAULT_DPSGD_MIN_NOISE_MULTIPLIER
+        assert enforced["dp-min-noise-multiplier"] == 0.5 >= node_policy.DEFAULT_MIN_NOISE_MULTIPLIER
+        assert enforced["dp-honest-contributors"] == 2 <= node_policy.DEFAULT_HONEST_CONTRIBUTORS
+        assert enforced["dp-sgd-data-source"] == f"partition-{i}"
+        # the SecAgg+ policy the node loads from the provisioned files
+        local = {k: str(v).replace(SECAGG_DIR, str(fed.out)) if isinstance(v, str) else v
+                 for k, v in node.items()}
+        policy = policy_from_node_config(local)
+        assert policy.roster is not None and len(policy.roster.members) == 3
+        assert (policy.colluders, policy.min_sum) == (0, 3)
+        del local["secagg-max-colluders"]
+        default = policy_from_node_config(local)
+        assert (default.colluders, default.min_sum) == (1, 4)  # > 3 nodes: always refused
+        # the server picks k and t for the same C
+        assert run_config["secagg-max-colluders"] == node["secagg-max-colluders"]
+
+
+def test_each_supernode_waits_for_its_own_ledger_on_its_own_volume(variant) -> None:
+    _, config, _ = variant
+    services = config["services"]
+    assert sorted(v for v in config["volumes"] if v.startswith("ledger-")) == [
+        "ledger-0", "ledger-1", "ledger-2"]
+    for i in range(3):
+        init = services[f"ledger-init-{i}"]
+        assert init["restart"] == "no" and init["network_mode"] == "none"
+        assert init["cap_drop"] == ["ALL"]
+        check_command_line(init["command"])
+        assert init["command"][-2:] == ["--source", f"partition-{i}"]
+
+
+def test_drift_reports_a_missing_or_shared_ledger() -> None:
+    config = json.loads(_compose_config(*COMPOSE_VARIANTS["tls"]).stdout)
+    del config["services"]["ledger-init-0"]
+    for volume in config["services"]["supernode-2"]["volumes"]:
+        if volume["target"] == LEDGER_DIR:
+            volume["source"] = "ledger-1"
+    problems = compose_drift(config, compose_topology("tls"))
+    assert problems[0] == "supernode-0: no 'ledger-init-0' service (flwr-guard ledger init before DP-SGD)"
+    assert any(p.startswith("supernode-2 and ledger-init-2 mount different volumes") for p in problems)
+    assert any(p.startswith("SuperNodes share a ledger volume") for p in problems)

@@ -23,10 +23,13 @@ from conftest import REPO
 from flwr.common.config import parse_config_args
 
 from flwr_guard.deployment.manifests import (
+    CONTAINER_NODE_POLICY,
     K8S_CONNECTION,
+    LEDGER_DIR,
     POD_INDEX,
     SECAGG_DIR,
     check_command_line,
+    compose_topology,
     container_topology,
     k8s_drift,
 )
@@ -277,3 +280,47 @@ def test_rendered_prometheus_configuration_passes_promtool(tmp_path) -> None:
     ]
     assert jobs["pushgateway"]["static_configs"][0]["targets"] == ["pushgateway.monitoring:9091"]
     assert jobs["pushgateway"]["honor_labels"] is False  # each series stored under its source (prometheus.yml)
+
+
+def test_the_chart_sets_the_compose_policy_and_a_ledger_claim_per_pod(tmp_path) -> None:
+    """Same node config as the compose SuperNodes (colluder bound, DP floors, ledger
+    directory), a PersistentVolumeClaim per pod for the ledger, and the ledger step
+    before the SuperNode on it."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["supernodes"]["policy"] == CONTAINER_NODE_POLICY
+    manifests = _render(SECRETS)
+    _validate(manifests, tmp_path)
+    (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "ledger"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "64Mi"
+    pod = statefulset["spec"]["template"]["spec"]
+    assert "ledger" not in [v["name"] for v in pod["volumes"]]  # the claim, not an emptyDir
+    containers = {c["name"]: c for c in [*pod["initContainers"], *pod["containers"]]}
+    assert pod["initContainers"][0]["name"] == "ledger-init"
+    for name in ("ledger-init", "supernode"):
+        assert {"name": "ledger", "mountPath": LEDGER_DIR} in containers[name]["volumeMounts"]
+    args = containers["supernode"]["args"]
+    compose = compose_topology("tls")
+    for index in range(3):
+        node_config = args[args.index("--node-config") + 1].replace(POD_INDEX, str(index))
+        assert node_config == compose.supernode_node_config(index)
+        assert parse_config_args([node_config])["dp-sgd-ledger"] == LEDGER_DIR
+    # a storage class is passed through; a key of nodeConfig overrides the policy's
+    manifests = _render({**SECRETS, "supernodes": {
+        "ledger": {"size": "1Gi", "storageClassName": "fast"},
+        "nodeConfig": {"secagg-max-colluders": 1, "secagg-min-honest-others": 2}}})
+    (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert (claim["spec"]["storageClassName"], claim["spec"]["resources"]["requests"]["storage"]) == (
+        "fast", "1Gi")
+    (node,) = statefulset["spec"]["template"]["spec"]["containers"]
+    config = parse_config_args(
+        [node["args"][node["args"].index("--node-config") + 1].replace(POD_INDEX, "0")])
+    assert config["secagg-max-colluders"] == 1
+
+
+def test_the_ledger_directory_cannot_be_moved_off_its_claim() -> None:
+    with pytest.raises(helm.HelmError, match="dp-sgd-ledger"):
+        _render({**SECRETS, "supernodes": {"nodeConfig": {"dp-sgd-ledger": "/tmp/x"}}})

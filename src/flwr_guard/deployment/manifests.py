@@ -36,6 +36,27 @@ K8S_CONNECTION = "k8s"
 # The StatefulSet gives each SuperNode pod its ordinal in this variable (downward API,
 # label apps.kubernetes.io/pod-index); Kubernetes expands $(POD_INDEX) in args.
 POD_INDEX = "$(POD_INDEX)"
+# Each SuperNode's record-level DP-SGD ledger (node config dp-sgd-ledger) on its own
+# persistent volume (compose: named volume ledger-<i>; Helm: a PVC per pod).
+LEDGER_DIR = "/var/lib/flwr-guard/dp-sgd-ledger"
+# The node operator's explicit policy in every container SuperNode's node config
+# (docs/privacy.md "Defaults", docs/secagg.md "The colluder bound"), as `flwr-guard demo`
+# sets it. Numbers are written as Helm renders them (8, not 8.0).
+# - secagg-max-colluders = 0, secagg-min-honest-others = 2: sums of C + 1 + h = 3, i.e.
+#   every node of the 3-node demo federation. The roster-derived default
+#   C = ceil(0.05 x 3) = 1 needs sums of 4, which 3 nodes never reach. The honest cost:
+#   C = 0 means each node trusts that no other member colludes with the server.
+# - DP floors at or above the library defaults (stricter): DP-SGD budget cap 8 (default
+#   10), DP-SGD noise floor 1 (0.5), user-level noise floor 0.5 (0.5), at most 2 honest
+#   contributors assumed for distributed noise (3).
+CONTAINER_NODE_POLICY: NodeConfig = {
+    "dp-honest-contributors": 2,
+    "dp-min-noise-multiplier": 0.5,
+    "dp-sgd-max-epsilon": 8,
+    "dp-sgd-min-noise-multiplier": 1,
+    "secagg-max-colluders": 0,
+    "secagg-min-honest-others": 2,
+}
 
 
 def container_topology(
@@ -45,6 +66,8 @@ def container_topology(
     node_config: NodeConfig | None = None,
     secagg: bool = True,
     roster_admin_key: str | None = None,
+    policy: NodeConfig | None = None,
+    ledger: bool = True,
 ) -> Topology:
     """The topology of a container deployment.
 
@@ -60,7 +83,18 @@ def container_topology(
             writes.
         roster_admin_key: the roster administrator's public key (64 hex) every node
             checks the roster's signature with (``None``: not checked).
+        policy: the node operator's explicit floors in every SuperNode's node config
+            (``None``: :data:`CONTAINER_NODE_POLICY`); ``node_config`` wins on a shared key.
+        ledger: node config ``dp-sgd-ledger`` = :data:`LEDGER_DIR` (each SuperNode's
+            persistent volume, where its ledger-init step created the ledger).
+
+    The shared node config is sorted by key (Helm ranges over a map in key order).
     """
+    shared: NodeConfig = {
+        **(CONTAINER_NODE_POLICY if policy is None else policy),
+        **({"dp-sgd-ledger": LEDGER_DIR} if ledger else {}),
+        **(node_config or {}),
+    }
     per_node: tuple[NodeConfig, ...] = ()
     if secagg:
         per_node = tuple(
@@ -78,7 +112,7 @@ def container_topology(
         host="0.0.0.0",
         superlink_host=superlink_host,
         supernode_host="127.0.0.1",
-        node_config=dict(node_config or {}),
+        node_config=dict(sorted(shared.items())),
         per_node_config=per_node,
         tls=(
             TlsConfig(f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/server.crt", f"{TLS_DIR}/server.key")
@@ -126,6 +160,18 @@ def register_argv(topology: Topology, connection: str, indices: Iterable[int]) -
     ]
 
 
+def ledger_init_argv(topology: Topology, index: int) -> list[str]:
+    """SuperNode ``index``'s ledger step (:mod:`flwr_guard.deployment.ledger_init`): the
+    directory and data source its node config names (``dp-sgd-ledger``,
+    ``dp-sgd-data-source`` or ``partition-<i>``)."""
+    from flwr_guard.dp.node_policy import NODE_LEDGER_DIR, data_source
+
+    config = {"partition-id": index, **topology.node_config,
+              **(topology.per_node_config[index] if index < len(topology.per_node_config) else {})}
+    return ["python", "-m", "flwr_guard.deployment.ledger_init",
+            "--dir", str(config.get(NODE_LEDGER_DIR, LEDGER_DIR)), "--source", data_source(config)]
+
+
 def _diff(where: str, actual: Any, expected: list[str]) -> list[str]:
     if actual == expected:
         return []
@@ -159,6 +205,8 @@ def compose_drift(
             problems += _diff(
                 name, services[name].get("command"), topology.supernode_command(index)
             )
+    if "dp-sgd-ledger" in topology.node_config:
+        problems += _compose_ledger_drift(services, topology)
     if topology.supernode_auth:
         if "register" not in services:
             problems.append("SuperNode authentication without a 'register' service")
@@ -170,6 +218,37 @@ def compose_drift(
             )
     elif "register" in services:
         problems.append("a 'register' service, but the topology has no SuperNode auth")
+    return problems
+
+
+def _compose_ledger_drift(services: Mapping[str, Any], topology: Topology) -> list[str]:
+    """Each SuperNode ``i`` starts after its one-shot ``ledger-init-<i>`` succeeded, and
+    both mount the same named volume, writable, at the node config's ``dp-sgd-ledger``."""
+    problems: list[str] = []
+    directory = str(topology.node_config["dp-sgd-ledger"])
+    for index in range(topology.nodes):
+        init, node = f"ledger-init-{index}", f"supernode-{index}"
+        if init not in services or node not in services:
+            problems.append(f"{node}: no '{init}' service (flwr-guard ledger init before DP-SGD)")
+            continue
+        problems += _diff(init, services[init].get("command"), ledger_init_argv(topology, index))
+        condition = services[node].get("depends_on", {}).get(init, {}).get("condition")
+        if condition != "service_completed_successfully":
+            problems.append(f"{node}: does not wait for {init} to complete successfully")
+        mounts = {}
+        for name in (init, node):
+            found = [v for v in services[name].get("volumes", []) if v.get("target") == directory]
+            if len(found) != 1 or found[0].get("type") != "volume" or found[0].get("read_only"):
+                problems.append(f"{name}: no writable named volume at {directory}")
+            else:
+                mounts[name] = found[0].get("source")
+        if len(mounts) == 2 and mounts[init] != mounts[node]:
+            problems.append(f"{node} and {init} mount different volumes at {directory}: {mounts}")
+    volumes = [services[f"supernode-{i}"].get("volumes", []) for i in range(topology.nodes)
+               if f"supernode-{i}" in services]
+    sources = [v.get("source") for vs in volumes for v in vs if v.get("target") == directory]
+    if len(set(sources)) != len(sources):
+        problems.append(f"SuperNodes share a ledger volume: {sources}")
     return problems
 
 
@@ -227,6 +306,15 @@ def k8s_drift(
             _with_index(_argv(containers["supernode"]), index),
             topology.supernode_command(index),
         )
+        if "dp-sgd-ledger" in topology.node_config:
+            if "ledger-init" not in containers:
+                problems.append("DP-SGD ledger without a 'ledger-init' init container")
+            else:
+                problems += _diff(
+                    f"ledger-init of pod {index}",
+                    _with_index(_argv(containers["ledger-init"]), index),
+                    ledger_init_argv(topology, index),
+                )
         if topology.supernode_auth:
             if "register" not in containers:
                 problems.append("SuperNode authentication without a 'register' init container")
@@ -331,6 +419,10 @@ def check_command_line(argv: Sequence[str]) -> None:
         if parsed is not None:
             for entry in parsed.run_config:
                 _config_check("--run-config", entry)
+    elif program == "python" and args[:2] == ["-m", "flwr_guard.deployment.ledger_init"]:
+        from flwr_guard.deployment.ledger_init import build_parser as ledger_parser
+
+        _argparse_check(ledger_parser(), "python -m flwr_guard.deployment.ledger_init", args[2:])
     elif program == "python" and args == ["-m", "flwr_guard.deployment.healthcheck"]:
         return
     else:
