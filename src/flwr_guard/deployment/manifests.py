@@ -50,12 +50,12 @@ LEDGER_DIR = "/var/lib/flwr-guard/dp-sgd-ledger"
 #   10), DP-SGD noise floor 1 (0.5), user-level noise floor 0.5 (0.5), at most 2 honest
 #   contributors assumed for distributed noise (3).
 CONTAINER_NODE_POLICY: NodeConfig = {
-    "dp-honest-contributors": 2,
-    "dp-min-noise-multiplier": 0.5,
-    "dp-sgd-max-epsilon": 8,
-    "dp-sgd-min-noise-multiplier": 1,
-    "secagg-max-colluders": 0,
-    "secagg-min-honest-others": 2,
+    keys.NodeConfig.DP_HONEST_CONTRIBUTORS: 2,
+    keys.NodeConfig.DP_MIN_NOISE_MULTIPLIER: 0.5,
+    keys.NodeConfig.DP_SGD_MAX_EPSILON: 8,
+    keys.NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER: 1,
+    keys.NodeConfig.SECAGG_MAX_COLLUDERS: 0,
+    keys.NodeConfig.SECAGG_MIN_HONEST_OTHERS: 2,
 }
 
 
@@ -92,7 +92,7 @@ def container_topology(
     """
     shared: NodeConfig = {
         **(CONTAINER_NODE_POLICY if policy is None else policy),
-        **({"dp-sgd-ledger": LEDGER_DIR} if ledger else {}),
+        **({keys.NodeConfig.DP_SGD_LEDGER: LEDGER_DIR} if ledger else {}),
         **(node_config or {}),
     }
     per_node: tuple[NodeConfig, ...] = ()
@@ -164,12 +164,12 @@ def ledger_init_argv(topology: Topology, index: int) -> list[str]:
     """SuperNode ``index``'s ledger step (:mod:`flwr_guard.deployment.ledger_init`): the
     directory and data source its node config names (``dp-sgd-ledger``,
     ``dp-sgd-data-source`` or ``partition-<i>``)."""
-    from flwr_guard.dp.node_policy import NODE_LEDGER_DIR, data_source
+    from flwr_guard.dp.node_policy import data_source
 
     config = {"partition-id": index, **topology.node_config,
               **(topology.per_node_config[index] if index < len(topology.per_node_config) else {})}
     return ["python", "-m", "flwr_guard.deployment.ledger_init",
-            "--dir", str(config.get(NODE_LEDGER_DIR, LEDGER_DIR)), "--source", data_source(config)]
+            "--dir", str(config.get(keys.NodeConfig.DP_SGD_LEDGER, LEDGER_DIR)), "--source", data_source(config)]
 
 
 def _diff(where: str, actual: Any, expected: list[str]) -> list[str]:
@@ -205,7 +205,7 @@ def compose_drift(
             problems += _diff(
                 name, services[name].get("command"), topology.supernode_command(index)
             )
-    if "dp-sgd-ledger" in topology.node_config:
+    if keys.NodeConfig.DP_SGD_LEDGER in topology.node_config:
         problems += _compose_ledger_drift(services, topology)
     if topology.supernode_auth:
         if "register" not in services:
@@ -225,7 +225,7 @@ def _compose_ledger_drift(services: Mapping[str, Any], topology: Topology) -> li
     """Each SuperNode ``i`` starts after its one-shot ``ledger-init-<i>`` succeeded, and
     both mount the same named volume, writable, at the node config's ``dp-sgd-ledger``."""
     problems: list[str] = []
-    directory = str(topology.node_config["dp-sgd-ledger"])
+    directory = str(topology.node_config[keys.NodeConfig.DP_SGD_LEDGER])
     for index in range(topology.nodes):
         init, node = f"ledger-init-{index}", f"supernode-{index}"
         if init not in services or node not in services:
@@ -306,7 +306,7 @@ def k8s_drift(
             _with_index(_argv(containers["supernode"]), index),
             topology.supernode_command(index),
         )
-        if "dp-sgd-ledger" in topology.node_config:
+        if keys.NodeConfig.DP_SGD_LEDGER in topology.node_config:
             if "ledger-init" not in containers:
                 problems.append("DP-SGD ledger without a 'ledger-init' init container")
             else:
