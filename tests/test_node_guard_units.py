@@ -29,11 +29,12 @@ from flwr_guard.node.fab_signature import (
 )
 from flwr_guard.node.flower_pins import check_flower
 from flwr_guard.node.round_log import LINE_PREFIX
-from flwr_guard.node.runner import handle
+from flwr_guard.node.runner import chain, handle
 from flwr_guard.node.superexec import GuardedExecutor
 
 PLAIN = FIXTURES / "quickstart" / "plain"
 PROBE = FIXTURES / "node_guard" / "probe"
+APP_GUARD = FIXTURES / "node_guard" / "app_guard"
 
 
 def test_flower_internals_the_guard_relies_on_are_as_pinned() -> None:
@@ -122,11 +123,11 @@ def test_a_fab_with_a_file_its_manifest_omits_is_refused(signed_app) -> None:
 
 
 # -- the app's process boundary ---------------------------------------------------------
-def _probe_fab() -> tuple[Fab, Run]:
-    content = build_fab_from_disk(PROBE)
+def _probe_fab(app_dir=PROBE, fab_id: str = "flwr-guard-tests/probe") -> tuple[Fab, Run]:
+    content = build_fab_from_disk(app_dir)
     fab = Fab(fab_hash(content), content, {})
     run = Run.create_empty(run_id=7)
-    run.fab_id, run.fab_version, run.fab_hash = "flwr-guard-tests/probe", "1.0.0", fab.hash_str
+    run.fab_id, run.fab_version, run.fab_hash = fab_id, "1.0.0", fab.hash_str
     return fab, run
 
 
@@ -322,3 +323,82 @@ def test_node_start_pairs_a_process_isolated_supernode_with_the_guards_superexec
     assert "127.0.0.1:9999" in superexec and str(secret) in superexec
     with pytest.raises(ValueError, match="sets --isolation process itself"):
         guarded_commands(["--isolation", "subprocess"], secret)
+
+
+# -- the app's own ClientGuard under the node guard ------------------------------------
+def _secagg_manifest_message() -> Message:
+    """A train message as the app sees it under the node guard: the model and a manifest
+    that announces SecAgg+, without the protocol record (the node's SecAgg+ mod took it)."""
+    from flwr_guard.guard.manifest import MANIFEST_KEY, ProtectionManifest, SecAggTerms
+
+    manifest = ProtectionManifest(("secagg",), secagg=SecAggTerms(None, None, 2.0, 2**16))
+    return _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]),
+                          {MANIFEST_KEY: manifest.to_json()})
+
+
+def test_the_apps_own_guard_leaves_secagg_to_the_node_guard_and_refuses_without_it(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.node.enforcement import NodeEnforcement
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab, run = _probe_fab(APP_GUARD, "flwr-guard-tests/app-guard")
+    msg = _secagg_manifest_message()
+    # Under the node guard, for a message the node masks: the app guard does not refuse,
+    # and its update goes (in the clear, inside the node) to the guard, which masks it.
+    masked = NodeEnforcement(secagg_masked=True, policy="abcd")
+    result = run_app(msg, _context(), run, fab, enforcement=masked)
+    assert not result.reply.has_error(), result.reply.error
+    update = result.reply.content.array_records["arrays"].to_numpy_ndarrays()[0]
+    np.testing.assert_array_equal(update, np.full(3, 2.0, dtype=np.float32))
+    # Positive controls: without the marker (an unguarded node), and under a node guard
+    # that does not mask this message (the operator turned SecAgg+ off), the app's own
+    # guard refuses: nothing is sent in the clear.
+    for enforcement in (None, NodeEnforcement(secagg_masked=False, policy="abcd")):
+        result = run_app(msg, _context(), run, fab, enforcement=enforcement)
+        assert result.reply.has_error() and result.reply.error.reason.startswith(POLICY_REFUSAL)
+        assert "the global model came in a plain train message" in result.reply.error.reason
+
+
+def test_a_server_cannot_set_the_marker_through_run_config_message_or_environment(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.guard.client import ClientGuard
+    from flwr_guard.guard.policy import ClientPolicy
+    from flwr_guard.node.enforcement import NodeEnforcement, node_enforcement
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    forged = NodeEnforcement(secagg_masked=True, policy="abcd").to_bytes().decode()
+    names = ("flwr-guard-node-enforcement", "node-enforcement", "secagg_masked", "secagg-masked",
+             "guard-node-enforced", "FLWR_GUARD_NODE_ENFORCEMENT")
+    for name in names:
+        monkeypatch.setenv(name.upper().replace("-", "_"), forged)
+    msg = _secagg_manifest_message()
+    for name in names:
+        msg.content["config"][name] = forged
+    context = _context(**dict.fromkeys(names, forged))
+    context.run_config.update(dict.fromkeys(names, forged))
+    # In the app's child process (as on a node whose guard sends no marker) ...
+    fab, run = _probe_fab(APP_GUARD, "flwr-guard-tests/app-guard")
+    result = run_app(msg, context, run, fab)
+    assert result.reply.has_error(), "a forged marker switched the app guard off"
+    assert "the global model came in a plain train message" in result.reply.error.reason
+    # ... and in this process, as an unguarded node's flwr-clientapp runs the app.
+    assert node_enforcement() is None
+    mods = ClientGuard(ClientPolicy(secagg=True)).train_mods()
+    reply = chain(mods, _echo_app())(msg, context)
+    assert reply.has_error() and "the global model came in a plain train message" in reply.error.reason
+
+
+def test_the_guard_tells_the_app_only_a_masked_input_stage_is_masked_by_the_node() -> None:
+    from flwr_guard.node.enforcement import NodeEnforcement
+    from flwr_guard.node.policy import NodePolicy
+    from flwr_guard.node.runner import enforcement_for
+
+    policy = NodePolicy.from_node_config({"guard-fab-allow-any": True})
+    plain = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    assert enforcement_for(plain, policy) == NodeEnforcement(False, policy.digest())
+    staged = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    staged.content["secagg"] = ConfigRecord({"stage": "masked-input", "payload": b""})
+    assert enforcement_for(staged, policy) == NodeEnforcement(True, policy.digest())
+    assert NodeEnforcement.from_bytes(NodeEnforcement(True, "ab").to_bytes()) == NodeEnforcement(True, "ab")
+    with pytest.raises(ValueError, match="enforcement frame is not version 1"):
+        NodeEnforcement.from_bytes(b'{"version": 0}')

@@ -9,7 +9,10 @@ flwr_guard.node.app_child`` and hands it, over a pipe, only
 - a context whose node config lacks every key the guard reads (:func:`app_node_config`:
   ``guard-*`` and ``secagg-*``: the policy, the allow-list, the SecAgg+ key and roster
   files) and whose state holds only the app's own records (:data:`APP_STATE_PREFIX`),
-- the run and the FAB, which the child installs and loads with Flower's own loader.
+- the run and the FAB, which the child installs and loads with Flower's own loader,
+- what the node enforces around this message (:class:`~flwr_guard.node.enforcement.NodeEnforcement`:
+  the marker that lets the app's own ``ClientGuard`` step aside for SecAgg+; it travels
+  on this pipe only, never in the run config, node config or message).
 
 The child answers with its reply and its state over a second pipe (its stdout and stderr
 stay the app's log). The guard rebuilds the reply itself: the metadata comes from the
@@ -46,6 +49,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
+from flwr_guard.node.enforcement import NodeEnforcement
 from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
 
 __all__ = ["MAX_RESULT_BYTES", "run_app"]
@@ -98,7 +102,8 @@ def _failed(message: Message, reason: str) -> Message:
 
 
 def run_app(message: Message, context: Context, run: Run, fab: Fab,
-            command: Sequence[str] | None = None) -> AppResult:
+            command: Sequence[str] | None = None,
+            enforcement: NodeEnforcement | None = None) -> AppResult:
     """Run the app's ClientApp on ``message`` in a child process (see the module docstring).
 
     Args:
@@ -108,6 +113,8 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         run, fab: the run and the FAB (already checked against the allow-list).
         command: the child's argv without the result fd (default: this interpreter,
             ``-m flwr_guard.node.app_child``).
+        enforcement: what the node enforces around this message, made known to the
+            app's ``ClientGuard`` (``None``: nothing; the app guard enforces SecAgg+ itself).
 
     Returns:
         The reply (an error reply when the app raised or its process failed).
@@ -123,6 +130,7 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         context_to_proto(child_context).SerializeToString(),
         run_to_proto(run).SerializeToString(),
         fab_to_proto(fab).SerializeToString(),
+        enforcement.to_bytes() if enforcement is not None else b"",
     ]
     read_fd, write_fd = os.pipe()
     argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"]) + [str(write_fd)]
