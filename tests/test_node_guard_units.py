@@ -188,9 +188,94 @@ def test_an_app_process_that_dies_yields_an_error_reply_not_a_crash(tmp_path, mo
     assert "exit code 3" in result.reply.error.reason
 
 
-def test_app_node_config_drops_the_guards_keys() -> None:
-    assert app_node_config({"partition-id": 1, "guard-fab-hashes": "x", "secagg-roster": "r",
-                            "dp-sgd-ledger": "l"}) == {"partition-id": 1, "dp-sgd-ledger": "l"}
+def _owned_node_config(ledgers) -> dict:
+    """A node config with every key the node's policy owns, and keys the app keeps."""
+    from flwr_guard.dp.keys import NODE_HONEST_CONTRIBUTORS, NODE_MIN_NOISE_MULTIPLIER
+    from flwr_guard.dp.node_policy import (
+        NODE_DATA_SOURCE,
+        NODE_DPSGD_MAX_EPSILON,
+        NODE_DPSGD_MIN_NOISE_MULTIPLIER,
+        NODE_LEDGER_DIR,
+        NODE_MIN_NOISE_MULTIPLIER_ALIAS,
+    )
+    from flwr_guard.guard.policy import NODE_REQUIRE_DP
+    from flwr_guard.node.allowlist import NODE_HASHES
+    from flwr_guard.secagg.policy import NODE_ROSTER, NODE_SIGNING_KEY
+
+    owned = {NODE_HASHES: "x", NODE_REQUIRE_DP: "distributed", NODE_ROSTER: "/keys/roster.toml",
+             NODE_SIGNING_KEY: "/keys/node.key", NODE_MIN_NOISE_MULTIPLIER: 1.0,
+             NODE_MIN_NOISE_MULTIPLIER_ALIAS: 1.0, NODE_HONEST_CONTRIBUTORS: 2,
+             NODE_LEDGER_DIR: str(ledgers)}
+    kept = {"partition-id": 0, NODE_DPSGD_MAX_EPSILON: 3.0, NODE_DPSGD_MIN_NOISE_MULTIPLIER: 1.0,
+            NODE_DATA_SOURCE: "digits-0"}
+    return {**owned, **kept}
+
+
+def test_app_node_config_drops_every_key_the_node_policy_owns(tmp_path) -> None:
+    config = _owned_node_config(tmp_path / "ledgers")
+    assert app_node_config(config) == {"partition-id": 0, "dp-sgd-max-epsilon": 3.0,
+                                       "dp-sgd-min-noise-multiplier": 1.0,
+                                       "dp-sgd-data-source": "digits-0"}
+
+
+def _ledger_run(tmp_path, monkeypatch, mode: str):
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    ledgers = tmp_path / "ledgers"
+    init_ledger(ledgers, "digits-0")
+    node = RecordLedger(ledgers, "digits-0")
+    node.reserve(1.0, 0.01, 100)  # the node's earlier spending
+    fab, run = _probe_fab()
+    context = _context(**_owned_node_config(ledgers))
+    del context.node_config["partition-id"]
+    context.run_config["mode"] = mode
+    result = run_app(_train_message(ArrayRecord([np.ones(3, dtype=np.float32)])), context, run, fab)
+    return result, RecordLedger(ledgers, "digits-0"), ledgers
+
+
+def test_the_app_never_sees_the_nodes_private_config_nor_its_ledgers_location(tmp_path, monkeypatch) -> None:
+    result, ledger, ledgers = _ledger_run(tmp_path, monkeypatch, "echo")
+    assert not result.reply.has_error(), result.reply.error
+    seen = json.loads(result.reply.content.config_records["seen"]["json"])
+    assert seen["node_config"] == ["dp-sgd-data-source", "dp-sgd-ledger", "dp-sgd-max-epsilon",
+                                   "dp-sgd-min-noise-multiplier", "partition-id"]
+    # dp-sgd-ledger names a copy, not the node's directory; the copy is gone afterwards.
+    assert seen["ledger_dir"] != str(ledgers) and not __import__("os").path.exists(seen["ledger_dir"])
+    assert ledger.history == [(1.0, 0.01, 100)]
+
+
+def test_steps_the_app_reserves_in_its_copy_reach_the_nodes_ledger(tmp_path, monkeypatch) -> None:
+    result, ledger, _ = _ledger_run(tmp_path, monkeypatch, "ledger-reserve")
+    assert not result.reply.has_error(), result.reply.error
+    assert ledger.history == [(1.0, 0.01, 100), (1.5, 0.02, 10)]
+
+
+def test_an_app_that_resets_its_ledger_copy_is_refused_and_the_nodes_ledger_is_kept(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger
+    from flwr_guard.node.app_config import LEDGER_REFUSAL
+
+    result, ledger, ledgers = _ledger_run(tmp_path, monkeypatch, "ledger-reset")
+    assert result.reply.has_error() and LEDGER_REFUSAL in result.reply.error.reason
+    assert "sends nothing" in result.reply.error.reason
+    assert ledger.history == [(1.0, 0.01, 100)]
+    # Positive control: the same reset on the node's own ledger (what an app that is
+    # given the ledger's location can do) forgets the spending.
+    init_ledger(ledgers, "digits-0", force=True)
+    assert RecordLedger(ledgers, "digits-0").history == []
+
+
+def test_a_missing_node_ledger_is_refused_naming_the_nodes_directory(tmp_path) -> None:
+    from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
+    from flwr_guard.node.app_config import LedgerHandout
+
+    handout = LedgerHandout({"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"})
+    with pytest.raises(LedgerMissing) as err:  # what the app's DP-SGD raises on its copy
+        RecordLedger(handout.node_config["dp-sgd-ledger"], "s")
+    reason = handout.reason(str(err.value))
+    assert f"flwr-guard ledger init --dir {tmp_path / 'node'} --source s" in reason
+    assert handout.take_back() is None and not (tmp_path / "node").exists()
 
 
 # -- the guard's chain around an app (the app here is in-process, a stand-in) -------------
