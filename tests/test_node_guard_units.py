@@ -166,7 +166,7 @@ def test_the_app_runs_in_another_process_and_never_sees_the_guards_records_or_ke
     # What the app saw: its own record (without the prefix), a node config without the
     # guard's keys, and a process that is not the guard's.
     assert seen["state"] == ["counter"]
-    assert seen["node_config"] == ["partition-id"]
+    assert seen["node_config"] == ["dp-sgd-ledger", "partition-id"]  # the ledger: a copy
     assert seen["pid"] != __import__("os").getpid()
     assert seen["guard_modules"] == []  # nothing of the guard's policy or SecAgg+ imported
     # The app's state came back under the prefix; the guard's record is untouched.
@@ -228,7 +228,6 @@ def _ledger_run(tmp_path, monkeypatch, mode: str):
     node.reserve(1.0, 0.01, 100)  # the node's earlier spending
     fab, run = _probe_fab()
     context = _context(**_owned_node_config(ledgers))
-    del context.node_config["partition-id"]
     context.run_config["mode"] = mode
     result = run_app(_train_message(ArrayRecord([np.ones(3, dtype=np.float32)])), context, run, fab)
     return result, RecordLedger(ledgers, "digits-0"), ledgers
