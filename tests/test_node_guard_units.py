@@ -28,6 +28,7 @@ from flwr_guard.node.fab_signature import (
     write_private_key,
 )
 from flwr_guard.node.flower_pins import check_flower
+from flwr_guard.node.policy import NodePolicy
 from flwr_guard.node.round_log import LINE_PREFIX
 from flwr_guard.node.runner import chain, handle
 from flwr_guard.node.superexec import GuardedExecutor
@@ -486,3 +487,57 @@ def test_the_guard_tells_the_app_only_a_masked_input_stage_is_masked_by_the_node
     assert NodeEnforcement.from_bytes(NodeEnforcement(True, "ab").to_bytes()) == NodeEnforcement(True, "ab")
     with pytest.raises(ValueError, match="enforcement frame is not version 1"):
         NodeEnforcement.from_bytes(b'{"version": 0}')
+
+
+# -- the structural trap check on the received model ------------------------------------
+def _models() -> dict:
+    """The honest models of tests/test_audit_trap.py's false-positive tests, and an
+    imprint planted in the MLP (Fowl et al.)."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from flwr_guard.audit.imprint import plant_imprint
+    from flwr_guard.models.digits_cnn import DigitsCNN
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    public = torch.tensor(load_digits().data[1400:] / 16.0, dtype=torch.float32)
+    models = {"digits-cnn": DigitsCNN().state_dict(), "digits-mlp": mlp.state_dict(),
+              "tabular-mlp": nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3)).state_dict(),
+              "imprint": plant_imprint(mlp.state_dict(), "1", "3", public)}
+    return {name: ArrayRecord(state) for name, state in models.items()}
+
+
+def test_the_node_refuses_an_imprint_model_before_the_app_trains_and_passes_honest_ones(caplog) -> None:
+    fab, run = Fab("0" * 64, b"", {}), Run.create_empty(7)
+    config = {"guard-fab-allow-any": True, "guard-require-secagg": False}
+    trained: list[str] = []
+
+    def app(name: str):
+        def call(m: Message, c: Context) -> Message:
+            trained.append(name)
+            return Message(content=RecordDict({"arrays": m.content["arrays"],
+                                               "metrics": MetricRecord({"num-examples": 10})}),
+                           reply_to=m)
+        return call
+
+    caplog.set_level("INFO", logger="flwr_guard.node")
+    models = _models()
+    for name in ("digits-cnn", "digits-mlp", "tabular-mlp"):
+        reply = handle(_train_message(models[name]), _context(**config), run, fab, app=app(name))
+        assert not reply.has_error(), (name, reply.error)
+    assert trained == ["digits-cnn", "digits-mlp", "tabular-mlp"]
+    reply = handle(_train_message(models["imprint"]), _context(**config), run, fab, app=app("imprint"))
+    assert reply.has_error() and reply.error.reason.startswith(f"{POLICY_REFUSAL} received model refused:")
+    assert "64 rows of '1.weight' (64, 64) share one direction" in reply.error.reason
+    assert "guard-trap-check" in reply.error.reason
+    assert "imprint" not in trained  # refused before the app ran
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(LINE_PREFIX)]
+    assert "refused: flwr-guard policy refused: received model refused:" in lines[-1]
+    # Positive control: with the check off the app trains on the imprint model.
+    off = _context(**config, **{"guard-trap-check": False})
+    assert not handle(_train_message(models["imprint"]), off, run, fab, app=app("imprint")).has_error()
+    assert trained[-1] == "imprint"
+    with pytest.raises(ValueError, match="guard-trap-check must be true or false"):
+        NodePolicy.from_node_config({"guard-trap-check": "maybe"})
