@@ -541,3 +541,23 @@ def test_the_node_refuses_an_imprint_model_before_the_app_trains_and_passes_hone
     assert trained[-1] == "imprint"
     with pytest.raises(ValueError, match="guard-trap-check must be true or false"):
         NodePolicy.from_node_config({"guard-trap-check": "maybe"})
+
+
+def test_steps_of_an_app_whose_node_ledger_vanished_meanwhile_are_refused_not_dropped(tmp_path) -> None:
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger, ledger_path
+    from flwr_guard.node.app_config import LEDGER_REFUSAL, LedgerHandout
+
+    node = {"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"}
+    init_ledger(tmp_path / "node", "s")
+    handout = LedgerHandout(node)
+    RecordLedger(handout.node_config["dp-sgd-ledger"], "s").reserve(1.0, 0.1, 5)  # the app
+    ledger_path(tmp_path / "node", "s").unlink()  # deleted while the app ran
+    reason = handout.take_back()
+    assert reason is not None and reason.startswith(LEDGER_REFUSAL)
+    assert "cannot be recorded" in reason and "is missing" in reason
+    # Positive control: with the node's ledger in place the same steps are recorded.
+    init_ledger(tmp_path / "node", "s")
+    handout = LedgerHandout(node)
+    RecordLedger(handout.node_config["dp-sgd-ledger"], "s").reserve(1.0, 0.1, 5)
+    assert handout.take_back() is None
+    assert RecordLedger(tmp_path / "node", "s").history == [(1.0, 0.1, 5)]

@@ -7,13 +7,13 @@ keys its policy owns stay with the guard (:func:`app_node_config`):
   (the SecAgg+ floors, the signing key and roster files): enforced by the guard's mods;
 - the user-level DP floors the guard's mods enforce: ``dp-min-noise-multiplier``,
   ``dp-honest-contributors`` (:mod:`flwr_guard.dp.keys`);
-- the record-level ledger's location, ``dp-sgd-ledger``, and the removed
-  ``dp-sgd-ledger-reset`` (:mod:`flwr_guard.dp.node_policy`).
+- the record-level ledger's location, ``dp-sgd-ledger`` (:mod:`flwr_guard.dp.node_policy`).
 
 What the app keeps: everything else, including the record-level floors its own DP-SGD
 must honour (``dp-sgd-max-epsilon``, ``dp-sgd-min-noise-multiplier``,
 ``dp-sgd-secure-mode``: record-level DP-SGD lives in the training loop and cannot be
-imposed from outside) and the ledger's name (``dp-sgd-data-source``). The ledger itself
+imposed from outside), the ledger's name (``dp-sgd-data-source``) and the removed
+``dp-sgd-ledger-reset``, so that the app's DP-SGD refuses it naming the fix. The ledger itself
 is handed out as a copy (:class:`LedgerHandout`): the app's ``dp-sgd-ledger`` names a
 fresh directory holding a copy of the node's ledger file; after the app's process has
 exited the guard writes the copy back only when it *extends* the node's history (the
@@ -40,11 +40,11 @@ from typing import Any
 from flwr_guard.dp.keys import NODE_HONEST_CONTRIBUTORS, NODE_MIN_NOISE_MULTIPLIER
 from flwr_guard.dp.node_policy import (
     NODE_LEDGER_DIR,
-    NODE_LEDGER_RESET,
     NODE_MIN_NOISE_MULTIPLIER_ALIAS,
     data_source,
 )
 from flwr_guard.dp.record_ledger import (
+    LedgerMissing,
     RecordLedger,
     append_steps,
     default_ledger_dir,
@@ -55,7 +55,7 @@ from flwr_guard.dp.record_ledger import (
 PRIVATE_PREFIXES = ("guard-", "secagg-")
 #: Further node-config keys the app never sees (the node's DP policy and ledger).
 PRIVATE_KEYS = frozenset({NODE_MIN_NOISE_MULTIPLIER, NODE_MIN_NOISE_MULTIPLIER_ALIAS,
-                          NODE_HONEST_CONTRIBUTORS, NODE_LEDGER_DIR, NODE_LEDGER_RESET})
+                          NODE_HONEST_CONTRIBUTORS, NODE_LEDGER_DIR})
 LEDGER_REFUSAL = "flwr-guard node: the app rewrote its copy of the node's record-level ledger"
 
 
@@ -154,7 +154,10 @@ class LedgerHandout:
             if steps:
                 # Appended to the ledger as it is now (another app's steps, written while
                 # this one ran, stay): spending is never lost.
-                ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
+                try:
+                    ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
+                except LedgerMissing as err:  # deleted or corrupted while the app ran
+                    return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
                 for entry in steps:
                     append_steps(ledger.history, entry)
                 ledger.save()
