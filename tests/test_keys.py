@@ -48,8 +48,6 @@ NOT_KEYS = {
     ("guard/manifest.py", "audit-summary"): (1, "a protection name in the manifest"),
     ("guard/strategy.py", "audit-summary"): (1, "a protection name in the manifest"),
     ("node/policy.py", "dp-sgd"): (1, "a field of the policy description the digest covers"),
-    ("node/app_process.py", "guard-"): (1, "node-config prefix the app's process never sees"),
-    ("node/app_process.py", "secagg-"): (1, "node-config prefix the app's process never sees"),
 }
 #: Keys of keys.py that no docs table lists, with the reason.
 UNDOCUMENTED = {

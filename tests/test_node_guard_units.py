@@ -28,12 +28,14 @@ from flwr_guard.node.fab_signature import (
     write_private_key,
 )
 from flwr_guard.node.flower_pins import check_flower
+from flwr_guard.node.policy import NodePolicy
 from flwr_guard.node.round_log import LINE_PREFIX
-from flwr_guard.node.runner import handle
+from flwr_guard.node.runner import chain, handle
 from flwr_guard.node.superexec import GuardedExecutor
 
 PLAIN = FIXTURES / "quickstart" / "plain"
 PROBE = FIXTURES / "node_guard" / "probe"
+APP_GUARD = FIXTURES / "node_guard" / "app_guard"
 
 
 def test_flower_internals_the_guard_relies_on_are_as_pinned() -> None:
@@ -122,11 +124,11 @@ def test_a_fab_with_a_file_its_manifest_omits_is_refused(signed_app) -> None:
 
 
 # -- the app's process boundary ---------------------------------------------------------
-def _probe_fab() -> tuple[Fab, Run]:
-    content = build_fab_from_disk(PROBE)
+def _probe_fab(app_dir=PROBE, fab_id: str = "flwr-guard-tests/probe") -> tuple[Fab, Run]:
+    content = build_fab_from_disk(app_dir)
     fab = Fab(fab_hash(content), content, {})
     run = Run.create_empty(run_id=7)
-    run.fab_id, run.fab_version, run.fab_hash = "flwr-guard-tests/probe", "1.0.0", fab.hash_str
+    run.fab_id, run.fab_version, run.fab_hash = fab_id, "1.0.0", fab.hash_str
     return fab, run
 
 
@@ -165,7 +167,7 @@ def test_the_app_runs_in_another_process_and_never_sees_the_guards_records_or_ke
     # What the app saw: its own record (without the prefix), a node config without the
     # guard's keys, and a process that is not the guard's.
     assert seen["state"] == ["counter"]
-    assert seen["node_config"] == ["partition-id"]
+    assert seen["node_config"] == ["dp-sgd-ledger", "partition-id"]  # the ledger: a copy
     assert seen["pid"] != __import__("os").getpid()
     assert seen["guard_modules"] == []  # nothing of the guard's policy or SecAgg+ imported
     # The app's state came back under the prefix; the guard's record is untouched.
@@ -187,9 +189,83 @@ def test_an_app_process_that_dies_yields_an_error_reply_not_a_crash(tmp_path, mo
     assert "exit code 3" in result.reply.error.reason
 
 
-def test_app_node_config_drops_the_guards_keys() -> None:
-    assert app_node_config({"partition-id": 1, "guard-fab-hashes": "x", "secagg-roster": "r",
-                            "dp-sgd-ledger": "l"}) == {"partition-id": 1, "dp-sgd-ledger": "l"}
+def _owned_node_config(ledgers) -> dict:
+    """A node config with every key the node's policy owns, and keys the app keeps."""
+    from flwr_guard.keys import NodeConfig
+
+    owned = {NodeConfig.GUARD_FAB_HASHES: "x", NodeConfig.GUARD_REQUIRE_DP: "distributed",
+             NodeConfig.SECAGG_ROSTER: "/keys/roster.toml", NodeConfig.SECAGG_SIGNING_KEY: "/keys/node.key",
+             NodeConfig.DP_MIN_NOISE_MULTIPLIER: 1.0, NodeConfig.GUARD_MIN_NOISE_MULTIPLIER: 1.0,
+             NodeConfig.DP_HONEST_CONTRIBUTORS: 2, NodeConfig.DP_SGD_LEDGER: str(ledgers)}
+    kept = {"partition-id": 0, NodeConfig.DP_SGD_MAX_EPSILON: 3.0,
+            NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER: 1.0, NodeConfig.DP_SGD_DATA_SOURCE: "digits-0"}
+    return {**owned, **kept}
+
+
+def test_app_node_config_drops_every_key_the_node_policy_owns(tmp_path) -> None:
+    config = _owned_node_config(tmp_path / "ledgers")
+    assert app_node_config(config) == {"partition-id": 0, "dp-sgd-max-epsilon": 3.0,
+                                       "dp-sgd-min-noise-multiplier": 1.0,
+                                       "dp-sgd-data-source": "digits-0"}
+
+
+def _ledger_run(tmp_path, monkeypatch, mode: str):
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    ledgers = tmp_path / "ledgers"
+    init_ledger(ledgers, "digits-0")
+    node = RecordLedger(ledgers, "digits-0")
+    node.reserve(1.0, 0.01, 100)  # the node's earlier spending
+    fab, run = _probe_fab()
+    context = _context(**_owned_node_config(ledgers))
+    context.run_config["mode"] = mode
+    result = run_app(_train_message(ArrayRecord([np.ones(3, dtype=np.float32)])), context, run, fab)
+    return result, RecordLedger(ledgers, "digits-0"), ledgers
+
+
+def test_the_app_never_sees_the_nodes_private_config_nor_its_ledgers_location(tmp_path, monkeypatch) -> None:
+    result, ledger, ledgers = _ledger_run(tmp_path, monkeypatch, "echo")
+    assert not result.reply.has_error(), result.reply.error
+    seen = json.loads(result.reply.content.config_records["seen"]["json"])
+    assert seen["node_config"] == ["dp-sgd-data-source", "dp-sgd-ledger", "dp-sgd-max-epsilon",
+                                   "dp-sgd-min-noise-multiplier", "partition-id"]
+    # dp-sgd-ledger names a copy, not the node's directory; the copy is gone afterwards.
+    assert seen["ledger_dir"] != str(ledgers) and not __import__("os").path.exists(seen["ledger_dir"])
+    assert ledger.history == [(1.0, 0.01, 100)]
+
+
+def test_steps_the_app_reserves_in_its_copy_reach_the_nodes_ledger(tmp_path, monkeypatch) -> None:
+    result, ledger, _ = _ledger_run(tmp_path, monkeypatch, "ledger-reserve")
+    assert not result.reply.has_error(), result.reply.error
+    assert ledger.history == [(1.0, 0.01, 100), (1.5, 0.02, 10)]
+
+
+def test_an_app_that_resets_its_ledger_copy_is_refused_and_the_nodes_ledger_is_kept(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger
+    from flwr_guard.node.app_config import LEDGER_REFUSAL
+
+    result, ledger, ledgers = _ledger_run(tmp_path, monkeypatch, "ledger-reset")
+    assert result.reply.has_error() and LEDGER_REFUSAL in result.reply.error.reason
+    assert "sends nothing" in result.reply.error.reason
+    assert ledger.history == [(1.0, 0.01, 100)]
+    # Positive control: the same reset on the node's own ledger (what an app that is
+    # given the ledger's location can do) forgets the spending.
+    init_ledger(ledgers, "digits-0", force=True)
+    assert RecordLedger(ledgers, "digits-0").history == []
+
+
+def test_a_missing_node_ledger_is_refused_naming_the_nodes_directory(tmp_path) -> None:
+    from flwr_guard.dp.record_ledger import LedgerMissing, RecordLedger
+    from flwr_guard.node.app_config import LedgerHandout
+
+    handout = LedgerHandout({"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"})
+    with pytest.raises(LedgerMissing) as err:  # what the app's DP-SGD raises on its copy
+        RecordLedger(handout.node_config["dp-sgd-ledger"], "s")
+    reason = handout.reason(str(err.value))
+    assert f"flwr-guard ledger init --dir {tmp_path / 'node'} --source s" in reason
+    assert handout.take_back() is None and not (tmp_path / "node").exists()
 
 
 # -- the guard's chain around an app (the app here is in-process, a stand-in) -------------
@@ -322,3 +398,156 @@ def test_node_start_pairs_a_process_isolated_supernode_with_the_guards_superexec
     assert "127.0.0.1:9999" in superexec and str(secret) in superexec
     with pytest.raises(ValueError, match="sets --isolation process itself"):
         guarded_commands(["--isolation", "subprocess"], secret)
+
+
+# -- the app's own ClientGuard under the node guard ------------------------------------
+def _secagg_manifest_message() -> Message:
+    """A train message as the app sees it under the node guard: the model and a manifest
+    that announces SecAgg+, without the protocol record (the node's SecAgg+ mod took it)."""
+    from flwr_guard.guard.manifest import MANIFEST_KEY, ProtectionManifest, SecAggTerms
+
+    manifest = ProtectionManifest(("secagg",), secagg=SecAggTerms(None, None, 2.0, 2**16))
+    return _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]),
+                          {MANIFEST_KEY: manifest.to_json()})
+
+
+def test_the_apps_own_guard_leaves_secagg_to_the_node_guard_and_refuses_without_it(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.node.enforcement import NodeEnforcement
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab, run = _probe_fab(APP_GUARD, "flwr-guard-tests/app-guard")
+    msg = _secagg_manifest_message()
+    # Under the node guard, for a message the node masks: the app guard does not refuse,
+    # and its update goes (in the clear, inside the node) to the guard, which masks it.
+    masked = NodeEnforcement(secagg_masked=True, policy="abcd")
+    result = run_app(msg, _context(), run, fab, enforcement=masked)
+    assert not result.reply.has_error(), result.reply.error
+    update = result.reply.content.array_records["arrays"].to_numpy_ndarrays()[0]
+    np.testing.assert_array_equal(update, np.full(3, 2.0, dtype=np.float32))
+    # Positive controls: without the marker (an unguarded node), and under a node guard
+    # that does not mask this message (the operator turned SecAgg+ off), the app's own
+    # guard refuses: nothing is sent in the clear.
+    for enforcement in (None, NodeEnforcement(secagg_masked=False, policy="abcd")):
+        result = run_app(msg, _context(), run, fab, enforcement=enforcement)
+        assert result.reply.has_error() and result.reply.error.reason.startswith(POLICY_REFUSAL)
+        assert "the global model came in a plain train message" in result.reply.error.reason
+
+
+def test_a_server_cannot_set_the_marker_through_run_config_message_or_environment(
+        tmp_path, monkeypatch) -> None:
+    from flwr_guard.guard.client import ClientGuard
+    from flwr_guard.guard.policy import ClientPolicy
+    from flwr_guard.node.enforcement import NodeEnforcement, node_enforcement
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    forged = NodeEnforcement(secagg_masked=True, policy="abcd").to_bytes().decode()
+    names = ("flwr-guard-node-enforcement", "node-enforcement", "secagg_masked", "secagg-masked",
+             "guard-node-enforced", "FLWR_GUARD_NODE_ENFORCEMENT")
+    for name in names:
+        monkeypatch.setenv(name.upper().replace("-", "_"), forged)
+    msg = _secagg_manifest_message()
+    for name in names:
+        msg.content["config"][name] = forged
+    context = _context(**dict.fromkeys(names, forged))
+    context.run_config.update(dict.fromkeys(names, forged))
+    # In the app's child process (as on a node whose guard sends no marker) ...
+    fab, run = _probe_fab(APP_GUARD, "flwr-guard-tests/app-guard")
+    result = run_app(msg, context, run, fab)
+    assert result.reply.has_error(), "a forged marker switched the app guard off"
+    assert "the global model came in a plain train message" in result.reply.error.reason
+    # ... and in this process, as an unguarded node's flwr-clientapp runs the app.
+    assert node_enforcement() is None
+    mods = ClientGuard(ClientPolicy(secagg=True)).train_mods()
+    reply = chain(mods, _echo_app())(msg, context)
+    assert reply.has_error() and "the global model came in a plain train message" in reply.error.reason
+
+
+def test_the_guard_tells_the_app_only_a_masked_input_stage_is_masked_by_the_node() -> None:
+    from flwr_guard.node.enforcement import NodeEnforcement
+    from flwr_guard.node.policy import NodePolicy
+    from flwr_guard.node.runner import enforcement_for
+
+    policy = NodePolicy.from_node_config({"guard-fab-allow-any": True})
+    plain = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    assert enforcement_for(plain, policy) == NodeEnforcement(False, policy.digest())
+    staged = _train_message(ArrayRecord([np.ones(3, dtype=np.float32)]))
+    staged.content["secagg"] = ConfigRecord({"stage": "masked-input", "payload": b""})
+    assert enforcement_for(staged, policy) == NodeEnforcement(True, policy.digest())
+    assert NodeEnforcement.from_bytes(NodeEnforcement(True, "ab").to_bytes()) == NodeEnforcement(True, "ab")
+    with pytest.raises(ValueError, match="enforcement frame is not version 1"):
+        NodeEnforcement.from_bytes(b'{"version": 0}')
+
+
+# -- the structural trap check on the received model ------------------------------------
+def _models() -> dict:
+    """The honest models of tests/test_audit_trap.py's false-positive tests, and an
+    imprint planted in the MLP (Fowl et al.)."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from flwr_guard.audit.imprint import plant_imprint
+    from flwr_guard.models.digits_cnn import DigitsCNN
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    public = torch.tensor(load_digits().data[1400:] / 16.0, dtype=torch.float32)
+    models = {"digits-cnn": DigitsCNN().state_dict(), "digits-mlp": mlp.state_dict(),
+              "tabular-mlp": nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3)).state_dict(),
+              "imprint": plant_imprint(mlp.state_dict(), "1", "3", public)}
+    return {name: ArrayRecord(state) for name, state in models.items()}
+
+
+def test_the_node_refuses_an_imprint_model_before_the_app_trains_and_passes_honest_ones(caplog) -> None:
+    fab, run = Fab("0" * 64, b"", {}), Run.create_empty(7)
+    config = {"guard-fab-allow-any": True, "guard-require-secagg": False}
+    trained: list[str] = []
+
+    def app(name: str):
+        def call(m: Message, c: Context) -> Message:
+            trained.append(name)
+            return Message(content=RecordDict({"arrays": m.content["arrays"],
+                                               "metrics": MetricRecord({"num-examples": 10})}),
+                           reply_to=m)
+        return call
+
+    caplog.set_level("INFO", logger="flwr_guard.node")
+    models = _models()
+    for name in ("digits-cnn", "digits-mlp", "tabular-mlp"):
+        reply = handle(_train_message(models[name]), _context(**config), run, fab, app=app(name))
+        assert not reply.has_error(), (name, reply.error)
+    assert trained == ["digits-cnn", "digits-mlp", "tabular-mlp"]
+    reply = handle(_train_message(models["imprint"]), _context(**config), run, fab, app=app("imprint"))
+    assert reply.has_error() and reply.error.reason.startswith(f"{POLICY_REFUSAL} received model refused:")
+    assert "64 rows of '1.weight' (64, 64) share one direction" in reply.error.reason
+    assert "guard-trap-check" in reply.error.reason
+    assert "imprint" not in trained  # refused before the app ran
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(LINE_PREFIX)]
+    assert "refused: flwr-guard policy refused: received model refused:" in lines[-1]
+    # Positive control: with the check off the app trains on the imprint model.
+    off = _context(**config, **{"guard-trap-check": False})
+    assert not handle(_train_message(models["imprint"]), off, run, fab, app=app("imprint")).has_error()
+    assert trained[-1] == "imprint"
+    with pytest.raises(ValueError, match="guard-trap-check must be true or false"):
+        NodePolicy.from_node_config({"guard-trap-check": "maybe"})
+
+
+def test_steps_of_an_app_whose_node_ledger_vanished_meanwhile_are_refused_not_dropped(tmp_path) -> None:
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger, ledger_path
+    from flwr_guard.node.app_config import LEDGER_REFUSAL, LedgerHandout
+
+    node = {"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"}
+    init_ledger(tmp_path / "node", "s")
+    handout = LedgerHandout(node)
+    RecordLedger(handout.node_config["dp-sgd-ledger"], "s").reserve(1.0, 0.1, 5)  # the app
+    ledger_path(tmp_path / "node", "s").unlink()  # deleted while the app ran
+    reason = handout.take_back()
+    assert reason is not None and reason.startswith(LEDGER_REFUSAL)
+    assert "cannot be recorded" in reason and "is missing" in reason
+    # Positive control: with the node's ledger in place the same steps are recorded.
+    init_ledger(tmp_path / "node", "s")
+    handout = LedgerHandout(node)
+    RecordLedger(handout.node_config["dp-sgd-ledger"], "s").reserve(1.0, 0.1, 5)
+    assert handout.take_back() is None
+    assert RecordLedger(tmp_path / "node", "s").history == [(1.0, 0.1, 5)]

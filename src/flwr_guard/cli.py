@@ -200,6 +200,9 @@ def demo(
         bool, typer.Option("--restart-lost-nodes",
                            help="Start a SuperNode that exits again; it joins a later round.")
     ] = False,
+    node_guard: Annotated[
+        bool, typer.Option(help="Run the SuperNodes under the node operator's guard (the default).")
+    ] = True,
 ) -> None:
     """Train the digits app on a real local Flower deployment and report the result.
 
@@ -237,6 +240,7 @@ def demo(
         prometheus=prometheus,
         min_nodes=min_nodes or None,
         restart_lost_nodes=restart_lost_nodes,
+        node_guard=node_guard,
         summary_path=summary,  # written also when interrupted
     )
     try:

@@ -18,9 +18,12 @@ The launcher never hangs and never lies (docs/demo.md, "Lost nodes, waits and st
   deadline tied to ``timeout_s``; past it the summary says the status is unknown;
 - Ctrl-C and SIGTERM stop every process by PID and still write the summary.
 
-Every protection is on: SecAgg+, DP-SGD with a record-level budget, the leakage audit
-and reply inspection; the ServerApp exports Prometheus metrics and, when the
-``prometheus`` binary is installed (``make tools``), a local Prometheus scrapes them.
+Every protection is on: the node operator's guard around the app (``node_guard``, on by
+default in a deployment: each SuperNode runs the app it receives under its own policy,
+with the demo's app pinned on its allow-list, docs/deploy.md "The node guard"), SecAgg+,
+DP-SGD with a record-level budget, the leakage audit and reply inspection; the ServerApp
+exports Prometheus metrics and, when the ``prometheus`` binary is installed
+(``make tools``), a local Prometheus scrapes them.
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ class DemoOptions:
     # FLWR_SUPEREXEC_TASK_POLL_INTERVAL of every SuperExec (None: Flower's 1 s).
     superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S
     timeout_s: float = 3600.0
+    # Run every SuperNode under the node operator's guard (flwr_guard.node: the app in a
+    # child process, the node's policy mods outermost, the demo's app pinned on the
+    # allow-list); False: plain SuperNodes, the app's own ClientGuard only. Deployment only.
+    node_guard: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for options that cannot work."""
@@ -185,6 +192,8 @@ class DemoResult:
     status_final: bool = False
     # "SIGINT" / "SIGTERM" when the demo was interrupted (every process was stopped).
     interrupted: str | None = None
+    # The SuperNodes ran under the node operator's guard (flwr_guard.node).
+    node_guard: bool = False
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +447,33 @@ class _Nodes:
             for name, (deadline, _) in self.connecting.items())
 
 
+def demo_node_guard_config(app_dir: Path, node_config: dict[str, Any],
+                           run_config: dict[str, Any]) -> dict[str, Any]:
+    """The node guard's node config for the demo's SuperNodes, as their operator sets it:
+    the demo's app pinned on the allow-list (its FAB hash, what ``flwr-guard node
+    fab-hash APP_DIR`` prints) unless ``node_config`` names an allow-list itself, and
+    SecAgg+ required unless the run turns it off (``secagg = false``: the operator agrees).
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    from flwr_guard.guard.policy import NODE_REQUIRE_SECAGG
+    from flwr_guard.node.allowlist import (
+        NODE_ALLOW_ANY,
+        NODE_ALLOWLIST,
+        NODE_HASHES,
+        NODE_TRUSTED_KEYS,
+        fab_hash,
+    )
+
+    out: dict[str, Any] = {}
+    if not any(key in node_config for key in (NODE_ALLOWLIST, NODE_HASHES, NODE_TRUSTED_KEYS,
+                                              NODE_ALLOW_ANY)):
+        out[NODE_HASHES] = fab_hash(build_fab_from_disk(app_dir))
+    if NODE_REQUIRE_SECAGG not in node_config:
+        out[NODE_REQUIRE_SECAGG] = bool(run_config.get("secagg", True))
+    return out
+
+
 def run_demo(
     options: DemoOptions, on_update: Callable[[DemoState], None] = lambda _: None
 ) -> DemoResult:
@@ -478,6 +514,10 @@ def run_demo(
         for source in {data_source({NodeConfig.PARTITION_ID: i, **node_config}) for i in range(options.nodes)}:
             if not ledger_path(ledgers, source).exists():
                 init_ledger(ledgers, source)
+    app_dir = options.app_dir or digits_app_dir()
+    node_guard = options.node_guard and not options.simulation
+    if node_guard:
+        node_config.update(demo_node_guard_config(app_dir, node_config, options.run_config))
     topology = Topology.on_free_ports(
         nodes=options.nodes,
         superlink_port=options.superlink_port,
@@ -486,7 +526,6 @@ def run_demo(
         per_node_config=per_node,
     )
     metrics_port = preferred_port(9464)  # 9464 unless taken, then a free port
-    app_dir = options.app_dir or digits_app_dir()
     app_defaults = app_config_defaults(app_dir)
     declared = set(app_defaults)
 
@@ -553,7 +592,7 @@ def run_demo(
     processes: list[dict[str, Any]] = []
     deployment = LocalDeployment(
         topology, workdir, startup_timeout=options.startup_timeout_s,
-        superexec_poll_interval_s=options.superexec_poll_interval_s,
+        superexec_poll_interval_s=options.superexec_poll_interval_s, node_guard=node_guard,
     )
     nodes = _Nodes(deployment, state, options, min_nodes)
     tracker: StatusTracker | None = None
@@ -747,4 +786,5 @@ def _result(
         min_nodes_reason=state.min_nodes_reason,
         status_final=status_final,
         interrupted=interrupted,
+        node_guard=options.node_guard and not options.simulation,
     )

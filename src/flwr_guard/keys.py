@@ -136,6 +136,11 @@ class NodeConfig(_Namespace):
     GUARD_FAB_HASHES = "guard-fab-hashes"  # comma-separated FAB SHA-256 pins (hex)
     GUARD_FAB_TRUSTED_KEYS = "guard-fab-trusted-keys"  # comma-separated Ed25519 publisher keys (hex)
     GUARD_FAB_ALLOW_ANY = "guard-fab-allow-any"  # bool: run any FAB (the policy mods still hold)
+    GUARD_TRAP_CHECK = "guard-trap-check"  # bool: structural trap check of the received model (default true)
+
+    # Prefixes of the keys the node's policy owns (the node guard never shows them to the app)
+    GUARD_PREFIX = "guard-"  # every node-guard and client-guard key starts so
+    SECAGG_PREFIX = "secagg-"  # every SecAgg+ node-config key starts so
 
     # Leakage audit (flwr_guard.audit.audit_mod)
     AUDIT_ON_FAILURE = "audit-on-failure"  # "refuse": an audit that fails sends nothing

@@ -19,6 +19,14 @@ The mods, outermost first (a reply goes back through them innermost first)::
           leakage audit   attacks the update before it is masked (sampled)
             update clipping  clips the update to the server's clipping norm (user-level DP)
 
+Under the node operator's guard (``flwr-guard node start``, :mod:`flwr_guard.node`) the
+node's own mods run outside the app and mask its update; the guard tells the app's
+process so (:mod:`flwr_guard.node.enforcement`, a marker no run config or message can
+set), and this guard's policy mod then leaves SecAgg+ to the node instead of refusing a
+train message that reaches the app without the protocol record. Everything else here
+(the manifest and DP floors against this policy, DP-SGD, the audit, reply inspection)
+runs as it does on a node without the guard.
+
 The individual mods stay public (``flwr_guard.secagg.secaggplus_mod``, ...) for experts;
 this class is the documented way.
 """

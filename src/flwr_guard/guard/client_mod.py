@@ -14,6 +14,10 @@ message that carries the global model it
    update in the clear when SecAgg+ is required, or one not trained under DP-SGD
    (:meth:`~flwr_guard.guard.client.ClientGuard.private_training`) when DP-SGD is.
 
+Under the node guard (:mod:`flwr_guard.node`) the node masks the update outside the
+app; the guard tells the app's process so (:mod:`flwr_guard.node.enforcement`, never
+through the run config or the message), and checks 2 and 3's SecAgg+ parts step aside.
+
 Each refusal is an error reply whose reason starts with :data:`POLICY_REFUSAL` and names
 the fix; the update never leaves the client. SecAgg+ protocol stages other than the
 masked input carry no model and no update and pass through to the SecAgg+ mod, which
@@ -98,6 +102,14 @@ def _dpsgd_confirmed(context: Context, token: str) -> bool:
     return record is not None and record.get("dpsgd") == token
 
 
+def _node_masks() -> bool:
+    """Whether this app runs under the node guard and the node masks this reply."""
+    from flwr_guard.node.enforcement import node_enforcement
+
+    enforced = node_enforcement()
+    return enforced is not None and enforced.secagg_masked
+
+
 def policy_mod(policy: ClientPolicy) -> Mod:
     """Build the mod that enforces ``policy`` (see the module docstring).
 
@@ -146,7 +158,10 @@ def policy_mod(policy: ClientPolicy) -> Mod:
         except ManifestError as err:
             return refusal(msg, f"invalid protection manifest: {err}")
         problems = policy.check(manifest, config)
-        if stage is None and (policy.secagg or manifest.has("secagg")):
+        # Under the node guard the node's SecAgg+ mod masks this reply outside the app
+        # (a marker only the guard's pipe sets: flwr_guard.node.enforcement).
+        node_masks = _node_masks()
+        if stage is None and not node_masks and (policy.secagg or manifest.has("secagg")):
             problems.append(
                 "the global model came in a plain train message, not in a SecAgg+ round"
                 + (" although the manifest announces SecAgg+" if manifest.has("secagg") else "")
@@ -167,7 +182,7 @@ def policy_mod(policy: ClientPolicy) -> Mod:
                 "this client requires DP-SGD but the train function did not train under "
                 "ClientGuard.private_training(...): the update is not sent",
             )
-        if policy.secagg:
+        if policy.secagg and not node_masks:
             clear = [name for name in reply.content.array_records if name != MASKED_ARRAYS]
             if clear:
                 return refusal(

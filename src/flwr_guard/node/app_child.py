@@ -1,6 +1,8 @@
 """The app's side of :mod:`flwr_guard.node.app_process`: ``python -m flwr_guard.node.app_child FD``.
 
-Reads the message, the app's context, the run and the FAB from stdin; installs the FAB
+Reads the message, the app's context, the run, the FAB and what the node enforces
+around the app (:class:`~flwr_guard.node.enforcement.NodeEnforcement`, which it makes
+known to the app's own ``ClientGuard`` before the app is loaded) from stdin; installs the FAB
 and loads its ClientApp with Flower's own functions (as ``flwr-clientapp`` does,
 Flower 1.41 ``flwr.supernode.runtime.run_clientapp``); calls it; writes ``ok``, the
 reply and the app's state to file descriptor ``FD``, or ``error`` and the reason. An
@@ -32,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
     from flwr.proto.run_pb2 import Run as ProtoRun  # pylint: disable=E0611
 
+    from flwr_guard.node.enforcement import NodeEnforcement, _set_for_this_process
     from flwr_guard.node.frames import read_frames, write_frames
 
     with os.fdopen(result_fd, "wb") as out:
         try:
-            message_id, message_b, context_b, run_b, fab_b = read_frames(sys.stdin.buffer, 5)
+            message_id, message_b, context_b, run_b, fab_b, enforced_b = read_frames(sys.stdin.buffer, 6)
+            _set_for_this_process(NodeEnforcement.from_bytes(enforced_b))
             parsed = []
             for cls, data in ((ProtoMessage, message_b), (ProtoContext, context_b),
                               (ProtoRun, run_b), (ProtoFab, fab_b)):

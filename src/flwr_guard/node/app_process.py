@@ -6,10 +6,16 @@ message that needs the app, :func:`run_app` starts ``python -m
 flwr_guard.node.app_child`` and hands it, over a pipe, only
 
 - the message (as Flower serialises it),
-- a context whose node config lacks every key the guard reads (:func:`app_node_config`:
-  ``guard-*`` and ``secagg-*``: the policy, the allow-list, the SecAgg+ key and roster
-  files) and whose state holds only the app's own records (:data:`APP_STATE_PREFIX`),
-- the run and the FAB, which the child installs and loads with Flower's own loader.
+- a context whose node config lacks every key the node's policy owns
+  (:func:`~flwr_guard.node.app_config.app_node_config`: ``guard-*`` and ``secagg-*``,
+  the user-level DP floors, the ledger's location), whose ``dp-sgd-ledger`` names a
+  copy of the node's record-level ledger (:class:`~flwr_guard.node.app_config.LedgerHandout`:
+  written back only when the app's steps extend it), and whose state holds only the
+  app's own records (:data:`APP_STATE_PREFIX`),
+- the run and the FAB, which the child installs and loads with Flower's own loader,
+- what the node enforces around this message (:class:`~flwr_guard.node.enforcement.NodeEnforcement`:
+  the marker that lets the app's own ``ClientGuard`` step aside for SecAgg+; it travels
+  on this pipe only, never in the run config, node config or message).
 
 The child answers with its reply and its state over a second pipe (its stdout and stderr
 stay the app's log). The guard rebuilds the reply itself: the metadata comes from the
@@ -28,9 +34,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -46,20 +51,16 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
+from flwr_guard.node.app_config import LedgerHandout, app_node_config
+from flwr_guard.node.enforcement import NodeEnforcement
 from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
 
-__all__ = ["MAX_RESULT_BYTES", "run_app"]
+__all__ = ["MAX_RESULT_BYTES", "app_node_config", "run_app"]
 
 #: The app's records in ``context.state`` are kept under this prefix; the app sees them
 #: without it and never sees the guard's own records (SecAgg+ keys, round state).
 APP_STATE_PREFIX = "app:"
-#: Node-config keys that the app never sees (they belong to the guard).
-PRIVATE_NODE_CONFIG_PREFIXES = ("guard-", "secagg-")
 APP_FAILED = "flwr-guard node: the app's process failed:"
-
-def app_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The node config the app sees: without the guard's keys (``guard-*``, ``secagg-*``)."""
-    return {k: v for k, v in node_config.items() if not k.startswith(PRIVATE_NODE_CONFIG_PREFIXES)}
 
 
 def app_state(state: RecordDict) -> RecordDict:
@@ -98,7 +99,8 @@ def _failed(message: Message, reason: str) -> Message:
 
 
 def run_app(message: Message, context: Context, run: Run, fab: Fab,
-            command: Sequence[str] | None = None) -> AppResult:
+            command: Sequence[str] | None = None,
+            enforcement: NodeEnforcement | None = None) -> AppResult:
     """Run the app's ClientApp on ``message`` in a child process (see the module docstring).
 
     Args:
@@ -108,14 +110,30 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         run, fab: the run and the FAB (already checked against the allow-list).
         command: the child's argv without the result fd (default: this interpreter,
             ``-m flwr_guard.node.app_child``).
+        enforcement: what the node enforces around this message, made known to the
+            app's ``ClientGuard`` (``None``: nothing; the app guard enforces SecAgg+ itself).
 
     Returns:
         The reply (an error reply when the app raised or its process failed).
     """
+    ledger = LedgerHandout(context.node_config)
+    try:
+        result = _run_child(message, context, run, fab, command, enforcement, ledger)
+    finally:
+        refused = ledger.take_back(context.node_id)
+    if refused is not None:
+        return AppResult(_failed(message, refused), result.exit_code)
+    return result
+
+
+def _run_child(message: Message, context: Context, run: Run, fab: Fab,
+               command: Sequence[str] | None, enforcement: NodeEnforcement | None,
+               ledger: LedgerHandout) -> AppResult:
     child_context = Context(
         run_id=context.run_id, node_id=context.node_id,
-        node_config=app_node_config(context.node_config), state=app_state(context.state),
-        run_config=dict(context.run_config), series_id=context.series_id,
+        node_config={**app_node_config(context.node_config), **ledger.node_config},
+        state=app_state(context.state), run_config=dict(context.run_config),
+        series_id=context.series_id,
     )
     frames = [
         message.metadata.message_id.encode(),
@@ -123,6 +141,7 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         context_to_proto(child_context).SerializeToString(),
         run_to_proto(run).SerializeToString(),
         fab_to_proto(fab).SerializeToString(),
+        enforcement.to_bytes() if enforcement is not None else b"",
     ]
     read_fd, write_fd = os.pipe()
     argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"]) + [str(write_fd)]
@@ -162,7 +181,9 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
     except Exception as err:
         return AppResult(_failed(message, f"its answer does not parse: {err}"), exit_code)
     if raw.has_error():
-        reply = Message(raw.error, reply_to=message)
+        # A refusal names the node's ledger directory, not the app's copy.
+        reply = Message(Error(code=raw.error.code, reason=ledger.reason(raw.error.reason)),
+                        reply_to=message)
     else:
         reply = Message(raw.content, reply_to=message)
     merge_app_state(context.state, returned_state)

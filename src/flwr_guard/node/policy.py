@@ -10,7 +10,10 @@ Built from the SuperNode's node config only (never from the run config or the ap
 - the mods, outermost first, that :meth:`NodePolicy.train_mods` returns: the existing
   ``ClientGuard`` chain (policy mod, SecAgg+ mod, reply inspection, update clipping;
   distributed noise is added inside the SecAgg+ mod under the node's floors, see
-  :mod:`flwr_guard.dp.distributed_client`). Nothing is re-implemented here.
+  :mod:`flwr_guard.dp.distributed_client`) with the structural trap check on the
+  received model right inside the SecAgg+ mod, before the app trains
+  (:mod:`flwr_guard.node.trap_structure`; ``guard-trap-check=false`` turns it off).
+  Nothing is re-implemented here.
 
 Only ``train`` and ``evaluate`` messages reach the app; a ``query`` (or any other type)
 is refused: the reply inspector knows what a train or evaluate reply may carry, not what
@@ -51,6 +54,7 @@ class NodePolicy:
     client: ClientPolicy
     allowlist: AllowList
     inspect_replies: bool = True
+    trap_check: bool = True
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
@@ -60,14 +64,28 @@ class NodePolicy:
             ValueError: a policy key or allow-list that does not parse (the message
                 names the key).
         """
+        from flwr_guard.node.trap_structure import NODE_TRAP_CHECK
+
         config = {NODE_REQUIRE_SECAGG: True, **node_config}
-        return cls(ClientPolicy.from_node_config(config), AllowList.from_node_config(node_config))
+        trap = node_config.get(NODE_TRAP_CHECK, True)
+        if isinstance(trap, str) and trap.lower() in ("true", "false"):
+            trap = trap.lower() == "true"
+        if not isinstance(trap, bool):
+            raise ValueError(f"node config {NODE_TRAP_CHECK} must be true or false, got {trap!r}")
+        return cls(ClientPolicy.from_node_config(config), AllowList.from_node_config(node_config),
+                   trap_check=trap)
 
     def train_mods(self) -> list[Any]:
         """The enforcement mods for a train message, outermost first (``ClientGuard``'s)."""
         from flwr_guard.guard.client import ClientGuard
 
-        return ClientGuard(self.client, inspect_replies=self.inspect_replies).train_mods()
+        mods = ClientGuard(self.client, inspect_replies=self.inspect_replies).train_mods()
+        if self.trap_check:  # inside the SecAgg+ mod: it sees the masked-input's model
+            from flwr_guard.node.trap_structure import structural_trap_mod
+            from flwr_guard.secagg.mod import secaggplus_mod
+
+            mods.insert(mods.index(secaggplus_mod) + 1, structural_trap_mod())
+        return mods
 
     def other_mods(self) -> list[Any]:
         """The mods for an evaluate message: reply inspection only (no model leaves)."""
@@ -81,6 +99,7 @@ class NodePolicy:
         return {"secagg": c.secagg, "dp": c.dp, "min-noise-multiplier": c.min_noise_multiplier,
                 "max-clipping-norm": c.max_clipping_norm, "dp-sgd": c.dpsgd,
                 "inspect-replies": self.inspect_replies, "allowlist": self.allowlist.digest(),
+                "trap-check": self.trap_check,
                 "answered": list(ANSWERED_TYPES)}
 
     def digest(self) -> str:

@@ -16,7 +16,9 @@ and then, unlike ``flwr-clientapp``, never imports the app:
 4. refuse message types other than train and evaluate;
 5. run the round log (outermost, observing), the policy mods (``ClientGuard``'s chain),
    and innermost the app in a child process (:func:`flwr_guard.node.app_process.run_app`),
-   which is only called when the mods let the message through;
+   which is only called when the mods let the message through, and is told what the
+   node enforces around it (:func:`enforcement_for`: the app's own ``ClientGuard`` then
+   leaves SecAgg+ to the node);
 6. push the reply and the context (the guard's records and the app's, apart) back.
 
 Every refusal is an error reply whose reason starts with
@@ -62,6 +64,19 @@ def without_protocol(message: Message) -> Message:
     return make_message(metadata=copy(message.metadata), content=content)
 
 
+def enforcement_for(message: Message, policy: Any) -> Any:
+    """The :class:`~flwr_guard.node.enforcement.NodeEnforcement` of ``message`` as it
+    reaches the app (inside the node's mods): masked by the node when it is the SecAgg+
+    ``masked-input`` stage (the node's SecAgg+ mod masks the reply)."""
+    from flwr_guard.guard.client_mod import MASKED_INPUT_STAGE, SECAGG_RECORD
+    from flwr_guard.node.enforcement import NodeEnforcement
+
+    record = message.content.config_records.get(SECAGG_RECORD)
+    masked = record is not None and record.get("stage") == MASKED_INPUT_STAGE
+    return NodeEnforcement(secagg_masked=masked, policy=policy.digest(),
+                           inspect_replies=policy.inspect_replies)
+
+
 def handle(message: Message, context: Context, run: Any, fab: Any,
            app: App | None = None) -> Message:
     """The guard's answer to ``message`` (see the module docstring, steps 2-5).
@@ -92,7 +107,8 @@ def handle(message: Message, context: Context, run: Any, fab: Any,
 
         def app(msg: Message, ctx: Context) -> Message:
             logger.info("flwr-guard node: the app of FAB %s runs in a child process", fab.hash_str)
-            return run_app(without_protocol(msg), ctx, run, fab).reply
+            return run_app(without_protocol(msg), ctx, run, fab,
+                           enforcement=enforcement_for(msg, policy)).reply
 
     mods = policy.train_mods() if kind == "train" else policy.other_mods()
     return chain([log_mod, *mods], app)(message, context)
