@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import Context
 from flwr.clientapp.typing import Mod
@@ -391,12 +391,13 @@ class _Pairs:
 
 
 def _pairs(loader: Any, input_key: str | None, target_key: str | None) -> Any:
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     if input_key is None or target_key is None:
         raise ValueError("name both input_key and target_key (the keys of your dict samples)")
-    return DataLoader(_Pairs(loader.dataset, input_key, target_key),
-                      batch_size=loader.batch_size, num_workers=loader.num_workers)
+    # _Pairs is a map-style dataset (__getitem__ and __len__), all DataLoader needs.
+    pairs = cast(Dataset[Any], _Pairs(loader.dataset, input_key, target_key))
+    return DataLoader(pairs, batch_size=loader.batch_size, num_workers=loader.num_workers)
 
 
 def _clip_when_announced(msg: Any, context: Context, call_next: Any) -> Any:

@@ -182,7 +182,7 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         return AppResult(_failed(message, f"its answer does not parse: {err}"), exit_code)
     if raw.has_error():
         # A refusal names the node's ledger directory, not the app's copy.
-        reply = Message(Error(code=raw.error.code, reason=ledger.reason(raw.error.reason)),
+        reply = Message(Error(code=raw.error.code, reason=ledger.reason(raw.error.reason or "")),
                         reply_to=message)
     else:
         reply = Message(raw.content, reply_to=message)

@@ -36,6 +36,8 @@ class FlowerMismatch(RuntimeError):
 
 
 def _params(obj: object) -> list[str]:
+    if not callable(obj):
+        raise FlowerMismatch(f"{obj!r} is not callable in the installed Flower")
     return list(inspect.signature(obj).parameters)
 
 

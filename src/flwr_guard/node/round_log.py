@@ -31,14 +31,16 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 
+from flwr_guard.config_values import raw_bytes
 from flwr_guard.keys import TrainConfig
+from flwr_guard.secagg.constants import SECAGG_RECORD, Stage
+from flwr_guard.secagg.constants import STATE_RECORD as SECAGG_STATE_RECORD
 from flwr_guard.telemetry import keys
 
 logger = logging.getLogger("flwr_guard.node")
 
 STATE_RECORD = "flwr-guard.node-round"
 LINE_PREFIX = "flwr-guard node round"
-SECAGG_RECORD = "secagg"
 
 
 def _stage(msg: Message) -> str | None:
@@ -79,11 +81,11 @@ def _survivors(msg: Message, context: Context) -> int | None:
     from flwr_guard.secagg import codec
 
     try:
-        payload = codec.decode(bytes(msg.content.config_records[SECAGG_RECORD]["payload"]))
+        payload = codec.decode(raw_bytes(msg.content.config_records[SECAGG_RECORD]["payload"], "payload"))
         if isinstance(payload.get("active"), list):
             return len(payload["active"])
-        state = context.state.config_records["flwr-guard.secagg"]  # flwr_guard.secagg.mod.STATE_RECORD
-        cohort = codec.decode(bytes(state["session"]))["context"]["cohort"]
+        state = context.state.config_records[SECAGG_STATE_RECORD]
+        cohort = codec.decode(raw_bytes(state["session"], "session"))["context"]["cohort"]
         return len(set(cohort) - set(payload.get("absent", [])))
     except Exception:  # the SecAgg+ mod itself judges the payload
         return None
@@ -139,7 +141,7 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
         record = context.state.config_records.get(STATE_RECORD)
         # A round's masked input opens its record; the later stages (consistency,
         # unmask) may carry no round number of their own.
-        values: dict[str, Any] = {} if stage in (None, "masked-input") or record is None else dict(record)
+        values: dict[str, Any] = {} if stage in (None, Stage.MASKED_INPUT) or record is None else dict(record)
         round_ = _round(msg)
         round_ = str(values.get("round", "-")) if round_ == "-" else round_
         values.update(policy=policy_digest, round=round_)
@@ -149,7 +151,7 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
             _emit(format_line(round_, run_id, values), values, run_id)
             _forget(context)
             return
-        if stage in (None, "masked-input"):
+        if stage in (None, Stage.MASKED_INPUT):
             config = _config(msg)
             values["noise"] = _noise(config)
             values["verdict"] = "sent masked" if stage else "sent in the clear"
@@ -163,7 +165,7 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
             if stage is None:
                 _emit(format_line(round_, run_id, values), values, run_id)
                 return
-        if stage == "unmask":
+        if stage == Stage.UNMASK:
             values["survivors"] = _survivors(msg, context)
             _emit(format_line(round_, run_id, values), values, run_id)
             _forget(context)

@@ -58,9 +58,11 @@ def without_protocol(message: Message) -> Message:
     from flwr.app import RecordDict
     from flwr.app.message.message import make_message
 
-    if "secagg" not in message.content:
+    from flwr_guard.secagg.constants import SECAGG_RECORD
+
+    if SECAGG_RECORD not in message.content:
         return message
-    content = RecordDict({k: v for k, v in message.content.items() if k != "secagg"})
+    content = RecordDict({k: v for k, v in message.content.items() if k != SECAGG_RECORD})
     return make_message(metadata=copy(message.metadata), content=content)
 
 

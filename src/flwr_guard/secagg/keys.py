@@ -43,7 +43,7 @@ def load_signing_key(path: str | Path) -> bytes:
 
 def write_federation(
     directory: str | Path, nodes: int, admin: bool = True, min_cohort: int | None = None
-) -> list[dict[str, str | int]]:
+) -> list[dict[str, str | int | float]]:
     """Set up a federation of ``nodes`` SuperNodes for SecAgg+: one signing-key file per
     node, the roster of their public keys (``roster.json``), signed by a fresh
     administrator key when ``admin`` (its private key is not kept).
