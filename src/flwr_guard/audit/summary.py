@@ -29,6 +29,7 @@ of the run (for a demo summary or a dashboard).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -41,11 +42,33 @@ from flwr_guard.keys import ReplyMetrics, ServerMetrics
 from flwr_guard.records import find_metric_record
 from flwr_guard.strategy_wrapper import StrategyWrapper
 
+logger = logging.getLogger(__name__)
+
 _MAX_KEYS = (ReplyMetrics.AUDIT_PSNR_DB, ReplyMetrics.AUDIT_PSNR_GAIN_DB, ReplyMetrics.AUDIT_SSIM,
              ReplyMetrics.AUDIT_IDENTIFIED_RATE, ReplyMetrics.AUDIT_LABEL_ACCURACY,
              ReplyMetrics.AUDIT_SECONDS, ReplyMetrics.AUDIT_COSINE,
              ReplyMetrics.AUDIT_RECOVERED_FRACTION, ReplyMetrics.AUDIT_TOKEN_F1)
 _MIN_KEYS = (ReplyMetrics.AUDIT_REL_L2_ERROR,)
+
+
+def _audit_scores(record: Any) -> dict[str, float]:
+    """The audit metrics of one reply as numbers: every ``audit-*`` value a finite-or-NaN
+    number (NaN marks a score that does not apply), the counts (ran, leaks, error)
+    finite and >= 0.
+
+    Raises:
+        TypeError: a value that is not a number (a list, a string).
+        ValueError: a count that is negative, infinite or NaN.
+    """
+    scores: dict[str, float] = {}
+    for key, value in record.items():
+        if not str(key).startswith(ReplyMetrics.AUDIT_PREFIX):
+            continue
+        scores[key] = number(value, key)
+    for key in (ReplyMetrics.AUDIT_RAN, ReplyMetrics.AUDIT_LEAKS, ReplyMetrics.AUDIT_ERROR):
+        if key in scores and not (math.isfinite(scores[key]) and scores[key] >= 0):
+            raise ValueError(f"{key} must be a finite count >= 0, got {scores[key]}")
+    return scores
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -72,9 +95,16 @@ def summarise_replies(replies: list[Message]) -> dict[str, float | int]:
             continue
         if ReplyMetrics.AUDIT_RAN in record:
             configured = True
-        errors += int(number(record.get(ReplyMetrics.AUDIT_ERROR, 0) or 0, ReplyMetrics.AUDIT_ERROR))
-        if record.get(ReplyMetrics.AUDIT_RAN, 0):
-            audited.append(dict(record.items()))
+        try:
+            scores = _audit_scores(record)
+        except (TypeError, ValueError, OverflowError) as err:  # one client's odd metrics
+            logger.warning("AuditSummary: audit metrics of node %s left out: %s",
+                           reply.metadata.src_node_id, err)
+            errors += 1
+            continue
+        errors += int(scores.pop(ReplyMetrics.AUDIT_ERROR, 0))
+        if scores.get(ReplyMetrics.AUDIT_RAN, 0):
+            audited.append(scores)
     if not configured:
         return {}
     out: dict[str, float | int] = {

@@ -701,9 +701,13 @@ class DPFedAvg(StrategyWrapper):
                 f"masked {ReplyMetrics.DP_CLIPPED_COUNT!r} / {ReplyMetrics.DP_NOISED_COUNT!r} counts, "
                 "so nothing proves the "
                 f"clients clipped and noised; {fix}")
-        weight = self._weight(metrics)
-        clipped = number(metrics[ReplyMetrics.DP_CLIPPED_COUNT], ReplyMetrics.DP_CLIPPED_COUNT)
-        noised = number(metrics[ReplyMetrics.DP_NOISED_COUNT], ReplyMetrics.DP_NOISED_COUNT)
+        try:
+            weight = self._weight(metrics)
+            clipped = number(metrics[ReplyMetrics.DP_CLIPPED_COUNT], ReplyMetrics.DP_CLIPPED_COUNT)
+            noised = number(metrics[ReplyMetrics.DP_NOISED_COUNT], ReplyMetrics.DP_NOISED_COUNT)
+        except TypeError as err:
+            log(WARNING, "DPFedAvg: round %d refused: %s; model unchanged", server_round, err)
+            return []
         if not (weight >= 1 and weight == clipped == noised and weight == int(weight)):
             log(WARNING, "DPFedAvg: round %d refused: %s contributors, %s clipped, %s noised "
                 "(a client without update_clipping_mod or without the noise); model unchanged",
@@ -719,6 +723,18 @@ class DPFedAvg(StrategyWrapper):
         return [(reply, [u * weight for u in diff], int(weight), 0.0)]
 
     def _parse(
+        self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float,
+        alone: bool,
+    ) -> tuple[Message, list[np.ndarray], int, float] | None:
+        """:meth:`_parse_reply`, with a reply whose metrics have the wrong type (a list
+        where a count belongs) dropped with a logged reason instead of ending the run."""
+        try:
+            return self._parse_reply(reply, keys, global_nd, clipping_norm, alone)
+        except (TypeError, ValueError) as err:
+            log(WARNING, "DPFedAvg: reply of node %s dropped: %s", reply.metadata.src_node_id, err)
+            return None
+
+    def _parse_reply(
         self, reply: Message, keys: list[str], global_nd: list[np.ndarray], clipping_norm: float,
         alone: bool,
     ) -> tuple[Message, list[np.ndarray], int, float] | None:

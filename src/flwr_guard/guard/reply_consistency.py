@@ -9,8 +9,8 @@ validate_message_reply_consistency``), and raise ``InconsistentMessageReplies`` 
 metric key would end everybody's run. :func:`consistent_replies` applies the same
 checks per reply *before* the wrapped strategy sees the replies and keeps the largest
 group of replies with one layout (record names, array keys, shapes and dtypes, metric
-keys); every other reply is left out with a logged reason. No Flower import beyond the
-Message types.
+keys and the lengths of list-valued metrics); every other reply is left out with a
+logged reason. No Flower import beyond the Message types.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def _layout(msg: Message, weighted_by_key: str, check_arrays: bool) -> Layout:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or weight < 0:
         raise ValueError(f"the MetricRecord's {weighted_by_key!r} is not a finite number >= 0")
-    layout: Layout = (metric_name, tuple(sorted(record.keys())))
+    # Flower averages scalars and lists element-wise (zip): a list of another length than
+    # the others' would raise inside its aggregation, so a list's length is layout too.
+    layout: Layout = (metric_name, tuple(sorted(
+        (key, len(value) if isinstance(value, list) else -1) for key, value in record.items())))
     if check_arrays:
         arrays = content.array_records
         if len(arrays) != 1:
@@ -76,21 +79,19 @@ def consistent_replies(
         groups.setdefault(layout, []).append(msg)
     if not groups:
         return [m for m in replies if m.has_error()], excluded
-    best = min(groups.values(), key=lambda g: (-len(g), min(m.metadata.src_node_id for m in g)))
+    best_layout, best = min(groups.items(),
+                            key=lambda kv: (-len(kv[1]), min(m.metadata.src_node_id for m in kv[1])))
     for layout, group in groups.items():
         if group is best:
             continue
+        differ = sorted(name for name, _ in set(layout[1]) ^ set(best_layout[1]))
         for msg in group:
             excluded[msg.metadata.src_node_id] = (
                 f"its records differ from those of {len(best)} other replies "
-                f"(e.g. metric keys {sorted(set(layout[1]) ^ set(_keys(best)))[:5]} differ)"
+                f"(e.g. metrics {differ[:5]} differ in name or list length)"
             )
     kept_ids = {id(m) for m in best}
     return [m for m in replies if m.has_error() or id(m) in kept_ids], excluded
-
-
-def _keys(group: list[Message]) -> tuple[str, ...]:
-    return tuple(next(iter(group[0].content.metric_records.values())).keys())
 
 
 __all__ = ["consistent_replies"]
