@@ -551,3 +551,28 @@ def test_steps_of_an_app_whose_node_ledger_vanished_meanwhile_are_refused_not_dr
     RecordLedger(handout.node_config["dp-sgd-ledger"], "s").reserve(1.0, 0.1, 5)
     assert handout.take_back() is None
     assert RecordLedger(tmp_path / "node", "s").history == [(1.0, 0.1, 5)]
+
+
+def test_an_apps_error_text_leaves_the_node_cut_to_a_bounded_printable_reason() -> None:
+    # An error reply passes every policy mod unchecked: an app that raises with its data
+    # in the message would otherwise send that data to the server in the clear.
+    from flwr.app import Error
+
+    from flwr_guard.node.app_process import MAX_APP_REASON_CHARS
+
+    secret = "x" * 1_000_000 + "\u00e9\x00"
+    message = Message(content=RecordDict({"arrays": ArrayRecord([np.ones(3, dtype=np.float32)]),
+                                          "config": ConfigRecord({})}),
+                      dst_node_id=5, message_type="evaluate", group_id="1")
+    message.metadata.__dict__["_message_id"] = message.object_id
+
+    def app(m: Message, c: Context) -> Message:
+        return Message(Error(code=1, reason=secret), reply_to=m)
+
+    # Positive control: the app's own reply carries the whole text.
+    assert len(app(message, _context()).error.reason) == len(secret)
+    reply = handle(message, _context(**{"guard-fab-allow-any": True}), Run.create_empty(7),
+                   Fab("0" * 64, b"", {}), app=app)
+    assert reply.has_error()
+    assert len(reply.error.reason) <= MAX_APP_REASON_CHARS
+    assert reply.error.reason.endswith("...") and reply.error.reason.isascii()

@@ -21,12 +21,14 @@ The child answers with its reply and its state over a second pipe (its stdout an
 stay the app's log). The guard rebuilds the reply itself: the metadata comes from the
 message it answers (the app cannot address it elsewhere), and the content is what the
 policy mods then check before anything is sent. A child that crashes, exits without an
-answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply.
+answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply; the
+app's own error text leaves cut to :data:`MAX_APP_REASON_CHARS` printable characters.
 
 What a process boundary does not do: the child runs as the same OS user on the same
-host, so it can read files that user can read and open network connections. Against
-that, run the SuperNode's guard as a dedicated user with the key files readable only by
-it, and the app without network (docs/threat-model.md says which row needs what).
+host, so it can read files that user can read (the guard's own SuperExec secret, the
+node's keys and ledger among them) and open network connections. This boundary keeps a
+plain or careless app inside the node's policy; a hostile app is kept out only by the
+FAB allow-list (docs/threat-model.md, the run-submitter row).
 """
 
 from __future__ import annotations
@@ -61,6 +63,18 @@ __all__ = ["MAX_RESULT_BYTES", "app_node_config", "run_app"]
 #: without it and never sees the guard's own records (SecAgg+ keys, round state).
 APP_STATE_PREFIX = "app:"
 APP_FAILED = "flwr-guard node: the app's process failed:"
+#: The most characters of an app's own error text that leave the node. An error reply
+#: is the one thing the app says to the server that no policy mod checks, so its text is
+#: cut to this many printable ASCII characters: enough for a refusal and its numbers, a
+#: bounded channel (at most this many bytes per message) for an app that abuses it.
+MAX_APP_REASON_CHARS = 400
+
+
+def app_error_reason(text: str) -> str:
+    """An app's error text as it may leave the node: non-printable and non-ASCII
+    characters replaced by ``?``, cut to :data:`MAX_APP_REASON_CHARS`."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text[: MAX_APP_REASON_CHARS + 1])
+    return clean if len(clean) <= MAX_APP_REASON_CHARS else clean[: MAX_APP_REASON_CHARS - 3] + "..."
 
 
 def app_state(state: RecordDict) -> RecordDict:
@@ -167,7 +181,7 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         exit_code = child.wait()
     if status != b"ok":
         if status == b"error":
-            reason = reply_bytes.decode("utf-8", "replace")[:2000]
+            reason = app_error_reason(reply_bytes.decode("utf-8", "replace"))
         return AppResult(_failed(message, f"{reason} (exit code {exit_code})"), exit_code)
     try:
         from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
@@ -182,7 +196,8 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         return AppResult(_failed(message, f"its answer does not parse: {err}"), exit_code)
     if raw.has_error():
         # A refusal names the node's ledger directory, not the app's copy.
-        reply = Message(Error(code=raw.error.code, reason=ledger.reason(raw.error.reason or "")),
+        reply = Message(Error(code=raw.error.code,
+                              reason=app_error_reason(ledger.reason(raw.error.reason or ""))),
                         reply_to=message)
     else:
         reply = Message(raw.content, reply_to=message)

@@ -113,7 +113,25 @@ def handle(message: Message, context: Context, run: Any, fab: Any,
                            enforcement=enforcement_for(msg, policy)).reply
 
     mods = policy.train_mods() if kind == "train" else policy.other_mods()
-    return chain([log_mod, *mods], app)(message, context)
+    return chain([log_mod, *mods], _bounded_errors(app))(message, context)
+
+
+def _bounded_errors(app: App) -> App:
+    """``app`` whose error replies leave with their text cut
+    (:func:`~flwr_guard.node.app_process.app_error_reason`): an error reply passes every
+    policy mod unchecked, so its free text would otherwise carry anything to the server."""
+    from flwr.app import Error
+
+    from flwr_guard.node.app_process import app_error_reason
+
+    def bounded(msg: Message, ctx: Context) -> Message:
+        reply = app(msg, ctx)
+        if not reply.has_error():
+            return reply
+        return Message(Error(code=reply.error.code, reason=app_error_reason(reply.error.reason or "")),
+                       reply_to=msg)
+
+    return bounded
 
 
 def run_guarded_clientapp(runtime_api_address: str, token: str, insecure: bool,
