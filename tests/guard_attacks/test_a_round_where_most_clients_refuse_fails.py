@@ -1,5 +1,5 @@
 """The issue: 'The server refuses to start when its facade lacks what clients require.'
-GuardedStrategy stops only when *every* reply of a round is a policy refusal. When most
+GuardedStrategy once stopped only when *every* reply of a round was a policy refusal. When most
 clients refuse (they require SecAgg+, the server forgot it) and one does not, every
 round 'aggregates' the one client that sent its update in the clear, and the run ends
 fine: a misconfiguration that should fail, hidden behind ERROR lines."""
@@ -46,3 +46,12 @@ def test_one_client_of_four_refusing_is_left_out_and_cannot_end_the_run(caplog):
     assert strategy.aggregated_rounds == 2
     refused = [r.getMessage() for r in caplog.records if "node 11 refused" in r.getMessage()]
     assert len(refused) == 2 and "requires SecAgg+" in refused[0]
+
+
+def test_one_client_of_two_refusing_cannot_end_the_run():
+    # Half is not a majority: with two clients, one refusal (true or claimed) is left out.
+    strict, lax = ClientGuard(ClientPolicy(secagg=True)), ClientGuard(ClientPolicy())
+    grid = LoopbackGrid({11: app(strict.train_mods()), 12: app(lax.train_mods())})
+    strategy = GuardedStrategy(fedavg(2))
+    strategy.start(grid, initial(), num_rounds=2)
+    assert strategy.aggregated_rounds == 2

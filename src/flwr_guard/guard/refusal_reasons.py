@@ -21,7 +21,7 @@ Anything else (a crash, a timeout, the audit gate's or the reply inspector's blo
 which their own summaries report) is not a refusal and keeps the generic hint.
 
 Which reasons stop the run (:meth:`RefusalLog.refusals`, ``GuardMismatch`` unless
-``tolerate_refusals``, when they are at least half of the round's clients:
+``tolerate_refusals``, when they are a majority of the clients the round asked:
 :func:`refusals_stop_run`; fewer are left out, each with an ERROR line): policy
 refusals, a missing or mismatched ledger (an operator's matter: the node cannot train
 until it is fixed), and SecAgg+ refusals in the set-up
@@ -99,6 +99,10 @@ class RefusalLog:
         self.pending: dict[int, tuple[str, bool]] = {}
         #: ``{node: reason}`` of the last round, stopping or not (for the round's line).
         self.last: dict[int, str] = {}
+        #: The nodes sent a train message since the last :meth:`refusals` (this round's).
+        self.asked: set[int] = set()
+        #: How many nodes the last round asked (set by :meth:`refusals`).
+        self.round_asked = 0
 
     def watch(self, grid: Grid) -> Grid:
         """``grid`` wrapped so that every error reply's reason is recorded."""
@@ -121,6 +125,7 @@ class RefusalLog:
         stopping or not, is kept in :attr:`last`."""
         found = dict(self.pending)
         self.pending = {}
+        self.round_asked, self.asked = len(self.asked), set()
         for reply in replies:
             reason = reason_of(reply)
             if reason is not None:
@@ -130,30 +135,32 @@ class RefusalLog:
 
 
 def _round_size(server_round: int, refusals: dict[int, str], replies: list[Message],
-                secagg: SecAggPlus | None) -> tuple[int, str | None]:
-    """The number of clients asked this round (the SecAgg+ cohort when larger than the
-    replies) and the round's SecAgg+ abort reason, if any."""
+                secagg: SecAggPlus | None, asked: int = 0) -> tuple[int, str | None]:
+    """The number of clients asked this round (``asked``: the nodes sent a train message;
+    the SecAgg+ cohort or the replies when larger) and the round's SecAgg+ abort reason."""
     reports = [r for r in getattr(secagg, "history", []) if r.server_round == server_round]
     cohort = reports[-1].cohort if reports else 0
     aborted = reports[-1].aborted if reports else None
-    return max(len(replies), cohort or 0, len(refusals)), aborted
+    return max(len(replies), cohort or 0, len(refusals), asked), aborted
 
 
 def refusals_stop_run(server_round: int, refusals: dict[int, str], replies: list[Message],
-                      secagg: SecAggPlus | None = None) -> bool:
-    """Whether the round's run-stopping refusals are at least half the clients asked: a
-    server that most of its federation refuses is misconfigured (:class:`GuardMismatch`).
-    Fewer are left out with an ERROR line each: a client that refuses (or falsely claims
-    to) cannot end the run for the others."""
-    total, _ = _round_size(server_round, refusals, replies, secagg)
-    return 2 * len(refusals) >= total > 0
+                      secagg: SecAggPlus | None = None, asked: int = 0) -> bool:
+    """Whether the round's run-stopping refusals are a majority of the clients it asked
+    (clients that timed out count as asked): a server that most of its federation refuses
+    is misconfigured (:class:`GuardMismatch`). Half or fewer are left out with an ERROR
+    line each: a client that refuses (or falsely claims to) cannot end the run for the
+    others, one of two included."""
+    total, _ = _round_size(server_round, refusals, replies, secagg, asked)
+    return 2 * len(refusals) > total > 0
 
 
 def mismatch_message(server_round: int, refusals: dict[int, str], replies: list[Message],
-                     secagg: SecAggPlus | None = None, explained: dict[int, str] | None = None) -> str:
+                     secagg: SecAggPlus | None = None, explained: dict[int, str] | None = None,
+                     asked: int = 0) -> str:
     """The text of :class:`~flwr_guard.guard.round_log.GuardMismatch` for a round (with
     the SecAgg+ wrapper ``secagg``'s cohort and abort reason of the round, if any)."""
-    total, aborted = _round_size(server_round, refusals, replies, secagg)
+    total, aborted = _round_size(server_round, refusals, replies, secagg, asked)
     text = (f"round {server_round}: {len(refusals)} of {total} clients refused the server's "
             "protections; the server's GuardedStrategy must meet the clients' policies (or "
             "pass tolerate_refusals=True to go on without them). Their reasons: "
@@ -187,6 +194,8 @@ class _WatchedGrid(Grid):
 
     def _remember(self, messages: list[Message]) -> None:
         for msg in messages:
+            if msg.metadata.message_type.split(".", 1)[0] == "train":
+                self._log.asked.add(int(msg.metadata.dst_node_id))
             if msg.metadata.message_id:
                 self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
                 record = msg.content.config_records.get(SECAGG_RECORD)

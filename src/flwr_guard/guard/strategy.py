@@ -277,11 +277,12 @@ class GuardedStrategy(StrategyWrapper):
         observer: told each round's aggregated train and evaluate metrics as the chain
             returns them (:class:`RoundObserver`; e.g. a progress file for a dashboard).
         tolerate_refusals: go on however many clients refuse the server's protections
-            (their replies are dropped, logged as errors). By default a round that half
-            or more of its clients refuse stops the run with :class:`GuardMismatch`: a
-            server most of its federation refuses is a configuration error to fix, not a
-            dropout; fewer refusals are left out with an ERROR line each, so that one
-            client claiming a refusal cannot end the run for the others.
+            (their replies are dropped, logged as errors). By default a round that a
+            majority of the clients it asked refuse stops the run with
+            :class:`GuardMismatch`: a server most of its federation refuses is a
+            configuration error to fix, not a dropout; half or fewer are left out with an
+            ERROR line each, so that one client claiming a refusal cannot end the run for
+            the others.
 
     Attributes:
         manifest: the :class:`ProtectionManifest` sent with every train message.
@@ -429,7 +430,7 @@ class GuardedStrategy(StrategyWrapper):
 
         Raises:
             GuardConfigError: ``train_config`` already holds the manifest key.
-            GuardMismatch: every client of a round refused the server's protections.
+            GuardMismatch: a majority of a round's clients refused the server's protections.
             NoAggregate: no round produced an aggregate (each round's reason is given).
         """
         train_config = ConfigRecord(dict(train_config or {}))
@@ -454,21 +455,22 @@ class GuardedStrategy(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Delegate, then log the round; stop the run when at least half of the round's
-        clients refused the server's protections.
+        """Delegate, then log the round; stop the run when a majority of the clients the
+        round asked refused the server's protections.
 
         Raises:
-            GuardMismatch: half or more of the round's clients refused (a policy refusal, a
+            GuardMismatch: a majority of the round's clients refused (a policy refusal, a
                 missing ledger, a SecAgg+ set-up refusal), unless ``tolerate_refusals``.
         """
         replies = self._aggregatable(server_round, list(replies), train=True)
         refusals = self.reasons.refusals(replies)
         for node, reason in refusals.items():
             log(ERROR, "flwr-guard round %s: node %s refused: %s", server_round, node, reason)
+        asked = self.reasons.round_asked
         if refusals and not self.tolerate_refusals and refusals_stop_run(
-                server_round, refusals, replies, self.secagg):
+                server_round, refusals, replies, self.secagg, asked):
             raise GuardMismatch(mismatch_message(server_round, refusals, replies, self.secagg,
-                                                 self.reasons.last))
+                                                 self.reasons.last, asked))
         arrays, metrics = self._inner_aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated_rounds += 1
