@@ -576,3 +576,19 @@ def test_an_apps_error_text_leaves_the_node_cut_to_a_bounded_printable_reason() 
     assert reply.has_error()
     assert len(reply.error.reason) <= MAX_APP_REASON_CHARS
     assert reply.error.reason.endswith("...") and reply.error.reason.isascii()
+
+
+@pytest.mark.parametrize("history", [[[1.0, 0.01, 5], [2.0, 0.01, -3]], [[float("nan"), 0.01, 5]]])
+def test_ledger_steps_the_ledger_refuses_are_a_refusal_not_a_crash(tmp_path, history) -> None:
+    from flwr_guard.dp.record_ledger import RecordLedger, init_ledger, ledger_path
+    from flwr_guard.node.app_config import LEDGER_REFUSAL, LedgerHandout
+
+    init_ledger(tmp_path, "s")
+    handout = LedgerHandout({"dp-sgd-ledger": str(tmp_path), "dp-sgd-data-source": "s"})
+    copy = ledger_path(handout.copy_dir, "s")
+    data = json.loads(copy.read_text())
+    data["history"] = history
+    copy.write_text(json.dumps(data))
+    refused = handout.take_back(1)
+    assert refused is not None and refused.startswith(LEDGER_REFUSAL)
+    assert RecordLedger(tmp_path, "s").history == []  # the node's ledger is left as it was

@@ -25,15 +25,18 @@ A missing or corrupt node ledger is not copied (the app's DP-SGD refuses, naming
 Limits: the copy is a file the app's OS user can read, like the node's own ledger (the
 process boundary is not a user boundary, docs/threat-model.md); two apps running at
 once on one node each append their own new steps to the node's ledger as it is when
-they finish (no spending is lost).
+they finish, under an exclusive file lock (no spending is lost), but each checked the
+budget against its own copy: concurrent runs can together spend past the node's cap.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,20 @@ def extends(old: Sequence[tuple[float, float, int]], new: Sequence[tuple[float, 
     return list(new[:len(head)]) == head and (z2, q2) == (z, q) and n2 >= n
 
 
+@contextmanager
+def _locked(directory: Path, source: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<ledger>.lock`` next to the node's ledger (POSIX
+    advisory lock, held by every write-back of the node guard)."""
+    lock = ledger_path(directory, source).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class LedgerHandout:
     """The node's ledger handed to the app's process as a copy (see the module docstring).
 
@@ -149,14 +166,19 @@ class LedgerHandout:
             steps = appended(self.original, new)
             if steps:
                 # Appended to the ledger as it is now (another app's steps, written while
-                # this one ran, stay): spending is never lost.
-                try:
-                    ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
-                except LedgerMissing as err:  # deleted or corrupted while the app ran
-                    return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
-                for entry in steps:
-                    append_steps(ledger.history, entry)
-                ledger.save()
+                # this one ran, stay), under an exclusive lock so that two write-backs
+                # never interleave their read and write: spending is never lost.
+                with _locked(self.real_dir, self.source):
+                    try:
+                        ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
+                    except LedgerMissing as err:  # deleted or corrupted while the app ran
+                        return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
+                    try:
+                        for entry in steps:
+                            append_steps(ledger.history, entry)
+                    except (TypeError, ValueError) as err:  # NaN or negative counts
+                        return f"{LEDGER_REFUSAL} with steps the ledger refuses ({err})"
+                    ledger.save()
             return None
         finally:
             shutil.rmtree(self.copy_dir, ignore_errors=True)
