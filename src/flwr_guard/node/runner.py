@@ -72,9 +72,13 @@ def enforcement_for(message: Message, policy: Any) -> Any:
     ``masked-input`` stage (the node's SecAgg+ mod masks the reply)."""
     from flwr_guard.guard.client_mod import MASKED_INPUT_STAGE, SECAGG_RECORD
     from flwr_guard.node.enforcement import NodeEnforcement
+    from flwr_guard.secagg.constants import Key
 
     record = message.content.config_records.get(SECAGG_RECORD)
-    masked = record is not None and record.get("stage") == MASKED_INPUT_STAGE
+    # Only a train reply is masked by the node's SecAgg+ mod: an evaluate message that
+    # carries a masked-input record is never masked, whatever its record says.
+    train = message.metadata.message_type.split(".", 1)[0] == "train"
+    masked = train and record is not None and record.get(Key.STAGE) == MASKED_INPUT_STAGE
     return NodeEnforcement(secagg_masked=masked, policy=policy.digest(),
                            inspect_replies=policy.inspect_replies)
 
