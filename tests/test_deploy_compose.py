@@ -20,6 +20,7 @@ from conftest import REPO
 from flwr.common.config import parse_config_args
 
 from flwr_guard.deployment import Topology
+from flwr_guard.deployment.fab_allowlist import IMAGE_ALLOWLIST
 from flwr_guard.deployment.manifests import (
     COMPOSE_CONNECTION,
     COMPOSE_VARIANTS,
@@ -31,7 +32,6 @@ from flwr_guard.deployment.manifests import (
     compose_drift,
     compose_topology,
 )
-from flwr_guard.deployment.fab_allowlist import IMAGE_ALLOWLIST
 from flwr_guard.deployment.provision import provision
 from flwr_guard.deployment.tls import make_credentials
 from flwr_guard.dp import node_policy

@@ -412,8 +412,9 @@ def check_command_line(argv: Sequence[str]) -> None:
 
     Knows ``flower-superlink``, ``flower-supernode``, ``flower-superexec`` (Flower's own
     argparse parsers), ``flwr-guard node start`` (the node guard: the ``flower-supernode``
-    argv it starts, with ``--isolation process``; ``dumb-init --`` in front is skipped), ``flwr`` (Flower's Typer app, down to the subcommand, and
-    ``--run-config`` through Flower's config parser), and flwr-guard's
+    argv it starts, with ``--isolation process``; ``dumb-init --`` in front is skipped),
+    ``flwr`` (Flower's Typer app, down to the subcommand, and ``--run-config`` through
+    Flower's config parser), and flwr-guard's
     ``python -m flwr_guard.deployment.register`` / ``.healthcheck``. A SuperNode's
     ``--node-config`` goes through Flower's ``parse_config_args`` as the SuperNode does.
 
