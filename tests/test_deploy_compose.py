@@ -20,10 +20,12 @@ from conftest import REPO
 from flwr.common.config import parse_config_args
 
 from flwr_guard.deployment import Topology
+from flwr_guard.deployment.fab_allowlist import IMAGE_ALLOWLIST
 from flwr_guard.deployment.manifests import (
     COMPOSE_CONNECTION,
     COMPOSE_VARIANTS,
     CONTAINER_NODE_POLICY,
+    GUARD_ENTRYPOINT,
     LEDGER_DIR,
     SECAGG_DIR,
     check_command_line,
@@ -33,6 +35,7 @@ from flwr_guard.deployment.manifests import (
 from flwr_guard.deployment.provision import provision
 from flwr_guard.deployment.tls import make_credentials
 from flwr_guard.dp import node_policy
+from flwr_guard.node.launch import guarded_commands
 from flwr_guard.secagg.policy import policy_from_node_config
 
 COMPOSE_DIR = REPO / "deploy" / "compose"
@@ -74,7 +77,11 @@ def test_compose_commands_are_the_topology_and_parse_with_flowers_clis(variant) 
     expected = ["submit", "superlink", *(f"supernode-{i}" for i in range(3))]
     assert flower == sorted(expected + (["register"] if name != "plain" else []))
     for service in flower:
-        check_command_line(services[service]["command"])
+        if service.startswith("supernode-"):  # the node guard's entrypoint runs the command
+            assert services[service]["entrypoint"] == list(GUARD_ENTRYPOINT)
+            check_command_line([*services[service]["entrypoint"], *services[service]["command"]])
+        else:
+            check_command_line(services[service]["command"])
         test = services[service].get("healthcheck", {}).get("test")
         if test:
             assert test[0] == "CMD"
@@ -187,7 +194,7 @@ def test_every_supernode_mounts_its_own_secagg_key_and_the_roster(variant) -> No
         others = [t for t in mounts if re.search(r"secagg-\d+\.key$", t) and t != f"/etc/flwr-guard/secagg/secagg-{i}.key"]
         assert others == [], f"supernode-{i} mounts another node's key"
         assert node["healthcheck"]["test"] == ["CMD", "python", "-m", "flwr_guard.deployment.healthcheck"]
-        assert node["entrypoint"] == ["dumb-init", "--"]
+        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start"]
 
 
 def test_submit_waits_for_the_final_status() -> None:
@@ -314,3 +321,103 @@ def test_drift_reports_a_missing_or_shared_ledger() -> None:
     assert problems[0] == "supernode-0: no 'ledger-init-0' service (flwr-guard ledger init before DP-SGD)"
     assert any(p.startswith("supernode-2 and ledger-init-2 mount different volumes") for p in problems)
     assert any(p.startswith("SuperNodes share a ledger volume") for p in problems)
+
+
+def _image_app_dir(tmp: Path) -> Path:
+    """The reference app directory as the images hold it: the files the Dockerfile
+    COPYs to /opt/flwr-guard/apps/digits (from the repository, as the build does)."""
+    app = tmp / "opt-flwr-guard-apps-digits"
+    app.mkdir(parents=True)
+    copies = re.findall(r"^COPY (\S+) /opt/flwr-guard/apps/digits/(\S+)$",
+                        (REPO / "docker" / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert copies, "the Dockerfile copies nothing to /opt/flwr-guard/apps/digits"
+    for source, name in copies:
+        (app / name).write_bytes((REPO / source).read_bytes())
+    return app
+
+
+def test_every_supernode_runs_under_the_node_guard_with_an_allowlist_and_secagg_required(
+    variant,
+) -> None:
+    """The guard is every SuperNode's entrypoint (so the command is flower-supernode's
+    arguments, which the guard runs with --isolation process); the node config names the
+    image's allow-list and requires SecAgg+; every image a SuperNode runs writes that
+    allow-list at build time from the app directory that `submit` submits."""
+    name, config, topology = variant
+    services = config["services"]
+    submit = services["submit"]["command"]
+    assert "/opt/flwr-guard/apps/digits" in submit
+    stages = re.split(r"^FROM ", (REPO / "docker" / "Dockerfile").read_text(), flags=re.MULTILINE)
+    for i in range(3):
+        node = services[f"supernode-{i}"]
+        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start"]
+        assert node["command"][0].startswith("--") and "flower-supernode" not in node["command"]
+        assert "--isolation" not in node["command"]  # the guard sets it
+        node_config = parse_config_args([node["command"][-1]])
+        assert node_config["guard-fab-allowlist"] == IMAGE_ALLOWLIST
+        assert node_config["guard-require-secagg"] is True
+        assert not any(k in node_config for k in ("guard-fab-allow-any", "guard-fab-hashes"))
+        target = node["build"]["target"]
+        assert target == ("supernode-cuda" if name == "gpu" else "supernode")
+        (stage,) = [s for s in stages if s.startswith(f"runtime AS {target}\n")]
+        assert ("RUN python -m flwr_guard.deployment.fab_allowlist /opt/flwr-guard/apps/digits "
+                f"{IMAGE_ALLOWLIST}\n") in stage
+        # the guard's SuperNode: flower-supernode with these arguments, process isolation
+        supernode, superexec = guarded_commands(node["command"], "/tmp/secret")
+        assert supernode[:len(node["command"]) + 1] == topology.supernode_command(i)
+        assert supernode[-4:-2] == ["--isolation", "process"]
+        assert "--runtime-api-address" in superexec
+        assert superexec[superexec.index("--runtime-api-address") + 1] == "127.0.0.1:9094"
+
+
+def test_the_image_allowlist_admits_exactly_the_app_that_submit_runs(tmp_path) -> None:
+    """What the build step writes, read by the guard's own allow-list: the FAB that
+    `flwr run /opt/flwr-guard/apps/digits` builds is admitted, any other FAB (Flower's
+    quickstart, or the manifest with one default changed) is refused with a reason naming
+    the node config key; guard-fab-hashes admits another app next to the file's. The
+    manifest's fab-include packs pyproject.toml alone, so the repository's app directory
+    builds the same FAB."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from flwr_guard.deployment.fab_allowlist import main as write_main
+    from flwr_guard.node.allowlist import AllowList, fab_hash
+
+    app = _image_app_dir(tmp_path)
+    out = tmp_path / "fab-allowlist.toml"
+    write_main([str(app), str(out)])
+    node_config = {"guard-fab-allowlist": str(out)}
+    allow = AllowList.from_node_config(node_config)
+    submitted = build_fab_from_disk(app)
+    assert allow.fab_hashes == {fab_hash(submitted)} and not allow.trusted_keys and not allow.allow_any
+    assert allow.check(submitted) is None
+    assert fab_hash(build_fab_from_disk(app)) == fab_hash(submitted)  # deterministic
+    assert fab_hash(build_fab_from_disk(REPO / "src" / "flwr_guard" / "apps" / "digits")) == fab_hash(submitted)
+    other = REPO / "tests" / "fixtures" / "quickstart" / "plain"  # Flower's quickstart
+    refused = allow.check(build_fab_from_disk(other))
+    assert refused is not None and "is not on this node's allow-list" in refused
+    assert "guard-fab-hashes" in refused
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    manifest = (app / "pyproject.toml").read_text()
+    assert "num-server-rounds = 5\n" in manifest
+    (changed / "pyproject.toml").write_text(manifest.replace("num-server-rounds = 5\n", "num-server-rounds = 6\n"))
+    assert allow.check(build_fab_from_disk(changed)) is not None
+    # the operator admits another app next to the image's one
+    extra = AllowList.from_node_config({**node_config,
+                                        "guard-fab-hashes": fab_hash(build_fab_from_disk(other))})
+    assert extra.check(build_fab_from_disk(other)) is None and extra.check(submitted) is None
+
+
+def test_drift_reports_a_supernode_outside_the_guard() -> None:
+    config = json.loads(_compose_config(*COMPOSE_VARIANTS["tls"]).stdout)
+    node = config["services"]["supernode-2"]
+    node["entrypoint"] = ["dumb-init", "--"]
+    node["command"] = ["flower-supernode", *node["command"]]
+    problems = compose_drift(config, compose_topology("tls"))
+    assert problems[0].startswith("supernode-2: entrypoint is ['dumb-init', '--'], not the node guard")
+    assert problems[1].startswith("supernode-2: command is ['flower-supernode'")
+    assert len(problems) == 2
+    with pytest.raises(ValueError, match="the node guard sets --isolation process itself"):
+        check_command_line(["flwr-guard", "node", "start", "--isolation", "subprocess"])
+    with pytest.raises(ValueError, match="flower-supernode: error: unrecognized arguments: --no-such-flag"):
+        check_command_line([*GUARD_ENTRYPOINT, "--insecure", "--no-such-flag"])

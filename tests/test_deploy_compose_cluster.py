@@ -14,7 +14,9 @@ as its pip.conf build secret, the CA bundle as its ca_bundle secret, pip's find-
 folders as read-only build volumes (podman) so a local CPU torch wheel is used.
 
 Asserts: `submit` exits 0 (the run completed), every round's SecAgg+ report summed all
-three SuperNodes (survivors == cohort == 3, not aborted), each SuperNode's DP-SGD ledger
+three SuperNodes (survivors == cohort == 3, not aborted), every SuperNode ran the app
+under the node guard (its entrypoint; the app admitted by the image's allow-list) and
+logged the guard's line for each round (sent masked, 3 survivors), each SuperNode's DP-SGD ledger
 (created by its ledger-init step on its named volume) recorded steps and an epsilon
 within the nodes' cap of 8, Prometheus holds the last
 round's values, and every panel's PromQL in deploy/grafana/dashboards/*.json returns
@@ -347,6 +349,27 @@ def test_the_protected_run_completes_and_secagg_sums_every_node_each_round(clust
         assert secagg["aborted"] is None, secagg
         assert secagg["cohort"] == secagg["survivors"] == 3, secagg
         assert line["train-replies"] == 3
+
+
+GUARD_LINE = re.compile(r"^(supernode-\d+)\S*\s+\|.*(flwr-guard node round (\S+) \(run \d+\): "
+                        r"policy (\w+); ([^;]+); SecAgg\+ survivors (\S+); .*)$", re.MULTILINE)
+
+
+def test_every_node_ran_the_app_under_the_node_guard_and_logged_each_round(cluster) -> None:
+    """Every SuperNode runs under the node guard (its entrypoint): the app passed the
+    image's allow-list (else no round would train), and each node's guard logged one
+    line per round: sent masked (guard-require-secagg), SecAgg+ survivors 3."""
+    lines: dict[str, list[tuple[str, str, str, str, str]]] = {}
+    for node, line, round_, policy, verdict, survivors in GUARD_LINE.findall(cluster["logs"]):
+        lines.setdefault(node, []).append((line, round_, policy, verdict, survivors))
+    cluster["measured"]["guard-lines"] = {node: [entry[0] for entry in found] for node, found in lines.items()}
+    assert sorted(lines) == [f"supernode-{i}" for i in range(3)], cluster["logs"][-5000:]
+    for found in lines.values():
+        assert {verdict for _, _, _, verdict, _ in found} == {"sent masked"}, found
+        assert {survivors for *_, survivors in found} == {"3"}, found
+        assert len({round_ for _, round_, *_ in found}) == ROUNDS, found
+        assert len({policy for _, _, policy, *_ in found}) == 1, found
+    assert "flwr-guard node refused the app" not in cluster["logs"]
 
 
 def test_every_node_trained_with_dp_sgd_on_its_own_persistent_ledger(cluster) -> None:

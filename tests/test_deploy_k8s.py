@@ -22,8 +22,10 @@ import yaml
 from conftest import REPO
 from flwr.common.config import parse_config_args
 
+from flwr_guard.deployment.fab_allowlist import IMAGE_ALLOWLIST
 from flwr_guard.deployment.manifests import (
     CONTAINER_NODE_POLICY,
+    GUARD_ENTRYPOINT,
     K8S_CONNECTION,
     LEDGER_DIR,
     POD_INDEX,
@@ -324,3 +326,34 @@ def test_the_chart_sets_the_compose_policy_and_a_ledger_claim_per_pod(tmp_path) 
 def test_the_ledger_directory_cannot_be_moved_off_its_claim() -> None:
     with pytest.raises(helm.HelmError, match="dp-sgd-ledger"):
         _render({**SECRETS, "supernodes": {"nodeConfig": {"dp-sgd-ledger": "/tmp/x"}}})
+
+
+def test_every_supernode_pod_runs_under_the_node_guard_with_the_images_allowlist(tmp_path) -> None:
+    """The StatefulSet's SuperNode container is the node guard (dumb-init, then
+    `flwr-guard node start` with flower-supernode's arguments); its node config names the
+    image's allow-list and requires SecAgg+; an app is admitted next to it through
+    nodeConfig; a container that runs flower-supernode directly is reported as drift."""
+    manifests = _render(SECRETS)
+    (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
+    (node,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert node["command"] == list(GUARD_ENTRYPOINT) == ["dumb-init", "--", "flwr-guard", "node", "start"]
+    assert "flower-supernode" not in node["args"] and "--isolation" not in node["args"]
+    config = parse_config_args([node["args"][node["args"].index("--node-config") + 1].replace(POD_INDEX, "1")])
+    assert config["guard-fab-allowlist"] == IMAGE_ALLOWLIST
+    assert config["guard-require-secagg"] is True
+    assert "guard-fab-allow-any" not in config
+    # the operator admits another app's hash next to the image's allow-list
+    extra = "0123456789abcdef" * 4
+    manifests = _render({**SECRETS, "supernodes": {"nodeConfig": {"guard-fab-hashes": extra}}})
+    _validate(manifests, tmp_path)
+    (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
+    (node,) = statefulset["spec"]["template"]["spec"]["containers"]
+    config = parse_config_args([node["args"][node["args"].index("--node-config") + 1].replace(POD_INDEX, "0")])
+    assert (config["guard-fab-hashes"], config["guard-fab-allowlist"]) == (extra, IMAGE_ALLOWLIST)
+    # a SuperNode outside the guard is drift
+    node["command"] = ["flower-supernode"]
+    topology = container_topology(nodes=3, superlink_host=f"{RELEASE}-superlink", secure=True,
+                                  node_config={"guard-fab-hashes": extra})
+    problems = k8s_drift(manifests, topology)
+    assert len(problems) == 3 and all(p.startswith(f"supernode pod {i}: command is ['flower-supernode'")
+                                      for i, p in enumerate(problems))

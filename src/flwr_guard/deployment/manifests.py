@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr_guard import keys
+from flwr_guard.deployment.fab_allowlist import IMAGE_ALLOWLIST
 from flwr_guard.deployment.topology import NodeConfig, TlsConfig, Topology
 
 SUPERLINK_PORT = 8000
@@ -49,14 +50,33 @@ LEDGER_DIR = "/var/lib/flwr-guard/dp-sgd-ledger"
 # - DP floors at or above the library defaults (stricter): DP-SGD budget cap 8 (default
 #   10), DP-SGD noise floor 1 (0.5), user-level noise floor 0.5 (0.5), at most 2 honest
 #   contributors assumed for distributed noise (3).
+# - The node guard (every container SuperNode runs under `flwr-guard node start`,
+#   GUARD_ENTRYPOINT): its FAB allow-list is the file each SuperNode image writes at
+#   build time, pinning the FAB hash of the image's reference app, the one `submit`
+#   runs (flwr_guard.deployment.fab_allowlist); no update leaves a node unless SecAgg+
+#   masks it (guard-require-secagg, explicit although it is the guard's default).
 CONTAINER_NODE_POLICY: NodeConfig = {
     keys.NodeConfig.DP_HONEST_CONTRIBUTORS: 2,
     keys.NodeConfig.DP_MIN_NOISE_MULTIPLIER: 0.5,
     keys.NodeConfig.DP_SGD_MAX_EPSILON: 8,
     keys.NodeConfig.DP_SGD_MIN_NOISE_MULTIPLIER: 1,
+    keys.NodeConfig.GUARD_FAB_ALLOWLIST: IMAGE_ALLOWLIST,
+    keys.NodeConfig.GUARD_REQUIRE_SECAGG: True,
     keys.NodeConfig.SECAGG_MAX_COLLUDERS: 0,
     keys.NodeConfig.SECAGG_MIN_HONEST_OTHERS: 2,
 }
+# What every container SuperNode runs: dumb-init (PID 1, reaps the guard's per-message
+# processes) and the node guard, which starts flower-supernode (its arguments follow:
+# Topology.supernode_command without the program name) with --isolation process and the
+# guard's SuperExec (flwr_guard.node.launch). Compose: the SuperNodes' `entrypoint`, so an
+# override of `command` keeps the guard; Helm: the container's `command`.
+GUARD_ENTRYPOINT: tuple[str, ...] = ("dumb-init", "--", "flwr-guard", "node", "start")
+
+
+def guarded_supernode_argv(topology: Topology, index: int) -> list[str]:
+    """The whole argv of container SuperNode ``index``: :data:`GUARD_ENTRYPOINT` followed
+    by ``flower-supernode``'s arguments of ``topology.supernode_command(index)``."""
+    return [*GUARD_ENTRYPOINT, *topology.supernode_command(index)[1:]]
 
 
 def container_topology(
@@ -183,6 +203,10 @@ def compose_drift(
 ) -> list[str]:
     """Differences between a resolved compose model and ``topology`` (empty: none).
 
+    Every ``supernode-<i>`` must have the node guard as its entrypoint
+    (:data:`GUARD_ENTRYPOINT`) and ``topology.supernode_command(i)``'s arguments (without
+    the program name, which the guard runs) as its command.
+
     Args:
         config: ``docker compose config --format json`` output, parsed.
         topology: what the services must run (:func:`compose_topology`).
@@ -202,8 +226,12 @@ def compose_drift(
     for index in range(topology.nodes):
         name = f"supernode-{index}"
         if name in services:
+            entrypoint = services[name].get("entrypoint") or []
+            if list(entrypoint) != list(GUARD_ENTRYPOINT):
+                problems.append(f"{name}: entrypoint is {entrypoint!r}, not the node guard "
+                                f"{list(GUARD_ENTRYPOINT)!r}")
             problems += _diff(
-                name, services[name].get("command"), topology.supernode_command(index)
+                name, services[name].get("command"), topology.supernode_command(index)[1:]
             )
     if keys.NodeConfig.DP_SGD_LEDGER in topology.node_config:
         problems += _compose_ledger_drift(services, topology)
@@ -273,7 +301,8 @@ def k8s_drift(
     The SuperLink Deployment's container ``superlink`` must run
     ``topology.superlink_command()``; the SuperNode StatefulSet must have
     ``topology.nodes`` replicas, and its container ``supernode`` with ``$(POD_INDEX)``
-    replaced by ``i`` must run ``topology.supernode_command(i)`` for every ``i``; with
+    replaced by ``i`` must run :func:`guarded_supernode_argv` (the node guard, then
+    ``topology.supernode_command(i)``'s arguments) for every ``i``; with
     SuperNode authentication its init container ``register`` registers key ``i``.
     """
     by_kind: dict[str, list[Mapping[str, Any]]] = {}
@@ -304,7 +333,7 @@ def k8s_drift(
         problems += _diff(
             f"supernode pod {index}",
             _with_index(_argv(containers["supernode"]), index),
-            topology.supernode_command(index),
+            guarded_supernode_argv(topology, index),
         )
         if keys.NodeConfig.DP_SGD_LEDGER in topology.node_config:
             if "ledger-init" not in containers:
@@ -382,8 +411,10 @@ def check_command_line(argv: Sequence[str]) -> None:
     """Parse ``argv`` with the installed CLI of its program, without running it.
 
     Knows ``flower-superlink``, ``flower-supernode``, ``flower-superexec`` (Flower's own
-    argparse parsers), ``flwr`` (Flower's Typer app, down to the subcommand, and
-    ``--run-config`` through Flower's config parser), and flwr-guard's
+    argparse parsers), ``flwr-guard node start`` (the node guard: the ``flower-supernode``
+    argv it starts, with ``--isolation process``; ``dumb-init --`` in front is skipped),
+    ``flwr`` (Flower's Typer app, down to the subcommand, and ``--run-config`` through
+    Flower's config parser), and flwr-guard's
     ``python -m flwr_guard.deployment.register`` / ``.healthcheck``. A SuperNode's
     ``--node-config`` goes through Flower's ``parse_config_args`` as the SuperNode does.
 
@@ -392,6 +423,15 @@ def check_command_line(argv: Sequence[str]) -> None:
             for a program it does not know.
     """
     program, args = argv[0], list(argv[1:])
+    if program == "dumb-init" and args[:1] == ["--"] and len(args) > 1:
+        check_command_line(args[1:])
+        return
+    if program == "flwr-guard" and args[:2] == ["node", "start"]:
+        from flwr_guard.node.launch import guarded_commands
+
+        supernode, _ = guarded_commands(args[2:], "/run/flwr-guard/superexec-auth-secret")
+        check_command_line(supernode)
+        return
     if program == "flower-superlink":
         from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
