@@ -21,8 +21,9 @@ The child answers with its reply and its state over a second pipe (its stdout an
 stay the app's log). The guard rebuilds the reply itself: the metadata comes from the
 message it answers (the app cannot address it elsewhere), and the content is what the
 policy mods then check before anything is sent. A child that crashes, exits without an
-answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply; the
-app's own error text leaves cut to :data:`MAX_APP_REASON_CHARS` printable characters.
+answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply. The
+runner cuts every error text of the app to :data:`MAX_APP_REASON_CHARS` printable
+characters (:func:`app_error_reason`) before the policy mods see the reply.
 
 What a process boundary does not do: the child runs as the same OS user on the same
 host, so it can read files that user can read (the guard's own SuperExec secret, the
@@ -181,7 +182,7 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         exit_code = child.wait()
     if status != b"ok":
         if status == b"error":
-            reason = app_error_reason(reply_bytes.decode("utf-8", "replace"))
+            reason = reply_bytes.decode("utf-8", "replace")  # cut by the runner
         return AppResult(_failed(message, f"{reason} (exit code {exit_code})"), exit_code)
     try:
         from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
@@ -196,8 +197,7 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         return AppResult(_failed(message, f"its answer does not parse: {err}"), exit_code)
     if raw.has_error():
         # A refusal names the node's ledger directory, not the app's copy.
-        reply = Message(Error(code=raw.error.code,
-                              reason=app_error_reason(ledger.reason(raw.error.reason or ""))),
+        reply = Message(Error(code=raw.error.code, reason=ledger.reason(raw.error.reason or "")),
                         reply_to=message)
     else:
         reply = Message(raw.content, reply_to=message)
