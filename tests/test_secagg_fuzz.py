@@ -257,3 +257,63 @@ def test_codec_bounds_hold_before_parsing():
             continue
     for a, b in combinations([b"x" * 3, b"", bytes(range(256))], 2):
         assert codec.decode(codec.encode({"a": a, "b": [b, {"c": a}]})) == {"a": a, "b": [b, {"c": a}]}
+
+
+def test_the_recovery_stage_survives_fuzzing_both_ways(tmp_path):
+    """``unmask-recover`` (sent only in a round with a proven culprit,
+    tests/test_secagg_recover.py): one neighbour of the culprit gets a fuzzed instruction
+    (client side: its real mod answers every one with a reply, an error reply when it
+    refuses) or sends a fuzzed reply (server side). Nothing raises; the round either
+    completes with the exact mean of the honest others or, since that neighbour's pair
+    seed with the culprit is missing (a second bad client), aborts naming it; the next
+    round completes without the culprit."""
+    from test_secagg_recover import Colluder
+
+    rng = np.random.default_rng(24)
+    for side in ("client", "server"):
+        for kind in PAYLOAD_MUTATIONS:
+            if side == "client" and kind in ("error", "no-record"):
+                continue
+            path = tmp_path / f"{side}-{kind}"
+            path.mkdir()
+            fed = Colluder(N, path, seed=24)
+            gone, fed.liar = fed.ids[4], fed.ids[1]
+            fuzzed = fed.ids[2]
+            replies: list[Message] = []
+
+            def tamper(stage, node, msg, fed=fed, gone=gone, fuzzed=fuzzed, side=side, kind=kind,
+                       replies=replies):
+                if node == gone and stage == "masked-input":
+                    return None
+                if side == "client" and node == fuzzed and stage == "unmask-recover":
+                    replies.append(_deliver_direct(fed, mutate_message(msg, kind, rng, MAX_CONTROL_BYTES)))
+                    return None
+                return msg
+
+            fed.tamper = tamper
+            if side == "server":
+                original = fed.deliver
+
+                def deliver(msg, original=original, fuzzed=fuzzed, kind=kind, replies=replies):
+                    reply = original(msg)
+                    record = msg.content.config_records[SECAGG_RECORD]
+                    if (reply is None or msg.metadata.dst_node_id != fuzzed
+                            or str(record["stage"]) != "unmask-recover"):
+                        return reply
+                    replies.append(reply)
+                    if kind == "error":
+                        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "fuzzed"), reply_to=msg)
+                    return mutate_message(reply, kind, rng, MAX_REPLY_BYTES)
+
+                fed.deliver = deliver  # type: ignore[method-assign]
+            (agg1, r1), (agg2, r2) = run_strategy_rounds(fed, 2, multi_round=True)
+            assert len(replies) == 1, (side, kind)  # the stage ran, once
+            honest = [i for i in fed.ids if i not in (gone, fed.liar)]
+            if r1.aborted is None:
+                assert np.abs(agg1 - fed.expected_mean(honest)).max() < STEP, (side, kind)
+            else:
+                assert agg1 is None and f"node {fuzzed}" in r1.aborted, (side, kind, r1.aborted)
+            if side == "client" and kind != "extra-keys":
+                assert replies[0].has_error(), kind
+            assert r2.aborted is None, (side, kind, r2.aborted)
+            assert np.abs(agg2 - fed.expected_mean(honest)).max() < STEP, (side, kind)

@@ -32,7 +32,13 @@ from flwr_guard.secagg.params import SecAggParams
 from flwr_guard.secagg.server import SecAggServer
 from flwr_guard.secagg.session_client import SessionClient, round_pair_seed
 from flwr_guard.secagg.session_server import SessionServer
-from flwr_guard.secagg.transcripts import SessionRound, commit_self_mask, pairwise_sign, session_consistency_payload
+from flwr_guard.secagg.transcripts import (
+    SessionRound,
+    commit_self_mask,
+    pairwise_sign,
+    session_consistency_payload,
+    session_reveal_payload,
+)
 
 MODEL = b"m" * 32
 
@@ -277,8 +283,11 @@ def test_a_wrong_pair_seed_from_one_revealer_aborts_the_round_and_names_it():
     for c in u3:
         signatures, cts = s.server.unmask_request(c)
         reveals[c] = s.clients[c].unmask(2, u3, signatures, cts)
-    reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds={gone: crypto.random_secret()})
+    wrong = {gone: crypto.random_secret()}  # signed by the liar itself (a colluding client)
+    reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds=wrong, signature=crypto.sign(
+        s.secrets[liar], session_reveal_payload(_round_digest(s, 2), liar, wrong)))
     s.server.receive_unmask(reveals)
+    # Without the recovery stage (tests/test_secagg_recover.py) the round aborts:
     with pytest.raises(SecAggAborted, match=f"node {liar} revealed a pair seed for node {gone}"):
         s.server.aggregate()
     assert set(s.server.culprits) == {liar}

@@ -5,7 +5,7 @@ and mods (tests/secagg_harness.py), per-round and multi-round sessions.
   with the exact weighted mean of the survivors (docs/secagg.md, "Tolerance").
 - one bad client per stage (a random nonce, a share that does not open, an all-zero
   masked vector, a wrong self-mask commitment, a wrong pair seed): excluded or named,
-  and the round (or, for a provably wrong pair seed, the next one) completes.
+  and the round completes (a provably wrong pair seed: after the recovery stage).
 - a session that lost more than its graph tolerates re-keys with the survivors.
 - GuardedStrategy: one client's odd reply (an extra metric key, an array without data)
   under central DP without SecAgg+ is left out; the run goes on.
@@ -79,6 +79,7 @@ class BadReplies(ModFederation):
         super().__init__(n, tmp_path, seed=seed)
         self.bad = self.ids[1]
         self.edit = None
+        self.tmp = tmp_path
 
     def deliver(self, msg):
         reply = super().deliver(msg)
@@ -127,6 +128,31 @@ def _set(name, value):
     return change
 
 
+def _signed_random_commitment(fed: BadReplies):
+    """The bad client sends a random self-mask commitment and signs it with its own key
+    (a colluding client; an unsigned change fails the input's signature instead)."""
+    from flwr_guard.secagg import crypto
+    from flwr_guard.secagg.constants import STATE_RECORD
+    from flwr_guard.secagg.keys import load_signing_key
+    from flwr_guard.secagg.transcripts import session_input_payload
+
+    def edit(stage, reply):
+        if stage != "masked-input":
+            return reply
+        payload = codec.decode(reply.content.config_records[SECAGG_RECORD]["payload"])
+        payload["commitment"] = b"\x01" * 32
+        state = fed.contexts[fed.bad].state.config_records[STATE_RECORD]
+        digest = codec.decode(state["session"])["round"]["digest"]
+        key = load_signing_key(str(fed.tmp / f"node{fed.ids.index(fed.bad)}.key"))
+        pcs = {int(k): v for k, v in payload["pair_commitments"].items()}
+        payload["input_signature"] = crypto.sign(key, session_input_payload(digest, fed.bad, payload["commitment"], pcs))
+        reply.content[SECAGG_RECORD] = ConfigRecord({"payload": codec.encode(payload)})
+        return reply
+    return edit
+
+
+_signed_random_commitment.per_federation = True  # type: ignore[attr-defined]
+
 BAD_CLIENTS = {
     # name: (modes, edit, survivors allowed)
     "random nonce": (("per-round", "session"), payload_edit("roster", _set("nonce", b"\x07" * 32)), {N - 1}),
@@ -136,7 +162,9 @@ BAD_CLIENTS = {
     "share to one peer that does not open": (("per-round",), payload_edit("share-keys", random_first("ciphertexts")), {N - 2}),
     "session share to one peer that does not open": (("session",), payload_edit("masked-input", random_first("ciphertexts")), {N}),
     "all-zero masked vector": (("per-round", "session"), _zero_vector, {N - 1}),
-    "random self-mask commitment": (("session",), payload_edit("masked-input", _set("commitment", b"\x01" * 32)), {N}),
+    "random self-mask commitment": (("session",), _signed_random_commitment, {N}),
+    # Unsigned by its sender (the input's signature fails): left out at input.
+    "unsigned random self-mask commitment": (("session",), payload_edit("masked-input", _set("commitment", b"\x01" * 32)), {N - 1}),
     "wrong self-mask share": (("per-round",), payload_edit("unmask", lambda p: [v.__setitem__(2, b"\x02" * 32) for v in p["shares"].values()]), {N}),
     "wrong self-mask seed": (("session",), payload_edit("unmask", _set("seed", b"\x03" * 32)), {N}),
 }
@@ -148,7 +176,7 @@ def test_one_bad_client_is_excluded_and_the_round_completes(tmp_path, case):
     for mode in modes:
         (tmp_path / mode).mkdir()
         fed = BadReplies(N, tmp_path / mode, seed=6)
-        fed.edit = edit
+        fed.edit = edit(fed) if getattr(edit, "per_federation", False) else edit
         ((agg, report),) = run_strategy_rounds(fed, 1, multi_round=mode == "session")
         assert report.aborted is None, (mode, report.aborted)
         assert report.survivors in allowed, (mode, report.survivors, report.excluded)
@@ -160,23 +188,25 @@ def test_one_bad_client_is_excluded_and_the_round_completes(tmp_path, case):
             assert str(fed.bad) in report.excluded
 
 
-def test_a_wrong_pair_seed_names_the_culprit_and_the_next_round_completes_without_it(tmp_path):
-    fed = BadReplies(N, tmp_path, seed=6)
+def test_a_wrong_pair_seed_names_the_culprit_and_the_round_completes_without_it(tmp_path):
+    """A colluding client reveals (and signs) a wrong pair seed for a dropped neighbour:
+    it is proven and named, its honest neighbours check the proof and reveal their pair
+    seeds with it (``unmask-recover``), and the round releases the exact mean of the
+    others; the next round leaves it out (tests/test_secagg_recover.py has the positive
+    control without recovery and the framing attempts)."""
+    from test_secagg_recover import Colluder
+
+    fed = Colluder(N, tmp_path, seed=6)
     gone = fed.ids[4]  # an early dropout: its pair seeds are revealed by its neighbours
+    fed.liar = fed.ids[1]
     fed.tamper = lambda s, node, msg: None if node == gone and s == "masked-input" else msg
-    fed.edit = payload_edit("unmask", lambda p: [p["pair_seeds"].__setitem__(k, b"\x05" * 32)
-                                                 for k in p.get("pair_seeds", {})])
-    results = run_strategy_rounds(fed, 2, multi_round=True)
-    (agg1, r1), (agg2, r2) = results
-    if str(fed.bad) in r1.excluded:  # the bad node is a neighbour of ``gone``
-        assert agg1 is None and f"node {fed.bad} revealed a pair seed" in r1.aborted
-        assert r2.aborted is None and not r2.key_setup
-        survivors = [i for i in fed.ids if i not in (fed.bad, gone)]
-    else:
-        assert r1.aborted is None
-        survivors = [i for i in fed.ids if i != gone]
-    assert r2.survivors == len(survivors)
-    assert np.abs(agg2 - fed.expected_mean(survivors)).max() < STEP
+    (agg1, r1), (agg2, r2) = run_strategy_rounds(fed, 2, multi_round=True)
+    survivors = [i for i in fed.ids if i not in (fed.liar, gone)]
+    assert f"node {gone}" in r1.excluded[str(fed.liar)]
+    for agg, report in ((agg1, r1), (agg2, r2)):
+        assert report.aborted is None and report.survivors == len(survivors)
+        assert np.abs(agg - fed.expected_mean(survivors)).max() < STEP
+    assert not r2.key_setup
 
 
 # -- sessions: re-key after an abort -----------------------------------------------------

@@ -37,8 +37,11 @@ re-keys on the next round."""
 class Stage:
     """The stages of SecAgg+, in protocol order (the value of :attr:`Key.STAGE`).
 
-    The per-round protocol runs all six; a multi-round session runs :attr:`SETUP` once
-    (without ``share-keys``) and :attr:`SESSION` every round.
+    The per-round protocol runs the first six; a multi-round session runs :attr:`SETUP`
+    once (without ``share-keys``) and :attr:`SESSION` every round, where
+    :attr:`UNMASK_RECOVER` is sent only in a round with a proven culprit (a client whose
+    signed reveal contradicts its signed commitment; docs/secagg.md, "Recovery from a
+    wrong pair seed").
     """
 
     ADVERTISE = "advertise"
@@ -47,13 +50,14 @@ class Stage:
     MASKED_INPUT = "masked-input"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    UNMASK_RECOVER = "unmask-recover"
 
-    ALL = (ADVERTISE, ROSTER, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
+    ALL = (ADVERTISE, ROSTER, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK, UNMASK_RECOVER)
     """Every stage, in protocol order."""
     SETUP = (ADVERTISE, ROSTER, SHARE_KEYS)
     """The key set-up: no model and no update is sent yet."""
-    SESSION = (MASKED_INPUT, CONSISTENCY, UNMASK)
-    """The stages of one round of a multi-round session."""
+    SESSION = (MASKED_INPUT, CONSISTENCY, UNMASK, UNMASK_RECOVER)
+    """The stages of one round of a multi-round session (the last only with a culprit)."""
 
     def __new__(cls) -> Stage:
         raise TypeError(f"{cls.__name__} cannot be instantiated")
@@ -100,6 +104,11 @@ class Key:
     PAIR_COMMITMENTS = "pair_commitments"
     SEED = "seed"  # session unmask reply: this round's self-mask seed
     PAIR_SEEDS = "pair_seeds"
+    INPUT_SIGNATURE = "input_signature"  # session input reply: signed commitments
+    REVEAL_SIGNATURE = "reveal_signature"  # session unmask reply: signed pair seeds
+    # unmask-recover: request (the culprits' signed statements), reply (pair seeds)
+    EVIDENCE = "evidence"
+    RECOVERED = "recovered"
 
     def __new__(cls) -> Key:
         raise TypeError(f"{cls.__name__} cannot be instantiated")

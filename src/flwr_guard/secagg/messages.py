@@ -21,6 +21,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from flwr_guard.secagg import crypto
+from flwr_guard.secagg.constants import Key
 from flwr_guard.secagg.errors import ProtocolError
 
 # The two kinds of share a client reveals at unmask (never both for one peer).
@@ -263,6 +264,9 @@ class RoundInput:
         clipped: coordinates clipped to ``[-r, r]``.
         pair_commitments: neighbour id -> :func:`commit_pair_seed` of the pair's seed
             of this round (empty: the server checks no revealed pair seed of it).
+        signature: Ed25519 signature of
+            :func:`~flwr_guard.secagg.transcripts.session_input_payload` (the two
+            commitments, bound to the round digest) under the client's roster key.
     """
 
     vector: np.ndarray
@@ -270,18 +274,89 @@ class RoundInput:
     ciphertexts: dict[int, bytes]
     clipped: int
     pair_commitments: dict[int, bytes] = field(default_factory=dict)
+    signature: bytes = b""
 
 
 @dataclass
 class RoundReveal:
     """A client's unmask reply: its own self-mask seed, the shares it holds of its
     active neighbours' seeds (``peer -> (index, 32 bytes)``), the round's pair seeds
-    with its neighbours out of U3, and the active neighbours whose share did not open."""
+    with its neighbours out of U3, the active neighbours whose share did not open, and
+    its Ed25519 signature of
+    :func:`~flwr_guard.secagg.transcripts.session_reveal_payload` (the pair seeds,
+    bound to the round digest)."""
 
     self_mask_seed: bytes
     shares: dict[int, tuple[int, bytes]]
     pair_seeds: dict[int, bytes]
     bad_senders: list[int]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class CulpritEvidence:
+    """What proves that a session member revealed a wrong pair seed: its two signed
+    statements of one round (docs/secagg.md, "Recovery from a wrong pair seed").
+
+    Attributes:
+        self_mask_commitment: 32 bytes, from its input.
+        pair_commitments: neighbour id -> 32-byte commitment, from its input.
+        input_signature: 64 bytes, its signature of the two commitments
+            (:func:`~flwr_guard.secagg.transcripts.session_input_payload`).
+        pair_seeds: neighbour id -> 32-byte seed, from its reveal.
+        reveal_signature: 64 bytes, its signature of the pair seeds
+            (:func:`~flwr_guard.secagg.transcripts.session_reveal_payload`).
+    """
+
+    self_mask_commitment: bytes
+    pair_commitments: dict[int, bytes]
+    input_signature: bytes
+    pair_seeds: dict[int, bytes]
+    reveal_signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        """The codec form (ids as decimal string keys)."""
+        return {
+            Key.COMMITMENT: self.self_mask_commitment,
+            Key.PAIR_COMMITMENTS: {str(p): c for p, c in self.pair_commitments.items()},
+            Key.INPUT_SIGNATURE: self.input_signature,
+            Key.PAIR_SEEDS: {str(p): s for p, s in self.pair_seeds.items()},
+            Key.REVEAL_SIGNATURE: self.reveal_signature,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any, limit: int) -> CulpritEvidence:
+        """Parse (possibly hostile) evidence: every field type- and length-checked, at
+        most ``limit`` entries per map.
+
+        Raises:
+            ProtocolError: a missing field, another type or length, a key that is not
+                a node id, more than ``limit`` entries.
+        """
+        if not isinstance(data, dict):
+            raise ProtocolError("malformed evidence: not a mapping")
+
+        def fixed(name: str, size: int) -> bytes:
+            value = data.get(name)
+            if not isinstance(value, bytes) or len(value) != size:
+                raise ProtocolError(f"malformed evidence: {name} must be {size} bytes")
+            return value
+
+        def id_map(name: str) -> dict[int, bytes]:
+            raw = data.get(name)
+            if not isinstance(raw, dict) or len(raw) > limit:
+                raise ProtocolError(f"malformed evidence: {name} must map at most {limit} node ids to bytes")
+            out = {}
+            for key, value in raw.items():
+                if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
+                    raise ProtocolError(f"malformed evidence: {name} has a key that is not a node id")
+                if not isinstance(value, bytes) or len(value) != crypto.SECRET_BYTES:
+                    raise ProtocolError(f"malformed evidence: {name} values must be {crypto.SECRET_BYTES} bytes")
+                out[int(key)] = value
+            return out
+
+        return cls(fixed(Key.COMMITMENT, 32), id_map(Key.PAIR_COMMITMENTS), fixed(Key.INPUT_SIGNATURE, 64),
+                   id_map(Key.PAIR_SEEDS), fixed(Key.REVEAL_SIGNATURE, 64))
 
 
 def pack_open(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,10 +7,11 @@ Usage::
     @app.train(mods=[secaggplus_mod])
     def train(msg, context): ...
 
-The server side (:class:`~flwr_guard.secagg.strategy.SecAggPlus`) sends six kinds of
-train message, told apart by the ``secagg`` ConfigRecord
-(:class:`~flwr_guard.secagg.constants.Stage`). Five are protocol stages that this mod
-answers itself; the ``masked-input`` one carries the global model, is passed
+The server side (:class:`~flwr_guard.secagg.strategy.SecAggPlus`) sends up to seven
+kinds of train message, told apart by the ``secagg`` ConfigRecord
+(:class:`~flwr_guard.secagg.constants.Stage`; ``unmask-recover`` only in a session
+round with a proven culprit). All but one are protocol stages that this mod answers
+itself; the ``masked-input`` one carries the global model, is passed
 to the user's function, and its reply is turned into a masked integer vector: the
 update ``reply arrays - global arrays``, quantised, weighted by ``num-examples`` and
 masked. Only masked integers leave the device for the model. ``num-examples`` and the
@@ -87,7 +88,13 @@ from flwr_guard.secagg.constants import (
 from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
-from flwr_guard.secagg.messages import ROUND_SHARE_CIPHERTEXT_BYTES, unpack_advertisements, unpack_nonces, unpack_roster
+from flwr_guard.secagg.messages import (
+    ROUND_SHARE_CIPHERTEXT_BYTES,
+    CulpritEvidence,
+    unpack_advertisements,
+    unpack_nonces,
+    unpack_roster,
+)
 from flwr_guard.secagg.policy import (
     NODE_SIGNING_KEY,
     SecAggPolicy,
@@ -346,6 +353,14 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         signature = session.consistency(server_round, _in_sum(session, payload, limit))
         _save_session(context, session)
         return _reply(msg, {Key.SIGNATURE: signature})
+    if stage == Stage.UNMASK_RECOVER:
+        raw = codec.field(payload, Key.EVIDENCE, dict)
+        if len(raw) > limit:
+            raise ValueError(f"SecAgg+ field {Key.EVIDENCE!r} has more than {limit} entries")
+        evidence = {_node_key(k): CulpritEvidence.from_wire(v, limit) for k, v in raw.items()}
+        seeds = session.recover(server_round, evidence)
+        _save_session(context, session)
+        return _reply(msg, {Key.RECOVERED: {str(c): b for c, b in seeds.items()}})
     reveal = session.unmask(
         server_round,
         _in_sum(session, payload, limit),
@@ -358,7 +373,19 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         Key.SHARES: {str(p): [i, b] for p, (i, b) in reveal.shares.items()},
         Key.PAIR_SEEDS: {str(p): b for p, b in reveal.pair_seeds.items()},
         Key.BAD_SENDERS: reveal.bad_senders,
+        Key.REVEAL_SIGNATURE: reveal.signature,
     })
+
+
+def _node_key(key: object) -> int:
+    """A node id sent as a decimal string key.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not (isinstance(key, str) and key.isdigit() and len(key) <= 20 and int(key) < 2**64):
+        raise ValueError(f"not a node id: {str(key)[:30]!r}")
+    return int(key)
 
 
 def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
@@ -407,7 +434,8 @@ def _session_input(msg: Message, context: Context, session: SessionClient, serve
         msg,
         {Key.COMMITMENT: out.self_mask_commitment, Key.CLIPPED: out.clipped,
          Key.CIPHERTEXTS: {str(p): c for p, c in out.ciphertexts.items()},
-         Key.PAIR_COMMITMENTS: {str(p): c for p, c in out.pair_commitments.items()}},
+         Key.PAIR_COMMITMENTS: {str(p): c for p, c in out.pair_commitments.items()},
+         Key.INPUT_SIGNATURE: out.signature},
         _masked_content(out.vector, metrics, secret_keys),
     )
 

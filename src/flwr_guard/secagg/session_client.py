@@ -40,6 +40,12 @@ the round number and the hash of the model the client received):
    only for clients that dropped late), the shares of ``b_v^r`` of its active
    neighbours (for those late droppers), and, for each neighbour out of U3, the pair's
    mask seed **of this round only**. It never reveals both for one peer in one round.
+   The input's commitments and the reveal's pair seeds are each signed (Ed25519, bound
+   to the round digest), so a wrong pair seed is provable to anyone holding the roster.
+7. unmask-recover (only in a round with such proof): the server sends the culprit's two
+   signed statements; each honest neighbour checks them and the survivor set without
+   the culprit itself (:meth:`SessionClient.recover`) and reveals its round pair seed
+   with the culprit, so the server takes the culprit's input out and completes the round.
 
 What this buys and costs (docs/secagg.md, "Multi-round sessions"): a round is three
 messages, not six; per round no X25519 agreement and no share of a long-term secret.
@@ -71,6 +77,7 @@ from flwr_guard.secagg.graph import neighbours
 from flwr_guard.secagg.messages import (
     ROUND_SHARE_CIPHERTEXT_BYTES,
     Advertisement,
+    CulpritEvidence,
     RosterEntry,
     RoundInput,
     RoundReveal,
@@ -86,6 +93,9 @@ from flwr_guard.secagg.transcripts import (
     roster_digest,
     session_consistency_payload,
     session_digest,
+    session_input_payload,
+    session_reveal_payload,
+    wrong_pair_seeds,
 )
 
 MAX_ROUND_GAP = 10_000
@@ -330,7 +340,11 @@ class SessionClient:
         self.round = {"server_round": server_round, "digest": digest,
                       "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
                       "min_inputs": int(min_inputs)}
-        return RoundInput(vector, commit_self_mask(self_mask_seed), ciphertexts, clipped, pair_commitments)
+        commitment = commit_self_mask(self_mask_seed)
+        signature = crypto.sign(
+            self.signing_secret, session_input_payload(digest, self.node_id, commitment, pair_commitments)
+        )
+        return RoundInput(vector, commitment, ciphertexts, clipped, pair_commitments, signature)
 
     # -- consistency ------------------------------------------------------------------
     def consistency(self, server_round: int, survivors: Sequence[int]) -> bytes:
@@ -346,16 +360,30 @@ class SessionClient:
         u3 = sorted(set(survivors))
         if not set(u3) <= set(self.roster) or self.node_id not in u3:
             raise ProtocolError("the survivor set is not within the session's cohort, or omits this client")
+        self._check_survivors(u3, int(state.get("min_inputs", 0)))
+        if state["signed"] is not None and state["signed"] != u3:
+            raise ProtocolError("asked to sign a second, different survivor set")
+        state["signed"] = u3
+        return crypto.sign(
+            self.signing_secret,
+            session_consistency_payload(state["digest"], self.roster_hash, self.seed, u3),
+        )
+
+    def _check_survivors(self, u3: list[int], min_inputs: int) -> None:
+        """The policy checks of a survivor set (consistency and recovery alike).
+
+        Raises:
+            ProtocolError: U3 below the policy's smallest sum or ``min_inputs``, fewer
+                than t of this client's neighbours in it, or not connected in the graph.
+        """
         self.policy.check_sum_size(len(u3), "a survivor set (the inputs of the sum)")
-        check_min_inputs(len(u3), int(state.get("min_inputs", 0)))
+        check_min_inputs(len(u3), min_inputs)
         active = [v for v in self.neighbour_ids if v in set(u3)]
         if len(active) < self.threshold:
             raise ProtocolError(
                 f"{len(active)} of this client's neighbours are in the sum, reconstruction "
                 f"threshold {self.threshold}"
             )
-        if state["signed"] is not None and state["signed"] != u3:
-            raise ProtocolError("asked to sign a second, different survivor set")
         # Neighbours check each other's round digests (the model); over a connected U3
         # that makes the digest one for all, so no server can hand disjoint parts of
         # the sum different models and unmask each part's sum on its own.
@@ -365,11 +393,6 @@ class SessionClient:
                 "the survivor set falls apart into parts with no neighbours between them "
                 "(a server showing each part another model could unmask each part's sum)"
             )
-        state["signed"] = u3
-        return crypto.sign(
-            self.signing_secret,
-            session_consistency_payload(state["digest"], self.roster_hash, self.seed, u3),
-        )
 
     # -- unmask -----------------------------------------------------------------------
     def unmask(
@@ -425,7 +448,95 @@ class SessionClient:
                 pair_seeds[peer] = round_pair_seed(self.pair_keys[peer], digest)
         state["revealed"] = True
         seed, state["self_mask_seed"] = state["self_mask_seed"], b""
-        return RoundReveal(seed, shares, pair_seeds, bad)
+        signature = crypto.sign(self.signing_secret, session_reveal_payload(digest, self.node_id, pair_seeds))
+        return RoundReveal(seed, shares, pair_seeds, bad, signature)
+
+    # -- recovery from a proven wrong pair seed ---------------------------------------
+    def recover(self, server_round: int, evidence: Mapping[int, CulpritEvidence]) -> dict[int, bytes]:
+        """Reveal this round's pair seed with each proven culprit that is a neighbour
+        (stage ``unmask-recover``; docs/secagg.md, "Recovery from a wrong pair seed").
+
+        Before revealing anything the client checks, itself, for every named culprit
+        C: C is a session member in the survivor set U3 this client signed, not this
+        client; C's signed input and C's signed reveal both verify under C's roster key
+        over **this client's** round digest (this session, round and model); and C's
+        revealed pair seed for some peer contradicts C's own signed commitment to it
+        (an honest client never signs two such statements). Then: at least one
+        culprit is its neighbour, it has unmasked this round and not yet answered a
+        recovery of it, and ``U3 minus the culprits`` meets its policy exactly as at
+        the consistency stage (smallest sum, ``dp-min-contributors``, t neighbours,
+        connected in the graph).
+
+        Args:
+            server_round: the round (the one of this client's last input).
+            evidence: culprit id -> its :class:`CulpritEvidence`.
+
+        Returns:
+            culprit neighbour id -> the 32-byte pair seed of this round with it.
+
+        Raises:
+            ProtocolError: naming the check that failed; nothing is revealed then.
+        """
+        state = self._round(server_round, Stage.UNMASK_RECOVER)
+        if state["signed"] is None or not state["revealed"]:
+            raise ProtocolError(f"recovery for round {server_round} before this client unmasked it")
+        if state.get("recovered") is not None:
+            raise ProtocolError(
+                f"a second recovery for round {server_round} refused: this client already answered "
+                f"one (culprits {state['recovered']})"
+            )
+        if not isinstance(evidence, Mapping) or not evidence:
+            raise ProtocolError("a recovery request must name at least one culprit with its evidence")
+        signed = set(state["signed"])
+        digest = state["digest"]
+        for culprit, proof in evidence.items():
+            self._check_evidence(culprit, proof, signed, digest)
+        mine = sorted(c for c in evidence if c in self.neighbour_ids)
+        if not mine:
+            raise ProtocolError(
+                f"none of the named culprits {sorted(evidence)} is a neighbour of this client: "
+                "it holds no pair seed with them"
+            )
+        remaining = sorted(signed - set(evidence))
+        try:
+            self._check_survivors(remaining, int(state.get("min_inputs", 0)))
+        except ProtocolError as err:
+            raise ProtocolError(f"the survivor set without the culprits is refused: {err}") from None
+        state["recovered"] = sorted(evidence)
+        return {c: round_pair_seed(self.pair_keys[c], digest) for c in mine}
+
+    def _check_evidence(self, culprit: int, proof: CulpritEvidence, signed: set[int], digest: bytes) -> None:
+        """Raise :class:`ProtocolError` unless ``proof`` shows that ``culprit`` signed a
+        wrong pair seed in this client's round (see :meth:`recover`)."""
+        if culprit == self.node_id:
+            raise ProtocolError("the recovery request names this client as the culprit")
+        if culprit not in self.roster:
+            raise ProtocolError(f"culprit {culprit} is not a member of this session")
+        if culprit not in signed:
+            raise ProtocolError(f"culprit {culprit} is not in the survivor set this client signed")
+        if not isinstance(proof, CulpritEvidence):
+            raise ProtocolError(f"the evidence against node {culprit} is malformed")
+        key = self.roster[culprit].signing_key
+        try:
+            crypto.verify(key, session_input_payload(
+                digest, culprit, proof.self_mask_commitment, proof.pair_commitments), proof.input_signature)
+        except crypto.CryptoError:
+            raise ProtocolError(
+                f"the signed input of culprit {culprit} does not verify under its roster key for "
+                "this round (forged, re-signed, or from another round or session)"
+            ) from None
+        try:
+            crypto.verify(key, session_reveal_payload(digest, culprit, proof.pair_seeds), proof.reveal_signature)
+        except crypto.CryptoError:
+            raise ProtocolError(
+                f"the signed reveal of culprit {culprit} does not verify under its roster key for "
+                "this round (forged, re-signed, or from another round or session)"
+            ) from None
+        if not wrong_pair_seeds(proof.pair_commitments, proof.pair_seeds):
+            raise ProtocolError(
+                f"every pair seed culprit {culprit} revealed matches its signed commitment: "
+                "no proof of a wrong pair seed"
+            )
 
     def _open_share(self, sender: int, blob: Any, digest: bytes) -> tuple[int, bytes] | None:
         if not isinstance(blob, bytes) or len(blob) != ROUND_SHARE_CIPHERTEXT_BYTES:

@@ -14,6 +14,7 @@ is released then.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from flwr_guard.secagg import crypto, prg
 from flwr_guard.secagg.constants import Stage
 from flwr_guard.secagg.messages import (
     ROUND_SHARE_CIPHERTEXT_BYTES,
+    CulpritEvidence,
     RoundInput,
     RoundReveal,
 )
@@ -44,7 +46,12 @@ from flwr_guard.secagg.transcripts import (
     pairwise_sign,
     session_consistency_payload,
     session_digest,
+    session_input_payload,
+    session_reveal_payload,
+    wrong_pair_seeds,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +108,12 @@ class SessionServer:
         self.vectors: dict[int, np.ndarray] = {}
         self.signatures: dict[int, bytes] = {}
         self.reveals: dict[int, RoundReveal] = {}
+        self.input_signatures: dict[int, bytes] = {}
+        self.evidence: dict[int, CulpritEvidence] = {}  # culprit -> its signed statements
+        self.recovery_needed: dict[int, list[int]] = {}  # neighbour -> culprits it is asked about
+        self.recovered: dict[int, dict[int, bytes]] = {}  # neighbour -> culprit -> pair seed
+        self.removed: set[int] = set()  # culprits whose input is taken out of the sum
+        self.summed: list[int] = []  # whose inputs the released aggregate holds
 
     def _exclude(self, node: int, reason: str) -> None:
         exclude(self.stats, node, reason)  # the same log and stats as SecAggServer
@@ -147,6 +160,14 @@ class SessionServer:
                                for c in reply.pair_commitments.values()))):
                 self._exclude(node, "malformed pair-seed commitments")
                 continue
+            try:
+                crypto.verify(self.advertisements[node].signing_key, session_input_payload(
+                    self.round_digest, node, reply.self_mask_commitment, reply.pair_commitments),
+                    reply.signature)
+            except (crypto.CryptoError, TypeError):
+                self._exclude(node, "its signature of its input's commitments does not verify")
+                continue
+            self.input_signatures[node] = reply.signature
             self.pair_commitments[node] = dict(reply.pair_commitments)
             self.vectors[node] = reply.vector
             self.commitments[node] = reply.self_mask_commitment
@@ -217,19 +238,81 @@ class SessionServer:
             if not ok:
                 self._exclude(node, "revealed an unexpected or malformed share or seed")
                 continue
+            try:
+                crypto.verify(self.advertisements[node].signing_key, session_reveal_payload(
+                    self.round_digest, node, reveal.pair_seeds), reveal.signature)
+            except (crypto.CryptoError, TypeError):
+                self._exclude(node, "its signature of its revealed pair seeds does not verify")
+                continue
             committed = self.pair_commitments.get(node) or {}
-            wrong = sorted(v for v, seed in reveal.pair_seeds.items()
-                           if v in committed and commit_pair_seed(seed) != committed[v])
+            wrong = wrong_pair_seeds(committed, reveal.pair_seeds)
             if wrong:
                 # Its own input committed to other seeds: it is the culprit, and the
-                # pair mask with ``wrong`` is known to nobody else in the sum.
+                # pair mask with ``wrong`` is known to nobody else in the sum. Both
+                # statements are signed: the proof its neighbours check at recovery.
                 self.culprits[node] = (f"revealed a pair seed for node {wrong[0]} that does not "
                                        "match its own commitment of this round")
+                self.evidence[node] = CulpritEvidence(
+                    self.commitments[node], committed, self.input_signatures[node],
+                    dict(reveal.pair_seeds), reveal.signature)
                 self._exclude(node, self.culprits[node])
                 continue
             self.reveals[node] = reveal
         self.stats.unmasked = sorted(self.reveals)
         self._require(len(self.reveals), Stage.UNMASK)
+
+    # -- recovery from a proven wrong pair seed ----------------------------------------
+    def recovery_requests(self) -> dict[int, dict[int, CulpritEvidence]]:
+        """What to send at ``unmask-recover``: neighbour -> every proven culprit's
+        evidence (empty: no culprit this round, or one that recovery cannot take out).
+
+        A culprit's input can be taken out of the sum only if every neighbour of it
+        that stays in the sum unmasked this round (it then reveals its pair seed with
+        the culprit); else, or with fewer than t inputs left, nothing is asked (the
+        round aborts in :meth:`aggregate`, naming the culprit, as without recovery).
+        """
+        culprits = {c: e for c, e in self.evidence.items() if c in self.stats.masked}
+        self.recovery_needed = {}
+        if not culprits:
+            return {}
+        remaining = [n for n in self.stats.masked if n not in culprits]
+        needed: dict[int, list[int]] = {}
+        for culprit in sorted(culprits):
+            for peer in self.graph[culprit]:
+                if peer in remaining:
+                    needed.setdefault(peer, []).append(culprit)
+        missing = sorted(p for p in needed if p not in self.reveals)
+        if missing or len(remaining) < self._threshold:
+            why = (f"neighbours {missing} of the culprits did not unmask" if missing
+                   else f"{len(remaining)} inputs would remain, threshold {self._threshold}")
+            logger.error("SecAgg+ session round %d: no recovery from culprits %s: %s",
+                         self.server_round, sorted(culprits), why)
+            return {}
+        self.recovery_needed = needed
+        return {peer: dict(culprits) for peer in sorted(needed)}
+
+    def receive_recovery(self, replies: Mapping[int, Any]) -> None:
+        """Check each revealed pair seed with a culprit against the revealer's own
+        signed commitment of this round and keep those that match; then the culprits'
+        inputs are taken out in :meth:`aggregate`. A neighbour that does not answer,
+        answers malformed, or reveals a wrong seed is excluded (a wrong seed names it:
+        its own commitment contradicts it); the round then aborts in :meth:`aggregate`,
+        because its pair mask with the culprit cannot be removed."""
+        for peer, culprits in self.recovery_needed.items():
+            reply = replies.get(peer)
+            for culprit in culprits:
+                seed = reply.get(culprit) if isinstance(reply, Mapping) else None
+                if not isinstance(seed, bytes) or len(seed) != crypto.SECRET_BYTES:
+                    self._exclude(peer, f"did not reveal its pair seed with culprit {culprit} at recovery")
+                    continue
+                committed = (self.pair_commitments.get(peer) or {}).get(culprit)
+                if committed is not None and commit_pair_seed(seed) != committed:
+                    self.culprits[peer] = (f"revealed a pair seed for culprit {culprit} at recovery that "
+                                           "does not match its own commitment of this round")
+                    self._exclude(peer, self.culprits[peer])
+                    continue
+                self.recovered.setdefault(peer, {})[culprit] = seed
+        self.removed = {c for cs in self.recovery_needed.values() for c in cs}
 
     def aggregate(self) -> tuple[np.ndarray, int]:
         """Remove the masks: ``(sums, sum of w_i)`` as
@@ -238,13 +321,17 @@ class SessionServer:
         Raises:
             SecAggAborted: a self-mask seed that is neither revealed by its owner nor
                 reconstructible from t shares, a pair seed that only a client which
-                dropped after its input knew, or a total weight that is impossible.
+                dropped after its input knew, a culprit's pair seed not taken out by a
+                recovery (:meth:`recovery_requests`), a neighbour's pair seed with a
+                removed culprit missing, or a total weight that is impossible.
         """
         if self.masked_sum is None:
             raise SecAggAborted("no masked inputs")
         params, length = self.context.params, self.context.vector_length
         total = self.masked_sum.copy()
-        active = self.stats.masked
+        for culprit in self.removed:
+            total -= self.vectors[culprit]  # its whole masked input leaves the sum
+        active = [n for n in self.stats.masked if n not in self.removed]
         for node in active:
             commitment = self.commitments[node]
             reveal = self.reveals.get(node)
@@ -278,6 +365,18 @@ class SessionServer:
                 if gone in active_set:
                     continue
                 reveal = self.reveals.get(node)
+                if gone in self.removed:
+                    recovered = self.recovered.get(node, {}).get(gone)
+                    if recovered is None:
+                        why = self.culprits.get(node) or "did not reveal it at recovery"
+                        raise SecAggAborted(
+                            f"SecAgg+ session round aborted: node {gone} "
+                            f"{self.culprits[gone]}; its input was taken out, but the pair mask "
+                            f"of node {node} with it cannot be removed (node {node} {why}). No "
+                            "aggregate released"
+                        )
+                    self._remove_pair_mask(total, node, gone, recovered)
+                    continue
                 if reveal is None and node in self.culprits:
                     raise SecAggAborted(
                         f"SecAgg+ session round aborted: node {node} {self.culprits[node]}; "
@@ -290,16 +389,21 @@ class SessionServer:
                         f"unmask, and its neighbour {gone} is not in the sum; their pair mask of "
                         "this round is known only to the two of them. No aggregate released"
                     )
-                mask = prg.expand(reveal.pair_seeds[gone], length, params.modulus_bits)
-                # ``node`` added sign(node, gone) * mask: take it out.
-                if pairwise_sign(node, gone) > 0:
-                    total -= mask
-                else:
-                    total += mask
+                self._remove_pair_mask(total, node, gone, reveal.pair_seeds[gone])
         weights = int(total[-1])
         if weights == 0 or weights > len(active) * params.max_weight:
             raise SecAggAborted(f"unmasked total weight {weights} is impossible: masks did not cancel")
+        self.summed = active
         return total[:-1].astype(np.int64), weights
+
+    def _remove_pair_mask(self, total: np.ndarray, node: int, peer: int, seed: bytes) -> None:
+        """Take the pair mask ``node`` added for ``peer`` (sign(node, peer) * PRG(seed))
+        out of ``total``, in place."""
+        mask = prg.expand(seed, self.context.vector_length, self.context.params.modulus_bits)
+        if pairwise_sign(node, peer) > 0:
+            total -= mask
+        else:
+            total += mask
 
 
 __all__ = ["RoundStats", "SessionServer"]

@@ -182,7 +182,30 @@ def _reveal(payload: dict) -> RoundReveal:
     pair_seeds = {_node_id(k): v for k, v in codec.field(payload, Key.PAIR_SEEDS, dict).items()}
     bad = codec.field(payload, Key.BAD_SENDERS, list)
     return RoundReveal(codec.field(payload, Key.SEED, bytes), shares, pair_seeds,
-                       [b for b in bad if isinstance(b, int) and not isinstance(b, bool)][:1000])
+                       [b for b in bad if isinstance(b, int) and not isinstance(b, bool)][:1000],
+                       _optional_bytes(payload, Key.REVEAL_SIGNATURE))
+
+
+def _optional_bytes(payload: dict, name: str) -> bytes:
+    """``payload[name]`` if it is bytes, ``b""`` if absent (the core then excludes the
+    sender: an empty signature never verifies).
+
+    Raises:
+        ValueError: present but not bytes.
+    """
+    value = payload.get(name, b"")
+    if not isinstance(value, bytes):
+        raise ValueError(f"{name} must be bytes")
+    return value
+
+
+def _recovered(payload: dict) -> dict[int, bytes]:
+    """An ``unmask-recover`` reply: ``{culprit: pair seed}`` (sizes checked by the core).
+
+    Raises:
+        ValueError: another shape or type.
+    """
+    return {_node_id(k): v for k, v in codec.field(payload, Key.RECOVERED, dict).items()}
 
 
 def _share(item: object) -> tuple[str, int, bytes]:
@@ -253,6 +276,12 @@ class SecAggPlus(StrategyWrapper):
         max_setup_attempts: key set-ups per round when members withhold their graph
             nonce at the roster stage (each new set-up leaves them out; see
             :meth:`_key_setup`).
+        recover_culprits: in a session round where a client provably revealed a wrong
+            pair seed (its signed reveal contradicts its signed commitment), run the
+            ``unmask-recover`` stage: its honest neighbours check the proof and reveal
+            their pair seeds with it, its input is taken out and the round completes
+            with the others. ``False``: the round aborts, naming the culprit (the
+            behaviour before this stage existed).
 
     Clients must run :func:`~flwr_guard.secagg.mod.secaggplus_mod` on their train
     messages. A round that cannot complete (too many dropouts) leaves the model
@@ -275,6 +304,7 @@ class SecAggPlus(StrategyWrapper):
         max_session_rounds: int = 100,
         max_colluders: int | None = None,
         max_setup_attempts: int = 3,
+        recover_culprits: bool = True,
     ) -> None:
         super().__init__(strategy)
         if getattr(strategy, "weighted_by_key", WEIGHT_KEY) != WEIGHT_KEY:
@@ -296,6 +326,7 @@ class SecAggPlus(StrategyWrapper):
         self.multi_round = multi_round
         self.max_session_rounds = max_session_rounds
         self.max_setup_attempts = max_setup_attempts
+        self.recover_culprits = recover_culprits
         self._items = _reply_items(2)
         self._rekey: str | None = None  # why the next round must set keys up again
         self._lost: set[int] = set()  # session members that lost their session
@@ -528,9 +559,15 @@ class SecAggPlus(StrategyWrapper):
             replies5 = self._exchange(grid, report, Stage.UNMASK, requests, server_round)
             reveals = self._parse(replies5, "unmask reply", _reveal)
             session.receive_unmask(reveals)
+            if self.recover_culprits:
+                self._recover(grid, report, session, base, server_round)
             started = time.monotonic()
             total, weight = session.aggregate()
             report.stage_seconds[UNMASK_COMPUTE] = round(time.monotonic() - started, 4)
+            survivors = session.summed
+            if session.culprits:
+                # Taken out of this round's sum and left out of the session's next ones.
+                self._lost.update(session.culprits)
         except SecAggAborted as err:
             self._abort(report, err)
             # Too many losses for this session's graph: the next round sets keys up
@@ -548,6 +585,26 @@ class SecAggPlus(StrategyWrapper):
             report.excluded.update({str(k): v for k, v in session.stats.excluded.items()})
         return self._release(server_round, state["arrays"], report, session.context, total, weight,
                              survivors, metrics)
+
+    def _recover(self, grid: Grid, report: RoundReport, session: SessionServer, base: dict[str, Any],
+                 server_round: int) -> None:
+        """The ``unmask-recover`` stage, only in a round with a proven culprit: each
+        honest neighbour of a culprit gets the culprits' signed statements, checks them
+        and the survivor set without them itself, and reveals its round pair seed with
+        each culprit next to it (:meth:`SessionClient.recover
+        <flwr_guard.secagg.session_client.SessionClient.recover>`)."""
+        requests = session.recovery_requests()
+        if not requests:
+            return
+        logger.warning("SecAgg+ round %d: culprits %s proven (signed reveal contradicts signed "
+                       "commitment); asking %d neighbours to take their inputs out",
+                       server_round, sorted(session.evidence), len(requests))
+        payloads = {
+            node: {**base, Key.EVIDENCE: {str(c): e.to_wire() for c, e in evidence.items()}}
+            for node, evidence in requests.items()
+        }
+        replies = self._exchange(grid, report, Stage.UNMASK_RECOVER, payloads, server_round)
+        session.receive_recovery(self._parse(replies, "recovery reply", _recovered))
 
     def _collect_session_inputs(
         self, session: SessionServer, report: RoundReport, replies: list[Message], sent: list[Message]
@@ -578,6 +635,7 @@ class SecAggPlus(StrategyWrapper):
                     {_node_id(k): v for k, v in raw.items()},
                     _clipped(meta, session.context.update_length),
                     {_node_id(k): v for k, v in pairs.items()},
+                    _optional_bytes(meta, Key.INPUT_SIGNATURE),
                 )
                 size += _payload_bytes(reply)
             except Exception as err:

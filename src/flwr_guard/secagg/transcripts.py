@@ -106,3 +106,41 @@ def commit_pair_seed(seed: bytes) -> bytes:
 def session_consistency_payload(round_digest: bytes, roster: bytes, seed: bytes, survivors: Sequence[int]) -> bytes:
     """What a client signs in a session round's consistency stage."""
     return crypto.transcript(b"session-consistency", round_digest, roster, seed, ids_bytes(survivors))
+
+
+def _id_map_parts(values: Mapping[int, bytes]) -> list[bytes]:
+    """``values`` as transcript parts in id order: big-endian id, then its value (each
+    length-prefixed by :func:`~flwr_guard.secagg.crypto.transcript`: unambiguous)."""
+    parts: list[bytes] = []
+    for node in sorted(values):
+        parts += [struct.pack(">Q", node), values[node]]
+    return parts
+
+
+def session_input_payload(
+    round_digest: bytes, node: int, self_mask_commitment: bytes, pair_commitments: Mapping[int, bytes]
+) -> bytes:
+    """What a client signs with its session input: its id, its commitment to the round's
+    self-mask seed and its :func:`commit_pair_seed` commitments (neighbour id -> 32 bytes),
+    bound to the round digest (session, round, model). With the signed reveal
+    (:func:`session_reveal_payload`) it makes a wrong pair seed provable to third parties:
+    an honest client derives both from one pair key and one digest, so it never signs
+    two statements that contradict each other."""
+    return crypto.transcript(
+        b"session-input-commitments", round_digest, struct.pack(">Q", node), self_mask_commitment,
+        *_id_map_parts(pair_commitments),
+    )
+
+
+def session_reveal_payload(round_digest: bytes, node: int, pair_seeds: Mapping[int, bytes]) -> bytes:
+    """What a client signs with its session reveal: its id and the pair seeds it reveals
+    (neighbour out of U3 -> 32-byte seed of this round), bound to the round digest."""
+    return crypto.transcript(
+        b"session-pair-seed-reveal", round_digest, struct.pack(">Q", node), *_id_map_parts(pair_seeds),
+    )
+
+
+def wrong_pair_seeds(pair_commitments: Mapping[int, bytes], pair_seeds: Mapping[int, bytes]) -> list[int]:
+    """The peers whose revealed pair seed contradicts the commitment to it (sorted)."""
+    return sorted(p for p, seed in pair_seeds.items()
+                  if p in pair_commitments and commit_pair_seed(seed) != pair_commitments[p])
