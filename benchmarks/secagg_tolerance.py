@@ -135,6 +135,28 @@ def _bad_cases():
     }
 
 
+def _resign_reveal(fed, node: int, reply):
+    """Sign an edited session unmask reply with the node's own key (a colluding client
+    signs its lie; unsigned, the reveal is dropped whole as unverifiable)."""
+    from flwr.app import ConfigRecord
+
+    from flwr_guard.secagg import codec, crypto
+    from flwr_guard.secagg.constants import SECAGG_RECORD, STATE_RECORD
+    from flwr_guard.secagg.keys import load_signing_key
+    from flwr_guard.secagg.transcripts import session_reveal_payload
+
+    payload = codec.decode(reply.content.config_records[SECAGG_RECORD]["payload"])
+    if "reveal_signature" not in payload:
+        return reply
+    state = fed.contexts[node].state.config_records[STATE_RECORD]
+    digest = codec.decode(state["session"])["round"]["digest"]
+    key = load_signing_key(fed.contexts[node].node_config["secagg-signing-key"])
+    seeds = {int(k): v for k, v in payload["pair_seeds"].items()}
+    payload["reveal_signature"] = crypto.sign(key, session_reveal_payload(digest, node, seeds))
+    reply.content[SECAGG_RECORD] = ConfigRecord({"payload": codec.encode(payload)})
+    return reply
+
+
 def bad_cell(name: str, multi_round: bool, trials: int, n: int, rounds: int = 3) -> dict:
     from secagg_harness import run_strategy_rounds
 
@@ -152,6 +174,13 @@ def bad_cell(name: str, multi_round: bool, trials: int, n: int, rounds: int = 3)
             from flwr_guard.secagg.constants import SECAGG_RECORD
             return edit(str(msg.content.config_records[SECAGG_RECORD]["stage"]), reply)
 
+        if "pair seed" in name:  # a colluding client: it signs its wrong reveal itself
+            def deliver(msg, original=original, bad=bad, fed=fed):
+                from flwr_guard.secagg.constants import SECAGG_RECORD
+                reply = original(msg)
+                if reply is None or reply.has_error() or msg.metadata.dst_node_id != bad:
+                    return reply
+                return _resign_reveal(fed, bad, edit(str(msg.content.config_records[SECAGG_RECORD]["stage"]), reply))
         fed.deliver = deliver
         if "pair seed" in name:  # an early dropout whose pair seeds get revealed
             fed.tamper = lambda s, node, msg, g=gone: None if node == g and s == "masked-input" else msg

@@ -565,6 +565,7 @@ class SecAggPlus(StrategyWrapper):
             total, weight = session.aggregate()
             report.stage_seconds[UNMASK_COMPUTE] = round(time.monotonic() - started, 4)
             survivors = session.summed
+            report.clipped_values = sum(inputs[n].clipped for n in survivors)
             if session.culprits:
                 # Taken out of this round's sum and left out of the session's next ones.
                 self._lost.update(session.culprits)
