@@ -51,9 +51,10 @@ def _digest(s: Session, r: int) -> bytes:
     return SessionRound(s.server.digest, r, MODEL).digest()
 
 
-def culprit_round(s: Session, r: int, gone: int, liars, nodes=None):
+def culprit_round(s: Session, r: int, gone: int, liars, nodes=None, sign: bool = True):
     """Round ``r`` without ``gone``; each of ``liars`` (colluding clients) reveals a wrong
-    pair seed for ``gone`` and signs it with its own key. Returns (U3, plain inputs)."""
+    pair seed for ``gone`` and signs it with its own key (``sign=False``: leaves the
+    honest reveal's signature). Returns (U3, plain inputs)."""
     nodes = [c for c in (s.ids if nodes is None else nodes) if c != gone]
     replies, plain = s.inputs(r, nodes)
     u3 = s.server.receive_masked_inputs(replies)
@@ -64,8 +65,9 @@ def culprit_round(s: Session, r: int, gone: int, liars, nodes=None):
         reveals[c] = s.clients[c].unmask(r, u3, sigs, cts)
     for liar in liars:
         wrong = {**reveals[liar].pair_seeds, gone: WRONG}
-        reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds=wrong, signature=crypto.sign(
-            s.secrets[liar], session_reveal_payload(_digest(s, r), liar, wrong)))
+        signature = crypto.sign(s.secrets[liar], session_reveal_payload(_digest(s, r), liar, wrong))
+        reveals[liar] = dataclasses.replace(reveals[liar], pair_seeds=wrong,
+                                            signature=signature if sign else reveals[liar].signature)
     s.server.receive_unmask(reveals)
     return u3, plain
 
@@ -145,6 +147,19 @@ def test_no_recovery_request_on_an_honest_round_or_with_a_dropped_neighbour():
     s.server.receive_unmask(reveals)
     assert s.server.recovery_requests() == {}
     with pytest.raises(SecAggAborted, match=f"node {liar} revealed a pair seed"):
+        s.server.aggregate()
+
+
+def test_an_unsigned_wrong_reveal_proves_nothing_and_the_round_aborts_as_for_a_late_dropout():
+    """Without the culprit's signature on its reveal there is no proof for its
+    neighbours to check: nothing is asked of them, and the round aborts as when a
+    neighbour of a dropout goes silent at unmask."""
+    s, gone, liar = _setting()
+    culprit_round(s, 1, gone, [liar], sign=False)
+    assert liar not in s.server.culprits and liar not in s.server.evidence
+    assert "no proof: dropped whole" in s.server.stats.excluded[liar]
+    assert s.server.recovery_requests() == {}
+    with pytest.raises(SecAggAborted, match=f"node {liar} is in the sum but did not unmask"):
         s.server.aggregate()
 
 

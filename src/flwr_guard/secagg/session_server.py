@@ -238,15 +238,19 @@ class SessionServer:
             if not ok:
                 self._exclude(node, "revealed an unexpected or malformed share or seed")
                 continue
-            try:
-                crypto.verify(self.advertisements[node].signing_key, session_reveal_payload(
-                    self.round_digest, node, reveal.pair_seeds), reveal.signature)
-            except (crypto.CryptoError, TypeError):
-                self._exclude(node, "its signature of its revealed pair seeds does not verify")
-                continue
             committed = self.pair_commitments.get(node) or {}
             wrong = wrong_pair_seeds(committed, reveal.pair_seeds)
             if wrong:
+                # (The reveal's signature is checked only here, where it is the proof:
+                # a reveal whose seeds all match needs none.)
+                try:
+                    crypto.verify(self.advertisements[node].signing_key, session_reveal_payload(
+                        self.round_digest, node, reveal.pair_seeds), reveal.signature)
+                except (crypto.CryptoError, TypeError):
+                    self._exclude(node, f"revealed a pair seed for node {wrong[0]} that does not match "
+                                        "its own commitment, in a reveal whose signature does not verify "
+                                        "(no proof: dropped whole)")
+                    continue
                 # Its own input committed to other seeds: it is the culprit, and the
                 # pair mask with ``wrong`` is known to nobody else in the sum. Both
                 # statements are signed: the proof its neighbours check at recovery.
