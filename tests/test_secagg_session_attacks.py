@@ -29,6 +29,7 @@ from flwr_guard.secagg.context import RoundContext
 from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.messages import pack_open, pack_roster, unpack_advertisements, unpack_nonces, unpack_roster
 from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.round_ledger import RoundLedger
 from flwr_guard.secagg.server import SecAggServer
 from flwr_guard.secagg.session_client import SessionClient, round_pair_seed
 from flwr_guard.secagg.session_server import SessionServer
@@ -466,15 +467,20 @@ def test_a_multi_round_setup_serves_either_a_session_or_per_round_stages_never_b
 
 
 # -- 5. state persistence ---------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "storage rollback defeats the replay guard: last_round lives in the same saved "
-    "state (context.state) as the keys, so a node restored from a snapshot taken before "
-    "its round-r input accepts a second round-r input with the same model; its pair "
-    "masks are a function of (K_uv, round digest) only, so both inputs carry identical "
-    "pair masks and the two revealed self-mask seeds give the server x1 - x2 exactly"))
-def test_a_rolled_back_client_never_masks_two_inputs_under_one_round_digest():
+@pytest.mark.parametrize("ledger", [False, True], ids=["no-ledger", "round-ledger"])
+def test_a_rolled_back_client_never_masks_two_inputs_under_one_round_digest(tmp_path, ledger):
+    """Storage rollback: the node's state is restored from a snapshot taken before its
+    round-2 input and the server replays round 2 (same model). The replay guard lives in
+    that state, so without a node-local round ledger the restored client masks a second
+    round-2 input under the same pair masks and the two revealed self-mask seeds give the
+    server x1 - x2 exactly (the positive control). With ``secagg-round-ledger`` (a file
+    outside the state, written and fsync-ed before an input leaves) the second input is
+    refused before anything is masked."""
     s = Session(n=8)
     u = s.ids[0]
+    s.open(u)
+    if ledger:
+        s.clients[u].ledger = RoundLedger(tmp_path / "rounds.json")
     s.round(1)
     snapshot = codec.encode(s.clients[u].to_state())  # e.g. a volume snapshot
     replies, plain = s.inputs(2, s.ids)
@@ -482,18 +488,21 @@ def test_a_rolled_back_client_never_masks_two_inputs_under_one_round_digest():
     b1, y1 = s.server.reveals[u].self_mask_seed, replies[u].vector
     u3 = s.server.stats.masked
     signatures, _ = s.server.unmask_request(u)
-    # the node's storage is restored; the server replays round 2 (same model) to it
+    # the node's state is restored; the ledger file (other storage) is not
     restored = SessionClient.from_state(codec.decode(snapshot), s.secrets[u], s.policy)
+    restored.ledger = s.clients[u].ledger
     update, weight = s.updates(2)[u]
-    try:
-        second = restored.masked_input(2, MODEL, update, weight, rng=np.random.default_rng(99))
-    except ProtocolError:
-        return  # refused: what the fix should give
+    if ledger:
+        with pytest.raises(ProtocolError, match="round ledger records an input for round 2"):
+            restored.masked_input(2, MODEL, update, weight, rng=np.random.default_rng(99))
+        assert restored.last_round == 1  # nothing masked, nothing kept
+        return
+    second = restored.masked_input(2, MODEL, update, weight, rng=np.random.default_rng(99))
     restored.consistency(2, u3)
     b2 = restored.unmask(2, u3, signatures, {}).self_mask_seed  # the neighbours' old signatures
     diff = (y1 - prg.expand(b1, D + 1, _bits(s))) - (second.vector - prg.expand(b2, D + 1, _bits(s)))
     x2, _ = encode_input(s.context, update, weight, rng=np.random.default_rng(99))
-    assert not np.array_equal(diff, plain[u] - x2), "the server learnt the difference of two inputs"
+    np.testing.assert_array_equal(diff, plain[u] - x2)  # the leak, without the ledger
 
 
 def test_a_session_state_read_later_does_not_unmask_earlier_rounds():

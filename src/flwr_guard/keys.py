@@ -158,6 +158,7 @@ class NodeConfig(_Namespace):
     SECAGG_MIN_HONEST_OTHERS = "secagg-min-honest-others"  # h: honest inputs besides the node's own
     SECAGG_MAX_SESSION_ROUNDS = "secagg-max-session-rounds"  # rounds one multi-round session may span
     SECAGG_MAX_SESSION_SECONDS = "secagg-max-session-seconds"  # seconds from a session's opening to an input
+    SECAGG_ROUND_LEDGER = "secagg-round-ledger"  # file: last round each session sent (rollback guard)
     SECAGG_DROPOUT_FRACTION = "secagg-dropout-fraction"  # delta: planned dropout share (1/3)
     SECAGG_SECURITY_BITS = "secagg-security-bits"  # sigma: privacy failure probability <= 2^-sigma
 

@@ -42,6 +42,10 @@ from its node config (``flower-supernode --node-config``; keys in docs/secagg.md
   ``secagg-dropout-fraction``, ``secagg-security-bits``, ``secagg-max-colluders``,
   ``secagg-min-honest-others``, ``secagg-max-session-rounds``,
   ``secagg-max-session-seconds``: the policy's bounds (the colluder bound C is absolute).
+- ``secagg-round-ledger``: a file, outside ``context.state``, where the node records
+  (fsync-ed before each masked input leaves) the last round of each session and round
+  context: an input for a round not above it is refused, so a node whose state is
+  rolled back never masks a round twice (:mod:`flwr_guard.secagg.round_ledger`).
 
 A round that asks for less, or a message that does not parse, is answered with an
 error reply naming the reason; the server counts this client as dropped.
@@ -96,10 +100,12 @@ from flwr_guard.secagg.messages import (
     unpack_roster,
 )
 from flwr_guard.secagg.policy import (
+    NODE_ROUND_LEDGER,
     NODE_SIGNING_KEY,
     SecAggPolicy,
     policy_from_node_config,
 )
+from flwr_guard.secagg.round_ledger import RoundLedger
 from flwr_guard.secagg.session_client import SessionClient
 from flwr_guard.secagg.transcripts import session_digest
 
@@ -345,6 +351,7 @@ def _session_stage(msg: Message, context: Context, policy: SecAggPolicy, stage: 
         _save_session(context, session)
     if session is None:
         raise ProtocolError(f"{UNKNOWN_SESSION}: the server must run the set-up again")
+    session.ledger = _round_ledger(context)
     session.check_policy(_pinned(context))  # the roster or C may have changed since the set-up
     limit = policy.max_cohort
     if stage == Stage.MASKED_INPUT:
@@ -399,6 +406,12 @@ def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
     if not absent <= set(session.roster):
         raise ValueError("the absent set names nodes outside the session")
     return sorted(set(session.roster) - absent)
+
+
+def _round_ledger(context: Context) -> RoundLedger | None:
+    """The node's round ledger (node config ``secagg-round-ledger``), if it has one."""
+    path = context.node_config.get(NODE_ROUND_LEDGER)
+    return RoundLedger(str(path)) if path else None
 
 
 def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
@@ -524,6 +537,13 @@ def _masked_input(
             "the global model received differs from the one announced for the round "
             "(model-inconsistency attack?)"
         )
+    ledger = _round_ledger(context)
+    key = client.context.digest()
+    if ledger is not None and ledger.last(key) >= client.context.server_round:
+        raise ProtocolError(
+            "input refused: this node's round ledger records an input for this round "
+            "already (replayed round, or the node's state was rolled back)"
+        )
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -540,6 +560,8 @@ def _masked_input(
         noise=noise,
         min_inputs=_min_inputs(msg, client.context, noise),
     )
+    if ledger is not None:
+        ledger.advance(key, client.context.server_round)  # durable before the input leaves
     _save_client(context, client)
     return _reply(msg, {Key.BAD_SENDERS: bad, Key.CLIPPED: clipped},
                   _masked_content(masked, metrics, secret_keys))

@@ -82,6 +82,7 @@ NODE_MAX_COLLUDERS = NodeConfig.SECAGG_MAX_COLLUDERS
 NODE_MIN_HONEST_OTHERS = NodeConfig.SECAGG_MIN_HONEST_OTHERS
 NODE_MAX_SESSION_ROUNDS = NodeConfig.SECAGG_MAX_SESSION_ROUNDS
 NODE_MAX_SESSION_SECONDS = NodeConfig.SECAGG_MAX_SESSION_SECONDS
+NODE_ROUND_LEDGER = NodeConfig.SECAGG_ROUND_LEDGER  # read by the mod (flwr_guard.secagg.round_ledger)
 
 DEFAULT_MAX_SESSION_ROUNDS = 100
 """Most rounds one multi-round session may span (``server_round`` of an input minus that

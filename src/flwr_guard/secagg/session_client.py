@@ -85,6 +85,7 @@ from flwr_guard.secagg.messages import (
     unpack_roster,
 )
 from flwr_guard.secagg.policy import PolicyViolation, SecAggPolicy
+from flwr_guard.secagg.round_ledger import RoundLedger
 from flwr_guard.secagg.transcripts import (
     SessionRound,
     commit_pair_seed,
@@ -166,6 +167,8 @@ class SessionClient:
     last_round: int = -1
     round: dict[str, Any] = field(default_factory=dict)
     opened_at: float = 0.0
+    ledger: RoundLedger | None = field(default=None, repr=False)
+    """The node's round ledger (not saved with the state: it lives outside it)."""
 
     @property
     def digest(self) -> bytes:
@@ -256,7 +259,9 @@ class SessionClient:
                 more than :data:`MAX_ROUND_GAP` rounds ahead of the key chain, or past
                 the policy's cap on the session's length (``max_session_rounds`` from
                 the set-up's round, ``max_session_seconds`` from the opening): the last
-                two start with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` and ask the server to re-key.
+                two start with :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION` and ask the server to re-key;
+                or a round not above the one the node's :attr:`ledger` records (its
+                state was rolled back), or a ledger that cannot be read.
         """
         if not isinstance(server_round, int) or server_round <= max(self.last_round, self.chain_round - 1):
             raise ProtocolError(
@@ -277,6 +282,12 @@ class SessionClient:
                 f"{UNKNOWN_SESSION}: the session was opened {age:.0f} s ago, this client's policy "
                 f"caps a session at {self.policy.max_session_seconds:.0f} s "
                 "(secagg-max-session-seconds); the server must re-key"
+            )
+        if self.ledger is not None and server_round <= (last := self.ledger.last(self.digest)):
+            raise ProtocolError(
+                f"input for round {server_round} refused: this node's round ledger records an "
+                f"input for round {last} of this session already (replayed round, or the "
+                "node's state was rolled back)"
             )
         if server_round - self.chain_round > MAX_ROUND_GAP:
             raise ProtocolError(
@@ -336,6 +347,8 @@ class SessionClient:
                 vector += mask
             else:
                 vector -= mask
+        if self.ledger is not None:
+            self.ledger.advance(self.digest, server_round)  # durable before the input leaves
         self.last_round = server_round
         self.round = {"server_round": server_round, "digest": digest,
                       "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
