@@ -263,7 +263,7 @@ class RoundInput:
         ciphertexts: neighbour id -> the encrypted share of the self-mask seed it holds.
         clipped: coordinates clipped to ``[-r, r]``.
         pair_commitments: neighbour id -> :func:`commit_pair_seed` of the pair's seed
-            of this round (empty: the server checks no revealed pair seed of it).
+            of this round, one per neighbour (the server refuses an input without them).
         signature: Ed25519 signature of
             :func:`~flwr_guard.secagg.transcripts.session_input_payload` (the two
             commitments, bound to the round digest) under the client's roster key.

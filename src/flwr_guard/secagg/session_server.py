@@ -125,8 +125,11 @@ class SessionServer:
         """Check and sum the round's inputs; return U3.
 
         A reply must be a :class:`RoundInput` from a session member with a vector of
-        the session's dtype and length, a 32-byte commitment and one ciphertext of the
-        one valid size per neighbour. Members with fewer than t neighbours in the sum
+        the session's dtype and length, a 32-byte commitment, one ciphertext of the
+        one valid size and one 32-byte pair-seed commitment per neighbour, and the
+        sender's valid signature of its commitments over this round's digest
+        (:func:`~flwr_guard.secagg.transcripts.session_input_payload`, under the key of
+        its set-up advertisement). Members with fewer than t neighbours in the sum
         are dropped from it (they could not check the consistency signatures), until
         every member of U3 has t.
 
@@ -154,10 +157,10 @@ class SessionServer:
             ):
                 self._exclude(node, "malformed session input")
                 continue
-            if not isinstance(reply.pair_commitments, Mapping) or (reply.pair_commitments and (
+            if not isinstance(reply.pair_commitments, Mapping) or (
                     sorted(reply.pair_commitments) != self.graph[node]
                     or not all(isinstance(c, bytes) and len(c) == 32
-                               for c in reply.pair_commitments.values()))):
+                               for c in reply.pair_commitments.values())):
                 self._exclude(node, "malformed pair-seed commitments")
                 continue
             try:
@@ -309,8 +312,7 @@ class SessionServer:
                 if not isinstance(seed, bytes) or len(seed) != crypto.SECRET_BYTES:
                     self._exclude(peer, f"did not reveal its pair seed with culprit {culprit} at recovery")
                     continue
-                committed = (self.pair_commitments.get(peer) or {}).get(culprit)
-                if committed is not None and commit_pair_seed(seed) != committed:
+                if commit_pair_seed(seed) != self.pair_commitments[peer][culprit]:
                     self.culprits[peer] = (f"revealed a pair seed for culprit {culprit} at recovery that "
                                            "does not match its own commitment of this round")
                     self._exclude(peer, self.culprits[peer])

@@ -187,8 +187,8 @@ def _reveal(payload: dict) -> RoundReveal:
 
 
 def _optional_bytes(payload: dict, name: str) -> bytes:
-    """``payload[name]`` if it is bytes, ``b""`` if absent (the core then excludes the
-    sender: an empty signature never verifies).
+    """``payload[name]`` if it is bytes, ``b""`` if absent (an empty signature never
+    verifies: the core excludes the sender wherever it needs the signature).
 
     Raises:
         ValueError: present but not bytes.
