@@ -288,6 +288,18 @@ def test_a_survivor_set_below_policy_without_the_culprit_is_refused():
             s.clients[j].recover(1, {liar: s.server.evidence[liar]})
 
 
+def test_a_survivor_set_below_the_dp_contributors_without_the_culprit_is_refused():
+    """A client whose distributed-DP noise was scaled for 9 contributors signed a U3 of 9;
+    without the culprit the sum would hold 8: it refuses (as it would at consistency)."""
+    s, gone, liar = _setting()
+    u3, _ = culprit_round(s, 1, gone, [liar])
+    j = next(j for j in s.server.graph[liar] if j in u3)
+    s.clients[j].round["min_inputs"] = 9  # what masked_input(min_inputs=9) records
+    with pytest.raises(ProtocolError, match="without the culprits is refused: only 8 inputs .* at least 9"):
+        s.clients[j].recover(1, {liar: s.server.evidence[liar]})
+    assert s.clients[j].round.get("recovered") is None
+
+
 def test_a_recovery_before_the_clients_unmask_is_refused():
     s, gone, liar = _setting()
     replies, _ = s.inputs(1, [c for c in s.ids if c != gone])
