@@ -458,3 +458,13 @@ def test_prometheus_holds_the_last_rounds_values_and_every_panel_has_data(cluste
                 if not result:
                     empty.append(f"{path.name}: {panel.get('title')}: {target['expr']}")
     assert empty == [], "\n".join(empty)
+
+
+# docs/deploy.md, "Images": the CPU images stay within 1.2 GB (decimal) on the local
+# Debian base (deploy/podman/base-image.sh) or the Dockerfile's python:3.11 slim base
+IMAGE_LIMIT_BYTES = 1_200_000_000
+
+
+def test_the_cpu_images_stay_within_1_2_gb(cluster) -> None:
+    sizes = {target: cluster["measured"][f"image-{target}-bytes"] for target in IMAGES}
+    assert all(0 < size <= IMAGE_LIMIT_BYTES for size in sizes.values()), sizes
