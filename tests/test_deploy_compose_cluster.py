@@ -268,9 +268,30 @@ def _wait_for_exit(engine: list[str], compose: list[str], cwd: Path, env: dict, 
     return f"{service} still running after {timeout:.0f} s"
 
 
+# Host ports the compose files publish on 127.0.0.1 (SuperLink, Prometheus, Pushgateway)
+HOST_PORTS = {8000: "the SuperLink", 9090: "Prometheus", 9091: "the Pushgateway"}
+
+
+def _require_free_ports() -> None:
+    """Fail naming the port when something on the host already listens on one the
+    cluster publishes (for example Debian's prometheus service, started by its package
+    on a machine with systemd): `up` would fail on it."""
+    import socket
+
+    taken = []
+    for port, service in HOST_PORTS.items():
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(f"127.0.0.1:{port} ({service})")
+    if taken:
+        pytest.fail("the compose cluster publishes " + ", ".join(taken) + ", but something on this host "
+                    "already listens there: stop it (e.g. `systemctl stop prometheus prometheus-pushgateway`)")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[dict]:
     engine = _engine()
+    _require_free_ports()
     base = _base_image(engine)
     tmp = tmp_path_factory.mktemp("cluster")
     measured: dict = {"engine": " ".join(engine), "base-image": base or "the Dockerfile's"}
