@@ -1,7 +1,7 @@
 """Container images (docker/): hadolint, what each target runs as, and the health check.
 
-No container engine runs here, so the Dockerfiles are linted with hadolint (every rule,
-style included) and read for the properties that matter: pinned bases, a non-root
+The Dockerfile is linted with hadolint (every rule, style included) and read for the
+properties that matter (tests/test_deploy_compose_cluster.py builds and runs it): pinned bases, a non-root
 numeric user in every image, flwr-guard installed, run-time dependency installation
 off, a /health check in the SuperLink image, and Flower command lines that parse.
 """
