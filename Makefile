@@ -52,7 +52,7 @@ tools:
 # Each part only when missing; never fails make (the test then fails and says why).
 # FLWR_GUARD_SKIP_CLUSTER=1 switches the test and this step off.
 engine:
-	@PYTHON=$(PYTHON) deploy/podman/setup.sh
+	@PYTHON=$(PYTHON) bash deploy/podman/setup.sh
 
 # Lint and type checks first (seconds), then the suite.
 test: $(STAMP) tools engine

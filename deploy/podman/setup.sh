@@ -61,6 +61,6 @@ fi
 if ! command -v debootstrap >/dev/null 2>&1; then
   apt_install debootstrap || true
 fi
-"$HERE/base-image.sh" ||
+bash "$HERE/base-image.sh" ||
   echo "engine: could not bootstrap the base image; the compose cluster test will fail and say why"
 exit 0
