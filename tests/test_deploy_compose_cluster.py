@@ -225,11 +225,18 @@ def _build(engine: list[str], base: str | None, tmp: Path) -> dict[str, float]:
         args += ["--network", "host", "--format", "docker", *volumes]
     times = {}
     for target, tag in IMAGES.items():
+        before = _run([*engine, "image", "inspect", "--format", "{{.Id}}", tag], timeout=60).stdout.strip()
         t0 = time.monotonic()
         done = _run([*engine, "build", "-f", "docker/Dockerfile", "--target", target, "-t", tag,
                      *args, *secrets, "."], timeout=1500, cwd=REPO)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         times[f"build-{target}-s"] = time.monotonic() - t0
+        after = _run([*engine, "image", "inspect", "--format", "{{.Id}}", tag], timeout=60).stdout.strip()
+        if before and before != after:
+            # The superseded image (its /opt/venv layer alone is about 1 GB) would stay in
+            # the store, untagged, after every source change; the layers the build cache
+            # reuses belong to other images and stay.
+            _run([*engine, "rmi", before], timeout=300)
     return times
 
 
