@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from flwr_guard.apps.digits.data import (
     cached_partition_arrays,
     dataset_from_arrays,
+    held_out_arrays,
     load_digits_dataset,
     load_partition,
     load_test_set,
@@ -103,3 +106,72 @@ def test_cached_partition_matches_and_is_reused(tmp_path, monkeypatch) -> None:
 def test_bad_input_is_refused_clearly(call, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+@pytest.mark.parametrize(("num_partitions", "seed", "test_fraction"), [(1, 42, 0.2), (3, 42, 0.2), (7, 5, 0.3), (10, 1, 0.1)])
+def test_iid_partitions_without_flwr_datasets_are_flwr_datasets_partitions(
+        tmp_path, monkeypatch, num_partitions: int, seed: int, test_fraction: float) -> None:
+    """The NumPy IID path (what the deployment images run, without `datasets`) gives
+    exactly the rows of flwr-datasets' IidPartitioner, in the same order."""
+    monkeypatch.setenv("FLWR_GUARD_CACHE_DIR", str(tmp_path))
+    pool, _ = split_train_test(load_digits_dataset(), test_fraction=test_fraction, seed=seed)
+    for i in range(num_partitions):
+        images, labels = cached_partition_arrays(i, num_partitions, "iid", 0.5, seed, test_fraction)
+        partitioner = make_partitioner("iid", num_partitions)
+        partitioner.dataset = pool
+        expected = partitioner.load_partition(i)
+        np.testing.assert_array_equal(images, np.asarray(expected["image"], dtype=np.float32))
+        np.testing.assert_array_equal(labels, np.asarray(expected["label"]))
+        assert images.dtype == np.float32 and labels.dtype == np.int64
+
+
+def test_held_out_arrays_are_the_test_set() -> None:
+    images, labels = held_out_arrays(0.2, 42)
+    test = load_test_set(0.2, 42)
+    np.testing.assert_array_equal(images, np.asarray(test["image"]))
+    np.testing.assert_array_equal(labels, np.asarray(test["label"]))
+    assert images.shape == (360, 1, 8, 8) and images.dtype == np.float32
+
+
+BLOCK_DATASETS = """
+import importlib.abc
+import sys
+
+BLOCKED = ("datasets", "flwr_datasets", "pyarrow", "pandas")
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):  # as in the deployment images
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_the_deployed_app_loads_its_data_without_datasets_and_dirichlet_names_the_extra(tmp_path) -> None:
+    """Without `datasets`, flwr-datasets, pyarrow and pandas (the deployment images), the
+    IID partition and the held-out set load; the Dirichlet partitioning raises an
+    ImportError naming the `data` extra. Control: the same Dirichlet call succeeds when
+    they are importable (test_cached_partition_matches_and_is_reused)."""
+    code = BLOCK_DATASETS + """
+import os
+os.environ["FLWR_GUARD_CACHE_DIR"] = sys.argv[1]
+from flwr_guard.apps.digits.data import cached_partition_arrays, held_out_arrays
+images, labels = cached_partition_arrays(1, 3, "iid", 0.5, 42, 0.2)
+test_images, _ = held_out_arrays(0.2, 42)
+print(images.shape, test_images.shape)
+try:
+    cached_partition_arrays(1, 3, "dirichlet", 0.5, 42, 0.2)
+except ImportError as error:
+    print("ImportError:", error)
+assert not set(BLOCKED) & set(sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "(479, 1, 8, 8) (360, 1, 8, 8)"
+    assert lines[1].startswith("ImportError: partitioner 'dirichlet' needs the 'datasets' package")
+    assert 'pip install "flwr-guard[data]"' in lines[1]

@@ -248,9 +248,14 @@ def test_every_image_build_takes_the_mirror_and_proxy_settings(tmp_path) -> None
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     env = {"FLWR_GUARD_PIP_INDEX_URL": "https://mirror.example/simple",
            "FLWR_GUARD_TORCH_INDEX_URL": "https://mirror.example/torch",
+           "FLWR_GUARD_PYTHON_IMAGE": "localhost/debian-python:bookworm",
            "FLWR_GUARD_BUILD_CA_BUNDLE": str(ca), "GRAFANA_ADMIN_PASSWORD": "x"}
+    # the base image's default is the Dockerfile's own pin
+    (pinned,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)", (REPO / "docker" / "Dockerfile").read_text(), re.MULTILINE)
     for variant in COMPOSE_VARIANTS.values():
-        for settings, index, bundle in (({}, "", "/dev/null"), (env, env["FLWR_GUARD_PIP_INDEX_URL"], str(ca))):
+        for settings, index, bundle, base in (({}, "", "/dev/null", pinned),
+                                              (env, env["FLWR_GUARD_PIP_INDEX_URL"], str(ca),
+                                               env["FLWR_GUARD_PYTHON_IMAGE"])):
             done = _compose_config(*variant, env=settings)
             assert done.returncode == 0, done.stderr
             config = json.loads(done.stdout)
@@ -258,6 +263,7 @@ def test_every_image_build_takes_the_mirror_and_proxy_settings(tmp_path) -> None
             assert len(builds) >= 5
             for build in builds:
                 assert build["args"]["PIP_INDEX_URL"] == index
+                assert build["args"]["PYTHON_IMAGE"] == base
                 assert {s["source"] for s in build["secrets"]} == {"ca_bundle", "pip_conf"}
             assert config["secrets"]["ca_bundle"]["file"] == bundle
             assert config["secrets"]["pip_conf"]["file"] == "/dev/null"

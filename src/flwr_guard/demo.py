@@ -132,6 +132,21 @@ class DemoOptions:
             )
         if not self.timeout_s > 0 or not self.startup_timeout_s > 0:
             raise ValueError("timeout_s and startup_timeout_s must be > 0")
+        for module, extra, needed in (("ray", "simulation", self.simulation),
+                                      ("flwr_datasets", "data", self.partition == "dirichlet")):
+            if needed and not _installed(module):
+                raise ValueError(f"{'--simulation' if extra == 'simulation' else '--partition dirichlet'} "
+                                 f"needs {module!r}, which is not installed: "
+                                 f'pip install "flwr-guard[{extra}]"')
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 @dataclass

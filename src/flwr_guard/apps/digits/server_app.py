@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader
 
-from flwr_guard.apps.digits.data import load_test_set, to_tensor_dataset
+from flwr_guard.apps.digits.data import held_out_arrays, to_tensor_dataset
 from flwr_guard.apps.digits.model import DigitsCNN
 from flwr_guard.apps.digits.progress import ProgressRecorder
 from flwr_guard.apps.digits.training import evaluate
@@ -34,8 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     model = DigitsCNN()
-    test = load_test_set(float(cfg["test-fraction"]), seed)
-    testloader = DataLoader(to_tensor_dataset(test["image"], test["label"]), batch_size=512)
+    test_images, test_labels = held_out_arrays(float(cfg["test-fraction"]), seed)
+    testloader = DataLoader(to_tensor_dataset(test_images, test_labels), batch_size=512)
     min_nodes = int(cfg["min-nodes"])
     fedavg = FedAvg(
         fraction_train=float(cfg["fraction-train"]),
@@ -61,8 +61,8 @@ def main(grid: Grid, context: Context) -> None:
 
     # Robustness evaluation every robust-eval-every rounds (flwr_guard.robust, docs/robustness.md)
     robustness = RobustnessEvaluator.from_run_config(cfg)
-    test_x = torch.as_tensor(test["image"], dtype=torch.float32)
-    test_y = torch.as_tensor(test["label"], dtype=torch.long)
+    test_x = torch.as_tensor(test_images, dtype=torch.float32)
+    test_y = torch.as_tensor(test_labels, dtype=torch.long)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
