@@ -54,6 +54,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
+from flwr_guard.dp.record_ledger import LedgerReserved
 from flwr_guard.node.app_config import LedgerHandout, app_node_config
 from flwr_guard.node.enforcement import NodeEnforcement
 from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
@@ -131,7 +132,10 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
     Returns:
         The reply (an error reply when the app raised or its process failed).
     """
-    ledger = LedgerHandout(context.node_config)
+    try:
+        ledger = LedgerHandout(context.node_config, holder={"run-id": context.run_id})
+    except LedgerReserved as err:
+        return AppResult(_failed(message, str(err)), -1)
     try:
         result = _run_child(message, context, run, fab, command, enforcement, ledger)
     finally:
