@@ -70,6 +70,9 @@ KEPT_ENV = frozenset({
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
     "FLWR_DISABLE_UPDATE_CHECK", "FLWR_LOG_LEVEL", "FLWR_TELEMETRY_ENABLED",
+    # flwr_guard.deployment.processes' tag (a random id, no secret): lets a local
+    # deployment find and stop what the app started.
+    "FLWR_GUARD_SUPERVISOR",
 })
 KEPT_ENV_PREFIXES = ("LC_",)
 _FIX = ("or choose --app-isolation process (the app then runs as the guard's user: "
