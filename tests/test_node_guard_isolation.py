@@ -233,3 +233,21 @@ def test_node_start_hands_the_isolation_to_the_guards_superexec(tmp_path) -> Non
     from flwr_guard.node.superexec import split_isolation_args
 
     assert split_isolation_args(["--insecure", "--app-isolation", "sandbox"]) == ("sandbox", None, ["--insecure"])
+
+
+def test_the_files_the_guard_keeps_from_the_app_are_written_0600(tmp_path) -> None:
+    from flwr_guard.dp.record_ledger import Reservation, ledger_path
+    from flwr_guard.secagg.keys import write_federation
+
+    assert os.stat(write_secret(tmp_path)).st_mode & 0o777 == 0o600
+    init_ledger(tmp_path / "ledger", "s")
+    RecordLedger(tmp_path / "ledger", "s").reserve(1.0, 0.1, 1)  # rewritten atomically
+    assert os.stat(ledger_path(tmp_path / "ledger", "s")).st_mode & 0o777 == 0o600
+    Reservation(tmp_path / "ledger", "s").release()
+    assert os.stat(tmp_path / "ledger" / "s.reservation").st_mode & 0o777 == 0o600
+    write_federation(tmp_path / "federation", 2, min_cohort=2)
+    keys = [p for p in (tmp_path / "federation").rglob("*") if p.is_file() and "key" in p.name
+            and not p.name.endswith(".pub")]
+    assert keys and all(os.stat(p).st_mode & 0o777 == 0o600 for p in keys), keys
+    with AppIsolation.resolve("process").workspace() as space:  # the app's workspace
+        assert os.stat(space.top).st_mode & 0o777 == 0o700
