@@ -70,6 +70,9 @@ KEPT_ENV = frozenset({
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
     "FLWR_DISABLE_UPDATE_CHECK", "FLWR_LOG_LEVEL", "FLWR_TELEMETRY_ENABLED",
+    # Where the app's telemetry goes (flwr_guard.telemetry.config; endpoints, no secrets;
+    # under sandbox the app has no network and its pushes fail, logged by the app).
+    "FLWR_GUARD_PUSHGATEWAY_URL", "FLWR_GUARD_METRICS_ADDRESS",
     # flwr_guard.deployment.processes' tag (a random id, no secret): lets a local
     # deployment find and stop what the app started.
     "FLWR_GUARD_SUPERVISOR",
