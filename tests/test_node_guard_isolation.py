@@ -230,7 +230,7 @@ def test_node_start_hands_the_isolation_to_the_guards_superexec(tmp_path) -> Non
                                             ["--app-isolation", "user", "--app-user", "4242"])
     assert superexec[-4:] == ["--app-isolation", "user", "--app-user", "4242"]
     assert "--app-isolation" not in supernode
-    from flwr_guard.node.superexec import split_isolation_args
+    from flwr_guard.node.isolation import split_isolation_args
 
     assert split_isolation_args(["--insecure", "--app-isolation", "sandbox"]) == ("sandbox", None, ["--insecure"])
 

@@ -97,6 +97,18 @@ def effective_capabilities() -> set[str]:
     return {name for name, bit in _CAPS.items() if bits >> bit & 1}
 
 
+def split_isolation_args(argv: Sequence[str]) -> tuple[str, str | None, list[str]]:
+    """``(--app-isolation, --app-user, the other arguments)`` of ``argv`` (defaults
+    ``auto`` and ``None``); the others are ``flower-superexec``'s."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--app-isolation", default="auto")
+    parser.add_argument("--app-user", default=None)
+    known, rest = parser.parse_known_args(list(argv))
+    return known.app_isolation, known.app_user, rest
+
+
 def parse_app_user(spec: str | None) -> tuple[int, int]:
     """``USER``, ``USER:GROUP``, ``UID`` or ``UID:GID`` as ``(uid, gid)``; ``None``:
     :data:`DEFAULT_APP_ID`. A user name without a group takes its primary group.

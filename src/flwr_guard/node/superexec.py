@@ -98,18 +98,6 @@ def guarded_get_executor(executor_type: ExecutorType, executor_config: Any = Non
     return GuardedExecutor(runner)
 
 
-def split_isolation_args(argv: Sequence[str]) -> tuple[str, str | None, list[str]]:
-    """``(--app-isolation, --app-user, the other arguments)`` of ``argv`` (defaults
-    ``auto`` and ``None``); the others are ``flower-superexec``'s."""
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--app-isolation", default="auto")
-    parser.add_argument("--app-user", default=None)
-    known, rest = parser.parse_known_args(list(argv))
-    return known.app_isolation, known.app_user, rest
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run Flower's ``flower-superexec`` with the guard's executor (see the module docstring).
 
@@ -124,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     from flwr_guard.node.flower_pins import check_flower
-    from flwr_guard.node.isolation import AppIsolation, IsolationError
+    from flwr_guard.node.isolation import AppIsolation, IsolationError, split_isolation_args
 
     check_flower()
     requested, app_user, rest = split_isolation_args(sys.argv[1:] if argv is None else argv)
