@@ -141,3 +141,24 @@ def test_a_reservation_is_exclusive_across_processes_and_freed_by_the_kernel_on_
     again = Reservation(tmp_path, "s", wait_s=5)
     assert again.leftover == {"pid": 1}  # what the dead holder left
     again.release()
+
+
+def test_a_dead_guards_workspace_is_removed_when_its_copy_is_settled(tmp_path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    init_ledger(tmp_path, "s")
+    node = {"dp-sgd-ledger": str(tmp_path), "dp-sgd-data-source": "s"}
+    top = tempfile.mkdtemp(prefix="flwr-guard-app-")
+    script = (
+        "import os, pathlib\n"
+        "from flwr_guard.node.app_config import LedgerHandout\n"
+        f"d = pathlib.Path({top!r}) / 'ledger'; d.mkdir()\n"
+        f"h = LedgerHandout({node!r}, copy_dir=d)\n"
+        "os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
+    assert os.path.isdir(top)
+    LedgerHandout(node).take_back()
+    assert not os.path.exists(top)

@@ -207,9 +207,21 @@ class LedgerHandout:
                     self.source, {k: other[k] for k in ("run-id", "pid", "since") if k in other})
 
     def _settle(self, leftover: Mapping[str, Any]) -> None:
-        """Append the new steps of a copy whose guard died before taking it back."""
+        """Append the new steps of a copy whose guard died before taking it back, and
+        remove the dead handout's directory when it is one the guard made."""
         assert self.source is not None
         copy = Path(str(leftover.get("copy", "")))
+        try:
+            self._settle_copy(leftover, copy)
+        finally:
+            ours = copy.parent.name.startswith("flwr-guard-ledger-") or (
+                copy.parent.name == "ledger" and copy.parent.parent.name.startswith("flwr-guard-app-"))
+            if ours and str(copy) not in ("", "."):
+                shutil.rmtree(copy.parent.parent if copy.parent.name == "ledger" else copy.parent,
+                              ignore_errors=True)
+
+    def _settle_copy(self, leftover: Mapping[str, Any], copy: Path) -> None:
+        assert self.source is not None
         try:
             original = [(float(z), float(q), int(n)) for z, q, n in leftover.get("original", [])]
         except (TypeError, ValueError):
