@@ -54,7 +54,8 @@ def guard_files():
     """The guard's secret as `flwr-guard node start` writes it (0600), in a directory
     every user may search (0755), so that only the file's own mode keeps the app out;
     a 0644 file beside it (what the app may read), and a listening port of the guard's."""
-    directory = Path(tempfile.mkdtemp(prefix="flwr-guard-test-"))
+    # Not in the temporary directory: a sandboxed app gets a private one (tested below).
+    directory = Path(tempfile.mkdtemp(prefix="flwr-guard-test-", dir="/var/tmp"))
     os.chmod(directory, 0o755)
     secret = write_secret(directory)
     public = directory / "public.txt"
@@ -121,6 +122,8 @@ def test_a_sandboxed_app_cannot_read_the_guards_secret_nor_reach_its_port(
     assert "FLWR_MODEL_API_KEY" not in seen["env"]
     assert seen["flwr_home"].startswith(tempfile.gettempdir()) and seen["flwr_home"].endswith("/home")
     assert not os.path.exists(seen["flwr_home"])  # the workspace is removed afterwards
+    # Its /tmp is private: only its own workspace, no other app's, none of the host's files.
+    assert seen["tmp"] == [Path(seen["flwr_home"]).parent.name]
 
 
 @ROOT
@@ -132,6 +135,7 @@ def test_positive_control_the_same_app_as_the_guards_user_reads_the_secret_and_c
     assert seen["secret"] == {"ok": True, "value": secret.read_text()}
     assert seen["connect"] == {"ok": True, "value": "guard"}
     assert "FLWR_MODEL_API_KEY" in seen["env"]
+    assert len(seen["tmp"]) > 1  # the host's /tmp
 
 
 @ROOT

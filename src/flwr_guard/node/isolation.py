@@ -12,7 +12,8 @@ also on ``flwr-guard node superexec``):
     (util-linux ``unshare --net --pid --mount``, then :mod:`flwr_guard.node.sandbox_init`):
     no network interface but a loopback that is down, so it can connect to nothing (not
     the SuperNode's ClientAppIo port, the SuperLink, or the internet); it sees only its
-    own processes, and every process it starts dies with it. Needs root, or
+    own processes, and every process it starts dies with it; its temporary directory
+    and ``/dev/shm`` are fresh and hold only its own workspace. Needs root, or
     ``CAP_SETUID``, ``CAP_SETGID``, ``CAP_SYS_ADMIN`` plus ``CAP_CHOWN`` and
     ``CAP_DAC_OVERRIDE`` (the guard gives the app its workspace and reads back its ledger copy).
 ``user``
@@ -149,11 +150,12 @@ def parse_app_user(spec: str | None) -> tuple[int, int]:
 def needed_paths(extra: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
     """The directories the app's interpreter must reach: the interpreter's, the
     prefixes (venv and base), every existing ``sys.path`` directory, and ``extra``."""
+    cwd = os.path.realpath(os.getcwd())  # the guard's ``-m`` entry: not the app's
     out: set[str] = {os.path.dirname(os.path.realpath(sys.executable)),
                      os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
                      os.path.realpath(sys.exec_prefix)}
     for entry in sys.path:
-        if entry and os.path.isdir(entry):
+        if entry and os.path.isdir(entry) and os.path.realpath(entry) != cwd:
             out.add(os.path.realpath(entry))
     out.update(os.path.realpath(p) for p in extra)
     return sorted(out)
@@ -314,8 +316,15 @@ class AppIsolation:
                     "--no-new-privs", "--pdeathsig", "KILL", "--", *argv]
         import json
 
+        expose = needed_paths([space.top])
+        tmpdir = os.path.realpath(tempfile.gettempdir())
+        top = os.path.realpath(space.top)
+        # A private temporary directory, unless something the interpreter needs lives there.
+        private = os.path.dirname(top) == tmpdir and not any(
+            p != top and (p + "/").startswith(tmpdir + "/") for p in expose)
         spec = {"uid": self.uid, "gid": self.gid, "argv": list(argv), "cwd": str(space.home),
-                "expose": needed_paths([space.top]), "stage": str(space.top / "stage")}
+                "expose": expose, "stage": str(space.top / "stage"),
+                "private_tmp": tmpdir if private else "", "workspace": top}
         return ["setpriv", "--pdeathsig", "KILL", "--",
                 "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
                 sys.executable, "-I", "-S", "-B", SANDBOX_INIT, json.dumps(spec)]

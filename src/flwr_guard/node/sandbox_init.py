@@ -12,11 +12,14 @@ imports nothing but the standard library (``-S``: not even site-packages), then:
    ancestor is covered, in this mount namespace only, by an empty ``tmpfs`` (mode
    0711) holding read-only bind mounts of just the needed children; the rest of that
    directory (the guard's own files) is not visible at all;
-2. drops to the app's user: no supplementary groups, ``setresgid``/``setresuid`` (every
+2. gives the app a private temporary directory: a fresh ``tmpfs`` over the host's
+   (``SPEC["private_tmp"]``) that holds only the app's own workspace, and a fresh
+   ``/dev/shm``, so two apps (of one uid) never see each other's workspace or files;
+3. drops to the app's user: no supplementary groups, ``setresgid``/``setresuid`` (every
    capability is lost), ``PR_SET_NO_NEW_PRIVS`` (no set-uid binary or file capability
    gives them back), ``PR_SET_PDEATHSIG`` SIGKILL (the credential change cleared the one
    ``unshare --kill-child`` set);
-3. ``execve``'s the app's command (``SPEC["argv"]``) with its environment unchanged (the
+4. ``execve``'s the app's command (``SPEC["argv"]``) with its environment unchanged (the
    guard already gave this process the app's minimal environment).
 
 When this process (then the app) exits, the kernel kills every other process of the
@@ -112,8 +115,23 @@ def expose(paths: "list[str]", uid: int, gid: int, stage: str) -> None:
         _check(_libc.umount2(point.encode(), MNT_DETACH), f"umount {point}")
 
 
+def private_tmp(tmpdir: str, workspace: str) -> None:
+    """Step 2 of the module docstring: a fresh ``tmpfs`` on ``tmpdir`` (mode 1777)
+    holding only ``workspace`` (bound back at its path), and a fresh ``/dev/shm``."""
+    fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY)
+    try:
+        _mount("tmpfs", tmpdir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        target = os.path.join(tmpdir, os.path.basename(workspace))
+        os.mkdir(target, 0o711)
+        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+    finally:
+        os.close(fd)
+    if os.path.isdir("/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+
+
 def drop_privileges(uid: int, gid: int) -> None:
-    """Step 2 of the module docstring."""
+    """Step 3 of the module docstring."""
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -126,6 +144,8 @@ def main() -> int:
         spec = json.loads(sys.argv[1])
         uid, gid = int(spec["uid"]), int(spec["gid"])
         expose(spec["expose"], uid, gid, spec["stage"])
+        if spec.get("private_tmp"):
+            private_tmp(spec["private_tmp"], spec["workspace"])
         drop_privileges(uid, gid)
         os.chdir(spec["cwd"])
         argv = spec["argv"]
