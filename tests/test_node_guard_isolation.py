@@ -255,3 +255,14 @@ def test_the_files_the_guard_keeps_from_the_app_are_written_0600(tmp_path) -> No
     assert keys and all(os.stat(p).st_mode & 0o777 == 0o600 for p in keys), keys
     with AppIsolation.resolve("process").workspace() as space:  # the app's workspace
         assert os.stat(space.top).st_mode & 0o777 == 0o700
+
+
+@ROOT
+def test_the_guards_superexec_refuses_to_start_with_an_isolation_it_cannot_have() -> None:
+    done = subprocess.run(["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--",
+                           sys.executable, "-m", "flwr_guard.node.superexec", "--insecure",
+                           "--app-isolation", "sandbox"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "flwr-guard node superexec: --app-isolation sandbox needs the guard to run as root" in done.stderr
+    assert "Starting Flower SuperExec" not in done.stderr + done.stdout  # nothing started
