@@ -147,22 +147,44 @@ def test_a_sandboxed_app_reads_a_file_every_user_may_read_beside_the_secret(
     assert seen["secret"] == {"ok": True, "value": "public"}
 
 
+_IN_EXPOSED_NS = "FLWR_GUARD_TEST_EXPOSED_NS"
+
+
 @ROOT
-def test_user_isolation_runs_the_app_as_another_user_or_names_what_it_cannot_reach(
+def test_user_isolation_runs_the_app_as_another_user_without_network_isolation(
         tmp_path, guard_files, monkeypatch) -> None:
     secret, _, port = guard_files
     try:
         isolation = AppIsolation.resolve("user")
     except IsolationError as err:
-        # This host's Python is out of the app user's reach (e.g. under /root, 0700):
-        # the start-up error names the directory and the fixes.
+        # This host's Python is out of the app user's reach (e.g. under /root, 0700): the
+        # start-up error names the directory and the fixes ...
         blocked = unreachable([os.path.realpath(sys.executable)], DEFAULT_APP_ID, DEFAULT_APP_ID)
         assert blocked and blocked[0].split(" ")[0] in str(err)
         assert "--app-isolation sandbox" in str(err) and "--app-isolation process" in str(err)
-        pytest.skip(f"user isolation cannot run here: {err}")
+        assert not os.environ.get(_IN_EXPOSED_NS), err
+        # ... and this test runs again in a mount namespace of its own where those
+        # directories are reachable (as an operator who installs Python under /usr/local
+        # would have them), exposed by the sandbox's own code: the guard stays root.
+        from flwr_guard.node.isolation import needed_paths
+
+        script = (
+            "import os, sys, pytest\n"
+            "from flwr_guard.node.sandbox_init import expose\n"
+            f"expose({needed_paths()!r}, {DEFAULT_APP_ID}, {DEFAULT_APP_ID}, {str(tmp_path / 'stage')!r})\n"
+            f"os.environ[{_IN_EXPOSED_NS!r}] = '1'\n"
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:warnings', "
+            f"{__file__ + '::test_user_isolation_runs_the_app_as_another_user_without_network_isolation'!r}]))\n")
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
+                               sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=300, check=False, cwd=Path(__file__).parent)
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        return
     seen = _escape(tmp_path, secret, port, isolation, monkeypatch)
-    assert seen["uid"] == DEFAULT_APP_ID and not seen["secret"]["ok"]
+    assert seen["uid"] == DEFAULT_APP_ID and seen["groups"] == []
+    assert not seen["secret"]["ok"] and "PermissionError" in seen["secret"]["error"]
     assert seen["connect"] == {"ok": True, "value": "guard"}  # user keeps the host's network
+    assert "FLWR_MODEL_API_KEY" not in seen["env"]
 
 
 @ROOT
