@@ -150,6 +150,9 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
                                    holder={"run-id": context.run_id})
         except LedgerReserved as err:
             return AppResult(_failed(message, str(err)), -1)
+        except OSError as err:  # e.g. a read-only ledger directory: no reservation
+            return AppResult(_failed(message, f"cannot reserve the node's record-level ledger "
+                                              f"for the app's copy: {err}"), -1)
         argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"])
         try:
             result = _run_child(message, context, run, fab, enforcement, ledger,
