@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,56 @@ def test_a_dead_guards_workspace_is_removed_when_its_copy_is_settled(tmp_path) -
     assert os.path.isdir(top)
     LedgerHandout(node).take_back()
     assert not os.path.exists(top)
+
+
+def test_a_guard_stopped_with_sigterm_mid_app_records_the_steps_and_removes_the_workspace(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import FIXTURES
+
+    init_ledger(tmp_path / "ledger", "s")
+    script = f"""
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.cli.build import build_fab_from_disk
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr_guard.node.allowlist import fab_hash
+from flwr_guard.node.app_process import run_app
+from flwr_guard.node.runner import exit_on_sigterm
+
+exit_on_sigterm()
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+import pathlib
+content = build_fab_from_disk(pathlib.Path({str(FIXTURES / "node_guard" / "probe")!r}))
+fab = Fab(fab_hash(content), content, {{}})
+run = Run.create_empty(run_id=7)
+run.fab_id, run.fab_version, run.fab_hash = "flwr-guard-tests/probe", "1.0.0", fab.hash_str
+context = Context(run_id=7, node_id=5, node_config={{"dp-sgd-ledger": {str(tmp_path / "ledger")!r},
+                  "dp-sgd-data-source": "s"}}, state=RecordDict(), run_config={{"mode": "ledger-reserve-sleep"}})
+msg = Message(content=RecordDict({{"arrays": ArrayRecord([np.ones(3, dtype=np.float32)]),
+              "config": ConfigRecord({{}})}}), dst_node_id=5, message_type="train", group_id="1")
+msg.metadata.__dict__["_message_id"] = msg.object_id
+run_app(msg, context, run, fab)
+"""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    guard = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert guard.stdout is not None
+        for line in guard.stdout:  # the app's own output: its copy holds the steps
+            if line.startswith("reserved "):
+                break
+        assert line.startswith("reserved "), line
+        workspace = Path(line.split(" ", 1)[1].strip()).parent
+        assert workspace.name.startswith("flwr-guard-app-") and workspace.is_dir()
+        guard.send_signal(signal.SIGTERM)
+        assert guard.wait(timeout=60) == 143
+    finally:
+        guard.kill()
+        guard.wait()
+    assert RecordLedger(tmp_path / "ledger", "s").history == [(1.5, 0.02, 10)]  # taken back
+    assert not workspace.exists()
+    assert (tmp_path / "ledger" / "s.reservation").read_text() == ""

@@ -141,6 +141,19 @@ def _bounded_errors(app: App) -> App:
     return bounded
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread (as SIGINT raises
+    ``KeyboardInterrupt``), so that a guard stopped mid-message still takes the app's
+    ledger copy back (its steps are recorded) and removes the app's workspace."""
+    import signal
+
+    def _exit(signum: int, frame: Any) -> None:
+        del frame
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def run_guarded_clientapp(runtime_api_address: str, token: str, insecure: bool,
                           certificates: bytes | None, parent_pid: int | None,
                           isolation: Any = None) -> int:
@@ -196,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+    exit_on_sigterm()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("flwr_guard").addHandler(handler)
