@@ -206,7 +206,8 @@ run_app(msg, context, run, fab)
             if line.startswith("reserved "):
                 break
         assert line.startswith("reserved "), line
-        workspace = Path(line.split(" ", 1)[1].strip()).parent
+        _, copy_dir, app_pid = line.split()
+        workspace = Path(copy_dir).parent
         assert workspace.name.startswith("flwr-guard-app-") and workspace.is_dir()
         guard.send_signal(signal.SIGTERM)
         assert guard.wait(timeout=60) == 143
@@ -214,5 +215,12 @@ run_app(msg, context, run, fab)
         guard.kill()
         guard.wait()
     assert RecordLedger(tmp_path / "ledger", "s").history == [(1.5, 0.02, 10)]  # taken back
+    import psutil
+
+    try:  # the app's process went with its guard (killed, then reaped)
+        gone = psutil.Process(int(app_pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        gone = True
+    assert gone, f"the app's process {app_pid} outlived its guard"
     assert not workspace.exists()
     assert (tmp_path / "ledger" / "s.reservation").read_text() == ""

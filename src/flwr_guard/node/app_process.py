@@ -165,6 +165,16 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
     return result
 
 
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    """Kill the app's process (best effort: under ``user`` without CAP_KILL the guard
+    cannot signal it, and its parent-death signal ends it when the guard exits)."""
+    try:
+        child.kill()
+        child.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def _run_child(message: Message, context: Context, run: Run, fab: Fab,
                enforcement: NodeEnforcement | None, ledger: LedgerHandout,
                argv_for: Callable[[int], list[str]], env: dict[str, str] | None,
@@ -195,16 +205,20 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
     assert child.stdin is not None
     with os.fdopen(read_fd, "rb") as results:
         try:
-            write_frames(child.stdin, frames)
-            child.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            status, reply_bytes, state_bytes = read_frames(results, 3)
-        except (EOFError, ValueError) as err:
-            status = b""
-            reason = str(err)
-        exit_code = child.wait()
+            try:
+                write_frames(child.stdin, frames)
+                child.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                status, reply_bytes, state_bytes = read_frames(results, 3)
+            except (EOFError, ValueError) as err:
+                status = b""
+                reason = str(err)
+            exit_code = child.wait()
+        except BaseException:  # the guard is stopped (SIGTERM, SIGINT): the app goes too
+            _stop(child)
+            raise
     if status != b"ok":
         if status == b"error":
             reason = reply_bytes.decode("utf-8", "replace")  # cut by the runner
