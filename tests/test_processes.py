@@ -262,3 +262,43 @@ def test_wait_for_nodes_names_the_supernodes_that_did_not_connect(tmp_path) -> N
         assert "connecting..." in message  # its log's last lines
     finally:
         assert deployment.stop() == []
+
+
+def test_a_supernode_whose_guard_died_is_stopped_and_reported_lost_naming_the_guard(
+        tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    import pytest
+
+    import flwr_guard.node.launch as launch
+    from flwr_guard.deployment.local import DeploymentError, LocalDeployment
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    guard = [sys.executable, "-c", "import sys, time; print('guard up', flush=True); time.sleep(60)"]
+    # The guard's real commands need Flower; here both are sleepers with the same wiring.
+    monkeypatch.setattr(launch, "guarded_commands", lambda *a: (list(sleep), list(guard)))
+    deployment = LocalDeployment(_SleepTopology(), tmp_path, node_guard=True)  # type: ignore[arg-type]
+    try:
+        deployment.superlink = deployment.supervisor.start("superlink", sleep, dict(os.environ))
+        deployment.supernodes = [deployment._start_supernode(0), deployment._start_supernode(1)]
+        assert set(deployment.guards) == {"supernode-0", "supernode-1"}
+        assert oct(os.stat(tmp_path / "node-guard-0").st_mode & 0o777) == "0o700"
+        assert deployment.check_alive() == []
+        killed = deployment.guards["supernode-1"]
+        killed.popen.kill()
+        killed.popen.wait(timeout=30)
+        with pytest.raises(DeploymentError, match=r"node-guard-1 \(pid \d+\), the node guard of "
+                           r"supernode-1, exited with code -9: supernode-1 runs no tasks without it"):
+            deployment.check_alive()  # the default: fatal, and the SuperNode was stopped
+        assert deployment.supernodes[1].exit_code() is not None
+        caplog.set_level(logging.WARNING, logger="flwr_guard.deployment.local")
+        assert deployment.check_alive(tolerate_node_loss=True) == ["supernode-1"]
+        assert "the node guard of supernode-1" in caplog.text  # the lost node's reason
+        assert deployment.supernodes[0].exit_code() is None  # the other node goes on
+        # A restart starts the SuperNode and its guard again, both watched.
+        back = deployment.restart_supernode("supernode-1")
+        assert back.exit_code() is None and deployment.guards["supernode-1"].exit_code() is None
+        assert deployment.guards["supernode-1"] is not killed and deployment.lost == []
+        assert deployment.check_alive(tolerate_node_loss=True) == []
+    finally:
+        assert deployment.stop() == []

@@ -103,6 +103,13 @@ class LocalDeployment:
     run submitted then sees all of them (Flower samples whichever nodes are connected
     when a round starts); every wait is bounded by ``startup_timeout`` seconds.
 
+    With ``node_guard`` every SuperNode runs under flwr-guard's node guard (its own
+    SuperExec, :mod:`flwr_guard.node`; ``app_isolation``: ``--app-isolation`` of
+    :mod:`flwr_guard.node.isolation`, ``auto`` by default). The guard is watched with
+    its SuperNode: when it exits, :meth:`check_alive` stops the SuperNode (it would run
+    no tasks) and reports it like any lost SuperNode, naming the guard;
+    :meth:`restart_supernode` starts both again.
+
     Raises (from :meth:`start`):
         PortInUseError: a port of the topology is taken.
         DeploymentError: a process exited during start-up, or the SuperLink or a
@@ -118,6 +125,7 @@ class LocalDeployment:
         superexec_poll_interval_s: float | None = SUPEREXEC_POLL_INTERVAL_S,
         flwr_cli: str = "flwr",
         node_guard: bool = False,
+        app_isolation: str = "auto",
     ) -> None:
         if superexec_poll_interval_s is not None and not (
             0.01 <= superexec_poll_interval_s <= 60.0
@@ -139,6 +147,11 @@ class LocalDeployment:
         # node_guard: every SuperNode runs its ClientApps under flwr-guard's node guard
         # (flwr_guard.node: --isolation process + the guard's SuperExec, docs/deploy.md).
         self.node_guard = node_guard
+        # Each guarded SuperNode's guard (its SuperExec), watched with it: a SuperNode
+        # whose guard died runs no tasks, so it is stopped and counts as lost.
+        self.guards: dict[str, ManagedProcess] = {}
+        self.guard_exits: dict[str, str] = {}  # why such a SuperNode was stopped
+        self.app_isolation = app_isolation
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -215,6 +228,8 @@ class LocalDeployment:
         so that :meth:`stop` finds them all.
         """
         self.supervisor.refresh()
+        self._stop_unguarded_supernodes()
+        why = self.guard_exits
         current = [p for p in (self.superlink, *self.supernodes) if p is not None]
         dead = [p for p in current if p.exit_code() is not None and p.name not in self.lost]
         if not dead:
@@ -224,15 +239,43 @@ class LocalDeployment:
             fatal = dead  # no SuperNode left: the run cannot go on
         if fatal:
             proc = fatal[0]
+            if proc.name in why:
+                raise DeploymentError(why[proc.name])
             raise DeploymentError(
                 f"{proc.name} (pid {proc.pid}) exited with code {proc.exit_code()}; "
                 f"last lines of {proc.log_path}:\n{proc.log_tail()}"
             )
         for proc in dead:
-            logger.warning("%s (pid %d) exited with code %s; the run goes on without it",
-                           proc.name, proc.pid, proc.exit_code())
+            if proc.name in why:
+                logger.warning("%s; the run goes on without it", why[proc.name])
+            else:
+                logger.warning("%s (pid %d) exited with code %s; the run goes on without it",
+                               proc.name, proc.pid, proc.exit_code())
             self.lost.append(proc.name)
         return [p.name for p in dead]
+
+    def _stop_unguarded_supernodes(self) -> None:
+        """Stop each running SuperNode whose guard (SuperExec) has exited; keep, by
+        SuperNode name, why (the guard's exit and the last lines of its log) in
+        :attr:`guard_exits`."""
+        why = self.guard_exits
+        for node in self.supernodes:
+            guard = self.guards.get(node.name)
+            if guard is None or node.name in self.lost or guard.exit_code() is None:
+                continue
+            if node.exit_code() is not None:
+                continue  # the SuperNode went first (its guard follows it): a plain loss
+            why[node.name] = (
+                f"{guard.name} (pid {guard.pid}), the node guard of {node.name}, exited with "
+                f"code {guard.exit_code()}: {node.name} runs no tasks without it and was "
+                f"stopped (a lost node; a restart starts both); last lines of "
+                f"{guard.log_path}:\n{guard.log_tail()}")
+            node.popen.terminate()
+            try:
+                node.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.popen.kill()
+                node.popen.wait()
 
     def node_id(self, name: str) -> int | None:
         """The Flower node id the current process of SuperNode ``name`` registered with
@@ -298,6 +341,7 @@ class LocalDeployment:
         if name not in self.lost:
             raise ValueError(f"{name} is not a lost SuperNode (lost: {self.lost or 'none'})")
         proc = self._start_supernode(int(name.rsplit("-", 1)[1]))
+        self.guard_exits.pop(name, None)
         self.supernodes = [proc if p.name == name else p for p in self.supernodes]
         self.lost.remove(name)
         return proc
@@ -317,10 +361,12 @@ class LocalDeployment:
         secret_dir = self.workdir / f"node-guard-{index}"
         secret_dir.mkdir(parents=True, exist_ok=True)
         (secret_dir / "superexec-auth-secret").unlink(missing_ok=True)
-        supernode, superexec = guarded_commands(argv[1:], write_secret(secret_dir))
+        os.chmod(secret_dir, 0o700)
+        supernode, superexec = guarded_commands(argv[1:], write_secret(secret_dir),
+                                                ["--app-isolation", self.app_isolation])
         proc = self.supervisor.start(f"supernode-{index}", supernode, self.env)
-        self.supervisor.start(f"node-guard-{index}", [*superexec, "--parent-pid", str(proc.pid)],
-                              self.env)
+        self.guards[proc.name] = self.supervisor.start(
+            f"node-guard-{index}", [*superexec, "--parent-pid", str(proc.pid)], self.env)
         return proc
 
     def _write_flower_config(self) -> None:

@@ -30,11 +30,22 @@ on the node's data. :class:`RecordLedger` keeps the Opacus accountant history
 - **atomic, reserved before training, never rewritten by a refusal**: written to a
   temporary file in the same directory, fsync'ed, then ``os.replace``'d; a round's
   planned steps are written *before* the data is touched (a crash or skipped empty
-  Poisson batches still count); loading and refusing never write.
+  Poisson batches still count); loading and refusing never write;
+- **one holder at a time while a copy is out** (:class:`Reservation`): the node guard
+  hands an app a *copy* of the ledger (:class:`flwr_guard.node.app_config.LedgerHandout`)
+  and reserves the ledger for that copy until it is taken back, an exclusive ``flock``
+  on ``<source>.reservation`` held for the app's whole run. A second app of the same
+  data source waits for it, so it checks its budget against a history that already
+  holds the first app's steps: concurrent runs can never spend past the cap together.
+  The reservation file records its holder (process, copy, the history handed out); a
+  holder that died without settling (its lock is gone with its process) leaves that
+  record, and the next holder settles the dead one's copy first (its new steps are
+  appended, never lost).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -61,6 +72,10 @@ class LedgerMissing(FlwrGuardError, RuntimeError):
 
 class LedgerCorrupt(LedgerMissing):
     """The node's record-level ledger exists but cannot be read."""
+
+
+class LedgerReserved(FlwrGuardError, RuntimeError):
+    """The ledger stayed reserved by another holder for longer than the wait."""
 
 
 def default_ledger_dir() -> Path:
@@ -244,3 +259,91 @@ class RecordLedger:
                                 f"{source!r}, not {self.source!r}: {fix}")
         self.history, self.node_ids = history, node_ids
         self.meta = {k: data[k] for k in ("created", "delta", "accountant") if k in data}
+
+
+#: How long a new holder waits for a ledger reserved by another (seconds): the other
+#: holder is an app's whole round, so this is generous; past it the message is refused.
+RESERVATION_WAIT_S = 3600.0
+_POLL_S = 0.1
+
+
+class Reservation:
+    """An exclusive reservation of one data source's ledger (see the module docstring).
+
+    A POSIX advisory ``flock`` (LOCK_EX) on ``<directory>/<source>.reservation``, taken
+    when the object is made and held until :meth:`release`; the kernel releases it when
+    the holder's process dies. The file's content is the holder's record (JSON, written
+    by :meth:`record`, emptied by :meth:`release`): a non-empty record found by the next
+    holder is one a holder left without releasing (:attr:`leftover`).
+
+    Args:
+        directory: the node's ledger directory.
+        source: the data-source id.
+        wait_s: the longest wait for another holder (seconds).
+        on_wait: called once with the other holder's record when this one has to wait.
+
+    Attributes:
+        leftover: the record of a holder that died holding the reservation, else ``None``.
+
+    Raises:
+        LedgerReserved: still held by another after ``wait_s`` (names the holder).
+        OSError: the reservation file cannot be opened.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], source: str,
+                 wait_s: float = RESERVATION_WAIT_S,
+                 on_wait: Any = None) -> None:
+        self.path = Path(directory) / f"{check_source(source)}.reservation"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + wait_s
+        waited = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited and on_wait is not None:
+                        on_wait(self._read())
+                    waited = True
+                    if time.monotonic() >= deadline:
+                        raise LedgerReserved(
+                            f"the record-level ledger of data source {source!r} in {directory} "
+                            f"stayed reserved for {wait_s:g} s by {self._read() or 'another holder'} "
+                            "(another run's app on this node); nothing was run, try the round again"
+                        ) from None
+                    time.sleep(_POLL_S)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+        self.leftover: dict[str, Any] | None = self._read() or None
+
+    def _read(self) -> dict[str, Any]:
+        assert self._fd is not None
+        try:
+            data = os.pread(self._fd, 1 << 22, 0)
+            record = json.loads(data.decode("utf-8")) if data.strip() else {}
+            return record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, holder: dict[str, Any]) -> None:
+        """Write this holder's record (what the next holder settles if this one dies)."""
+        assert self._fd is not None, "released"
+        data = json.dumps(holder).encode("utf-8")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def release(self) -> None:
+        """Empty the record and unlock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

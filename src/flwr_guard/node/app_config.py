@@ -22,19 +22,26 @@ reset or rewrote its copy leaves the node's ledger as it was and its reply is re
 A missing or corrupt node ledger is not copied (the app's DP-SGD refuses, naming
 ``flwr-guard ledger init`` with the node's real directory in the reason).
 
-Limits: the copy is a file the app's OS user can read, like the node's own ledger (the
-process boundary is not a user boundary, docs/threat-model.md); two apps running at
-once on one node each append their own new steps to the node's ledger as it is when
-they finish, under an exclusive file lock (no spending is lost), but each checked the
-budget against its own copy: concurrent runs can together spend past the node's cap.
+Concurrent runs: while a copy is out the node's ledger is reserved for it
+(:class:`~flwr_guard.dp.record_ledger.Reservation`, made by the guard before the app
+starts, released when the copy is taken back): a second app of the same data source
+starts only after the first app's steps are in the node's ledger, so its budget check
+counts them and two runs together never spend past the node's cap. Under
+``--app-isolation sandbox|user`` the copy belongs to the app's user and is the only
+ledger file it can read (:mod:`flwr_guard.node.isolation`); the guard reads it back as
+an untrusted file (no links, FIFOs or devices; bounded size).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
+import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,13 +49,17 @@ from typing import Any
 
 from flwr_guard.dp.node_policy import data_source
 from flwr_guard.dp.record_ledger import (
+    RESERVATION_WAIT_S,
     LedgerMissing,
     RecordLedger,
+    Reservation,
     append_steps,
     default_ledger_dir,
     ledger_path,
 )
 from flwr_guard.keys import NodeConfig
+
+logger = logging.getLogger("flwr_guard.node")
 
 #: Node-config key prefixes the app never sees (the guard's policy and SecAgg+).
 PRIVATE_PREFIXES = (NodeConfig.GUARD_PREFIX, NodeConfig.SECAGG_PREFIX)
@@ -68,13 +79,29 @@ def app_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in node_config.items() if not is_private(k)}
 
 
+#: The largest ledger copy the guard reads back (bytes): the copy is the app's file.
+MAX_COPY_BYTES = 16 << 20
+
+
 def _history(path: Path) -> list[tuple[float, float, int]] | None:
-    """The ledger file's history, or ``None`` when it cannot be read."""
+    """The ledger file's history, or ``None`` when it cannot be read. The file may be
+    the app's (its copy): a symbolic link, a FIFO, a device or a file over
+    :data:`MAX_COPY_BYTES` is not read (``None``)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_COPY_BYTES:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = json.loads(handle.read(MAX_COPY_BYTES + 1).decode("utf-8"))
         return [(float(z), float(q), int(n)) for z, q, n in data["history"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def appended(old: Sequence[tuple[float, float, int]], new: Sequence[tuple[float, float, int]]
@@ -117,28 +144,104 @@ def _locked(directory: Path, source: str) -> Iterator[None]:
 class LedgerHandout:
     """The node's ledger handed to the app's process as a copy (see the module docstring).
 
+    While the copy is out the node's ledger is reserved for it
+    (:class:`~flwr_guard.dp.record_ledger.Reservation`): a second handout of the same
+    data source waits until this one is taken back, so its copy holds this app's steps
+    and the app's budget check sees them. A reservation left by a guard that died with a
+    copy out is settled first (the dead app's new steps are appended).
+
     Args:
         node_config: the node's full node config (``dp-sgd-ledger``, ``dp-sgd-data-source``).
+        copy_dir: an empty directory for the copy (default: a new temporary one).
+        owner: ``(uid, gid)`` the copy is given to (the app's user under
+            ``--app-isolation sandbox|user``); ``None``: the guard's own user.
+        holder: what the reservation records about this handout (run id, ...).
+        wait_s: the longest wait for another handout of the same source (seconds).
 
     Attributes:
         node_config: the entries to add to the app's node config (``dp-sgd-ledger``: the
             copy's directory).
+
+    Raises:
+        LedgerReserved: the ledger stayed reserved by another handout past ``wait_s``.
     """
 
-    def __init__(self, node_config: Mapping[str, Any]) -> None:
+    def __init__(self, node_config: Mapping[str, Any], copy_dir: str | os.PathLike[str] | None = None,
+                 owner: tuple[int, int] | None = None, holder: Mapping[str, Any] | None = None,
+                 wait_s: float = RESERVATION_WAIT_S) -> None:
         self.real_dir = Path(str(node_config.get(NodeConfig.DP_SGD_LEDGER, "") or "") or default_ledger_dir())
-        self.copy_dir = Path(tempfile.mkdtemp(prefix="flwr-guard-ledger-"))
+        self.copy_dir = Path(copy_dir) if copy_dir is not None else Path(tempfile.mkdtemp(prefix="flwr-guard-ledger-"))
         self.node_config = {NodeConfig.DP_SGD_LEDGER: str(self.copy_dir)}
         self.source: str | None = None
         self.original: list[tuple[float, float, int]] | None = None
+        self.reservation: Reservation | None = None
         try:
             self.source = data_source(node_config)
             real = ledger_path(self.real_dir, self.source)
         except ValueError:
             return  # the app's DP-SGD raises the same error, naming the key
-        self.original = _history(real) if real.exists() else None
-        if self.original is not None:
-            shutil.copy2(real, ledger_path(self.copy_dir, self.source))
+        if not real.exists():
+            return  # the app's DP-SGD refuses, naming `flwr-guard ledger init`
+        self.reservation = Reservation(self.real_dir, self.source, wait_s=wait_s,
+                                       on_wait=self._log_wait)
+        try:
+            if self.reservation.leftover is not None:
+                self._settle(self.reservation.leftover)
+            self.original = _history(real)
+            if self.original is None:
+                return
+            copy = ledger_path(self.copy_dir, self.source)
+            shutil.copy2(real, copy)
+            if owner is not None:
+                os.chown(copy, *owner)
+                os.chmod(copy, 0o600)
+            self.reservation.record({**dict(holder or {}), "pid": os.getpid(), "since": time.time(),
+                                     "copy": str(copy), "original": self.original})
+        except BaseException:
+            self.reservation.release()
+            raise
+
+    def _log_wait(self, other: Mapping[str, Any]) -> None:
+        logger.info("flwr-guard node: the record-level ledger of data source %r is reserved by "
+                    "another app on this node (%s); this app starts when it is taken back",
+                    self.source, {k: other[k] for k in ("run-id", "pid", "since") if k in other})
+
+    def _settle(self, leftover: Mapping[str, Any]) -> None:
+        """Append the new steps of a copy whose guard died before taking it back, and
+        remove the dead handout's directory when it is one the guard made."""
+        assert self.source is not None
+        copy = Path(str(leftover.get("copy", "")))
+        try:
+            self._settle_copy(leftover, copy)
+        finally:
+            ours = copy.parent.name.startswith("flwr-guard-ledger-") or (
+                copy.parent.name == "ledger" and copy.parent.parent.name.startswith("flwr-guard-app-"))
+            if ours and str(copy) not in ("", "."):
+                shutil.rmtree(copy.parent.parent if copy.parent.name == "ledger" else copy.parent,
+                              ignore_errors=True)
+
+    def _settle_copy(self, leftover: Mapping[str, Any], copy: Path) -> None:
+        assert self.source is not None
+        try:
+            original = [(float(z), float(q), int(n)) for z, q, n in leftover.get("original", [])]
+        except (TypeError, ValueError):
+            original = None
+        new = _history(copy) if str(copy) not in ("", ".") else None
+        if original is None or new is None or not extends(original, new):
+            logger.warning("flwr-guard node: a guard (pid %s) died holding the record-level ledger "
+                           "%s; its app's copy %s is gone or does not extend the ledger, so steps "
+                           "that app may have spent are not recorded", leftover.get("pid"),
+                           ledger_path(self.real_dir, self.source), copy)
+            return
+        steps = appended(original, new)
+        with _locked(self.real_dir, self.source):
+            ledger = RecordLedger(self.real_dir, self.source)
+            for entry in steps:
+                append_steps(ledger.history, entry)
+            ledger.save()
+        logger.warning("flwr-guard node: a guard (pid %s) died holding the record-level ledger %s; "
+                       "the %d steps its app's copy %s gained are now recorded",
+                       leftover.get("pid"), ledger.path, sum(n for *_, n in steps), copy)
 
     def reason(self, text: str) -> str:
         """``text`` with the copy's directory replaced by the node's (a refusal names
@@ -146,7 +249,8 @@ class LedgerHandout:
         return text.replace(str(self.copy_dir), str(self.real_dir))
 
     def take_back(self, node_id: int | None = None) -> str | None:
-        """Append the app's new steps to the node's ledger; remove the copy.
+        """Append the app's new steps to the node's ledger; remove the copy; release the
+        reservation.
 
         Returns:
             ``None`` when the node's ledger is as it should be (unchanged, or extended by
@@ -157,7 +261,7 @@ class LedgerHandout:
             if self.source is None or self.original is None:
                 return None  # no readable node ledger was handed out: nothing to take back
             copy = ledger_path(self.copy_dir, self.source)
-            new = _history(copy) if copy.exists() else None
+            new = _history(copy)
             if new is None or not extends(self.original, new):
                 what = "deleted or unreadable" if new is None else "no longer extends the node's"
                 return (f"{LEDGER_REFUSAL} ({what} {sum(n for *_, n in self.original)} "
@@ -165,9 +269,8 @@ class LedgerHandout:
                         f"{ledger_path(self.real_dir, self.source)} as it was and sends nothing")
             steps = appended(self.original, new)
             if steps:
-                # Appended to the ledger as it is now (another app's steps, written while
-                # this one ran, stay), under an exclusive lock so that two write-backs
-                # never interleave their read and write: spending is never lost.
+                # Appended to the ledger as it is now, under an exclusive lock so that a
+                # write-back never interleaves with another writer's: spending is never lost.
                 with _locked(self.real_dir, self.source):
                     try:
                         ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
@@ -182,3 +285,5 @@ class LedgerHandout:
             return None
         finally:
             shutil.rmtree(self.copy_dir, ignore_errors=True)
+            if self.reservation is not None:
+                self.reservation.release()

@@ -25,11 +25,15 @@ answer or answers with more than :data:`MAX_RESULT_BYTES` yields an error reply.
 runner cuts every error text of the app to :data:`MAX_APP_REASON_CHARS` printable
 characters (:func:`app_error_reason`) before the policy mods see the reply.
 
-What a process boundary does not do: the child runs as the same OS user on the same
-host, so it can read files that user can read (the guard's own SuperExec secret, the
-node's keys and ledger among them) and open network connections. This boundary keeps a
-plain or careless app inside the node's policy; a hostile app is kept out only by the
-FAB allow-list (docs/threat-model.md, the run-submitter row).
+How far the child is kept from the guard is the operator's choice
+(:mod:`flwr_guard.node.isolation`, ``--app-isolation``): under ``sandbox`` it runs as
+another user with no capabilities, no network and its own PID and mount namespaces, in
+a fresh workspace (its ``FLWR_HOME`` and its ledger copy) with a minimal environment, so
+it cannot read the guard's SuperExec secret, keys or ledger nor reach the SuperNode or
+the SuperLink; under ``user`` it runs as another user with the host's network; under
+``process`` it runs as the guard's user and can read what the guard can and open
+network connections: a boundary for a plain or careless app, with the FAB allow-list as
+the only protection against a hostile one (docs/threat-model.md, the run-submitter row).
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -54,9 +59,11 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
+from flwr_guard.dp.record_ledger import LedgerReserved
 from flwr_guard.node.app_config import LedgerHandout, app_node_config
 from flwr_guard.node.enforcement import NodeEnforcement
 from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
+from flwr_guard.node.isolation import AppIsolation
 
 __all__ = ["MAX_RESULT_BYTES", "app_node_config", "run_app"]
 
@@ -115,7 +122,8 @@ def _failed(message: Message, reason: str) -> Message:
 
 def run_app(message: Message, context: Context, run: Run, fab: Fab,
             command: Sequence[str] | None = None,
-            enforcement: NodeEnforcement | None = None) -> AppResult:
+            enforcement: NodeEnforcement | None = None,
+            isolation: AppIsolation | None = None) -> AppResult:
     """Run the app's ClientApp on ``message`` in a child process (see the module docstring).
 
     Args:
@@ -127,23 +135,50 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
             ``-m flwr_guard.node.app_child``).
         enforcement: what the node enforces around this message, made known to the
             app's ``ClientGuard`` (``None``: nothing; the app guard enforces SecAgg+ itself).
+        isolation: how the child is kept from the guard
+            (:class:`~flwr_guard.node.isolation.AppIsolation`, resolved; ``None``:
+            ``process``, the child runs as the guard's user).
 
     Returns:
-        The reply (an error reply when the app raised or its process failed).
+        The reply (an error reply when the app raised or its process failed, or when the
+        node's ledger stayed reserved by another run's app).
     """
-    ledger = LedgerHandout(context.node_config)
-    try:
-        result = _run_child(message, context, run, fab, command, enforcement, ledger)
-    finally:
-        refused = ledger.take_back(context.node_id)
+    isolation = isolation if isolation is not None else AppIsolation()
+    with isolation.workspace() as space:
+        try:
+            ledger = LedgerHandout(context.node_config, copy_dir=space.ledger_dir, owner=space.owner,
+                                   holder={"run-id": context.run_id})
+        except LedgerReserved as err:
+            return AppResult(_failed(message, str(err)), -1)
+        except OSError as err:  # e.g. a read-only ledger directory: no reservation
+            return AppResult(_failed(message, f"cannot reserve the node's record-level ledger "
+                                              f"for the app's copy: {err}"), -1)
+        argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"])
+        try:
+            result = _run_child(message, context, run, fab, enforcement, ledger,
+                                lambda fd: isolation.command([*argv, str(fd)], space),
+                                isolation.environment(space), space.home)
+        finally:
+            refused = ledger.take_back(context.node_id)
     if refused is not None:
         return AppResult(_failed(message, refused), result.exit_code)
     return result
 
 
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    """Kill the app's process (best effort: under ``user`` without CAP_KILL the guard
+    cannot signal it, and its parent-death signal ends it when the guard exits)."""
+    try:
+        child.kill()
+        child.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def _run_child(message: Message, context: Context, run: Run, fab: Fab,
-               command: Sequence[str] | None, enforcement: NodeEnforcement | None,
-               ledger: LedgerHandout) -> AppResult:
+               enforcement: NodeEnforcement | None, ledger: LedgerHandout,
+               argv_for: Callable[[int], list[str]], env: dict[str, str] | None,
+               cwd: Path | None) -> AppResult:
     child_context = Context(
         run_id=context.run_id, node_id=context.node_id,
         node_config={**app_node_config(context.node_config), **ledger.node_config},
@@ -159,9 +194,9 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
         enforcement.to_bytes() if enforcement is not None else b"",
     ]
     read_fd, write_fd = os.pipe()
-    argv = list(command or [sys.executable, "-m", "flwr_guard.node.app_child"]) + [str(write_fd)]
+    argv = argv_for(write_fd)
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, cwd=cwd)
     except OSError as err:
         os.close(read_fd)
         os.close(write_fd)
@@ -170,16 +205,20 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
     assert child.stdin is not None
     with os.fdopen(read_fd, "rb") as results:
         try:
-            write_frames(child.stdin, frames)
-            child.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            status, reply_bytes, state_bytes = read_frames(results, 3)
-        except (EOFError, ValueError) as err:
-            status = b""
-            reason = str(err)
-        exit_code = child.wait()
+            try:
+                write_frames(child.stdin, frames)
+                child.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                status, reply_bytes, state_bytes = read_frames(results, 3)
+            except (EOFError, ValueError) as err:
+                status = b""
+                reason = str(err)
+            exit_code = child.wait()
+        except BaseException:  # the guard is stopped (SIGTERM, SIGINT): the app goes too
+            _stop(child)
+            raise
     if status != b"ok":
         if status == b"error":
             reason = reply_bytes.decode("utf-8", "replace")  # cut by the runner

@@ -12,20 +12,35 @@ node_app = typer.Typer(help="The node operator's guard: run any ClientApp under 
 _PASS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+_ISOLATION_HELP = ("how each app's process is kept from the guard: sandbox (another user, no "
+                   "network, own PID and mount namespaces; needs root or CAP_SETUID, CAP_SETGID, "
+                   "CAP_SYS_ADMIN), user (another user, host network), process (the guard's own "
+                   "user), auto (sandbox when the guard can, else process)")
+_USER_HELP = "the app's user: USER, USER:GROUP, UID or UID:GID (default 65530:65530, an id no account uses)"
+
+
 @node_app.command("start", context_settings=_PASS)
-def start_command(ctx: typer.Context) -> None:
+def start_command(
+    ctx: typer.Context,
+    app_isolation: Annotated[str, typer.Option(help=_ISOLATION_HELP)] = "auto",
+    app_user: Annotated[str | None, typer.Option(help=_USER_HELP)] = None,
+) -> None:
     """Start flower-supernode (its arguments follow) with the guard's SuperExec."""
     from flwr_guard.node.launch import start
 
-    raise typer.Exit(start(list(ctx.args)))
+    raise typer.Exit(start(list(ctx.args), app_isolation, app_user))
 
 
 @node_app.command("superexec", context_settings=_PASS)
-def superexec_command(ctx: typer.Context) -> None:
+def superexec_command(
+    ctx: typer.Context,
+    app_isolation: Annotated[str, typer.Option(help=_ISOLATION_HELP)] = "auto",
+    app_user: Annotated[str | None, typer.Option(help=_USER_HELP)] = None,
+) -> None:
     """Flower's flower-superexec, launching the guard instead of flwr-clientapp."""
     from flwr_guard.node.superexec import main
 
-    main(list(ctx.args))
+    main([*ctx.args, "--app-isolation", app_isolation, *(["--app-user", app_user] if app_user else [])])
 
 
 @node_app.command("fab-hash")

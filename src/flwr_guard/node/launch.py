@@ -40,9 +40,10 @@ def write_secret(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def guarded_commands(supernode_args: Sequence[str], secret: str | os.PathLike[str]
-                     ) -> tuple[list[str], list[str]]:
-    """The argv of the SuperNode and of the guard's SuperExec for ``supernode_args``.
+def guarded_commands(supernode_args: Sequence[str], secret: str | os.PathLike[str],
+                     isolation_args: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """The argv of the SuperNode and of the guard's SuperExec for ``supernode_args``
+    (``isolation_args``: ``--app-isolation``/``--app-user`` for the SuperExec).
 
     Raises:
         ValueError: ``supernode_args`` already choose an isolation mode.
@@ -56,14 +57,27 @@ def guarded_commands(supernode_args: Sequence[str], secret: str | os.PathLike[st
                  "--superexec-auth-secret-file", str(secret)]
     superexec = [sys.executable, "-m", "flwr_guard.node.superexec", "--insecure",
                  "--runtime-api-address", f"{host}:{port}",
-                 "--superexec-auth-secret-file", str(secret)]
+                 "--superexec-auth-secret-file", str(secret), *isolation_args]
     return supernode, superexec
 
 
-def start(supernode_args: Sequence[str]) -> int:
-    """Run both processes until one exits; return the SuperNode's exit code."""
+def start(supernode_args: Sequence[str], app_isolation: str = "auto", app_user: str | None = None) -> int:
+    """Run both processes until one exits; return the SuperNode's exit code (the
+    SuperExec's when it failed first, e.g. 2 for an app isolation that cannot be had).
+
+    ``app_isolation``/``app_user``: :mod:`flwr_guard.node.isolation` (checked here
+    before anything starts, then resolved and logged by the SuperExec).
+    """
+    from flwr_guard.node.isolation import AppIsolation, IsolationError
+
+    try:
+        AppIsolation.resolve(app_isolation, app_user)
+    except IsolationError as err:
+        sys.stderr.write(f"flwr-guard node start: {err}\n")
+        return 2
+    isolation_args = ["--app-isolation", app_isolation, *(["--app-user", app_user] if app_user else [])]
     with tempfile.TemporaryDirectory(prefix="flwr-guard-node-") as tmp:
-        supernode_argv, superexec_argv = guarded_commands(supernode_args, write_secret(tmp))
+        supernode_argv, superexec_argv = guarded_commands(supernode_args, write_secret(tmp), isolation_args)
         supernode = subprocess.Popen(supernode_argv)
         superexec = subprocess.Popen([*superexec_argv, "--parent-pid", str(supernode.pid)])
         stop = []
@@ -82,4 +96,6 @@ def start(supernode_args: Sequence[str]) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if not stop and superexec.returncode and supernode.returncode in (None, -signal.SIGTERM):
+            return superexec.returncode  # the guard failed first (e.g. its start-up check)
         return supernode.returncode or 0

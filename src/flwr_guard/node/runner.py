@@ -84,11 +84,13 @@ def enforcement_for(message: Message, policy: Any) -> Any:
 
 
 def handle(message: Message, context: Context, run: Any, fab: Any,
-           app: App | None = None) -> Message:
+           app: App | None = None, isolation: Any = None) -> Message:
     """The guard's answer to ``message`` (see the module docstring, steps 2-5).
 
     Args:
         app: the innermost call (default: the app in a child process); tests give one.
+        isolation: the app process's :class:`~flwr_guard.node.isolation.AppIsolation`
+            (``None``: ``process``).
     """
     from flwr_guard.guard.client_mod import refusal
     from flwr_guard.node.allowlist import FAB_REFUSAL
@@ -112,9 +114,10 @@ def handle(message: Message, context: Context, run: Any, fab: Any,
         from flwr_guard.node.app_process import run_app
 
         def app(msg: Message, ctx: Context) -> Message:
-            logger.info("flwr-guard node: the app of FAB %s runs in a child process", fab.hash_str)
+            logger.info("flwr-guard node: the app of FAB %s runs in a child process (app isolation %s)",
+                        fab.hash_str, isolation.level if isolation is not None else "process")
             return run_app(without_protocol(msg), ctx, run, fab,
-                           enforcement=enforcement_for(msg, policy)).reply
+                           enforcement=enforcement_for(msg, policy), isolation=isolation).reply
 
     mods = policy.train_mods() if kind == "train" else policy.other_mods()
     return chain([log_mod, *mods], _bounded_errors(app))(message, context)
@@ -138,8 +141,22 @@ def _bounded_errors(app: App) -> App:
     return bounded
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread (as SIGINT raises
+    ``KeyboardInterrupt``), so that a guard stopped mid-message still takes the app's
+    ledger copy back (its steps are recorded) and removes the app's workspace."""
+    import signal
+
+    def _exit(signum: int, frame: Any) -> None:
+        del frame
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def run_guarded_clientapp(runtime_api_address: str, token: str, insecure: bool,
-                          certificates: bytes | None, parent_pid: int | None) -> int:
+                          certificates: bytes | None, parent_pid: int | None,
+                          isolation: Any = None) -> int:
     """Serve one task of the SuperNode's Runtime API under the node's guard; exit code."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -171,7 +188,7 @@ def run_guarded_clientapp(runtime_api_address: str, token: str, insecure: bool,
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        reply = handle(message, context, run, fab)
+        reply = handle(message, context, run, fab, isolation=isolation)
         push_message(client, reply, context)
         status, details, code = SubStatus.COMPLETED, "", 0
     except Exception as err:
@@ -192,19 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+    exit_on_sigterm()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("flwr_guard").addHandler(handler)
     logging.getLogger("flwr_guard").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description="flwr-guard's ClientApp process (node guard)")
     parser.add_argument("--runtime-api-address", default=SUPERNODE_DEFAULT_CLIENT_ADDRESS)
+    parser.add_argument("--app-isolation", default="auto",
+                        help="how the app's process is kept from the guard (flwr_guard.node.isolation)")
+    parser.add_argument("--app-user", default=None, help="the app's USER|UID[:GID]")
     add_args_flwr_app_common(parser=parser, include_token_stdin=True)
     args = parser.parse_args(argv)
     token = try_obtain_flwr_app_token(args)
+    from flwr_guard.node.isolation import AppIsolation
+
+    # The SuperExec resolved and checked it at start; resolving again is cheap and keeps
+    # a runner started by hand from running an app less isolated than asked.
+    isolation = AppIsolation.resolve(args.app_isolation, args.app_user)
     return run_guarded_clientapp(
         args.runtime_api_address, token, args.insecure,
         validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
-        args.parent_pid,
+        args.parent_pid, isolation,
     )
 
 

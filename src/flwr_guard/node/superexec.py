@@ -14,11 +14,16 @@ module replaces that one name in its own process (and nowhere else) before it ca
 ``flower_superexec()``. :mod:`flwr_guard.node.flower_pins` checks the names and
 signatures this relies on, and its test fails loudly on a Flower upgrade.
 
-Usage (the arguments of ``flower-superexec``)::
+The app's isolation (``--app-isolation {auto,sandbox,user,process}``, ``--app-user``;
+:mod:`flwr_guard.node.isolation`) is resolved and checked here once, logged in one line,
+and handed to every runner it launches.
+
+Usage (the arguments of ``flower-superexec``, and the app's isolation)::
 
     flower-supernode --insecure --superlink HOST:PORT --isolation process \\
         --port 9094 --node-config '...' &
-    flwr-guard node superexec --insecure --runtime-api-address 127.0.0.1:9094
+    flwr-guard node superexec --insecure --runtime-api-address 127.0.0.1:9094 \\
+        --app-isolation sandbox
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class GuardedExecutor(SubprocessExecutor):
 
 def guarded_get_executor(executor_type: ExecutorType, executor_config: Any = None, *,
                          insecure: bool = False, root_certificates_path: str | None = None,
-                         ) -> GuardedExecutor:
+                         runner: Sequence[str] = RUNNER) -> GuardedExecutor:
     """Stands in for Flower's ``get_executor`` in this process.
 
     Raises:
@@ -90,21 +95,48 @@ def guarded_get_executor(executor_type: ExecutorType, executor_config: Any = Non
     del executor_config, insecure, root_certificates_path
     if executor_type != ExecutorType.SUBPROCESS:
         raise ValueError(f"the flwr-guard node guard supports --executor subprocess, not {executor_type}")
-    return GuardedExecutor()
+    return GuardedExecutor(runner)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run Flower's ``flower-superexec`` with the guard's executor (see the module docstring)."""
+    """Run Flower's ``flower-superexec`` with the guard's executor (see the module docstring).
+
+    ``--app-isolation`` and ``--app-user`` (:mod:`flwr_guard.node.isolation`) are resolved
+    and checked once here (a test start of the app's process); the guard logs one line
+    naming the isolation in force, and exits with status 2 and the fix when the
+    isolation asked for cannot be had.
+    """
     import importlib
+    import logging
 
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     from flwr_guard.node.flower_pins import check_flower
+    from flwr_guard.node.isolation import AppIsolation, IsolationError, split_isolation_args
 
     check_flower()
+    requested, app_user, rest = split_isolation_args(sys.argv[1:] if argv is None else argv)
+    try:
+        isolation = AppIsolation.resolve(requested, app_user)
+        isolation.check()
+    except IsolationError as err:
+        sys.stderr.write(f"flwr-guard node superexec: {err}\n")
+        raise SystemExit(2) from None
+    logger = logging.getLogger("flwr_guard.node")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    logger.log(logging.WARNING if isolation.level == "process" else logging.INFO, isolation.describe())
+    runner = [*RUNNER, *isolation.to_args()]
+
+    def get_executor(*args: Any, **kwargs: Any) -> GuardedExecutor:
+        return guarded_get_executor(*args, runner=runner, **kwargs)
+
     run_superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
-    vars(run_superexec)["get_executor"] = guarded_get_executor  # this process only
-    sys.argv = ["flwr-guard node superexec", *(sys.argv[1:] if argv is None else argv)]
+    vars(run_superexec)["get_executor"] = get_executor  # this process only
+    sys.argv = ["flwr-guard node superexec", *rest]
     flower_superexec()
 
 
