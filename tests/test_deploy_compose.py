@@ -194,7 +194,10 @@ def test_every_supernode_mounts_its_own_secagg_key_and_the_roster(variant) -> No
         others = [t for t in mounts if re.search(r"secagg-\d+\.key$", t) and t != f"/etc/flwr-guard/secagg/secagg-{i}.key"]
         assert others == [], f"supernode-{i} mounts another node's key"
         assert node["healthcheck"]["test"] == ["CMD", "python", "-m", "flwr_guard.deployment.healthcheck"]
-        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start"]
+        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start", "--app-isolation", "user"]
+        # root only to start each app as uid 65530, with the four capabilities that takes
+        assert (node["user"], node["security_opt"]) == ("0:0", ["no-new-privileges:true"])
+        assert (node["cap_drop"], node["cap_add"]) == (["ALL"], ["SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE"])
 
 
 def test_submit_waits_for_the_final_status() -> None:
@@ -356,7 +359,7 @@ def test_every_supernode_runs_under_the_node_guard_with_an_allowlist_and_secagg_
     stages = re.split(r"^FROM ", (REPO / "docker" / "Dockerfile").read_text(), flags=re.MULTILINE)
     for i in range(3):
         node = services[f"supernode-{i}"]
-        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start"]
+        assert node["entrypoint"] == ["dumb-init", "--", "flwr-guard", "node", "start", "--app-isolation", "user"]
         assert node["command"][0].startswith("--") and "flower-supernode" not in node["command"]
         assert "--isolation" not in node["command"]  # the guard sets it
         node_config = parse_config_args([node["command"][-1]])

@@ -336,7 +336,12 @@ def test_every_supernode_pod_runs_under_the_node_guard_with_the_images_allowlist
     manifests = _render(SECRETS)
     (statefulset,) = [m for m in manifests if m["kind"] == "StatefulSet"]
     (node,) = statefulset["spec"]["template"]["spec"]["containers"]
-    assert node["command"] == list(GUARD_ENTRYPOINT) == ["dumb-init", "--", "flwr-guard", "node", "start"]
+    assert node["command"] == list(GUARD_ENTRYPOINT) == ["dumb-init", "--", "flwr-guard", "node", "start", "--app-isolation", "user"]
+    # root only to start each app as uid 65530, with the four capabilities that takes
+    context = node["securityContext"]
+    assert (context["runAsUser"], context["runAsNonRoot"], context["allowPrivilegeEscalation"]) == (0, False, False)
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE"]}
+    assert context["readOnlyRootFilesystem"] is True
     assert "flower-supernode" not in node["args"] and "--isolation" not in node["args"]
     config = parse_config_args([node["args"][node["args"].index("--node-config") + 1].replace(POD_INDEX, "1")])
     assert config["guard-fab-allowlist"] == IMAGE_ALLOWLIST

@@ -70,7 +70,8 @@ CONTAINER_NODE_POLICY: NodeConfig = {
 # Topology.supernode_command without the program name) with --isolation process and the
 # guard's SuperExec (flwr_guard.node.launch). Compose: the SuperNodes' `entrypoint`, so an
 # override of `command` keeps the guard; Helm: the container's `command`.
-GUARD_ENTRYPOINT: tuple[str, ...] = ("dumb-init", "--", "flwr-guard", "node", "start")
+GUARD_ENTRYPOINT: tuple[str, ...] = ("dumb-init", "--", "flwr-guard", "node", "start",
+                                     "--app-isolation", "user")
 
 
 def guarded_supernode_argv(topology: Topology, index: int) -> list[str]:
@@ -411,8 +412,9 @@ def check_command_line(argv: Sequence[str]) -> None:
     """Parse ``argv`` with the installed CLI of its program, without running it.
 
     Knows ``flower-superlink``, ``flower-supernode``, ``flower-superexec`` (Flower's own
-    argparse parsers), ``flwr-guard node start`` (the node guard: the ``flower-supernode``
-    argv it starts, with ``--isolation process``; ``dumb-init --`` in front is skipped),
+    argparse parsers), ``flwr-guard node start`` (the node guard: its ``--app-isolation`` level and the
+    ``flower-supernode`` argv it starts, with ``--isolation process``; ``dumb-init --``
+    in front is skipped),
     ``flwr`` (Flower's Typer app, down to the subcommand, and ``--run-config`` through
     Flower's config parser), and flwr-guard's
     ``python -m flwr_guard.deployment.register`` / ``.healthcheck``. A SuperNode's
@@ -427,9 +429,14 @@ def check_command_line(argv: Sequence[str]) -> None:
         check_command_line(args[1:])
         return
     if program == "flwr-guard" and args[:2] == ["node", "start"]:
+        from flwr_guard.node.isolation import LEVELS, split_isolation_args
         from flwr_guard.node.launch import guarded_commands
 
-        supernode, _ = guarded_commands(args[2:], "/run/flwr-guard/superexec-auth-secret")
+        level, _, supernode_args = split_isolation_args(args[2:])
+        if level not in LEVELS:
+            raise ValueError(f"flwr-guard node start: --app-isolation {level!r}: choose one of "
+                             f"{', '.join(LEVELS)}")
+        supernode, _ = guarded_commands(supernode_args, "/run/flwr-guard/superexec-auth-secret")
         check_command_line(supernode)
         return
     if program == "flower-superlink":
