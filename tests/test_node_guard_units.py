@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import FIXTURES
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
@@ -29,7 +29,7 @@ from flwr_guard.node.fab_signature import (
 )
 from flwr_guard.node.flower_pins import check_flower
 from flwr_guard.node.policy import NodePolicy
-from flwr_guard.node.round_log import LINE_PREFIX
+from flwr_guard.node.round_log import LINE_PREFIX, STATE_RECORD
 from flwr_guard.node.runner import chain, handle
 from flwr_guard.node.superexec import GuardedExecutor
 
@@ -363,6 +363,22 @@ def test_the_round_line_says_what_the_node_enforced_once_per_round() -> None:
     mod(stage("unmask", {"active": [1, 2, 3]}), context, ok)
     assert lines == ["flwr-guard node round 4 (run 7): policy abcd; sent masked; SecAgg+ survivors 3; "
                      "noise distributed z=1.1 C=1; epsilon record-level 0.5; audit not run"]
+    # a session round with a proven culprit: its recovery stage writes the round's second
+    # line, the survivors less the culprit
+    mod(stage("unmask-recover", {"evidence": {"3": {}}}), context, ok)
+    assert lines[1] == ("flwr-guard node round 4 (run 7): policy abcd; recovery: 1 proven culprit(s) "
+                        "left out of the sum; SecAgg+ survivors 2; noise none; epsilon n/a (record-level "
+                        "DP-SGD needs the app); audit not run")
+    assert STATE_RECORD not in context.state.config_records  # nothing kept after it
+    # a refused recovery says so; the next round starts a record of its own
+    mod(stage("unmask", {"active": [1, 2, 3]}), context, ok)
+
+    def refuse(msg: Message, ctx: Context) -> Message:
+        return Message(Error(code=0, reason="SecAgg+ recovery refused: no proof"), reply_to=msg)
+
+    mod(stage("unmask-recover", {"evidence": {"2": {}}}), context, refuse)
+    assert lines[-1].startswith("flwr-guard node round 4 (run 7): policy abcd; refused: SecAgg+ "
+                                "recovery refused: no proof; SecAgg+ survivors 3;")
 
 
 def test_the_node_exporter_carries_the_round_line(tmp_path) -> None:
@@ -376,11 +392,16 @@ def test_the_node_exporter_carries_the_round_line(tmp_path) -> None:
               " 'noise': 'distributed z=1.1 C=1', 'epsilon': 0.5})\n")
     env = {**__import__("os").environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    # the recovery stage's second line of the round: survivors updated, the round not
+    # counted again, the noise gauge kept
+    subprocess.run([sys.executable, "-c", script.replace("'survivors': 3", "'survivors': 2").replace(
+        "'noise': 'distributed z=1.1 C=1'", "'noise': 'none'").replace("})", "}, count_round=False)")],
+        env=env, check=True)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
     text = generate_latest(registry).decode()
     assert 'flwr_guard_node_guard_rounds_total{policy="abcd",run="7",verdict="sent-masked"} 1.0' in text
-    assert 'flwr_guard_node_guard_secagg_survivors{run="7"} 3.0' in text
+    assert 'flwr_guard_node_guard_secagg_survivors{run="7"} 2.0' in text
     assert 'flwr_guard_node_guard_noise_multiplier{run="7"} 1.1' in text
     assert 'flwr_guard_clientapp_dp_record_epsilon{run="7"} 0.5' in text
 

@@ -11,7 +11,11 @@ not raised. For each round (Flower's ``group_id``) it writes one line::
 - **verdict**: ``sent masked`` (SecAgg+ masked input), ``sent in the clear`` (only
   when the operator set ``guard-require-secagg=false``) or ``refused: <reason>``;
 - **SecAgg+ survivors**: the ``active`` set of the round's unmask stage (the line is
-  written then; a round that this node leaves early is written when it leaves);
+  written then; a round that this node leaves early is written when it leaves). In a
+  session round with a proven culprit, the ``unmask-recover`` stage that follows writes
+  a second line for the round, ``recovery: N proven culprit(s) left out of the sum``
+  with the survivors less the culprits (or ``refused: <reason>`` when this node refused
+  to reveal); it updates the exporter's survivors but does not count the round twice;
 - **noise**: what the node let into the update: distributed Skellam noise at the
   multiplier the round's config asked for and the node's floors accepted, central
   noise (added by the server), or none;
@@ -91,6 +95,19 @@ def _survivors(msg: Message, context: Context) -> int | None:
         return None
 
 
+def _culprits(msg: Message) -> int:
+    """How many culprits an ``unmask-recover`` message names (its evidence's keys)."""
+    from flwr_guard.secagg import codec
+    from flwr_guard.secagg.constants import Key
+
+    try:
+        payload = codec.decode(raw_bytes(msg.content.config_records[SECAGG_RECORD]["payload"], "payload"))
+        evidence = payload.get(Key.EVIDENCE)
+        return len(evidence) if isinstance(evidence, dict) else 0
+    except Exception:  # the SecAgg+ mod itself judges the payload
+        return 0
+
+
 def _forget(context: Context) -> None:
     if STATE_RECORD in context.state:
         del context.state[STATE_RECORD]
@@ -116,12 +133,12 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
         emit: where a line goes (default: this module's logger at INFO and the node
             exporter).
     """
-    def _emit(line: str, values: dict[str, Any], run_id: int) -> None:
+    def _emit(line: str, values: dict[str, Any], run_id: int, count_round: bool = True) -> None:
         (emit or (lambda text: logger.info("%s", text)))(line)
         try:
             from flwr_guard.telemetry.node import record_guard_round
 
-            record_guard_round(str(run_id), values)
+            record_guard_round(str(run_id), values, count_round=count_round)
         except Exception:
             logger.exception("node exporter: could not record the round")
 
@@ -145,10 +162,19 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
         round_ = _round(msg)
         round_ = str(values.get("round", "-")) if round_ == "-" else round_
         values.update(policy=policy_digest, round=round_)
+        recovery = stage == Stage.UNMASK_RECOVER
         if reply.has_error():
             values["verdict"] = f"refused: {reply.error.reason}"
             values["refused"] = 1
-            _emit(format_line(round_, run_id, values), values, run_id)
+            _emit(format_line(round_, run_id, values), values, run_id, count_round=not recovery)
+            _forget(context)
+            return
+        if recovery:
+            culprits = _culprits(msg)
+            survivors = values.get("survivors")
+            values["survivors"] = survivors - culprits if isinstance(survivors, int) else None
+            values["verdict"] = f"recovery: {culprits} proven culprit(s) left out of the sum"
+            _emit(format_line(round_, run_id, values), values, run_id, count_round=False)
             _forget(context)
             return
         if stage in (None, Stage.MASKED_INPUT):
@@ -168,7 +194,10 @@ def round_log_mod(policy_digest: str, emit: Callable[[str], None] | None = None)
         if stage == Stage.UNMASK:
             values["survivors"] = _survivors(msg, context)
             _emit(format_line(round_, run_id, values), values, run_id)
-            _forget(context)
+            # Only what a recovery stage of this round needs is kept; the next round's
+            # masked input starts a new record.
+            context.state[STATE_RECORD] = ConfigRecord(
+                {k: values[k] for k in ("round", "survivors") if isinstance(values.get(k), (int, str))})
             return
         context.state[STATE_RECORD] = ConfigRecord(
             {k: v for k, v in values.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})

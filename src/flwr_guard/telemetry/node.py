@@ -140,13 +140,15 @@ def node_metrics_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     return reply
 
 
-def record_guard_round(run: str, values: dict[str, object]) -> None:
+def record_guard_round(run: str, values: dict[str, object], count_round: bool = True) -> None:
     """Export one round of the node guard's line (:mod:`flwr_guard.node.round_log`).
 
     ``values``: ``verdict`` (text starting with ``sent masked``, ``sent in the clear``
     or ``refused``), ``policy`` (digest), ``survivors`` (int or ``None``), ``noise``
-    (text with ``z=<float>`` when noise was added), ``epsilon`` (float or ``None``). A
-    no-op without ``PROMETHEUS_MULTIPROC_DIR``.
+    (text with ``z=<float>`` when noise was added), ``epsilon`` (float or ``None``).
+    ``count_round=False`` (a session round's recovery stage, after its line was counted)
+    updates the gauges without counting the round again. A no-op without
+    ``PROMETHEUS_MULTIPROC_DIR``.
     """
     import re
 
@@ -156,17 +158,18 @@ def record_guard_round(run: str, values: dict[str, object]) -> None:
     verdict = str(values.get("verdict", ""))
     kind = ("refused" if verdict.startswith("refused") else
             "sent-masked" if verdict.startswith("sent masked") else "sent-clear")
-    metrics.guard_rounds.labels(run, kind, str(values.get("policy", ""))).inc()
+    if count_round:
+        metrics.guard_rounds.labels(run, kind, str(values.get("policy", ""))).inc()
     survivors = values.get("survivors")
     if isinstance(survivors, int):
         metrics.guard_survivors.labels(run).set(survivors)
     found = re.search(r"z=([0-9.eE+-]+)", str(values.get("noise", "")))
-    if kind != "refused":
+    if kind != "refused" and count_round:
         metrics.guard_noise.labels(run).set(float(found.group(1)) if found else 0.0)
     epsilon = values.get("epsilon")
     if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
         metrics.record_epsilon.labels(run).set(float(epsilon))
-    if str(values.get("audit", "")) == "leaks":
+    if str(values.get("audit", "")) == "leaks" and count_round:
         metrics.leaks.labels(run).inc()
 
 
