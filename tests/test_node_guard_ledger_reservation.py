@@ -224,3 +224,35 @@ run_app(msg, context, run, fab)
     assert gone, f"the app's process {app_pid} outlived its guard"
     assert not workspace.exists()
     assert (tmp_path / "ledger" / "s.reservation").read_text() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop to the container's capabilities)")
+def test_a_guard_with_only_the_containers_capabilities_hands_the_app_its_copy(tmp_path) -> None:
+    """The compose files and the Helm chart run the guard as root with SETUID, SETGID,
+    CHOWN and DAC_OVERRIDE only (--app-isolation user). The copy is handed to the app's
+    uid, the app's steps in it reach the node's ledger, and the copy is taken back. (A
+    copy chowned before its chmod needed CAP_FOWNER: EPERM, every round refused.)"""
+    import subprocess
+    import sys
+
+    init_ledger(tmp_path, "s")
+    node = {"dp-sgd-ledger": str(tmp_path), "dp-sgd-data-source": "s"}
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir(mode=0o700)
+    os.chown(copy_dir, 65530, 65530)
+    script = (
+        "import os\n"
+        "from flwr_guard.node.app_config import LedgerHandout\n"
+        "from flwr_guard.dp.record_ledger import RecordLedger, ledger_path\n"
+        f"h = LedgerHandout({node!r}, copy_dir={str(copy_dir)!r}, owner=(65530, 65530))\n"
+        f"copy = ledger_path({str(copy_dir)!r}, 's')\n"
+        "st = os.stat(copy)\n"
+        "assert (st.st_uid, st.st_mode & 0o777) == (65530, 0o600), (st.st_uid, oct(st.st_mode))\n"
+        f"RecordLedger({str(copy_dir)!r}, 's').reserve(1.0, 0.01, 7)\n"
+        "assert h.take_back() is None\n"
+    )
+    caps = "-all,+setuid,+setgid,+chown,+dac_override"
+    done = subprocess.run(["setpriv", "--bounding-set", caps, "--inh-caps", "-all", "--",
+                           sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert RecordLedger(tmp_path, "s").history == [(1.0, 0.01, 7)]

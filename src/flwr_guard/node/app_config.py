@@ -193,8 +193,11 @@ class LedgerHandout:
             copy = ledger_path(self.copy_dir, self.source)
             shutil.copy2(real, copy)
             if owner is not None:
-                os.chown(copy, *owner)
+                # chmod first: once the app's uid owns it, changing its mode would need
+                # CAP_FOWNER, which a guard with only the capabilities of
+                # --app-isolation user (SETUID, SETGID, CHOWN, DAC_OVERRIDE) lacks.
                 os.chmod(copy, 0o600)
+                os.chown(copy, *owner)
             self.reservation.record({**dict(holder or {}), "pid": os.getpid(), "since": time.time(),
                                      "copy": str(copy), "original": self.original})
         except BaseException:
