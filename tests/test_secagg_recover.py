@@ -34,8 +34,8 @@ from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
 from flwr_guard.secagg.messages import CulpritEvidence
 from flwr_guard.secagg.params import SecAggParams
-from flwr_guard.secagg.server import SecAggAborted
 from flwr_guard.secagg.round_ledger import RoundLedger
+from flwr_guard.secagg.server import SecAggAborted
 from flwr_guard.secagg.session_client import SessionClient, ratchet, round_pair_seed
 from flwr_guard.secagg.transcripts import (
     SessionRound,
@@ -492,12 +492,12 @@ def test_a_failed_ledger_write_leaves_the_session_unchanged(tmp_path):
         s.open(c)
     victim = s.ids[3]
     gone = s.server.graph[victim][0]
-    s.clients[victim].ledger = RoundLedger(tmp_path / "rounds.json")
+    s.clients[victim].ledger = RoundLedger(tmp_path / "rounds.json", victim)
     u3, plain = _round_two_open(s, victim, gone)
     v = s.clients[victim]
     before = codec.encode(v.to_state())
 
-    def enospc(key, rnd):
+    def enospc(key, rnd, opened_at):
         raise ProtocolError("the SecAgg+ round ledger cannot be written: [Errno 28] No space left on device")
 
     v.ledger.advance = enospc  # type: ignore[method-assign]

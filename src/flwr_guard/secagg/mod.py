@@ -411,7 +411,7 @@ def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
 def _round_ledger(context: Context) -> RoundLedger | None:
     """The node's round ledger (node config ``secagg-round-ledger``), if it has one."""
     path = context.node_config.get(NODE_ROUND_LEDGER)
-    return RoundLedger(str(path)) if path else None
+    return RoundLedger(str(path), context.node_id) if path else None
 
 
 def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
@@ -539,11 +539,8 @@ def _masked_input(
         )
     ledger = _round_ledger(context)
     key = client.context.digest()
-    if ledger is not None and ledger.last(key) >= client.context.server_round:
-        raise ProtocolError(
-            "input refused: this node's round ledger records an input for this round "
-            "already (replayed round, or the node's state was rolled back)"
-        )
+    if ledger is not None:
+        ledger.check(key, client.context.server_round, client.opened_at)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -561,7 +558,7 @@ def _masked_input(
         min_inputs=_min_inputs(msg, client.context, noise),
     )
     if ledger is not None:
-        ledger.advance(key, client.context.server_round)  # durable before the input leaves
+        ledger.advance(key, client.context.server_round, client.opened_at)  # durable before the input leaves
     _save_client(context, client)
     return _reply(msg, {Key.BAD_SENDERS: bad, Key.CLIPPED: clipped},
                   _masked_content(masked, metrics, secret_keys))

@@ -283,12 +283,8 @@ class SessionClient:
                 f"caps a session at {self.policy.max_session_seconds:.0f} s "
                 "(secagg-max-session-seconds); the server must re-key"
             )
-        if self.ledger is not None and server_round <= (last := self.ledger.last(self.digest)):
-            raise ProtocolError(
-                f"input for round {server_round} refused: this node's round ledger records an "
-                f"input for round {last} of this session already (replayed round, or the "
-                "node's state was rolled back)"
-            )
+        if self.ledger is not None:
+            self.ledger.check(self.digest, server_round, self.opened_at)
         if server_round - self.chain_round > MAX_ROUND_GAP:
             raise ProtocolError(
                 f"{UNKNOWN_SESSION}: round {server_round} is more than {MAX_ROUND_GAP} rounds "
@@ -351,7 +347,7 @@ class SessionClient:
             else:
                 vector -= mask
         if self.ledger is not None:
-            self.ledger.advance(self.digest, server_round)  # durable before the input leaves
+            self.ledger.advance(self.digest, server_round, self.opened_at)  # durable before the input leaves
         self.pair_keys = pair_keys  # the earlier chain keys are gone
         self.chain_round = server_round
         self.last_round = server_round
