@@ -548,3 +548,19 @@ def test_a_client_whose_chain_is_past_its_open_round_refuses_to_sign_a_contradic
     # the state round-trips with the commitments (the mod saves it between stages)
     back = SessionClient.from_state(codec.decode(codec.encode(v.to_state())), s.secrets[victim], s.policy)
     assert {int(p): bytes(x) for p, x in back.round["pair_commitments"]} == committed
+
+
+@pytest.mark.parametrize("key", ["x", True, 1.5], ids=["str", "bool", "float"])
+def test_mixed_type_pair_commitment_keys_exclude_the_input_without_raising(key):
+    """Review of 68fc417: a str key among the int ones made ``sorted`` raise TypeError in
+    SessionServer.receive_masked_inputs (one bad client sank the round). Now that input
+    is excluded as malformed and the round completes exactly without it."""
+    s = Session(n=8)
+    replies, plain = s.inputs(1, s.ids)
+    bad = s.ids[0]
+    commitments = {**replies[bad].pair_commitments, key: b"\0" * 32}
+    replies[bad] = dataclasses.replace(replies[bad], pair_commitments=commitments)
+    (total, weight), u3 = s.finish(replies)
+    assert bad not in u3
+    assert s.server.stats.excluded[bad] == "malformed pair-seed commitments"
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])
