@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 from secagg_harness import ModFederation, run_strategy_rounds
-from test_secagg_session import Session
+from test_secagg_session import Session, expected
 
 from flwr_guard.secagg import codec, round_ledger
 from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION
@@ -43,7 +43,7 @@ def test_the_ledger_is_monotonic_per_key_and_survives_a_new_instance(tmp_path):
     assert RoundLedger(path, NODE).last(KEY_A) == 3 and RoundLedger(path, NODE).last(KEY_B) == 1
     RoundLedger(path, NODE).advance(KEY_A, 4, T0)
     data = json.loads(path.read_text())
-    assert data["rounds"][KEY_A.hex()] == [4, T0] and data["node"] == NODE
+    assert data["rounds"][f"{NODE}:{KEY_A.hex()}"] == [4, T0]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rounds.json", "rounds.json.lock"]  # no temp left
 
@@ -53,20 +53,24 @@ def test_a_corrupt_or_unwritable_ledger_refuses_with_its_path(tmp_path, monkeypa
     path.write_text("{not json")
     with pytest.raises(ProtocolError, match=f"round ledger {path} is unreadable"):
         RoundLedger(path, NODE).last(KEY_A)
-    path.write_text(json.dumps({"version": 2, "node": NODE, "forgotten_before": None, "rounds": {"x": "2"}}))
+    path.write_text(json.dumps({"version": 2, "forgotten_before": None, "rounds": {"x": "2"}}))
     with pytest.raises(ProtocolError, match="unexpected layout"):
         RoundLedger(path, NODE).advance(KEY_A, 1, T0)
     with pytest.raises(ProtocolError, match="cannot be written"):
         RoundLedger(tmp_path / "missing-dir" / "rounds.json", NODE).advance(KEY_A, 1, T0)
 
 
-def test_a_version_1_ledger_is_read_with_its_rounds(tmp_path):
+def test_a_version_1_ledger_forgets_into_its_horizon(tmp_path):
+    """A version-1 file has no node ids: its entries are dropped and every context opened
+    before its last write is refused (not accepted as new); later ones are recorded."""
     path = tmp_path / "rounds.json"
     path.write_text(json.dumps({"version": 1, "rounds": {KEY_A.hex(): 3}}))
-    with pytest.raises(ProtocolError, match="records an input for round 3"):
+    os.utime(path, (T0, T0))
+    with pytest.raises(ProtocolError, match="forgotten the sessions and round contexts opened before 1000.000"):
         RoundLedger(path, NODE).advance(KEY_A, 3, T0)
-    RoundLedger(path, NODE).advance(KEY_A, 4, T0)
-    assert json.loads(path.read_text())["version"] == 2
+    RoundLedger(path, NODE).advance(KEY_A, 4, T0 + 1)
+    data = json.loads(path.read_text())
+    assert data["version"] == 2 and data["forgotten_before"] == T0
 
 
 def test_the_ledger_keeps_the_newest_entries_and_forgets_nothing_silently(tmp_path, monkeypatch):
@@ -78,7 +82,7 @@ def test_the_ledger_keeps_the_newest_entries_and_forgets_nothing_silently(tmp_pa
     for i in range(5):
         ledger.advance(bytes([i]) * 32, 1, T0 + i)
     data = json.loads((tmp_path / "rounds.json").read_text())
-    assert list(data["rounds"]) == [bytes([i]).hex() * 32 for i in (2, 3, 4)]
+    assert list(data["rounds"]) == [f"{NODE}:" + bytes([i]).hex() * 32 for i in (2, 3, 4)]
     assert data["forgotten_before"] == T0 + 1
     for forgotten in (0, 1):
         with pytest.raises(ProtocolError, match="^" + re.escape(UNKNOWN_SESSION) + ": input for round 1 refused: .*forgotten"):
@@ -117,16 +121,29 @@ def test_a_server_cannot_evict_a_live_session_from_the_round_ledger(tmp_path, mo
     assert restored.last_round == 1
 
 
-def test_one_ledger_file_is_never_shared_by_two_nodes(tmp_path):
-    """Review of 68fc417: the key is the session digest, the same on every member, so two
-    nodes given one file refused each other's rounds without saying why. The file names
-    its node; another node's ledger is refused naming both."""
+def test_two_nodes_given_one_ledger_file_keep_apart(tmp_path):
+    """Review of 68fc417: the key was the session digest, the same on every member, so two
+    nodes given one file (one volume and one node config in a template) refused each
+    other's rounds. Now the key names the node: both answer, each node's replay is still
+    refused. (The control: the same node id is refused, as before.)"""
     path = tmp_path / "shared.json"
     RoundLedger(path, 1).advance(KEY_A, 1, T0)
-    for call in (lambda led: led.last(KEY_A), lambda led: led.advance(KEY_A, 1, T0)):
-        with pytest.raises(ProtocolError, match="belongs to node 1, this is node 2: give every node its own"):
-            call(RoundLedger(path, 2))
-    RoundLedger(path, 1).advance(KEY_A, 2, T0)  # its own node goes on
+    RoundLedger(path, 2).advance(KEY_A, 1, T0)  # the other member of the same session
+    for node in (1, 2):
+        with pytest.raises(ProtocolError, match="records an input for round 1"):
+            RoundLedger(path, node).advance(KEY_A, 1, T0)
+    assert RoundLedger(path, 1).last(KEY_A) == RoundLedger(path, 2).last(KEY_A) == 1
+    assert RoundLedger(path, 3).last(KEY_A) == -1
+    # two members of one session (the same session digest), one file: a whole round runs
+    s = Session(n=8)
+    for c in s.ids:
+        s.open(c)
+    a, b = s.ids[0], s.ids[1]
+    for c in (a, b):
+        s.clients[c].ledger = RoundLedger(tmp_path / "session.json", c)
+    total, _, u3, plain = s.round(1)
+    assert {a, b} <= set(u3)
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])
 
 
 def test_the_ledger_follows_no_symlink_and_needs_an_absolute_path(tmp_path):

@@ -42,7 +42,7 @@ from its node config (``flower-supernode --node-config``; keys in docs/secagg.md
   ``secagg-dropout-fraction``, ``secagg-security-bits``, ``secagg-max-colluders``,
   ``secagg-min-honest-others``, ``secagg-max-session-rounds``,
   ``secagg-max-session-seconds``: the policy's bounds (the colluder bound C is absolute).
-- ``secagg-round-ledger``: a file, outside ``context.state``, where the node records
+- ``secagg-round-ledger``: an absolute path of a file, outside ``context.state``, where the node records
   (fsync-ed before each masked input leaves) the last round of each session and round
   context: an input for a round not above it is refused, so a node whose state is
   rolled back never masks a round twice (:mod:`flwr_guard.secagg.round_ledger`).

@@ -24,9 +24,9 @@ the clock does; the cost: a session or context opened before the horizon that ha
 entry yet is refused too (its error starts with
 :data:`~flwr_guard.secagg.constants.UNKNOWN_SESSION`: the server re-keys).
 
-The file names its node (``node``): a file written by another node is refused (two
-nodes given one file would otherwise refuse each other's rounds of one session, whose
-digest is the same on every member). Writes go to a fresh temporary file in the same
+An entry's name is the node id and the digest (``"<node id>:<digest hex>"``): a
+session digest is the same on every member, so two nodes given one file keep apart.
+Writes go to a fresh temporary file in the same
 directory (``mkstemp``: ``O_EXCL``, mode 0600, never a symlink) replaced atomically;
 the lock file (``fcntl.flock``, POSIX; it serialises ClientApp processes of one node)
 is opened with ``O_NOFOLLOW`` and mode 0600.
@@ -43,7 +43,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,8 @@ VERSION = 2
 
 
 class RoundLedger:
-    """The ledger file of node ``node_id`` at ``path`` (absolute; created on first use;
-    its directory must exist).
+    """The ledger file at ``path`` (absolute; created on first use; its directory must
+    exist), as used by node ``node_id`` (the client's own id, part of every key).
 
     Raises:
         ProtocolError: ``path`` is relative (a ClientApp's working directory is not the
@@ -87,35 +86,35 @@ class RoundLedger:
         try:
             data = json.loads(text)
             if isinstance(data, dict) and data.get("version") == 1:
-                data = _from_version_1(data, self.node_id)
+                data = _from_version_1(data, self.path.stat().st_mtime)
             entries = data["rounds"]
             horizon = data["forgotten_before"]
             if data.get("version") != VERSION or not isinstance(entries, dict) or not all(
                     isinstance(k, str) and isinstance(v, list) and len(v) == 2
                     and _is_int(v[0]) and _is_number(v[1]) for k, v in entries.items()
-            ) or not (_is_number(horizon) or horizon is None) or not _is_int(data.get("node")):
+            ) or not (_is_number(horizon) or horizon is None):
                 raise ValueError("unexpected layout")
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
             raise ProtocolError(
                 f"the SecAgg+ round ledger {self.path} is unreadable ({err}); no input is sent "
                 "until the operator repairs or removes it (removing it forgets every round)"
             ) from None
-        if data["node"] != self.node_id:
-            raise ProtocolError(
-                f"the SecAgg+ round ledger {self.path} belongs to node {data['node']}, this is node "
-                f"{self.node_id}: give every node its own ledger file (node config secagg-round-ledger)"
-            )
         return {k: [int(v[0]), float(v[1])] for k, v in entries.items()}, (
             -math.inf if horizon is None else float(horizon))
+
+    def _key(self, key: bytes) -> str:
+        """The entry's name: this node's id and the digest (a session digest is the same on
+        every member, so two nodes given one file keep apart)."""
+        return f"{self.node_id}:{key.hex()}"
 
     def last(self, key: bytes) -> int:
         """The last round recorded for ``key`` (``-1``: none).
 
         Raises:
-            ProtocolError: the file cannot be read or parsed, or names another node.
+            ProtocolError: the file cannot be read or parsed.
         """
         entries, _ = self._read()
-        return int(entries.get(key.hex(), [-1, 0.0])[0])
+        return int(entries.get(self._key(key), [-1, 0.0])[0])
 
     def check(self, key: bytes, server_round: int, opened_at: float) -> None:
         """Raise unless an input for ``server_round`` of the session or context ``key``,
@@ -125,10 +124,10 @@ class RoundLedger:
         Raises:
             ProtocolError: the round is not above the recorded one, or ``key`` is not
                 held and the context was opened before the horizon (forgotten), or the
-                file cannot be read, parsed, or names another node.
+                file cannot be read or parsed.
         """
         entries, horizon = self._read()
-        _refuse(self.path, entries, horizon, key, server_round, opened_at)
+        _refuse(self.path, entries, horizon, self._key(key), server_round, opened_at)
 
     # -- writing ------------------------------------------------------------------------
     def advance(self, key: bytes, server_round: int, opened_at: float) -> None:
@@ -148,14 +147,13 @@ class RoundLedger:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             entries, horizon = self._read()
-            _refuse(self.path, entries, horizon, key, server_round, opened_at)
-            entries.pop(key.hex(), None)
-            entries[key.hex()] = [int(server_round), float(opened_at)]  # newest last
+            _refuse(self.path, entries, horizon, self._key(key), server_round, opened_at)
+            entries.pop(self._key(key), None)
+            entries[self._key(key)] = [int(server_round), float(opened_at)]  # newest last
             while len(entries) > MAX_ENTRIES:
                 dropped = entries.pop(next(iter(entries)))
                 horizon = max(horizon, dropped[1])
-            self._write({"version": VERSION, "node": self.node_id,
-                         "forgotten_before": None if horizon == -math.inf else horizon,
+            self._write({"version": VERSION, "forgotten_before": None if horizon == -math.inf else horizon,
                          "rounds": entries})
         except OSError as err:
             raise ProtocolError(f"the SecAgg+ round ledger {self.path} cannot be written: {err}") from None
@@ -180,9 +178,9 @@ class RoundLedger:
             os.close(directory)
 
 
-def _refuse(path: Path, entries: dict[str, list[float]], horizon: float, key: bytes,
+def _refuse(path: Path, entries: dict[str, list[float]], horizon: float, key: str,
             server_round: int, opened_at: float) -> None:
-    entry = entries.get(key.hex())
+    entry = entries.get(key)
     if entry is not None and server_round <= entry[0]:
         raise ProtocolError(
             f"input for round {server_round} refused: this node's round ledger records an "
@@ -200,16 +198,14 @@ def _refuse(path: Path, entries: dict[str, list[float]], horizon: float, key: by
         )
 
 
-def _from_version_1(data: dict[str, Any], node_id: int) -> dict[str, Any]:
-    """A version-1 file (key -> round, no node, no opening times) read as version 2: each
-    entry's opening time is taken as now, an upper bound of the real one (the session was
-    opened before its entry was written), so dropping it later forgets no more than it should."""
-    rounds = data["rounds"]
-    if not isinstance(rounds, dict) or not all(_is_int(v) for v in rounds.values()):
+def _from_version_1(data: dict[str, Any], written_at: float) -> dict[str, Any]:
+    """A version-1 file (digest -> round; no node id, no opening times) read as version 2:
+    its entries cannot be matched to a node, so they are dropped and the horizon is set to
+    the file's last write (every entry's context was opened before it; a context opened
+    before it is refused unless it is recorded again)."""
+    if not isinstance(data.get("rounds"), dict):
         raise ValueError("unexpected layout")
-    now = time.time()
-    return {"version": VERSION, "node": node_id, "forgotten_before": None,
-            "rounds": {k: [v, now] for k, v in rounds.items()}}
+    return {"version": VERSION, "forgotten_before": written_at, "rounds": {}}
 
 
 def _is_int(value: object) -> bool:
