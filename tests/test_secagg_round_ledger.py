@@ -20,6 +20,7 @@ from test_secagg_session import Session, expected
 from flwr_guard.secagg import codec, round_ledger
 from flwr_guard.secagg.constants import SECAGG_RECORD, UNKNOWN_SESSION
 from flwr_guard.secagg.errors import ProtocolError
+from flwr_guard.secagg.keys import write_federation
 from flwr_guard.secagg.round_ledger import RoundLedger
 from flwr_guard.secagg.session_client import SessionClient
 
@@ -202,3 +203,15 @@ def test_mod_a_rolled_back_node_never_answers_a_round_twice(tmp_path, multi_roun
         assert reply.has_error() and "round ledger records an input for" in reply.error.reason
     else:
         assert not reply.has_error()  # a second round-2 input under the same masks
+
+
+def test_write_federation_gives_each_node_its_own_round_ledger(tmp_path, monkeypatch):
+    """On by default where the federation is written (the demo's nodes, the node-guard
+    deployments): one absolute path per node, next to its key; off on request."""
+    monkeypatch.chdir(tmp_path)
+    configs = write_federation("fed", 3)  # a relative directory still gives absolute paths
+    paths = [c["secagg-round-ledger"] for c in configs]
+    assert paths == [str(tmp_path / "fed" / f"supernode-{i}.rounds.json") for i in range(3)]
+    for i, path in enumerate(paths):
+        RoundLedger(str(path), i).advance(KEY_A, 1, T0)  # usable as is
+    assert all("secagg-round-ledger" not in c for c in write_federation("fed2", 2, round_ledgers=False))
