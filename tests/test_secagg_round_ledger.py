@@ -59,6 +59,11 @@ def test_a_corrupt_or_unwritable_ledger_refuses_with_its_path(tmp_path, monkeypa
         RoundLedger(path, NODE).advance(KEY_A, 1, T0)
     with pytest.raises(ProtocolError, match="cannot be written"):
         RoundLedger(tmp_path / "missing-dir" / "rounds.json", NODE).advance(KEY_A, 1, T0)
+    good = tmp_path / "good.json"
+    for opened in (float("nan"), float("inf")):  # a corrupt state never bricks the file
+        with pytest.raises(ProtocolError, match="is not a finite number"):
+            RoundLedger(good, NODE).advance(KEY_A, 1, opened)
+    assert not good.exists()
 
 
 def test_a_version_1_ledger_forgets_into_its_horizon(tmp_path):

@@ -26,10 +26,9 @@ entry yet is refused too (its error starts with
 
 An entry's name is the node id and the digest (``"<node id>:<digest hex>"``): a
 session digest is the same on every member, so two nodes given one file keep apart.
-Writes go to a fresh temporary file in the same
-directory (``mkstemp``: ``O_EXCL``, mode 0600, never a symlink) replaced atomically;
-the lock file (``fcntl.flock``, POSIX; it serialises ClientApp processes of one node)
-is opened with ``O_NOFOLLOW`` and mode 0600.
+Writes go to a fresh temporary file in the same directory (``mkstemp``: ``O_EXCL``,
+mode 0600, never a symlink) replaced atomically; the lock file (``fcntl.flock``, POSIX;
+it serialises ClientApp processes of one node) is opened with ``O_NOFOLLOW``, mode 0600.
 
 Limits: it helps only if the file is not rolled back together with the state (another
 volume or device, or storage with no snapshots); a deleted or replaced file looks like
@@ -180,6 +179,11 @@ class RoundLedger:
 
 def _refuse(path: Path, entries: dict[str, list[float]], horizon: float, key: str,
             server_round: int, opened_at: float) -> None:
+    if not _is_number(opened_at) or not _is_int(server_round):
+        raise ProtocolError(
+            f"input for round {server_round!r} refused: the opening time {opened_at!r} or the "
+            "round of the client's saved state is not a finite number (corrupt state)"
+        )
     entry = entries.get(key)
     if entry is not None and server_round <= entry[0]:
         raise ProtocolError(
