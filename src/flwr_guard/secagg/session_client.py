@@ -312,8 +312,11 @@ class SessionClient:
                 distributed DP: the contributors its noise share was scaled for).
 
         Raises:
-            ProtocolError: a round not after the last one (a second input under the
-                same masks would reveal the difference of two inputs).
+            ProtocolError: as :meth:`check_input_round` (a round not after the last one:
+                a second input under the same masks would reveal the difference of two
+                inputs), or the node's :attr:`ledger` refuses or cannot be written; on
+                any error this client is left exactly as it was (its open round, if any,
+                still unmasks from its own chain link).
             ValueError: as :func:`~flwr_guard.secagg.client.encode_input`.
         """
         self.check_input_round(server_round)
