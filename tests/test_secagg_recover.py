@@ -34,13 +34,15 @@ from flwr_guard.secagg.errors import ProtocolError
 from flwr_guard.secagg.keys import load_signing_key
 from flwr_guard.secagg.messages import CulpritEvidence
 from flwr_guard.secagg.params import SecAggParams
+from flwr_guard.secagg.round_ledger import RoundLedger
 from flwr_guard.secagg.server import SecAggAborted
-from flwr_guard.secagg.session_client import round_pair_seed
+from flwr_guard.secagg.session_client import SessionClient, ratchet, round_pair_seed
 from flwr_guard.secagg.transcripts import (
     SessionRound,
     commit_pair_seed,
     session_input_payload,
     session_reveal_payload,
+    wrong_pair_seeds,
 )
 
 MODEL = b"m" * 32
@@ -459,3 +461,106 @@ def test_mod_honest_clients_refuse_forged_evidence_and_answer_genuine_evidence(t
         assert commit_pair_seed(seed) == inputs[j]["pair_commitments"][str(fed.liar)]
         again = ask(j, {str(fed.liar): genuine.to_wire()})
         assert again.has_error() and "a second recovery for round 1 refused" in again.error.reason
+
+
+# -- an honest client never signs a pair seed against its own commitment ---------------
+def _round_two_open(s: Session, victim: int, gone: int):
+    """Round 1 honest; round 2 without ``gone`` up to the signatures (U3 returned)."""
+    s.round(1)
+    replies, plain = s.inputs(2, [c for c in s.ids if c != gone])
+    u3 = s.server.receive_masked_inputs(replies)
+    s.server.receive_signatures({c: s.clients[c].consistency(2, u3) for c in u3})
+    return u3, plain
+
+
+def _unmask_all(s: Session, r: int, u3) -> None:
+    reveals = {}
+    for c in u3:
+        sigs, cts = s.server.unmask_request(c)
+        reveals[c] = s.clients[c].unmask(r, u3, sigs, cts)
+    s.server.receive_unmask(reveals)
+
+
+def test_a_failed_ledger_write_leaves_the_session_unchanged(tmp_path):
+    """A refused round-3 input (the ledger write fails: disk full, or another process
+    advanced it) leaves the client exactly as before: its open round 2 reveals from the
+    round-2 chain link, matching its signed commitments, so the server holds no "proof"
+    against it and the round is exact (review of 68fc417: the chain used to be ratcheted
+    before the write, and the honest client was named a culprit and its input recovered)."""
+    s = Session(n=10)
+    for c in s.ids:
+        s.open(c)
+    victim = s.ids[3]
+    gone = s.server.graph[victim][0]
+    s.clients[victim].ledger = RoundLedger(tmp_path / "rounds.json", victim)
+    u3, plain = _round_two_open(s, victim, gone)
+    v = s.clients[victim]
+    before = codec.encode(v.to_state())
+
+    def enospc(key, rnd, opened_at):
+        raise ProtocolError("the SecAgg+ round ledger cannot be written: [Errno 28] No space left on device")
+
+    v.ledger.advance = enospc  # type: ignore[method-assign]
+    with pytest.raises(ProtocolError, match=r"cannot be written: \[Errno 28\]"):
+        v.masked_input(3, MODEL, *s.updates(3)[victim], rng=np.random.default_rng(1))
+    assert codec.encode(v.to_state()) == before  # chain, rounds and round state untouched
+    _unmask_all(s, 2, u3)
+    assert victim not in s.server.culprits, s.server.culprits.get(victim)
+    assert s.server.recovery_requests() == {}
+    total, weight = s.server.aggregate()
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])  # exact, victim included
+    assert victim in s.server.summed
+
+
+def test_a_client_whose_chain_is_past_its_open_round_refuses_to_sign_a_contradicting_seed():
+    """The safeguard, whatever the state bug: the round state keeps the round's own pair
+    commitments, and unmask / unmask-recover refuse to sign a pair seed that contradicts
+    them. Positive control: the seed of the advanced chain does contradict the signed
+    commitment (wrong_pair_seeds names it), i.e. signing it would be a valid proof
+    against an honest client."""
+    s = Session(n=10)
+    victim = s.ids[3]
+    gone = s.server.graph[victim][0]
+    u3, _ = _round_two_open(s, victim, gone)
+    v = s.clients[victim]
+    committed = {int(p): bytes(c) for p, c in v.round["pair_commitments"]}
+    assert set(committed) == set(v.neighbour_ids)
+    v.pair_keys = {p: ratchet(k, 1) for p, k in v.pair_keys.items()}  # desynchronised: round 3's link
+    v.chain_round = 3
+    stray = {gone: round_pair_seed(v.pair_keys[gone], v.round["digest"])}
+    assert wrong_pair_seeds(committed, stray) == [gone]  # control: what would have been signed
+    sigs, cts = s.server.unmask_request(victim)
+    with pytest.raises(ProtocolError, match=f"unmask for round 2 refused: the pair seed with node {gone} "
+                       "does not match this client's own commitment of the round"):
+        v.unmask(2, u3, sigs, cts)
+    assert v.round["revealed"] is False and v.round["self_mask_seed"]  # nothing revealed
+    # the same at unmask-recover: a desynchronised neighbour of a proven culprit reveals nothing
+    s2, gone2, liar = _setting()
+    culprit_round(s2, 1, gone2, [liar])
+    requests = s2.server.recovery_requests()
+    j = sorted(requests)[0]
+    c = s2.clients[j]
+    c.pair_keys = {p: ratchet(k, 1) for p, k in c.pair_keys.items()}
+    with pytest.raises(ProtocolError, match=f"unmask-recover for round 1 refused: the pair seed with node {liar} "
+                       "does not match"):
+        c.recover(1, requests[j])
+    assert c.round.get("recovered") is None
+    # the state round-trips with the commitments (the mod saves it between stages)
+    back = SessionClient.from_state(codec.decode(codec.encode(v.to_state())), s.secrets[victim], s.policy)
+    assert {int(p): bytes(x) for p, x in back.round["pair_commitments"]} == committed
+
+
+@pytest.mark.parametrize("key", ["x", True, 1.5], ids=["str", "bool", "float"])
+def test_mixed_type_pair_commitment_keys_exclude_the_input_without_raising(key):
+    """Review of 68fc417: a str key among the int ones made ``sorted`` raise TypeError in
+    SessionServer.receive_masked_inputs (one bad client sank the round). Now that input
+    is excluded as malformed and the round completes exactly without it."""
+    s = Session(n=8)
+    replies, plain = s.inputs(1, s.ids)
+    bad = s.ids[0]
+    commitments = {**replies[bad].pair_commitments, key: b"\0" * 32}
+    replies[bad] = dataclasses.replace(replies[bad], pair_commitments=commitments)
+    (total, weight), u3 = s.finish(replies)
+    assert bad not in u3
+    assert s.server.stats.excluded[bad] == "malformed pair-seed commitments"
+    np.testing.assert_array_equal(total, expected(plain, u3)[0])

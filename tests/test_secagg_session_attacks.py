@@ -480,7 +480,7 @@ def test_a_rolled_back_client_never_masks_two_inputs_under_one_round_digest(tmp_
     u = s.ids[0]
     s.open(u)
     if ledger:
-        s.clients[u].ledger = RoundLedger(tmp_path / "rounds.json")
+        s.clients[u].ledger = RoundLedger(tmp_path / "rounds.json", u)
     s.round(1)
     snapshot = codec.encode(s.clients[u].to_state())  # e.g. a volume snapshot
     replies, plain = s.inputs(2, s.ids)

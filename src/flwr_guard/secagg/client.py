@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +231,9 @@ class SecAggClient:
     signed_survivors: list[int] | None = None
     revealed: dict[int, str] = field(default_factory=dict)
     min_inputs: int = 0
+    opened_at: float = 0.0
+    """Wall clock (``time.time()``, s) of :meth:`advertise`: the round context's opening,
+    recorded with it in the node's round ledger (a state without it counts as opened at 0)."""
 
     # -- stage 1 -------------------------------------------------------------------
     def advertise(self, context: RoundContext) -> Advertisement:
@@ -246,6 +250,7 @@ class SecAggClient:
             raise PolicyViolation(self.policy.no_roster_message())
         self.policy.check_context(context)
         self.context = context
+        self.opened_at = time.time()
         self.encryption_secret, encryption_public = crypto.x25519_keypair()
         self.mask_secret, mask_public = crypto.x25519_keypair()
         self.self_mask_seed = crypto.random_secret()
@@ -651,6 +656,7 @@ class SecAggClient:
             "revealed": [[p, k] for p, k in self.revealed.items()],
             "pinned_keys": [[p, k] for p, k in self.pinned_keys.items()],
             "min_inputs": self.min_inputs,
+            "opened_at": self.opened_at,
         }
 
     @classmethod
@@ -695,6 +701,7 @@ class SecAggClient:
             client.signed_survivors = state["signed_survivors"]
             client.revealed = {int(p): str(k) for p, k in state["revealed"]}
             client.min_inputs = int(state.get("min_inputs", 0))
+            client.opened_at = float(state.get("opened_at", 0.0))
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"the saved SecAgg+ state is unreadable: {err}") from err
         return client

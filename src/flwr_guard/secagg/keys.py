@@ -42,7 +42,8 @@ def load_signing_key(path: str | Path) -> bytes:
 
 
 def write_federation(
-    directory: str | Path, nodes: int, admin: bool = True, min_cohort: int | None = None
+    directory: str | Path, nodes: int, admin: bool = True, min_cohort: int | None = None,
+    round_ledgers: bool = True,
 ) -> list[dict[str, str | int | float]]:
     """Set up a federation of ``nodes`` SuperNodes for SecAgg+: one signing-key file per
     node, the roster of their public keys (``roster.json``), signed by a fresh
@@ -54,11 +55,15 @@ def write_federation(
             ``secagg-min-cohort``, with ``secagg-max-colluders`` 0 and
             ``secagg-min-honest-others`` ``min_cohort - 1`` (the roster-derived default,
             C = ceil(0.05 x nodes) >= 1 with 2 honest others, needs sums of C + 3).
+        round_ledgers: give each node its own SecAgg+ round ledger
+            (``secagg-round-ledger``, :mod:`flwr_guard.secagg.round_ledger`), the absolute
+            path ``<directory>/supernode-<i>.rounds.json``, outside the nodes' saved state.
 
     Returns:
         each node's SecAgg+ node config: ``secagg-signing-key``, ``secagg-roster``,
-        (when signed) ``secagg-roster-admin-key`` and (when ``min_cohort`` is given)
-        ``secagg-min-cohort``, ``secagg-max-colluders``, ``secagg-min-honest-others``.
+        (when ``round_ledgers``) ``secagg-round-ledger``, (when signed)
+        ``secagg-roster-admin-key`` and (when ``min_cohort`` is given) ``secagg-min-cohort``,
+        ``secagg-max-colluders``, ``secagg-min-honest-others``.
 
     Raises:
         FileExistsError: a key file exists already in ``directory``.
@@ -69,12 +74,13 @@ def write_federation(
         NODE_MIN_HONEST_OTHERS,
         NODE_ROSTER,
         NODE_ROSTER_ADMIN_KEY,
+        NODE_ROUND_LEDGER,
         NODE_SIGNING_KEY,
         Roster,
         RosterMember,
     )
 
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     members, paths = [], []
     for index in range(nodes):
@@ -91,4 +97,6 @@ def write_federation(
         common[NODE_MIN_COHORT] = int(min_cohort)
         common[NODE_MAX_COLLUDERS] = 0
         common[NODE_MIN_HONEST_OTHERS] = max(1, int(min_cohort) - 1)
-    return [{NODE_SIGNING_KEY: str(path), **common} for path in paths]
+    return [{NODE_SIGNING_KEY: str(path), **common,
+             **({NODE_ROUND_LEDGER: str(directory / f"supernode-{i}.rounds.json")} if round_ledgers else {})}
+            for i, path in enumerate(paths)]

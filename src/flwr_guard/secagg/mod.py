@@ -42,7 +42,7 @@ from its node config (``flower-supernode --node-config``; keys in docs/secagg.md
   ``secagg-dropout-fraction``, ``secagg-security-bits``, ``secagg-max-colluders``,
   ``secagg-min-honest-others``, ``secagg-max-session-rounds``,
   ``secagg-max-session-seconds``: the policy's bounds (the colluder bound C is absolute).
-- ``secagg-round-ledger``: a file, outside ``context.state``, where the node records
+- ``secagg-round-ledger``: an absolute path of a file, outside ``context.state``, where the node records
   (fsync-ed before each masked input leaves) the last round of each session and round
   context: an input for a round not above it is refused, so a node whose state is
   rolled back never masks a round twice (:mod:`flwr_guard.secagg.round_ledger`).
@@ -411,7 +411,7 @@ def _in_sum(session: SessionClient, payload: dict, limit: int) -> list[int]:
 def _round_ledger(context: Context) -> RoundLedger | None:
     """The node's round ledger (node config ``secagg-round-ledger``), if it has one."""
     path = context.node_config.get(NODE_ROUND_LEDGER)
-    return RoundLedger(str(path)) if path else None
+    return RoundLedger(str(path), context.node_id) if path else None
 
 
 def _load_session(context: Context, signing: bytes, policy: SecAggPolicy,
@@ -539,11 +539,8 @@ def _masked_input(
         )
     ledger = _round_ledger(context)
     key = client.context.digest()
-    if ledger is not None and ledger.last(key) >= client.context.server_round:
-        raise ProtocolError(
-            "input refused: this node's round ledger records an input for this round "
-            "already (replayed round, or the node's state was rolled back)"
-        )
+    if ledger is not None:
+        ledger.check(key, client.context.server_round, client.opened_at)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -561,7 +558,7 @@ def _masked_input(
         min_inputs=_min_inputs(msg, client.context, noise),
     )
     if ledger is not None:
-        ledger.advance(key, client.context.server_round)  # durable before the input leaves
+        ledger.advance(key, client.context.server_round, client.opened_at)  # durable before the input leaves
     _save_client(context, client)
     return _reply(msg, {Key.BAD_SENDERS: bad, Key.CLIPPED: clipped},
                   _masked_content(masked, metrics, secret_keys))

@@ -283,12 +283,8 @@ class SessionClient:
                 f"caps a session at {self.policy.max_session_seconds:.0f} s "
                 "(secagg-max-session-seconds); the server must re-key"
             )
-        if self.ledger is not None and server_round <= (last := self.ledger.last(self.digest)):
-            raise ProtocolError(
-                f"input for round {server_round} refused: this node's round ledger records an "
-                f"input for round {last} of this session already (replayed round, or the "
-                "node's state was rolled back)"
-            )
+        if self.ledger is not None:
+            self.ledger.check(self.digest, server_round, self.opened_at)
         if server_round - self.chain_round > MAX_ROUND_GAP:
             raise ProtocolError(
                 f"{UNKNOWN_SESSION}: round {server_round} is more than {MAX_ROUND_GAP} rounds "
@@ -316,16 +312,22 @@ class SessionClient:
                 distributed DP: the contributors its noise share was scaled for).
 
         Raises:
-            ProtocolError: a round not after the last one (a second input under the
-                same masks would reveal the difference of two inputs).
+            ProtocolError: as :meth:`check_input_round` (a round not after the last one:
+                a second input under the same masks would reveal the difference of two
+                inputs), or the node's :attr:`ledger` refuses or cannot be written; on
+                any error this client is left exactly as it was (its open round, if any,
+                still unmasks from its own chain link).
             ValueError: as :func:`~flwr_guard.secagg.client.encode_input`.
         """
         self.check_input_round(server_round)
         params = self.context.params
         vector, clipped = encode_input(self.context, update, weight, metric_values, noise, rng)
+        # Transactional: the ratcheted chain, the round and its state are computed into
+        # locals and assigned together only after the ledger write, so a refused input
+        # (ledger unwritable, or advanced by another process) leaves this object exactly
+        # as it was: its open round still reveals from that round's chain link.
         steps = server_round - self.chain_round
-        self.pair_keys = {p: ratchet(k, steps) for p, k in self.pair_keys.items()}
-        self.chain_round = server_round  # the earlier chain keys are gone
+        pair_keys = {p: ratchet(k, steps) for p, k in self.pair_keys.items()}
         digest = SessionRound(self.digest, server_round, received_model_hash).digest()
         self_mask_seed = crypto.random_secret()
         shares = crypto.share_secret(self_mask_seed, self.threshold, len(self.neighbour_ids))
@@ -340,7 +342,7 @@ class SessionClient:
         vector += prg.expand(self_mask_seed, length, params.modulus_bits)
         pair_commitments = {}
         for peer in self.neighbour_ids:
-            pair_seed = round_pair_seed(self.pair_keys[peer], digest)
+            pair_seed = round_pair_seed(pair_keys[peer], digest)
             pair_commitments[peer] = commit_pair_seed(pair_seed)
             mask = prg.expand(pair_seed, length, params.modulus_bits)
             if pairwise_sign(self.node_id, peer) > 0:
@@ -348,11 +350,15 @@ class SessionClient:
             else:
                 vector -= mask
         if self.ledger is not None:
-            self.ledger.advance(self.digest, server_round)  # durable before the input leaves
+            self.ledger.advance(self.digest, server_round, self.opened_at)  # durable before the input leaves
+        self.pair_keys = pair_keys  # the earlier chain keys are gone
+        self.chain_round = server_round
         self.last_round = server_round
         self.round = {"server_round": server_round, "digest": digest,
                       "self_mask_seed": self_mask_seed, "signed": None, "revealed": False,
-                      "min_inputs": int(min_inputs)}
+                      "min_inputs": int(min_inputs),
+                      # [peer, commitment] pairs (the codec's dicts have str keys)
+                      "pair_commitments": [[p, c] for p, c in pair_commitments.items()]}
         commitment = commit_self_mask(self_mask_seed)
         signature = crypto.sign(
             self.signing_secret, session_input_payload(digest, self.node_id, commitment, pair_commitments)
@@ -458,7 +464,7 @@ class SessionClient:
                 else:
                     shares[peer] = share
             else:
-                pair_seeds[peer] = round_pair_seed(self.pair_keys[peer], digest)
+                pair_seeds[peer] = self._own_pair_seed(state, peer, Stage.UNMASK)
         state["revealed"] = True
         seed, state["self_mask_seed"] = state["self_mask_seed"], b""
         signature = crypto.sign(self.signing_secret, session_reveal_payload(digest, self.node_id, pair_seeds))
@@ -515,8 +521,30 @@ class SessionClient:
             self._check_survivors(remaining, int(state.get("min_inputs", 0)))
         except ProtocolError as err:
             raise ProtocolError(f"the survivor set without the culprits is refused: {err}") from None
+        seeds = {c: self._own_pair_seed(state, c, Stage.UNMASK_RECOVER) for c in mine}
         state["recovered"] = sorted(evidence)
-        return {c: round_pair_seed(self.pair_keys[c], digest) for c in mine}
+        return seeds
+
+    def _own_pair_seed(self, state: dict[str, Any], peer: int, stage: str) -> bytes:
+        """This round's pair seed with ``peer``, checked against this client's own signed
+        commitment of the round (kept in the round state): an honest client never signs
+        a seed that contradicts its commitment, whatever happened to its state (a chain
+        ratcheted past the open round would otherwise hand the server a valid signed
+        "proof" against it at ``unmask-recover``).
+
+        Raises:
+            ProtocolError: the round state has no commitment for ``peer``, or the seed
+                this client would reveal does not match it.
+        """
+        seed = round_pair_seed(self.pair_keys[peer], state["digest"])
+        committed = {int(p): bytes(c) for p, c in state.get("pair_commitments") or []}
+        if peer not in committed or not hmac.compare_digest(commit_pair_seed(seed), committed[peer]):
+            raise ProtocolError(
+                f"{stage} for round {state['server_round']} refused: the pair seed with node {peer} "
+                "does not match this client's own commitment of the round (its key chain is "
+                f"at round {self.chain_round}); nothing contradicting a signed statement is signed"
+            )
+        return seed
 
     def _check_evidence(self, culprit: int, proof: CulpritEvidence, signed: set[int], digest: bytes) -> None:
         """Raise :class:`ProtocolError` unless ``proof`` shows that ``culprit`` signed a

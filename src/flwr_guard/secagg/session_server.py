@@ -158,7 +158,8 @@ class SessionServer:
                 self._exclude(node, "malformed session input")
                 continue
             if not isinstance(reply.pair_commitments, Mapping) or (
-                    sorted(reply.pair_commitments) != self.graph[node]
+                    not all(isinstance(p, int) and not isinstance(p, bool) for p in reply.pair_commitments)
+                    or sorted(reply.pair_commitments) != self.graph[node]
                     or not all(isinstance(c, bytes) and len(c) == 32
                                for c in reply.pair_commitments.values())):
                 self._exclude(node, "malformed pair-seed commitments")
