@@ -102,9 +102,13 @@ def test_offline_secrets_are_private_and_mounted_files_readable(federation) -> N
     for name in ("admin/ca.key", "admin/roster-admin.key"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
     assert not (out / "ca.key").exists()
-    # what containers mount: readable by the images' uid 10001 through a bind mount
-    for name in ("server.key", "supernode-0", "secagg-0.key", "roster.json", "ca.crt"):
+    # what containers mount: readable by the images' uid 10001 through a bind mount ...
+    for name in ("server.key", "supernode-0.pub", "roster.json", "ca.crt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    # ... but a node's private keys only by their owner: the node's guard reads them as
+    # root; the ClientApp, run as another uid, cannot
+    for name in ("supernode-0", "secagg-0.key"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
 
 
 def test_a_provisioned_folder_is_never_overwritten(federation) -> None:

@@ -40,6 +40,7 @@ POD_INDEX = "$(POD_INDEX)"
 # Each SuperNode's record-level DP-SGD ledger (node config dp-sgd-ledger) on its own
 # persistent volume (compose: named volume ledger-<i>; Helm: a PVC per pod).
 LEDGER_DIR = "/var/lib/flwr-guard/dp-sgd-ledger"
+ROUND_LEDGER = f"{LEDGER_DIR}/secagg-round-ledger.json"
 # The node operator's explicit policy in every container SuperNode's node config
 # (docs/privacy.md "Defaults", docs/secagg.md "The colluder bound"), as `flwr-guard demo`
 # sets it. Numbers are written as Helm renders them (8, not 8.0).
@@ -123,6 +124,9 @@ def container_topology(
                 keys.NodeConfig.SECAGG_SIGNING_KEY: f"{SECAGG_DIR}/secagg-{i}.key",
                 keys.NodeConfig.SECAGG_ROSTER: f"{SECAGG_DIR}/roster.json",
                 **({keys.NodeConfig.SECAGG_ROSTER_ADMIN_KEY: roster_admin_key} if roster_admin_key else {}),
+                # the node's SecAgg+ round ledger (docs/secagg.md "Storage rollback"), on
+                # its own persistent volume next to the DP-SGD ledger
+                **({keys.NodeConfig.SECAGG_ROUND_LEDGER: ROUND_LEDGER} if ledger else {}),
             }
             for i in range(nodes)
         )

@@ -126,15 +126,15 @@ def provision(
 
     tls = make_ca_and_server_cert(out, list(hosts), days)
     os.replace(out / "ca.key", out / CA_KEY)
-    _readable(Path(tls.keyfile))
-    for key in make_supernode_keys(out, nodes):
-        _readable(Path(key))
+    _readable(Path(tls.keyfile))  # the SuperLink container's uid 10001 reads it
+    # A node's private keys stay 0600: its guard reads them as root (compose, Helm) and
+    # the ClientApp, run as another uid, must not (docs/deploy.md, "The node guard").
+    make_supernode_keys(out, nodes)
 
     members = []
     for index in range(nodes):
         path = out / signing_key_name(index)
         members.append(RosterMember(write_signing_key(path), auth_key_name(index)))
-        _readable(path)
     admin_public = write_signing_key(out / ROSTER_ADMIN_KEY)
     Roster(tuple(members)).to_file(out / ROSTER, load_signing_key(out / ROSTER_ADMIN_KEY))
     (out / ROSTER_ADMIN_PUB).write_text(admin_public.hex() + "\n")
