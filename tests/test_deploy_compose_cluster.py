@@ -445,6 +445,11 @@ def test_every_node_ran_the_app_under_the_node_guard_and_logged_each_round(clust
         assert len({round_ for _, round_, *_ in found}) == ROUNDS, found
         assert len({policy for _, _, policy, *_ in found}) == 1, found
     assert "flwr-guard node refused the app" not in cluster["logs"]
+    # each node's guard ran every app as another uid (--app-isolation user): the app could
+    # not read the node's keys, ledgers or SuperExec secret
+    isolated = re.findall(r"^(supernode-\d+)\S*\s+\|.*flwr-guard node: app isolation user "
+                          r"\(--app-isolation user\): each app runs as uid 65530 ", cluster["logs"], re.MULTILINE)
+    assert sorted(set(isolated)) == [f"supernode-{i}" for i in range(3)], cluster["logs"][-5000:]
 
 
 def test_every_node_trained_with_dp_sgd_on_its_own_persistent_ledger(cluster) -> None:
