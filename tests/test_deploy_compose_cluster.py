@@ -323,6 +323,10 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
                                    "--timeout", str(SUBMIT_TIMEOUT_S), "/opt/flwr-guard/apps/digits",
                                    f"num-server-rounds={ROUNDS}", "min-nodes=3",
                                    "secagg-max-colluders=0",
+                                   # every node audits every round: the audit panels' data
+                                   # must not hang on Flower's random node ids (the app's
+                                   # client fraction 0.5 sampled none of 3 nodes in 1 of 8 runs)
+                                   "audit-round-fraction=1.0", "audit-client-fraction=1.0",
                                    f"robust-eval-every={ROUNDS}",  # feeds the robustness panels
                                    "robust-eval-examples=20", "robust-eval-zo-examples=10",
                                    "robust-eval-pgd-steps=10",
