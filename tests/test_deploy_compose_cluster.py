@@ -324,8 +324,9 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
                                    f"num-server-rounds={ROUNDS}", "min-nodes=3",
                                    "secagg-max-colluders=0",
                                    # every node audits every round: the audit panels' data
-                                   # must not hang on Flower's random node ids (the app's
-                                   # client fraction 0.5 sampled none of 3 nodes in 1 of 8 runs)
+                                   # must not hang on Flower's random node ids (with the
+                                   # app's client fraction 0.5, no node of 3 audits with
+                                   # probability 1/8: seen once in CI-like runs)
                                    "audit-round-fraction=1.0", "audit-client-fraction=1.0",
                                    f"robust-eval-every={ROUNDS}",  # feeds the robustness panels
                                    "robust-eval-examples=20", "robust-eval-zo-examples=10",
