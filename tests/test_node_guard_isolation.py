@@ -122,8 +122,16 @@ def test_a_sandboxed_app_cannot_read_the_guards_secret_nor_reach_its_port(
     assert "FLWR_MODEL_API_KEY" not in seen["env"]
     assert seen["flwr_home"].startswith(tempfile.gettempdir()) and seen["flwr_home"].endswith("/home")
     assert not os.path.exists(seen["flwr_home"])  # the workspace is removed afterwards
-    # Its /tmp is private: only its own workspace, no other app's, none of the host's files.
-    assert seen["tmp"] == [Path(seen["flwr_home"]).parent.name]
+    # Its /tmp is private: only its own workspace, no other app's, none of the host's files;
+    # what its interpreter needs from the host's /tmp (a checkout or venv there, as in a
+    # fresh clone under /tmp) is bound in read-only.
+    from flwr_guard.node.isolation import needed_paths
+
+    tmpdir = os.path.realpath(tempfile.gettempdir())
+    kept = {os.path.relpath(p, tmpdir).split("/")[0] for p in needed_paths()
+            if p.startswith(tmpdir + "/")}
+    assert sorted(seen["tmp"]) == sorted({Path(seen["flwr_home"]).parent.name, *kept})
+    assert not any(name.startswith("pytest-of-") for name in seen["tmp"])  # the host's /tmp
 
 
 @ROOT

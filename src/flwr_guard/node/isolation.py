@@ -319,12 +319,14 @@ class AppIsolation:
         expose = needed_paths([space.top])
         tmpdir = os.path.realpath(tempfile.gettempdir())
         top = os.path.realpath(space.top)
-        # A private temporary directory, unless something the interpreter needs lives there.
-        private = os.path.dirname(top) == tmpdir and not any(
-            p != top and (p + "/").startswith(tmpdir + "/") for p in expose)
+        # A private temporary directory; what the interpreter needs from the host's (a
+        # venv or checkout under /tmp) is bound into it read-only.
+        keep = [p for p in expose if (p + "/").startswith(tmpdir + "/") and p != tmpdir
+                and p != top and not p.startswith(top + "/")]
+        private = os.path.dirname(top) == tmpdir and tmpdir not in expose
         spec = {"uid": self.uid, "gid": self.gid, "argv": list(argv), "cwd": str(space.home),
                 "expose": expose, "stage": str(space.top / "stage"),
-                "private_tmp": tmpdir if private else "", "workspace": top}
+                "private_tmp": tmpdir if private else "", "workspace": top, "tmp_keep": keep}
         return ["setpriv", "--pdeathsig", "KILL", "--",
                 "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
                 sys.executable, "-I", "-S", "-B", SANDBOX_INIT, json.dumps(spec)]

@@ -13,7 +13,8 @@ imports nothing but the standard library (``-S``: not even site-packages), then:
    0711) holding read-only bind mounts of just the needed children; the rest of that
    directory (the guard's own files) is not visible at all;
 2. gives the app a private temporary directory: a fresh ``tmpfs`` over the host's
-   (``SPEC["private_tmp"]``) that holds only the app's own workspace, and a fresh
+   (``SPEC["private_tmp"]``) that holds only the app's own workspace (and, read-only,
+   what the interpreter needs from the host's, ``SPEC["tmp_keep"]``), and a fresh
    ``/dev/shm``, so two apps (of one uid) never see each other's workspace or files;
 3. drops to the app's user: no supplementary groups, ``setresgid``/``setresuid`` (every
    capability is lost), ``PR_SET_NO_NEW_PRIVS`` (no set-uid binary or file capability
@@ -115,17 +116,34 @@ def expose(paths: "list[str]", uid: int, gid: int, stage: str) -> None:
         _check(_libc.umount2(point.encode(), MNT_DETACH), f"umount {point}")
 
 
-def private_tmp(tmpdir: str, workspace: str) -> None:
+def private_tmp(tmpdir: str, workspace: str, keep: "list[str] | tuple[str, ...]" = ()) -> None:
     """Step 2 of the module docstring: a fresh ``tmpfs`` on ``tmpdir`` (mode 1777)
-    holding only ``workspace`` (bound back at its path), and a fresh ``/dev/shm``."""
+    holding only ``workspace`` (bound back at its path) and, read-only at their paths,
+    the host's paths under ``tmpdir`` in ``keep`` (what the interpreter needs: a venv
+    or checkout under ``/tmp``); and a fresh ``/dev/shm``."""
+    outer = sorted({p for p in keep if not any(p != q and p.startswith(q + "/") for q in keep)})
     fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY)
+    kept: dict[str, int] = {}
     try:
+        for path in outer:
+            kept[path] = os.open(path, os.O_PATH)
         _mount("tmpfs", tmpdir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         target = os.path.join(tmpdir, os.path.basename(workspace))
         os.mkdir(target, 0o711)
         _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        for path, kept_fd in kept.items():
+            source = f"/proc/self/fd/{kept_fd}"
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            if os.path.isdir(source):
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            else:
+                open(path, "a").close()
+            _mount(source, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     finally:
         os.close(fd)
+        for kept_fd in kept.values():
+            os.close(kept_fd)
     if os.path.isdir("/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 
@@ -145,7 +163,7 @@ def main() -> int:
         uid, gid = int(spec["uid"]), int(spec["gid"])
         expose(spec["expose"], uid, gid, spec["stage"])
         if spec.get("private_tmp"):
-            private_tmp(spec["private_tmp"], spec["workspace"])
+            private_tmp(spec["private_tmp"], spec["workspace"], spec.get("tmp_keep", []))
         drop_privileges(uid, gid)
         os.chdir(spec["cwd"])
         argv = spec["argv"]
