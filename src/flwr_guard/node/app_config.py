@@ -127,6 +127,37 @@ def extends(old: Sequence[tuple[float, float, int]], new: Sequence[tuple[float, 
     return list(new[:len(head)]) == head and (z2, q2) == (z, q) and n2 >= n
 
 
+def _write_copy(real: Path, copy_dir: Path, name: str, owner: tuple[int, int] | None) -> None:
+    """Copy the node's ledger ``real`` to ``copy_dir/name`` without following a link:
+    the directory is opened with ``O_NOFOLLOW`` and the copy created in it with
+    ``O_EXCL | O_NOFOLLOW`` (an existing name, a planted link included, is an error,
+    never written through); its mode and owner are set on the open descriptor.
+    ``chmod`` before ``chown``: once the app's uid owns it, changing its mode would need
+    CAP_FOWNER, which a guard with only the capabilities of ``--app-isolation user``
+    (SETUID, SETGID, CHOWN, DAC_OVERRIDE) lacks.
+
+    Raises:
+        OSError: the directory is a link or the name exists (``EEXIST``, ``ELOOP``).
+    """
+    with open(real, "rb") as source_file:
+        data = source_file.read()
+    dir_fd = os.open(copy_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextmanager
 def _locked(directory: Path, source: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``<ledger>.lock`` next to the node's ledger (POSIX
@@ -175,6 +206,18 @@ class LedgerHandout:
         self.source: str | None = None
         self.original: list[tuple[float, float, int]] | None = None
         self.reservation: Reservation | None = None
+        self._owner = owner
+        self._hand_out(node_config, holder, wait_s)
+        try:
+            self.hand_over()
+        except BaseException:
+            if self.reservation is not None:
+                self.reservation.release()
+            raise
+
+    def _hand_out(self, node_config: Mapping[str, Any], holder: Mapping[str, Any] | None,
+                  wait_s: float) -> None:
+        owner = self._owner
         try:
             self.source = data_source(node_config)
             real = ledger_path(self.real_dir, self.source)
@@ -191,18 +234,29 @@ class LedgerHandout:
             if self.original is None:
                 return
             copy = ledger_path(self.copy_dir, self.source)
-            shutil.copy2(real, copy)
-            if owner is not None:
-                # chmod first: once the app's uid owns it, changing its mode would need
-                # CAP_FOWNER, which a guard with only the capabilities of
-                # --app-isolation user (SETUID, SETGID, CHOWN, DAC_OVERRIDE) lacks.
-                os.chmod(copy, 0o600)
-                os.chown(copy, *owner)
+            _write_copy(real, self.copy_dir, copy.name, owner)
             self.reservation.record({**dict(holder or {}), "pid": os.getpid(), "since": time.time(),
                                      "copy": str(copy), "original": self.original})
         except BaseException:
             self.reservation.release()
             raise
+
+    def hand_over(self) -> None:
+        """(Done by the constructor.) Give the copy's directory to the app's user (``owner``), after the copy is in it.
+
+        Until then the directory is the guard's (mode 0700): nothing the app's user runs
+        (a process an earlier app left behind, a concurrent app of the same uid) can
+        plant a link there for the guard to follow while it writes the copy as root.
+        """
+        if self._owner is None:
+            return
+        fd = os.open(self.copy_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_uid != self._owner[0]:
+                os.fchmod(fd, 0o700)  # before the chown (see _write_copy)
+                os.fchown(fd, *self._owner)
+        finally:
+            os.close(fd)
 
     def _log_wait(self, other: Mapping[str, Any]) -> None:
         logger.info("flwr-guard node: the record-level ledger of data source %r is reserved by "

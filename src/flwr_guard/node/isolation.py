@@ -299,7 +299,9 @@ class AppIsolation:
             owner = (self.uid, self.gid)
             home = top / "home"
             (home / "tmp").mkdir(mode=0o700, parents=True)
-            for path in (home / "tmp", home, ledger_dir):
+            # The ledger directory stays the guard's (0700) until the copy is in it:
+            # LedgerHandout gives it to the app's user afterwards (hand_over).
+            for path in (home / "tmp", home):
                 os.chmod(path, 0o700)
                 os.chown(path, *owner)
             os.chmod(top, 0o711)

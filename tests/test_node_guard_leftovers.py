@@ -1,0 +1,58 @@
+"""The node guard against what an app's user leaves behind or plants (the sandbox
+review: a leftover process of the app's uid, a concurrent app of the same uid, a copy
+of the ledger holding values no accountant can take)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flwr_guard.dp.record_ledger import RecordLedger, init_ledger
+from flwr_guard.node.app_config import LedgerHandout
+from flwr_guard.node.isolation import AppIsolation
+
+APP = 65530
+ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another uid needs root")
+
+
+@ROOT
+def test_the_ledger_directory_stays_the_guards_until_the_copy_is_written(tmp_path) -> None:
+    """F1: the workspace's ledger directory was the app uid's before the guard wrote the
+    copy into it as root by path, so a leftover process planted ``s.json -> VICTIM`` and
+    root rewrote and chowned VICTIM. Now the directory is the guard's (0700) until the
+    copy is in it, and the copy is created with O_EXCL|O_NOFOLLOW."""
+    init_ledger(tmp_path / "node", "s")
+    node = {"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"}
+    with AppIsolation("user", APP, APP, "user").workspace() as space:
+        st = os.lstat(space.ledger_dir)
+        assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+        handout = LedgerHandout(node, copy_dir=space.ledger_dir, owner=space.owner)
+        st = os.lstat(space.ledger_dir)
+        assert (st.st_uid, st.st_mode & 0o777) == (APP, 0o700)  # given over after the copy
+        copy = space.ledger_dir / "s.json"
+        assert (os.lstat(copy).st_uid, os.lstat(copy).st_mode & 0o777) == (APP, 0o600)
+        assert handout.take_back() is None
+
+
+@ROOT
+def test_a_link_planted_where_the_copy_goes_is_never_written_through(tmp_path) -> None:
+    """Defence in depth (a copy directory someone else could write): the planted link
+    makes the handout fail; the file it points to keeps its owner, mode and content."""
+    init_ledger(tmp_path / "node", "s")
+    node = {"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"}
+    victim = tmp_path / "victim.py"
+    victim.write_text("print(1)\n")
+    victim.chmod(0o644)
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir(mode=0o700)
+    os.chown(copy_dir, APP, APP)
+    (copy_dir / "s.json").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        LedgerHandout(node, copy_dir=copy_dir, owner=(APP, APP))
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_mode & 0o777, victim.read_text()) == (os.geteuid(), 0o644, "print(1)\n")
+    # the reservation was released: the next handout does not wait
+    (copy_dir / "s.json").unlink()
+    LedgerHandout(node, copy_dir=copy_dir, owner=(APP, APP), wait_s=0).take_back()
+    assert RecordLedger(tmp_path / "node", "s").history == []
