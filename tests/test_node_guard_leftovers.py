@@ -56,3 +56,29 @@ def test_a_link_planted_where_the_copy_goes_is_never_written_through(tmp_path) -
     (copy_dir / "s.json").unlink()
     LedgerHandout(node, copy_dir=copy_dir, owner=(APP, APP), wait_s=0).take_back()
     assert RecordLedger(tmp_path / "node", "s").history == []
+
+
+def test_the_ledger_lock_is_the_guards_alone_and_a_held_lock_is_a_bounded_wait(tmp_path) -> None:
+    """F2: ``<source>.lock`` was made 0644 in a 0755 directory: any uid could open and
+    flock it and every app of the node then hung in its take-back (reservation held).
+    Now the directory `ledger init` makes is 0700, the lock file 0600, and a lock held by
+    someone else is a clear error after a bounded wait, never a hang."""
+    import fcntl
+
+    from flwr_guard.dp.record_ledger import LedgerReserved
+    from flwr_guard.node.app_config import _locked
+
+    init_ledger(tmp_path / "node", "s")
+    assert os.stat(tmp_path / "node").st_mode & 0o777 == 0o700
+    lock = tmp_path / "node" / "s.lock"
+    lock.write_bytes(b"")
+    lock.chmod(0o644)  # as the old guard left it
+    with _locked(tmp_path / "node", "s"):
+        pass
+    assert lock.stat().st_mode & 0o777 == 0o600
+    with open(lock, "rb") as other:  # another open file description holds it
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(LedgerReserved, match=r"s\.lock of the node's record-level ledger "
+                                                 r"stayed held for 0\.2 s by another process"):
+            with _locked(tmp_path / "node", "s", wait_s=0.2):
+                pass

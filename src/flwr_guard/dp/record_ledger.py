@@ -145,6 +145,9 @@ def init_ledger(directory: str | os.PathLike[str], source: str, force: bool = Fa
         ValueError: an invalid source id.
     """
     path = ledger_path(directory, source)
+    # The node's ledger directory: the guard's alone (no other user may open the
+    # ledger's lock or reservation files to hold them).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() and not force:
         raise FileExistsError(
             f"the record-level ledger {path} exists: it keeps the epsilon already spent on "
@@ -294,7 +297,7 @@ class Reservation:
                  wait_s: float = RESERVATION_WAIT_S,
                  on_wait: Any = None) -> None:
         self.path = Path(directory) / f"{check_source(source)}.reservation"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + wait_s
         waited = False

@@ -51,6 +51,7 @@ from flwr_guard.dp.node_policy import data_source
 from flwr_guard.dp.record_ledger import (
     RESERVATION_WAIT_S,
     LedgerMissing,
+    LedgerReserved,
     RecordLedger,
     Reservation,
     append_steps,
@@ -158,18 +159,46 @@ def _write_copy(real: Path, copy_dir: Path, name: str, owner: tuple[int, int] | 
         os.close(dir_fd)
 
 
+#: The longest wait for the lock of a write-back to the node's ledger (seconds): a
+#: write-back holds it for one small file write, so a longer wait means someone else
+#: holds it (shorter than :data:`~flwr_guard.dp.record_ledger.RESERVATION_WAIT_S`).
+LOCK_WAIT_S = 60.0
+
+
 @contextmanager
-def _locked(directory: Path, source: str) -> Iterator[None]:
+def _locked(directory: Path, source: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """An exclusive ``flock`` on ``<ledger>.lock`` next to the node's ledger (POSIX
-    advisory lock, held by every write-back of the node guard)."""
+    advisory lock, held by every write-back of the node guard). The lock file is the
+    guard's, mode 0600 (created with ``O_NOFOLLOW``; an existing one is made 0600), so
+    no other user can open it to hold the lock.
+
+    Raises:
+        LedgerReserved: still locked by another after ``wait_s`` seconds.
+    """
     lock = ledger_path(directory, source).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LedgerReserved(
+                        f"the lock {lock} of the node's record-level ledger stayed held for "
+                        f"{wait_s:g} s by another process; nothing was written. Only the node "
+                        f"guard should open it (mode 0600): check which process holds it "
+                        f"(`fuser {lock}`)") from None
+                time.sleep(0.05)
         try:
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class LedgerHandout:
@@ -328,17 +357,20 @@ class LedgerHandout:
             if steps:
                 # Appended to the ledger as it is now, under an exclusive lock so that a
                 # write-back never interleaves with another writer's: spending is never lost.
-                with _locked(self.real_dir, self.source):
-                    try:
-                        ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
-                    except LedgerMissing as err:  # deleted or corrupted while the app ran
-                        return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
-                    try:
-                        for entry in steps:
-                            append_steps(ledger.history, entry)
-                    except (TypeError, ValueError) as err:  # NaN or negative counts
-                        return f"{LEDGER_REFUSAL} with steps the ledger refuses ({err})"
-                    ledger.save()
+                try:
+                    with _locked(self.real_dir, self.source):
+                        try:
+                            ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
+                        except LedgerMissing as err:  # deleted or corrupted while the app ran
+                            return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
+                        try:
+                            for entry in steps:
+                                append_steps(ledger.history, entry)
+                        except (TypeError, ValueError) as err:  # NaN or negative counts
+                            return f"{LEDGER_REFUSAL} with steps the ledger refuses ({err})"
+                        ledger.save()
+                except LedgerReserved as err:
+                    return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
             return None
         finally:
             shutil.rmtree(self.copy_dir, ignore_errors=True)
