@@ -5,6 +5,7 @@ of the ledger holding values no accountant can take)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,56 @@ def test_the_ledger_lock_is_the_guards_alone_and_a_held_lock_is_a_bounded_wait(t
                                                  r"stayed held for 0\.2 s by another process"):
             with _locked(tmp_path / "node", "s", wait_s=0.2):
                 pass
+
+
+BAD_STEPS = [  # the probe's value and its kin
+    [float("inf"), 0.5, 1], [1e300, 0.5, 1], [float("nan"), 0.5, 1], [-1.0, 0.5, 1],
+    [1.0, 0.0, 1], [1.0, 1.5, 1], [1.0, float("nan"), 1], [1.0, 0.5, 10**12], [1.0, 0.5, -3],
+    [1.0, 0.5, 2.5],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_STEPS, ids=repr)
+def test_a_copy_extended_with_steps_no_accountant_can_take_is_refused_and_the_ledger_kept(
+        tmp_path, bad) -> None:
+    """F3: one app step at noise multiplier inf passed ``extends`` and the ledger's check,
+    reached the node's ledger as JSON ``Infinity``, and every later budget check hung in
+    Opacus (or raised OverflowError). Now the reply is refused naming the reason and the
+    node's ledger keeps what it held."""
+    import json
+
+    init_ledger(tmp_path / "node", "s")
+    RecordLedger(tmp_path / "node", "s").reserve(1.0, 0.01, 5)
+    node = {"dp-sgd-ledger": str(tmp_path / "node"), "dp-sgd-data-source": "s"}
+    handout = LedgerHandout(node)
+    copy = Path(handout.node_config["dp-sgd-ledger"]) / "s.json"
+    data = json.loads(copy.read_text())
+    data["history"].append(bad)
+    copy.write_text(json.dumps(data))
+    reason = handout.take_back()
+    assert reason is not None and "holds values the ledger refuses: invalid ledger entry" in reason
+    assert RecordLedger(tmp_path / "node", "s").history == [(1.0, 0.01, 5)]
+
+
+@pytest.mark.parametrize("bad", BAD_STEPS, ids=repr)
+def test_a_ledger_file_holding_such_steps_is_refused_and_opacus_epsilon_checks_its_input(
+        tmp_path, bad) -> None:
+    import json
+
+    from flwr_guard.dp.dpsgd import opacus_epsilon
+    from flwr_guard.dp.record_ledger import LedgerCorrupt, append_steps
+
+    path = init_ledger(tmp_path, "s")
+    data = json.loads(path.read_text())
+    data["history"] = [[1.0, 0.01, 5], bad]
+    path.write_text(json.dumps(data))
+    with pytest.raises(LedgerCorrupt, match="invalid ledger entry"):
+        RecordLedger(tmp_path, "s")
+    with pytest.raises(ValueError, match="invalid ledger entry"):
+        append_steps([], tuple(bad))
+    if bad[1] != 0.0:  # a step never sampled costs nothing: opacus_epsilon skips it
+        with pytest.raises(ValueError, match="invalid ledger entry"):
+            opacus_epsilon([(1.0, 0.01, 5), tuple(bad)], 1e-5)
+    assert opacus_epsilon([(1.0, 0.01, 5)], 1e-5) == pytest.approx(
+        opacus_epsilon([(1.0, 0.01, 5), (0.5, 0.0, 3)], 1e-5))
+    assert opacus_epsilon([(0.0, 0.01, 5)], 1e-5) == float("inf")  # no noise: infinite

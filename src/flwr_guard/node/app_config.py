@@ -55,6 +55,7 @@ from flwr_guard.dp.record_ledger import (
     RecordLedger,
     Reservation,
     append_steps,
+    check_history,
     default_ledger_dir,
     ledger_path,
 )
@@ -85,22 +86,36 @@ MAX_COPY_BYTES = 16 << 20
 
 
 def _history(path: Path) -> list[tuple[float, float, int]] | None:
-    """The ledger file's history, or ``None`` when it cannot be read. The file may be
-    the app's (its copy): a symbolic link, a FIFO, a device or a file over
-    :data:`MAX_COPY_BYTES` is not read (``None``)."""
+    """The ledger file's history, or ``None`` when it cannot be read or holds entries
+    the ledger refuses (:func:`_read_history`)."""
+    history, _ = _read_history(path)
+    return history
+
+
+def _read_history(path: Path) -> tuple[list[tuple[float, float, int]] | None, str]:
+    """``(history, "")``, or ``(None, why)`` when the file cannot be read. The file may
+    be the app's (its copy): a symbolic link, a FIFO, a device or a file over
+    :data:`MAX_COPY_BYTES` is not read; an entry out of the bounds of
+    :func:`~flwr_guard.dp.record_ledger.check_entry` (an infinite or NaN noise
+    multiplier, a sample rate outside (0, 1], absurd step counts) makes it unreadable."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
+    except OSError as err:
+        return None, f"deleted or unreadable: {err.strerror}"
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_COPY_BYTES:
-            return None
+            return None, "deleted or unreadable: not a regular file of at most 16 MiB"
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = json.loads(handle.read(MAX_COPY_BYTES + 1).decode("utf-8"))
-        return [(float(z), float(q), int(n)) for z, q, n in data["history"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        history = data["history"]
+        if not isinstance(history, list):
+            return None, "deleted or unreadable: its history is not a list"
+        return check_history(history), ""
+    except ValueError as err:
+        return None, f"holds values the ledger refuses: {err}"
+    except (OSError, KeyError, TypeError, AttributeError) as err:
+        return None, f"deleted or unreadable: {err!r}"
     finally:
         os.close(fd)
 
@@ -347,9 +362,9 @@ class LedgerHandout:
             if self.source is None or self.original is None:
                 return None  # no readable node ledger was handed out: nothing to take back
             copy = ledger_path(self.copy_dir, self.source)
-            new = _history(copy)
+            new, why = _read_history(copy)
             if new is None or not extends(self.original, new):
-                what = "deleted or unreadable" if new is None else "no longer extends the node's"
+                what = why if new is None else "no longer extends the node's"
                 return (f"{LEDGER_REFUSAL} ({what} {sum(n for *_, n in self.original)} "
                         f"steps): the node keeps its ledger "
                         f"{ledger_path(self.real_dir, self.source)} as it was and sends nothing")
