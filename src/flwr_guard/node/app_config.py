@@ -364,9 +364,10 @@ class LedgerHandout:
             copy = ledger_path(self.copy_dir, self.source)
             new, why = _read_history(copy)
             if new is None or not extends(self.original, new):
-                what = why if new is None else "no longer extends the node's"
-                return (f"{LEDGER_REFUSAL} ({what} {sum(n for *_, n in self.original)} "
-                        f"steps): the node keeps its ledger "
+                held = sum(n for *_, n in self.original)
+                what = (f"{why}; the node's ledger holds {held} steps" if new is None
+                        else f"no longer extends the node's {held} steps")
+                return (f"{LEDGER_REFUSAL} ({what}): the node keeps its ledger "
                         f"{ledger_path(self.real_dir, self.source)} as it was and sends nothing")
             steps = appended(self.original, new)
             if steps:
