@@ -85,7 +85,8 @@ def guard_files():
     shutil.rmtree(directory)
 
 
-def _escape(tmp_path, secret: Path, port: int, isolation: AppIsolation | None, monkeypatch) -> dict:
+def _escape(tmp_path, secret: Path, port: int, isolation: AppIsolation | None, monkeypatch,
+            more: dict | None = None, node: dict | None = None) -> dict:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "guard-home"))
     monkeypatch.setenv("FLWR_MODEL_API_KEY", "guard-only-api-key")  # a secret in the guard's env
     init_ledger(tmp_path / "ledger", "default")
@@ -94,14 +95,18 @@ def _escape(tmp_path, secret: Path, port: int, isolation: AppIsolation | None, m
     fab = Fab(fab_hash(content), content, {})
     run = Run.create_empty(run_id=7)
     run.fab_id, run.fab_version, run.fab_hash = "flwr-guard-tests/escape", "1.0.0", fab.hash_str
-    context = Context(run_id=7, node_id=5, node_config={"dp-sgd-ledger": str(tmp_path / "ledger")},
-                      state=RecordDict(), run_config={"secret-file": str(secret), "guard-port": port})
+    context = Context(run_id=7, node_id=5,
+                      node_config={"dp-sgd-ledger": str(tmp_path / "ledger"), **(node or {})},
+                      state=RecordDict(),
+                      run_config={"secret-file": str(secret), "guard-port": port, **(more or {})})
     msg = Message(content=RecordDict({"arrays": ArrayRecord([np.ones(3, dtype=np.float32)]),
                                       "config": ConfigRecord({})}),
                   dst_node_id=5, message_type="train", group_id="1")
     msg.metadata.__dict__["_message_id"] = msg.object_id
     msg.metadata.__dict__["_run_id"] = 7
     result = run_app(msg, context, run, fab, isolation=isolation)
+    if node and "guard-app-timeout" in node:
+        return {"reason": result.reply.error.reason if result.reply.has_error() else ""}
     assert result.exit_code == 0 and not result.reply.has_error(), result.reply
     return json.loads(result.reply.content.config_records["seen"]["json"])
 
@@ -296,3 +301,103 @@ def test_the_guards_superexec_refuses_to_start_with_an_isolation_it_cannot_have(
     assert done.returncode == 2, done.stderr[-2000:]
     assert "flwr-guard node superexec: --app-isolation sandbox needs the guard to run as root" in done.stderr
     assert "Starting Flower SuperExec" not in done.stderr + done.stdout  # nothing started
+
+
+#: The app uid of the leftover tests: not DEFAULT_APP_ID, so that their kill sweeps never
+#: reach another test session's apps on the same host.
+_LEFTOVER_ID = 65531
+
+
+def _user_isolation_or_rerun(tmp_path, test: str) -> AppIsolation | None:
+    """``user`` isolation as uid :data:`_LEFTOVER_ID`; where this host's Python is out of
+    that user's reach, ``None`` after running ``test`` again in a mount namespace where it
+    is reachable (as in the test above; the guard stays root)."""
+    from flwr_guard.node.isolation import needed_paths
+
+    if not unreachable(needed_paths([tempfile.gettempdir()]), _LEFTOVER_ID, _LEFTOVER_ID):
+        return AppIsolation("user", _LEFTOVER_ID, _LEFTOVER_ID, "user")
+    assert not os.environ.get(_IN_EXPOSED_NS), "still unreachable in the exposed namespace"
+    script = (
+        "import os, sys, pytest\n"
+        "from flwr_guard.node.sandbox_init import expose\n"
+        f"expose({needed_paths()!r}, {_LEFTOVER_ID}, {_LEFTOVER_ID}, {str(tmp_path / 'stage')!r})\n"
+        f"os.environ[{_IN_EXPOSED_NS!r}] = '1'\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:warnings', "
+        f"{__file__ + '::' + test!r}]))\n")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
+                           sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=Path(__file__).parent)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+    return None
+
+
+def _processes_of(uid: int) -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                    fields = dict(line.split(":", 1) for line in status if ":" in line)
+            except OSError:
+                continue
+            if int(fields.get("Uid", "-1").split()[0]) == uid:
+                out.append(f"{pid} {fields.get('Name', '').strip()} {fields.get('State', '').strip()}")
+    return out
+
+
+@ROOT
+def test_under_user_nothing_the_app_leaves_behind_outlives_its_turn(
+        tmp_path, guard_files, monkeypatch) -> None:
+    """F4: a process the app left behind (its own session, as the app's uid) lived on and
+    read the next app's memory (ptrace, same uid). Now every process of the app's uid is
+    killed after each app. Positive control: the app did leave one (its pid is reported,
+    and it was alive when the app answered)."""
+    isolation = _user_isolation_or_rerun(
+        tmp_path, "test_under_user_nothing_the_app_leaves_behind_outlives_its_turn")
+    if isolation is None:
+        return
+    secret, _, port = guard_files
+    assert _processes_of(_LEFTOVER_ID) == []
+    seen = _escape(tmp_path, secret, port, isolation, monkeypatch, {"leave-behind": True})
+    assert seen["uid"] == _LEFTOVER_ID and seen["leftover-pid"] > 0
+    assert _processes_of(_LEFTOVER_ID) == []
+
+
+def test_an_app_past_guard_app_timeout_is_killed_and_the_reply_names_the_key(
+        tmp_path, guard_files, monkeypatch) -> None:
+    """No app holds the ledger's reservation for ever: past node config
+    ``guard-app-timeout`` it is killed and the reply is an error naming the key (and the
+    ledger is taken back: the next handout does not wait)."""
+    secret, _, port = guard_files
+    seen = _escape(tmp_path, secret, port, None, monkeypatch, {"sleep-s": 120.0},
+                   {"guard-app-timeout": 1})
+    assert "the app ran longer than node config guard-app-timeout (1 s) and was killed" in seen["reason"]
+    from flwr_guard.node.app_config import LedgerHandout
+
+    LedgerHandout({"dp-sgd-ledger": str(tmp_path / "ledger")}, wait_s=0).take_back()
+    bad = _escape(tmp_path / "b", secret, port, None, monkeypatch, {}, {"guard-app-timeout": "soon"})
+    assert "node config guard-app-timeout must be a number of seconds > 0, got 'soon'" in bad["reason"]
+
+
+def _shm_keys() -> set[int]:
+    with open("/proc/sysvipc/shm", encoding="ascii") as table:
+        next(table)
+        return {int(line.split()[0]) for line in table if line.strip()}
+
+
+@ROOT
+def test_a_sandboxed_apps_sysv_shared_memory_is_its_own(tmp_path, guard_files, monkeypatch) -> None:
+    """The sandbox has its own IPC namespace: a SysV segment the app makes is not in the
+    host's table (nor left there). Positive control: the same app under ``process``
+    leaves its segment in the host's table."""
+    import ctypes
+
+    secret, _, port = guard_files
+    key = 0x46475321 + os.getpid() % 1000
+    seen = _escape(tmp_path, secret, port, AppIsolation.resolve("sandbox"), monkeypatch, {"shm-key": key})
+    assert seen["shmid"] >= 0 and key not in _shm_keys()
+    seen = _escape(tmp_path / "b", secret, port, None, monkeypatch, {"shm-key": key})
+    try:
+        assert seen["shmid"] >= 0 and key in _shm_keys()
+    finally:
+        ctypes.CDLL(None).shmctl(seen["shmid"], 0, None)  # IPC_RMID

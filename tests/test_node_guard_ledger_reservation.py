@@ -238,8 +238,7 @@ def test_a_guard_with_only_the_containers_capabilities_hands_the_app_its_copy(tm
     init_ledger(tmp_path, "s")
     node = {"dp-sgd-ledger": str(tmp_path), "dp-sgd-data-source": "s"}
     copy_dir = tmp_path / "copy"
-    copy_dir.mkdir(mode=0o700)
-    os.chown(copy_dir, 65530, 65530)
+    copy_dir.mkdir(mode=0o700)  # the guard's until the copy is in it (then the app's)
     script = (
         "import os\n"
         "from flwr_guard.node.app_config import LedgerHandout\n"

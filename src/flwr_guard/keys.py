@@ -137,6 +137,7 @@ class NodeConfig(_Namespace):
     GUARD_FAB_TRUSTED_KEYS = "guard-fab-trusted-keys"  # comma-separated Ed25519 publisher keys (hex)
     GUARD_FAB_ALLOW_ANY = "guard-fab-allow-any"  # bool: run any FAB (the policy mods still hold)
     GUARD_TRAP_CHECK = "guard-trap-check"  # bool: structural trap check of the received model (default true)
+    GUARD_APP_TIMEOUT = "guard-app-timeout"  # seconds one message's app may run before it is killed (1800)
 
     # Prefixes of the keys the node's policy owns (the node guard never shows them to the app)
     GUARD_PREFIX = "guard-"  # every node-guard and client-guard key starts so

@@ -73,7 +73,12 @@ from flwr_guard.dp.node_policy import (
     dpsgd_min_noise_multiplier,
     flag,
 )
-from flwr_guard.dp.record_ledger import RecordLedger, append_steps
+from flwr_guard.dp.record_ledger import (
+    MAX_NOISE_MULTIPLIER,
+    RecordLedger,
+    append_steps,
+    check_entry,
+)
 from flwr_guard.keys import NodeConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -197,8 +202,25 @@ def opacus_epsilon(history: Sequence[tuple[float, float, int]], delta: float,
     Computed by a fresh Opacus accountant of kind ``accountant`` (``"rdp"`` or
     ``"prv"``): the same arithmetic as the accountant attached to training.
     0.0 for an empty history; ``inf`` if a step has no noise.
+
+    Raises:
+        ValueError: an entry that is not finite and in bounds (``0 <= z <=``
+            :data:`~flwr_guard.dp.record_ledger.MAX_NOISE_MULTIPLIER`, ``0 <= q <= 1``,
+            integer ``0 <= steps <=`` :data:`~flwr_guard.dp.record_ledger.MAX_STEPS`):
+            Opacus' accountant never returns on a NaN or infinite multiplier.
     """
-    history = [(float(z), float(q), int(n)) for z, q, n in history if int(n) > 0 and float(q) > 0]
+    checked = []
+    for z, q, n in history:
+        try:
+            noiseless, unsampled = float(z) == 0, float(q) == 0
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid ledger entry {(z, q, n)!r}: {err}") from None
+        if unsampled:
+            continue  # never sampled: costs nothing
+        # a noiseless step is checked with any valid multiplier, then costs inf
+        cz, cq, cn = check_entry((MAX_NOISE_MULTIPLIER if noiseless else z, q, n))
+        checked.append((0.0 if noiseless else cz, cq, cn))
+    history = [(z, q, n) for z, q, n in checked if n > 0]
     if not history:
         return 0.0
     if any(z == 0 for z, _, _ in history):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -106,15 +107,55 @@ def init_command(directory: str | os.PathLike[str], source: str) -> str:
     return f"{INIT_COMMAND} --dir {directory} --source {source}"
 
 
-def _check_history(history: Iterable[Sequence[Any]]) -> History:
-    out: History = []
-    for entry in history:
+#: The largest noise multiplier a ledger entry may hold (a step at ``z`` above this
+#: costs no measurable epsilon; larger values are refused as corrupt or hostile).
+MAX_NOISE_MULTIPLIER = 1e6
+#: The most steps one ledger entry may hold (far beyond any real training run).
+MAX_STEPS = 10**9
+
+
+def check_entry(entry: Sequence[Any]) -> tuple[float, float, int]:
+    """One ledger entry ``(noise_multiplier, sample_rate, steps)``, checked: finite
+    ``0 < noise_multiplier <= MAX_NOISE_MULTIPLIER``, ``0 < sample_rate <= 1``, an
+    integer ``0 <= steps <= MAX_STEPS`` (0: a no-op entry). Opacus' accountants never
+    return on a non-finite multiplier (and overflow on absurd ones), so every entry is
+    checked where it enters or is read.
+
+    Raises:
+        ValueError: naming the entry and the bound it breaks.
+    """
+    try:
         z, q, n = entry
-        z, q, n = float(z), float(q), int(n)
-        if not (z >= 0 and 0 <= q <= 1 and n >= 0):
-            raise ValueError(f"invalid ledger entry {(z, q, n)}")
-        out.append((z, q, n))
-    return out
+        z, q = float(z), float(q)
+        if isinstance(n, bool) or not float(n).is_integer():
+            raise ValueError("steps not an integer")
+        n = int(n)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"invalid ledger entry {entry!r}: {err}") from None
+    if not (math.isfinite(z) and 0 < z <= MAX_NOISE_MULTIPLIER):
+        raise ValueError(f"invalid ledger entry {(z, q, n)}: the noise multiplier must be finite, "
+                         f"> 0 and <= {MAX_NOISE_MULTIPLIER:g}")
+    if not (math.isfinite(q) and 0 < q <= 1):
+        raise ValueError(f"invalid ledger entry {(z, q, n)}: the sample rate must be in (0, 1]")
+    if not 0 <= n <= MAX_STEPS:
+        raise ValueError(f"invalid ledger entry {(z, q, n)}: the steps must be in [0, {MAX_STEPS}]")
+    return z, q, n
+
+
+def check_history(history: Iterable[Sequence[Any]]) -> History:
+    """Every entry of ``history`` checked by :func:`check_entry`.
+
+    Raises:
+        ValueError: an entry out of bounds, or ``history`` is not a list of entries.
+    """
+    try:
+        entries = list(history)
+    except TypeError as err:
+        raise ValueError(f"invalid ledger history: {err}") from None
+    return [check_entry(entry) for entry in entries]
+
+
+_check_history = check_history
 
 
 def append_steps(history: History, entry: tuple[float, float, int]) -> None:
@@ -145,6 +186,9 @@ def init_ledger(directory: str | os.PathLike[str], source: str, force: bool = Fa
         ValueError: an invalid source id.
     """
     path = ledger_path(directory, source)
+    # The node's ledger directory: the guard's alone (no other user may open the
+    # ledger's lock or reservation files to hold them).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() and not force:
         raise FileExistsError(
             f"the record-level ledger {path} exists: it keeps the epsilon already spent on "
@@ -294,7 +338,7 @@ class Reservation:
                  wait_s: float = RESERVATION_WAIT_S,
                  on_wait: Any = None) -> None:
         self.path = Path(directory) / f"{check_source(source)}.reservation"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + wait_s
         waited = False

@@ -51,9 +51,11 @@ from flwr_guard.dp.node_policy import data_source
 from flwr_guard.dp.record_ledger import (
     RESERVATION_WAIT_S,
     LedgerMissing,
+    LedgerReserved,
     RecordLedger,
     Reservation,
     append_steps,
+    check_history,
     default_ledger_dir,
     ledger_path,
 )
@@ -84,22 +86,36 @@ MAX_COPY_BYTES = 16 << 20
 
 
 def _history(path: Path) -> list[tuple[float, float, int]] | None:
-    """The ledger file's history, or ``None`` when it cannot be read. The file may be
-    the app's (its copy): a symbolic link, a FIFO, a device or a file over
-    :data:`MAX_COPY_BYTES` is not read (``None``)."""
+    """The ledger file's history, or ``None`` when it cannot be read or holds entries
+    the ledger refuses (:func:`_read_history`)."""
+    history, _ = _read_history(path)
+    return history
+
+
+def _read_history(path: Path) -> tuple[list[tuple[float, float, int]] | None, str]:
+    """``(history, "")``, or ``(None, why)`` when the file cannot be read. The file may
+    be the app's (its copy): a symbolic link, a FIFO, a device or a file over
+    :data:`MAX_COPY_BYTES` is not read; an entry out of the bounds of
+    :func:`~flwr_guard.dp.record_ledger.check_entry` (an infinite or NaN noise
+    multiplier, a sample rate outside (0, 1], absurd step counts) makes it unreadable."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
+    except OSError as err:
+        return None, f"deleted or unreadable: {err.strerror}"
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_COPY_BYTES:
-            return None
+            return None, "deleted or unreadable: not a regular file of at most 16 MiB"
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = json.loads(handle.read(MAX_COPY_BYTES + 1).decode("utf-8"))
-        return [(float(z), float(q), int(n)) for z, q, n in data["history"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        history = data["history"]
+        if not isinstance(history, list):
+            return None, "deleted or unreadable: its history is not a list"
+        return check_history(history), ""
+    except ValueError as err:
+        return None, f"holds values the ledger refuses: {err}"
+    except (OSError, KeyError, TypeError, AttributeError) as err:
+        return None, f"deleted or unreadable: {err!r}"
     finally:
         os.close(fd)
 
@@ -127,18 +143,77 @@ def extends(old: Sequence[tuple[float, float, int]], new: Sequence[tuple[float, 
     return list(new[:len(head)]) == head and (z2, q2) == (z, q) and n2 >= n
 
 
+def _write_copy(real: Path, copy_dir: Path, name: str, owner: tuple[int, int] | None) -> None:
+    """Copy the node's ledger ``real`` to ``copy_dir/name`` without following a link:
+    the directory is opened with ``O_NOFOLLOW`` and the copy created in it with
+    ``O_EXCL | O_NOFOLLOW`` (an existing name, a planted link included, is an error,
+    never written through); its mode and owner are set on the open descriptor.
+    ``chmod`` before ``chown``: once the app's uid owns it, changing its mode would need
+    CAP_FOWNER, which a guard with only the capabilities of ``--app-isolation user``
+    (SETUID, SETGID, CHOWN, DAC_OVERRIDE) lacks.
+
+    Raises:
+        OSError: the directory is a link or the name exists (``EEXIST``, ``ELOOP``).
+    """
+    with open(real, "rb") as source_file:
+        data = source_file.read()
+    dir_fd = os.open(copy_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+#: The longest wait for the lock of a write-back to the node's ledger (seconds): a
+#: write-back holds it for one small file write, so a longer wait means someone else
+#: holds it (shorter than :data:`~flwr_guard.dp.record_ledger.RESERVATION_WAIT_S`).
+LOCK_WAIT_S = 60.0
+
+
 @contextmanager
-def _locked(directory: Path, source: str) -> Iterator[None]:
+def _locked(directory: Path, source: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """An exclusive ``flock`` on ``<ledger>.lock`` next to the node's ledger (POSIX
-    advisory lock, held by every write-back of the node guard)."""
+    advisory lock, held by every write-back of the node guard). The lock file is the
+    guard's, mode 0600 (created with ``O_NOFOLLOW``; an existing one is made 0600), so
+    no other user can open it to hold the lock.
+
+    Raises:
+        LedgerReserved: still locked by another after ``wait_s`` seconds.
+    """
     lock = ledger_path(directory, source).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LedgerReserved(
+                        f"the lock {lock} of the node's record-level ledger stayed held for "
+                        f"{wait_s:g} s by another process; nothing was written. Only the node "
+                        f"guard should open it (mode 0600): check which process holds it "
+                        f"(`fuser {lock}`)") from None
+                time.sleep(0.05)
         try:
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class LedgerHandout:
@@ -175,6 +250,18 @@ class LedgerHandout:
         self.source: str | None = None
         self.original: list[tuple[float, float, int]] | None = None
         self.reservation: Reservation | None = None
+        self._owner = owner
+        self._hand_out(node_config, holder, wait_s)
+        try:
+            self.hand_over()
+        except BaseException:
+            if self.reservation is not None:
+                self.reservation.release()
+            raise
+
+    def _hand_out(self, node_config: Mapping[str, Any], holder: Mapping[str, Any] | None,
+                  wait_s: float) -> None:
+        owner = self._owner
         try:
             self.source = data_source(node_config)
             real = ledger_path(self.real_dir, self.source)
@@ -191,18 +278,29 @@ class LedgerHandout:
             if self.original is None:
                 return
             copy = ledger_path(self.copy_dir, self.source)
-            shutil.copy2(real, copy)
-            if owner is not None:
-                # chmod first: once the app's uid owns it, changing its mode would need
-                # CAP_FOWNER, which a guard with only the capabilities of
-                # --app-isolation user (SETUID, SETGID, CHOWN, DAC_OVERRIDE) lacks.
-                os.chmod(copy, 0o600)
-                os.chown(copy, *owner)
+            _write_copy(real, self.copy_dir, copy.name, owner)
             self.reservation.record({**dict(holder or {}), "pid": os.getpid(), "since": time.time(),
                                      "copy": str(copy), "original": self.original})
         except BaseException:
             self.reservation.release()
             raise
+
+    def hand_over(self) -> None:
+        """(Done by the constructor.) Give the copy's directory to the app's user (``owner``), after the copy is in it.
+
+        Until then the directory is the guard's (mode 0700): nothing the app's user runs
+        (a process an earlier app left behind, a concurrent app of the same uid) can
+        plant a link there for the guard to follow while it writes the copy as root.
+        """
+        if self._owner is None:
+            return
+        fd = os.open(self.copy_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_uid != self._owner[0]:
+                os.fchmod(fd, 0o700)  # before the chown (see _write_copy)
+                os.fchown(fd, *self._owner)
+        finally:
+            os.close(fd)
 
     def _log_wait(self, other: Mapping[str, Any]) -> None:
         logger.info("flwr-guard node: the record-level ledger of data source %r is reserved by "
@@ -264,27 +362,31 @@ class LedgerHandout:
             if self.source is None or self.original is None:
                 return None  # no readable node ledger was handed out: nothing to take back
             copy = ledger_path(self.copy_dir, self.source)
-            new = _history(copy)
+            new, why = _read_history(copy)
             if new is None or not extends(self.original, new):
-                what = "deleted or unreadable" if new is None else "no longer extends the node's"
-                return (f"{LEDGER_REFUSAL} ({what} {sum(n for *_, n in self.original)} "
-                        f"steps): the node keeps its ledger "
+                held = sum(n for *_, n in self.original)
+                what = (f"{why}; the node's ledger holds {held} steps" if new is None
+                        else f"no longer extends the node's {held} steps")
+                return (f"{LEDGER_REFUSAL} ({what}): the node keeps its ledger "
                         f"{ledger_path(self.real_dir, self.source)} as it was and sends nothing")
             steps = appended(self.original, new)
             if steps:
                 # Appended to the ledger as it is now, under an exclusive lock so that a
                 # write-back never interleaves with another writer's: spending is never lost.
-                with _locked(self.real_dir, self.source):
-                    try:
-                        ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
-                    except LedgerMissing as err:  # deleted or corrupted while the app ran
-                        return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
-                    try:
-                        for entry in steps:
-                            append_steps(ledger.history, entry)
-                    except (TypeError, ValueError) as err:  # NaN or negative counts
-                        return f"{LEDGER_REFUSAL} with steps the ledger refuses ({err})"
-                    ledger.save()
+                try:
+                    with _locked(self.real_dir, self.source):
+                        try:
+                            ledger = RecordLedger(self.real_dir, self.source, node_id=node_id)
+                        except LedgerMissing as err:  # deleted or corrupted while the app ran
+                            return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
+                        try:
+                            for entry in steps:
+                                append_steps(ledger.history, entry)
+                        except (TypeError, ValueError) as err:  # NaN or negative counts
+                            return f"{LEDGER_REFUSAL} with steps the ledger refuses ({err})"
+                        ledger.save()
+                except LedgerReserved as err:
+                    return f"{LEDGER_REFUSAL}'s steps cannot be recorded: {err}"
             return None
         finally:
             shutil.rmtree(self.copy_dir, ignore_errors=True)

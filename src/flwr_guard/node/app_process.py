@@ -38,12 +38,16 @@ the only protection against a hostile one (docs/threat-model.md, the run-submitt
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -60,6 +64,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
 from flwr_guard.dp.record_ledger import LedgerReserved
+from flwr_guard.keys import NodeConfig
 from flwr_guard.node.app_config import LedgerHandout, app_node_config
 from flwr_guard.node.enforcement import NodeEnforcement
 from flwr_guard.node.frames import MAX_RESULT_BYTES, read_frames, write_frames
@@ -144,7 +149,11 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         node's ledger stayed reserved by another run's app).
     """
     isolation = isolation if isolation is not None else AppIsolation()
-    with isolation.workspace() as space:
+    try:
+        timeout = app_timeout(context.node_config)
+    except ValueError as err:
+        return AppResult(_failed(message, str(err)), -1)
+    with isolation.app_turn(), isolation.workspace() as space:
         try:
             ledger = LedgerHandout(context.node_config, copy_dir=space.ledger_dir, owner=space.owner,
                                    holder={"run-id": context.run_id})
@@ -157,28 +166,68 @@ def run_app(message: Message, context: Context, run: Run, fab: Fab,
         try:
             result = _run_child(message, context, run, fab, enforcement, ledger,
                                 lambda fd: isolation.command([*argv, str(fd)], space),
-                                isolation.environment(space), space.home)
+                                isolation.environment(space), space.home,
+                                timeout, isolation.kill_app_user)
         finally:
-            refused = ledger.take_back(context.node_id)
+            try:
+                isolation.kill_app_user()  # nothing of the app's uid outlives its turn
+            finally:
+                refused = ledger.take_back(context.node_id)
     if refused is not None:
         return AppResult(_failed(message, refused), result.exit_code)
     return result
 
 
-def _stop(child: subprocess.Popen[bytes]) -> None:
-    """Kill the app's process (best effort: under ``user`` without CAP_KILL the guard
-    cannot signal it, and its parent-death signal ends it when the guard exits)."""
+#: The default of node config ``guard-app-timeout`` (seconds).
+DEFAULT_APP_TIMEOUT_S = 1800.0
+
+
+def app_timeout(node_config: Mapping[str, Any]) -> float:
+    """Node config ``guard-app-timeout``: the seconds one message's app may run
+    (default :data:`DEFAULT_APP_TIMEOUT_S`).
+
+    Raises:
+        ValueError: not a finite number > 0 (names the key).
+    """
+    raw = node_config.get(NodeConfig.GUARD_APP_TIMEOUT, DEFAULT_APP_TIMEOUT_S)
     try:
-        child.kill()
+        value = float(raw) if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"node config {NodeConfig.GUARD_APP_TIMEOUT} must be a number of seconds "
+                         f"> 0, got {raw!r}")
+    return value
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the app's process group (its own session); best effort: under ``user``
+    without CAP_KILL the guard cannot signal the app's uid (``kill_app_user`` does)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            child.kill()
+        except OSError:
+            pass
+
+
+def _stop(child: subprocess.Popen[bytes], kill_user: Callable[[], None] | None = None) -> None:
+    """Kill the app's process (its group, and every process of the app's uid)."""
+    _kill_group(child)
+    if kill_user is not None:
+        kill_user()
+    try:
         child.wait(timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+    except subprocess.TimeoutExpired:
         pass
 
 
 def _run_child(message: Message, context: Context, run: Run, fab: Fab,
                enforcement: NodeEnforcement | None, ledger: LedgerHandout,
                argv_for: Callable[[int], list[str]], env: dict[str, str] | None,
-               cwd: Path | None) -> AppResult:
+               cwd: Path | None, timeout: float = DEFAULT_APP_TIMEOUT_S,
+               kill_user: Callable[[], None] | None = None) -> AppResult:
     child_context = Context(
         run_id=context.run_id, node_id=context.node_id,
         node_config={**app_node_config(context.node_config), **ledger.node_config},
@@ -196,13 +245,23 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
     read_fd, write_fd = os.pipe()
     argv = argv_for(write_fd)
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, cwd=cwd)
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, cwd=cwd,
+                                 start_new_session=True)
     except OSError as err:
         os.close(read_fd)
         os.close(write_fd)
         return AppResult(_failed(message, f"cannot start {argv[0]}: {err}"), -1)
     os.close(write_fd)
     assert child.stdin is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _stop(child, kill_user)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
     with os.fdopen(read_fd, "rb") as results:
         try:
             try:
@@ -217,8 +276,14 @@ def _run_child(message: Message, context: Context, run: Run, fab: Fab,
                 reason = str(err)
             exit_code = child.wait()
         except BaseException:  # the guard is stopped (SIGTERM, SIGINT): the app goes too
-            _stop(child)
+            _stop(child, kill_user)
             raise
+        finally:
+            timer.cancel()
+    if expired.is_set():
+        return AppResult(_failed(message, f"the app ran longer than node config "
+                                          f"{NodeConfig.GUARD_APP_TIMEOUT} ({timeout:g} s) and was "
+                                          f"killed (exit code {exit_code})"), exit_code)
     if status != b"ok":
         if status == b"error":
             reason = reply_bytes.decode("utf-8", "replace")  # cut by the runner

@@ -9,17 +9,20 @@ also on ``flwr-guard node superexec``):
 ``sandbox``
     the child runs as another user (``--app-user``; no supplementary groups,
     ``no_new_privs``, no capabilities) in new network, PID and mount namespaces
-    (util-linux ``unshare --net --pid --mount``, then :mod:`flwr_guard.node.sandbox_init`):
+    (util-linux ``unshare --net --pid --mount --ipc --uts``, then :mod:`flwr_guard.node.sandbox_init`):
     no network interface but a loopback that is down, so it can connect to nothing (not
     the SuperNode's ClientAppIo port, the SuperLink, or the internet); it sees only its
     own processes, and every process it starts dies with it; its temporary directory
-    and ``/dev/shm`` are fresh and hold only its own workspace. Needs root, or
+    and ``/dev/shm`` are fresh and hold only its own workspace; its SysV IPC objects and
+    host name are its own (IPC and UTS namespaces). Needs root, or
     ``CAP_SETUID``, ``CAP_SETGID``, ``CAP_SYS_ADMIN`` plus ``CAP_CHOWN`` and
     ``CAP_DAC_OVERRIDE`` (the guard gives the app its workspace and reads back its ledger copy).
 ``user``
     the child runs as another user (same credential drop, util-linux ``setpriv``) with
     the host's network and process table: for containers without ``CAP_SYS_ADMIN``.
-    Processes the app starts may outlive it (as the app's user).
+    Processes the app starts do not outlive its turn (:meth:`AppIsolation.app_turn`,
+    :meth:`AppIsolation.kill_app_user`: apps of one uid take turns, and every process of
+    the uid is killed after each app).
 ``process``
     the child runs as the guard's own user (the behaviour before this option): a
     boundary for a plain or careless app, not a hostile one (docs/threat-model.md).
@@ -43,18 +46,25 @@ containers (which map 65536 ids); outside Debian's account ranges (1000-59999, a
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import pwd
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr_guard.errors import FlwrGuardError
+
+logger = logging.getLogger("flwr_guard.node")
 
 LEVELS = ("auto", "sandbox", "user", "process")
 DEFAULT_APP_ID = 65530
@@ -271,7 +281,7 @@ class AppIsolation:
         if self.level == "user":
             return (f"flwr-guard node: app isolation user{why}: each app runs as uid {self.uid} "
                     f"gid {self.gid} with no capabilities; it cannot read the guard's 0600 files, "
-                    "but it has the host's network and processes it starts may outlive it")
+                    "but it has the host's network; every process of its uid is killed after it")
         more = ("; the guard lacks CAP_SETUID/CAP_SETGID/CAP_SYS_ADMIN (run it as root for sandbox)"
                 if self.requested == "auto" else "")
         return (f"flwr-guard node: app isolation process{why}: each app runs as the guard's own "
@@ -299,13 +309,78 @@ class AppIsolation:
             owner = (self.uid, self.gid)
             home = top / "home"
             (home / "tmp").mkdir(mode=0o700, parents=True)
-            for path in (home / "tmp", home, ledger_dir):
+            # The ledger directory stays the guard's (0700) until the copy is in it:
+            # LedgerHandout gives it to the app's user afterwards (hand_over).
+            for path in (home / "tmp", home):
                 os.chmod(path, 0o700)
                 os.chown(path, *owner)
             os.chmod(top, 0o711)
             yield AppWorkspace(top, home, ledger_dir, owner)
         finally:
             shutil.rmtree(top, ignore_errors=True)
+
+    @contextmanager
+    def app_turn(self) -> Iterator[None]:
+        """Hold the node-wide turn of the app's uid (``sandbox`` and ``user``): apps of one
+        app uid run on the node one at a time, so that no app of that uid runs while
+        another's process of the same uid is alive (it could ptrace it, or plant files in
+        its workspace). An exclusive ``flock`` on ``<tmp>/flwr-guard-<euid>/app-uid-<uid>.lock``
+        (a directory of the guard's, mode 0700). Concurrent runs' apps take turns; each
+        turn is bounded by node config ``guard-app-timeout``. Nothing under ``process``."""
+        if not self.isolated:
+            yield
+            return
+        directory = os.path.join(tempfile.gettempdir(), f"flwr-guard-{os.geteuid()}")
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise IsolationError(f"{directory} is not a directory of the guard's user with mode "
+                                 "0700 (someone else made it?): remove it, the guard re-creates it")
+        fd = os.open(os.path.join(directory, f"app-uid-{self.uid}.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def kill_app_user(self) -> None:
+        """Kill every process of the app's uid (``sandbox`` and ``user``; nothing under
+        ``process``): a forked child takes the app's uid and gid (CAP_SETUID, CAP_SETGID:
+        no CAP_KILL needed) and sends ``kill(-1, SIGKILL)`` (every process it may signal:
+        those whose real or saved uid is the app's) until none is left; the guard waits
+        for it. Called after each app, so nothing the app left behind outlives its turn."""
+        if not self.isolated:
+            return
+        assert self.uid is not None and self.gid is not None
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                # Until a sweep finds nothing: a fork bomb may add processes between two
+                # sweeps; killed processes count until reaped (bounded: about 2 s).
+                for _ in range(400):
+                    try:
+                        os.kill(-1, signal.SIGKILL)
+                    except ProcessLookupError:
+                        code = 0
+                        break
+                    time.sleep(0.005)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            logger.warning("flwr-guard node: processes of the app's uid %s may be left "
+                           "(the kill sweep did not finish)", self.uid)
 
     def command(self, argv: Sequence[str], space: AppWorkspace) -> list[str]:
         """``argv`` wrapped to start under this isolation."""
@@ -328,7 +403,8 @@ class AppIsolation:
                 "expose": expose, "stage": str(space.top / "stage"),
                 "private_tmp": tmpdir if private else "", "workspace": top, "tmp_keep": keep}
         return ["setpriv", "--pdeathsig", "KILL", "--",
-                "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
+                "unshare", "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
+                "--mount-proc", "--",
                 sys.executable, "-I", "-S", "-B", SANDBOX_INIT, json.dumps(spec)]
 
     def environment(self, space: AppWorkspace) -> dict[str, str] | None:
