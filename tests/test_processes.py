@@ -302,3 +302,14 @@ def test_a_supernode_whose_guard_died_is_stopped_and_reported_lost_naming_the_gu
         assert deployment.check_alive(tolerate_node_loss=True) == []
     finally:
         assert deployment.stop() == []
+
+
+def test_free_ports_are_chosen_below_the_ephemeral_range() -> None:
+    """A port an outgoing connection can take (the kernel's ephemeral range) is never
+    handed to a server: one was taken between choice and bind in a full-suite run."""
+    from flwr_guard.deployment.ports import LISTEN_PORTS_FROM, ephemeral_range, free_port
+
+    low, _ = ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(LISTEN_PORTS_FROM <= p < low for p in ports), (ports, low)
+    assert len(ports) > 1  # random, so that two deployments started at once rarely meet
